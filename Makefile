@@ -1,0 +1,28 @@
+# Two commands from a fresh clone:
+#   make quickstart   install into .venv (first time), then run `tunefarm quickstart`
+#   make test         install into .venv (first time), then run the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tunefarm-installed
+
+.PHONY: install quickstart test test-all
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/tunefarm quickstart
+
+# The default suite: real trackers, agents and tiny models on loopback (under ~20 min on 2 cores).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+# Also the slow tests (marked `slow`), e.g. a real ResNet tuning run.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "slow or not slow" tests

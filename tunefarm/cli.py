@@ -1,0 +1,151 @@
+"""The ``tunefarm`` command line: one sub-command per thing a user does.
+
+Heavy modules (tvm, torch) are imported inside the commands so that ``--help`` answers at once.
+Every user-facing failure is a :class:`TunefarmError`, printed as one line with a non-zero exit.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.wire import DEFAULT_TRACKER_PORT
+
+
+def _one_line_errors(func):
+    """Turn TunefarmError (and Ctrl-C) into a one-line message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except TunefarmError as err:
+            click.echo(f"tunefarm: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("tunefarm: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="tunefarm")
+def main():
+    """tunefarm: tune deep-learning models with TVM MetaSchedule on a farm of devices.
+
+    \b
+    Roles:
+      tunefarm tracker      run the TVM RPC tracker (on the host)
+      tunefarm agent        join a device to the farm under a key (on each device)
+      tunefarm tune JOB     tune a model for a key, then verify and time it (host)
+    \b
+    Start here:
+      tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
+    """
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="Address to listen on. TVM RPC has no authentication: keep it on a trusted network.")
+@click.option("--port", default=DEFAULT_TRACKER_PORT, show_default=True, type=int, help="TCP port.")
+@_one_line_errors
+def tracker(host, port):
+    """Run TVM's RPC tracker; log devices joining and leaving. Ctrl-C/SIGTERM stops it."""
+    from tunefarm.tracker.service import run_tracker
+
+    run_tracker(host, port)
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, metavar="HOST:PORT", help="Tracker address.")
+@click.option("--key", required=True, help="Device key to register under (several agents may share one).")
+@click.option("--target", default="auto", show_default=True,
+              help="'auto' (probe this machine), a preset name (see configs/targets/), or a target JSON dict.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the RPC server listens on.")
+@click.option("--port", default=9090, show_default=True, type=int, help="First RPC port to try.")
+@click.option("--custom-addr", default=None, help="Address to advertise to the tracker (default: as seen by it).")
+@_one_line_errors
+def agent(tracker_addr, key, target, host, port, custom_addr):
+    """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
+
+    The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
+    prints the target it serves, re-registers when the tracker comes back, and restarts its RPC server
+    if the server's loop dies.
+    """
+    from tunefarm.device_agents.agent import run_agent
+
+    run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr)
+
+
+@main.command()
+@click.option("--tracker", "tracker_addr", required=True, metavar="HOST:PORT", help="Tracker address.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_one_line_errors
+def devices(tracker_addr, as_json):
+    """Table of device keys: agents, free/busy/pending, and what each agent serves."""
+    from tunefarm.tracker.client import print_devices
+
+    print_devices(tracker_addr, as_json=as_json)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT",
+              help="Override the job's tracker address.")
+@click.option("--logs-dir", default="logs", show_default=True, help="Jobs write to LOGS_DIR/<job-name>/.")
+@click.option("--skip-eval", is_flag=True, help="Tune only; do not compile, verify or time the model.")
+@_one_line_errors
+def tune(job_file, tracker_addr, logs_dir, skip_eval):
+    """Tune the model described by JOB_FILE (YAML, see configs/jobs/) on the farm.
+
+    Re-running the same job resumes: records already measured are kept and not measured again.
+    After tuning, the model is compiled with the best records, run on the device through RPC,
+    checked against PyTorch/ONNX Runtime and timed; report.json and report.md land in the job dir.
+    """
+    from tunefarm.host.tuning import run_job_file
+
+    run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
+
+
+@main.group()
+def logs():
+    """Inspect and export tuning logs (MetaSchedule JSON databases)."""
+
+
+@logs.command("best")
+@click.argument("job_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, help="Directory to write a JSONDatabase with the best records.")
+@_one_line_errors
+def logs_best(job_dir, output):
+    """Write the best record per workload as a JSONDatabase that plain TVM can apply."""
+    from tunefarm.host.tuning_logs import export_best
+
+    export_best(job_dir, output)
+
+
+@logs.command("show")
+@click.argument("job_dir", type=click.Path(file_okay=False))
+@_one_line_errors
+def logs_show(job_dir):
+    """Per-task table: trials, best latency, whether the task has a tuned schedule."""
+    from tunefarm.host.tuning_logs import show
+
+    show(job_dir)
+
+
+@main.command()
+@click.option("--job", "job_file", default=None, help="Job file (default: configs/jobs/quickstart.yaml).")
+@click.option("--logs-dir", default="logs", show_default=True)
+@_one_line_errors
+def quickstart(job_file, logs_dir):
+    """Tracker + one local agent on free loopback ports, a short tuning run, and the report."""
+    from tunefarm.host.quickstart import run_quickstart
+
+    run_quickstart(job_file=job_file, logs_dir=logs_dir)
+
+
+if __name__ == "__main__":
+    main()

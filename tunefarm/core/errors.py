@@ -1,0 +1,29 @@
+"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+
+
+class TunefarmError(Exception):
+    """A user-facing failure: bad input, unreachable tracker, no device for a key, ...
+
+    The message is printed as one line (no traceback) by the CLI, which exits with ``exit_code``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class TrackerUnreachable(TunefarmError):
+    """The tracker address does not answer with the TVM tracker protocol."""
+
+
+class NoDeviceError(TunefarmError):
+    """No agent serves the requested key (after waiting)."""
+
+
+class TuningFailed(TunefarmError):
+    """The job ran but its result is not acceptable (numerics, tuned slower than untuned, ...)."""
+
+    exit_code = 3

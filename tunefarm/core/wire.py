@@ -1,0 +1,65 @@
+"""Wire formats shared by the tracker, the agents and the host.
+
+An agent registers with the stock TVM tracker like any ``tvm.rpc`` server. Its registration
+(``UPDATE_INFO``) carries one extra field, ``"tunefarm"``, holding the agent's ``DeviceInfo`` as a
+JSON dict; the stock tracker stores the dict as it is and returns it in ``SUMMARY`` under
+``server_info``. Stock tools (``python -m tvm.exec.query_rpc_tracker``) keep working unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .errors import TunefarmError
+
+# Field of a server's tracker info dict that holds tunefarm's DeviceInfo.
+INFO_FIELD = "tunefarm"
+DEFAULT_TRACKER_PORT = 9190
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_TRACKER_PORT) -> tuple[str, int]:
+    """'host:port' (or 'host') -> (host, port), with a one-line error for anything else."""
+    text = (text or "").strip()
+    if not text:
+        raise TunefarmError("tracker address is empty; expected HOST:PORT, e.g. 127.0.0.1:9190")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    if not host:
+        raise TunefarmError(f"bad tracker address {text!r}; expected HOST:PORT")
+    try:
+        port_num = int(port)
+    except ValueError:
+        raise TunefarmError(f"bad port in tracker address {text!r}; expected HOST:PORT") from None
+    if not 0 < port_num < 65536:
+        raise TunefarmError(f"port out of range in tracker address {text!r}")
+    return host.strip("[]"), port_num
+
+
+@dataclasses.dataclass
+class DeviceInfo:
+    """What an agent tells the farm about its machine."""
+
+    key: str
+    hostname: str = ""
+    agent_id: str = ""  # hostname:pid, unique per running agent
+    cpu_model: str = ""
+    num_cores: int = 0
+    target: dict[str, Any] = dataclasses.field(default_factory=dict)  # the TVM target JSON it serves
+    has_cc: bool = False  # can link MetaSchedule's .tar candidates
+    cuda: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    opencl: dict[str, Any] = dataclasses.field(default_factory=dict)
+    runners: list[str] = dataclasses.field(default_factory=list)  # backends this agent can run
+    tvm_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DeviceInfo":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
