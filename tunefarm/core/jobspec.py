@@ -1,0 +1,181 @@
+"""Tuning jobs as data: YAML validated into typed objects, with one-line errors for bad input.
+
+A job file (see configs/jobs/) looks like::
+
+    name: resnet18-nuc
+    model: {source: torchvision, name: resnet18, input_shape: [1, 3, 224, 224]}
+    device: {key: nuc, tracker: 127.0.0.1:9190}
+    target: from-agent            # or a preset name, or a TVM target JSON dict
+    tuning: {max_trials_global: 2000, max_trials_per_task: 128, num_trials_per_iter: 16, cost_model: xgb}
+    builder: {workers: 2, timeout_sec: 60}
+    runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
+    evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TunefarmError
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    source: str = "torchvision"  # torchvision | onnx | builtin
+    name: str = ""
+    path: str | None = None  # ONNX file (relative paths: to the job file)
+    input_shape: list[int] | None = None
+
+
+@dataclasses.dataclass
+class DeviceSpec:
+    key: str = ""
+    tracker: str = "127.0.0.1:9190"
+
+
+@dataclasses.dataclass
+class TuningSpec:
+    max_trials_global: int = 64
+    max_trials_per_task: int | None = None
+    num_trials_per_iter: int = 16
+    cost_model: str = "xgb"  # xgb | random
+    population_size: int = 256  # evolutionary search population per round (stock: 512)
+    seed: int | None = 0
+
+
+@dataclasses.dataclass
+class BuilderSpec:
+    workers: int = 0  # 0: one per host core
+    timeout_sec: float = 60.0
+
+
+@dataclasses.dataclass
+class RunnerSpec:
+    timeout_sec: float = 60.0  # one candidate: wait for a device + upload + run
+    number: int = 3
+    repeat: int = 1
+    min_repeat_ms: int = 50
+    enable_cpu_cache_flush: bool = False
+    device_wait_sec: float = 120.0  # how long to wait for an agent on the key before giving up
+
+
+@dataclasses.dataclass
+class EvaluateSpec:
+    warmup: int = 10
+    repeat: int = 50  # timed runs (each one its own sample)
+    min_repeat_ms: int = 0  # per sample; 0: one model run per sample
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["torch", "onnxruntime"])
+    require_speedup: bool = True  # fail the job when the tuned build is not faster than untuned
+
+
+@dataclasses.dataclass
+class TuningJob:
+    name: str
+    model: ModelSpec
+    device: DeviceSpec
+    target: Any = "from-agent"  # "from-agent", a preset name, or a target JSON dict
+    tuning: TuningSpec = dataclasses.field(default_factory=TuningSpec)
+    builder: BuilderSpec = dataclasses.field(default_factory=BuilderSpec)
+    runner: RunnerSpec = dataclasses.field(default_factory=RunnerSpec)
+    evaluate: EvaluateSpec = dataclasses.field(default_factory=EvaluateSpec)
+    source_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source_path")
+        return data
+
+
+def _section(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise TunefarmError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TunefarmError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    obj = cls(**data)
+    defaults = cls()
+    for name in fields:
+        value, default = getattr(obj, name), getattr(defaults, name)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise TunefarmError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+    return obj
+
+
+def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
+    where = source_path or "job"
+    if not isinstance(data, dict):
+        raise TunefarmError(f"{where}: a job file must be a YAML mapping")
+    known = {f.name for f in dataclasses.fields(TuningJob)} - {"source_path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TunefarmError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not JOB_NAME_RE.match(name):
+        raise TunefarmError(f"{where}: 'name' must be letters, digits, '.', '_' or '-' (got {name!r})")
+    model = _section(ModelSpec, data.get("model"), f"{where}: model")
+    if model.source not in ("torchvision", "onnx", "builtin"):
+        raise TunefarmError(f"{where}: model.source must be torchvision, onnx or builtin (got {model.source!r})")
+    if model.source == "onnx":
+        if not model.path:
+            raise TunefarmError(f"{where}: model.path is required for an ONNX model")
+        if source_path and not Path(model.path).is_absolute():
+            model.path = str((Path(source_path).parent / model.path).resolve())
+    elif not model.name:
+        raise TunefarmError(f"{where}: model.name is required")
+    if model.input_shape is not None and (
+            not isinstance(model.input_shape, list)
+            or not all(isinstance(d, int) and d > 0 for d in model.input_shape)):
+        raise TunefarmError(f"{where}: model.input_shape must be a list of positive integers")
+    device = _section(DeviceSpec, data.get("device"), f"{where}: device")
+    if not device.key:
+        raise TunefarmError(f"{where}: device.key is required (the key agents registered under)")
+    tuning = _section(TuningSpec, data.get("tuning"), f"{where}: tuning")
+    if tuning.cost_model not in ("xgb", "random"):
+        raise TunefarmError(f"{where}: tuning.cost_model must be xgb or random (got {tuning.cost_model!r})")
+    if tuning.max_trials_global < 1 or tuning.num_trials_per_iter < 1:
+        raise TunefarmError(f"{where}: tuning.max_trials_global and num_trials_per_iter must be >= 1")
+    target = data.get("target", "from-agent")
+    if not isinstance(target, (str, dict)):
+        raise TunefarmError(f"{where}: target must be 'from-agent', a preset name or a JSON mapping")
+    return TuningJob(
+        name=name, model=model, device=device, target=target, tuning=tuning,
+        builder=_section(BuilderSpec, data.get("builder"), f"{where}: builder"),
+        runner=_section(RunnerSpec, data.get("runner"), f"{where}: runner"),
+        evaluate=_section(EvaluateSpec, data.get("evaluate"), f"{where}: evaluate"),
+        source_path=source_path,
+    )
+
+
+def load_job(path: str | Path) -> TuningJob:
+    path = Path(path)
+    if not path.is_file():
+        raise TunefarmError(f"job file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise TunefarmError(f"{path}: malformed YAML{at}: {problem}") from None
+    return job_from_dict(data, str(path))

@@ -1,0 +1,55 @@
+"""Targets as data: TVM target JSON dicts, and named presets stored as YAML in configs/targets/."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TunefarmError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise TunefarmError(f"unknown target preset {name!r}; presets: {', '.join(preset_names()) or 'none'}")
+    data = yaml.safe_load(path.read_text())
+    target = data.get("target") if isinstance(data, dict) else None
+    if not isinstance(target, (dict, str)):
+        raise TunefarmError(f"target preset {path} has no 'target:' mapping")
+    return target
+
+
+def target_from_spec(spec: Any):
+    """A ``tvm.target.Target`` from a preset name, a JSON string, a dict or a TVM tag string."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise TunefarmError(f"bad target JSON: {err.msg} at column {err.colno}") from None
+        elif (PRESET_DIR / f"{text}.yaml").is_file():
+            spec = load_preset(text)
+        elif text in tvm.target.list_tags():
+            spec = text
+        else:
+            raise TunefarmError(f"unknown target {text!r}: not a preset ({', '.join(preset_names())}), "
+                                "not a TVM tag, not a JSON dict")
+    if isinstance(spec, dict) and isinstance(spec.get("host"), str) and spec["host"] in tvm.target.list_tags():
+        spec = dict(spec)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as err:  # TVM raises several types for bad targets
+        first = str(err).strip().splitlines()
+        raise TunefarmError(f"bad target {json.dumps(spec) if isinstance(spec, dict) else spec}: "
+                            f"{first[-1] if first else type(err).__name__}") from None

@@ -1,0 +1,163 @@
+"""FarmBuilder: MetaSchedule's Builder interface, with build workers that stay warm.
+
+Stock ``LocalBuilder`` starts a fresh process pool for every batch, and each fresh worker runs
+``import tvm.s_tir.tensor_intrin``, which registers every architecture's tensor intrinsics (CUDA,
+ROCm, Hexagon, ARM...) and takes ~20 s of CPU on this project's 2-core machines, per worker, per
+batch. A candidate handed to the builder is already scheduled (any tensorize already inlined the
+intrinsic's body), so building it needs no intrinsic registry. FarmBuilder keeps one pool alive
+across batches (recycled every ``recycle_after`` builds, the reason stock restarts it being a slow
+leak in long-lived workers) and builds exactly as stock does otherwise: ``RemoveWeightLayoutRewriteBlock``
+then ``tvm.driver.build``, exported as a ``.tar`` that the agent links with its ``cc``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import tvm_ffi
+
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
+from tvm.ir.utils import derived_object
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+
+def _warm_worker():
+    # Import the build path once per worker instead of once per candidate.
+    import tvm.driver  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    import tvm.s_tir.transform  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+
+
+def _build_one(mod, target):
+    # pylint: disable=import-outside-toplevel
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    rt_mod = tvm_build(mod, target=target)
+    artifact_path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod." + tar.output_format)
+    rt_mod.export_library(artifact_path, fcompile=tar)
+    return artifact_path
+
+
+class MeasuredCache:
+    """Candidates already measured, by structural hash of the scheduled module.
+
+    Filled from the job's database when a job resumes (each record's trace is replayed on its
+    workload) and from every measurement of this run, so that no candidate is measured twice: the
+    builder hands such a candidate a ``cached:`` artifact and the runner answers it from here.
+    """
+
+    PREFIX = "cached:"
+
+    def __init__(self):
+        self.costs: dict[str, list[float]] = {}
+        self.by_artifact: dict[str, str] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(mod) -> str:
+        return str(tvm_ffi.structural_hash(mod))
+
+    def has(self, key: str | None) -> bool:
+        return key is not None and key in self.costs
+
+    def artifact_for(self, key: str) -> str:
+        self.hits += 1
+        return self.PREFIX + key
+
+    def note_artifact(self, artifact_path: str, key: str | None) -> None:
+        if key is not None:
+            self.by_artifact[artifact_path] = key
+
+    def add_result(self, artifact_path: str, costs: list[float]) -> None:
+        key = self.by_artifact.pop(artifact_path, None)
+        if key is not None:
+            self.costs[key] = list(costs)
+
+    def lookup(self, artifact_path: str) -> list[float] | None:
+        if artifact_path.startswith(self.PREFIX):
+            return self.costs.get(artifact_path[len(self.PREFIX):])
+        return None
+
+    def load_database(self, database) -> int:
+        """Remember every successfully measured record of ``database``; returns how many."""
+        # pylint: disable=import-outside-toplevel
+        from tvm.s_tir import Schedule
+
+        count = 0
+        for record in database.get_all_tuning_records():
+            if record.run_secs is None or not len(record.run_secs):
+                continue
+            costs = [float(x) for x in record.run_secs]
+            if min(costs) >= 1e9:  # MetaSchedule stores failed candidates as 1e10 s
+                continue
+            try:
+                sch = Schedule(record.workload.mod)
+                record.trace.apply_to_schedule(sch, remove_postproc=False)
+            except Exception:  # pylint: disable=broad-except
+                continue  # a record that no longer replays is simply measured again
+            self.costs[self.key(sch.mod)] = costs
+            count += 1
+        return count
+
+
+@derived_object
+class FarmBuilder(PyBuilder):
+    """Builds candidates in a warm process pool (``workers`` processes on this host)."""
+
+    def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512,
+                 cache: "MeasuredCache | None" = None):
+        super().__init__()
+        self.cache = cache
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.timeout_sec = timeout_sec
+        self.recycle_after = recycle_after
+        self._pool = None
+        self._built = 0
+
+    def _get_pool(self) -> PopenPoolExecutor:
+        if self._pool is None or self._built >= self.recycle_after:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = PopenPoolExecutor(max_workers=self.workers, timeout=self.timeout_sec,
+                                           initializer=_warm_worker)
+            self._built = 0
+        return self._pool
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        results: list[BuilderResult | None] = [None] * len(build_inputs)
+        hashes = [self.cache.key(b.mod) if self.cache else None for b in build_inputs]
+        todo = []
+        for i, key in enumerate(hashes):
+            if self.cache is not None and self.cache.has(key):
+                # Measured before (in this run or a run this job resumes): nothing to build or measure.
+                results[i] = BuilderResult(self.cache.artifact_for(key), None)
+            else:
+                todo.append(i)
+        if todo:
+            built = self._build_many([build_inputs[i] for i in todo])
+            for i, res in zip(todo, built):
+                results[i] = res
+                if self.cache is not None and res.artifact_path is not None:
+                    self.cache.note_artifact(res.artifact_path, hashes[i])
+        self._built += len(todo)
+        return results  # type: ignore[return-value]
+
+    def _build_many(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        pool = self._get_pool()
+        results = []
+        for res in pool.map_with_error_catching(lambda x: _build_one(*x),
+                                                [(b.mod, b.target) for b in build_inputs]):
+            if res.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"FarmBuilder: timeout, killed after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, "FarmBuilder: an exception occurred\n" + str(res.value)))
+        return results
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

@@ -1,0 +1,190 @@
+"""After tuning: build tuned and untuned, run both on the device through RPC, check and time them.
+
+The tuned build applies the database to exactly the module that was tuned and compiles that; the
+report says how many of its TIR functions carry a tuned schedule, and names the rest. Both builds
+run on an agent of the job's key (Relax VM over the RPC session), are checked against the
+reference framework on the same inputs and weights, and are timed on the device with TVM's
+``time_evaluator`` after warm-up runs. PyTorch and ONNX Runtime baselines run where the agent is
+this machine (a local CPU agent); a remote agent's baselines are marked as not run.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunefarm.core.errors import TuningFailed, TunefarmError
+from tunefarm.core.stats import compare_outputs, latency_stats
+
+
+def apply_database(mod, target, database):
+    """Records applied to exactly ``mod`` (the tuned module): (module, scheduled names, unscheduled names)."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    from tvm import relax
+
+    with target, database:
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    scheduled, unscheduled = [], []
+    for gvar, func in applied.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            is_sched = func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
+            (scheduled if is_sched else unscheduled).append(gvar.name_hint)
+    return applied, sorted(scheduled), sorted(unscheduled)
+
+
+def _eval_samples_for(single_run_s: float, want: int, budget_s: float) -> int:
+    """Timed samples: as asked, but a very slow build (untuned TVM) gets fewer, never under 5."""
+    if single_run_s <= 0:
+        return want
+    return int(max(5, min(want, math.floor(budget_s / single_run_s))))
+
+
+def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray], warmup: int, repeat: int,
+                  budget_s: float = 120.0, session_timeout: int = 900) -> dict[str, Any]:
+    """Upload a compiled Relax executable to an agent, run it, time it there."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    from tvm import relax, rpc
+
+    sess = rpc.connect_tracker(*tracker_addr).request(key, priority=2, session_timeout=session_timeout)
+    try:
+        agent_id = sess.get_function("tunefarm.agent.id")()
+    except Exception:  # pylint: disable=broad-except
+        agent_id = "unknown"
+    sess.upload(lib_path)
+    rmod = sess.load_module(Path(lib_path).name)
+    dev = sess.cpu(0)
+    vm = relax.VirtualMachine(rmod, dev)
+    args = [tvm.runtime.tensor(x, dev) for x in inputs]
+    t0 = time.perf_counter()
+    out = vm["main"](*args)
+    first_s = time.perf_counter() - t0
+    outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+    vm.set_input("main", *args)
+    single = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)("main").mean
+    n_warm = min(warmup, max(1, int(budget_s / 4 / max(single, 1e-6))))
+    if n_warm > 0:
+        vm.time_evaluator("invoke_stateful", dev, number=n_warm, repeat=1)("main")
+    samples = _eval_samples_for(single, repeat, budget_s)
+    res = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=samples)("main")
+    stats = latency_stats(res.results, warmup=n_warm + 1)
+    stats["first_run_ms"] = first_s * 1e3
+    return {"outputs": outs, "latency": stats, "agent": str(agent_id)}
+
+
+def _time_python(fn, warmup: int, repeat: int, budget_s: float = 60.0) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    single = time.perf_counter() - t0
+    samples = []
+    for _ in range(_eval_samples_for(single, repeat, budget_s)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return latency_stats(samples, warmup=warmup + 1)
+
+
+def torch_baseline(model, ev) -> dict[str, Any]:
+    import torch  # pylint: disable=import-outside-toplevel
+
+    xs = [torch.from_numpy(x) for x in model.inputs]
+    with torch.no_grad():
+        out = model.torch_module(*xs)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        lat = _time_python(lambda: model.torch_module(*xs), ev.warmup, ev.repeat)
+    return {"outputs": [o.numpy() for o in outs], "latency": lat,
+            "version": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def onnxruntime_baseline(model, ev, work_dir: Path) -> dict[str, Any]:
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.models import export_onnx  # pylint: disable=import-outside-toplevel
+
+    path = export_onnx(model, work_dir / "model.onnx")
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feed = dict(zip(names, model.inputs))
+    outs = sess.run(None, feed)
+    lat = _time_python(lambda: sess.run(None, feed), ev.warmup, ev.repeat)
+    return {"outputs": outs, "latency": lat, "version": ort.__version__}
+
+
+def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
+    """Compile, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+
+    from tunefarm.host.report import write_report
+    from tunefarm.tracker.client import TrackerClient
+
+    job, target, mod, database = tuned["job"], tuned["target"], tuned["mod"], tuned["database"]
+    ev = job.evaluate
+    model = tuned["model"]
+    job_dir: Path = tuned["job_dir"]
+    tracker_addr = tuned["tracker"]
+    build_dir = Path(tempfile.mkdtemp(prefix="tunefarm-eval-"))
+
+    with console.status("compiling the tuned and the untuned builds"):
+        applied, scheduled, unscheduled = apply_database(mod, target, database)
+        libs = {}
+        for name, module in (("tvm-tuned", applied), ("tvm-untuned", mod)):
+            ex = tvm.compile(module, target)
+            libs[name] = str(build_dir / f"{name}.so")
+            ex.export_library(libs[name])
+    reference = model.reference_outputs()
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ("tvm-tuned", "tvm-untuned"):
+        with console.status(f"running {name} on key '{job.device.key}' and timing it"):
+            try:
+                res = run_on_device(tracker_addr, job.device.key, libs[name], model.inputs, ev.warmup, ev.repeat)
+            except Exception as err:  # pylint: disable=broad-except
+                raise TunefarmError(f"running {name} on key '{job.device.key}' failed: "
+                                    f"{str(err).strip().splitlines()[-1]}") from None
+        rows[name] = {"backend": name, "where": f"agent {res['agent']}", "latency": res["latency"],
+                      "numerics": compare_outputs(res["outputs"], reference, ev.rtol, ev.atol)}
+
+    hostname = socket.gethostname()
+    agents = TrackerClient(*tracker_addr).agent_infos(job.device.key)
+    local = bool(agents) and all(a.hostname == hostname for a in agents)
+    for base in ev.baselines:
+        if not local:
+            rows[base] = {"backend": base, "not_run": "the agent is not known to be this machine; host-side "
+                                                      "baselines run only for a local agent"}
+            continue
+        with console.status(f"running the {base} baseline"):
+            try:
+                res = torch_baseline(model, ev) if base == "torch" else onnxruntime_baseline(model, ev, build_dir)
+            except Exception as err:  # pylint: disable=broad-except
+                rows[base] = {"backend": base, "not_run": f"failed: {str(err).strip().splitlines()[-1]}"}
+                continue
+        rows[base] = {"backend": base, "where": f"host {hostname}", "latency": res["latency"],
+                      "numerics": compare_outputs(res["outputs"], reference, ev.rtol, ev.atol),
+                      "version": res.get("version")}
+
+    tuned_ms = rows["tvm-tuned"]["latency"]["median_ms"]
+    untuned_ms = rows["tvm-untuned"]["latency"]["median_ms"]
+    problems = []
+    for name in ("tvm-tuned", "tvm-untuned"):
+        if not rows[name]["numerics"]["ok"]:
+            num = rows[name]["numerics"]
+            problems.append(f"{name} output differs from the reference (max abs err {num['max_abs_err']:.3g}, "
+                            f"rtol {ev.rtol}, atol {ev.atol})")
+    if ev.require_speedup and tuned_ms >= untuned_ms:
+        problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
+    report = write_report(tuned, rows, scheduled, unscheduled, reference, problems)
+    from rich.markdown import Markdown  # pylint: disable=import-outside-toplevel
+
+    console.print(Markdown(report["markdown"]))
+    console.print(f"report: {job_dir / 'report.md'}")
+    if problems:
+        raise TuningFailed("; ".join(problems))
+    return report

@@ -1,0 +1,306 @@
+"""A tuning job end to end: import, extract tasks, tune through the farm, then evaluate and report.
+
+The module that is tuned is the module that is compiled: ``fuse_for_tuning`` runs once, its result
+is handed to task extraction and, after tuning, the database is applied to exactly that module
+(``MetaScheduleApplyDatabase``) before ``tvm.compile``. Stock ``compile_relax`` would fuse a second
+time and silently build untuned kernels (../shared/tvm-0.27-notes.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunefarm.core.errors import NoDeviceError, TunefarmError
+from tunefarm.core.jobspec import TuningJob, load_job
+from tunefarm.core.wire import parse_hostport
+
+STATE_FILE = "job_state.json"
+PROGRESS_FILE = "progress.jsonl"
+TASKS_FILE = "tasks.json"
+
+
+def _console():
+    from rich.console import Console  # pylint: disable=import-outside-toplevel
+
+    return Console(highlight=False)
+
+
+def fuse_for_tuning(mod, target):
+    """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.pipeline.zero_pipeline()(mod)
+    return mod
+
+
+def resolve_job_target(job: TuningJob, tracker_client):
+    """The job's target: the agents' own (``from-agent``), a preset name or a JSON dict."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.core.targets import target_from_spec  # pylint: disable=import-outside-toplevel
+
+    if job.target == "from-agent":
+        infos = [a for a in tracker_client.agent_infos(job.device.key) if a.target]
+        if not infos:
+            raise TunefarmError(f"target is 'from-agent' but no agent on key '{job.device.key}' reports a target; "
+                                "set target: in the job file")
+        distinct = {json.dumps(a.target, sort_keys=True) for a in infos}
+        if len(distinct) > 1:
+            raise TunefarmError(f"agents on key '{job.device.key}' serve different targets ({len(distinct)}); "
+                                "a key must name one kind of device, or set target: in the job file")
+        return tvm.target.Target(infos[0].target)
+    return target_from_spec(job.target)
+
+
+def target_json(target) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(target.export()), default=str))
+
+
+class JobProgress:
+    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``)."""
+
+    def __init__(self, job_dir: Path, task_names: list[str], task_weights: list[float], total_trials: int,
+                 console, start_best: dict[int, float] | None = None, trials_before: int = 0):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.path = job_dir / PROGRESS_FILE
+        self.task_names = task_names
+        self.task_weights = task_weights
+        self.best: dict[int, float] = dict(start_best or {})
+        self.trials = trials_before
+        self.total = total_trials
+        self.t0 = time.time()
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.bar = self.progress.add_task("tune", total=max(total_trials, 1), completed=trials_before,
+                                          status=self._status())
+
+    def estimated_ms(self) -> float | None:
+        if len(self.best) < len(self.task_names):
+            return None
+        return sum(self.best[i] * self.task_weights[i] for i in self.best) * 1e3
+
+    def _status(self) -> str:
+        est = self.estimated_ms()
+        est_s = f"{est:.3f} ms" if est is not None else "n/a (not every task measured yet)"
+        return f"trials | tasks measured {len(self.best)}/{len(self.task_names)} | best est. {est_s}"
+
+    def on_batch(self, task_id: int, costs: list[float | None], errors: int) -> None:
+        valid = [c for c in costs if c is not None]
+        if valid:
+            best = min(valid)
+            if task_id not in self.best or best < self.best[task_id]:
+                self.best[task_id] = best
+        self.trials += len(costs)
+        event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task_id,
+                 "task": self.task_names[task_id], "batch": len(costs), "errors": errors,
+                 "trials": self.trials, "task_best_us": self.best.get(task_id, math.nan) * 1e6,
+                 "estimated_ms": self.estimated_ms()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event) + "\n")
+        self.progress.update(self.bar, completed=min(self.trials, self.total), status=self._status())
+
+
+def _make_progress_callback(progress: JobProgress):
+    from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback  # pylint: disable=import-outside-toplevel
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            costs, errors = [], 0
+            for res in runner_results:
+                if res.error_msg or not res.run_secs:
+                    costs.append(None)
+                    errors += 1
+                else:
+                    costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+            progress.on_batch(task_id, costs, errors)
+
+    return ProgressCallback()
+
+
+def records_per_workload(database) -> dict[str, list[float]]:
+    """structural hash of a workload -> mean run seconds of each valid record."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    out: dict[str, list[float]] = {}
+    for rec in database.get_all_tuning_records():
+        key = str(tvm_ffi.structural_hash(rec.workload.mod))
+        secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
+        if secs and min(secs) < 1e9:
+            out.setdefault(key, []).append(sum(secs) / len(secs))
+        else:
+            out.setdefault(key, [])
+    return out
+
+
+def _check_state(job_dir: Path, state: dict[str, Any]) -> bool:
+    """True if the job dir holds an earlier run of this job (resume); refuse a different model/target."""
+    path = job_dir / STATE_FILE
+    if not path.exists():
+        path.write_text(json.dumps(state, indent=2))
+        return False
+    old = json.loads(path.read_text())
+    for field in ("model_fingerprint", "target"):
+        if old.get(field) != state.get(field):
+            raise TunefarmError(f"{job_dir} holds a run of a different {field.replace('_', ' ')}; "
+                                "give the job a new name or move that directory away")
+    return True
+
+
+def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dict[str, Any]:
+    """Tune (or resume tuning) ``job``; returns what the evaluation and the report need."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.builder import FarmBuilder, MeasuredCache
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.runner import FarmRunner
+    from tunefarm.tracker.client import TrackerClient
+
+    console = console or _console()
+    job_dir = Path(logs_dir) / job.name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    host, port = parse_hostport(job.device.tracker)
+    tracker = TrackerClient(host, port)
+    tracker.summary()  # a one-line TrackerUnreachable error right away if the tracker is not there
+
+    def on_wait(waited, limit):
+        console.print(f"[yellow]waiting for an agent on key '{job.device.key}' at {host}:{port}: "
+                      f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
+                      f"--key {job.device.key})")
+
+    agents = tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
+    target = resolve_job_target(job, tracker)
+    console.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
+                  f"on key '{job.device.key}' ({agents} agent(s)) target {json.dumps(target_json(target))}")
+
+    model = load_model(job.model)
+    state = {"model_fingerprint": model.fingerprint, "target": target_json(target)}
+    resumed = _check_state(job_dir, state)
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+
+    with console.status("importing the model into Relax and fusing"):
+        mod = fuse_for_tuning(to_relax(model), target)
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    if not extracted:
+        raise TunefarmError("no tunable tasks found in the model")
+    task_names = [t.task_name for t in extracted]
+    task_weights = [float(t.weight) for t in extracted]
+    task_keys = [str(tvm_ffi.structural_hash(t.dispatched[0])) for t in extracted]
+
+    (job_dir / TASKS_FILE).write_text(json.dumps(
+        [{"name": n, "weight": w, "workload_hash": k} for n, w, k in zip(task_names, task_weights, task_keys)],
+        indent=2))
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
+    database = ms.database.JSONDatabase(work_dir=str(job_dir))
+    per_workload = records_per_workload(database)
+    done_per_task = [len(per_workload.get(k, [])) for k in task_keys]
+    best_before = {i: min(per_workload[k]) for i, k in enumerate(task_keys) if per_workload.get(k)}
+    trials_before = sum(done_per_task)
+
+    tn = job.tuning
+    per_task_cap = tn.max_trials_per_task or tn.max_trials_global
+    remaining = tn.max_trials_global - trials_before
+    todo = [i for i in range(len(extracted)) if done_per_task[i] < per_task_cap]
+    # Every task needs at least one round; on CPU one unscheduled conv keeps the model as slow as untuned.
+    untouched = [i for i in todo if done_per_task[i] == 0]
+    need = len(untouched) * min(tn.num_trials_per_iter, per_task_cap)
+    if remaining > 0 and need > remaining:
+        console.print(f"[bold red]warning:[/] budget too small: {remaining} trials left for {len(untouched)} "
+                      f"untuned task(s) x {tn.num_trials_per_iter} trials per round = {need}; some tasks will "
+                      "get no tuned schedule and run as naive loops (raise max_trials_global)")
+    console.print(f"{len(extracted)} tasks; budget {tn.max_trials_global} trials"
+                  + (f"; resuming: {trials_before} already measured (kept, not measured again)" if resumed else ""))
+
+    wall = 0.0
+    runner_stats: dict[str, Any] = {}
+    if remaining > 0 and todo:
+        cache = MeasuredCache()
+        cache.load_database(database)
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [extracted[i] for i in todo], work_dir=str(job_dir),
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=tn.population_size),
+            seed=tn.seed)
+        progress = JobProgress(job_dir, [task_names[i] for i in todo], weights, trials_before + remaining,
+                               console, {todo.index(i): v for i, v in best_before.items() if i in todo},
+                               trials_before)
+        builder = FarmBuilder(workers=job.builder.workers, timeout_sec=job.builder.timeout_sec, cache=cache)
+        runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
+                            device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
+                            evaluator_config=ms.runner.EvaluatorConfig(
+                                number=job.runner.number, repeat=job.runner.repeat,
+                                min_repeat_ms=job.runner.min_repeat_ms,
+                                enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
+        callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_progress_callback(progress)]
+        t0 = time.time()
+        try:
+            with progress.progress:
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir),
+                              max_trials_global=remaining, max_trials_per_task=per_task_cap,
+                              num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
+                              database=database, cost_model=tn.cost_model, measure_callbacks=callbacks,
+                              task_scheduler="gradient")
+        except Exception as err:  # pylint: disable=broad-except
+            kept = len(database)
+            cause = _root_cause(err)
+            raise TunefarmError(f"tuning stopped: {cause} ({kept} records kept in {job_dir}; run the job "
+                                "again to resume)", exit_code=4) from None
+        finally:
+            builder.shutdown()
+            runner.shutdown()
+        wall = time.time() - t0
+        runner_stats = {"per_agent": dict(runner.per_agent), "failures": dict(runner.failures),
+                        "cache_hits": cache.hits}
+    else:
+        console.print("budget already spent: nothing left to tune")
+
+    return {"job": job, "job_dir": job_dir, "model": model, "target": target, "mod": mod,
+            "database": database, "task_names": task_names, "task_weights": task_weights,
+            "task_keys": task_keys, "tuning_wall_s": wall, "runner_stats": runner_stats,
+            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before}
+
+
+def _root_cause(err: BaseException) -> str:
+    text = str(err)
+    for cls in (NoDeviceError, TunefarmError):
+        if cls.__name__ in text:
+            # an error raised in Python, carried through TVM's C++ task scheduler
+            line = [l for l in text.splitlines() if cls.__name__ in l][-1]
+            return line.split(":", 1)[-1].strip()
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, console=None) -> dict[str, Any]:
+    from tunefarm.host.evaluate import evaluate_job  # pylint: disable=import-outside-toplevel
+
+    console = console or _console()
+    tuned = tune_job(job, logs_dir, console)
+    if not evaluate:
+        return tuned
+    return evaluate_job(tuned, console)
+
+
+def run_job_file(path: str, tracker_override: str | None = None, logs_dir: str = "logs",
+                 evaluate: bool = True) -> dict[str, Any]:
+    job = load_job(path)
+    if tracker_override:
+        job.device.tracker = tracker_override
+    return run_job(job, logs_dir, evaluate)

@@ -1,0 +1,114 @@
+"""Tuning logs: the per-task view of a job's database, and the best-records export.
+
+A job directory is a MetaSchedule JSONDatabase work_dir (``database_workload.json`` +
+``database_tuning_record.json``) plus ``tasks.json`` (task names, weights and workload hashes).
+The export goes through ``JSONDatabase`` (never text tools), so plain TVM can apply it::
+
+    db = ms.database.JSONDatabase(work_dir=OUT)
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase()(fused_module)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunefarm.core.errors import TunefarmError
+
+TASKS_FILE = "tasks.json"
+
+
+def open_database(job_dir: str | Path):
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    job_dir = Path(job_dir)
+    if not (job_dir / "database_workload.json").is_file() or not (job_dir / "database_tuning_record.json").is_file():
+        raise TunefarmError(f"{job_dir} is not a tuning job directory (no MetaSchedule database in it)")
+    return ms.database.JSONDatabase(work_dir=str(job_dir), allow_missing=False)
+
+
+def task_rows(database, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task: trials measured, failures, best latency (us); tasks from ``tasks.json``."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    per: dict[str, dict[str, Any]] = {}
+    for rec in database.get_all_tuning_records():
+        key = str(tvm_ffi.structural_hash(rec.workload.mod))
+        row = per.setdefault(key, {"trials": 0, "failed": 0, "best_us": None})
+        row["trials"] += 1
+        secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
+        if not secs or min(secs) >= 1e9:
+            row["failed"] += 1
+            continue
+        mean_us = sum(secs) / len(secs) * 1e6
+        if row["best_us"] is None or mean_us < row["best_us"]:
+            row["best_us"] = mean_us
+    rows = []
+    for task in tasks:
+        row = per.get(task["workload_hash"], {"trials": 0, "failed": 0, "best_us": None})
+        rows.append({"task": task["name"], "weight": task["weight"], **row,
+                     "tuned": row["best_us"] is not None})
+    return rows
+
+
+def load_tasks(job_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(job_dir) / TASKS_FILE
+    if not path.is_file():
+        raise TunefarmError(f"{path} is missing: was this directory written by `tunefarm tune`?")
+    return json.loads(path.read_text())
+
+
+def show(job_dir: str | Path) -> list[dict[str, Any]]:
+    from rich.console import Console  # pylint: disable=import-outside-toplevel
+    from rich.table import Table  # pylint: disable=import-outside-toplevel
+
+    rows = task_rows(open_database(job_dir), load_tasks(job_dir))
+    table = Table(title=f"tasks of {job_dir}")
+    for col in ("#", "task", "weight", "trials", "failed", "best (us)", "weighted (us)", "tuned"):
+        table.add_column(col, justify="right" if col not in ("task",) else "left")
+    for i, row in enumerate(rows):
+        best = row["best_us"]
+        table.add_row(str(i), row["task"], f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
+                      f"{best:.2f}" if best is not None else "-",
+                      f"{best * row['weight']:.2f}" if best is not None else "-",
+                      "yes" if row["tuned"] else "[red]NO[/]")
+    Console().print(table)
+    total = [r["best_us"] * r["weight"] for r in rows if r["best_us"] is not None]
+    if len(total) == len(rows):
+        Console().print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
+    else:
+        Console().print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
+    return rows
+
+
+def export_best(job_dir: str | Path, output: str | Path) -> int:
+    """Write the best record of every workload into a fresh JSONDatabase at ``output``; returns count."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    src = open_database(job_dir)
+    output = Path(output)
+    if (output / "database_tuning_record.json").exists():
+        raise TunefarmError(f"{output} already holds a database; choose an empty directory")
+    output.mkdir(parents=True, exist_ok=True)
+    dst = ms.database.JSONDatabase(work_dir=str(output))
+    count = 0
+    seen = set()
+    for rec in src.get_all_tuning_records():
+        wl = rec.workload
+        key = str(tvm_ffi.structural_hash(wl.mod))
+        if key in seen:
+            continue
+        seen.add(key)
+        best = src.get_top_k(wl, 1)
+        if not best:
+            continue
+        new_wl = dst.commit_workload(wl.mod)
+        top = best[0]
+        dst.commit_tuning_record(ms.database.TuningRecord(top.trace, new_wl, top.run_secs, top.target, top.args_info))
+        count += 1
+    print(f"wrote the best record of {count} workload(s) to {output}")
+    return count
