@@ -53,3 +53,26 @@ def target_from_spec(spec: Any):
         first = str(err).strip().splitlines()
         raise TunefarmError(f"bad target {json.dumps(spec) if isinstance(spec, dict) else spec}: "
                             f"{first[-1] if first else type(err).__name__}") from None
+
+
+def _plain(value):
+    """TVM FFI containers (Map, Array, String) -> plain JSON values."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def target_to_json(target) -> dict[str, Any]:
+    """A Target as the JSON dict that ``tvm.target.Target`` accepts back."""
+    data = _plain(target.export())
+    if not data.get("tag"):
+        data.pop("tag", None)
+    if isinstance(data.get("host"), dict) and not data["host"].get("tag"):
+        data["host"].pop("tag", None)
+    return data

@@ -45,10 +45,12 @@ class MeasuredCache:
 
     Filled from the job's database when a job resumes (each record's trace is replayed on its
     workload) and from every measurement of this run, so that no candidate is measured twice: the
-    builder hands such a candidate a ``cached:`` artifact and the runner answers it from here.
+    builder hands such a candidate a ``.cached`` placeholder artifact (a real file in its own
+    temporary directory, which MetaSchedule's RemoveBuildArtifact callback deletes as usual) and the
+    runner answers it from here.
     """
 
-    PREFIX = "cached:"
+    SUFFIX = ".cached"
 
     def __init__(self):
         self.costs: dict[str, list[float]] = {}
@@ -64,7 +66,9 @@ class MeasuredCache:
 
     def artifact_for(self, key: str) -> str:
         self.hits += 1
-        return self.PREFIX + key
+        path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-cached-"), key + self.SUFFIX)
+        open(path, "wb").close()  # pylint: disable=consider-using-with
+        return path
 
     def note_artifact(self, artifact_path: str, key: str | None) -> None:
         if key is not None:
@@ -76,8 +80,8 @@ class MeasuredCache:
             self.costs[key] = list(costs)
 
     def lookup(self, artifact_path: str) -> list[float] | None:
-        if artifact_path.startswith(self.PREFIX):
-            return self.costs.get(artifact_path[len(self.PREFIX):])
+        if artifact_path.endswith(self.SUFFIX):
+            return self.costs.get(os.path.basename(artifact_path)[: -len(self.SUFFIX)])
         return None
 
     def load_database(self, database) -> int:

@@ -45,8 +45,14 @@ def _eval_samples_for(single_run_s: float, want: int, budget_s: float) -> int:
     return int(max(5, min(want, math.floor(budget_s / single_run_s))))
 
 
+def device_type_of(target) -> str:
+    """The runtime device a target's kernels run on ("llvm" -> "cpu")."""
+    kind = target.kind.name
+    return "cpu" if kind in ("llvm", "c") else kind
+
+
 def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray], warmup: int, repeat: int,
-                  budget_s: float = 120.0, session_timeout: int = 900) -> dict[str, Any]:
+                  budget_s: float = 120.0, session_timeout: int = 900, device_type: str = "cpu") -> dict[str, Any]:
     """Upload a compiled Relax executable to an agent, run it, time it there."""
     # pylint: disable=import-outside-toplevel
     import tvm
@@ -59,7 +65,7 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
         agent_id = "unknown"
     sess.upload(lib_path)
     rmod = sess.load_module(Path(lib_path).name)
-    dev = sess.cpu(0)
+    dev = sess.device(device_type, 0)
     vm = relax.VirtualMachine(rmod, dev)
     args = [tvm.runtime.tensor(x, dev) for x in inputs]
     t0 = time.perf_counter()
@@ -145,7 +151,8 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
     for name in ("tvm-tuned", "tvm-untuned"):
         with console.status(f"running {name} on key '{job.device.key}' and timing it"):
             try:
-                res = run_on_device(tracker_addr, job.device.key, libs[name], model.inputs, ev.warmup, ev.repeat)
+                res = run_on_device(tracker_addr, job.device.key, libs[name], model.inputs, ev.warmup, ev.repeat,
+                                    device_type=device_type_of(target))
             except Exception as err:  # pylint: disable=broad-except
                 raise TunefarmError(f"running {name} on key '{job.device.key}' failed: "
                                     f"{str(err).strip().splitlines()[-1]}") from None

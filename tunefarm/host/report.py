@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from tunefarm.core.targets import target_to_json
 from tunefarm.host.tuning_logs import task_rows
 
 
@@ -35,7 +36,7 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
                   "input_shapes": [list(x.shape) for x in tuned["model"].inputs],
                   "fingerprint": tuned["model"].fingerprint, "weights": "random (weights=None), seeded"},
         "device_key": job.device.key,
-        "target": json.loads(json.dumps(dict(tuned["target"].export()), default=str)),
+        "target": target_to_json(tuned["target"]),
         "host": {"hostname": platform.node(), "python": platform.python_version(), "tvm": tvm.__version__},
         "tuning": {"max_trials_global": job.tuning.max_trials_global,
                    "max_trials_per_task": job.tuning.max_trials_per_task,

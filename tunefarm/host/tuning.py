@@ -18,6 +18,7 @@ import yaml
 
 from tunefarm.core.errors import NoDeviceError, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
+from tunefarm.core.targets import target_to_json
 from tunefarm.core.wire import parse_hostport
 
 STATE_FILE = "job_state.json"
@@ -59,10 +60,6 @@ def resolve_job_target(job: TuningJob, tracker_client):
                                 "a key must name one kind of device, or set target: in the job file")
         return tvm.target.Target(infos[0].target)
     return target_from_spec(job.target)
-
-
-def target_json(target) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(target.export()), default=str))
 
 
 class JobProgress:
@@ -189,10 +186,10 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     agents = tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
     target = resolve_job_target(job, tracker)
     console.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
-                  f"on key '{job.device.key}' ({agents} agent(s)) target {json.dumps(target_json(target))}")
+                  f"on key '{job.device.key}' ({agents} agent(s)) target {json.dumps(target_to_json(target))}")
 
     model = load_model(job.model)
-    state = {"model_fingerprint": model.fingerprint, "target": target_json(target)}
+    state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
     resumed = _check_state(job_dir, state)
     (job_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
 
