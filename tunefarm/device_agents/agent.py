@@ -1,0 +1,252 @@
+"""``tunefarm agent``: join this machine to the farm and keep it joined.
+
+The agent probes the machine, resolves the target it serves, then supervises one child process
+(:mod:`tunefarm.device_agents.rpc_server`, the stock TVM RPC server) that registers with the tracker.
+The stock server already reconnects to a tracker that comes back within about 60 s; the agent covers
+the rest: it restarts the child when it exits (tracker away for longer, a crashed session) with
+backoff, and when the tracker is reachable but has not listed this agent for a while (a listen
+loop that died while its process lives).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import click
+
+from tunefarm.core.errors import TrackerUnreachable
+from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
+
+CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
+# Reachable tracker, not listed for this long: restart the child. The stock server needs up to
+# ~7 s to re-register after a tracker restart (2 s ping + 5 s retry), so stay well above that.
+UNLISTED_RESTART_S = 15.0
+UNLISTED_RESTART_ENV = "TUNEFARM_AGENT_UNLISTED_RESTART_S"
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 10.0
+HEALTHY_AFTER_S = 30.0  # a child that ran this long resets the backoff
+STOP_GRACE_S = 5.0
+PORT_RANGE = 100
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} agent: {message}", flush=True)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"tunefarm: warning: {message}", err=True)
+
+
+def _print_summary(info: DeviceInfo, tracker: str, compiler: str) -> None:
+    cuda = ", ".join(f"{d.get('name')} (sm_{str(d.get('compute_capability', '')).replace('.', '')})"
+                     for d in info.cuda) or "none"
+    opencl_devices = [d["name"] for p in info.opencl.get("platforms", []) for d in p.get("devices", [])]
+    lines = [
+        f"tunefarm agent {info.agent_id}",
+        f"  key      {info.key}",
+        f"  tracker  {tracker}",
+        f"  target   {json.dumps(info.target, sort_keys=True)}",
+        f"  cpu      {info.cpu_model} ({info.num_cores} cores)",
+        f"  cc       {'yes (' + compiler + ')' if info.has_cc else 'NO'}",
+        f"  cuda     {cuda}",
+        f"  opencl   {', '.join(opencl_devices) or 'none'} (TVM runtime OpenCL: "
+        f"{'yes' if info.opencl.get('tvm_runtime_opencl') else 'no'})",
+        f"  runners  {', '.join(info.runners)}",
+        f"  tvm      {info.tvm_version}",
+    ]
+    if info.cuda and info.target.get("kind") == "llvm":
+        lines.append(f"  hint     this agent serves the CPU; to serve {info.cuda[0].get('name')} instead, start it "
+                     f"with --target '{json.dumps(info.cuda[0]['target'], sort_keys=True)}'")
+    print("\n".join(lines), flush=True)
+
+
+class _RPCServerSupervisor:
+    """Runs the rpc_server child and restarts it when it dies or drops off the tracker."""
+
+    def __init__(self, info: DeviceInfo, tracker_host: str, tracker_port: int, host: str, port: int,
+                 custom_addr: str | None):
+        self.info = info
+        self.tracker_host = tracker_host
+        self.tracker_port = tracker_port
+        self.host = host
+        self.port = port
+        self.custom_addr = custom_addr
+        self.stop = threading.Event()
+        self.child: subprocess.Popen | None = None
+        self.child_started = 0.0
+        self.backoff = BACKOFF_START_S
+        self.listed = False
+        self.tracker_down = False
+        self.unlisted_since: float | None = None
+        self.unlisted_restart_s = float(os.environ.get(UNLISTED_RESTART_ENV, UNLISTED_RESTART_S))
+
+    @property
+    def tracker_addr(self) -> str:
+        return f"{self.tracker_host}:{self.tracker_port}"
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "tunefarm.device_agents.rpc_server",
+               "--tracker", self.tracker_addr, "--key", self.info.key, "--host", self.host,
+               "--port", str(self.port), "--port-end", str(self.port + PORT_RANGE),
+               "--info-json", self.info.dumps(), "--parent-pid", str(os.getpid())]
+        if self.custom_addr:
+            cmd += ["--custom-addr", self.custom_addr]
+        return cmd
+
+    def start_child(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Its own session (and process group): stopping the child takes its forked RPC sessions
+        # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.
+        self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        self.child_started = time.monotonic()
+        self.listed = False
+        self.unlisted_since = None
+        _log(f"started rpc server (pid {self.child.pid}), ports [{self.port}, {self.port + PORT_RANGE})")
+
+    def stop_child(self) -> int | None:
+        child, self.child = self.child, None
+        if child is None:
+            return None
+        if child.poll() is None:
+            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+                try:
+                    os.killpg(child.pid, sig)
+                    os.killpg(child.pid, signal.SIGCONT)  # a stopped (SIGSTOP) child handles SIGTERM only after this
+                except ProcessLookupError:
+                    break
+                try:
+                    child.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        return child.poll()
+
+    def _tracker_lists_us(self) -> bool | None:
+        """True/False: whether the tracker lists this agent's server; None: tracker unreachable."""
+        from tunefarm.tracker.client import TrackerClient, server_key  # pylint: disable=import-outside-toplevel
+
+        try:
+            with TrackerClient(self.tracker_host, self.tracker_port, timeout=3.0) as client:
+                summary = client.summary()
+        except TrackerUnreachable:
+            return None
+        for entry in summary.get("server_info", []):
+            data = entry.get(INFO_FIELD)
+            if (server_key(entry) == self.info.key and isinstance(data, dict)
+                    and data.get("agent_id") == self.info.agent_id):
+                return True
+        return False
+
+    def _child_in_session(self) -> bool:
+        """Whether the child is serving an RPC session (the stock server forks one process per session)."""
+        import psutil  # pylint: disable=import-outside-toplevel
+
+        if self.child is None:
+            return False
+        try:
+            return bool(psutil.Process(self.child.pid).children())
+        except psutil.Error:
+            return False
+
+    def check_registration(self) -> None:
+        now = time.monotonic()
+        listed = self._tracker_lists_us()
+        if listed is None:
+            if not self.tracker_down:
+                _log(f"tracker {self.tracker_addr} unreachable; the rpc server keeps retrying")
+            self.tracker_down, self.listed, self.unlisted_since = True, False, None
+            return
+        if self.tracker_down:
+            _log(f"tracker {self.tracker_addr} is reachable again")
+        self.tracker_down = False
+        if listed:
+            if not self.listed:
+                _log(f"registered with tracker {self.tracker_addr} under key '{self.info.key}'")
+            self.listed, self.unlisted_since = True, None
+            self.backoff = BACKOFF_START_S
+            return
+        if self.listed:
+            _log(f"tracker {self.tracker_addr} no longer lists this agent")
+        self.listed = False
+        if self.unlisted_since is None:
+            self.unlisted_since = now
+        if self._child_in_session():
+            # A server is off the tracker's list while it serves a session; a tracker that restarted
+            # meanwhile lists it again once the session ends. Never kill a session for this.
+            self.unlisted_since = now
+            return
+        if now - self.unlisted_since > self.unlisted_restart_s and now - self.child_started > self.unlisted_restart_s:
+            _log(f"tracker {self.tracker_addr} has not listed this agent for {now - self.unlisted_since:.0f} s "
+                 "although it is reachable; restarting the rpc server")
+            self.stop_child()
+
+    def run(self) -> None:
+        next_check = 0.0
+        while not self.stop.is_set():
+            if self.child is None:
+                self.start_child()
+                next_check = time.monotonic() + CHECK_INTERVAL_S
+            code = self.child.poll()
+            if code is not None:
+                ran = time.monotonic() - self.child_started
+                self.child = None
+                if ran > HEALTHY_AFTER_S:
+                    self.backoff = BACKOFF_START_S
+                _log(f"rpc server exited with code {code} after {ran:.0f} s; restarting in {self.backoff:g} s")
+                if self.stop.wait(self.backoff):
+                    break
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
+                continue
+            if time.monotonic() >= next_check:
+                self.check_registration()
+                next_check = time.monotonic() + CHECK_INTERVAL_S
+                if self.child is None:  # check_registration stopped it
+                    continue
+            self.stop.wait(0.5)
+        code = self.stop_child()
+        _log("stopped" + (f" (rpc server exit code {code})" if code is not None else ""))
+
+
+def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
+              custom_addr: str | None = None) -> None:
+    """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM."""
+    from tunefarm.device_agents.probe import (check_c_compiler, find_c_compiler, probe,  # pylint: disable=import-outside-toplevel
+                                              resolve_target, target_warnings)
+    from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
+
+    tracker_host, tracker_port = parse_hostport(tracker_addr)
+    agent_id = f"{socket.gethostname()}:{os.getpid()}"
+    info = probe(key=key, agent_id=agent_id)
+    info.target = resolve_target(target, info)
+    _print_summary(info, f"{tracker_host}:{tracker_port}", find_c_compiler() or "")
+    if not info.has_cc:
+        _warn(f"no working C compiler on this machine ({check_c_compiler()[1]}): MetaSchedule's .tar "
+              "candidates cannot be linked here, so every measurement on this agent will fail. "
+              "Install gcc (or set CC).")
+    for line in target_warnings(info.target, info):
+        _warn(line)
+    if host in ("0.0.0.0", "::", ""):
+        _warn("TVM RPC has no authentication: anyone who can reach this agent's port can run code on it; "
+              "keep it on a trusted network")
+    check_tracker(tracker_host, tracker_port)
+
+    supervisor = _RPCServerSupervisor(info, tracker_host, tracker_port, host, port, custom_addr)
+
+    def on_signal(signum, _frame):
+        _log(f"stopping (signal {signum})")
+        supervisor.stop.set()
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervisor.run()
+    finally:
+        supervisor.stop_child()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,182 @@
+"""The RPC server process an agent supervises: stock ``tvm.rpc`` server code, run in-process.
+
+``python -m tunefarm.device_agents.rpc_server --tracker H:P --key K --host H --port P --info-json '{...}'``
+
+It runs TVM's own listen loop (``PopenRPCServerState``) in this process and adds three things:
+
+* its tracker registration (``UPDATE_INFO``) carries the agent's ``DeviceInfo`` under ``INFO_FIELD``,
+  which the stock tracker stores and returns in SUMMARY;
+* the global functions ``tunefarm.agent.info``, ``tunefarm.agent.id`` and ``tunefarm.agent.target``
+  (JSON strings), which RPC clients can call in a session (sessions are forked from this process, so they inherit them);
+* an exit: when the listen loop ends (the tracker stayed away for about 60 s, or a session crashed),
+  this process exits non-zero so that the agent restarts it; and when the agent dies, this process
+  and its sessions die too, rather than staying registered as an orphan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from tunefarm.core.wire import INFO_FIELD, parse_hostport
+
+EXIT_LOOP_ENDED = 3
+EXIT_PARENT_GONE = 4
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_MAIN_PID = os.getpid()
+_loop_error: list[str] = []
+_stopping = threading.Event()
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rpc server: {message}", flush=True)
+
+
+def _publish_info(info: dict) -> None:
+    """Add ``INFO_FIELD: info`` to every UPDATE_INFO this process sends to the tracker.
+
+    The stock listen loop calls ``base.sendjson`` through the module at each call, so replacing it
+    here changes only this process (and the sessions forked from it, which never talk to the tracker).
+    """
+    from tvm.rpc import base  # pylint: disable=import-outside-toplevel
+
+    original = base.sendjson
+
+    def sendjson(sock, data):
+        if (isinstance(data, (list, tuple)) and len(data) == 2 and data[0] == base.TrackerCode.UPDATE_INFO
+                and isinstance(data[1], dict)):
+            data = [data[0], {**data[1], INFO_FIELD: info}]
+        return original(sock, data)
+
+    base.sendjson = sendjson
+
+
+def _log_sessions() -> None:
+    """A stdout line when a session starts and ends (the stock server logs only to stderr)."""
+    from tvm.rpc import server  # pylint: disable=import-outside-toplevel
+
+    original = server._serving  # pylint: disable=protected-access
+
+    def serving(sock, addr, opts, load_library):
+        start = time.monotonic()
+        timeout = opts.get("timeout")
+        _log(f"session from {addr[0]}:{addr[1]} started" + (f" (timeout {timeout:g} s)" if timeout else ""))
+        try:
+            original(sock, addr, opts, load_library)
+        except BaseException as err:
+            _log(f"session from {addr[0]}:{addr[1]} failed after {time.monotonic() - start:.1f} s: {err}")
+            raise
+        _log(f"session from {addr[0]}:{addr[1]} ended after {time.monotonic() - start:.1f} s")
+
+    server._serving = serving  # pylint: disable=protected-access
+
+
+def _register_globals(info: dict) -> None:
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    info_text = json.dumps(info, sort_keys=True)
+    agent_id = str(info.get("agent_id", ""))
+    tvm_ffi.register_global_func("tunefarm.agent.info", lambda: info_text, override=True)
+    target_text = json.dumps(info.get("target", {}), sort_keys=True)
+    tvm_ffi.register_global_func("tunefarm.agent.id", lambda: agent_id, override=True)
+    tvm_ffi.register_global_func("tunefarm.agent.target", lambda: target_text, override=True)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Get SIGTERM when the agent dies (Linux), and give up now if it is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # pylint: disable=import-outside-toplevel
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if parent_pid and os.getppid() != parent_pid:
+        _log(f"agent (pid {parent_pid}) is gone; exiting")
+        sys.exit(EXIT_PARENT_GONE)
+
+
+def _kill_sessions() -> None:
+    """End the session processes this server forked (they hold devices and sockets)."""
+    try:
+        import psutil  # pylint: disable=import-outside-toplevel
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except ImportError:
+        pass
+
+
+def _on_stop_signal(signum, _frame) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked session process inherited this handler: behave as if it had none.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if _stopping.is_set():  # the parent-death signal can arrive once per thread
+        return
+    _stopping.set()
+    _log(f"stopping (signal {signum})")
+    _kill_sessions()
+    os._exit(0)  # pylint: disable=protected-access  # the listen thread is blocked in select/accept
+
+
+def _record_loop_error(args) -> None:
+    _loop_error.append(f"{args.exc_type.__name__}: {args.exc_value}")
+    _log(f"listen loop died: {args.exc_type.__name__}: {args.exc_value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunefarm.device_agents.rpc_server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=9090, help="first port to try")
+    parser.add_argument("--port-end", type=int, default=None, help="end of the port range (default PORT+100)")
+    parser.add_argument("--custom-addr", default=None, help="address to advertise to the tracker")
+    parser.add_argument("--info-json", default="{}", help="the agent's DeviceInfo as JSON")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the agent) dies")
+    args = parser.parse_args(argv)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_stop_signal)
+    _die_with_parent(args.parent_pid)
+    info = json.loads(args.info_json)
+    tracker_addr = parse_hostport(args.tracker)
+
+    from tvm.rpc.server import PopenRPCServerState  # pylint: disable=import-outside-toplevel
+
+    _publish_info(info)
+    _log_sessions()
+    _register_globals(info)
+    threading.excepthook = _record_loop_error
+    port_end = args.port_end or args.port + 100
+    try:
+        state = PopenRPCServerState(args.host, args.port, port_end, tracker_addr=tracker_addr, key=args.key,
+                                    custom_addr=args.custom_addr, silent=False)
+    except (OSError, ValueError) as err:
+        _log(f"cannot listen on {args.host} ports [{args.port}, {port_end}): {err}")
+        return EXIT_LOOP_ENDED
+    _log(f"agent {info.get('agent_id', '?')} serving key '{args.key}' on {args.host}:{state.port}, "
+         f"registering with tracker {tracker_addr[0]}:{tracker_addr[1]}")
+    while state.thread.is_alive():
+        state.thread.join(1.0)
+        if args.parent_pid and os.getppid() != args.parent_pid:  # no PDEATHSIG off Linux
+            _log("the agent is gone; exiting")
+            _kill_sessions()
+            return EXIT_PARENT_GONE
+    _log("listen loop ended" + (f" ({_loop_error[-1]})" if _loop_error else "") + "; exiting for a restart")
+    return EXIT_LOOP_ENDED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Ask a running tracker who serves which key, and wait for a key to be served.
+
+Wraps ``tvm.rpc.connect_tracker`` so that a tracker that is down, or an address that is not a
+tracker, is a one-line :class:`TrackerUnreachable` within seconds. The stock ``TrackerSession``
+retries refused connections for 60 s and blocks forever on a peer that accepts but never answers.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from tunefarm.core.errors import NoDeviceError, TrackerUnreachable
+from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
+
+CONNECT_TIMEOUT_S = 5.0  # TCP connect + tracker handshake
+CALL_TIMEOUT_S = 10.0  # one SUMMARY round trip
+
+_RPC_TRACKER_MAGIC = 0x2F271  # tvm.rpc.base.RPC_TRACKER_MAGIC (checked in tests; no tvm import needed here)
+
+
+def check_tracker(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise TrackerUnreachable unless ``host:port`` completes the tracker handshake within ``timeout``."""
+    addr = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise TrackerUnreachable(f"tracker {addr} did not accept a connection within {timeout:g} s") from None
+    except OSError as err:
+        raise TrackerUnreachable(f"cannot reach tracker {addr}: {err.strerror or err}") from None
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(struct.pack("<i", _RPC_TRACKER_MAGIC))
+            reply = b""
+            while len(reply) < 4:
+                chunk = sock.recv(4 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError:
+            reply = b""
+        if len(reply) != 4 or struct.unpack("<i", reply)[0] != _RPC_TRACKER_MAGIC:
+            raise TrackerUnreachable(f"{addr} is not a TVM RPC tracker (no tracker handshake within {timeout:g} s)")
+
+
+def _connect_session(host: str, port: int, timeout: float):
+    """``tvm.rpc.connect_tracker`` with a deadline, its socket bounded for later calls."""
+    from tvm import rpc  # pylint: disable=import-outside-toplevel
+
+    check_tracker(host, port, timeout)
+    result: dict[str, Any] = {}
+
+    def connect():
+        try:
+            result["session"] = rpc.connect_tracker(host, port)
+        except Exception as err:  # pylint: disable=broad-except
+            result["error"] = err
+
+    # The handshake just worked, but the stock connect retries for 60 s if the tracker went away
+    # in between; a daemon thread keeps that from becoming our caller's wait.
+    thread = threading.Thread(target=connect, name="tracker-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "session" not in result:
+        reason = result.get("error") or f"no answer within {timeout:g} s"
+        raise TrackerUnreachable(f"cannot connect to tracker {host}:{port}: {reason}")
+    session = result["session"]
+    # TrackerSession has no timeout of its own: bound every later round trip.
+    sock = getattr(session, "_sock", None)
+    if sock is not None:
+        sock.settimeout(CALL_TIMEOUT_S)
+    return session
+
+
+def server_key(info: dict[str, Any]) -> str | None:
+    """'server:KEY' in a SUMMARY server_info entry -> KEY (None for anything else)."""
+    prefix, sep, key = str(info.get("key", "")).partition(":")
+    return key if sep and prefix == "server" else None
+
+
+def server_addr(info: dict[str, Any]) -> str:
+    addr = info.get("addr") or ["?", "?"]
+    return f"{addr[0]}:{addr[1]}"
+
+
+def server_device_info(info: dict[str, Any]) -> DeviceInfo | None:
+    """The agent's DeviceInfo from a server_info entry, or None for a stock tvm.rpc server."""
+    data = info.get(INFO_FIELD)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return DeviceInfo.from_json(data)
+    except TypeError:
+        return None
+
+
+class TrackerClient:
+    """A connection to one tracker. Reconnects by itself after a failed call.
+
+    Every method raises :class:`TrackerUnreachable` (one line, naming the address) instead of hanging.
+    Safe to share between threads.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT_S):
+        self.host = host
+        self.port = int(port)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._session = _connect_session(self.host, self.port, timeout)
+
+    @classmethod
+    def from_addr(cls, text: str, timeout: float = CONNECT_TIMEOUT_S) -> "TrackerClient":
+        host, port = parse_hostport(text)
+        return cls(host, port, timeout=timeout)
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+    def __enter__(self) -> "TrackerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def summary(self) -> dict[str, Any]:
+        """The tracker's SUMMARY: ``{"queue_info": {key: {free, pending}}, "server_info": [...]}``."""
+        with self._lock:
+            if self._session is None:
+                self._session = _connect_session(self.host, self.port, self.timeout)
+            try:
+                return self._session.summary()
+            except (OSError, RuntimeError, ValueError) as err:
+                self._session.close()
+                self._session = None
+                raise TrackerUnreachable(f"lost the connection to tracker {self.addr}: {err}") from None
+
+    def devices(self) -> list[dict[str, Any]]:
+        """One dict per key that has agents or waiting requests, sorted by key.
+
+        ``{"key", "agents": [DeviceInfo, or "host:port" for a stock server], "addrs": ["host:port"],
+        "total", "free", "busy", "pending"}``; ``busy`` counts servers in a session (total - free).
+        """
+        return devices_from_summary(self.summary())
+
+    def agent_infos(self, key: str) -> list[DeviceInfo]:
+        """DeviceInfo of every tunefarm agent on ``key`` (stock servers carry none)."""
+        for entry in self.devices():
+            if entry["key"] == key:
+                return [a for a in entry["agents"] if isinstance(a, DeviceInfo)]
+        return []
+
+    def servers_for_key(self, key: str) -> int:
+        """How many RPC servers are registered under ``key`` (free or busy)."""
+        return sum(1 for info in self.summary().get("server_info", []) if server_key(info) == key)
+
+    def wait_for_key(self, key: str, timeout: float, on_wait: Callable[[float, float], Any] | None = None,
+                     poll_interval: float = 1.0) -> int:
+        """Wait until at least one server serves ``key``; return how many do.
+
+        ``on_wait(waited_s, timeout_s)`` is called about every 5 s while waiting. Raises
+        :class:`NoDeviceError` after ``timeout`` seconds.
+        """
+        start = time.monotonic()
+        last_report = None
+        while True:
+            count = self.servers_for_key(key)
+            if count:
+                return count
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise NoDeviceError(
+                    f"no agent serves key '{key}' on tracker {self.addr} (waited {waited:.0f} s); "
+                    f"start one with: tunefarm agent --tracker {self.addr} --key {key}")
+            if on_wait is not None and (last_report is None or waited - last_report >= 5.0):
+                last_report = waited
+                on_wait(waited, timeout)
+            time.sleep(min(poll_interval, max(0.05, timeout - waited)))
+
+
+def devices_from_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Group a SUMMARY by key (see :meth:`TrackerClient.devices`)."""
+    queue_info = summary.get("queue_info", {}) or {}
+    by_key: dict[str, dict[str, Any]] = {}
+
+    def entry(key: str) -> dict[str, Any]:
+        if key not in by_key:
+            by_key[key] = {"key": key, "agents": [], "addrs": [], "total": 0, "free": 0, "busy": 0, "pending": 0}
+        return by_key[key]
+
+    for info in summary.get("server_info", []) or []:
+        key = server_key(info)
+        if key is None:
+            continue
+        item = entry(key)
+        addr = server_addr(info)
+        device = server_device_info(info)
+        item["agents"].append(device if device is not None else addr)
+        item["addrs"].append(addr)
+        item["total"] += 1
+    for key, queue in queue_info.items():
+        # The tracker keeps a queue for every key it ever saw: skip keys with nobody on either side.
+        if key not in by_key and not queue.get("pending"):
+            continue
+        item = entry(key)
+        item["free"] = int(queue.get("free", 0))
+        item["pending"] = int(queue.get("pending", 0))
+    for item in by_key.values():
+        item["busy"] = max(0, item["total"] - item["free"])
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def devices_to_json(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:meth:`TrackerClient.devices` as plain JSON: each agent a dict with its ``addr``."""
+    out = []
+    for item in devices:
+        agents = []
+        for agent, addr in zip(item["agents"], item["addrs"]):
+            agents.append({**agent.to_json(), "addr": addr} if isinstance(agent, DeviceInfo) else {"addr": addr})
+        out.append({**item, "agents": agents})
+    return out
+
+
+def describe_target(target: dict[str, Any]) -> str:
+    """A short human form of a target JSON dict, e.g. 'llvm mcpu=znver4 cores=16'."""
+    if not target:
+        return "-"
+    head = target.get("tag") or target.get("kind", "?")
+    parts = [str(head)]
+    for name, label in (("device", "device"), ("mcpu", "mcpu"), ("arch", "arch"), ("num-cores", "cores")):
+        if name in target:
+            parts.append(f"{label}={target[name]}")
+    host = target.get("host")
+    if isinstance(host, dict):
+        parts.append(f"host={host.get('kind', '?')}")
+    return " ".join(parts)
+
+
+def _describe_opencl(opencl: dict[str, Any]) -> str:
+    if not opencl:
+        return "-"
+    devices = [d for p in opencl.get("platforms", []) for d in p.get("devices", [])]
+    runtime = "runtime yes" if opencl.get("tvm_runtime_opencl") else "runtime no"
+    return f"{len(devices)} device(s), {runtime}" if devices else f"none, {runtime}"
+
+
+def print_devices(tracker_addr: str, as_json: bool = False) -> None:
+    """``tunefarm devices``: the per-key table (or JSON) of a tracker."""
+    host, port = parse_hostport(tracker_addr)
+    with TrackerClient(host, port) as client:
+        devices = client.devices()
+    if as_json:
+        print(json.dumps(devices_to_json(devices), indent=2, sort_keys=True))
+        return
+
+    from rich.console import Console  # pylint: disable=import-outside-toplevel
+    from rich.table import Table  # pylint: disable=import-outside-toplevel
+
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 200))
+    if not devices:
+        console.print(f"no agents registered on tracker {host}:{port} "
+                      f"(start one with: tunefarm agent --tracker {host}:{port} --key KEY)")
+        return
+    table = Table(title=f"tracker {host}:{port}")
+    for name in ("key", "agents", "free", "busy", "pending", "target", "cpu", "cc", "cuda", "opencl"):
+        table.add_column(name, justify="right" if name in ("free", "busy", "pending") else "left",
+                         no_wrap=name in ("key", "agents", "free", "busy", "pending"))
+    for item in devices:
+        lines: dict[str, list[str]] = {name: [] for name in ("agents", "target", "cpu", "cc", "cuda", "opencl")}
+        for agent, addr in zip(item["agents"], item["addrs"]):
+            if isinstance(agent, DeviceInfo):
+                lines["agents"].append(f"{agent.agent_id} @ {addr}")
+                lines["target"].append(describe_target(agent.target))
+                lines["cpu"].append(f"{agent.cpu_model or '?'} ({agent.num_cores} cores)")
+                lines["cc"].append("yes" if agent.has_cc else "[red]no[/]")
+                lines["cuda"].append(", ".join(d.get("name", "?") for d in agent.cuda) or "-")
+                lines["opencl"].append(_describe_opencl(agent.opencl))
+            else:
+                lines["agents"].append(f"{addr} (stock server)")
+                for name in ("target", "cpu", "cc", "cuda", "opencl"):
+                    lines[name].append("?")
+        table.add_row(item["key"], "\n".join(lines["agents"]) or "-", str(item["free"]), str(item["busy"]),
+                      str(item["pending"]), *("\n".join(lines[n]) or "-"
+                                              for n in ("target", "cpu", "cc", "cuda", "opencl")))
+    console.print(table)
