@@ -51,14 +51,48 @@ def device_type_of(target) -> str:
     return "cpu" if kind in ("llvm", "c") else kind
 
 
+def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int, on_wait=None):
+    """An RPC session on an agent of ``key``: waits visibly for one, and never longer than ``wait_s``.
+
+    The tracker answers a request only when a server is free, and a stale listing can keep it from
+    ever answering: the request runs in a thread and is abandoned after the deadline.
+    """
+    # pylint: disable=import-outside-toplevel
+    import threading
+
+    from tvm import rpc
+
+    from tunefarm.tracker.client import TrackerClient
+
+    t0 = time.monotonic()
+    TrackerClient(*tracker_addr).wait_for_key(key, wait_s, on_wait=on_wait)
+    box: dict[str, Any] = {}
+
+    def ask():
+        try:
+            box["sess"] = rpc.connect_tracker(*tracker_addr).request(key, priority=2, session_timeout=session_timeout)
+        except Exception as err:  # pylint: disable=broad-except
+            box["err"] = err
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(max(1.0, wait_s - (time.monotonic() - t0)))
+    if "sess" in box:
+        return box["sess"]
+    if "err" in box:
+        raise TunefarmError(f"no session on key '{key}': {str(box['err']).strip().splitlines()[-1]}")
+    raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
+
+
 def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray], warmup: int, repeat: int,
-                  budget_s: float = 120.0, session_timeout: int = 900, device_type: str = "cpu") -> dict[str, Any]:
+                  budget_s: float = 120.0, session_timeout: int = 900, device_type: str = "cpu",
+                  wait_s: float = 120.0, on_wait=None) -> dict[str, Any]:
     """Upload a compiled Relax executable to an agent, run it, time it there."""
     # pylint: disable=import-outside-toplevel
     import tvm
-    from tvm import relax, rpc
+    from tvm import relax
 
-    sess = rpc.connect_tracker(*tracker_addr).request(key, priority=2, session_timeout=session_timeout)
+    sess = request_session(tracker_addr, key, wait_s, session_timeout, on_wait)
     try:
         agent_id = sess.get_function("tunefarm.agent.id")()
     except Exception:  # pylint: disable=broad-except
@@ -152,7 +186,10 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
         with console.status(f"running {name} on key '{job.device.key}' and timing it"):
             try:
                 res = run_on_device(tracker_addr, job.device.key, libs[name], model.inputs, ev.warmup, ev.repeat,
-                                    device_type=device_type_of(target))
+                                    device_type=device_type_of(target), wait_s=job.runner.device_wait_sec,
+                                    on_wait=tuned["on_wait"])
+            except TunefarmError:
+                raise
             except Exception as err:  # pylint: disable=broad-except
                 raise TunefarmError(f"running {name} on key '{job.device.key}' failed: "
                                     f"{str(err).strip().splitlines()[-1]}") from None

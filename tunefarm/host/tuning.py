@@ -271,7 +271,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     return {"job": job, "job_dir": job_dir, "model": model, "target": target, "mod": mod,
             "database": database, "task_names": task_names, "task_weights": task_weights,
             "task_keys": task_keys, "tuning_wall_s": wall, "runner_stats": runner_stats,
-            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before}
+            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before, "on_wait": on_wait}
 
 
 def _root_cause(err: BaseException) -> str:

@@ -1,0 +1,75 @@
+"""Job files: YAML validated into typed objects, with one-line errors through the real CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.jobspec import load_job
+
+GOOD = """
+name: ok-job
+model: {source: torchvision, name: resnet18, input_shape: [1, 3, 224, 224]}
+device: {key: nuc, tracker: 10.0.0.5:9190}
+tuning: {max_trials_global: 100, num_trials_per_iter: 8}
+"""
+
+
+def test_good_job_parses_with_defaults(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD)
+    job = load_job(path)
+    assert job.name == "ok-job" and job.device.key == "nuc" and job.target == "from-agent"
+    assert job.tuning.cost_model == "xgb" and job.tuning.max_trials_global == 100
+    assert job.evaluate.baselines == ["torch", "onnxruntime"]
+
+
+def test_onnx_path_is_relative_to_the_job_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: o\nmodel: {source: onnx, path: m.onnx}\ndevice: {key: k}\n")
+    assert load_job(path).model.path == str(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nmodel: [unclosed\n", "malformed YAML at line"),
+    ("- a list\n", "must be a YAML mapping"),
+    (GOOD + "colour: blue\n", "unknown field(s) colour"),
+    (GOOD.replace("key: nuc", "key: ''"), "device.key is required"),
+    (GOOD.replace("name: ok-job", "name: 'bad name!'"), "'name' must be"),
+    (GOOD.replace("max_trials_global: 100", "max_trials_global: lots"), "tuning.max_trials_global: expected int"),
+    (GOOD + "target: 42\n", "target must be"),
+    (GOOD.replace("source: torchvision", "source: keras"), "model.source must be"),
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, cost_model: magic"), "cost_model must be xgb"),
+])
+def test_bad_job_files_are_rejected(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(TunefarmError) as err:
+        load_job(path)
+    assert message in str(err.value)
+
+
+def test_cli_reports_bad_yaml_in_one_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\nmodel: {source: torchvision\n")
+    proc = subprocess.run([sys.executable, "-m", "tunefarm", "tune", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tunefarm: error:") and "malformed YAML" in lines[0]
+
+
+def test_cli_missing_job_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tunefarm", "tune", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "job file not found" in proc.stderr
+
+
+def test_help_explains_every_command():
+    for args in ([], ["tracker"], ["agent"], ["devices"], ["tune"], ["logs", "best"], ["logs", "show"],
+                 ["quickstart"]):
+        proc = subprocess.run([sys.executable, "-m", "tunefarm", *args, "--help"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4

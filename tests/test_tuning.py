@@ -1,0 +1,277 @@
+"""Tuning through the farm, for real: tracker + agents on loopback, tiny models, MetaSchedule + XGBoost.
+
+Every job runs as the ``tunefarm tune`` command a user types. Budgets are a handful of trials.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
+
+TUNE_TIMEOUT_S = 600
+
+
+def write_job(path: Path, name: str, port: int, key: str, model: dict, trials: int = 12, per_iter: int = 4,
+              **extra) -> Path:
+    job = {"name": name, "model": model, "device": {"key": key, "tracker": f"{HOST}:{port}"},
+           "target": "from-agent",
+           "tuning": {"max_trials_global": trials, "num_trials_per_iter": per_iter, "population_size": 64},
+           "builder": {"workers": 2, "timeout_sec": 60},
+           "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5},
+           "evaluate": {"warmup": 3, "repeat": 15}}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(job.get(section), dict):
+            job[section].update(values)
+        else:
+            job[section] = values
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def records(job_dir: Path) -> list[list]:
+    text = (job_dir / "database_tuning_record.json").read_text().strip()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """One tracker and one agent on key 'cpu' shared by the tests of this module."""
+    base = tmp_path_factory.mktemp("farm")
+    port = free_port(HOST)
+    tracker = start_tracker(port, base / "tracker.log")
+    agent = spawn_agent(HOST, port, "cpu", base / "agent.log")
+    try:
+        wait_listed(agent, HOST, port, "cpu", base / "agent.log")
+        yield {"port": port, "base": base, "agent": agent}
+    finally:
+        stop_process(agent)
+        stop_process(tracker)
+
+
+def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
+    logs = tmp_path / "logs"
+    job = write_job(tmp_path / "job.yaml", "convnet", farm["port"], "cpu",
+                    {"source": "builtin", "name": "convnet"}, trials=16, per_iter=4)
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    job_dir = logs / "convnet"
+    report = json.loads((job_dir / "report.json").read_text())
+    assert report["ok"], report["problems"]
+    res = report["results"]
+    # The tuned build runs tuned kernels: every TIR function carries a schedule, and it is faster.
+    assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] > 0
+    assert report["schedules"]["tasks_without_record"] == []
+    assert res["tvm-tuned"]["latency"]["median_ms"] < res["tvm-untuned"]["latency"]["median_ms"]
+    assert res["tvm-tuned"]["numerics"]["ok"] and res["tvm-tuned"]["numerics"]["max_abs_err"] < 1e-3
+    assert res["tvm-tuned"]["where"] == f"agent {agent_id_of(farm['agent'])}"
+    for base in ("torch", "onnxruntime"):  # a local agent: baselines run and are checked
+        assert res[base]["numerics"]["ok"], res[base]
+        assert res[base]["latency"]["samples"] >= 5
+    lat = res["tvm-tuned"]["latency"]
+    assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0
+    assert report["tuning"]["per_agent"] == {agent_id_of(farm["agent"]): 16}
+    first = records(job_dir)
+    assert len(first) == 16
+    assert (job_dir / "report.md").read_text().startswith("# tunefarm report: convnet")
+    assert len((job_dir / "progress.jsonl").read_text().splitlines()) == 4
+
+    # Same job again: the budget is spent; nothing is measured, nothing is lost.
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    assert "already measured" in out and "nothing left to tune" in out
+    assert records(job_dir) == first
+
+    # A larger budget resumes: earlier records are kept, and a candidate met again is not re-measured
+    # (its record repeats the earlier run_secs exactly instead of a fresh, different timing).
+    write_job(tmp_path / "job.yaml", "convnet", farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
+              trials=24, per_iter=4)
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune3.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    after = records(job_dir)
+    assert after[:16] == first and len(after) == 24
+    earlier = {(r[0], json.dumps(r[1][0])): r[1][1] for r in first}
+    for rec in after[16:]:
+        key = (rec[0], json.dumps(rec[1][0]))
+        if key in earlier:
+            assert rec[1][1] == earlier[key]
+
+
+def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
+    """`tunefarm logs best` writes a JSONDatabase that stock TVM applies to its own fused module."""
+    import torch
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.s_tir import meta_schedule as ms
+
+    logs = tmp_path / "logs"
+    job = write_job(tmp_path / "job.yaml", "mm", farm["port"], "cpu", {"source": "builtin", "name": "matmul"},
+                    trials=8, per_iter=4)
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    code, out, _ = run_cli(["logs", "best", logs / "mm", "-o", tmp_path / "best"], tmp_path / "best.log", 120)
+    assert code == 0, out
+    code, shown, _ = run_cli(["logs", "show", logs / "mm"], tmp_path / "show.log", 120)
+    assert code == 0 and "estimated end-to-end" in shown, shown
+
+    # Plain TVM from here on: no tunefarm code.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).eval()
+    x = torch.randn(16, 64)
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=True,
+                                unwrap_unit_return_tuple=True)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [p.name for p in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    target = tvm.target.Target(json.loads((logs / "mm" / "job_state.json").read_text())["target"])
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.pipeline.zero_pipeline()(mod)
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path / "best"))
+    assert len(db.get_all_tuning_records()) >= 1
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
+    prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
+    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
+    import torch
+
+    from tunefarm.host.models import BUILTIN_MODELS
+
+    torch.manual_seed(0)
+    factory, shape = BUILTIN_MODELS["convnet"]
+    onnx_path = tmp_path / "convnet.onnx"
+    torch.onnx.export(factory().eval(), (torch.randn(*shape),), str(onnx_path), input_names=["x"], dynamo=False)
+    job = write_job(tmp_path / "job.yaml", "convnet-onnx", farm["port"], "cpu",
+                    {"source": "onnx", "path": "convnet.onnx"}, trials=16, per_iter=4,
+                    evaluate={"baselines": ["onnxruntime"]})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    report = json.loads((tmp_path / "logs" / "convnet-onnx" / "report.json").read_text())
+    assert report["reference"] == "ONNX Runtime"
+    assert report["results"]["tvm-tuned"]["numerics"]["ok"]
+    assert report["results"]["onnxruntime"]["numerics"]["max_abs_err"] == 0.0
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"source": "torchvision", "name": "resnet1800"}, "unknown torchvision model 'resnet1800'"),
+    ({"source": "builtin", "name": "nope"}, "unknown builtin model 'nope'"),
+    ({"source": "onnx", "path": "missing.onnx"}, "ONNX model file not found"),
+])
+def test_bad_model_is_one_line_error(farm, tmp_path, model, message):
+    job = write_job(tmp_path / "job.yaml", "bad", farm["port"], "cpu", model)
+    code, out, took = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 120)
+    assert code == 2
+    errors = [l for l in out.splitlines() if l.startswith("tunefarm: error:")]
+    assert len(errors) == 1 and message in errors[0], out
+    assert "Traceback" not in out
+
+
+def test_no_agent_for_key_waits_visibly_then_fails(farm, tmp_path):
+    job = write_job(tmp_path / "job.yaml", "nokey", farm["port"], "gpu-nobody",
+                    {"source": "builtin", "name": "matmul"}, runner={"device_wait_sec": 4})
+    code, out, took = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 120)
+    assert code == 2, out
+    assert "waiting for an agent on key 'gpu-nobody'" in out
+    assert "tunefarm: error: no agent serves key 'gpu-nobody'" in out
+    assert took < 60
+
+
+def test_tracker_unreachable_is_one_line_error(tmp_path):
+    job = write_job(tmp_path / "job.yaml", "down", free_port(HOST), "cpu", {"source": "builtin", "name": "matmul"})
+    code, out, took = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 120)
+    assert code == 2
+    assert "tunefarm: error:" in out and "tracker" in out and "Traceback" not in out
+    assert took < 30
+
+
+def _wait_progress(job_dir: Path, lines: int, proc, timeout=300):
+    def ready():
+        if proc.poll() is not None:
+            return True
+        path = job_dir / "progress.jsonl"
+        return path.exists() and len(path.read_text().splitlines()) >= lines
+    wait_until(ready, timeout, interval=0.2, what="tuning progress")
+
+
+def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(tmp_path):
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    agents = [spawn_agent(HOST, port, "pair", tmp_path / f"agent{i}.log") for i in range(2)]
+    job_proc = None
+    try:
+        for i, agent in enumerate(agents):
+            wait_listed(agent, HOST, port, "pair", tmp_path / f"agent{i}.log")
+        # Phase 1: both agents measure the job's batches.
+        job = write_job(tmp_path / "job.yaml", "pair", port, "pair", {"source": "builtin", "name": "convnet"},
+                        trials=16, per_iter=4, evaluate={"baselines": []})
+        code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune1.log",
+                               TUNE_TIMEOUT_S)
+        assert code == 0, out
+        report = json.loads((tmp_path / "logs" / "pair" / "report.json").read_text())
+        per_agent = report["tuning"]["per_agent"]
+        assert set(per_agent) == {agent_id_of(a) for a in agents}, per_agent
+        assert all(n > 0 for n in per_agent.values())
+
+        # Phase 2: kill one agent (kill -9) while a longer job runs; the job finishes on the other.
+        write_job(tmp_path / "job2.yaml", "pair2", port, "pair", {"source": "builtin", "name": "convnet"},
+                  trials=24, per_iter=4, evaluate={"baselines": []})
+        job_proc = start_tunefarm(["tune", tmp_path / "job2.yaml", "--logs-dir", tmp_path / "logs"],
+                                  tmp_path / "tune2.log")
+        _wait_progress(tmp_path / "logs" / "pair2", 1, job_proc)
+        kill_hard(agents[0])
+        code = job_proc.wait(TUNE_TIMEOUT_S)
+        out = (tmp_path / "tune2.log").read_text()
+        assert code == 0, out
+        assert len(records(tmp_path / "logs" / "pair2")) == 24
+        report = json.loads((tmp_path / "logs" / "pair2" / "report.json").read_text())
+        assert report["ok"]
+        assert report["results"]["tvm-tuned"]["where"] == f"agent {agent_id_of(agents[1])}"
+    finally:
+        if job_proc is not None:
+            stop_process(job_proc)
+        for agent in agents:
+            stop_process(agent)
+        stop_process(tracker)
+
+
+def test_job_waits_for_a_lost_agent_to_return(tmp_path):
+    """The only agent dies mid-job; the job waits (visibly) and goes on when an agent joins again."""
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    agent = spawn_agent(HOST, port, "solo", tmp_path / "agent.log")
+    job_proc = None
+    replacement = None
+    try:
+        wait_listed(agent, HOST, port, "solo", tmp_path / "agent.log")
+        write_job(tmp_path / "job.yaml", "solo", port, "solo", {"source": "builtin", "name": "convnet"},
+                  trials=32, per_iter=4, runner={"device_wait_sec": 240}, evaluate={"baselines": []})
+        job_proc = start_tunefarm(["tune", tmp_path / "job.yaml", "--logs-dir", tmp_path / "logs"],
+                                  tmp_path / "tune.log")
+        _wait_progress(tmp_path / "logs" / "solo", 1, job_proc)
+        kill_hard(agent)
+        wait_until(lambda: "waiting for an agent on key 'solo'" in (tmp_path / "tune.log").read_text()
+                   or job_proc.poll() is not None, 120, what="the job to wait for an agent")
+        assert job_proc.poll() is None, (tmp_path / "tune.log").read_text()
+        replacement = spawn_agent(HOST, port, "solo", tmp_path / "agent2.log")
+        code = job_proc.wait(TUNE_TIMEOUT_S)
+        assert code == 0, (tmp_path / "tune.log").read_text()
+        assert len(records(tmp_path / "logs" / "solo")) == 32
+        assert json.loads((tmp_path / "logs" / "solo" / "report.json").read_text())["ok"]
+    finally:
+        for proc in (job_proc, replacement, agent):
+            if proc is not None:
+                stop_process(proc)
+        stop_process(tracker)
