@@ -275,3 +275,24 @@ def test_job_waits_for_a_lost_agent_to_return(tmp_path):
             if proc is not None:
                 stop_process(proc)
         stop_process(tracker)
+
+
+def test_candidates_built_on_agents_of_a_build_key(farm, tmp_path):
+    """builder.key: the agents of that key compile the candidates; the measuring key runs them."""
+    builders = [spawn_agent(HOST, farm["port"], "build", tmp_path / f"build{i}.log") for i in range(2)]
+    try:
+        for i, proc in enumerate(builders):
+            wait_listed(proc, HOST, farm["port"], "build", tmp_path / f"build{i}.log")
+        job = write_job(tmp_path / "job.yaml", "remote-build", farm["port"], "cpu",
+                        {"source": "builtin", "name": "convnet"}, trials=16, per_iter=4,
+                        builder={"key": "build"}, evaluate={"baselines": []})
+        code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+        assert code == 0, out
+        report = json.loads((tmp_path / "logs" / "remote-build" / "report.json").read_text())
+        built = report["tuning"]["built_on_agents"]
+        assert set(built) == {agent_id_of(p) for p in builders}, built
+        assert sum(built.values()) == 16 - report["tuning"]["cache_hits"]
+        assert report["ok"] and report["schedules"]["tuned"] == report["schedules"]["tir_functions"]
+    finally:
+        for proc in builders:
+            stop_process(proc)

@@ -7,7 +7,7 @@ A job file (see configs/jobs/) looks like::
     device: {key: nuc, tracker: 127.0.0.1:9190}
     target: from-agent            # or a preset name, or a TVM target JSON dict
     tuning: {max_trials_global: 2000, max_trials_per_task: 128, num_trials_per_iter: 16, cost_model: xgb}
-    builder: {workers: 2, timeout_sec: 60}
+    builder: {workers: 2, timeout_sec: 60}   # or {key: build}: agents on key 'build' compile
     runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
     evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
 """
@@ -53,6 +53,7 @@ class TuningSpec:
 class BuilderSpec:
     workers: int = 0  # 0: one per host core
     timeout_sec: float = 60.0
+    key: str = ""  # build on the agents registered under this key instead of on the host
 
 
 @dataclasses.dataclass

@@ -85,6 +85,9 @@ def _register_globals(info: dict) -> None:
     target_text = json.dumps(info.get("target", {}), sort_keys=True)
     tvm_ffi.register_global_func("tunefarm.agent.id", lambda: agent_id, override=True)
     tvm_ffi.register_global_func("tunefarm.agent.target", lambda: target_text, override=True)
+    from tunefarm.device_agents import build_service  # pylint: disable=import-outside-toplevel
+
+    build_service.register()
 
 
 def _die_with_parent(parent_pid: int | None) -> None:

@@ -28,16 +28,9 @@ def _warm_worker():
 
 
 def _build_one(mod, target):
-    # pylint: disable=import-outside-toplevel
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    from tvm.support.tar import tar
+    from tunefarm.core.building import build_candidate  # pylint: disable=import-outside-toplevel
 
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    rt_mod = tvm_build(mod, target=target)
-    artifact_path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod." + tar.output_format)
-    rt_mod.export_library(artifact_path, fcompile=tar)
-    return artifact_path
+    return build_candidate(mod, target, os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar"))
 
 
 class MeasuredCache:
@@ -108,12 +101,23 @@ class MeasuredCache:
 
 @derived_object
 class FarmBuilder(PyBuilder):
-    """Builds candidates in a warm process pool (``workers`` processes on this host)."""
+    """Builds candidates in a warm process pool on this host, or on the agents of ``build_key``.
+
+    With ``build_key`` set, each agent registered under that key builds candidates for the farm
+    (``tunefarm.builder.build`` in its RPC server): one RPC session per agent for the batch, the
+    candidates shared out as the agents finish them; artifacts come back to the host, so any agent
+    of the measuring key can run them.
+    """
 
     def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512,
-                 cache: "MeasuredCache | None" = None):
+                 cache: "MeasuredCache | None" = None, build_key: str = "",
+                 tracker: tuple[str, int] | None = None, device_wait_sec: float = 120.0):
         super().__init__()
         self.cache = cache
+        self.build_key = build_key
+        self.tracker = tracker
+        self.device_wait_sec = device_wait_sec
+        self.remote_builds: dict[str, int] = {}  # agent id -> candidates built there
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.timeout_sec = timeout_sec
         self.recycle_after = recycle_after
@@ -149,6 +153,8 @@ class FarmBuilder(PyBuilder):
         return results  # type: ignore[return-value]
 
     def _build_many(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        if self.build_key:
+            return self._build_on_agents(build_inputs)
         pool = self._get_pool()
         results = []
         for res in pool.map_with_error_catching(lambda x: _build_one(*x),
@@ -160,6 +166,62 @@ class FarmBuilder(PyBuilder):
             else:
                 results.append(BuilderResult(None, "FarmBuilder: an exception occurred\n" + str(res.value)))
         return results
+
+    def _build_on_agents(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        # pylint: disable=import-outside-toplevel
+        import json
+        import queue
+        import threading
+        import uuid
+
+        import tvm
+
+        from tunefarm.core.targets import target_to_json
+        from tunefarm.host.evaluate import request_session
+        from tunefarm.tracker.client import TrackerClient
+
+        agents = TrackerClient(*self.tracker).wait_for_key(self.build_key, self.device_wait_sec)
+        todo: queue.Queue = queue.Queue()
+        for i, inp in enumerate(build_inputs):
+            todo.put((i, inp))
+        results: list[BuilderResult | None] = [None] * len(build_inputs)
+        lock = threading.Lock()
+        batch = uuid.uuid4().hex[:8]
+
+        def work():
+            try:
+                sess = request_session(self.tracker, self.build_key, self.device_wait_sec,
+                                       session_timeout=int(self.timeout_sec * len(build_inputs)) + 60)
+                agent_id = str(sess.get_function("tunefarm.agent.id")())
+                build = sess.get_function("tunefarm.builder.build")
+            except Exception:  # pylint: disable=broad-except
+                return  # this agent is gone or busy; the others take its share
+            while True:
+                try:
+                    i, inp = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    name = f"cand-{batch}-{i}"
+                    sess.upload(bytearray(tvm.ir.save_json(inp.mod).encode()), name + ".json")
+                    out = build(name + ".json", json.dumps(target_to_json(inp.target)), name + ".tar")
+                    path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar")
+                    with open(path, "wb") as fh:
+                        fh.write(sess.download(out))
+                    results[i] = BuilderResult(path, None)
+                    with lock:
+                        self.remote_builds[agent_id] = self.remote_builds.get(agent_id, 0) + 1
+                except Exception as err:  # pylint: disable=broad-except
+                    results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{err}")
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(agents, len(build_inputs)))]
+        for thread in threads:
+            thread.start()
+        deadline = self.timeout_sec * len(build_inputs) + self.device_wait_sec
+        for thread in threads:
+            thread.join(deadline)
+        return [r if r is not None else BuilderResult(None, f"FarmBuilder: no agent on key '{self.build_key}' "
+                                                            "built this candidate") for r in results]
 
     def shutdown(self) -> None:
         if self._pool is not None:

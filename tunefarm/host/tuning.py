@@ -238,7 +238,9 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
         progress = JobProgress(job_dir, [task_names[i] for i in todo], weights, trials_before + remaining,
                                console, {todo.index(i): v for i, v in best_before.items() if i in todo},
                                trials_before)
-        builder = FarmBuilder(workers=job.builder.workers, timeout_sec=job.builder.timeout_sec, cache=cache)
+        builder = FarmBuilder(workers=job.builder.workers, timeout_sec=job.builder.timeout_sec, cache=cache,
+                              build_key=job.builder.key, tracker=(host, port),
+                              device_wait_sec=job.runner.device_wait_sec)
         runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
                             device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
@@ -264,7 +266,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
             runner.shutdown()
         wall = time.time() - t0
         runner_stats = {"per_agent": dict(runner.per_agent), "failures": dict(runner.failures),
-                        "cache_hits": cache.hits}
+                        "cache_hits": cache.hits, "built_on_agents": dict(builder.remote_builds)}
     else:
         console.print("budget already spent: nothing left to tune")
 
