@@ -263,7 +263,7 @@ def test_job_waits_for_a_lost_agent_to_return(tmp_path):
         _wait_progress(tmp_path / "logs" / "solo", 1, job_proc)
         kill_hard(agent)
         wait_until(lambda: "waiting for an agent on key 'solo'" in (tmp_path / "tune.log").read_text()
-                   or job_proc.poll() is not None, 120, what="the job to wait for an agent")
+                   or job_proc.poll() is not None, 240, what="the job to wait for an agent")
         assert job_proc.poll() is None, (tmp_path / "tune.log").read_text()
         replacement = spawn_agent(HOST, port, "solo", tmp_path / "agent2.log")
         code = job_proc.wait(TUNE_TIMEOUT_S)

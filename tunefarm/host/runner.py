@@ -35,10 +35,18 @@ def _measure_one(rpc_config, evaluator_config, alloc_repeat, artifact_path, devi
 
     from tvm.s_tir.meta_schedule.runner import rpc_runner as stock
 
+    from tunefarm.tracker.client import server_key
+
     session = None
     remote_path = None
     try:
-        session = rpc_config.connect_server()
+        # A request for a key nobody serves waits at the tracker until the deadline kills it; when the
+        # agents are gone, fail now so the batch ends quickly and the next one waits visibly instead.
+        tracker = rpc_config.connect_tracker()
+        if not any(server_key(s) == rpc_config.tracker_key for s in tracker.summary().get("server_info", [])):
+            raise RuntimeError(f"no agent serves key '{rpc_config.tracker_key}' any more")
+        session = tracker.request(key=rpc_config.tracker_key, priority=rpc_config.session_priority,
+                                  session_timeout=rpc_config.session_timeout_sec)
         try:
             agent_id = session.get_function("tunefarm.agent.id")()
         except Exception:  # pylint: disable=broad-except
