@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads(args.info_json)
     tracker_addr = parse_hostport(args.tracker)
 
+    # Sessions are forked from this process, so it must not initialise CUDA. tvm_ffi imports torch when
+    # it is installed and calls torch.cuda.is_available(), which does (seen with torch 2.11 + CUDA 13
+    # on an H100: every forked session then failed with cudaErrorInitializationError).
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")  # skip tvm_ffi's torch CUDA hooks
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() via NVML
     from tvm.rpc.server import PopenRPCServerState  # pylint: disable=import-outside-toplevel
 
     _publish_info(info)
