@@ -209,17 +209,42 @@ def tensorrt_row(study: Study) -> None:
 # ----------------------------------------------------------------------------- TVM rows
 
 def scheduled_kept_by_pipeline(applied, target, scheduled: list[str]) -> dict[str, Any]:
-    """Whether tvm.compile's default pipeline keeps each tuned kernel's body (IR only, no build)."""
+    """What tvm.compile's default pipeline does to the tuned kernels (IR only, no build).
+
+    The pipeline fuses again (FuseOps/FuseTIR): a tuned function can be merged with its neighbour
+    into a new function that concatenates both bodies and carries no ``tirx.is_scheduled``. On CUDA
+    the default GPU schedules (dlight, the pipeline's last legalize pass) then run on such functions;
+    this counts the ones they change, i.e. tuned code that would not run as tuned.
+    """
     import tvm
     import tvm_ffi
     from tvm import relax
 
-    before = {g.name_hint: f for g, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    after_mod = relax.get_default_pipeline(target)(applied)
-    after = {g.name_hint: f for g, f in after_mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    kept = [n for n in scheduled if n in after
-            and tvm_ffi.structural_hash(after[n].body) == tvm_ffi.structural_hash(before[n].body)]
-    return {"kept": len(kept), "of": len(scheduled), "changed_or_gone": sorted(set(scheduled) - set(kept))}
+    def prims(mod):
+        return {g.name_hint: f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+    def same(a, b):
+        return tvm_ffi.structural_hash(a.body) == tvm_ffi.structural_hash(b.body)
+
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+
+        passes = cuda_pipeline.library_dispatch_passes(target) + cuda_pipeline.legalize_passes(target)
+        assert passes[-1].info.name == "ApplyDefaultSchedule", passes[-1].info.name
+        with target:
+            refused = tvm.transform.Sequential(passes[:-1])(applied)
+            final = passes[-1](refused)
+    else:
+        refused = final = relax.get_default_pipeline(target)(applied)
+    before, mid, after = prims(applied), prims(refused), prims(final)
+    kept = [n for n in scheduled if n in after and same(after[n], before[n])]
+    merged = sorted(n for n in scheduled if n not in mid)
+    new = sorted(n for n in mid if n not in before)
+    changed_new = sorted(n for n in new if n not in after or not same(after[n], mid[n]))
+    return {"functions_before": len(before), "functions_after": len(after), "of": len(scheduled),
+            "kept": len(kept), "merged_by_refusion": merged, "new_functions": new,
+            "new_functions_changed_by_default_schedules": changed_new if target.kind.name == "cuda" else None,
+            "changed_or_gone": sorted(set(scheduled) - set(kept))}
 
 
 def tvm_row(study: Study, name: str, module, target, tracker, build_dir: Path, model, refs, args,
@@ -302,7 +327,9 @@ def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -
               "best_us": min(per[k]) * 1e6 if per.get(k) else None} for n, k in zip(task_names, task_keys)]
     return {"records_in_database": len(db), "tasks_with_records": sum(1 for k in task_keys if k in per),
             "tasks_with_valid_records": sum(1 for t in tasks if t["valid_records"]),
-            "rounds_measured": len(events), "trial_errors": sum(e.get("errors", 0) for e in events),
+            "rounds_measured": sum(1 for e in events if e.get("batch")),
+            "trials_measured": sum(e.get("batch", 0) for e in events),
+            "trial_errors": sum(e.get("errors", 0) for e in events),
             "last_estimated_ms": next((e["estimated_ms"] for e in reversed(events) if e.get("estimated_ms")), None),
             "per_task": tasks}, db
 
@@ -353,6 +380,36 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def pipeline_line(pc: dict[str, Any]) -> str:
+    if not pc:
+        return "- `tvm.compile` pipeline check: not run."
+    text = (f"- What `tvm.compile` does with the tuned module (IR check, {pc.get('source', 'this run')}): its default "
+            f"pipeline fuses again, {pc.get('functions_before')} TIR functions -> {pc.get('functions_after')}; "
+            f"{pc.get('kept')} of {pc.get('of')} tuned functions stay as they are")
+    merged = pc.get("merged_by_refusion") or []
+    if merged:
+        changed = pc.get("new_functions_changed_by_default_schedules")
+        text += (f", {len(merged)} are merged with a neighbour into {len(pc.get('new_functions') or [])} new functions "
+                 "(a tuned conv+BatchNorm kernel followed by its tuned ReLU or add+ReLU kernel)")
+        if changed is not None:
+            text += (f"; the default GPU schedules change {len(changed)} of those"
+                     + (" (" + ", ".join(changed) + ")" if changed else ", so the tuned loop nests are what runs"))
+    return text + "."
+
+
+def summary_lines(rows: dict[str, Any]) -> list[str]:
+    med = {n: r["latency"]["median_ms"] for n, r in rows.items() if "latency" in r}
+    if "tvm-tuned" not in med:
+        return []
+    out = ["## Summary", ""]
+    for name in ("tvm-untuned", "pytorch-eager", "pytorch-eager-strict-fp32", "torch-compile"):
+        if name in med:
+            ratio = (f"{med[name] / med['tvm-tuned']:.2f}x faster" if med["tvm-tuned"] < med[name]
+                     else f"{med['tvm-tuned'] / med[name]:.2f}x slower")
+            out.append(f"- tuned TVM vs {name}: {med['tvm-tuned']:.3f} ms vs {med[name]:.3f} ms ({ratio}).")
+    return out + [""]
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     meta, rows, tn = data["meta"], data["rows"], data.get("tuning", {})
     lines = [f"# {meta.get('model')} on {meta.get('gpu_name') or meta.get('device_name')}: the GPU-box path end to end", "",
@@ -385,6 +442,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{lat['samples']} | {_fmt(cpu['max_abs_err'])} ({'ok' if cpu['ok'] else 'NOT within'}) | "
             f"{_fmt(num['rel_l2_vs_torch_cpu_fp64'])} | {_fmt(gpu['max_abs_err']) if gpu else '-'} |")
     lines.append("")
+    lines += summary_lines(rows)
     methods = {row["latency"]["method"] for row in rows.values() if "latency" in row}
     lines += ["Method: " + " / ".join(sorted(methods)) + ". TVM rows: `time_evaluator` on the agent (device timer, "
               "one model run per sample) after warm-up, inputs already on the GPU; PyTorch rows: inputs already on "
@@ -416,11 +474,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [f"- Tuned build: **{sched['count']} of {sched['total']} TIR functions carry a tuned schedule** "
                   "(`tirx.is_scheduled` after `MetaScheduleApplyDatabase` on exactly the tuned module)"
                   + ("; the rest get TVM's default GPU schedules (dlight) inside `tvm.compile`."
-                     if meta.get("gpu_name") else ".")
+                     if meta.get("gpu_name") and sched["unscheduled"] else ".")
                   + (f" Without a tuned schedule: {', '.join(sched['unscheduled'])}." if sched["unscheduled"] else ""),
-                  f"- Tuned kernels whose bodies survive `tvm.compile`'s default pipeline unchanged (IR check): "
-                  f"{sched.get('pipeline_check', {}).get('kept', '-')} of {sched.get('pipeline_check', {}).get('of', '-')}.",
-                  ""]
+                  pipeline_line(sched.get("pipeline_check") or {}), ""]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     if data.get("problems"):
         lines += ["## Problems", ""] + [f"- {p}" for p in data["problems"]] + [""]
     lines += ["## Steps", ""] + [f"- {s['time']} {s['step']}" + (f" ({', '.join(f'{k}={_fmt(v)}' for k, v in s.items() if k not in ('step', 'time'))})"
