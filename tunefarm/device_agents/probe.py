@@ -253,12 +253,11 @@ def probe_opencl() -> dict[str, Any]:
 # ---------------------------------------------------------------- runners
 
 def available_runners() -> list[str]:
-    """Backends this machine can run models with (found, not imported: importing torch takes seconds)."""
-    runners = ["tvm"]
-    for name in ("torch", "onnxruntime", "tensorrt"):
-        if importlib.util.find_spec(name) is not None:
-            runners.append(name)
-    return runners
+    """Backends this machine can run models with: TVM, and the runners of ``device_agents.runners``
+    that it can serve (found, not imported: importing torch takes seconds)."""
+    from tunefarm.device_agents.runners import available_runners as runner_backends  # pylint: disable=import-outside-toplevel
+
+    return ["tvm", *runner_backends()]
 
 
 # ---------------------------------------------------------------- the whole machine

@@ -7,7 +7,9 @@ It runs TVM's own listen loop (``PopenRPCServerState``) in this process and adds
 * its tracker registration (``UPDATE_INFO``) carries the agent's ``DeviceInfo`` under ``INFO_FIELD``,
   which the stock tracker stores and returns in SUMMARY;
 * the global functions ``tunefarm.agent.info``, ``tunefarm.agent.id`` and ``tunefarm.agent.target``
-  (JSON strings), which RPC clients can call in a session (sessions are forked from this process, so they inherit them);
+  (JSON strings), and ``tunefarm.runner.run`` / ``tunefarm.runner.available`` (the model runners of
+  :mod:`tunefarm.device_agents.runners`), which RPC clients can call in a session (sessions are forked
+  from this process, so they inherit them);
 * an exit: when the listen loop ends (the tracker stayed away for about 60 s, or a session crashed),
   this process exits non-zero so that the agent restarts it; and when the agent dies, this process
   and its sessions die too, rather than staying registered as an orphan.
@@ -85,6 +87,9 @@ def _register_globals(info: dict) -> None:
     target_text = json.dumps(info.get("target", {}), sort_keys=True)
     tvm_ffi.register_global_func("tunefarm.agent.id", lambda: agent_id, override=True)
     tvm_ffi.register_global_func("tunefarm.agent.target", lambda: target_text, override=True)
+    from tunefarm.device_agents.runners import register_rpc_functions  # pylint: disable=import-outside-toplevel
+
+    register_rpc_functions()  # tunefarm.runner.run / .available: PyTorch, ONNX Runtime, TensorRT runners
     from tunefarm.device_agents import build_service  # pylint: disable=import-outside-toplevel
 
     build_service.register()

@@ -1,0 +1,122 @@
+"""PyTorch runners: eager and ``torch.compile``, on the CPU or a CUDA GPU.
+
+The model arrives as a ``torch.export`` program (``.pt2``, written by ``torch.export.save``): a file
+format with the weights inside and no Python classes to import. ``eager`` runs the exported graph
+module op by op (PyTorch eager kernels); ``compile`` hands it to ``torch.compile`` (Inductor), whose
+compilation happens in the first calls and is reported apart from the timed runs.
+Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from tunefarm.device_agents.runners.base import BaseRunner
+
+
+def cuda_device_count() -> int:
+    """CUDA GPUs the driver reports, without importing a framework (0 without a driver)."""
+    import ctypes  # pylint: disable=import-outside-toplevel
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+class TorchRunner(BaseRunner):
+    """PyTorch eager on an exported program."""
+
+    name = "torch"
+    compiled = False
+
+    @classmethod
+    def unavailable_reason(cls, options=None):
+        options = options or {}
+        if importlib.util.find_spec("torch") is None:
+            return f"PyTorch is not installed on this device (for {sys.executable})"
+        device = str(options.get("device", "cpu"))
+        if device not in ("cpu", "cuda"):
+            return f"unknown device {device!r} for the PyTorch runner (cpu or cuda)"
+        if device == "cuda" and cuda_device_count() == 0:
+            return "no CUDA GPU on this device"
+        return None
+
+    def activate_impl(self) -> None:
+        import torch  # pylint: disable=import-outside-toplevel
+
+        self.torch = torch
+        self.device = torch.device(str(self.options.get("device", "cpu")))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from tunefarm.device_agents.runners.base import RunnerUnavailable  # pylint: disable=import-outside-toplevel
+
+            raise RunnerUnavailable(f"this PyTorch ({torch.__version__}) cannot use the CUDA GPU "
+                                    f"(built for CUDA {torch.version.cuda or 'none'})")
+        if self.options.get("threads"):
+            torch.set_num_threads(int(self.options["threads"]))
+        module = torch.export.load(self.model_path).module()
+        self.module = module.to(self.device)
+        self.fn = torch.compile(self.module) if self.compiled else self.module
+        self.compile_s = None
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            xs = [torch.from_numpy(x).to(self.device) for x in feed.values()]
+            out = self.fn(*xs)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().cpu().numpy() for o in outs]
+
+    def first_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        outs = self.infer_impl(feed)
+        if self.compiled:
+            self.compile_s = time.perf_counter() - t0
+        return outs
+
+    def measure(self, feed, warmup, repeat):
+        # Inputs stay on the device for the timed runs: the figure is the model, as for TVM's time_evaluator.
+        torch = self.torch
+        xs = [torch.from_numpy(x).to(self.device) for x in feed.values()]
+
+        def run():
+            with torch.inference_mode():
+                self.fn(*xs)
+
+        from tunefarm.core.stats import latency_stats  # pylint: disable=import-outside-toplevel
+        from tunefarm.device_agents.runners.base import batch_size, timed_samples  # pylint: disable=import-outside-toplevel
+
+        samples, warm = timed_samples(run, warmup, repeat, duration_s=float(self.options.get("duration_s", 0.0)),
+                                      budget_s=float(self.options.get("budget_s", 300.0)), sync=self.sync)
+        return {"latency": latency_stats(samples, warmup=warm),
+                "throughput_per_s": batch_size(feed) * len(samples) / sum(samples)}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        torch = self.torch
+        info: dict[str, Any] = {"version": torch.__version__, "device": str(self.device)}
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+        else:
+            info["threads"] = torch.get_num_threads()
+        if self.compiled:
+            info["compile_s"] = None if self.compile_s is None else round(self.compile_s, 3)
+        return info
+
+
+class TorchCompileRunner(TorchRunner):
+    """``torch.compile`` (Inductor) on an exported program."""
+
+    name = "torch-compile"
+    compiled = True
