@@ -76,3 +76,24 @@ def target_to_json(target) -> dict[str, Any]:
     if isinstance(data.get("host"), dict) and not data["host"].get("tag"):
         data["host"].pop("tag", None)
     return data
+
+
+OPENCL_RUNTIME_HINT = ("serving an OpenCL target needs a TVM runtime built with USE_OPENCL=ON on the device "
+                       "(the PyPI wheel is built with USE_OPENCL=OFF); see the README, 'OpenCL devices'")
+
+
+def runtime_problem(target: dict[str, Any], info) -> str | None:
+    """Why the agent described by ``info`` (a ``DeviceInfo``) cannot run kernels built for ``target``, or None.
+
+    Only what the agent reported is used: its CUDA devices, and whether its TVM runtime runs OpenCL.
+    """
+    kind = target.get("kind")
+    tag = str(target.get("tag") or "")
+    if kind == "opencl" and not (info.opencl or {}).get("tvm_runtime_opencl"):
+        seen = [d.get("name") for p in (info.opencl or {}).get("platforms", []) for d in p.get("devices", [])]
+        where = f"it sees OpenCL device(s) {', '.join(map(str, seen))} but " if seen else ""
+        return (f"agent {info.agent_id} cannot run OpenCL kernels: {where}its TVM runtime has no OpenCL; "
+                + OPENCL_RUNTIME_HINT)
+    if (kind == "cuda" or tag.startswith("nvidia/")) and not info.cuda:
+        return f"agent {info.agent_id} has no CUDA device that its TVM runtime can use"
+    return None

@@ -62,6 +62,16 @@ def resolve_job_target(job: TuningJob, tracker_client):
     return target_from_spec(job.target)
 
 
+def _refuse_unrunnable_target(target, agents, key: str) -> None:
+    """A one-line error now, rather than every candidate failing, when no agent on the key can run the target
+    (e.g. OpenCL on an agent whose TVM runtime is built with USE_OPENCL=OFF)."""
+    from tunefarm.core.targets import runtime_problem, target_to_json  # pylint: disable=import-outside-toplevel
+
+    problems = [runtime_problem(target_to_json(target), a) for a in agents]
+    if problems and all(problems):
+        raise TunefarmError(f"key '{key}': {problems[0]}")
+
+
 class JobProgress:
     """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``)."""
 
@@ -185,6 +195,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
 
     agents = tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
     target = resolve_job_target(job, tracker)
+    _refuse_unrunnable_target(target, tracker.agent_infos(job.device.key), job.device.key)
     console.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
                   f"on key '{job.device.key}' ({agents} agent(s)) target {json.dumps(target_to_json(target))}")
 
