@@ -33,7 +33,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         # GPU box: imported lazily, only by the TensorRT runner.
-        "gpu": ["tensorrt", "pycuda"],
+        "gpu": ["tensorrt", "cuda-python"],
     },
     entry_points={"console_scripts": ["tunefarm=tunefarm.cli:main"]},
 )

@@ -41,6 +41,7 @@ def main():
       tunefarm tracker      run the TVM RPC tracker (on the host)
       tunefarm agent        join a device to the farm under a key (on each device)
       tunefarm tune JOB     tune a model for a key, then verify and time it (host)
+      tunefarm compare CFG  compare TVM tuned/untuned, PyTorch, ONNX Runtime, TensorRT rows (host)
     \b
     Start here:
       tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
@@ -134,6 +135,31 @@ def logs_show(job_dir):
     from tunefarm.host.tuning_logs import show
 
     show(job_dir)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT",
+              help="Override the config's tracker address.")
+@click.option("-o", "--output", default=None, metavar="DIR",
+              help="Where report.md, report.json and the plots go (default: logs/compare-<name>/).")
+@_one_line_errors
+def compare(config_file, tracker_addr, output):
+    """Compare backends on the farm: models x (device key, backend) rows from CONFIG_FILE (YAML).
+
+    \b
+    Backends: tvm-tuned (a tuning job's logs), tvm-untuned, torch, torch-compile, onnxruntime,
+    tensorrt. Each row runs on an agent of its key through the tracker and an RPC session; its
+    outputs are checked against the reference (PyTorch, or ONNX Runtime for ONNX models) and it is
+    timed after warm-up over many samples (median, p90, p99, ...), with throughput and the speed-up
+    against the config's baseline row. A row that cannot run (no agent on the key within
+    device_wait_sec, a backend the device lacks such as TensorRT, no tuning logs) is reported with
+    its reason, never with a number. Writes report.md, report.json, latency.png and tuning.png.
+    Exits 3 if a row's outputs differ from the reference. Example: configs/compare/seed-resnet.yaml.
+    """
+    from tunefarm.host.compare import run_compare
+
+    run_compare(config_file, tracker_override=tracker_addr, output=output)
 
 
 @main.command()

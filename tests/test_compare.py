@@ -1,0 +1,190 @@
+"""``tunefarm compare`` for real: a tracker and a local agent on loopback, every row through an RPC session.
+
+The default test tunes the builtin convnet for a few trials (as tests/test_tuning.py does), then runs
+configs/compare/smoke.yaml against it. The ResNet-18 + ResNet-50 run is marked ``slow``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from tunefarm.core.comparespec import compare_from_dict
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.procs import free_port, stop_process
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE_TIMEOUT_S = 600
+COMPARE_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """One tracker and one agent on key 'cpu' for this module."""
+    base = tmp_path_factory.mktemp("cmpfarm")
+    port = free_port(HOST)
+    tracker = start_tracker(port, base / "tracker.log")
+    agent = spawn_agent(HOST, port, "cpu", base / "agent.log")
+    try:
+        wait_listed(agent, HOST, port, "cpu", base / "agent.log")
+        yield {"port": port, "base": base, "agent": agent}
+    finally:
+        stop_process(agent)
+        stop_process(tracker)
+
+
+def _smoke_config(path: Path, port: int, logs: Path, **changes) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "compare" / "smoke.yaml").read_text())
+    cfg["tracker"] = f"{HOST}:{port}"
+    for row in cfg["rows"]:
+        if row.get("logs"):
+            row["logs"] = str(logs / "{model}")
+    cfg.update(changes)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _assert_real_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.is_file(), path
+    assert path.stat().st_size > 5 * 1024, f"{path} is only {path.stat().st_size} bytes"
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 20, f"{path} has only {len(colours)} colours"
+
+
+def test_compare_smoke_after_tuning(farm, tmp_path):
+    logs = tmp_path / "logs"
+    job = {"name": "convnet", "model": {"source": "builtin", "name": "convnet"},
+           "device": {"key": "cpu", "tracker": f"{HOST}:{farm['port']}"}, "target": "from-agent",
+           "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64},
+           "builder": {"workers": 2, "timeout_sec": 60},
+           "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    code, out, _ = run_cli(["tune", tmp_path / "job.yaml", "--logs-dir", logs, "--skip-eval"],
+                           tmp_path / "tune.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+
+    config = _smoke_config(tmp_path / "smoke.yaml", farm["port"], logs)
+    out_dir = tmp_path / "compare"
+    code, out, took = run_cli(["compare", config, "-o", out_dir], tmp_path / "compare.log", COMPARE_TIMEOUT_S)
+    assert code == 0, out
+    report = json.loads((out_dir / "report.json").read_text())
+    (model,) = report["models"]
+    rows = {r["label"]: r for r in model["rows"]}
+    agent = f"agent {agent_id_of(farm['agent'])}"
+
+    ran = ["tvm-tuned@cpu", "tvm-untuned@cpu", "torch@cpu", "torch-compile@cpu", "onnxruntime@cpu"]
+    for label in ran:
+        row = rows[label]
+        assert row["status"] == "ok", row
+        assert row["where"] == agent, row
+        assert row["numerics"]["ok"] and row["numerics"]["max_abs_err"] < 1e-3, row
+        lat = row["latency"]
+        assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0, lat
+        assert lat["samples"] >= 5 and lat["warmup"] >= 1
+        assert row["throughput_per_s"] > 0 and row["speedup_vs_baseline"] > 0
+    assert rows["torch@cpu"]["speedup_vs_baseline"] == 1.0  # the baseline
+    tuned = rows["tvm-tuned@cpu"]["details"]
+    assert tuned["tuned_functions"] >= 1 and tuned["trials"] == 8, tuned
+    assert rows["torch-compile@cpu"]["details"]["compile_s"] > 0
+
+    trt = rows["tensorrt-fp16@cpu"]
+    assert trt["status"] == "not available" and "TensorRT is not installed" in trt["reason"], trt
+    assert "latency" not in trt
+    gpu = rows["torch-cuda@gpu"]
+    assert gpu["status"] == "no agent" and "no agent on key 'gpu'" in gpu["reason"], gpu
+    assert gpu["wall_s"] < 30  # device_wait_sec: 5, waited once
+
+    md = (out_dir / "report.md").read_text()
+    assert "| tensorrt-fp16@cpu | not available on this device: TensorRT is not installed" in md
+    assert "| torch-cuda@gpu | no agent: no agent on key 'gpu'" in md
+    assert report["plots"] == {"latency": "latency.png", "tuning": "tuning.png"}
+    _assert_real_png(out_dir / "latency.png")
+    _assert_real_png(out_dir / "tuning.png")
+
+    # Without the job's logs the tuned row says so; the rest still runs.
+    config = _smoke_config(tmp_path / "nologs.yaml", farm["port"], tmp_path / "nowhere",
+                           rows=[{"backend": "tvm-tuned", "key": "cpu", "logs": str(tmp_path / "nowhere")},
+                                 {"backend": "onnxruntime", "key": "cpu"}], baseline="onnxruntime@cpu")
+    code, out, _ = run_cli(["compare", config, "-o", tmp_path / "compare2"], tmp_path / "compare2.log",
+                           COMPARE_TIMEOUT_S)
+    assert code == 0, out
+    rows = {r["label"]: r for r in json.loads((tmp_path / "compare2" / "report.json").read_text())["models"][0]["rows"]}
+    assert rows["tvm-tuned@cpu"]["status"] == "not run" and "no tuning logs" in rows["tvm-tuned@cpu"]["reason"]
+    assert rows["onnxruntime@cpu"]["numerics"]["ok"]
+    assert not (tmp_path / "compare2" / "tuning.png").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rows": [{"backend": "tvm", "key": "cpu"}]}, "rows[0].backend must be one of"),
+    ({"rows": [{"backend": "torch"}]}, "rows[0].key is required"),
+    ({"rows": [{"backend": "tvm-tuned", "key": "cpu"}]}, "needs logs"),
+    ({"baseline": "nope@cpu"}, "baseline 'nope@cpu' is not a row label"),
+    ({"rows": [{"backend": "torch", "key": "cpu"}, {"backend": "torch", "key": "cpu"}]}, "labels must be unique"),
+    ({"models": []}, "'models' must be a non-empty list"),
+    ({"evaluate": {"repeat": "many"}}, "evaluate.repeat: expected int"),
+])
+def test_bad_compare_config_is_one_line_error(change, message):
+    cfg = yaml.safe_load((REPO / "configs" / "compare" / "smoke.yaml").read_text())
+    cfg.update(change)
+    with pytest.raises(TunefarmError) as err:
+        compare_from_dict(cfg, "smoke.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_compare_cli_errors_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [{source: builtin, name: convnet}]\nrows: [{backend: tensorrt}]\n")
+    code, out, _ = run_cli(["compare", bad], tmp_path / "out.log", 120)
+    assert code == 2
+    lines = [l for l in out.splitlines() if l.strip()]
+    assert lines == ["tunefarm: error: " + str(bad) + ": rows[0].key is required (the key agents registered under)"]
+    code, out, _ = run_cli(["compare", REPO / "configs" / "compare" / "smoke.yaml", "--tracker", f"{HOST}:{free_port()}"],
+                           tmp_path / "out2.log", 120)
+    assert code == 2 and "tunefarm: error: cannot reach tracker" in out and "Traceback" not in out, out
+
+
+def test_seed_config_names_every_backend_of_the_study():
+    from tunefarm.core.comparespec import load_compare
+
+    cfg = load_compare(REPO / "configs" / "compare" / "seed-resnet.yaml")
+    assert [m.name for m in cfg.models] == ["resnet18", "resnet50"]
+    labels = [r.label for r in cfg.rows]
+    assert {"tvm-tuned@cpu", "tvm-untuned@cpu", "torch@cpu", "onnxruntime@cpu", "tensorrt-fp16@gpu",
+            "tensorrt-fp32@gpu", "torch-cuda@gpu"} <= set(labels)
+    assert cfg.rows[0].logs_for("resnet18") == Path("logs/resnet18-cpu")
+
+
+@pytest.mark.slow
+def test_seed_resnet_compare_on_this_cpu(farm, tmp_path):
+    """ResNet-18 and ResNet-50 on the local CPU agent: untuned TVM, PyTorch, ONNX Runtime (and tuned TVM
+    where logs/resnet*-cpu exist), numerics checked; the GPU rows are marked, never numbered."""
+    cfg = yaml.safe_load((REPO / "configs" / "compare" / "seed-resnet.yaml").read_text())
+    cfg["tracker"] = f"{HOST}:{farm['port']}"
+    cfg["device_wait_sec"] = 10
+    cfg["evaluate"].update({"warmup": 3, "repeat": 20, "budget_s": 30})
+    for row in cfg["rows"]:
+        if row.get("logs"):
+            row["logs"] = str(REPO / row["logs"])
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run_cli(["compare", tmp_path / "seed.yaml", "-o", tmp_path / "out"], tmp_path / "compare.log",
+                           1800)
+    assert code == 0, out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["resnet18", "resnet50"]
+    for model in report["models"]:
+        rows = {r["label"]: r for r in model["rows"]}
+        for label in ("tvm-untuned@cpu", "torch@cpu", "onnxruntime@cpu"):
+            assert rows[label]["status"] == "ok" and rows[label]["numerics"]["ok"], rows[label]
+        tuned = rows["tvm-tuned@cpu"]
+        assert (tuned["status"] == "ok" and tuned["numerics"]["ok"]) or tuned["status"] == "not run", tuned
+        for label in ("tensorrt-fp16@gpu", "tensorrt-fp32@gpu", "torch-cuda@gpu"):
+            assert rows[label]["status"] in ("no agent", "not available") and "latency" not in rows[label]
+    _assert_real_png(tmp_path / "out" / "latency.png")
