@@ -1,0 +1,79 @@
+"""How laptops and agents reach the host service's HTTP API: its address, its token, its paths.
+
+The farm URL and the token come from, in this order: the command line (``--farm``; agents also
+``--token``), the environment (``TUNEFARM_FARM``, ``TUNEFARM_TOKEN``), then the client config file
+(``$TUNEFARM_CLIENT_CONFIG``, else ``$XDG_CONFIG_HOME/tunefarm/client.yaml``, else
+``~/.config/tunefarm/client.yaml``)::
+
+    farm: http://farm-host:9180
+    token: the token the host printed on its first start (logs/farm/token on the host)
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import yaml
+
+from .errors import TunefarmError
+
+DEFAULT_FARM_PORT = 9180
+FARM_ENV = "TUNEFARM_FARM"
+TOKEN_ENV = "TUNEFARM_TOKEN"
+CLIENT_CONFIG_ENV = "TUNEFARM_CLIENT_CONFIG"
+HEARTBEAT_PATH = "/api/devices/heartbeat"
+INFO_PATH = "/api/info"
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def client_config_path() -> Path:
+    if os.environ.get(CLIENT_CONFIG_ENV):
+        return Path(os.environ[CLIENT_CONFIG_ENV])
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tunefarm" / "client.yaml"
+
+
+def _client_config() -> dict:
+    path = client_config_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TunefarmError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) - {"farm", "token"}:
+        raise TunefarmError(f"{path}: expected a mapping with 'farm' and/or 'token'")
+    if data.get("token") and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TunefarmError(f"{path} holds a token but others can read it; run: chmod 600 {path}")
+    return data
+
+
+def normalize_farm_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url:
+        raise TunefarmError("the farm URL is empty; expected e.g. http://farm-host:9180")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise TunefarmError(f"bad farm URL {url!r}; expected http://HOST:PORT")
+    return url
+
+
+def farm_settings(farm: str | None = None, token: str | None = None) -> tuple[str, str]:
+    """(farm URL, token) from the command line, the environment or the client config file."""
+    config = {}
+    if not (farm or os.environ.get(FARM_ENV)) or not (token or os.environ.get(TOKEN_ENV)):
+        config = _client_config()
+    url = farm or os.environ.get(FARM_ENV) or config.get("farm")
+    if not url:
+        raise TunefarmError(f"which farm? give --farm URL, set {FARM_ENV}, or put 'farm: URL' in "
+                            f"{client_config_path()}")
+    tok = token or os.environ.get(TOKEN_ENV) or config.get("token")
+    if not tok:
+        raise TunefarmError(f"no token for the farm: set {TOKEN_ENV} or put 'token: ...' in {client_config_path()} "
+                            "(the host prints it on its first start and keeps it in logs/farm/token)")
+    return normalize_farm_url(str(url)), str(tok).strip()
