@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "psutil",
     "cloudpickle",
     "matplotlib",
+    "requests",  # the laptop client (tunefarm submit/follow/pull) and agents' heartbeats to the host service
 ]
 
 setup(

@@ -6,11 +6,13 @@ Every user-facing failure is a :class:`TunefarmError`, printed as one line with 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
 from tunefarm.core.errors import TunefarmError
+from tunefarm.core.farm import DEFAULT_FARM_PORT, FARM_ENV
 from tunefarm.core.wire import DEFAULT_TRACKER_PORT
 
 
@@ -41,6 +43,8 @@ def main():
       tunefarm tracker      run the TVM RPC tracker (on the host)
       tunefarm agent        join a device to the farm under a key (on each device)
       tunefarm tune JOB     tune a model for a key, then verify and time it (host)
+      tunefarm host serve   the host as a service: queue, workers, API, dashboard
+      tunefarm submit JOB   from a laptop: queue a job on the farm (then jobs, follow, pull)
       tunefarm compare CFG  compare TVM tuned/untuned, PyTorch, ONNX Runtime, TensorRT rows (host)
     \b
     Start here:
@@ -61,15 +65,20 @@ def tracker(host, port):
 
 
 @main.command()
-@click.option("--tracker", "tracker_addr", required=True, metavar="HOST:PORT", help="Tracker address.")
+@click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT",
+              help="Tracker address (default with --farm: the farm's tracker).")
 @click.option("--key", required=True, help="Device key to register under (several agents may share one).")
 @click.option("--target", default="auto", show_default=True,
               help="'auto' (probe this machine), a preset name (see configs/targets/), or a target JSON dict.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the RPC server listens on.")
 @click.option("--port", default=9090, show_default=True, type=int, help="First RPC port to try.")
 @click.option("--custom-addr", default=None, help="Address to advertise to the tracker (default: as seen by it).")
+@click.option("--farm", default=None, metavar="URL",
+              help="Also report to this host service (heartbeat: shows in `tunefarm devices --farm` and the "
+                   "dashboard). Default: $TUNEFARM_FARM if set.")
+@click.option("--token", default=None, help="The farm's token (better: $TUNEFARM_TOKEN or the client config).")
 @_one_line_errors
-def agent(tracker_addr, key, target, host, port, custom_addr):
+def agent(tracker_addr, key, target, host, port, custom_addr, farm, token):
     """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
 
     The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
@@ -78,18 +87,44 @@ def agent(tracker_addr, key, target, host, port, custom_addr):
     """
     from tunefarm.device_agents.agent import run_agent
 
-    run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr)
+    farm_url = None
+    if farm or os.environ.get(FARM_ENV):
+        from tunefarm.core.farm import farm_settings
+
+        farm_url, token = farm_settings(farm, token)
+        if tracker_addr is None:
+            from tunefarm.host.api_client import agent_tracker_from_farm
+
+            tracker_addr = agent_tracker_from_farm(farm_url, token)
+    if tracker_addr is None:
+        raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
+    run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
+              farm_url=farm_url, token=token)
 
 
 @main.command()
-@click.option("--tracker", "tracker_addr", required=True, metavar="HOST:PORT", help="Tracker address.")
+@click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT", help="Ask this tracker.")
+@click.option("--farm", default=None, metavar="URL",
+              help="Ask this host service (devices that report to it: online/offline, busy, job).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_one_line_errors
-def devices(tracker_addr, as_json):
-    """Table of device keys: agents, free/busy/pending, and what each agent serves."""
-    from tunefarm.tracker.client import print_devices
+def devices(tracker_addr, farm, as_json):
+    """Table of device keys: agents, free/busy/pending, and what each agent serves.
 
-    print_devices(tracker_addr, as_json=as_json)
+    With --farm (or $TUNEFARM_FARM and no --tracker): the devices that report to the host service.
+    """
+    if tracker_addr and farm:
+        raise TunefarmError("give --tracker or --farm, not both")
+    if tracker_addr:
+        from tunefarm.tracker.client import print_devices
+
+        print_devices(tracker_addr, as_json=as_json)
+        return
+    if not (farm or os.environ.get(FARM_ENV)):
+        raise TunefarmError("which devices? give --tracker HOST:PORT or --farm URL")
+    from tunefarm.host.api_client import print_farm_devices
+
+    print_farm_devices(farm, as_json)
 
 
 @main.command()
@@ -171,6 +206,110 @@ def quickstart(job_file, logs_dir):
     from tunefarm.host.quickstart import run_quickstart
 
     run_quickstart(job_file=job_file, logs_dir=logs_dir)
+
+
+# -- the host service and the laptop's commands -------------------------------------------------------------
+_FARM_OPTION = click.option("--farm", default=None, metavar="URL",
+                            help="The host service (default: $TUNEFARM_FARM, then ~/.config/tunefarm/client.yaml); "
+                                 "the token comes from $TUNEFARM_TOKEN or that file.")
+
+
+@main.group()
+def host():
+    """The host as a service: tracker, job queue, workers, HTTP API and dashboard."""
+
+
+@host.command("serve")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Farm config (YAML, see configs/farm.yaml); options below override it.")
+@click.option("--bind", default=None, help="Address of the HTTP API and dashboard [config default: 127.0.0.1].")
+@click.option("--port", default=None, type=int, help=f"HTTP port [config default: {DEFAULT_FARM_PORT}].")
+@click.option("--logs-dir", default=None, help="Job dirs and the farm's own files (LOGS_DIR/farm/) [logs].")
+@click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT",
+              help="Use this external tracker instead of starting one.")
+@click.option("--tracker-port", default=None, type=int, help=f"Port of the host's own tracker [{DEFAULT_TRACKER_PORT}].")
+@_one_line_errors
+def host_serve(config_file, bind, port, logs_dir, tracker_addr, tracker_port):
+    """Run the host service until Ctrl-C/SIGTERM.
+
+    Jobs submitted from laptops (tunefarm submit) wait in a queue kept in SQLite (LOGS_DIR/farm/) and run
+    as `tunefarm tune` workers, one per device key at a time. A host stopped or killed mid-job resumes
+    its unfinished jobs from their databases when it starts again. On the first start, a token is
+    generated, printed and kept in LOGS_DIR/farm/token (mode 0600); every API call needs it.
+    """
+    from tunefarm.host.service import serve
+
+    serve(config_file, bind=bind, port=port, logs_dir=logs_dir, tracker=tracker_addr, tracker_port=tracker_port)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@_FARM_OPTION
+@click.option("--skip-eval", is_flag=True, help="Tune only; do not compile, verify or time the model.")
+@click.option("--follow", "follow_after", is_flag=True, help="Then follow its progress (like tunefarm follow).")
+@_one_line_errors
+def submit(job_file, farm, skip_eval, follow_after):
+    """Queue JOB_FILE on the farm (an ONNX model file is uploaded with it). The job runs on the host."""
+    from tunefarm.host import api_client
+
+    api_client.submit(job_file, farm, skip_eval, follow_after)
+
+
+@main.command()
+@_FARM_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_one_line_errors
+def jobs(farm, as_json):
+    """The farm's jobs: queued, running, done, failed, cancelled."""
+    from tunefarm.host import api_client
+
+    api_client.list_jobs(farm, as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@_FARM_OPTION
+@_one_line_errors
+def follow(job_id, farm):
+    """Live progress of JOB_ID: each measured batch as it lands. Ctrl-C stops following, not the job."""
+    from tunefarm.host import api_client
+
+    api_client.follow(job_id, farm)
+
+
+@main.command()
+@click.argument("job_id")
+@_FARM_OPTION
+@_one_line_errors
+def cancel(job_id, farm):
+    """Cancel JOB_ID (queued or running). Its records are kept; tunefarm resume continues it."""
+    from tunefarm.host import api_client
+
+    api_client.cancel(job_id, farm)
+
+
+@main.command()
+@click.argument("job_id")
+@_FARM_OPTION
+@click.option("--trials", type=int, default=None, help="Raise the job's budget (max_trials_global) to N.")
+@_one_line_errors
+def resume(job_id, farm, trials):
+    """Queue a failed or cancelled JOB_ID again (or a done one with more --trials); nothing is re-measured."""
+    from tunefarm.host import api_client
+
+    api_client.resume(job_id, farm, trials)
+
+
+@main.command()
+@click.argument("job_id")
+@_FARM_OPTION
+@click.option("-o", "--output", required=True, metavar="DIR", help="An empty or new directory.")
+@_one_line_errors
+def pull(job_id, farm, output):
+    """Download JOB_ID: best records (best/), the full database (database/), report and plots."""
+    from tunefarm.host import api_client
+
+    api_client.pull(job_id, farm, output)
 
 
 if __name__ == "__main__":
