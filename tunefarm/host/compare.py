@@ -60,6 +60,7 @@ class _Farm:
         self.client = TrackerClient(*tracker_addr)
         self.client.summary()  # one-line TrackerUnreachable now if the tracker is not there
         self.missing: dict[str, str] = {}
+        self.seen: dict[str, list[dict[str, Any]]] = {}  # key -> what its agents reported, for the report
 
     def agents(self, key: str):
         """DeviceInfo of the agents on ``key``; raises NoDeviceError (remembered) if none comes in time."""
@@ -75,7 +76,12 @@ class _Farm:
             self.missing[key] = (f"no agent on key '{key}' at {self.addr[0]}:{self.addr[1]} within "
                                  f"{self.wait_s:.0f} s")
             raise NoDeviceError(self.missing[key]) from None
-        return self.client.agent_infos(key)
+        infos = self.client.agent_infos(key)
+        if key not in self.seen:
+            self.seen[key] = [{"agent_id": a.agent_id, "hostname": a.hostname, "cpu": a.cpu_model,
+                               "cores": a.num_cores, "cuda": [d.get("name") for d in a.cuda],
+                               "runners": a.runners, "tvm": a.tvm_version} for a in infos]
+        return infos
 
     def session(self, key: str, session_timeout: int):
         from tunefarm.host.evaluate import request_session  # pylint: disable=import-outside-toplevel
@@ -378,7 +384,7 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
     # Other work on a shared machine skews every figure: the report says how busy it was.
     report = write_compare_report(cfg, models_out, out_dir, wall_s=time.time() - t_start,
                                   load_avg={"load_avg_start": load_start, "load_avg_end": _load_avg(),
-                                            "cpus": os.cpu_count()})
+                                            "cpus": os.cpu_count()}, agents=farm.seen)
     console.print(f"report: {out_dir / 'report.md'}")
     bad = [f"{m['name']}/{r['label']}" for m in models_out for r in m["rows"]
            if r["status"] == OK and not r["numerics"]["ok"]]

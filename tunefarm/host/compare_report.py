@@ -25,7 +25,8 @@ def _fmt(value, digits=3) -> str:
 
 
 def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_s: float,
-                         load_avg: dict[str, Any] | None = None) -> dict[str, Any]:
+                         load_avg: dict[str, Any] | None = None,
+                         agents: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     from tunefarm.host.compare import host_info  # pylint: disable=import-outside-toplevel
 
     plots = {}
@@ -47,7 +48,7 @@ def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_
     host = {**host_info(), **(load_avg or {})}
     report = {"name": cfg.name, "config": cfg.to_dict(), "source": cfg.source_path, "host": host,
               "tracker": cfg.tracker, "baseline": cfg.baseline, "wall_s": round(wall_s, 1),
-              "method": _method_text(cfg), "models": models, "plots": plots}
+              "method": _method_text(cfg), "agents": agents or {}, "models": models, "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.md").write_text(_markdown(report, cfg))
     return report
@@ -70,7 +71,13 @@ def _markdown(report: dict[str, Any], cfg) -> str:
           f"{report['host'].get('load_avg_start')} at the start, {report['host'].get('load_avg_end')} at the end "
           f"({report['host'].get('cpus')} CPUs)",
           f"- baseline for speed-ups: `{report['baseline']}`; weights random (weights=None), seeded",
-          f"- method: {report['method']}", ""]
+          f"- method: {report['method']}"]
+    for key, agents in report["agents"].items():
+        for agent in agents:
+            gpus = f", GPU {', '.join(agent['cuda'])}" if agent["cuda"] else ""
+            md.append(f"- key `{key}`: agent {agent['agent_id']} ({agent['cpu']}, {agent['cores']} cores{gpus}; "
+                      f"TVM {agent['tvm']}; runners {', '.join(agent['runners'])})")
+    md.append("")
     for model in report["models"]:
         md += [f"## {model['name']}", "",
                f"input {model['input_shapes']}, reference {model['reference']}, fingerprint {model['fingerprint']}",
