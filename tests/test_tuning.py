@@ -227,7 +227,7 @@ def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(tmp_pa
 
         # Phase 2: kill one agent (kill -9) while a longer job runs; the job finishes on the other.
         write_job(tmp_path / "job2.yaml", "pair2", port, "pair", {"source": "builtin", "name": "convnet"},
-                  trials=24, per_iter=4, evaluate={"baselines": []})
+                  trials=24, per_iter=4, evaluate={"baselines": []}, tuning={"warm_start": False})
         job_proc = start_tunefarm(["tune", tmp_path / "job2.yaml", "--logs-dir", tmp_path / "logs"],
                                   tmp_path / "tune2.log")
         _wait_progress(tmp_path / "logs" / "pair2", 1, job_proc)
@@ -296,3 +296,26 @@ def test_candidates_built_on_agents_of_a_build_key(farm, tmp_path):
     finally:
         for proc in builders:
             stop_process(proc)
+
+
+def test_warm_start_seeds_a_new_job_from_an_earlier_one(farm, tmp_path):
+    logs = tmp_path / "logs"
+    model = {"source": "builtin", "name": "convnet"}
+    job_a = write_job(tmp_path / "a.yaml", "cold", farm["port"], "cpu", model, trials=16, per_iter=4)
+    code, out, _ = run_cli(["tune", job_a, "--logs-dir", logs, "--skip-eval"], tmp_path / "a.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    job_b = write_job(tmp_path / "b.yaml", "warm", farm["port"], "cpu", model, trials=8, per_iter=4,
+                      tuning={"warm_start_top_k": 2})
+    code, out, _ = run_cli(["tune", job_b, "--logs-dir", logs, "--skip-eval"], tmp_path / "b.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    state = json.loads((logs / "warm" / "job_state.json").read_text())
+    imported = state["warm_start"]
+    assert imported["sources"] == ["cold"] and imported["records"] > 0
+    assert "warm start:" in out
+    # Imported records do not count against the budget: 8 new trials on top of them.
+    assert len(records(logs / "warm")) == imported["records"] + 8
+    from tunefarm.host.tuning_logs import load_tasks, open_database, task_rows
+    cold = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "cold"), load_tasks(logs / "cold"))}
+    warm = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "warm"), load_tasks(logs / "warm"))}
+    assert all(warm[t] is not None for t in warm)
+    assert all(warm[t] <= cold[t] for t in cold if cold[t] is not None)

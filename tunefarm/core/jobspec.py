@@ -47,6 +47,8 @@ class TuningSpec:
     cost_model: str = "xgb"  # xgb | random
     population_size: int = 256  # evolutionary search population per round (stock: 512)
     seed: int | None = 0
+    warm_start: bool = True  # seed a new job from earlier jobs' records for the same target
+    warm_start_top_k: int = 8  # records taken per shared workload
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tunefarm.core.errors import NoDeviceError, TunefarmError
+from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
 from tunefarm.core.targets import target_to_json
 from tunefarm.core.wire import parse_hostport
@@ -85,6 +85,8 @@ class JobProgress:
         self.task_weights = task_weights
         self.best: dict[int, float] = dict(start_best or {})
         self.trials = trials_before
+        self.run_ok = 0  # candidates measured successfully in this run
+        self.first_error: str | None = None
         self.total = total_trials
         self.t0 = time.time()
         self.console = console
@@ -106,6 +108,7 @@ class JobProgress:
 
     def on_batch(self, task_id: int, costs: list[float | None], errors: int) -> None:
         valid = [c for c in costs if c is not None]
+        self.run_ok += len(valid)
         if valid:
             best = min(valid)
             if task_id not in self.best or best < self.best[task_id]:
@@ -128,10 +131,12 @@ def _make_progress_callback(progress: JobProgress):
     class ProgressCallback(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             costs, errors = [], 0
-            for res in runner_results:
+            for bres, res in zip(builder_results, runner_results):
                 if res.error_msg or not res.run_secs:
                     costs.append(None)
                     errors += 1
+                    if progress.first_error is None:
+                        progress.first_error = str(bres.error_msg or res.error_msg or "no run time").strip()
                 else:
                     costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
             progress.on_batch(task_id, costs, errors)
@@ -153,6 +158,59 @@ def records_per_workload(database) -> dict[str, list[float]]:
         else:
             out.setdefault(key, [])
     return out
+
+
+def warm_start(database, job_dir: Path, logs_dir: Path, target: dict, task_mods, task_keys, top_k: int) -> dict:
+    """Seed a new job's database with the best earlier records of its workloads (same target).
+
+    Sources are the other job directories under ``logs_dir`` tuned for the same target. Workloads
+    shared across models (ResNet-18 and ResNet-50 share layers) are found by structural hash. The
+    seeded records become part of the evolutionary search's first population and are never
+    measured again (MeasuredCache); they do not count against this job's trial budget.
+    """
+    # pylint: disable=import-outside-toplevel
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    wanted = dict(zip(task_keys, task_mods))
+    best: dict[str, list] = {}
+    sources = []
+    for state_file in sorted(logs_dir.glob(f"*/{STATE_FILE}")):
+        other = state_file.parent
+        if other.resolve() == job_dir.resolve():
+            continue
+        try:
+            if json.loads(state_file.read_text()).get("target") != target:
+                continue
+            other_db = ms.database.JSONDatabase(work_dir=str(other), allow_missing=False)
+            records = other_db.get_all_tuning_records()
+        except Exception:  # pylint: disable=broad-except
+            continue  # an unreadable or foreign directory is no source
+        used = False
+        for rec in records:
+            key = str(tvm_ffi.structural_hash(rec.workload.mod))
+            secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
+            if key not in wanted or not secs or min(secs) >= 1e9:
+                continue
+            best.setdefault(key, []).append((sum(secs) / len(secs), rec))
+            used = True
+        if used:
+            sources.append(other.name)
+    per_workload: dict[str, int] = {}
+    for key, recs in best.items():
+        workload = database.commit_workload(wanted[key])
+        seen = set()
+        for _, rec in sorted(recs, key=lambda r: r[0]):
+            trace_key = str(rec.trace.as_json())
+            if trace_key in seen:
+                continue
+            seen.add(trace_key)
+            database.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
+                                                                   rec.args_info))
+            per_workload[key] = per_workload.get(key, 0) + 1
+            if per_workload[key] >= top_k:
+                break
+    return {"sources": sources, "records": sum(per_workload.values()), "per_workload": per_workload}
 
 
 def _check_state(job_dir: Path, state: dict[str, Any]) -> bool:
@@ -218,17 +276,30 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
         indent=2))
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
     database = ms.database.JSONDatabase(work_dir=str(job_dir))
+    if not resumed and job.tuning.warm_start:
+        imported = warm_start(database, job_dir, Path(logs_dir), state["target"],
+                              [t.dispatched[0] for t in extracted], task_keys, job.tuning.warm_start_top_k)
+        state["warm_start"] = imported
+        (job_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if imported["records"]:
+            console.print(f"warm start: {imported['records']} record(s) for {len(imported['per_workload'])} "
+                          f"task(s) from {', '.join(imported['sources'])} (not counted as trials of this job)")
+    imported_per = json.loads((job_dir / STATE_FILE).read_text()).get("warm_start", {}).get("per_workload", {})
     per_workload = records_per_workload(database)
-    done_per_task = [len(per_workload.get(k, [])) for k in task_keys]
+    done_per_task = [max(0, len(per_workload.get(k, [])) - imported_per.get(k, 0)) for k in task_keys]
     best_before = {i: min(per_workload[k]) for i, k in enumerate(task_keys) if per_workload.get(k)}
     trials_before = sum(done_per_task)
 
     tn = job.tuning
     per_task_cap = tn.max_trials_per_task or tn.max_trials_global
     remaining = tn.max_trials_global - trials_before
-    todo = [i for i in range(len(extracted)) if done_per_task[i] < per_task_cap]
     # Every task needs at least one round; on CPU one unscheduled conv keeps the model as slow as untuned.
-    untouched = [i for i in todo if done_per_task[i] == 0]
+    # The task scheduler's first pass goes through the tasks in order: tasks without any record
+    # (none measured, none seeded) come first, so a resumed or warm-started job serves them first.
+    has_record = [bool(per_workload.get(k)) for k in task_keys]
+    todo = sorted((i for i in range(len(extracted)) if done_per_task[i] < per_task_cap),
+                  key=lambda i: (has_record[i], i))
+    untouched = [i for i in todo if not has_record[i]]
     need = len(untouched) * min(tn.num_trials_per_iter, per_task_cap)
     if remaining > 0 and need > remaining:
         console.print(f"[bold red]warning:[/] budget too small: {remaining} trials left for {len(untouched)} "
@@ -276,6 +347,12 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
             builder.shutdown()
             runner.shutdown()
         wall = time.time() - t0
+        if progress.trials > trials_before and progress.run_ok == 0:
+            # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
+            first = (progress.first_error or "").splitlines()
+            raise TuningFailed(f"no candidate of this run was measured successfully "
+                               f"({progress.trials - trials_before} failed); first error: "
+                               f"{first[-1] if first else 'unknown'} (see {job_dir / 'logs'})")
         runner_stats = {"per_agent": dict(runner.per_agent), "failures": dict(runner.failures),
                         "cache_hits": cache.hits, "built_on_agents": dict(builder.remote_builds)}
     else:
