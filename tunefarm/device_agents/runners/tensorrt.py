@@ -146,7 +146,7 @@ class TensorRTRunner(BaseRunner):
         builder = trt.Builder(self.logger)
         network = builder.create_network(0)  # TensorRT 10: every network has an explicit batch
         parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse(model):
+        if not parser.parse_from_file(str(self.model_path)):  # from the file: ONNX external data next to it works
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise TunefarmError(f"TensorRT cannot parse the ONNX model: {errors[0] if errors else 'unknown error'}")
         config = builder.create_builder_config()
