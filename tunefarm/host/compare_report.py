@@ -166,18 +166,20 @@ def plot_latency(models: list[dict[str, Any]], baseline: str, path: Path) -> Non
     plt.close(fig)
 
 
-def tuning_curve(logs: Path) -> tuple[list[int], list[float], int | None, int]:
-    """(trials, estimated ms, trials when every task had a record, task count) from a job's progress log.
+def tuning_curve(logs: Path) -> tuple[list[int], list[float], list[int], int | None, int]:
+    """(trials, estimated ms, tasks with a record, trials when every task had one, task count) from a job's
+    progress log.
 
     Estimated ms at each point: the sum over tasks of weight x best latency measured so far, over the
-    tasks measured so far (a partial sum until every task has a record).
+    tasks measured so far (a partial sum, which grows as tasks are added, until every task has a record;
+    after that it falls as tuning finds faster schedules).
     """
     weights = {}
     tasks_path = logs / "tasks.json"
     if tasks_path.is_file():
         weights = {t["name"]: float(t["weight"]) for t in json.loads(tasks_path.read_text())}
     best: dict[str, float] = {}
-    trials, est, complete_at = [], [], None
+    trials, est, measured, complete_at = [], [], [], None
     for line in (logs / "progress.jsonl").read_text().splitlines():
         if not line.strip():
             continue
@@ -189,9 +191,10 @@ def tuning_curve(logs: Path) -> tuple[list[int], list[float], int | None, int]:
         best[task] = min(best.get(task, float("inf")), float(value))
         trials.append(int(event["trials"]))
         est.append(sum(best[t] * weights.get(t, 1.0) for t in best) / 1e3)
+        measured.append(len(best))
         if complete_at is None and weights and len(best) >= len(weights):
             complete_at = int(event["trials"])
-    return trials, est, complete_at, len(weights)
+    return trials, est, measured, complete_at, len(weights)
 
 
 def plot_tuning_curves(jobs: list[tuple[str, Path, dict[str, Any]]], path: Path) -> None:
@@ -201,30 +204,37 @@ def plot_tuning_curves(jobs: list[tuple[str, Path, dict[str, Any]]], path: Path)
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     seen = set()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (ax, ax_tasks) = plt.subplots(2, 1, figsize=(8.0, 7.0), sharex=True, height_ratios=[3, 1.3])
     for i, (name, logs, row) in enumerate(jobs):
         if logs in seen:
             continue
         seen.add(logs)
-        trials, est, complete_at, n_tasks = tuning_curve(logs)
+        trials, est, measured, complete_at, n_tasks = tuning_curve(logs)
         if not trials:
             continue
         color = plt.cm.tab10(i % 10)  # pylint: disable=no-member
-        ax.step(trials, est, where="post", color=color, label=f"{name}: estimate from {n_tasks} tasks")
-        ax.plot(trials, est, "o", color=color, markersize=3)
+        cut = len(trials) if complete_at is None else trials.index(complete_at) + 1
+        ax.step(trials[:cut], est[:cut], where="post", color=color, linestyle=":", alpha=0.8,
+                label=f"{name}: partial sum, tasks still without a record")
         if complete_at is not None:
-            ax.axvline(complete_at, color=color, linestyle=":", alpha=0.7)
-            ax.annotate("every task measured", (complete_at, est[-1]), fontsize=7, color=color, rotation=90,
-                        va="bottom", ha="right")
+            ax.step(trials[cut - 1:], est[cut - 1:], where="post", color=color, linewidth=2,
+                    label=f"{name}: estimate, every task measured")
+            ax.plot([trials[cut - 1]], [est[cut - 1]], "o", color=color)
         if row.get("latency"):
             ax.axhline(row["latency"]["median_ms"], color=color, linestyle="--", alpha=0.8,
                        label=f"{name}: measured end to end (median)")
-    ax.set_xlabel("trials measured")
-    ax.set_ylabel("estimated latency, ms (sum of weighted task bests)")
+        ax_tasks.step(trials, measured, where="post", color=color, label=f"{name} ({n_tasks} tasks)")
+        ax_tasks.axhline(n_tasks, color=color, linestyle=":", alpha=0.5)
+    ax.set_ylabel("estimated latency, ms\n(sum of weight x best per task)", fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title("Tuning curves (partial sums until every task has a record)", fontsize=10)
+    ax.set_title("Tuning curves from progress.jsonl (the estimate falls only once every task has a record)",
+                 fontsize=9)
     ax.legend(fontsize=7)
+    ax_tasks.set_ylabel("tasks with a record", fontsize=9)
+    ax_tasks.set_xlabel("trials measured")
+    ax_tasks.grid(alpha=0.3)
+    ax_tasks.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
