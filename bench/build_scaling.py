@@ -1,0 +1,182 @@
+"""Build throughput: the host building alone against agents that build for the farm.
+
+    python bench/build_scaling.py [--agents 1,2,4] [--candidates 32] [--cores-per-agent 1]
+                                  [--host-workers K] [--stock-workers W] [--skip-stock]
+
+Draws a fixed set of candidates (random traces of ResNet-18's heaviest conv task, fixed seed) and
+times how long each configuration takes to build all of them, on this machine:
+  stock-LocalBuilder   tvm.s_tir.meta_schedule.builder.LocalBuilder (max_workers = --stock-workers,
+                       default host cores)
+  farm-host            tunefarm's FarmBuilder on the host, warm workers (max_workers = host cores)
+  farm-host-Kc         the same, limited to K cores (--host-workers, default --cores-per-agent; its
+                       workers pinned to the first K cores): one machine of one agent's size building alone
+  agents-N             N build agents (`tunefarm agent --key build`), each pinned with taskset
+                       to its own --cores-per-agent cores, reached through a real tracker
+Writes bench/results/build_scaling-<name>.{json,md} (--name, default <hostname>-<cores>c), rewritten
+after every row so that a run cut short keeps what it measured; candidates/minute and the ratio
+against the first row. The search itself is not timed here: only building.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def draw_candidates(n: int, seed: int = 0):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning import fuse_for_tuning
+
+    target = tvm.target.Target(llvm_target())
+    model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
+    mod = fuse_for_tuning(to_relax(model), target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name]
+    task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
+    ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name, rand_state=seed)
+    ctx.pre_tuning(max_trials=n, num_trials_per_iter=n, design_spaces=ctx.generate_design_space())
+    cands = ctx.generate_measure_candidates()
+    return task.task_name, target, [ms.builder.BuilderInput(c.sch.mod, target) for c in cands]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"build_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    base = next(iter(rows.values()))
+    lines = [f"# Build throughput: {meta['candidates']} candidates of ResNet-18 {meta['task']} ({meta['date']})", "",
+             f"Host: {meta['host']}, {meta['host_cores']} cores ({meta['cpu']}), load average at start {meta['loadavg']}"
+             + (f"; build agents pinned to {meta['cores_per_agent']} core(s) each." if any(r.startswith("agents-") for r in rows)
+                else "."), "",
+             "| configuration | wall s | built | failed | candidates/min | vs first row |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | {row['wall_s']:.1f} | {row['built']} | {row['failed']} | {row['per_min']:.1f} | "
+                     f"{row['per_min'] / base['per_min']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    (out / f"build_scaling-{stem}.md").write_text(text)
+    return text
+
+
+def timed_build(builder, inputs) -> dict:
+    t0 = time.perf_counter()
+    results = builder.build(inputs)
+    wall = time.perf_counter() - t0
+    ok = sum(1 for r in results if r.error_msg is None)
+    return {"wall_s": wall, "built": ok, "failed": len(results) - ok, "per_min": ok / wall * 60}
+
+
+def main():
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
+    from tunefarm.host.builder import FarmBuilder
+    from tunefarm.tracker.client import TrackerClient, check_tracker
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", default="1,2")
+    parser.add_argument("--candidates", type=int, default=32)
+    parser.add_argument("--cores-per-agent", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--name", default="", help="results file name part (default: <hostname>-<cores>c)")
+    parser.add_argument("--logs", default="", help="tracker and agent logs (default: OUT/.build_scaling_logs)")
+    parser.add_argument("--skip-stock", action="store_true", help="skip stock LocalBuilder (slow: ~20 s/worker/batch)")
+    parser.add_argument("--stock-workers", type=int, default=0, help="stock LocalBuilder's max_workers (default: host cores)")
+    parser.add_argument("--host-workers", type=int, default=-1,
+                        help="also time FarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
+    args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    host_workers = args.cores_per_agent if args.host_workers < 0 else args.host_workers
+    task_name, target, inputs = draw_candidates(args.candidates)
+    print(f"{len(inputs)} candidates of {task_name}; host cores {len(cores)}", flush=True)
+    host = platform.node()
+    stem = args.name or f"{host}-{len(cores)}c"
+    out = Path(args.out)
+    meta = {"host": host, "task": task_name, "candidates": len(inputs), "host_cores": len(cores),
+            "cores_per_agent": args.cores_per_agent, "cpu": cpu_model(), "target": str(target),
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M")}
+    rows = {}
+
+    def record(label, row):
+        rows[label] = row
+        print(label, row, flush=True)
+        write_results(out, stem, meta, rows)
+
+    if not args.skip_stock:
+        stock_workers = args.stock_workers or len(cores)
+        label = "stock-LocalBuilder" + (f"-{stock_workers}w" if stock_workers != len(cores) else "")
+        record(label, timed_build(ms.builder.LocalBuilder(max_workers=stock_workers, timeout_sec=300), inputs))
+    farm = FarmBuilder(workers=len(cores), timeout_sec=300)
+    farm.build(inputs[:len(cores)])  # warm the workers, as they are during a job
+    record("farm-host", timed_build(farm, inputs))
+    farm.shutdown()
+    if 0 < host_workers < len(cores):
+        os.sched_setaffinity(0, cores[:host_workers])  # the pool's workers inherit it; so does the timing
+        try:
+            farm = FarmBuilder(workers=host_workers, timeout_sec=300)
+            farm.build(inputs[:host_workers])
+            record(f"farm-host-{host_workers}c", timed_build(farm, inputs))
+            farm.shutdown()
+        finally:
+            os.sched_setaffinity(0, cores)
+
+    port = free_port()
+    work = Path(args.logs) if args.logs else out / ".build_scaling_logs"
+    tracker = start_tunefarm(["tracker", "--host", "127.0.0.1", "--port", port], work / "tracker.log")
+    try:
+        def up():
+            try:
+                check_tracker("127.0.0.1", port)
+                return True
+            except Exception:  # pylint: disable=broad-except
+                return False
+        wait_until(up, 60, what="tracker")
+        client = TrackerClient("127.0.0.1", port)
+        for n in [int(x) for x in args.agents.split(",") if x]:
+            if n * args.cores_per_agent > len(cores):
+                print(f"skip {n} agents: needs {n * args.cores_per_agent} cores", flush=True)
+                continue
+            agents = [start_tunefarm(["agent", "--tracker", f"127.0.0.1:{port}", "--key", "build", "--host", "127.0.0.1",
+                                      "--port", free_port()], work / f"agent-{n}-{i}.log",
+                                     cpus=cores[i * args.cores_per_agent:(i + 1) * args.cores_per_agent])
+                      for i in range(n)]
+            try:
+                wait_until(lambda: client.servers_for_key("build") >= n, 180, what=f"{n} build agents")
+                builder = FarmBuilder(timeout_sec=300, build_key="build", tracker=("127.0.0.1", port))
+                builder.build(inputs[:n])  # first session per agent: imports are paid before timing
+                builder.remote_builds.clear()
+                row = timed_build(builder, inputs)
+                row["per_agent"] = builder.remote_builds
+                record(f"agents-{n}", row)
+            finally:
+                for proc in agents:
+                    stop_process(proc)
+                wait_until(lambda: client.servers_for_key("build") == 0, 60, what="agents to leave")
+    finally:
+        stop_process(tracker)
+
+    print(write_results(out, stem, meta, rows))
+
+if __name__ == "__main__":
+    main()
