@@ -156,7 +156,8 @@ class _ModelArtifacts:
         return self._libs[cache_key]
 
     def model_file(self, fmt: str) -> str:
-        """The model as a runner takes it: ``onnx`` or ``pt2`` (a torch.export program)."""
+        """The model as a runner takes it: ``onnx``, or ``torch`` (a torchvision model's name and weights as
+        ``.pt``, else a ``torch.export`` program as ``.pt2``; no pickled code either way)."""
         if fmt in self._files:
             return self._files[fmt]
         if fmt == "onnx":
@@ -169,10 +170,14 @@ class _ModelArtifacts:
                 raise TunefarmError(f"{self.name} is an ONNX model; PyTorch rows need a PyTorch model")
             import torch  # pylint: disable=import-outside-toplevel
 
-            with self.console.status(f"exporting {self.name} with torch.export"):
-                example = tuple(torch.from_numpy(x) for x in self.model.inputs)
-                path = str(self.work_dir / f"{self.name}.pt2")
-                torch.export.save(torch.export.export(self.model.torch_module, example), path)
+            if self.spec.source == "torchvision":
+                path = str(self.work_dir / f"{self.name}.pt")
+                torch.save({"torchvision": self.spec.name, "state_dict": self.model.torch_module.state_dict()}, path)
+            else:
+                with self.console.status(f"exporting {self.name} with torch.export"):
+                    example = tuple(torch.from_numpy(x) for x in self.model.inputs)
+                    path = str(self.work_dir / f"{self.name}.pt2")
+                    torch.export.save(torch.export.export(self.model.torch_module, example), path)
         self._files[fmt] = str(path)
         return self._files[fmt]
 
@@ -306,7 +311,7 @@ def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Com
             except Exception:  # pylint: disable=broad-except
                 return _row_result(row, NOT_AVAILABLE, f"the server on key '{row.key}' is not a tunefarm agent "
                                                        "with runners (a stock tvm.rpc server?)")
-            remote_model = f"model.{MODEL_FORMAT[row.backend]}"
+            remote_model = f"model-{Path(model_path).name}"
             sess.upload(model_path, remote_model)
             sess.upload(art.inputs_file(), "inputs.npz")
             result = json.loads(str(run(row.backend, remote_model, "inputs.npz", cfg.evaluate.warmup,

@@ -107,6 +107,7 @@ def _markdown(report: dict[str, Any], cfg) -> str:
             if row["latency"].get("first_run_ms") is not None:
                 notes.append(f"- `{row['label']}`: first run {row['latency']['first_run_ms']:.1f} ms "
                              f"(median after warm-up {row['latency']['median_ms']:.3f} ms)"
+                             + (f"; model: {det['model_form']}" if det.get("model_form") else "")
                              + (f"; torch.compile took {det['compile_s']} s"
                                 if row["backend"] == "torch-compile" and det.get("compile_s") else "")
                              + (f"; TVM compile on the host {det['compile_s']} s"
