@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import hashlib
 import hmac
 import json
@@ -152,6 +153,19 @@ class FarmService:
         for sub in ("specs", "runs", "uploads", "tmp"):
             (self.farm_dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.farm_dir, 0o700)  # the token, the queue and uploaded models: the farm's owner only
+        # One host per logs dir: two would run the same queue twice. The kernel drops the lock when this
+        # process dies, however it dies, so a kill -9 never leaves a stale lock behind.
+        self._lock = open(self.farm_dir / "host.lock", "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "?"
+            raise TunefarmError(f"another `tunefarm host serve` (pid {owner}) already uses {self.logs_dir}") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
         self.token = self._load_token()
         self.store = JobStore(self.farm_dir / "farm.sqlite3")
         self.procs: dict[str, subprocess.Popen] = {}
@@ -585,6 +599,7 @@ class FarmService:
     def run(self) -> None:
         cfg = self.config
         self.recover()
+        self.store.forget_devices_before(time.time() - 86400.0)  # offline for a day: gone from the list
         self.start_tracker()
         app = self.make_app()
         limit = int(cfg.max_upload_mb * 1024 * 1024)
