@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "selenium"],  # selenium drives Debian's chromium (dashboard test)
         # GPU box: imported lazily, only by the TensorRT runner.
         "gpu": ["tensorrt", "cuda-python"],
     },

@@ -1,0 +1,453 @@
+"""The host service for real: ``tunefarm host serve`` (its own tracker), an agent started with ``--farm``,
+and laptop commands (``tunefarm submit / follow / jobs / cancel / resume / pull``) as separate processes,
+all on loopback. The dashboard is checked in Debian's headless Chromium, driven by Selenium.
+
+The tests share one host and one agent (module fixture); the last one stops the agent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import yaml
+
+from conftest import HOST, agent_id_of, _tail
+from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
+
+JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHART_RGB = (0x1f, 0x77, 0xb4)  # the chart's line colour in static/farm.js
+
+
+def start_host(base: Path, http_port: int, tracker_port: int) -> subprocess.Popen:
+    """``tunefarm host serve`` on loopback, returned once its API answers (401 without a token)."""
+    proc = start_tunefarm(["host", "serve", "--config", base / "farm.yaml", "--logs-dir", base / "logs",
+                           "--port", http_port, "--tracker-port", tracker_port], log_path=base / "host.log")
+
+    def up():
+        if proc.poll() is not None:
+            return True
+        try:
+            return requests.get(f"http://{HOST}:{http_port}/api/info", timeout=2).status_code == 401
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, 90, what="the host service")
+    assert proc.poll() is None, _tail(base / "host.log")
+    return proc
+
+
+def cli(farm: dict, args: list, name: str, timeout: float = 120, env: dict | None = None) -> tuple[int, str]:
+    """Run one laptop command against the farm (its URL and token from the environment)."""
+    log = farm["base"] / f"cli-{name}-{time.monotonic_ns()}.log"
+    proc = start_tunefarm(args, log_path=log, env={**farm["env"], **(env or {})})
+    try:
+        code = proc.wait(timeout)
+    finally:
+        stop_process(proc)
+    return code, log.read_text(errors="replace")
+
+
+def api(farm: dict, method: str, path: str, token: str | None = "ok", **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {farm['token'] if token == 'ok' else token}"} if token else {}
+    return requests.request(method, farm["url"] + path, headers=headers, timeout=30, **kwargs)
+
+
+def write_job(path: Path, name: str, model: dict, trials: int, key: str = "cpu", **extra) -> Path:
+    job = {"name": name, "model": model, "device": {"key": key},
+           "tuning": {"max_trials_global": trials, "num_trials_per_iter": 4, "population_size": 64},
+           # one builder worker: each one imports TVM's tensor intrinsics first (~20 s of CPU)
+           "builder": {"workers": 1, "timeout_sec": 60},
+           "runner": {"timeout_sec": 30, "device_wait_sec": 60, "number": 2, "min_repeat_ms": 5},
+           "evaluate": {"warmup": 3, "repeat": 15, "baselines": [], "require_speedup": False}}
+    for section, values in extra.items():
+        job[section].update(values)
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def records(job_dir: Path) -> list[str]:
+    path = job_dir / "database_tuning_record.json"
+    return [l for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def progress_lines(job_dir: Path) -> list[dict]:
+    path = job_dir / "progress.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def wait_state(farm: dict, job_id: str, states: tuple[str, ...], timeout: float) -> dict:
+    def reached():
+        job = api(farm, "GET", f"/api/jobs/{job_id}").json()
+        return job if job["state"] in states else None
+
+    try:
+        return wait_until(reached, timeout, interval=1.0, what=f"job {job_id} to be {' or '.join(states)}")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\nhost log:\n{_tail(farm['base'] / 'host.log')}\nworker log:\n"
+                             f"{_tail(farm['base'] / 'logs' / 'farm' / 'runs' / f'{job_id}.log')}") from None
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    base = tmp_path_factory.mktemp("farm")
+    (base / "farm.yaml").write_text(yaml.safe_dump({"max_upload_mb": 1, "device_offline_after_s": 6}))
+    http_port, tracker_port = free_port(HOST), free_port(HOST)
+    state = {"base": base, "url": f"http://{HOST}:{http_port}", "ports": (http_port, tracker_port)}
+    state["host"] = start_host(base, http_port, tracker_port)
+    agent = None
+    try:
+        state["token"] = (base / "logs" / "farm" / "token").read_text().strip()
+        # No client config file: the URL and token come from the environment, as on a laptop.
+        state["env"] = {"TUNEFARM_FARM": state["url"], "TUNEFARM_TOKEN": state["token"],
+                        "TUNEFARM_CLIENT_CONFIG": str(base / "no-client-config.yaml")}
+        agent = start_tunefarm(["agent", "--key", "cpu", "--host", HOST, "--port", free_port(HOST)],
+                               log_path=base / "agent.log", env=state["env"])
+        state["agent"] = agent
+
+        def online():
+            assert agent.poll() is None, _tail(base / "agent.log")
+            view = api(state, "GET", "/api/devices").json()
+            return any(d["agent_id"] == agent_id_of(agent) and d["status"] == "online" and d["listed"]
+                       for d in view["devices"])
+
+        wait_until(online, 120, interval=0.5, what="the agent to report to the farm")
+        yield state
+    finally:
+        if agent is not None:
+            stop_process(agent)
+        stop_process(state["host"])
+
+
+NIGHT_TRIALS = 80
+
+
+@pytest.fixture(scope="module")
+def night_job(farm, tmp_path_factory) -> Path:
+    """The overnight job, submitted by a laptop command: the dashboard test watches it run, the kill -9 test
+    takes it to its end (one job for both keeps the suite within minutes on 2 cores)."""
+    job_file = write_job(tmp_path_factory.mktemp("night") / "night.yaml", "night",
+                         {"source": "builtin", "name": "matmul"}, NIGHT_TRIALS,
+                         runner={"min_repeat_ms": 150})  # a little longer per batch: surely mid-way at the kill
+    code, out = cli(farm, ["submit", job_file], "submit-night")
+    assert code == 0 and "submitted night" in out, out
+    return farm["base"] / "logs" / "night"
+
+
+def test_token_is_required_generated_private_and_never_logged(farm):
+    token_file = farm["base"] / "logs" / "farm" / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert len(farm["token"]) >= 32
+    for method, path in (("GET", "/api/info"), ("GET", "/api/jobs"), ("GET", "/api/devices"),
+                         ("POST", "/api/jobs"), ("POST", "/api/devices/heartbeat"), ("GET", "/api/jobs/x/bundle"),
+                         ("POST", "/api/jobs/x/cancel"), ("GET", "/api/jobs/x/progress")):
+        for token in (None, "wrong-" + farm["token"], farm["token"][:-1]):
+            resp = api(farm, method, path, token=token)
+            assert resp.status_code == 401, (method, path, resp.text)
+            assert "missing or wrong token" in resp.json()["error"]
+    assert api(farm, "GET", "/api/info").status_code == 200
+    # The dashboard sends a browser to sign in instead of showing anything.
+    page = requests.get(farm["url"] + "/", allow_redirects=False, timeout=10)
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login")
+    # A cookie does not authorize changes (no cross-site requests in a signed-in browser).
+    session = requests.Session()
+    assert session.post(farm["url"] + "/login", data={"token": farm["token"]}, timeout=10).status_code == 200
+    assert session.get(farm["url"] + "/api/jobs", timeout=10).status_code == 200
+    assert session.post(farm["url"] + "/api/jobs/x/cancel", timeout=10).status_code == 401
+    assert requests.post(farm["url"] + "/login", data={"token": "nope"}, timeout=10).status_code == 401
+
+    code, out = cli(farm, ["jobs"], "wrong-token", env={"TUNEFARM_TOKEN": "nope"})
+    assert code == 2 and out.strip().splitlines() == [
+        f"tunefarm: error: the farm at {farm['url']} refused the token (set TUNEFARM_TOKEN to the token in "
+        "logs/farm/token on the host)"], out
+    # Printed once, when it was generated; the refusals above are logged without it.
+    log = (farm["base"] / "host.log").read_text()
+    assert log.count(farm["token"]) == 1 and "generated an API token" in log
+    assert "401 GET /api/jobs from 127.0.0.1" in log
+
+
+def test_devices_show_the_agent_with_its_target(farm):
+    code, out = cli(farm, ["devices"], "devices")
+    assert code == 0, out
+    assert agent_id_of(farm["agent"]) in out and "online" in out and "llvm" in out
+    view = api(farm, "GET", "/api/devices").json()
+    mine = [d for d in view["devices"] if d["agent_id"] == agent_id_of(farm["agent"])]
+    assert mine and mine[0]["key"] == "cpu" and mine[0]["target"]["kind"] == "llvm"
+    assert mine[0]["last_seen_s"] < 6 and mine[0]["source"] == "heartbeat"
+    assert [(k["key"], k["total"]) for k in view["keys"]] == [("cpu", 1)]
+
+
+def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
+    def post_job(text: str, model: tuple | None = None) -> requests.Response:
+        files = {"job": (None, text)}
+        if model:
+            files["model"] = model
+        return api(farm, "POST", "/api/jobs", files=files)
+
+    cases = [
+        (post_job("name: x\nmodel: {source: builtin, name: matmul\n"), 400, "malformed job YAML at line"),
+        (post_job("name: x\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\nspeed: 11\n"), 400,
+         "unknown field(s) speed"),
+        (post_job("name: x\nmodel: {source: builtin, name: nope}\ndevice: {key: cpu}\n"), 400,
+         "unknown builtin model 'nope'"),
+        (post_job("name: x\nmodel: {source: builtin, name: matmul}\ndevice: {key: gpu-nobody}\n"), 409,
+         "no agent serves device key 'gpu-nobody'"),
+        (post_job("name: x\nmodel: {source: onnx, path: m.onnx}\ndevice: {key: cpu}\n",
+                  ("m.onnx", b"not an onnx file", "application/octet-stream")), 400, "not a readable ONNX file"),
+        (post_job("name: x\nmodel: {source: onnx, path: m.onnx}\ndevice: {key: cpu}\n",
+                  ("m.onnx", os.urandom(3 << 20), "application/octet-stream")), 413, "over this farm's limit of 1 MiB"),
+        (api(farm, "GET", "/api/jobs/no-such-job"), 404, "no job 'no-such-job'"),
+        (api(farm, "POST", "/api/jobs/no-such-job/cancel"), 404, "no job 'no-such-job'"),
+        (api(farm, "GET", "/api/nothing-here"), 404, "no such page or API endpoint"),
+        (api(farm, "POST", "/api/devices/heartbeat", data=b"{not json"), 400, "not JSON"),
+    ]
+    for resp, status, message in cases:
+        assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
+    assert api(farm, "GET", "/api/jobs").json()["jobs"] == []  # nothing half-accepted
+
+    # The same mistakes from the command line: one line each, non-zero exit.
+    (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
+    big = write_job(tmp_path / "big.yaml", "big", {"source": "onnx", "path": "big.onnx"}, 8)
+    (tmp_path / "big.onnx").write_bytes(os.urandom(2 << 20))
+    nokey = write_job(tmp_path / "nokey.yaml", "nokey", {"source": "builtin", "name": "matmul"}, 8, key="gpu-nobody")
+    unreachable = f"http://{HOST}:{free_port(HOST)}"
+    for args, message in (
+            (["submit", tmp_path / "broken.yaml"], "malformed YAML at line"),
+            (["submit", big], "big.onnx is 2.0 MiB; the farm takes uploads up to 1 MiB"),
+            (["submit", nokey], "no agent serves device key 'gpu-nobody'"),
+            (["follow", "no-such-job"], "no job 'no-such-job' on this farm"),
+            (["pull", "no-such-job", "-o", tmp_path / "out"], "no job 'no-such-job' on this farm"),
+            (["jobs", "--farm", unreachable], f"cannot reach the farm at {unreachable}: connection refused")):
+        code, out = cli(farm, args, "bad")
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("tunefarm: error:"), out
+    assert not (tmp_path / "out").exists()
+    # A second host on the same logs dir would run the queue twice.
+    code, out = cli(farm, ["host", "serve", "--logs-dir", farm["base"] / "logs", "--port", free_port(HOST),
+                           "--tracker-port", free_port(HOST)], "second-host")
+    assert code == 2 and f"(pid {farm['host'].pid}) already uses" in out, out
+    assert farm["host"].poll() is None and api(farm, "GET", "/api/info").status_code == 200
+
+
+def _onnx_matmul(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_queue_per_key_onnx_upload_cancel_and_resume(farm, tmp_path):
+    """Jobs on one key run one at a time; an ONNX file travels with its job; cancel and resume work."""
+    _onnx_matmul(tmp_path / "mm.onnx")
+    first = write_job(tmp_path / "first.yaml", "q-first", {"source": "builtin", "name": "matmul"}, 400)
+    second = write_job(tmp_path / "second.yaml", "q-onnx", {"source": "onnx", "path": "mm.onnx"}, 8)
+    code, out = cli(farm, ["submit", first, "--skip-eval"], "submit-first")
+    assert code == 0 and "submitted q-first" in out, out
+    code, out = cli(farm, ["submit", second], "submit-second")
+    assert code == 0 and "submitted q-onnx" in out and "position 1 on key 'cpu'" in out, out
+    job = api(farm, "GET", "/api/jobs/q-onnx").json()
+    assert job["state"] == "queued" and job["queue_position"] == 1
+    uploaded = Path(job["spec"]["model"]["path"])
+    assert uploaded.read_bytes() == (tmp_path / "mm.onnx").read_bytes()
+    running = wait_state(farm, "q-first", ("running",), 30)
+    assert running["attempts"] == 1
+    worker = psutil.Process(running["pid"])
+    assert "q-first.yaml" in " ".join(worker.cmdline())
+
+    code, out = cli(farm, ["cancel", "q-onnx"], "cancel-queued")
+    assert code == 0 and "cancelled" in out, out
+    code, out = cli(farm, ["cancel", "q-first"], "cancel-running")
+    assert code == 0 and "cancelling" in out, out
+    assert wait_state(farm, "q-first", ("cancelled",), 40)["state"] == "cancelled"
+    worker.wait(20)  # the worker and its process group are gone
+    code, out = cli(farm, ["jobs"], "jobs")
+    assert code == 0 and "q-first" in out and "q-onnx" in out and out.count("cancelled") == 2, out
+
+    code, out = cli(farm, ["resume", "q-onnx"], "resume")
+    assert code == 0 and "q-onnx:" in out, out
+    assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] in ("queued", "running")
+    code, out = cli(farm, ["resume", "q-onnx"], "resume-again")
+    assert code == 2 and "is already" in out, out
+    code, out = cli(farm, ["cancel", "q-onnx"], "cancel-again")
+    assert code == 0, out
+    wait_state(farm, "q-onnx", ("cancelled",), 40)
+    history = [note for _, note in api(farm, "GET", "/api/jobs/q-onnx").json()["history"]]
+    assert history[:2] == ["submitted", "cancelled while queued"] and history[2].startswith("resumed")
+
+
+def _browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1300",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-', dir=tmp_path)}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def _chart_pixels(png: Path) -> int:
+    """Pixels of the chart's line colour (the line and points drawn from data; axes and grid are grey)."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(image - np.array(CHART_RGB)).sum(axis=2) < 40).sum())
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them) for a real browser")
+def test_dashboard_shows_devices_and_a_running_jobs_live_chart(farm, night_job, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait_until(lambda: len(progress_lines(night_job)) >= 2, 300, interval=0.5, what="two measured batches")
+    browser = _browser(tmp_path)
+    try:
+        browser.get(farm["url"] + "/jobs/night")  # not signed in: the sign-in page, then back to the job
+        browser.find_element(By.ID, "token").send_keys(farm["token"])
+        browser.find_element(By.ID, "signin").click()
+        chart = browser.find_element(By.ID, "chart-trials")
+        WebDriverWait(browser, 30).until(lambda b: int(chart.get_attribute("data-points") or 0) >= 2)
+        WebDriverWait(browser, 30).until(lambda b: "fused_matmul_add" in b.find_element(By.ID, "tasks").text)
+        summary = browser.find_element(By.ID, "job-summary")
+        assert summary.get_attribute("data-state") == "running", summary.text
+        links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a")]
+        assert "progress.jsonl" in links and "database_tuning_record.json" in links, links
+        browser.save_screenshot(str(tmp_path / "job-page.png"))
+        chart.screenshot(str(tmp_path / "chart.png"))
+        assert _chart_pixels(tmp_path / "chart.png") > 150, "the chart shows no data line"
+
+        browser.get(farm["url"] + "/")
+        WebDriverWait(browser, 20).until(lambda b: agent_id_of(farm["agent"]) in b.find_element(By.ID, "devices").text)
+        WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr.job-row[data-state="running"]'))
+        devices = browser.find_element(By.ID, "devices").text
+        assert "online" in devices and "llvm" in devices and "night" in devices, devices
+        browser.save_screenshot(str(tmp_path / "index.png"))
+    finally:
+        browser.quit()
+        shots = os.environ.get("TUNEFARM_TEST_SCREENSHOTS")
+        if shots:  # for a person to look at
+            for name in ("job-page.png", "chart.png", "index.png"):
+                if (tmp_path / name).exists():
+                    shutil.copy(tmp_path / name, Path(shots) / name)
+
+
+def _apply_best_with_plain_tvm(best_dir: Path, target_json: dict) -> None:
+    """The README's recipe, in plain TVM: no tunefarm code (same model as the builtin 'matmul')."""
+    import torch
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.s_tir import meta_schedule as ms
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).eval()
+    x = torch.randn(16, 64)
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=True,
+                                unwrap_unit_return_tuple=True)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [p.name for p in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    target = tvm.target.Target(target_json)
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.pipeline.zero_pipeline()(mod)
+    db = ms.database.JSONDatabase(work_dir=str(best_dir))
+    assert len(db.get_all_tuning_records()) >= 1
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
+    prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
+    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job, tmp_path):
+    """submitted (night_job) -> follow (live) -> kill -9 the host mid-job -> start it again -> the job finishes
+    with every earlier record kept -> pull -> apply the best records with plain TVM."""
+    job_dir = night_job
+    follow_log = tmp_path / "follow.log"
+    follower = start_tunefarm(["follow", "night"], log_path=follow_log, env=farm["env"])
+    try:
+        wait_until(lambda: len(progress_lines(job_dir)) >= 2 or follower.poll() is not None, 300, interval=0.2,
+                   what="two measured batches")
+        wait_until(lambda: "batch of 4 on fused_matmul_add" in follow_log.read_text(), 60, interval=0.2,
+                   what="follow to print a batch")
+        before = records(job_dir)
+        assert api(farm, "GET", "/api/jobs/night").json()["state"] == "running"
+        assert 8 <= len(before) < NIGHT_TRIALS, len(before)
+
+        kill_hard(farm["host"])  # the host only: its workers and tracker live in their own process groups
+        with pytest.raises(requests.ConnectionError):
+            api(farm, "GET", "/api/info")
+        farm["host"] = start_host(farm["base"], *farm["ports"])
+
+        done = wait_state(farm, "night", ("done", "failed"), JOB_DONE_S)
+        assert done["state"] == "done", done
+        assert follower.wait(60) == 0, follow_log.read_text()
+    finally:
+        if follower.poll() is None:
+            stop_process(follower)
+    after = records(job_dir)
+    assert after[:len(before)] == before  # every record from before the kill is kept
+    job = api(farm, "GET", "/api/jobs/night").json()
+    notes = [note for _, note in job["history"]]
+    assert job["attempts"] == 2 and any("the host stopped while this job ran" in n for n in notes), notes
+    # The second attempt counted what the first measured and measured only the rest of the budget.
+    run_log = (farm["base"] / "logs" / "farm" / "runs" / "night.log").read_text()
+    second = run_log.split("attempt 2 ===", 1)[1]
+    measured_before = int(second.split("resuming: ", 1)[1].split(" already measured", 1)[0])
+    assert measured_before >= 8  # the two batches seen before the kill
+    events = progress_lines(job_dir)
+    trials = [e["trials"] for e in events]
+    assert trials == sorted(trials) and trials[-1] == NIGHT_TRIALS
+    assert sum(e["batch"] for e in events if e["trials"] > measured_before) == NIGHT_TRIALS - measured_before
+    followed = follow_log.read_text()
+    assert "retrying" in followed and "job night: running (attempt 2)" in followed, followed
+    assert "job night done" in followed
+    host_log = (farm["base"] / "host.log").read_text()
+    assert "still running from before" in host_log  # the tracker survived and was taken over
+
+    out_dir = tmp_path / "pulled"
+    code, out = cli(farm, ["pull", "night", "-o", out_dir], "pull", timeout=300)
+    assert code == 0 and "pulled night" in out, out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["ok"] and report["tuning"]["trials_measured_total"] == len(after), report["problems"]
+    assert (out_dir / "database" / "database_tuning_record.json").read_text().splitlines() == after
+    assert len((out_dir / "best" / "database_tuning_record.json").read_text().splitlines()) == 1
+    assert (out_dir / "report.md").is_file() and (out_dir / "progress.jsonl").is_file()
+    _apply_best_with_plain_tvm(out_dir / "best", json.loads((out_dir / "database" / "job_state.json").read_text())["target"])
+
+
+def test_device_goes_offline_when_its_heartbeats_stop(farm):
+    """Last in this module: it stops the shared agent (kill -9, so no goodbye reaches the farm)."""
+    agent_id = agent_id_of(farm["agent"])
+    kill_hard(farm["agent"])
+    start = time.monotonic()
+
+    def offline():
+        view = api(farm, "GET", "/api/devices").json()
+        return [d for d in view["devices"] if d["agent_id"] == agent_id and d["status"] == "offline"]
+
+    wait_until(offline, 30, interval=0.5, what="the killed agent to show offline")
+    assert time.monotonic() - start < 20
+    code, out = cli(farm, ["devices"], "devices-offline")
+    assert code == 0 and agent_id in out and "offline" in out, out
+
