@@ -193,26 +193,38 @@ class FarmBuilder(PyBuilder):
                 sess = request_session(self.tracker, self.build_key, self.device_wait_sec,
                                        session_timeout=int(self.timeout_sec * len(build_inputs)) + 60)
                 agent_id = str(sess.get_function("tunefarm.agent.id")())
-                build = sess.get_function("tunefarm.builder.build")
+                build_many = sess.get_function("tunefarm.builder.build_many")
+                width = int(sess.get_function("tunefarm.builder.parallelism")())
             except Exception:  # pylint: disable=broad-except
                 return  # this agent is gone or busy; the others take its share
             while True:
-                try:
-                    i, inp = todo.get_nowait()
-                except queue.Empty:
+                chunk = []
+                while len(chunk) < width:  # one candidate per core of this agent at a time
+                    try:
+                        chunk.append(todo.get_nowait())
+                    except queue.Empty:
+                        break
+                if not chunk:
                     return
+                names = [f"cand-{batch}-{i}" for i, _ in chunk]
                 try:
-                    name = f"cand-{batch}-{i}"
-                    sess.upload(bytearray(tvm.ir.save_json(inp.mod).encode()), name + ".json")
-                    out = build(name + ".json", json.dumps(target_to_json(inp.target)), name + ".tar")
-                    path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar")
-                    with open(path, "wb") as fh:
-                        fh.write(sess.download(out))
-                    results[i] = BuilderResult(path, None)
-                    with lock:
-                        self.remote_builds[agent_id] = self.remote_builds.get(agent_id, 0) + 1
+                    target_json = json.dumps(target_to_json(chunk[0][1].target))
+                    for name, (_, inp) in zip(names, chunk):
+                        sess.upload(bytearray(tvm.ir.save_json(inp.mod).encode()), name + ".json")
+                    errors = json.loads(build_many(json.dumps(names), target_json))
+                    for name, (i, _), error in zip(names, chunk, errors):
+                        if error:
+                            results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{error}")
+                            continue
+                        path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar")
+                        with open(path, "wb") as fh:
+                            fh.write(sess.download(name + ".tar"))
+                        results[i] = BuilderResult(path, None)
+                        with lock:
+                            self.remote_builds[agent_id] = self.remote_builds.get(agent_id, 0) + 1
                 except Exception as err:  # pylint: disable=broad-except
-                    results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{err}")
+                    for i, _ in chunk:
+                        results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{err}")
 
         threads = [threading.Thread(target=work, daemon=True) for _ in range(min(agents, len(build_inputs)))]
         for thread in threads:
