@@ -755,6 +755,11 @@ class HeartbeatHandler(ApiHandler):
             interval = float(body.get("interval_s", HEARTBEAT_S))
         except (TypeError, ValueError):
             raise ApiError(400, "interval_s must be a number") from None
+        defaults = DeviceInfo(key="").to_json()
+        wrong = sorted(name for name, value in info.items()
+                       if name in defaults and not isinstance(value, type(defaults[name])))
+        if wrong or not all(isinstance(d, dict) for d in info.get("cuda", [])):
+            raise ApiError(400, f"heartbeat: DeviceInfo field(s) of the wrong type: {', '.join(wrong) or 'cuda'}")
         device = DeviceInfo.from_json(info)
         self.service.store.heartbeat(device.agent_id, device.key, device.to_json(), str(body.get("tracker", "")),
                                      bool(body.get("listed")), bool(body.get("busy")), max(0.5, interval),
