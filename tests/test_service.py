@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -129,7 +130,7 @@ def farm(tmp_path_factory):
         stop_process(state["host"])
 
 
-NIGHT_TRIALS = 80
+NIGHT_TRIALS = 64
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,18 @@ def test_token_is_required_generated_private_and_never_logged(farm):
     assert "401 GET /api/jobs from 127.0.0.1" in log
 
 
+def test_farm_and_token_from_the_client_config_file(farm, tmp_path):
+    config = tmp_path / "client.yaml"
+    config.write_text(yaml.safe_dump({"farm": farm["url"], "token": farm["token"]}))
+    config.chmod(0o600)
+    env = {"TUNEFARM_FARM": "", "TUNEFARM_TOKEN": "", "TUNEFARM_CLIENT_CONFIG": str(config)}
+    code, out = cli(farm, ["jobs"], "config-file", env=env)
+    assert code == 0 and (f"jobs on {farm['url']}" in out or f"no jobs on {farm['url']}" in out), out
+    config.chmod(0o644)
+    code, out = cli(farm, ["jobs"], "config-file-open", env=env)
+    assert code == 2 and f"{config} holds a token but others can read it" in out, out
+
+
 def test_devices_show_the_agent_with_its_target(farm):
     code, out = cli(farm, ["devices"], "devices")
     assert code == 0, out
@@ -210,6 +223,8 @@ def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
         (api(farm, "POST", "/api/jobs/no-such-job/cancel"), 404, "no job 'no-such-job'"),
         (api(farm, "GET", "/api/nothing-here"), 404, "no such page or API endpoint"),
         (api(farm, "POST", "/api/devices/heartbeat", data=b"{not json"), 400, "not JSON"),
+        (api(farm, "POST", "/api/devices/heartbeat", json={"info": {"key": "k", "agent_id": "a", "cuda": "x"}}), 400,
+         "wrong type: cuda"),
     ]
     for resp, status, message in cases:
         assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
@@ -390,6 +405,13 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
                    what="two measured batches")
         wait_until(lambda: "batch of 4 on fused_matmul_add" in follow_log.read_text(), 60, interval=0.2,
                    what="follow to print a batch")
+        # Ctrl-C stops following, not the job.
+        watcher = start_tunefarm(["follow", "night"], log_path=tmp_path / "follow2.log", env=farm["env"])
+        wait_until(lambda: "batch of 4" in (tmp_path / "follow2.log").read_text(), 60, interval=0.2,
+                   what="a second follower to print a batch")
+        os.kill(watcher.pid, signal.SIGINT)
+        assert watcher.wait(30) == 0
+        assert "stopped following; night goes on at the farm" in (tmp_path / "follow2.log").read_text()
         before = records(job_dir)
         assert api(farm, "GET", "/api/jobs/night").json()["state"] == "running"
         assert 8 <= len(before) < NIGHT_TRIALS, len(before)

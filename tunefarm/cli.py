@@ -111,7 +111,8 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token):
 def devices(tracker_addr, farm, as_json):
     """Table of device keys: agents, free/busy/pending, and what each agent serves.
 
-    With --farm (or $TUNEFARM_FARM and no --tracker): the devices that report to the host service.
+    With --farm (or $TUNEFARM_FARM, or the client config, and no --tracker): the devices that report to the
+    host service: online/offline, busy, last seen, the job on their key.
     """
     if tracker_addr and farm:
         raise TunefarmError("give --tracker or --farm, not both")
@@ -120,7 +121,9 @@ def devices(tracker_addr, farm, as_json):
 
         print_devices(tracker_addr, as_json=as_json)
         return
-    if not (farm or os.environ.get(FARM_ENV)):
+    from tunefarm.core.farm import configured_farm
+
+    if not (farm or configured_farm()):
         raise TunefarmError("which devices? give --tracker HOST:PORT or --farm URL")
     from tunefarm.host.api_client import print_farm_devices
 

@@ -63,6 +63,11 @@ def normalize_farm_url(url: str) -> str:
     return url
 
 
+def configured_farm() -> str | None:
+    """The farm URL from the environment or the client config file, if any."""
+    return os.environ.get(FARM_ENV) or _client_config().get("farm")
+
+
 def farm_settings(farm: str | None = None, token: str | None = None) -> tuple[str, str]:
     """(farm URL, token) from the command line, the environment or the client config file."""
     config = {}
