@@ -69,7 +69,8 @@ def test_cli_missing_job_file(tmp_path):
 
 def test_help_explains_every_command():
     for args in ([], ["tracker"], ["agent"], ["devices"], ["tune"], ["logs", "best"], ["logs", "show"],
-                 ["quickstart"]):
+                 ["quickstart"], ["host", "serve"], ["submit"], ["jobs"], ["follow"], ["cancel"], ["resume"],
+                 ["pull"]):
         proc = subprocess.run([sys.executable, "-m", "tunefarm", *args, "--help"], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4
