@@ -24,10 +24,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .errors import TunefarmError
-from .jobspec import JOB_NAME_RE, ModelSpec, _section
+from .jobspec import JOB_NAME_RE, ModelSpec, _section, read_yaml
 
 BACKENDS = ("tvm-tuned", "tvm-untuned", "torch", "torch-compile", "onnxruntime", "tensorrt")
 TVM_BACKENDS = ("tvm-tuned", "tvm-untuned")
@@ -147,14 +146,4 @@ def compare_from_dict(data: Any, source_path: str | None = None) -> CompareConfi
 
 
 def load_compare(path: str | Path) -> CompareConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise TunefarmError(f"compare file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise TunefarmError(f"{path}: malformed YAML{at}: {problem}") from None
-    return compare_from_dict(data, str(path))
+    return compare_from_dict(read_yaml(path, "compare"), str(path))

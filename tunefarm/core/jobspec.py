@@ -170,15 +170,19 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     )
 
 
-def load_job(path: str | Path) -> TuningJob:
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's data; a one-line TunefarmError for a missing file or malformed YAML."""
     path = Path(path)
     if not path.is_file():
-        raise TunefarmError(f"job file not found: {path}")
+        raise TunefarmError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise TunefarmError(f"{path}: malformed YAML{at}: {problem}") from None
-    return job_from_dict(data, str(path))
+
+
+def load_job(path: str | Path) -> TuningJob:
+    return job_from_dict(read_yaml(path, "job"), str(path))
