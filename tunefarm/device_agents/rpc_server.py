@@ -20,11 +20,12 @@ import argparse
 import json
 import os
 import signal
+import struct
 import sys
 import threading
 import time
 
-from tunefarm.core.wire import INFO_FIELD, parse_hostport
+from tunefarm.core.wire import INFO_FIELD, no_delay, parse_hostport
 
 EXIT_LOOP_ENDED = 3
 EXIT_PARENT_GONE = 4
@@ -47,13 +48,14 @@ def _publish_info(info: dict) -> None:
     """
     from tvm.rpc import base  # pylint: disable=import-outside-toplevel
 
-    original = base.sendjson
-
     def sendjson(sock, data):
         if (isinstance(data, (list, tuple)) and len(data) == 2 and data[0] == base.TrackerCode.UPDATE_INFO
                 and isinstance(data[1], dict)):
             data = [data[0], {**data[1], INFO_FIELD: info}]
-        return original(sock, data)
+        # The stock framing (int32 length + JSON) in one write, not two: a second small write waits
+        # for the tracker's delayed ACK (~40 ms), which delayed every re-registration after a session.
+        body = json.dumps(data).encode("utf-8")
+        sock.sendall(struct.pack("<i", len(body)) + body)
 
     base.sendjson = sendjson
 
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         _log(f"cannot listen on {args.host} ports [{args.port}, {port_end}): {err}")
         return EXIT_LOOP_ENDED
+    no_delay(state.sock)  # the handshake's three small writes otherwise wait for a delayed ACK
     _log(f"agent {info.get('agent_id', '?')} serving key '{args.key}' on {args.host}:{state.port}, "
          f"registering with tracker {tracker_addr[0]}:{tracker_addr[1]}")
     while state.thread.is_alive():

@@ -55,7 +55,7 @@ def device_type_of(target) -> str:
     return "cpu" if kind in ("llvm", "c") else kind
 
 
-def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int, on_wait=None):
+def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int, on_wait=None, priority: int = 2):
     """An RPC session on an agent of ``key``: waits visibly for one, and never longer than ``wait_s``.
 
     The tracker answers a request only when a server is free, and a stale listing can keep it from
@@ -64,9 +64,7 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
     # pylint: disable=import-outside-toplevel
     import threading
 
-    from tvm import rpc
-
-    from tunefarm.tracker.client import TrackerClient
+    from tunefarm.tracker.client import TrackerClient, request_rpc_session
 
     t0 = time.monotonic()
     TrackerClient(*tracker_addr).wait_for_key(key, wait_s, on_wait=on_wait)
@@ -74,7 +72,7 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
 
     def ask():
         try:
-            box["sess"] = rpc.connect_tracker(*tracker_addr).request(key, priority=2, session_timeout=session_timeout)
+            box["sess"] = request_rpc_session(*tracker_addr, key, priority=priority, session_timeout=session_timeout)
         except Exception as err:  # pylint: disable=broad-except
             box["err"] = err
 

@@ -1,16 +1,25 @@
 """FarmRunner: MetaSchedule's Runner interface, measuring candidates on the farm's agents.
 
-Each candidate is measured exactly as stock ``RPCRunner`` does it (same upload, argument
-allocation and ``time_evaluator`` code, imported from TVM), with the gaps a farm cannot inherit
-closed here:
-  * a client-side deadline per candidate (``timeout_sec``: waiting for a free agent, upload and
-    run together), so a batch is bounded by ceil(batch / workers) * timeout_sec;
+A batch of candidates is measured by one thread per agent on the key, each holding **one RPC session
+for the batch** and taking candidates from a shared queue as it finishes the previous one (a fast
+agent measures more). Each candidate is measured exactly as stock ``RPCRunner`` measures it (the same
+upload, argument allocation and ``time_evaluator`` code, imported from TVM), under a name of its own
+so that candidates sharing a session never share a library path. What a farm adds:
   * before each batch the tracker is asked how many agents serve the key: none -> wait up to
-    ``device_wait_sec`` with a visible message, then fail with a one-line NoDeviceError; several ->
-    as many candidates in flight as agents, so every agent on the key is used;
+    ``device_wait_sec`` with a visible message, then a one-line NoDeviceError; several -> one
+    session on each, so every agent on the key is used;
+  * a deadline per candidate (``timeout_sec`` from the moment an agent starts it): a candidate that
+    overruns is reported failed at once and its thread is abandoned; a new thread asks the tracker for
+    a session (another agent, or this one once its server has ended the stuck session at the batch's
+    ``session_timeout``);
+  * an agent that dies costs only its candidate in flight: its thread asks for a new session, and when
+    no agent serves the key any more the candidates left fail at once (the next batch then waits
+    visibly for an agent, as above);
   * each measurement records which agent ran it (``tunefarm.agent.id`` on the agent).
-A killed agent costs only its in-flight candidates: they come back as errors (MetaSchedule scores
-them as failed) and the next batch goes to the agents that remain.
+
+Why not stock's session per candidate: opening one costs a tracker round trip, a request and a
+handshake (~200 ms measured, Nagle's delayed ACKs included) against ~60 ms of device time for a typical
+ResNet-18 candidate; bench/farm_overhead.py measures both ways.
 """
 from __future__ import annotations
 
@@ -18,52 +27,171 @@ import collections
 import concurrent.futures
 import threading
 import time
+import uuid
 from typing import Callable
 
 from tvm.ir.utils import derived_object
-from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RunnerInput, RunnerResult
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.runner import PyRunner, PyRunnerFuture
-from tvm.support.popen_pool import PopenPoolExecutor
 
 from tunefarm.core.errors import TrackerUnreachable
 
+_WATCH_INTERVAL_S = 0.1
 
-def _measure_one(rpc_config, evaluator_config, alloc_repeat, artifact_path, device_type, args_info):
-    """Runs in a pool worker: one candidate on whichever agent the tracker hands out."""
-    # pylint: disable=import-outside-toplevel
-    import os.path as osp
 
-    from tvm.s_tir.meta_schedule.runner import rpc_runner as stock
+class _Candidate:
+    """One candidate of a batch: what to measure, and the future its result goes to."""
 
-    from tunefarm.tracker.client import server_key
+    __slots__ = ("artifact_path", "device_type", "args_info", "remote_name", "future", "started", "worker")
 
-    session = None
-    remote_path = None
-    try:
-        # A request for a key nobody serves waits at the tracker until the deadline kills it; when the
-        # agents are gone, fail now so the batch ends quickly and the next one waits visibly instead.
-        tracker = rpc_config.connect_tracker()
-        if not any(server_key(s) == rpc_config.tracker_key for s in tracker.summary().get("server_info", [])):
-            raise RuntimeError(f"no agent serves key '{rpc_config.tracker_key}' any more")
-        session = tracker.request(key=rpc_config.tracker_key, priority=rpc_config.session_priority,
-                                  session_timeout=rpc_config.session_timeout_sec)
+    def __init__(self, artifact_path: str, device_type: str, args_info: tuple, remote_name: str):
+        self.artifact_path = artifact_path
+        self.device_type = device_type
+        self.args_info = args_info
+        self.remote_name = remote_name
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.started: float | None = None
+        self.worker: int | None = None
+
+    def settle(self, value=None, error: BaseException | None = None) -> bool:
+        """Set the result once; False when it was already settled (e.g. timed out meanwhile)."""
         try:
-            agent_id = session.get_function("tunefarm.agent.id")()
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+            return True
+        except concurrent.futures.InvalidStateError:
+            return False
+
+
+def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repeat: int) -> list[float]:
+    """One candidate on an open session, with stock RPCRunner's own upload/alloc/run functions."""
+    from tvm.s_tir.meta_schedule.runner import rpc_runner as stock  # pylint: disable=import-outside-toplevel
+
+    remote = cand.remote_name
+    try:
+        rt_mod = stock.default_upload_module(session, cand.artifact_path, remote)
+        args = stock.default_alloc_argument(session, device, cand.args_info, alloc_repeat)
+        return [float(c) for c in stock.default_run_evaluator(session, rt_mod, device, evaluator_config, args)]
+    finally:
+        # Stock cleanup also removes the session's work dir (remove("")), which a reused session
+        # still needs: remove this candidate's files only (the whole dir goes when the session ends).
+        for path in (remote, remote + ".so"):
+            try:
+                session.remove(path)
+            except Exception:  # pylint: disable=broad-except
+                pass
+
+
+class _Batch:
+    """Measures a list of candidates with one thread (one RPC session) per agent."""
+
+    def __init__(self, runner: "FarmRunner", cands: list[_Candidate], agents: int):
+        self.runner = runner
+        self.queue = collections.deque(cands)
+        self.cands = cands
+        self.lock = threading.Lock()
+        self.live: set[int] = set()  # worker ids still taking candidates
+        self.abandoned: set[int] = set()
+        self.next_worker = 0
+        # The server ends a session at this timeout: enough for one agent to measure the whole batch.
+        self.session_timeout = int(runner.timeout_sec * len(cands)) + 60
+        for _ in range(max(1, min(agents, len(cands)))):
+            self._start_worker()
+        threading.Thread(target=self._watch, name="farm-runner-watch", daemon=True).start()
+
+    def _start_worker(self) -> None:
+        with self.lock:
+            wid = self.next_worker
+            self.next_worker += 1
+            self.live.add(wid)
+        threading.Thread(target=self._work, args=(wid,), name=f"farm-runner-{wid}", daemon=True).start()
+
+    def _open(self):
+        # pylint: disable=import-outside-toplevel
+        from tunefarm.host.evaluate import request_session
+
+        runner = self.runner
+        if runner.tracker.servers_for_key(runner.key) == 0:
+            raise RuntimeError(f"no agent serves key '{runner.key}' any more")
+        session = request_session(runner.tracker_addr, runner.key, runner.device_wait_sec, self.session_timeout,
+                                  priority=1)
+        try:
+            agent_id = str(session.get_function("tunefarm.agent.id")())
         except Exception:  # pylint: disable=broad-except
             agent_id = "unknown (not a tunefarm agent)"
-        device = session.device(device_type, 0)
-        _, remote_path = osp.split(artifact_path)
-        rt_mod = stock.default_upload_module(session, artifact_path, remote_path)
-        args = stock.default_alloc_argument(session, device, args_info, alloc_repeat)
-        costs = stock.default_run_evaluator(session, rt_mod, device, evaluator_config, args)
-        return list(costs), str(agent_id)
-    finally:
-        stock.default_cleanup(session, remote_path)
+        return session, agent_id
+
+    def _work(self, wid: int) -> None:
+        session = device = agent_id = None
+        device_type = None
+        try:
+            while True:
+                with self.lock:
+                    if wid in self.abandoned or not self.queue:
+                        return
+                    cand = self.queue.popleft()
+                if session is None:
+                    try:
+                        session, agent_id = self._open()
+                    except Exception as err:  # pylint: disable=broad-except
+                        with self.lock:
+                            self.queue.appendleft(cand)  # for a worker that has a session
+                        self.runner.last_session_error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                        return
+                    device_type = None
+                if device_type != cand.device_type:
+                    device = session.device(cand.device_type, 0)
+                    device_type = cand.device_type
+                with self.lock:
+                    if wid in self.abandoned:
+                        self.queue.appendleft(cand)
+                        return
+                    cand.started = time.monotonic()
+                    cand.worker = wid
+                try:
+                    costs = _measure_on(session, device, cand, self.runner.evaluator_config, 1)
+                except Exception as err:  # pylint: disable=broad-except
+                    cand.settle(error=err)
+                    session = None  # the session may be dead (agent gone, session crashed): a fresh one next
+                    continue
+                cand.settle((costs, agent_id))
+        finally:
+            with self.lock:
+                self.live.discard(wid)
+
+    def _watch(self) -> None:
+        """Enforce per-candidate deadlines; fail what is left once no worker can take it."""
+        timeout = self.runner.timeout_sec
+        while True:
+            restart = 0
+            orphaned: list[_Candidate] = []
+            with self.lock:
+                if all(c.future.done() for c in self.cands):
+                    return
+                now = time.monotonic()
+                for cand in self.cands:
+                    if cand.started is not None and not cand.future.done() and now - cand.started > timeout:
+                        cand.settle(error=TimeoutError())
+                        if cand.worker not in self.abandoned:
+                            self.abandoned.add(cand.worker)
+                            self.live.discard(cand.worker)
+                            restart += 1
+                if not self.live and not restart and self.queue:
+                    orphaned = list(self.queue)
+                    self.queue.clear()
+            for _ in range(restart if self.queue else 0):
+                self._start_worker()
+            reason = self.runner.last_session_error or f"no agent on key '{self.runner.key}' took it"
+            for cand in orphaned:
+                cand.settle(error=RuntimeError(f"not measured: {reason}"))
+            time.sleep(_WATCH_INTERVAL_S)
 
 
 @derived_object
 class FarmRunnerFuture(PyRunnerFuture):
-    """A candidate in flight; ``result()`` never raises and never blocks past the deadline."""
+    """A candidate in flight; ``result()`` never raises (the batch's watcher bounds the wait)."""
 
     def __init__(self, future: concurrent.futures.Future, timeout_sec: float, on_done: Callable):
         super().__init__()
@@ -79,8 +207,8 @@ class FarmRunnerFuture(PyRunnerFuture):
             costs, agent_id = self.future.result()
         except TimeoutError:
             self.on_done(None, "timeout")
-            return RunnerResult(None, f"FarmRunner: no result within {self.timeout_sec:g} s "
-                                      "(agent busy, gone or too slow); candidate dropped")
+            return RunnerResult(None, f"FarmRunner: no result within {self.timeout_sec:g} s of the agent "
+                                      "starting it (agent frozen or candidate too slow); candidate dropped")
         except Exception as err:  # pylint: disable=broad-except
             self.on_done(None, "error")
             return RunnerResult(None, f"FarmRunner: measurement failed\n{err}")
@@ -100,17 +228,15 @@ class FarmRunner(PyRunner):
         from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
         self.key = key
+        self.tracker_addr = (tracker_host, int(tracker_port))
         self.tracker = TrackerClient(tracker_host, tracker_port)
-        self.rpc_config = RPCConfig(tracker_host=tracker_host, tracker_port=tracker_port, tracker_key=key,
-                                    session_priority=1, session_timeout_sec=int(timeout_sec) + 1)
         self.evaluator_config = EvaluatorConfig._normalized(evaluator_config)  # pylint: disable=protected-access
         self.timeout_sec = timeout_sec
         self.device_wait_sec = device_wait_sec
-        self.max_workers = max_workers
+        self.max_workers = max_workers  # most agents measured at once
         self.on_wait = on_wait
         self.cache = cache  # MeasuredCache shared with the builder
-        self._pool = None
-        self._pool_size = 0
+        self.last_session_error = ""
         self._lock = threading.Lock()
         self.per_agent = collections.Counter()  # agent id -> candidates measured
         self.failures = collections.Counter()  # "timeout" / "error" -> count
@@ -121,15 +247,6 @@ class FarmRunner(PyRunner):
             return self.tracker.wait_for_key(self.key, self.device_wait_sec, on_wait=self.on_wait)
         except TrackerUnreachable as err:
             raise TrackerUnreachable(f"lost the tracker during tuning: {err}") from None
-
-    def _get_pool(self, size: int) -> PopenPoolExecutor:
-        size = max(1, min(size, self.max_workers))
-        if self._pool is None or size != self._pool_size:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self._pool = PopenPoolExecutor(max_workers=size, timeout=self.timeout_sec)
-            self._pool_size = size
-        return self._pool
 
     def _record(self, agent_id, status):
         with self._lock:
@@ -151,14 +268,18 @@ class FarmRunner(PyRunner):
                 todo.append(i)
         if not todo:
             return futures  # type: ignore[return-value]
-        agents = self.agents_available()
-        pool = self._get_pool(agents)
-        for i in todo:
+        agents = min(self.agents_available(), self.max_workers)
+        self.last_session_error = ""
+        batch_id = uuid.uuid4().hex[:8]
+        cands = []
+        for n, i in enumerate(todo):
             inp = runner_inputs[i]
-            fut = pool.submit(_measure_one, self.rpc_config, self.evaluator_config, 1,
-                              str(inp.artifact_path), str(inp.device_type),
-                              tuple(a.as_json() for a in inp.args_info))
-            futures[i] = FarmRunnerFuture(fut, self.timeout_sec, self._recorder(str(inp.artifact_path)))
+            path = str(inp.artifact_path)
+            cand = _Candidate(path, str(inp.device_type), tuple(a.as_json() for a in inp.args_info),
+                              f"cand-{batch_id}-{n}{_suffix(path)}")
+            cands.append(cand)
+            futures[i] = FarmRunnerFuture(cand.future, self.timeout_sec, self._recorder(path))
+        _Batch(self, cands, agents)
         return futures  # type: ignore[return-value]
 
     def _recorder(self, artifact_path: str):
@@ -169,7 +290,10 @@ class FarmRunner(PyRunner):
         return record
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self.tracker.close()
 
+
+def _suffix(path: str) -> str:
+    """The artifact's extension (.tar, .so): the agent's load_module picks its loader by it."""
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.split(".", 1)[1] if "." in name else ""

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TrackerUnreachable
-from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
+from tunefarm.core.wire import INFO_FIELD, DeviceInfo, no_delay, parse_hostport
 
 CONNECT_TIMEOUT_S = 5.0  # TCP connect + tracker handshake
 CALL_TIMEOUT_S = 10.0  # one SUMMARY round trip
@@ -73,7 +73,23 @@ def _connect_session(host: str, port: int, timeout: float):
     sock = getattr(session, "_sock", None)
     if sock is not None:
         sock.settimeout(CALL_TIMEOUT_S)
+        no_delay(sock)
     return session
+
+
+def request_rpc_session(host: str, port: int, key: str, priority: int, session_timeout: int):
+    """``tvm.rpc.connect_tracker(host, port).request(key, ...)``, the tracker socket without Nagle's delay.
+
+    Blocks until the tracker hands out a server of ``key`` (callers bound the wait).
+    """
+    from tvm import rpc  # pylint: disable=import-outside-toplevel
+
+    tracker = rpc.connect_tracker(host, port)
+    no_delay(getattr(tracker, "_sock", None))
+    try:
+        return tracker.request(key, priority=priority, session_timeout=session_timeout)
+    finally:
+        tracker.close()
 
 
 def server_key(info: dict[str, Any]) -> str | None:

@@ -108,9 +108,43 @@ class _Watcher:
             self.client.close()
 
 
+def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
+    """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay."""
+    # pylint: disable=import-outside-toplevel
+    from tvm.rpc import tracker as stock
+
+    from tunefarm.core.wire import no_delay
+
+    original = stock.TrackerServerHandler.__init__
+
+    def init(self, sock, stop_key):
+        no_delay(sock)  # inherited by every connection the tracker accepts
+        original(self, sock, stop_key)
+
+    stock.TrackerServerHandler.__init__ = init
+    return stock._popen_start_tracker_server(host, port, port_end, silent)  # pylint: disable=protected-access
+
+
+def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True):
+    """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)``, with ``TCP_NODELAY`` on its connections.
+
+    Same process layout as the stock class (a PopenWorker runs the tracker) and the same object back,
+    so ``terminate()`` works as usual; only the function sent to the worker differs.
+    """
+    # pylint: disable=import-outside-toplevel
+    from tvm.support.popen_pool import PopenWorker
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker.__new__(Tracker)
+    tracker.proc = PopenWorker()
+    tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent])
+    tracker.port, tracker.stop_key = tracker.proc.recv()
+    tracker.host = host
+    return tracker
+
+
 def run_tracker(host: str, port: int) -> None:
     """Run the tracker on exactly ``host:port`` until SIGINT/SIGTERM; then stop it and return."""
-    from tvm.rpc.tracker import Tracker  # pylint: disable=import-outside-toplevel
 
     _check_port_free(host, port)
     stop = threading.Event()
@@ -120,7 +154,7 @@ def run_tracker(host: str, port: int) -> None:
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tracker = Tracker(host, port, port_end=port + 1, silent=True)
+        tracker = start_stock_tracker(host, port, port + 1, silent=True)
     except (ValueError, OSError) as err:  # the tracker process reports a failed bind this way
         raise TunefarmError(f"cannot start the tracker on {host}:{port}: {err}") from None
     watcher = _Watcher(_local_addr(host), tracker.port)
