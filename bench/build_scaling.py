@@ -90,9 +90,8 @@ def timed_build(builder, inputs) -> dict:
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
     from tunefarm.host.builder import FarmBuilder
-    from tunefarm.tracker.client import TrackerClient, check_tracker
+    from tunefarm.host.localfarm import LocalFarm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="1,2")
@@ -141,40 +140,25 @@ def main():
         finally:
             os.sched_setaffinity(0, cores)
 
-    port = free_port()
     work = Path(args.logs) if args.logs else out / ".build_scaling_logs"
-    tracker = start_tunefarm(["tracker", "--host", "127.0.0.1", "--port", port], work / "tracker.log")
-    try:
-        def up():
-            try:
-                check_tracker("127.0.0.1", port)
-                return True
-            except Exception:  # pylint: disable=broad-except
-                return False
-        wait_until(up, 60, what="tracker")
-        client = TrackerClient("127.0.0.1", port)
+    with LocalFarm(work) as farm:
         for n in [int(x) for x in args.agents.split(",") if x]:
             if n * args.cores_per_agent > len(cores):
                 print(f"skip {n} agents: needs {n * args.cores_per_agent} cores", flush=True)
                 continue
-            agents = [start_tunefarm(["agent", "--tracker", f"127.0.0.1:{port}", "--key", "build", "--host", "127.0.0.1",
-                                      "--port", free_port()], work / f"agent-{n}-{i}.log",
-                                     cpus=cores[i * args.cores_per_agent:(i + 1) * args.cores_per_agent])
-                      for i in range(n)]
             try:
-                wait_until(lambda: client.servers_for_key("build") >= n, 180, what=f"{n} build agents")
-                builder = FarmBuilder(timeout_sec=300, build_key="build", tracker=("127.0.0.1", port))
+                for i in range(n):
+                    farm.add_agent("build", cpus=cores[i * args.cores_per_agent:(i + 1) * args.cores_per_agent],
+                                   name=f"agent-{n}-{i}", wait=False)
+                farm.wait_for_agents("build", n)
+                builder = FarmBuilder(timeout_sec=300, build_key="build", tracker=farm.tracker_addr)
                 builder.build(inputs[:n])  # first session per agent: imports are paid before timing
                 builder.remote_builds.clear()
                 row = timed_build(builder, inputs)
                 row["per_agent"] = builder.remote_builds
                 record(f"agents-{n}", row)
             finally:
-                for proc in agents:
-                    stop_process(proc)
-                wait_until(lambda: client.servers_for_key("build") == 0, 60, what="agents to leave")
-    finally:
-        stop_process(tracker)
+                farm.stop_agents("build")
 
     print(write_results(out, stem, meta, rows))
 

@@ -271,30 +271,16 @@ def tvm_row(study: Study, name: str, module, target, tracker, build_dir: Path, m
 # ----------------------------------------------------------------------------- farm
 
 def start_farm(work_dir: Path, agent_target: str):
-    from tunefarm.core.errors import TunefarmError
-    from tunefarm.core.procs import free_port, start_tunefarm, wait_until
-    from tunefarm.tracker.client import TrackerClient, check_tracker
+    """Tracker + one agent on key KEY serving ``agent_target`` (a LocalFarm; the caller closes it)."""
+    from tunefarm.host.localfarm import LocalFarm
 
-    port = free_port()
-    tracker = start_tunefarm(["tracker", "--host", "127.0.0.1", "--port", port], work_dir / "tracker.log")
-
-    def up():
-        try:
-            check_tracker("127.0.0.1", port)
-            return True
-        except TunefarmError:
-            return tracker.poll() is not None
-
-    wait_until(up, 60, what="the tracker")
-    if tracker.poll() is not None:
-        raise RuntimeError(f"the tracker exited at start; see {work_dir / 'tracker.log'}")
-    agent = start_tunefarm(["agent", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--target", agent_target,
-                            "--host", "127.0.0.1", "--port", free_port()], work_dir / "agent.log")
-    client = TrackerClient("127.0.0.1", port)
-    wait_until(lambda: agent.poll() is not None or client.servers_for_key(KEY) > 0, 180, what="the agent")
-    if agent.poll() is not None:
-        raise RuntimeError(f"the agent exited at start; see {work_dir / 'agent.log'}")
-    return tracker, agent, port, client
+    farm = LocalFarm(work_dir).__enter__()
+    try:
+        farm.add_agent(KEY, "--target", agent_target, name="agent")
+    except Exception:
+        farm.close()
+        raise
+    return farm
 
 
 def agent_target_for(device: str) -> tuple[str, str]:
@@ -548,7 +534,6 @@ def main() -> int:
     import tvm
 
     from tunefarm.core.jobspec import ModelSpec, job_from_dict
-    from tunefarm.core.procs import stop_process
     from tunefarm.host.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.core.targets import target_to_json
@@ -578,10 +563,11 @@ def main() -> int:
 
     agent_arg, agent_why = agent_target_for(device)
     meta.update({"agent_target_arg": agent_arg, "agent_target_why": agent_why})
-    tracker_proc = agent_proc = None
+    farm = None
     try:
-        tracker_proc, agent_proc, port, client = start_farm(work_dir, agent_arg)
-        tracker_addr = ("127.0.0.1", port)
+        farm = start_farm(work_dir, agent_arg)
+        port, client = farm.port, farm.client
+        tracker_addr = farm.tracker_addr
         study.step("farm up", tracker_port=port)
         log(f"tracker 127.0.0.1:{port}, agent on key '{KEY}' ({agent_why})")
 
@@ -679,10 +665,8 @@ def main() -> int:
         traceback.print_exc()
         return 1
     finally:
-        if agent_proc is not None:
-            stop_process(agent_proc)
-        if tracker_proc is not None:
-            stop_process(tracker_proc)
+        if farm is not None:
+            farm.close()
     print(render_markdown(study.data))
     return 0
 

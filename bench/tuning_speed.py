@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -67,69 +68,79 @@ def measure_local(mod, target, database, repeat=30) -> dict:
     return stats
 
 
+def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int, per_task: int, per_iter: int,
+              population: int, warm_start: bool = False, build_key: str = "", builder_workers: int = 0):
+    """The tuning job every benchmark runs: a torchvision model at batch 1, the same runner settings as stock's
+    (number=2, min_repeat_ms=20), seed 0."""
+    from tunefarm.core.jobspec import job_from_dict
+    from tunefarm.core.targets import target_to_json
+
+    return job_from_dict({
+        "name": name, "model": {"source": "torchvision", "name": model, "input_shape": [1, 3, 224, 224]},
+        "device": {"key": key, "tracker": tracker}, "target": target_to_json(target),
+        "tuning": {"max_trials_global": trials, "max_trials_per_task": per_task, "num_trials_per_iter": per_iter,
+                   "population_size": population, "seed": 0, "warm_start": warm_start},
+        "builder": {"workers": builder_workers, "timeout_sec": 300 if build_key else 120, "key": build_key},
+        "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
+
+
 def run_stock(mod, target, args, work_dir: Path) -> dict:
     from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.tuning import time_split
 
     extracted = ms.relax_integration.extract_tasks(mod, target)
     weights = [float(t.weight) for t in extracted]
     events: list = []
     t0 = [time.time()]
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [best_curve_callback(events, weights, t0)]
-    db = ms.relax_integration.tune_relax(
-        mod, None, target, work_dir=str(work_dir), max_trials_global=args.trials,
-        max_trials_per_task=args.per_iter, num_trials_per_iter=args.per_iter,
-        builder=ms.builder.LocalBuilder(timeout_sec=args.builder_timeout), runner=ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(number=2, repeat=1, min_repeat_ms=20)),
-        measure_callbacks=callbacks, seed=0)
+    profiler = ms.Profiler()
+    with profiler:
+        db = ms.relax_integration.tune_relax(
+            mod, None, target, work_dir=str(work_dir), max_trials_global=args.trials,
+            max_trials_per_task=args.per_iter, num_trials_per_iter=args.per_iter,
+            builder=ms.builder.LocalBuilder(timeout_sec=args.builder_timeout), runner=ms.runner.LocalRunner(
+                evaluator_config=ms.runner.EvaluatorConfig(number=2, repeat=1, min_repeat_ms=20)),
+            measure_callbacks=callbacks, seed=0)
     wall = time.time() - t0[0]
-    return {"wall_s": wall, "curve": events, "database": db}
+    split = time_split({str(k): float(v) for k, v in profiler.get().items()}, wall)
+    return {"wall_s": wall, "curve": events, "database": db, "time_split": split}
 
 
-def run_farm(mod, target, args, work_dir: Path, model_name: str) -> dict:
+def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int, budget_factor: int = 1,
+             keep: str = "") -> dict:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.core.jobspec import job_from_dict
-    from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
-    from tunefarm.core.targets import target_to_json
+    from tunefarm.host.localfarm import LocalFarm
     from tunefarm.host.tuning import tune_job
-    from tunefarm.tracker.client import TrackerClient, check_tracker
 
-    port = free_port()
-    tracker = start_tunefarm(["tracker", "--host", "127.0.0.1", "--port", port], work_dir / "tracker.log")
-    agent = None
-    try:
-        def up():
-            try:
-                check_tracker("127.0.0.1", port)
-                return True
-            except Exception:  # pylint: disable=broad-except
-                return False
-        wait_until(up, 60, what="tracker")
-        agent = start_tunefarm(["agent", "--tracker", f"127.0.0.1:{port}", "--key", "bench", "--host", "127.0.0.1",
-                                "--port", free_port()], work_dir / "agent.log")
-        client = TrackerClient("127.0.0.1", port)
-        wait_until(lambda: client.servers_for_key("bench") > 0, 120, what="agent")
-        job = job_from_dict({
-            "name": "bench", "model": {"source": "torchvision", "name": model_name, "input_shape": [1, 3, 224, 224]},
-            "device": {"key": "bench", "tracker": f"127.0.0.1:{port}"}, "target": target_to_json(target),
-            "tuning": {"max_trials_global": args.trials, "max_trials_per_task": args.per_iter,
-                       "num_trials_per_iter": args.per_iter, "population_size": args.population, "seed": 0},
-            "builder": {"workers": 0, "timeout_sec": 120},
-            "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
+    with LocalFarm(work_dir) as farm:
+        farm.add_agent("bench")
+        job = bench_job("bench", model_name, farm.addr, "bench", target, args.trials * budget_factor,
+                        args.per_iter * budget_factor, args.per_iter, population)
         t0 = time.time()
         tuned = tune_job(job, logs_dir=str(work_dir))
         wall = time.time() - t0
-        curve = [json.loads(l) for l in (work_dir / "bench" / "progress.jsonl").read_text().splitlines()]
-        shift = curve[0]["time"] - curve[0]["elapsed_s"] - t0 if curve else 0.0
-        for ev in curve:  # elapsed from the start of tune_job, like the stock curve
-            ev["elapsed_s"] = ev["elapsed_s"] + shift
-        assert tuned["mod"] is not None
-        return {"wall_s": wall, "tuning_wall_s": tuned["tuning_wall_s"], "curve": curve,
-                "database": tuned["database"], "mod": tuned["mod"]}
-    finally:
-        if agent is not None:
-            stop_process(agent)
-        stop_process(tracker)
+    curve = [json.loads(l) for l in (work_dir / "bench" / "progress.jsonl").read_text().splitlines()]
+    shift = curve[0]["time"] - curve[0]["elapsed_s"] - t0 if curve else 0.0
+    for ev in curve:  # elapsed from the start of tune_job, like the stock curve
+        ev["elapsed_s"] = ev["elapsed_s"] + shift
+    assert tuned["mod"] is not None
+    if keep:  # the job directory, for bench/model_latency.py
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(work_dir / "bench", keep)
+    return {"wall_s": wall, "tuning_wall_s": tuned["tuning_wall_s"], "curve": curve,
+            "database": tuned["database"], "mod": tuned["mod"], "time_split": tuned["time_split"]}
+
+
+def time_to_reach(curve: list, target_ms: float | None) -> float | None:
+    """First wall time at which the best estimated latency is at or below ``target_ms``."""
+    if target_ms is None:
+        return None
+    for ev in curve:
+        if ev.get("estimated_ms") and ev["estimated_ms"] <= target_ms * (1 + 1e-9):
+            return ev["elapsed_s"]
+    return None
 
 
 def plot(results: dict, model: str, trials: int, cpus: int, path: Path) -> None:
@@ -175,6 +186,9 @@ def main():
     parser.add_argument("--builder-timeout", type=float, default=120.0,
                         help="stock LocalBuilder timeout; its default 30 s kills every build on a loaded 2-core "
                              "machine, since each fresh worker first imports all tensor intrinsics (~20 s CPU)")
+    parser.add_argument("--long-factor", type=int, default=4,
+                        help="also run tunefarm with this many times the budget (time to stock's final estimate; 0: skip)")
+    parser.add_argument("--keep", default="", help="copy the long run's job directory here (for model_latency.py)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier results JSON")
     args = parser.parse_args()
@@ -188,17 +202,26 @@ def main():
     model = load_model(ModelSpec("torchvision", args.model, None, [1, 3, 224, 224]))
     mod = fuse_for_tuning(to_relax(model), target)
     work = Path(tempfile.mkdtemp(prefix="tuning-speed-"))
+    load_start = os.getloadavg()
     results = {}
     print(f"stock tune_relax: {args.trials} trials ...", flush=True)
     stock = run_stock(mod, target, args, work / "stock")
     results["stock"] = {"wall_s": stock["wall_s"], "curve": stock["curve"],
                         "latency": measure_local(mod, target, stock["database"])}
     print(f"  {stock['wall_s']:.0f} s, measured {results['stock']['latency']['median_ms']:.2f} ms", flush=True)
-    print(f"tunefarm tune: {args.trials} trials ...", flush=True)
-    farm = run_farm(mod, target, args, work / "farm", args.model)
-    results["tunefarm"] = {"wall_s": farm["wall_s"], "tuning_wall_s": farm["tuning_wall_s"], "curve": farm["curve"],
-                           "latency": measure_local(farm["mod"], target, farm["database"])}
-    print(f"  {farm['wall_s']:.0f} s, measured {results['tunefarm']['latency']['median_ms']:.2f} ms", flush=True)
+    results["stock"]["time_split"] = stock["time_split"]
+    configs = [("tunefarm", args.population, 1, ""), ("tunefarm-pop512", 512, 1, ""),
+               (f"tunefarm-{args.long_factor}x-budget", args.population, args.long_factor, args.keep)]
+    for name, population, factor, keep in configs:
+        if factor < 1:
+            continue
+        print(f"{name}: {args.trials * factor} trials, population {population} ...", flush=True)
+        farm = run_farm(mod, target, args, work / name, args.model, population, factor, keep)
+        results[name] = {"wall_s": farm["wall_s"], "tuning_wall_s": farm["tuning_wall_s"], "curve": farm["curve"],
+                         "latency": measure_local(farm["mod"], target, farm["database"]),
+                         "time_split": farm["time_split"], "population": population, "budget": args.trials * factor}
+        print(f"  {farm['wall_s']:.0f} s, measured {results[name]['latency']['median_ms']:.2f} ms", flush=True)
+    results["stock"].update({"population": 512, "budget": args.trials})
 
     for res in results.values():
         trials = res["curve"][-1]["trials"] if res["curve"] else 0
@@ -206,34 +229,58 @@ def main():
         res["trials_per_min"] = trials / (res["wall_s"] / 60)
         ests = [e["estimated_ms"] for e in res["curve"] if e.get("estimated_ms")]
         res["best_estimated_ms"] = min(ests) if ests else None
+    stock_final = results["stock"]["best_estimated_ms"]
+    for res in results.values():
+        res["reached_stock_final_s"] = time_to_reach(res["curve"], stock_final)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"tuning_speed-{args.model}"
     meta = {"builder_timeout_stock": args.builder_timeout, "model": args.model, "trials": args.trials, "per_iter": args.per_iter, "farm_population": args.population,
             "stock_population": 512, "target": str(target), "machine": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(), "tvm": tvm.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "cpus": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "tvm": tvm.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
     plot(results, args.model, args.trials, meta["cpus"], stem.with_suffix(".png"))
 
-    s, f = results["stock"], results["tunefarm"]
+    s = results["stock"]
     lines = [f"# Tuning speed: {args.model}, {args.trials} trials ({args.per_iter} per round), {meta['date']}", "",
-             f"Machine: {meta['cpus']} cores, target `{meta['target']}`, TVM {meta['tvm']}.", "",
-             "| configuration | wall s | trials | trials/min | best estimated ms | measured median ms | tuned functions |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"Machine: {meta['cpus']} cores, target `{meta['target']}`, TVM {meta['tvm']}; load average "
+             f"{load_start[0]:.1f} at start, {meta['load_avg_end'][0]:.1f} at the end (1-minute). All rows in one "
+             "run, one after the other.", "",
+             "| configuration | population | budget | wall s | trials | trials/min | best estimated ms "
+             "| reached stock's final estimate at s | measured median ms | tuned functions |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, res in results.items():
         est = res["best_estimated_ms"]
-        lines.append(f"| {name} | {res['wall_s']:.0f} | {res['trials']} | {res['trials_per_min']:.1f} | "
-                     f"{est:.2f} | {res['latency']['median_ms']:.2f} | {res['latency']['tuned_functions']} |"
-                     if est else f"| {name} | {res['wall_s']:.0f} | {res['trials']} | {res['trials_per_min']:.1f} | - | "
+        reached = res["reached_stock_final_s"]
+        lines.append(f"| {name} | {res['population']} | {res['budget']} | {res['wall_s']:.0f} | {res['trials']} | "
+                     f"{res['trials_per_min']:.1f} | {f'{est:.2f}' if est else '-'} | "
+                     f"{f'{reached:.0f}' if reached is not None else 'never'} | "
                      f"{res['latency']['median_ms']:.2f} | {res['latency']['tuned_functions']} |")
-    lines += ["", f"stock: population 512 (default), LocalBuilder timeout {args.builder_timeout:g} s (default 30 s "
-              "times out every build on this machine under load), LocalRunner; tunefarm: population "
-              f"{args.population}, warm FarmBuilder, measured through tracker + agent. Both: number=2, "
-              "min_repeat_ms=20, per-task cap = trials per round.", "",
-              f"Ratios (tunefarm / stock): wall {f['wall_s'] / s['wall_s']:.2f}, trials/min "
-              f"{f['trials_per_min'] / s['trials_per_min']:.2f}, measured latency "
-              f"{f['latency']['median_ms'] / s['latency']['median_ms']:.2f}"]
+    lines += ["", "Where the time went (MetaSchedule's profiler; seconds): search = evolutionary search incl. "
+              "cost-model prediction, build = SendToBuilder, measure = SendToRunner + JoinRunnerFutures, "
+              "update = cost-model training + database, other = the rest of the wall time.", "",
+              "| configuration | search | build | measure | update | other |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, res in results.items():
+        t = res["time_split"]
+        lines.append(f"| {name} | {t['search_s']:.0f} | {t['build_s']:.0f} | {t['measure_s']:.0f} | "
+                     f"{t['model_update_s']:.0f} | {t['other_s']:.0f} |")
+    lines += ["", f"stock: tune_relax defaults (population 512), LocalBuilder timeout {args.builder_timeout:g} s "
+              "(default 30 s times out every build on this machine under load), LocalRunner. tunefarm: `tunefarm "
+              "tune` (warm FarmBuilder, measured through tracker + agent, cold: no warm start). All: number=2, "
+              "min_repeat_ms=20, per-task cap = trials per round x budget factor, seed 0.", "",
+              "Estimates are the sum over tasks of best measured time x task weight (MetaSchedule's own "
+              "measurements); the measured median is the compiled model run here after tuning (one round per "
+              "task is mostly luck of the first sample: compare estimates across rows with that in mind).", "",
+              "Ratios (tunefarm row / stock):"]
+    for name, res in results.items():
+        if name == "stock":
+            continue
+        reach = (f"{res['reached_stock_final_s'] / s['reached_stock_final_s']:.3f}"
+                 if res["reached_stock_final_s"] is not None and s["reached_stock_final_s"] else "never reached")
+        lines.append(f"- {name}: time to stock's final estimate {reach}, wall {res['wall_s'] / s['wall_s']:.2f}, "
+                     f"trials/min {res['trials_per_min'] / s['trials_per_min']:.2f}, measured latency "
+                     f"{res['latency']['median_ms'] / s['latency']['median_ms']:.2f}")
     (stem.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)

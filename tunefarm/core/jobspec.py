@@ -45,7 +45,10 @@ class TuningSpec:
     max_trials_per_task: int | None = None
     num_trials_per_iter: int = 16
     cost_model: str = "xgb"  # xgb | random
-    population_size: int = 256  # evolutionary search population per round (stock: 512)
+    # Evolutionary search population per round: stock's 512. On ResNet-18 with one round of 8 per task,
+    # 128 ended at 134 ms and 512 at 68.5 ms (bench/results/tuning_speed-resnet18.md): a smaller population
+    # searches faster but picks worse candidates, and on a real farm the trials are the expensive part.
+    population_size: int = 512
     seed: int | None = 0
     warm_start: bool = True  # seed a new job from earlier jobs' records for the same target
     warm_start_top_k: int = 8  # records taken per shared workload

@@ -31,7 +31,7 @@ class LocalFarm:
         self.agent_wait_s = agent_wait_s
         self.port = 0
         self.tracker: subprocess.Popen | None = None
-        self.agents: list[subprocess.Popen] = []
+        self.agents: list[tuple[str, subprocess.Popen]] = []  # (key, process)
         self.client = None
 
     @property
@@ -78,7 +78,7 @@ class LocalFarm:
         log = self.logs_dir / f"{name or f'agent-{key}-{len(self.agents)}'}.log"
         proc = start_tunefarm(["agent", "--tracker", self.addr, "--key", key, "--host", HOST, "--port", free_port(HOST),
                                *extra_args], log, cpus=cpus)
-        self.agents.append(proc)
+        self.agents.append((key, proc))
         if wait:
             try:
                 wait_until(lambda: proc.poll() is not None or self.client.servers_for_key(key) > before,
@@ -100,15 +100,16 @@ class LocalFarm:
                                 f"{self.agent_wait_s:.0f} s; see the agent logs in {self.logs_dir}") from None
 
     def stop_agents(self, key: str | None = None) -> None:
-        """Stop every agent started here (and, with ``key``, wait until the tracker lists none on it)."""
-        for proc in self.agents:
-            stop_process(proc)
-        self.agents.clear()
+        """Stop the agents started here on ``key`` (all of them without one); wait until the tracker drops them."""
+        for agent_key, proc in self.agents:
+            if key is None or agent_key == key:
+                stop_process(proc)
+        self.agents = [(k, p) for k, p in self.agents if p.poll() is None]
         if key is not None and self.client is not None:
             wait_until(lambda: self.client.servers_for_key(key) == 0, 60, what=f"agents on '{key}' to leave")
 
     def close(self) -> None:
-        for proc in self.agents:
+        for _, proc in self.agents:
             stop_process(proc)
         self.agents.clear()
         if self.client is not None:

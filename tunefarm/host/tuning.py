@@ -24,6 +24,7 @@ from tunefarm.core.wire import parse_hostport
 STATE_FILE = "job_state.json"
 PROGRESS_FILE = "progress.jsonl"
 TASKS_FILE = "tasks.json"
+PROFILE_FILE = "profile.json"  # where the tuning time went (MetaSchedule profiler scopes)
 
 
 def _console():
@@ -142,6 +143,29 @@ def _make_progress_callback(progress: JobProgress):
             progress.on_batch(task_id, costs, errors)
 
     return ProgressCallback()
+
+
+def time_split(profile: dict[str, float], wall_s: float) -> dict[str, float]:
+    """MetaSchedule's profiler scopes (seconds) grouped into where a tuning run's time goes.
+
+    search: evolutionary search (sampling, mutation, cost-model prediction); build: SendToBuilder
+    (the builder's whole batch); measure: SendToRunner + JoinRunnerFutures (what the runner keeps
+    the host waiting for); model_update: training the cost model and the database on each batch;
+    other: the rest of the wall time (task scheduling, Python callbacks, progress output).
+    """
+    # Scopes nest ("EvoSearch/Evolve/Misc" holds ".../CopyMeasuredWorkloads"): count outermost ones only.
+    outer = {k: v for k, v in profile.items()
+             if k != "Total" and not any(k.startswith(j + "/") for j in profile if j != k)}
+
+    def total(prefixes):
+        return sum(v for k, v in outer.items() if k.startswith(prefixes))
+
+    split = {"search_s": total(("EvoSearch",)), "build_s": total(("SendToBuilder",)),
+             "measure_s": total(("SendToRunner", "JoinRunnerFutures")),
+             "model_update_s": total(("MeasureCallback",)), "wall_s": wall_s}
+    split["other_s"] = max(0.0, wall_s - sum(v for k, v in split.items() if k != "wall_s"))
+    split["scopes"] = profile
+    return split
 
 
 def records_per_workload(database) -> dict[str, list[float]]:
@@ -331,8 +355,9 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
                                 enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
         callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_progress_callback(progress)]
         t0 = time.time()
+        profiler = ms.Profiler()
         try:
-            with progress.progress:
+            with progress.progress, profiler:
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir),
                               max_trials_global=remaining, max_trials_per_task=per_task_cap,
                               num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
@@ -347,6 +372,8 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
             builder.shutdown()
             runner.shutdown()
         wall = time.time() - t0
+        profile = {str(k): float(v) for k, v in profiler.get().items()}
+        (job_dir / PROFILE_FILE).write_text(json.dumps(time_split(profile, wall), indent=2))
         if progress.trials > trials_before and progress.run_ok == 0:
             # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
             first = (progress.first_error or "").splitlines()
@@ -361,7 +388,8 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     return {"job": job, "job_dir": job_dir, "model": model, "target": target, "mod": mod,
             "database": database, "task_names": task_names, "task_weights": task_weights,
             "task_keys": task_keys, "tuning_wall_s": wall, "runner_stats": runner_stats,
-            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before, "on_wait": on_wait}
+            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before, "on_wait": on_wait,
+            "time_split": json.loads((job_dir / PROFILE_FILE).read_text()) if (job_dir / PROFILE_FILE).is_file() else {}}
 
 
 def _root_cause(err: BaseException) -> str:

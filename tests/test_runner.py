@@ -1,0 +1,122 @@
+"""FarmRunner on a real tracker and agent: one session per batch, a library per candidate, deadlines.
+
+The candidates are plain TE kernels built by FarmBuilder (what MetaSchedule hands the runner is the
+same: a built artifact plus its arguments' shapes), so each test controls how long a candidate runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import agent_id_of
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _kernels(target, **sizes):
+    """name -> BuilderInput of a naive kernel: ``add`` (n elements) or ``matmul`` (n x n x n)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    out = {}
+    for name, n in sizes.items():
+        if name.startswith("add"):
+            a = te.placeholder((n,), name="a")
+            b = te.compute((n,), lambda i: a[i] + 1.0, name="b")
+            func = te.create_prim_func([a, b])
+        else:
+            a = te.placeholder((n, n), name="a")
+            w = te.placeholder((n, n), name="w")
+            k = te.reduce_axis((0, n), "k")
+            c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * w[k, j], axis=k), name="c")
+            func = te.create_prim_func([a, w, c])
+        out[name] = ms.builder.BuilderInput(tvm.IRModule({"main": func}), target)
+    return out
+
+
+def _runner_inputs(kernels: dict, target):
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.builder import FarmBuilder
+
+    builder = FarmBuilder(workers=1, timeout_sec=120)
+    try:
+        built = builder.build(list(kernels.values()))
+    finally:
+        builder.shutdown()
+    assert all(b.error_msg is None for b in built), [b.error_msg for b in built]
+    return [ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(k.mod["main"]))
+            for b, k in zip(built, kernels.values())]
+
+
+def _sessions_started(log: Path) -> int:
+    return sum(1 for line in log.read_text().splitlines() if "session from" in line and "started" in line)
+
+
+def test_one_session_per_batch_and_each_candidate_runs_its_own_library(tracker, start_agent, tmp_path):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.runner import FarmRunner
+
+    host, port = tracker
+    log = tmp_path / "agent.log"
+    agent = start_agent(host, port, "cpu", log)
+    target = tvm.target.Target(llvm_target())
+    # Every artifact is called tvm_tmp_mod.tar on the host; in one session they must not share a path
+    # (dlopen would hand back the library already loaded): a slow and a fast kernel, interleaved.
+    inputs = _runner_inputs(_kernels(target, add1=16, matmul1=256, add2=16, matmul2=256), target)
+    runner = FarmRunner(host, port, "cpu", timeout_sec=60,
+                        evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=0))
+    before = _sessions_started(log)
+    results = [f.result() for f in runner.run(inputs)]
+    runner.shutdown()
+    assert [r.error_msg for r in results] == [None] * 4
+    add1, mm1, add2, mm2 = [min(float(x) for x in r.run_secs) for r in results]
+    assert mm1 > 20 * max(add1, add2) and mm2 > 20 * max(add1, add2), (add1, mm1, add2, mm2)
+    assert _sessions_started(log) - before == 1  # the whole batch in one session on the one agent
+    assert dict(runner.per_agent) == {agent_id_of(agent): 4}
+
+
+def test_a_candidate_past_its_deadline_fails_and_the_rest_are_measured(tracker, start_agent, tmp_path):
+    import time
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.runner import FarmRunner
+
+    host, port = tracker
+    start_agent(host, port, "cpu", tmp_path / "agent.log")
+    target = tvm.target.Target(llvm_target())
+    # A naive 1024^3 matmul runs for seconds (time_evaluator runs it twice); the deadline is 0.5 s.
+    inputs = _runner_inputs(_kernels(target, matmul=1024, add=16), target)
+    runner = FarmRunner(host, port, "cpu", timeout_sec=0.5, device_wait_sec=120,
+                        evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0))
+    t0 = time.monotonic()
+    futures = runner.run(inputs)
+    slow = futures[0].result()
+    t_slow = time.monotonic() - t0
+    fast = futures[1].result()
+    runner.shutdown()
+    assert slow.run_secs is None and "no result within 0.5 s" in slow.error_msg
+    assert t_slow < 30  # reported at its deadline, not when the kernel finally ends
+    # The agent was busy in the abandoned session until the kernel ended; a new session then measured the rest.
+    assert fast.error_msg is None and float(fast.run_secs[0]) < 0.01
+    assert runner.failures["timeout"] == 1 and sum(runner.per_agent.values()) == 1
+
+
+def test_time_split_counts_nested_profiler_scopes_once():
+    from tunefarm.host.tuning import time_split
+
+    profile = {"Total": 100.0, "SendToBuilder": 50.0, "SendToRunner": 5.0, "JoinRunnerFutures": 1.0,
+               "EvoSearch/Evolve/Misc": 4.0, "EvoSearch/Evolve/Misc/CopyMeasuredWorkloads": 3.0,
+               "EvoSearch/SampleInitPopulation": 6.0, "MeasureCallback/UpdateCostModel": 2.0}
+    split = time_split(profile, 80.0)
+    assert split["search_s"] == 10.0  # Misc (4, its child inside) + SampleInitPopulation (6)
+    assert (split["build_s"], split["measure_s"], split["model_update_s"]) == (50.0, 6.0, 2.0)
+    assert split["other_s"] == 12.0
