@@ -139,7 +139,9 @@ def night_job(farm, tmp_path_factory) -> Path:
     takes it to its end (one job for both keeps the suite within minutes on 2 cores)."""
     job_file = write_job(tmp_path_factory.mktemp("night") / "night.yaml", "night",
                          {"source": "builtin", "name": "matmul"}, NIGHT_TRIALS,
-                         runner={"min_repeat_ms": 150})  # a little longer per batch: surely mid-way at the kill
+                         runner={"min_repeat_ms": 600})  # ~2.5 s per batch of 4: surely mid-way at the kill
+    # (150 ms was enough while each candidate opened its own RPC session; with one session per batch the
+    # 64 trials ran in 26 s and ended before the test could kill the host.)
     code, out = cli(farm, ["submit", job_file], "submit-night")
     assert code == 0 and "submitted night" in out, out
     return farm["base"] / "logs" / "night"
