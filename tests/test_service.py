@@ -412,7 +412,10 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
         wait_until(lambda: "batch of 4" in (tmp_path / "follow2.log").read_text(), 60, interval=0.2,
                    what="a second follower to print a batch")
         os.kill(watcher.pid, signal.SIGINT)
-        assert watcher.wait(30) == 0
+        try:
+            assert watcher.wait(30) == 0
+        finally:
+            stop_process(watcher)  # never leave it retrying after a failure
         assert "stopped following; night goes on at the farm" in (tmp_path / "follow2.log").read_text()
         before = records(job_dir)
         assert api(farm, "GET", "/api/jobs/night").json()["state"] == "running"

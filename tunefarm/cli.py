@@ -275,8 +275,13 @@ def jobs(farm, as_json):
 @_one_line_errors
 def follow(job_id, farm):
     """Live progress of JOB_ID: each measured batch as it lands. Ctrl-C stops following, not the job."""
+    import signal
+
     from tunefarm.host import api_client
 
+    # A process started from a non-interactive shell's background job inherits SIGINT ignored, and Python
+    # then leaves it ignored: Ctrl-C (or kill -INT) would not stop following. Take it back explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     api_client.follow(job_id, farm)
 
 
