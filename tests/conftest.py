@@ -143,3 +143,36 @@ def start_agent():
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def apply_best_with_plain_tvm(best_dir: Path, target_json: dict) -> None:
+    """The README's recipe, in plain TVM: no tunefarm code. Applies the records in ``best_dir`` to the
+    builtin 'matmul' model (same seed), checks every TIR function is scheduled and numerics vs PyTorch."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.s_tir import meta_schedule as ms
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).eval()
+    x = torch.randn(16, 64)
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=True,
+                                unwrap_unit_return_tuple=True)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [p.name for p in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    target = tvm.target.Target(target_json)
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.pipeline.zero_pipeline()(mod)
+    db = ms.database.JSONDatabase(work_dir=str(best_dir))
+    assert len(db.get_all_tuning_records()) >= 1
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
+    prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
+    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import HOST, agent_id_of, _tail
+from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
@@ -365,37 +365,6 @@ def test_dashboard_shows_devices_and_a_running_jobs_live_chart(farm, night_job, 
                     shutil.copy(tmp_path / name, Path(shots) / name)
 
 
-def _apply_best_with_plain_tvm(best_dir: Path, target_json: dict) -> None:
-    """The README's recipe, in plain TVM: no tunefarm code (same model as the builtin 'matmul')."""
-    import torch
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-    from tvm.s_tir import meta_schedule as ms
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64).eval()
-    x = torch.randn(16, 64)
-    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=True,
-                                unwrap_unit_return_tuple=True)
-    mod, params = relax.frontend.detach_params(mod)
-    names = [p.name for p in mod["main"].params[1:]]
-    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    target = tvm.target.Target(target_json)
-    with target:
-        mod = relax.transform.DecomposeOpsForInference()(mod)
-        mod = relax.pipeline.zero_pipeline()(mod)
-    db = ms.database.JSONDatabase(work_dir=str(best_dir))
-    assert len(db.get_all_tuning_records()) >= 1
-    with target, db:
-        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
-    prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
-    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
-    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
-
-
 def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job, tmp_path):
     """submitted (night_job) -> follow (live) -> kill -9 the host mid-job -> start it again -> the job finishes
     with every earlier record kept -> pull -> apply the best records with plain TVM."""
@@ -460,7 +429,7 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
     assert (out_dir / "database" / "database_tuning_record.json").read_text().splitlines() == after
     assert len((out_dir / "best" / "database_tuning_record.json").read_text().splitlines()) == 1
     assert (out_dir / "report.md").is_file() and (out_dir / "progress.jsonl").is_file()
-    _apply_best_with_plain_tvm(out_dir / "best", json.loads((out_dir / "database" / "job_state.json").read_text())["target"])
+    apply_best_with_plain_tvm(out_dir / "best", json.loads((out_dir / "database" / "job_state.json").read_text())["target"])
 
 
 def test_device_goes_offline_when_its_heartbeats_stop(farm):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from conftest import HOST, agent_id_of, apply_best_with_plain_tvm, run_cli, spawn_agent, start_tracker, wait_listed
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 TUNE_TIMEOUT_S = 600
@@ -105,12 +105,6 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
 
 def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
     """`tunefarm logs best` writes a JSONDatabase that stock TVM applies to its own fused module."""
-    import torch
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-    from tvm.s_tir import meta_schedule as ms
-
     logs = tmp_path / "logs"
     job = write_job(tmp_path / "job.yaml", "mm", farm["port"], "cpu", {"source": "builtin", "name": "matmul"},
                     trials=8, per_iter=4)
@@ -122,27 +116,7 @@ def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
     assert code == 0 and "estimated end-to-end" in shown, shown
 
     # Plain TVM from here on: no tunefarm code.
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64).eval()
-    x = torch.randn(16, 64)
-    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=True,
-                                unwrap_unit_return_tuple=True)
-    mod, params = relax.frontend.detach_params(mod)
-    names = [p.name for p in mod["main"].params[1:]]
-    mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    target = tvm.target.Target(json.loads((logs / "mm" / "job_state.json").read_text())["target"])
-    with target:
-        mod = relax.transform.DecomposeOpsForInference()(mod)
-        mod = relax.pipeline.zero_pipeline()(mod)
-    db = ms.database.JSONDatabase(work_dir=str(tmp_path / "best"))
-    assert len(db.get_all_tuning_records()) >= 1
-    with target, db:
-        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
-    prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
-    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
-    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+    apply_best_with_plain_tvm(tmp_path / "best", json.loads((logs / "mm" / "job_state.json").read_text())["target"])
 
 
 def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
