@@ -21,6 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# TVM's CPU pool is hardware_concurrency()/2 on x86-64 unless told: run TVM here (and in the stock
+# LocalRunner's workers, which inherit the environment) on the cores this process may use, as agents do.
+from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
+
+os.environ.setdefault(THREADS_ENV, str(usable_cores()))
 
 
 def main():

@@ -29,6 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# TVM's CPU pool is hardware_concurrency()/2 on x86-64 unless told: run TVM here (and in the stock
+# LocalRunner's workers, which inherit the environment) on the cores this process may use, as agents do.
+from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
+
+os.environ.setdefault(THREADS_ENV, str(usable_cores()))
 
 
 def load_tuned(job_dir: Path):
@@ -75,15 +80,18 @@ def main():
     args = parser.parse_args()
 
     load_start = os.getloadavg()
-    cores = len(os.sched_getaffinity(0))
+    cores = int(os.environ[THREADS_ENV])  # TVM's threads; the peers get the same count
     torch.set_num_threads(cores)
+    ort_options = ort.SessionOptions()
+    ort_options.intra_op_num_threads = cores
     work = Path(tempfile.mkdtemp(prefix="model-latency-"))
     models = {}
     for job in args.jobs:
         job_dir = Path(job)
         model, vm, vm_args, tuned_fns, trials, target, state = load_tuned(job_dir)
         reference = model.reference_outputs()
-        sess = ort.InferenceSession(export_onnx(model, work / f"{model.name}.onnx"), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(export_onnx(model, work / f"{model.name}.onnx"), sess_options=ort_options,
+                                    providers=["CPUExecutionProvider"])
         feed = dict(zip([i.name for i in sess.get_inputs()], model.inputs))
         xs = [torch.from_numpy(x) for x in model.inputs]
 
@@ -135,7 +143,7 @@ def main():
 
     lines = [f"# Model latency on this CPU: tuned TVM vs PyTorch vs ONNX Runtime ({meta['date']})", "",
              f"{cores} cores; load average {load_start[0]:.1f} at start, {meta['load_avg_end'][0]:.1f} at the end; "
-             f"PyTorch {meta['torch']} ({cores} threads), ONNX Runtime {meta['onnxruntime']}. Method: {args.warmup} "
+             f"TVM, PyTorch {meta['torch']} and ONNX Runtime {meta['onnxruntime']} {cores} threads each. Method: {args.warmup} "
              f"warm-up runs per backend, then {args.rounds} rounds alternating backends, {args.repeat} timed runs "
              "each; statistics over all rounds' samples. Batch 1, fp32, random weights (seed 0).", "",
              "| model | backend | median ms | p90 ms | p99 ms | std ms | numerics vs PyTorch |",

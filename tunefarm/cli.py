@@ -77,12 +77,17 @@ def tracker(host, port):
               help="Also report to this host service (heartbeat: shows in `tunefarm devices --farm` and the "
                    "dashboard). Default: $TUNEFARM_FARM if set.")
 @click.option("--token", default=None, help="The farm's token (better: $TUNEFARM_TOKEN or the client config).")
+@click.option("--threads", type=int, default=None,
+              help="Threads of this agent's TVM runtime (and of its PyTorch / ONNX Runtime runs); also the "
+                   "target's num-cores. Default: $TVM_NUM_THREADS, else the target's num-cores, else the "
+                   "physical cores this process may run on.")
 @_one_line_errors
-def agent(tracker_addr, key, target, host, port, custom_addr, farm, token):
+def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads):
     """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
 
     The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
-    prints the target it serves, re-registers when the tracker comes back, and restarts its RPC server
+    sets the thread count of its TVM runtime (TVM's own default is half the hardware threads on x86-64),
+    prints the target and threads it serves, re-registers when the tracker comes back, and restarts its RPC server
     if the server's loop dies.
     """
     from tunefarm.device_agents.agent import run_agent
@@ -99,7 +104,7 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token):
     if tracker_addr is None:
         raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
     run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
-              farm_url=farm_url, token=token)
+              farm_url=farm_url, token=token, threads=threads)
 
 
 @main.command()

@@ -61,7 +61,8 @@ class DeviceInfo:
     hostname: str = ""
     agent_id: str = ""  # hostname:pid, unique per running agent
     cpu_model: str = ""
-    num_cores: int = 0
+    num_cores: int = 0  # physical cores this agent may run on
+    threads: int = 0  # TVM_NUM_THREADS of its RPC server: what TVM, PyTorch and ONNX Runtime runs use
     target: dict[str, Any] = dataclasses.field(default_factory=dict)  # the TVM target JSON it serves
     has_cc: bool = False  # can link MetaSchedule's .tar candidates
     cuda: list[dict[str, Any]] = dataclasses.field(default_factory=list)

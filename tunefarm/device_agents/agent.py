@@ -20,8 +20,9 @@ import time
 
 import click
 
-from tunefarm.core.errors import TrackerUnreachable
+from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.farm import HEARTBEAT_PATH, auth_header
+from tunefarm.core.threads import THREADS_ENV, resolve_threads
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
 CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
@@ -45,7 +46,7 @@ def _warn(message: str) -> None:
     click.echo(f"tunefarm: warning: {message}", err=True)
 
 
-def _print_summary(info: DeviceInfo, tracker: str, compiler: str) -> None:
+def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: str) -> None:
     cuda = ", ".join(f"{d.get('name')} (sm_{str(d.get('compute_capability', '')).replace('.', '')})"
                      for d in info.cuda) or "none"
     opencl_devices = [d["name"] for p in info.opencl.get("platforms", []) for d in p.get("devices", [])]
@@ -55,6 +56,7 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str) -> None:
         f"  tracker  {tracker}",
         f"  target   {json.dumps(info.target, sort_keys=True)}",
         f"  cpu      {info.cpu_model} ({info.num_cores} cores)",
+        f"  threads  {info.threads} ({threads_from}; TVM, PyTorch and ONNX Runtime runs here use this many)",
         f"  cc       {'yes (' + compiler + ')' if info.has_cc else 'NO'}",
         f"  cuda     {cuda}",
         f"  opencl   {', '.join(opencl_devices) or 'none'} (TVM runtime OpenCL: "
@@ -102,7 +104,9 @@ class _RPCServerSupervisor:
         return cmd
 
     def start_child(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # TVM sizes its CPU thread pool once, from TVM_NUM_THREADS, when the pool first starts (in the
+        # sessions forked from the child); without it TVM takes hardware_concurrency()/2 on x86-64.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(self.info.threads)})
         # Its own session (and process group): stopping the child takes its forked RPC sessions
         # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.
         self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
@@ -254,7 +258,8 @@ class _FarmHeartbeat(threading.Thread):
 
 
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
-              custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None) -> None:
+              custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
+              threads: int | None = None) -> None:
     """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM."""
     from tunefarm.device_agents.probe import (check_c_compiler, find_c_compiler, probe,  # pylint: disable=import-outside-toplevel
                                               resolve_target, target_warnings)
@@ -263,8 +268,13 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
     tracker_host, tracker_port = parse_hostport(tracker_addr)
     agent_id = f"{socket.gethostname()}:{os.getpid()}"
     info = probe(key=key, agent_id=agent_id)
-    info.target = resolve_target(target, info)
-    _print_summary(info, f"{tracker_host}:{tracker_port}", find_c_compiler() or "")
+    try:
+        explicit = resolve_threads(threads)[0] if threads is not None or os.environ.get(THREADS_ENV) else None
+        info.target = resolve_target(target, info, threads=explicit)
+        info.threads, threads_from = resolve_threads(threads, info.target)
+    except ValueError as err:
+        raise TunefarmError(str(err)) from None
+    _print_summary(info, f"{tracker_host}:{tracker_port}", find_c_compiler() or "", threads_from)
     if not info.has_cc:
         _warn(f"no working C compiler on this machine ({check_c_compiler()[1]}): MetaSchedule's .tar "
               "candidates cannot be linked here, so every measurement on this agent will fail. "

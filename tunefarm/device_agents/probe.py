@@ -38,16 +38,11 @@ def cpu_model() -> str:
 
 
 def physical_cores() -> int:
-    """Physical cores this process may use: psutil's count, capped by the CPU affinity mask
-    (a container or ``taskset`` limit means fewer worker threads, not more)."""
-    import psutil  # pylint: disable=import-outside-toplevel
+    """Physical cores this process may use (``core.threads.usable_cores``: the affinity mask, SMT
+    siblings counted once)."""
+    from tunefarm.core.threads import usable_cores  # pylint: disable=import-outside-toplevel
 
-    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    try:
-        cores = min(cores, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        pass
-    return max(1, int(cores))
+    return usable_cores()
 
 
 def llvm_target(num_cores: int | None = None) -> dict[str, Any]:
@@ -318,12 +313,14 @@ def validate_target(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def resolve_target(spec: str | dict[str, Any] | None, info: DeviceInfo) -> dict[str, Any]:
+def resolve_target(spec: str | dict[str, Any] | None, info: DeviceInfo, threads: int | None = None) -> dict[str, Any]:
     """The target JSON dict an agent serves, from ``--target``.
 
     ``'auto'`` (or empty): the probed CPU target in ``info``. A preset name (``configs/targets/``):
-    its ``target:`` mapping. A string starting with ``{``: a target JSON dict. An llvm target without
-    ``num-cores`` gets this machine's count (presets describe a CPU model, not a machine).
+    its ``target:`` mapping. A string starting with ``{``: a target JSON dict. An llvm target's
+    ``num-cores`` is ``threads`` when given (``--threads``: the schedules are tuned for the threads
+    that run them), else the target's own, else this machine's count (presets describe a CPU model,
+    not a machine).
     """
     if isinstance(spec, dict):
         target = dict(spec)
@@ -346,7 +343,9 @@ def resolve_target(spec: str | dict[str, Any] | None, info: DeviceInfo) -> dict[
         else:
             raise TunefarmError(f"unknown target {text!r}: not 'auto', not a preset "
                                 f"({', '.join(preset_names()) or 'none'} in {PRESET_DIR}), not a JSON dict")
-    if target.get("kind") == "llvm" and "num-cores" not in target:
+    if target.get("kind") == "llvm" and threads:
+        target["num-cores"] = int(threads)
+    elif target.get("kind") == "llvm" and "num-cores" not in target:
         target["num-cores"] = int(info.num_cores or physical_cores())
     return validate_target(target)
 

@@ -307,7 +307,8 @@ def print_farm_devices(farm: str | None, as_json: bool) -> None:
         color = "green" if dev["status"] == "online" else "red"
         seen = f"{dev['last_seen_s']:.0f} s ago" if dev["last_seen_s"] is not None else dev["source"]
         table.add_row(dev["key"], dev["agent_id"], f"[{color}]{status}[/]", seen, describe_target(dev["target"]),
-                      f"{dev['cpu'] or '?'} ({dev['num_cores']} cores)", dev["job"] or "-")
+                      f"{dev['cpu'] or '?'} ({dev['num_cores']} cores, {dev.get('threads') or '?'} threads)",
+                      dev["job"] or "-")
     console.print(table)
 
 

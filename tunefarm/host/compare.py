@@ -79,7 +79,7 @@ class _Farm:
         infos = self.client.agent_infos(key)
         if key not in self.seen:
             self.seen[key] = [{"agent_id": a.agent_id, "hostname": a.hostname, "cpu": a.cpu_model,
-                               "cores": a.num_cores, "cuda": [d.get("name") for d in a.cuda],
+                               "cores": a.num_cores, "threads": a.threads, "cuda": [d.get("name") for d in a.cuda],
                                "runners": a.runners, "tvm": a.tvm_version} for a in infos]
         return infos
 
@@ -261,7 +261,7 @@ def _run_tvm_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Compar
     if logs is not None:
         details["logs"] = str(logs)
         details.update(_tuning_summary(logs))
-    return _row_result(row, OK, where=f"agent {res['agent']}", latency=res["latency"],
+    return _row_result(row, OK, where=f"agent {res['agent']}", latency=res["latency"], threads=res["threads"],
                        numerics=compare_outputs(res["outputs"], art.reference, rtol, atol),
                        throughput_per_s=_throughput(art.model.inputs, res["latency"]), target=target_json,
                        details=details, version=f"TVM {tvm.__version__}")
@@ -330,7 +330,7 @@ def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Com
     rtol, atol = _tolerances(row, cfg)
     details = {k: v for k, v in result.items()
                if k not in ("latency", "throughput_per_s", "outputs_file", "available", "backend")}
-    return _row_result(row, OK, where=f"agent {agent_id}", latency=result["latency"],
+    return _row_result(row, OK, where=f"agent {agent_id}", latency=result["latency"], threads=result.get("threads"),
                        numerics=compare_outputs(outputs, art.reference, rtol, atol),
                        throughput_per_s=result["throughput_per_s"], details=details,
                        version=f"{row.backend} {result.get('version', '')}".strip())

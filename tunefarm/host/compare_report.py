@@ -61,7 +61,9 @@ def _method_text(cfg) -> str:
             "by time_evaluator (no RPC round trip in the figures); PyTorch and ONNX Runtime by a wall-clock "
             "loop on the agent, inputs already on the device; TensorRT with CUDA events (latency = H2D + "
             "execute + D2H; GPU compute apart). Throughput = batch size / mean latency (one request at a time). "
-            "Every row's outputs are compared with the reference framework on the same inputs and weights.")
+            "Every row's outputs are compared with the reference framework on the same inputs and weights. "
+            "Threads (CPU rows): the agent's TVM runtime count (runtime.NumThreads, set by the agent); PyTorch "
+            "and ONNX Runtime rows run with the same count unless the row's options say otherwise.")
 
 
 def _markdown(report: dict[str, Any], cfg) -> str:
@@ -75,24 +77,26 @@ def _markdown(report: dict[str, Any], cfg) -> str:
     for key, agents in report["agents"].items():
         for agent in agents:
             gpus = f", GPU {', '.join(agent['cuda'])}" if agent["cuda"] else ""
-            md.append(f"- key `{key}`: agent {agent['agent_id']} ({agent['cpu']}, {agent['cores']} cores{gpus}; "
+            md.append(f"- key `{key}`: agent {agent['agent_id']} ({agent['cpu']}, {agent['cores']} cores, "
+                      f"{agent.get('threads') or '?'} threads{gpus}; "
                       f"TVM {agent['tvm']}; runners {', '.join(agent['runners'])})")
     md.append("")
     for model in report["models"]:
         md += [f"## {model['name']}", "",
                f"input {model['input_shapes']}, reference {model['reference']}, fingerprint {model['fingerprint']}",
-               "", "| row | where | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | samples | "
+               "", "| row | where | threads | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | samples | "
                    "throughput /s | speed-up vs baseline | numerics (max abs err) |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in model["rows"]:
             if row["status"] != "ok":
                 text = STATUS_TEXT.get(row["status"], row["status"])
-                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | |")
+                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | |")
                 continue
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {row['label']} | {row['where']} | {_fmt(lat['median_ms'])} | {_fmt(lat['p90_ms'])} | "
+            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {_fmt(lat['median_ms'])} | "
+                      f"{_fmt(lat['p90_ms'])} | "
                       f"{_fmt(lat['p99_ms'])} | {_fmt(lat['mean_ms'])} | {_fmt(lat['min_ms'])} | "
                       f"{_fmt(lat['std_ms'])} | {lat['samples']} | {_fmt(row['throughput_per_s'], 1)} | {speed} | "
                       f"{verdict} ({num['max_abs_err']:.2g}, rtol {num['rtol']:g}, atol {num['atol']:g}) |")

@@ -99,6 +99,12 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
         agent_id = sess.get_function("tunefarm.agent.id")()
     except Exception:  # pylint: disable=broad-except
         agent_id = "unknown"
+    threads = None
+    if device_type == "cpu":
+        try:  # what the agent's TVM runtime really runs with, asked of the runtime itself
+            threads = int(sess.get_function("runtime.NumThreads")())
+        except Exception:  # pylint: disable=broad-except
+            threads = None
     sess.upload(lib_path)
     rmod = sess.load_module(Path(lib_path).name)
     dev = sess.device(device_type, 0)
@@ -117,7 +123,7 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
     res = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=samples)("main")
     stats = latency_stats(res.results, warmup=n_warm + 1)
     stats["first_run_ms"] = first_s * 1e3
-    return {"outputs": outs, "latency": stats, "agent": str(agent_id)}
+    return {"outputs": outs, "latency": stats, "agent": str(agent_id), "threads": threads}
 
 
 def _time_python(fn, warmup: int, repeat: int, budget_s: float = 60.0) -> dict[str, Any]:
@@ -134,9 +140,10 @@ def _time_python(fn, warmup: int, repeat: int, budget_s: float = 60.0) -> dict[s
     return latency_stats(samples, warmup=warmup + 1)
 
 
-def torch_baseline(model, ev) -> dict[str, Any]:
+def torch_baseline(model, ev, threads: int) -> dict[str, Any]:
     import torch  # pylint: disable=import-outside-toplevel
 
+    torch.set_num_threads(threads)
     xs = [torch.from_numpy(x) for x in model.inputs]
     with torch.no_grad():
         out = model.torch_module(*xs)
@@ -146,18 +153,20 @@ def torch_baseline(model, ev) -> dict[str, Any]:
             "version": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def onnxruntime_baseline(model, ev, work_dir: Path) -> dict[str, Any]:
+def onnxruntime_baseline(model, ev, work_dir: Path, threads: int) -> dict[str, Any]:
     import onnxruntime as ort  # pylint: disable=import-outside-toplevel
 
     from tunefarm.host.models import export_onnx  # pylint: disable=import-outside-toplevel
 
     path = export_onnx(model, work_dir / "model.onnx")
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feed = dict(zip(names, model.inputs))
     outs = sess.run(None, feed)
     lat = _time_python(lambda: sess.run(None, feed), ev.warmup, ev.repeat)
-    return {"outputs": outs, "latency": lat, "version": ort.__version__}
+    return {"outputs": outs, "latency": lat, "version": ort.__version__, "threads": threads}
 
 
 def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
@@ -196,11 +205,13 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
                 raise TunefarmError(f"running {name} on key '{job.device.key}' failed: "
                                     f"{str(err).strip().splitlines()[-1]}") from None
         rows[name] = {"backend": name, "where": f"agent {res['agent']}", "latency": res["latency"],
-                      "numerics": compare_outputs(res["outputs"], reference, ev.rtol, ev.atol)}
+                      "threads": res["threads"], "numerics": compare_outputs(res["outputs"], reference, ev.rtol, ev.atol)}
 
     hostname = socket.gethostname()
     agents = TrackerClient(*tracker_addr).agent_infos(job.device.key)
     local = bool(agents) and all(a.hostname == hostname for a in agents)
+    # The peers run with the threads TVM ran with on the agent (never their own defaults).
+    threads = rows["tvm-tuned"]["threads"] or max((a.threads for a in agents), default=0) or None
     for base in ev.baselines:
         if not local:
             rows[base] = {"backend": base, "not_run": "the agent is not known to be this machine; host-side "
@@ -208,13 +219,16 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
             continue
         with console.status(f"running the {base} baseline"):
             try:
-                res = torch_baseline(model, ev) if base == "torch" else onnxruntime_baseline(model, ev, build_dir)
+                if threads is None:
+                    raise TunefarmError("the agent did not say how many threads its TVM runtime uses")
+                res = (torch_baseline(model, ev, threads) if base == "torch"
+                       else onnxruntime_baseline(model, ev, build_dir, threads))
             except Exception as err:  # pylint: disable=broad-except
                 rows[base] = {"backend": base, "not_run": f"failed: {str(err).strip().splitlines()[-1]}"}
                 continue
         rows[base] = {"backend": base, "where": f"host {hostname}", "latency": res["latency"],
                       "numerics": compare_outputs(res["outputs"], reference, ev.rtol, ev.atol),
-                      "version": res.get("version")}
+                      "version": res.get("version"), "threads": res["threads"]}
 
     tuned_ms = rows["tvm-tuned"]["latency"]["median_ms"]
     untuned_ms = rows["tvm-untuned"]["latency"]["median_ms"]

@@ -493,8 +493,8 @@ class FarmService:
                             "status": "online" if online else "offline", "busy": online and dev["busy"],
                             "listed": dev["listed"], "last_seen": dev["last_seen"],
                             "last_seen_s": round(now - dev["last_seen"], 1), "target": info.target,
-                            "cpu": info.cpu_model, "num_cores": info.num_cores, "has_cc": info.has_cc,
-                            "cuda": [d.get("name") for d in info.cuda], "job": running.get(dev["key"]),
+                            "cpu": info.cpu_model, "num_cores": info.num_cores, "threads": info.threads,
+                            "has_cc": info.has_cc, "cuda": [d.get("name") for d in info.cuda], "job": running.get(dev["key"]),
                             "source": "heartbeat"})
         keys = []
         for item in tracker_view or []:
@@ -507,7 +507,7 @@ class FarmService:
                 devices.append({"agent_id": agent_id, "key": item["key"], "hostname": info.hostname,
                                 "status": "online", "busy": False, "listed": True, "last_seen": None,
                                 "last_seen_s": None, "target": info.target, "cpu": info.cpu_model,
-                                "num_cores": info.num_cores, "has_cc": info.has_cc,
+                                "num_cores": info.num_cores, "threads": info.threads, "has_cc": info.has_cc,
                                 "cuda": [d.get("name") for d in info.cuda], "job": running.get(item["key"]),
                                 "source": "tracker (no heartbeat: started without --farm)"})
         return _clean({"tracker": self.tracker_addr, "tracker_error": tracker_error, "keys": keys,

@@ -299,7 +299,7 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
             if isinstance(agent, DeviceInfo):
                 lines["agents"].append(f"{agent.agent_id} @ {addr}")
                 lines["target"].append(describe_target(agent.target))
-                lines["cpu"].append(f"{agent.cpu_model or '?'} ({agent.num_cores} cores)")
+                lines["cpu"].append(f"{agent.cpu_model or '?'} ({agent.num_cores} cores, {agent.threads or '?'} threads)")
                 lines["cc"].append("yes" if agent.has_cc else "[red]no[/]")
                 lines["cuda"].append(", ".join(d.get("name", "?") for d in agent.cuda) or "-")
                 lines["opencl"].append(_describe_opencl(agent.opencl))

@@ -14,6 +14,7 @@ import numpy as np
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.stats import latency_stats
+from tunefarm.core.threads import runtime_threads
 
 
 class RunnerUnavailable(TunefarmError):
@@ -119,6 +120,12 @@ class BaseRunner:
 
     def sync(self) -> None:
         """Wait for queued device work (CUDA backends); nothing on the CPU."""
+
+    def cpu_threads(self) -> int | None:
+        """Intra-op threads for a CPU run: the ``threads`` option, else the agent's own count (the
+        ``TVM_NUM_THREADS`` its RPC server runs with), so that a peer never runs on more or fewer
+        threads than TVM does on this agent."""
+        return int(self.options["threads"]) if self.options.get("threads") else runtime_threads()
 
 
 def batch_size(feed: dict[str, np.ndarray]) -> int:

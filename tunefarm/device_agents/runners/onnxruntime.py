@@ -1,6 +1,6 @@
 """ONNX Runtime runner: an ONNX file on the CPU execution provider, or CUDA's where ONNX Runtime has it.
 
-Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (intra-op threads; default: ONNX Runtime's own).
+Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (intra-op threads; default: the agent's threads).
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class OnnxRuntimeRunner(BaseRunner):
             raise RunnerUnavailable(f"this ONNX Runtime ({ort.__version__}) has no {provider} "
                                     f"(it has {', '.join(ort.get_available_providers())})")
         opts = ort.SessionOptions()
-        if self.options.get("threads"):
-            opts.intra_op_num_threads = int(self.options["threads"])
+        self.threads = self.cpu_threads()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
         self.session = ort.InferenceSession(self.model_path, sess_options=opts, providers=[provider])
         self.provider = provider
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -48,4 +49,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session = None
 
     def describe(self) -> dict[str, Any]:
-        return {"version": self.ort.__version__, "provider": self.provider}
+        info: dict[str, Any] = {"version": self.ort.__version__, "provider": self.provider}
+        if self.provider == "CPUExecutionProvider":
+            info["threads"] = self.threads or self.session.get_session_options().intra_op_num_threads
+        return info

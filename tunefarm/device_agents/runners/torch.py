@@ -9,7 +9,7 @@ The model arrives in one of two files, neither of which holds Python code to unp
              ResNet-18 ran in 1.55 ms as a graph module and 1.70 ms as the nn.Module, within run-to-run noise).
 ``compile`` hands the module to ``torch.compile`` (Inductor), whose compilation happens in the first
 calls and is reported apart from the timed runs.
-Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads).
+Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads; default: the agent's threads).
 """
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ class TorchRunner(BaseRunner):
 
             raise RunnerUnavailable(f"this PyTorch ({torch.__version__}) cannot use the CUDA GPU "
                                     f"(built for CUDA {torch.version.cuda or 'none'})")
-        if self.options.get("threads"):
-            torch.set_num_threads(int(self.options["threads"]))
+        threads = self.cpu_threads()
+        if threads:
+            torch.set_num_threads(threads)
         if str(self.model_path).endswith(".pt2"):
             module = torch.export.load(self.model_path).module()
             self.form = "torch.export graph module"

@@ -47,7 +47,7 @@ var tunefarm = (function () {
         var status = badge(d.status) + (d.busy ? ' <span class="muted">busy</span>' : "");
         return "<tr><td>" + esc(d.key) + "</td><td>" + esc(d.agent_id) + "</td><td>" + status + "</td><td>" +
           esc(d.last_seen_s === null ? d.source : ago(d.last_seen)) + "</td><td>" + esc(describeTarget(d.target)) +
-          "</td><td>" + esc((d.cpu || "?") + " (" + d.num_cores + " cores)") + "</td><td>" +
+          "</td><td>" + esc((d.cpu || "?") + " (" + d.num_cores + " cores, " + (d.threads || "?") + " threads)") + "</td><td>" +
           (d.job ? '<a href="/jobs/' + esc(d.job) + '">' + esc(d.job) + "</a>" : "-") + "</td></tr>";
       }), 7, "no devices yet: start one with tunefarm agent --farm URL --key KEY");
       document.getElementById("keys").textContent = "tracker " + view.tracker + (view.tracker_error ? " — " + view.tracker_error : "") +

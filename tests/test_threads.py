@@ -1,0 +1,82 @@
+"""Threads: every agent decides its TVM runtime's thread count, sets it, reports it, and its peers use it."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import HOST, listed_agents, run_cli
+from tunefarm.core.threads import THREADS_ENV, parse_threads, resolve_threads, usable_cores
+
+
+def test_usable_cores_counts_the_affinity_mask():
+    cores = usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_resolve_threads_order(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert resolve_threads(None) == (usable_cores(), "the cores this process may run on")
+    assert resolve_threads(None, {"kind": "llvm", "num-cores": 3}) == (3, "the target's num-cores")
+    assert resolve_threads(None, {"kind": "cuda", "num-cores": 3})[0] == usable_cores()
+    monkeypatch.setenv(THREADS_ENV, "5")
+    assert resolve_threads(None, {"kind": "llvm", "num-cores": 3}) == (5, f"${THREADS_ENV}")
+    assert resolve_threads(7, {"kind": "llvm", "num-cores": 3}) == (7, "--threads")
+    for bad in ("0", "-2", "two", "1e9"):
+        with pytest.raises(ValueError, match="must be"):
+            parse_threads(bad, "--threads")
+
+
+def _tiny_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_agents_set_report_and_use_their_threads(tracker, start_agent, tmp_path, monkeypatch):
+    """The runtime's own thread count, asked over RPC, is what the agent reports, its target's num-cores,
+    and what its ONNX Runtime runner uses; --threads overrides the machine's count."""
+    from tvm import rpc
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    host, port = tracker
+    start_agent(host, port, "all-cores", tmp_path / "all.log")
+    start_agent(host, port, "one-thread", tmp_path / "one.log", extra_args=["--threads", "1"])
+    onnx_file = tmp_path / "relu.onnx"
+    _tiny_onnx(onnx_file)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8))
+    for key, want in (("all-cores", usable_cores()), ("one-thread", 1)):
+        (info,) = listed_agents(host, port, key)
+        assert info.threads == want and info.target["num-cores"] == want
+        session = rpc.connect_tracker(host, port).request(key, session_timeout=60)
+        try:
+            assert int(session.get_function("runtime.NumThreads")()) == want
+            session.upload(str(onnx_file), "model.onnx")
+            session.upload(str(inputs), "inputs.npz")
+            result = json.loads(session.get_function("tunefarm.runner.run")("onnxruntime", "model.onnx", "inputs.npz",
+                                                                              1, 5, "{}"))
+            assert result["threads"] == want, result
+        finally:
+            del session
+    assert "threads  1 (--threads;" in (tmp_path / "one.log").read_text()
+
+    code, table, _ = run_cli(["devices", "--tracker", f"{host}:{port}"], tmp_path / "devices.txt")
+    assert code == 0 and "1 threads" in table and f"{usable_cores()} threads" in table
+    code, output, _ = run_cli(["agent", "--tracker", f"{host}:{port}", "--key", "bad", "--host", HOST,
+                               "--threads", "0"], tmp_path / "bad.log")
+    assert code != 0
+    assert [l for l in output.splitlines() if l.strip()] == [
+        "tunefarm: error: --threads must be between 1 and 4096, got 0"]

@@ -1,0 +1,72 @@
+"""How many threads TVM's CPU runtime uses: decided once, set deliberately, reported everywhere.
+
+TVM sizes its thread pool as ``std::thread::hardware_concurrency() / 2`` on x86-64 unless
+``TVM_NUM_THREADS`` is set (``MaxConcurrency()`` in its threading backend, "ignore hyper-threading"):
+on a VM with one hardware thread per core that is half the cores. The farm never relies on that
+default: an agent counts the cores it may run on and sets ``TVM_NUM_THREADS`` for its RPC server
+before TVM's pool starts; PyTorch and ONNX Runtime baselines get the same count.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def usable_cores() -> int:
+    """Physical cores among the CPUs this process may run on (its affinity mask).
+
+    A container's or ``taskset``'s limit counts (fewer cores, not more); where SMT gives a core two
+    hardware threads, the two count once (``topology/core_id`` per package), as TVM's own
+    "ignore hyper-threading" intends but without assuming that every machine has SMT.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (not Linux, odd kernel): one core per CPU
+    return max(1, len(cores))
+
+
+def parse_threads(value, what: str) -> int:
+    """A thread count from the command line or the environment; ValueError naming ``what`` otherwise."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    if not 1 <= count <= 4096:
+        raise ValueError(f"{what} must be between 1 and 4096, got {count}")
+    return count
+
+
+def resolve_threads(requested: int | None, target: dict | None = None) -> tuple[int, str]:
+    """``(threads, where the number came from)`` for an agent's TVM runtime.
+
+    In order: ``--threads``; ``$TVM_NUM_THREADS`` if the user set it; the target's ``num-cores`` when
+    the target was given with one; the cores this process may run on (:func:`usable_cores`).
+    """
+    if requested is not None:
+        return parse_threads(requested, "--threads"), "--threads"
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return parse_threads(env, f"${THREADS_ENV}"), f"${THREADS_ENV}"
+    cores = (target or {}).get("num-cores") if (target or {}).get("kind") == "llvm" else None
+    if cores:
+        return parse_threads(cores, "the target's num-cores"), "the target's num-cores"
+    return usable_cores(), "the cores this process may run on"
+
+
+def runtime_threads() -> int | None:
+    """The thread count this process's TVM runtime was told to use (``$TVM_NUM_THREADS``), if any."""
+    try:
+        return parse_threads(os.environ[THREADS_ENV], THREADS_ENV)
+    except (KeyError, ValueError):
+        return None
