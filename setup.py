@@ -29,7 +29,7 @@ setup(
     version="0.1.0",
     description="Distributed tuning farm for deep-learning models built on Apache TVM (MetaSchedule + RPC)",
     packages=find_packages(include=["tunefarm", "tunefarm.*"]),
-    package_data={"tunefarm.host": ["static/*.*", "static/vendor/*/*"]},  # the dashboard
+    package_data={"tunefarm.host.service": ["static/*.*", "static/vendor/*/*"]},  # the dashboard
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

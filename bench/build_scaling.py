@@ -37,7 +37,7 @@ def draw_candidates(n: int, seed: int = 0):
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning import fuse_for_tuning
+    from tunefarm.host.tuning.job import fuse_for_tuning
 
     target = tvm.target.Target(llvm_target())
     model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
@@ -90,8 +90,8 @@ def timed_build(builder, inputs) -> dict:
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.builder import FarmBuilder
-    from tunefarm.host.localfarm import LocalFarm
+    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.testing.localfarm import LocalFarm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="1,2")

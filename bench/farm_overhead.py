@@ -32,9 +32,9 @@ def main():
     from tvm.s_tir import meta_schedule as ms
 
     from build_scaling import draw_candidates  # the same fixed candidates as the build benchmark
-    from tunefarm.host.builder import FarmBuilder
-    from tunefarm.host.localfarm import LocalFarm
-    from tunefarm.host.runner import FarmRunner
+    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.testing.localfarm import LocalFarm
+    from tunefarm.host.tuning.runner import FarmRunner
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=int, default=32)

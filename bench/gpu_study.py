@@ -272,7 +272,7 @@ def tvm_row(study: Study, name: str, module, target, tracker, build_dir: Path, m
 
 def start_farm(work_dir: Path, agent_target: str):
     """Tracker + one agent on key KEY serving ``agent_target`` (a LocalFarm; the caller closes it)."""
-    from tunefarm.host.localfarm import LocalFarm
+    from tunefarm.testing.localfarm import LocalFarm
 
     farm = LocalFarm(work_dir).__enter__()
     try:
@@ -300,7 +300,7 @@ def agent_target_for(device: str) -> tuple[str, str]:
 def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -> dict[str, Any]:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning import records_per_workload
+    from tunefarm.host.tuning.job import records_per_workload
 
     db = ms.database.JSONDatabase(work_dir=str(job_dir))
     per = records_per_workload(db)
@@ -534,10 +534,10 @@ def main() -> int:
     import tvm
 
     from tunefarm.core.jobspec import ModelSpec, job_from_dict
-    from tunefarm.host.evaluate import apply_database
+    from tunefarm.host.tuning.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.core.targets import target_to_json
-    from tunefarm.host.tuning import fuse_for_tuning, resolve_job_target
+    from tunefarm.host.tuning.job import fuse_for_tuning, resolve_job_target
 
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

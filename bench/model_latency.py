@@ -42,10 +42,10 @@ def load_tuned(job_dir: Path):
     from tvm import relax
 
     from tunefarm.core.jobspec import load_job
-    from tunefarm.host.evaluate import apply_database
+    from tunefarm.host.tuning.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning import fuse_for_tuning
-    from tunefarm.host.tuning_logs import open_database
+    from tunefarm.host.tuning.job import fuse_for_tuning
+    from tunefarm.host.tuning.logs import open_database
 
     job = load_job(job_dir / "job.yaml")
     state = json.loads((job_dir / "job_state.json").read_text())

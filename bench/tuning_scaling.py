@@ -57,8 +57,8 @@ def main():
     import tvm
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.localfarm import LocalFarm
-    from tunefarm.host.tuning import tune_job
+    from tunefarm.testing.localfarm import LocalFarm
+    from tunefarm.host.tuning.job import tune_job
 
     from build_scaling import cpu_model
     from tuning_speed import bench_job

@@ -60,7 +60,7 @@ def measure_local(mod, target, database, repeat=30) -> dict:
     from tvm import relax
 
     from tunefarm.core.stats import latency_stats
-    from tunefarm.host.evaluate import apply_database
+    from tunefarm.host.tuning.evaluate import apply_database
 
     applied, scheduled, unscheduled = apply_database(mod, target, database)
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
@@ -92,7 +92,7 @@ def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int
 def run_stock(mod, target, args, work_dir: Path) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning import time_split
+    from tunefarm.host.tuning.job import time_split
 
     extracted = ms.relax_integration.extract_tasks(mod, target)
     weights = [float(t.weight) for t in extracted]
@@ -116,8 +116,8 @@ def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int
              keep: str = "") -> dict:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.localfarm import LocalFarm
-    from tunefarm.host.tuning import tune_job
+    from tunefarm.testing.localfarm import LocalFarm
+    from tunefarm.host.tuning.job import tune_job
 
     with LocalFarm(work_dir) as farm:
         farm.add_agent("bench")
@@ -180,7 +180,7 @@ def main():
 
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning import fuse_for_tuning
+    from tunefarm.host.tuning.job import fuse_for_tuning
     from tunefarm.device_agents.probe import llvm_target
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def run(job_name: str, model: str, logs_dir: Path, farm, target, args, warm: bool) -> dict:
-    from tunefarm.host.tuning import tune_job
+    from tunefarm.host.tuning.job import tune_job
 
     from tuning_speed import bench_job, measure_local
 
@@ -82,7 +82,7 @@ def main():
     import tvm
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.localfarm import LocalFarm
+    from tunefarm.testing.localfarm import LocalFarm
 
     from tuning_speed import time_to_reach
 

@@ -74,7 +74,7 @@ def test_opencl_kernels_are_cross_compiled_and_exported(tmp_path):
     from tunefarm.core.wire import DeviceInfo
     from tunefarm.host.crossbuild import cross_build
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning import fuse_for_tuning
+    from tunefarm.host.tuning.job import fuse_for_tuning
 
     target = target_from_spec("intel-igpu-opencl")
     assert target.kind.name == "opencl" and target.host.kind.name == "llvm"

@@ -39,7 +39,7 @@ def _kernels(target, **sizes):
 def _runner_inputs(kernels: dict, target):
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import FarmBuilder
 
     builder = FarmBuilder(workers=1, timeout_sec=120)
     try:
@@ -60,7 +60,7 @@ def test_one_session_per_batch_and_each_candidate_runs_its_own_library(tracker, 
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.runner import FarmRunner
+    from tunefarm.host.tuning.runner import FarmRunner
 
     host, port = tracker
     log = tmp_path / "agent.log"
@@ -88,7 +88,7 @@ def test_a_candidate_past_its_deadline_fails_and_the_rest_are_measured(tracker, 
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.runner import FarmRunner
+    from tunefarm.host.tuning.runner import FarmRunner
 
     host, port = tracker
     start_agent(host, port, "cpu", tmp_path / "agent.log")
@@ -111,7 +111,7 @@ def test_a_candidate_past_its_deadline_fails_and_the_rest_are_measured(tracker, 
 
 
 def test_time_split_counts_nested_profiler_scopes_once():
-    from tunefarm.host.tuning import time_split
+    from tunefarm.host.tuning.job import time_split
 
     profile = {"Total": 100.0, "SendToBuilder": 50.0, "SendToRunner": 5.0, "JoinRunnerFutures": 1.0,
                "EvoSearch/Evolve/Misc": 4.0, "EvoSearch/Evolve/Misc/CopyMeasuredWorkloads": 3.0,

@@ -288,7 +288,7 @@ def test_warm_start_seeds_a_new_job_from_an_earlier_one(farm, tmp_path):
     assert "warm start:" in out
     # Imported records do not count against the budget: 8 new trials on top of them.
     assert len(records(logs / "warm")) == imported["records"] + 8
-    from tunefarm.host.tuning_logs import load_tasks, open_database, task_rows
+    from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows
     cold = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "cold"), load_tasks(logs / "cold"))}
     warm = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "warm"), load_tasks(logs / "warm"))}
     assert all(warm[t] is not None for t in warm)

@@ -59,7 +59,7 @@ def main():
 @_one_line_errors
 def tracker(host, port):
     """Run TVM's RPC tracker; log devices joining and leaving. Ctrl-C/SIGTERM stops it."""
-    from tunefarm.tracker.service import run_tracker
+    from tunefarm.tracker.server import run_tracker
 
     run_tracker(host, port)
 
@@ -98,7 +98,7 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
 
         farm_url, token = farm_settings(farm, token)
         if tracker_addr is None:
-            from tunefarm.host.api_client import agent_tracker_from_farm
+            from tunefarm.client.api import agent_tracker_from_farm
 
             tracker_addr = agent_tracker_from_farm(farm_url, token)
     if tracker_addr is None:
@@ -130,7 +130,7 @@ def devices(tracker_addr, farm, as_json):
 
     if not (farm or configured_farm()):
         raise TunefarmError("which devices? give --tracker HOST:PORT or --farm URL")
-    from tunefarm.host.api_client import print_farm_devices
+    from tunefarm.client.api import print_farm_devices
 
     print_farm_devices(farm, as_json)
 
@@ -149,7 +149,7 @@ def tune(job_file, tracker_addr, logs_dir, skip_eval):
     After tuning, the model is compiled with the best records, run on the device through RPC,
     checked against PyTorch/ONNX Runtime and timed; report.json and report.md land in the job dir.
     """
-    from tunefarm.host.tuning import run_job_file
+    from tunefarm.host.tuning.job import run_job_file
 
     run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
 
@@ -165,7 +165,7 @@ def logs():
 @_one_line_errors
 def logs_best(job_dir, output):
     """Write the best record per workload as a JSONDatabase that plain TVM can apply."""
-    from tunefarm.host.tuning_logs import export_best
+    from tunefarm.host.tuning.logs import export_best
 
     export_best(job_dir, output)
 
@@ -175,7 +175,7 @@ def logs_best(job_dir, output):
 @_one_line_errors
 def logs_show(job_dir):
     """Per-task table: trials, best latency, whether the task has a tuned schedule."""
-    from tunefarm.host.tuning_logs import show
+    from tunefarm.host.tuning.logs import show
 
     show(job_dir)
 
@@ -245,7 +245,7 @@ def host_serve(config_file, bind, port, logs_dir, tracker_addr, tracker_port):
     its unfinished jobs from their databases when it starts again. On the first start, a token is
     generated, printed and kept in LOGS_DIR/farm/token (mode 0600); every API call needs it.
     """
-    from tunefarm.host.service import serve
+    from tunefarm.host.service.app import serve
 
     serve(config_file, bind=bind, port=port, logs_dir=logs_dir, tracker=tracker_addr, tracker_port=tracker_port)
 
@@ -258,7 +258,7 @@ def host_serve(config_file, bind, port, logs_dir, tracker_addr, tracker_port):
 @_one_line_errors
 def submit(job_file, farm, skip_eval, follow_after):
     """Queue JOB_FILE on the farm (an ONNX model file is uploaded with it). The job runs on the host."""
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     api_client.submit(job_file, farm, skip_eval, follow_after)
 
@@ -269,7 +269,7 @@ def submit(job_file, farm, skip_eval, follow_after):
 @_one_line_errors
 def jobs(farm, as_json):
     """The farm's jobs: queued, running, done, failed, cancelled."""
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     api_client.list_jobs(farm, as_json)
 
@@ -282,7 +282,7 @@ def follow(job_id, farm):
     """Live progress of JOB_ID: each measured batch as it lands. Ctrl-C stops following, not the job."""
     import signal
 
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     # A process started from a non-interactive shell's background job inherits SIGINT ignored, and Python
     # then leaves it ignored: Ctrl-C (or kill -INT) would not stop following. Take it back explicitly.
@@ -296,7 +296,7 @@ def follow(job_id, farm):
 @_one_line_errors
 def cancel(job_id, farm):
     """Cancel JOB_ID (queued or running). Its records are kept; tunefarm resume continues it."""
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     api_client.cancel(job_id, farm)
 
@@ -308,7 +308,7 @@ def cancel(job_id, farm):
 @_one_line_errors
 def resume(job_id, farm, trials):
     """Queue a failed or cancelled JOB_ID again (or a done one with more --trials); nothing is re-measured."""
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     api_client.resume(job_id, farm, trials)
 
@@ -320,7 +320,7 @@ def resume(job_id, farm, trials):
 @_one_line_errors
 def pull(job_id, farm, output):
     """Download JOB_ID: best records (best/), the full database (database/), report and plots."""
-    from tunefarm.host import api_client
+    from tunefarm.client import api as api_client
 
     api_client.pull(job_id, farm, output)
 

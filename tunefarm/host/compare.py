@@ -84,7 +84,7 @@ class _Farm:
         return infos
 
     def session(self, key: str, session_timeout: int):
-        from tunefarm.host.evaluate import request_session  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.evaluate import request_session  # pylint: disable=import-outside-toplevel
 
         return request_session(self.addr, key, self.wait_s, session_timeout)
 
@@ -120,7 +120,7 @@ class _ModelArtifacts:
 
     def fused(self, target):
         from tunefarm.core.targets import target_to_json  # pylint: disable=import-outside-toplevel
-        from tunefarm.host.tuning import fuse_for_tuning  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.job import fuse_for_tuning  # pylint: disable=import-outside-toplevel
 
         key = json.dumps(target_to_json(target), sort_keys=True)
         if key not in self._fused:
@@ -133,8 +133,8 @@ class _ModelArtifacts:
         import tvm
 
         from tunefarm.core.targets import target_to_json
-        from tunefarm.host.evaluate import apply_database
-        from tunefarm.host.tuning_logs import open_database
+        from tunefarm.host.tuning.evaluate import apply_database
+        from tunefarm.host.tuning.logs import open_database
 
         cache_key = (json.dumps(target_to_json(target), sort_keys=True), str(logs) if logs else None)
         if cache_key in self._libs:
@@ -219,7 +219,7 @@ def _run_tvm_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Compar
     import tvm
 
     from tunefarm.core.targets import runtime_problem, target_from_spec, target_to_json
-    from tunefarm.host.evaluate import device_type_of, run_on_device
+    from tunefarm.host.tuning.evaluate import device_type_of, run_on_device
 
     logs = row.logs_for(art.name) if row.backend == "tvm-tuned" else None
     state = None
@@ -384,7 +384,7 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
                            "fingerprint": art.model.fingerprint,
                            "reference": "PyTorch" if art.model.kind == "torch" else "ONNX Runtime",
                            "rows": rows})
-    from tunefarm.host.compare_report import write_compare_report  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.reports.compare import write_compare_report  # pylint: disable=import-outside-toplevel
 
     # Other work on a shared machine skews every figure: the report says how busy it was.
     report = write_compare_report(cfg, models_out, out_dir, wall_s=time.time() - t_start,

@@ -43,7 +43,7 @@ def cross_build(mod, target, output: str | Path, database=None) -> dict[str, Any
     # pylint: disable=import-outside-toplevel
     import tvm
 
-    from tunefarm.host.evaluate import apply_database
+    from tunefarm.host.tuning.evaluate import apply_database
 
     tuned: list[str] = []
     if database is not None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunefarm.core.jobspec import load_job
-from tunefarm.host.localfarm import LocalFarm
+from tunefarm.testing.localfarm import LocalFarm
 
 DEFAULT_JOB = Path(__file__).resolve().parents[2] / "configs" / "jobs" / "quickstart.yaml"
 
 
 def run_quickstart(job_file: str | None = None, logs_dir: str = "logs") -> dict:
-    from tunefarm.host.tuning import _console, run_job  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.job import _console, run_job  # pylint: disable=import-outside-toplevel
 
     console = _console()
     job = load_job(job_file or DEFAULT_JOB)

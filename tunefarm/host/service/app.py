@@ -5,7 +5,7 @@ One process (tornado, one thread for the event loop) holds:
 * the TVM tracker: started as ``tunefarm tracker`` in its own process (adopted again after a host
   restart, since it outlives a ``kill -9`` of the host), or an external one from the config;
 * the HTTP API (token required) and the dashboard (``/``, ``/jobs/<id>``);
-* the job queue and the devices that reported, in SQLite (:mod:`tunefarm.host.jobstore`);
+* the job queue and the devices that reported, in SQLite (:mod:`tunefarm.host.service.store`);
 * workers: each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group, at most
   one per device key (the others on that key wait in order), several keys at once.
 
@@ -51,8 +51,8 @@ from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.jobspec import JOB_NAME_RE, job_from_dict
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.core.wire import DeviceInfo, parse_hostport
-from tunefarm.host.farm_config import FarmConfig
-from tunefarm.host.jobstore import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, JobStore
+from tunefarm.host.service.config import FarmConfig
+from tunefarm.host.service.store import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, JobStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 SESSION_COOKIE = "tunefarm_session"
@@ -515,7 +515,7 @@ class FarmService:
 
     def task_table(self, job_id: str) -> list[dict[str, Any]]:
         """tuning_logs.task_rows of a job (blocking, TVM: call in tvm_pool); cached per database change."""
-        from tunefarm.host.tuning_logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
 
         job_dir = self.job_dir(job_id)
         record_file = job_dir / "database_tuning_record.json"
@@ -531,7 +531,7 @@ class FarmService:
 
     def build_bundle(self, job_id: str) -> Path:
         """A .tar.gz of best records (export_best), the full database, reports, plots and the run log."""
-        from tunefarm.host.tuning_logs import export_best  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.logs import export_best  # pylint: disable=import-outside-toplevel
 
         job_dir = self.job_dir(job_id)
         if not (job_dir / "database_tuning_record.json").is_file():
@@ -1049,6 +1049,6 @@ class LogoutHandler(BaseHandler):
 
 def serve(config_path: str | None, **overrides: Any) -> None:
     """``tunefarm host serve``."""
-    from tunefarm.host.farm_config import load_farm_config  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.service.config import load_farm_config  # pylint: disable=import-outside-toplevel
 
     FarmService(load_farm_config(config_path, **overrides)).run()

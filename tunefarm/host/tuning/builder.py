@@ -177,7 +177,7 @@ class FarmBuilder(PyBuilder):
         import tvm
 
         from tunefarm.core.targets import target_to_json
-        from tunefarm.host.evaluate import request_session
+        from tunefarm.host.tuning.evaluate import request_session
         from tunefarm.tracker.client import TrackerClient
 
         agents = TrackerClient(*self.tracker).wait_for_key(self.build_key, self.device_wait_sec)

@@ -174,7 +174,7 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
     # pylint: disable=import-outside-toplevel
     import tvm
 
-    from tunefarm.host.report import write_report
+    from tunefarm.host.reports.tuning import write_report
     from tunefarm.tracker.client import TrackerClient
 
     job, target, mod, database = tuned["job"], tuned["target"], tuned["mod"], tuned["database"]

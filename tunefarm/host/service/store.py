@@ -3,7 +3,7 @@
 Written by the host service only (one process, one thread), so one connection suffices. Every change
 is committed before the HTTP answer that announces it, so a job that was accepted survives a
 ``kill -9`` of the host: on the next start, jobs found ``running`` are put back in the queue and
-resume from their MetaSchedule databases (see :mod:`tunefarm.host.service`).
+resume from their MetaSchedule databases (see :mod:`tunefarm.host.service.app`).
 """
 from __future__ import annotations
 

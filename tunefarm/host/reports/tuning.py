@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.targets import target_to_json
-from tunefarm.host.tuning_logs import task_rows
+from tunefarm.host.tuning.logs import task_rows
 
 
 def _fmt(value, digits=3):

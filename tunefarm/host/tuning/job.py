@@ -258,9 +258,9 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.builder import FarmBuilder, MeasuredCache
+    from tunefarm.host.tuning.builder import FarmBuilder, MeasuredCache
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.runner import FarmRunner
+    from tunefarm.host.tuning.runner import FarmRunner
     from tunefarm.tracker.client import TrackerClient
 
     console = console or _console()
@@ -404,7 +404,7 @@ def _root_cause(err: BaseException) -> str:
 
 
 def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, console=None) -> dict[str, Any]:
-    from tunefarm.host.evaluate import evaluate_job  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.evaluate import evaluate_job  # pylint: disable=import-outside-toplevel
 
     console = console or _console()
     tuned = tune_job(job, logs_dir, console)

@@ -1,0 +1,1 @@
+"""The laptop side: FarmClient (the host service's HTTP API) and the commands built on it."""

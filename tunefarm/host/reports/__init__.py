@@ -1,0 +1,1 @@
+"""Reports: a tuning job's report, the compare report, and their plots."""
