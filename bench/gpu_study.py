@@ -300,7 +300,7 @@ def agent_target_for(device: str) -> tuple[str, str]:
 def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -> dict[str, Any]:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.job import records_per_workload
+    from tunefarm.host.tuning.jobdir import records_per_workload
 
     db = ms.database.JSONDatabase(work_dir=str(job_dir))
     per = records_per_workload(db)

@@ -92,7 +92,7 @@ def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int
 def run_stock(mod, target, args, work_dir: Path) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.job import time_split
+    from tunefarm.host.tuning.progress import time_split
 
     extracted = ms.relax_integration.extract_tasks(mod, target)
     weights = [float(t.weight) for t in extracted]

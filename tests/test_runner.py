@@ -111,7 +111,7 @@ def test_a_candidate_past_its_deadline_fails_and_the_rest_are_measured(tracker, 
 
 
 def test_time_split_counts_nested_profiler_scopes_once():
-    from tunefarm.host.tuning.job import time_split
+    from tunefarm.host.tuning.progress import time_split
 
     profile = {"Total": 100.0, "SendToBuilder": 50.0, "SendToRunner": 5.0, "JoinRunnerFutures": 1.0,
                "EvoSearch/Evolve/Misc": 4.0, "EvoSearch/Evolve/Misc/CopyMeasuredWorkloads": 3.0,

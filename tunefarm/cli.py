@@ -98,9 +98,9 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
 
         farm_url, token = farm_settings(farm, token)
         if tracker_addr is None:
-            from tunefarm.client.api import agent_tracker_from_farm
+            from tunefarm.device_agents.heartbeat import tracker_from_farm
 
-            tracker_addr = agent_tracker_from_farm(farm_url, token)
+            tracker_addr = tracker_from_farm(farm_url, token)
     if tracker_addr is None:
         raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
     run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,

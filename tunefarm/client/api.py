@@ -15,63 +15,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.farm import auth_header, farm_settings
+from tunefarm.core.farm import FarmHTTP, FarmUnreachable
 from tunefarm.core.jobspec import load_job
 
-TIMEOUT_S = 30.0
 FOLLOW_RECONNECT_S = 300.0  # how long `follow` keeps trying while the farm is away (e.g. restarting)
 
 
-class FarmClient:
-    """One farm: its URL and token."""
-
-    def __init__(self, url: str, token: str, timeout: float = TIMEOUT_S):
-        import requests  # pylint: disable=import-outside-toplevel
-
-        self.url = url
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers.update(auth_header(token))
-
-    @classmethod
-    def from_settings(cls, farm: str | None = None) -> "FarmClient":
-        return cls(*farm_settings(farm))
-
-    def request(self, method: str, path: str, stream: bool = False, timeout: float | None = None, **kwargs):
-        import requests  # pylint: disable=import-outside-toplevel
-
-        try:
-            resp = self.session.request(method, self.url + path, stream=stream,
-                                        timeout=timeout or self.timeout, **kwargs)
-        except requests.ConnectionError as err:
-            reason = str(err.args[0]) if err.args else str(err)
-            if "Connection refused" in reason:
-                reason = "connection refused"
-            raise FarmUnreachable(f"cannot reach the farm at {self.url}: {reason}") from None
-        except requests.Timeout:
-            raise FarmUnreachable(f"the farm at {self.url} did not answer within {timeout or self.timeout:g} s") \
-                from None
-        if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {resp.status_code} from {self.url}{path}"
-            if resp.status_code == 401:
-                message = (f"the farm at {self.url} refused the token (set TUNEFARM_TOKEN to the token in "
-                           "logs/farm/token on the host)")
-            raise TunefarmError(message)
-        return resp
-
-    def get_json(self, path: str, **kwargs) -> Any:
-        return self.request("GET", path, **kwargs).json()
-
-    def post_json(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.request("POST", path, json=body or {}).json()
+class FarmClient(FarmHTTP):
+    """The laptop's view of one farm: submit, list, follow, cancel, resume, pull."""
 
     # -- API --------------------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        return self.get_json("/api/info")
-
     def submit(self, job_file: str | Path, skip_eval: bool = False) -> dict[str, Any]:
         job = load_job(job_file)  # validated here first: a bad file is a one-line error before any upload
         files = {"job": (None, Path(job_file).read_text(), "application/x-yaml")}
@@ -127,10 +80,6 @@ class FarmClient:
         with open(dest, "wb") as fh:
             for chunk in resp.iter_content(1 << 20):
                 fh.write(chunk)
-
-
-class FarmUnreachable(TunefarmError):
-    """The farm did not answer (down, restarting, wrong address)."""
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -290,7 +239,7 @@ def print_farm_devices(farm: str | None, as_json: bool) -> None:
         return
     from rich.table import Table  # pylint: disable=import-outside-toplevel
 
-    from tunefarm.tracker.client import describe_target  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.targets import describe_target  # pylint: disable=import-outside-toplevel
 
     console = _console()
     if view.get("tracker_error"):
@@ -310,10 +259,3 @@ def print_farm_devices(farm: str | None, as_json: bool) -> None:
                       f"{dev['cpu'] or '?'} ({dev['num_cores']} cores, {dev.get('threads') or '?'} threads)",
                       dev["job"] or "-")
     console.print(table)
-
-
-def agent_tracker_from_farm(farm: str | None, token: str | None) -> str:
-    """The tracker address the farm tells agents to register with."""
-    url, tok = farm_settings(farm, token)
-    return FarmClient(url, tok).info()["tracker"]
-

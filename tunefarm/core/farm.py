@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,7 +24,9 @@ FARM_ENV = "TUNEFARM_FARM"
 TOKEN_ENV = "TUNEFARM_TOKEN"
 CLIENT_CONFIG_ENV = "TUNEFARM_CLIENT_CONFIG"
 HEARTBEAT_PATH = "/api/devices/heartbeat"
+HEARTBEAT_S = 2.0  # how often agents report to the host service (the service tells them so in its info)
 INFO_PATH = "/api/info"
+TIMEOUT_S = 30.0  # one API call (connect + answer)
 
 
 def auth_header(token: str) -> dict[str, str]:
@@ -82,3 +85,57 @@ def farm_settings(farm: str | None = None, token: str | None = None) -> tuple[st
         raise TunefarmError(f"no token for the farm: set {TOKEN_ENV} or put 'token: ...' in {client_config_path()} "
                             "(the host prints it on its first start and keeps it in logs/farm/token)")
     return normalize_farm_url(str(url)), str(tok).strip()
+
+
+class FarmUnreachable(TunefarmError):
+    """The farm did not answer (down, restarting, wrong address)."""
+
+
+class FarmHTTP:
+    """One farm's HTTP API: its URL and token; refusals and failures as one-line errors."""
+
+    def __init__(self, url: str, token: str, timeout: float = TIMEOUT_S):
+        import requests  # pylint: disable=import-outside-toplevel
+
+        self.url = url
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers.update(auth_header(token))
+
+    @classmethod
+    def from_settings(cls, farm: str | None = None) -> "FarmHTTP":
+        return cls(*farm_settings(farm))
+
+    def request(self, method: str, path: str, stream: bool = False, timeout: float | None = None, **kwargs):
+        import requests  # pylint: disable=import-outside-toplevel
+
+        try:
+            resp = self.session.request(method, self.url + path, stream=stream,
+                                        timeout=timeout or self.timeout, **kwargs)
+        except requests.ConnectionError as err:
+            reason = str(err.args[0]) if err.args else str(err)
+            if "Connection refused" in reason:
+                reason = "connection refused"
+            raise FarmUnreachable(f"cannot reach the farm at {self.url}: {reason}") from None
+        except requests.Timeout:
+            raise FarmUnreachable(f"the farm at {self.url} did not answer within {timeout or self.timeout:g} s") \
+                from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {resp.status_code} from {self.url}{path}"
+            if resp.status_code == 401:
+                message = (f"the farm at {self.url} refused the token (set TUNEFARM_TOKEN to the token in "
+                           "logs/farm/token on the host)")
+            raise TunefarmError(message)
+        return resp
+
+    def get_json(self, path: str, **kwargs) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    def post_json(self, path: str, body: dict[str, Any] | None = None, **kwargs) -> Any:
+        return self.request("POST", path, json=body or {}, **kwargs).json()
+
+    def info(self) -> dict[str, Any]:
+        return self.get_json(INFO_PATH)

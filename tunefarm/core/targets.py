@@ -78,6 +78,21 @@ def target_to_json(target) -> dict[str, Any]:
     return data
 
 
+def describe_target(target: dict[str, Any]) -> str:
+    """A short human form of a target JSON dict, e.g. 'llvm mcpu=znver4 cores=16'."""
+    if not target:
+        return "-"
+    head = target.get("tag") or target.get("kind", "?")
+    parts = [str(head)]
+    for name, label in (("device", "device"), ("mcpu", "mcpu"), ("arch", "arch"), ("num-cores", "cores")):
+        if name in target:
+            parts.append(f"{label}={target[name]}")
+    host = target.get("host")
+    if isinstance(host, dict):
+        parts.append(f"host={host.get('kind', '?')}")
+    return " ".join(parts)
+
+
 OPENCL_RUNTIME_HINT = ("serving an OpenCL target needs a TVM runtime built with USE_OPENCL=ON on the device "
                        "(the PyPI wheel is built with USE_OPENCL=OFF); see the README, 'OpenCL devices'")
 

@@ -21,7 +21,6 @@ import time
 import click
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
-from tunefarm.core.farm import HEARTBEAT_PATH, auth_header
 from tunefarm.core.threads import THREADS_ENV, resolve_threads
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
@@ -35,7 +34,6 @@ BACKOFF_MAX_S = 10.0
 HEALTHY_AFTER_S = 30.0  # a child that ran this long resets the backoff
 STOP_GRACE_S = 5.0
 PORT_RANGE = 100
-HEARTBEAT_S = 2.0  # with --farm: how often the agent reports to the host service
 
 
 def _log(message: str) -> None:
@@ -220,43 +218,6 @@ class _RPCServerSupervisor:
         _log("stopped" + (f" (rpc server exit code {code})" if code is not None else ""))
 
 
-class _FarmHeartbeat(threading.Thread):
-    """With ``--farm``: POST this agent's DeviceInfo and state to the host service every few seconds, so it
-    shows in ``tunefarm devices --farm`` and the dashboard (offline once the heartbeats stop)."""
-
-    def __init__(self, supervisor: "_RPCServerSupervisor", farm_url: str, token: str):
-        super().__init__(name="farm-heartbeat", daemon=True)
-        self.supervisor = supervisor
-        self.url = farm_url.rstrip("/") + HEARTBEAT_PATH
-        self.token = token
-        self.interval = HEARTBEAT_S
-        self.failing: str | None = None
-
-    def send(self, stopping: bool = False) -> None:
-        import requests  # pylint: disable=import-outside-toplevel
-
-        sup = self.supervisor
-        body = {"info": sup.info.to_json(), "tracker": sup.tracker_addr, "listed": sup.listed,
-                "busy": sup._child_in_session(), "interval_s": self.interval, "stopping": stopping}
-        try:
-            resp = requests.post(self.url, json=body, headers=auth_header(self.token), timeout=5)
-            problem = None if resp.ok else (
-                "the farm refused this agent's token (--token / TUNEFARM_TOKEN)" if resp.status_code == 401
-                else f"HTTP {resp.status_code} from the farm")
-        except requests.RequestException as err:
-            problem = f"cannot reach the farm: {type(err).__name__}"
-        if problem and problem != self.failing:
-            _log(f"heartbeat to {self.url}: {problem}; retrying every {self.interval:g} s")
-        elif not problem and (self.failing or self.failing is None) and not stopping:
-            _log(f"reporting to the farm at {self.url.rsplit('/api/', 1)[0]}")
-        self.failing = problem or ""
-
-    def run(self) -> None:
-        while not self.supervisor.stop.is_set():
-            self.send()
-            self.supervisor.stop.wait(self.interval)
-
-
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
               custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
               threads: int | None = None) -> None:
@@ -293,7 +254,9 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
         supervisor.stop.set()
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    heartbeat = _FarmHeartbeat(supervisor, farm_url, token) if farm_url else None
+    from tunefarm.device_agents.heartbeat import FarmHeartbeat  # pylint: disable=import-outside-toplevel
+
+    heartbeat = FarmHeartbeat(supervisor, farm_url, token) if farm_url else None
     if heartbeat is not None:
         heartbeat.start()
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
-import os
 import platform
 import re
 import shutil

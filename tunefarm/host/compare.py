@@ -84,7 +84,7 @@ class _Farm:
         return infos
 
     def session(self, key: str, session_timeout: int):
-        from tunefarm.host.tuning.evaluate import request_session  # pylint: disable=import-outside-toplevel
+        from tunefarm.tracker.client import request_session  # pylint: disable=import-outside-toplevel
 
         return request_session(self.addr, key, self.wait_s, session_timeout)
 

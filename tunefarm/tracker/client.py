@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from tunefarm.core.errors import NoDeviceError, TrackerUnreachable
+from tunefarm.core.errors import NoDeviceError, TrackerUnreachable, TunefarmError
+from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, no_delay, parse_hostport
 
 CONNECT_TIMEOUT_S = 5.0  # TCP connect + tracker handshake
@@ -90,6 +91,32 @@ def request_rpc_session(host: str, port: int, key: str, priority: int, session_t
         return tracker.request(key, priority=priority, session_timeout=session_timeout)
     finally:
         tracker.close()
+
+
+def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int, on_wait=None, priority: int = 2):
+    """An RPC session on an agent of ``key``: waits visibly for one, and never longer than ``wait_s``.
+
+    The tracker answers a request only when a server is free, and a stale listing can keep it from
+    ever answering: the request runs in a thread and is abandoned after the deadline.
+    """
+    t0 = time.monotonic()
+    TrackerClient(*tracker_addr).wait_for_key(key, wait_s, on_wait=on_wait)
+    box: dict[str, Any] = {}
+
+    def ask():
+        try:
+            box["sess"] = request_rpc_session(*tracker_addr, key, priority=priority, session_timeout=session_timeout)
+        except Exception as err:  # pylint: disable=broad-except
+            box["err"] = err
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(max(1.0, wait_s - (time.monotonic() - t0)))
+    if "sess" in box:
+        return box["sess"]
+    if "err" in box:
+        raise TunefarmError(f"no session on key '{key}': {str(box['err']).strip().splitlines()[-1]}")
+    raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
 
 
 def server_key(info: dict[str, Any]) -> str | None:
@@ -245,21 +272,6 @@ def devices_to_json(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
             agents.append({**agent.to_json(), "addr": addr} if isinstance(agent, DeviceInfo) else {"addr": addr})
         out.append({**item, "agents": agents})
     return out
-
-
-def describe_target(target: dict[str, Any]) -> str:
-    """A short human form of a target JSON dict, e.g. 'llvm mcpu=znver4 cores=16'."""
-    if not target:
-        return "-"
-    head = target.get("tag") or target.get("kind", "?")
-    parts = [str(head)]
-    for name, label in (("device", "device"), ("mcpu", "mcpu"), ("arch", "arch"), ("num-cores", "cores")):
-        if name in target:
-            parts.append(f"{label}={target[name]}")
-    host = target.get("host")
-    if isinstance(host, dict):
-        parts.append(f"host={host.get('kind', '?')}")
-    return " ".join(parts)
 
 
 def _describe_opencl(opencl: dict[str, Any]) -> str:

@@ -48,6 +48,7 @@ import tornado.web
 import yaml
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.farm import HEARTBEAT_S
 from tunefarm.core.jobspec import JOB_NAME_RE, job_from_dict
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.core.wire import DeviceInfo, parse_hostport
@@ -61,7 +62,6 @@ STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL
 FOLLOW_POLL_S = 0.5
 FOLLOW_PING_S = 10.0
 TRACKER_START_S = 60.0
-HEARTBEAT_S = 2.0  # what agents are told to use
 JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
              "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
 PLOT_SUFFIXES = (".png", ".svg")

@@ -55,37 +55,6 @@ def device_type_of(target) -> str:
     return "cpu" if kind in ("llvm", "c") else kind
 
 
-def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int, on_wait=None, priority: int = 2):
-    """An RPC session on an agent of ``key``: waits visibly for one, and never longer than ``wait_s``.
-
-    The tracker answers a request only when a server is free, and a stale listing can keep it from
-    ever answering: the request runs in a thread and is abandoned after the deadline.
-    """
-    # pylint: disable=import-outside-toplevel
-    import threading
-
-    from tunefarm.tracker.client import TrackerClient, request_rpc_session
-
-    t0 = time.monotonic()
-    TrackerClient(*tracker_addr).wait_for_key(key, wait_s, on_wait=on_wait)
-    box: dict[str, Any] = {}
-
-    def ask():
-        try:
-            box["sess"] = request_rpc_session(*tracker_addr, key, priority=priority, session_timeout=session_timeout)
-        except Exception as err:  # pylint: disable=broad-except
-            box["err"] = err
-
-    thread = threading.Thread(target=ask, daemon=True)
-    thread.start()
-    thread.join(max(1.0, wait_s - (time.monotonic() - t0)))
-    if "sess" in box:
-        return box["sess"]
-    if "err" in box:
-        raise TunefarmError(f"no session on key '{key}': {str(box['err']).strip().splitlines()[-1]}")
-    raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
-
-
 def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray], warmup: int, repeat: int,
                   budget_s: float = 120.0, session_timeout: int = 900, device_type: str = "cpu",
                   wait_s: float = 120.0, on_wait=None) -> dict[str, Any]:
@@ -93,6 +62,8 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
     # pylint: disable=import-outside-toplevel
     import tvm
     from tvm import relax
+
+    from tunefarm.tracker.client import request_session  # pylint: disable=import-outside-toplevel
 
     sess = request_session(tracker_addr, key, wait_s, session_timeout, on_wait)
     try:

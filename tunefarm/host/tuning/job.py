@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
 from tunefarm.core.targets import target_to_json
 from tunefarm.core.wire import parse_hostport
+from tunefarm.host.tuning.jobdir import JobDir, records_per_workload
+from tunefarm.host.tuning.progress import JobProgress, make_progress_callback, time_split
+from tunefarm.host.tuning.warm_start import warm_start
 
-STATE_FILE = "job_state.json"
-PROGRESS_FILE = "progress.jsonl"
-TASKS_FILE = "tasks.json"
-PROFILE_FILE = "profile.json"  # where the tuning time went (MetaSchedule profiler scopes)
 
 
 def _console():
@@ -73,177 +70,12 @@ def _refuse_unrunnable_target(target, agents, key: str) -> None:
         raise TunefarmError(f"key '{key}': {problems[0]}")
 
 
-class JobProgress:
-    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``)."""
-
-    def __init__(self, job_dir: Path, task_names: list[str], task_weights: list[float], total_trials: int,
-                 console, start_best: dict[int, float] | None = None, trials_before: int = 0):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.path = job_dir / PROGRESS_FILE
-        self.task_names = task_names
-        self.task_weights = task_weights
-        self.best: dict[int, float] = dict(start_best or {})
-        self.trials = trials_before
-        self.run_ok = 0  # candidates measured successfully in this run
-        self.first_error: str | None = None
-        self.total = total_trials
-        self.t0 = time.time()
-        self.console = console
-        self.progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=False)
-        self.bar = self.progress.add_task("tune", total=max(total_trials, 1), completed=trials_before,
-                                          status=self._status())
-
-    def estimated_ms(self) -> float | None:
-        if len(self.best) < len(self.task_names):
-            return None
-        return sum(self.best[i] * self.task_weights[i] for i in self.best) * 1e3
-
-    def _status(self) -> str:
-        est = self.estimated_ms()
-        est_s = f"{est:.3f} ms" if est is not None else "n/a (not every task measured yet)"
-        return f"trials | tasks measured {len(self.best)}/{len(self.task_names)} | best est. {est_s}"
-
-    def on_batch(self, task_id: int, costs: list[float | None], errors: int) -> None:
-        valid = [c for c in costs if c is not None]
-        self.run_ok += len(valid)
-        if valid:
-            best = min(valid)
-            if task_id not in self.best or best < self.best[task_id]:
-                self.best[task_id] = best
-        self.trials += len(costs)
-        event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task_id,
-                 "task": self.task_names[task_id], "batch": len(costs), "errors": errors,
-                 "trials": self.trials, "task_best_us": self.best.get(task_id, math.nan) * 1e6,
-                 "estimated_ms": self.estimated_ms()}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event) + "\n")
-        self.progress.update(self.bar, completed=min(self.trials, self.total), status=self._status())
-
-
-def _make_progress_callback(progress: JobProgress):
-    from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback  # pylint: disable=import-outside-toplevel
-
-    @derived_object
-    class ProgressCallback(PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            costs, errors = [], 0
-            for bres, res in zip(builder_results, runner_results):
-                if res.error_msg or not res.run_secs:
-                    costs.append(None)
-                    errors += 1
-                    if progress.first_error is None:
-                        progress.first_error = str(bres.error_msg or res.error_msg or "no run time").strip()
-                else:
-                    costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
-            progress.on_batch(task_id, costs, errors)
-
-    return ProgressCallback()
-
-
-def time_split(profile: dict[str, float], wall_s: float) -> dict[str, float]:
-    """MetaSchedule's profiler scopes (seconds) grouped into where a tuning run's time goes.
-
-    search: evolutionary search (sampling, mutation, cost-model prediction); build: SendToBuilder
-    (the builder's whole batch); measure: SendToRunner + JoinRunnerFutures (what the runner keeps
-    the host waiting for); model_update: training the cost model and the database on each batch;
-    other: the rest of the wall time (task scheduling, Python callbacks, progress output).
-    """
-    # Scopes nest ("EvoSearch/Evolve/Misc" holds ".../CopyMeasuredWorkloads"): count outermost ones only.
-    outer = {k: v for k, v in profile.items()
-             if k != "Total" and not any(k.startswith(j + "/") for j in profile if j != k)}
-
-    def total(prefixes):
-        return sum(v for k, v in outer.items() if k.startswith(prefixes))
-
-    split = {"search_s": total(("EvoSearch",)), "build_s": total(("SendToBuilder",)),
-             "measure_s": total(("SendToRunner", "JoinRunnerFutures")),
-             "model_update_s": total(("MeasureCallback",)), "wall_s": wall_s}
-    split["other_s"] = max(0.0, wall_s - sum(v for k, v in split.items() if k != "wall_s"))
-    split["scopes"] = profile
-    return split
-
-
-def records_per_workload(database) -> dict[str, list[float]]:
-    """structural hash of a workload -> mean run seconds of each valid record."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    out: dict[str, list[float]] = {}
-    for rec in database.get_all_tuning_records():
-        key = str(tvm_ffi.structural_hash(rec.workload.mod))
-        secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
-        if secs and min(secs) < 1e9:
-            out.setdefault(key, []).append(sum(secs) / len(secs))
-        else:
-            out.setdefault(key, [])
-    return out
-
-
-def warm_start(database, job_dir: Path, logs_dir: Path, target: dict, task_mods, task_keys, top_k: int) -> dict:
-    """Seed a new job's database with the best earlier records of its workloads (same target).
-
-    Sources are the other job directories under ``logs_dir`` tuned for the same target. Workloads
-    shared across models (ResNet-18 and ResNet-50 share layers) are found by structural hash. The
-    seeded records become part of the evolutionary search's first population and are never
-    measured again (MeasuredCache); they do not count against this job's trial budget.
-    """
-    # pylint: disable=import-outside-toplevel
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    wanted = dict(zip(task_keys, task_mods))
-    best: dict[str, list] = {}
-    sources = []
-    for state_file in sorted(logs_dir.glob(f"*/{STATE_FILE}")):
-        other = state_file.parent
-        if other.resolve() == job_dir.resolve():
-            continue
-        try:
-            if json.loads(state_file.read_text()).get("target") != target:
-                continue
-            other_db = ms.database.JSONDatabase(work_dir=str(other), allow_missing=False)
-            records = other_db.get_all_tuning_records()
-        except Exception:  # pylint: disable=broad-except
-            continue  # an unreadable or foreign directory is no source
-        used = False
-        for rec in records:
-            key = str(tvm_ffi.structural_hash(rec.workload.mod))
-            secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
-            if key not in wanted or not secs or min(secs) >= 1e9:
-                continue
-            best.setdefault(key, []).append((sum(secs) / len(secs), rec))
-            used = True
-        if used:
-            sources.append(other.name)
-    per_workload: dict[str, int] = {}
-    for key, recs in best.items():
-        workload = database.commit_workload(wanted[key])
-        seen = set()
-        for _, rec in sorted(recs, key=lambda r: r[0]):
-            trace_key = str(rec.trace.as_json())
-            if trace_key in seen:
-                continue
-            seen.add(trace_key)
-            database.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
-                                                                   rec.args_info))
-            per_workload[key] = per_workload.get(key, 0) + 1
-            if per_workload[key] >= top_k:
-                break
-    return {"sources": sources, "records": sum(per_workload.values()), "per_workload": per_workload}
-
-
-def _check_state(job_dir: Path, state: dict[str, Any]) -> bool:
+def _check_state(job_dir: JobDir, state: dict[str, Any]) -> bool:
     """True if the job dir holds an earlier run of this job (resume); refuse a different model/target."""
-    path = job_dir / STATE_FILE
-    if not path.exists():
-        path.write_text(json.dumps(state, indent=2))
+    if not job_dir.has_state():
+        job_dir.write_state(state)
         return False
-    old = json.loads(path.read_text())
+    old = job_dir.read_state()
     for field in ("model_fingerprint", "target"):
         if old.get(field) != state.get(field):
             raise TunefarmError(f"{job_dir} holds a run of a different {field.replace('_', ' ')}; "
@@ -258,13 +90,15 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.builder import FarmBuilder, MeasuredCache
+    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.measured_cache import MeasuredCache
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.host.tuning.runner import FarmRunner
     from tunefarm.tracker.client import TrackerClient
 
     console = console or _console()
-    job_dir = Path(logs_dir) / job.name
+    jobdir = JobDir(Path(logs_dir) / job.name)
+    job_dir = jobdir.path
     job_dir.mkdir(parents=True, exist_ok=True)
     host, port = parse_hostport(job.device.tracker)
     tracker = TrackerClient(host, port)
@@ -283,8 +117,8 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
 
     model = load_model(job.model)
     state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
-    resumed = _check_state(job_dir, state)
-    (job_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    resumed = _check_state(jobdir, state)
+    jobdir.write_spec(job)
 
     with console.status("importing the model into Relax and fusing"):
         mod = fuse_for_tuning(to_relax(model), target)
@@ -295,20 +129,19 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     task_weights = [float(t.weight) for t in extracted]
     task_keys = [str(tvm_ffi.structural_hash(t.dispatched[0])) for t in extracted]
 
-    (job_dir / TASKS_FILE).write_text(json.dumps(
-        [{"name": n, "weight": w, "workload_hash": k} for n, w, k in zip(task_names, task_weights, task_keys)],
-        indent=2))
+    jobdir.write_tasks([{"name": n, "weight": w, "workload_hash": k}
+                        for n, w, k in zip(task_names, task_weights, task_keys)])
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
-    database = ms.database.JSONDatabase(work_dir=str(job_dir))
+    database = jobdir.database()
     if not resumed and job.tuning.warm_start:
         imported = warm_start(database, job_dir, Path(logs_dir), state["target"],
                               [t.dispatched[0] for t in extracted], task_keys, job.tuning.warm_start_top_k)
         state["warm_start"] = imported
-        (job_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        jobdir.write_state(state)
         if imported["records"]:
             console.print(f"warm start: {imported['records']} record(s) for {len(imported['per_workload'])} "
                           f"task(s) from {', '.join(imported['sources'])} (not counted as trials of this job)")
-    imported_per = json.loads((job_dir / STATE_FILE).read_text()).get("warm_start", {}).get("per_workload", {})
+    imported_per = jobdir.read_state().get("warm_start", {}).get("per_workload", {})
     per_workload = records_per_workload(database)
     done_per_task = [max(0, len(per_workload.get(k, [])) - imported_per.get(k, 0)) for k in task_keys]
     best_before = {i: min(per_workload[k]) for i, k in enumerate(task_keys) if per_workload.get(k)}
@@ -353,7 +186,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
                                 number=job.runner.number, repeat=job.runner.repeat,
                                 min_repeat_ms=job.runner.min_repeat_ms,
                                 enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
-        callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_progress_callback(progress)]
+        callbacks = ms.measure_callback.MeasureCallback.create("default") + [make_progress_callback(progress)]
         t0 = time.time()
         profiler = ms.Profiler()
         try:
@@ -373,7 +206,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
             runner.shutdown()
         wall = time.time() - t0
         profile = {str(k): float(v) for k, v in profiler.get().items()}
-        (job_dir / PROFILE_FILE).write_text(json.dumps(time_split(profile, wall), indent=2))
+        jobdir.write_profile(time_split(profile, wall))
         if progress.trials > trials_before and progress.run_ok == 0:
             # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
             first = (progress.first_error or "").splitlines()
@@ -389,7 +222,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
             "database": database, "task_names": task_names, "task_weights": task_weights,
             "task_keys": task_keys, "tuning_wall_s": wall, "runner_stats": runner_stats,
             "tracker": (host, port), "resumed": resumed, "trials_before": trials_before, "on_wait": on_wait,
-            "time_split": json.loads((job_dir / PROFILE_FILE).read_text()) if (job_dir / PROFILE_FILE).is_file() else {}}
+            "time_split": jobdir.read_profile()}
 
 
 def _root_cause(err: BaseException) -> str:

@@ -10,27 +10,19 @@ The export goes through ``JSONDatabase`` (never text tools), so plain TVM can ap
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tunefarm.core.errors import TunefarmError
-
-TASKS_FILE = "tasks.json"
+from tunefarm.host.tuning.jobdir import DB_RECORDS, JobDir, mean_run_s
 
 
 def open_database(job_dir: str | Path):
-    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
-
-    job_dir = Path(job_dir)
-    if not (job_dir / "database_workload.json").is_file() or not (job_dir / "database_tuning_record.json").is_file():
-        raise TunefarmError(f"{job_dir} is not a tuning job directory (no MetaSchedule database in it)")
-    return ms.database.JSONDatabase(work_dir=str(job_dir), allow_missing=False)
+    return JobDir(job_dir).open_database()
 
 
 def task_rows(database, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per task: trials measured, failures, best latency (us); tasks from ``tasks.json``."""
-    import tvm  # pylint: disable=import-outside-toplevel
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
     per: dict[str, dict[str, Any]] = {}
@@ -38,11 +30,11 @@ def task_rows(database, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = str(tvm_ffi.structural_hash(rec.workload.mod))
         row = per.setdefault(key, {"trials": 0, "failed": 0, "best_us": None})
         row["trials"] += 1
-        secs = [float(x) for x in rec.run_secs] if rec.run_secs is not None else []
-        if not secs or min(secs) >= 1e9:
+        mean = mean_run_s(rec.run_secs)
+        if mean is None:
             row["failed"] += 1
             continue
-        mean_us = sum(secs) / len(secs) * 1e6
+        mean_us = mean * 1e6
         if row["best_us"] is None or mean_us < row["best_us"]:
             row["best_us"] = mean_us
     rows = []
@@ -54,10 +46,7 @@ def task_rows(database, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load_tasks(job_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(job_dir) / TASKS_FILE
-    if not path.is_file():
-        raise TunefarmError(f"{path} is missing: was this directory written by `tunefarm tune`?")
-    return json.loads(path.read_text())
+    return JobDir(job_dir).read_tasks()
 
 
 def show(job_dir: str | Path) -> list[dict[str, Any]]:
@@ -85,13 +74,12 @@ def show(job_dir: str | Path) -> list[dict[str, Any]]:
 
 def export_best(job_dir: str | Path, output: str | Path) -> int:
     """Write the best record of every workload into a fresh JSONDatabase at ``output``; returns count."""
-    import tvm  # pylint: disable=import-outside-toplevel
     import tvm_ffi  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
     src = open_database(job_dir)
     output = Path(output)
-    if (output / "database_tuning_record.json").exists():
+    if (output / DB_RECORDS).exists():
         raise TunefarmError(f"{output} already holds a database; choose an empty directory")
     output.mkdir(parents=True, exist_ok=True)
     dst = ms.database.JSONDatabase(work_dir=str(output))

@@ -110,7 +110,7 @@ class _Batch:
 
     def _open(self):
         # pylint: disable=import-outside-toplevel
-        from tunefarm.host.tuning.evaluate import request_session
+        from tunefarm.tracker.client import request_session
 
         runner = self.runner
         if runner.tracker.servers_for_key(runner.key) == 0:

@@ -1,0 +1,59 @@
+"""What every benchmark records about where it ran, and the thread count TVM runs with there.
+
+Importing this module sets ``TVM_NUM_THREADS`` (if unset) to the physical cores this process may use,
+as agents do: TVM's default is half the hardware threads on x86-64, and the stock ``LocalRunner``'s
+workers inherit the environment. Import it before TVM.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from tunefarm.core.threads import THREADS_ENV, usable_cores
+
+os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def threads() -> int:
+    """The thread count TVM (and, in the benchmarks that time them, PyTorch and ONNX Runtime) runs with."""
+    return int(os.environ[THREADS_ENV])
+
+
+def cpu_model() -> str:
+    from tunefarm.device_agents.probe import cpu_model as probed  # pylint: disable=import-outside-toplevel
+
+    return probed()
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine a result was measured on: host, CPU, cores, threads, load, versions, date."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": usable_cores(),
+            "logical_cpus": len(os.sched_getaffinity(0)), "threads": threads(), "load_avg_start": load_avg(),
+            "python": platform.python_version(), "tvm": str(tvm.__version__),
+            "date": time.strftime("%Y-%m-%d %H:%M"), **extra}
+
+
+def default_name() -> str:
+    """The results file name part: <hostname>-<cores>c."""
+    return f"{platform.node()}-{len(os.sched_getaffinity(0))}c"
+
+
+def finish(meta: dict[str, Any]) -> dict[str, Any]:
+    """The machine record with the load at the end of the run added."""
+    meta["load_avg_end"] = load_avg()
+    return meta

@@ -1,0 +1,140 @@
+"""The package's layout holds: no import cycles in tunefarm/, and no role imports another role's internals.
+
+Imports are read from the source (``ast``), top-level and function-level alike: a lazy import is still a
+dependency. ``python tests/test_layout.py`` prints the module graph's cycles and role violations.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tunefarm"
+
+# What each part of the package may import from tunefarm (besides itself). The roles talk through core
+# (wire formats, job specs) and the tracker's client; the laptop client and the agents never reach into
+# the host, and nothing but the CLI reaches into everything.
+ALLOWED = {
+    "tunefarm.core": set(),
+    "tunefarm.tracker": {"tunefarm.core"},
+    "tunefarm.device_agents": {"tunefarm.core", "tunefarm.tracker.client"},
+    "tunefarm.client": {"tunefarm.core"},
+    "tunefarm.testing": {"tunefarm.core", "tunefarm.tracker.client"},
+    "tunefarm.host": {"tunefarm.core", "tunefarm.tracker.client", "tunefarm.testing"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """tunefarm modules that ``path`` imports (``from pkg import name`` counts ``pkg.name`` when it is a module)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target.startswith("tunefarm") and target != name:
+                found.add(target)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    # importing a module imports its packages' __init__ too, but those hold no imports of their own here
+    return {name: {t for t in imports_of(path, modules) if t != "tunefarm"} for name, path in files.items()}
+
+
+def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(deps.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            comp = []
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                comp.append(item)
+                if item == node:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for node in sorted(deps):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def role_violations(deps: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, targets in sorted(deps.items()):
+        role = next((r for r in ALLOWED if mod == r or mod.startswith(r + ".")), None)
+        if role is None:
+            continue  # tunefarm.cli, tunefarm.__main__: the entry points may import every role
+        for target in sorted(targets):
+            if target == role or target.startswith(role + "."):
+                continue
+            if not any(target == a or target.startswith(a + ".") for a in ALLOWED[role]):
+                bad.append(f"{mod} imports {target}")
+    return bad
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+def test_no_role_imports_another_roles_internals():
+    assert role_violations(graph()) == []
+
+
+def test_the_checker_sees_cycles_and_violations():
+    deps = {"tunefarm.core.a": {"tunefarm.host.x"}, "tunefarm.host.x": {"tunefarm.host.y"},
+            "tunefarm.host.y": {"tunefarm.host.x"}, "tunefarm.client.c": {"tunefarm.host.x"}}
+    assert cycles(deps) == [["tunefarm.host.x", "tunefarm.host.y"]]
+    assert role_violations(deps) == ["tunefarm.client.c imports tunefarm.host.x",
+                                     "tunefarm.core.a imports tunefarm.host.x"]
+    real = graph()
+    assert "tunefarm.core.errors" in real["tunefarm.core.jobspec"]  # a relative import, resolved
+
+
+if __name__ == "__main__":
+    found = graph()
+    for comp in cycles(found):
+        print("cycle:", " <-> ".join(comp))
+    for line in role_violations(found):
+        print("role:", line)

@@ -1,0 +1,196 @@
+"""The job directory, ``LOGS/<job>/``: the one module that names its files and reads and writes them.
+
+A job directory is a MetaSchedule ``JSONDatabase`` work_dir plus tunefarm's own files::
+
+    database_workload.json        MetaSchedule: one line per workload (structural hash, IRModule)
+    database_tuning_record.json   MetaSchedule: one line per measured candidate (trace, run seconds)
+    job.yaml                      the job as it was run (the spec, validated)
+    job_state.json                what the directory was tuned for (model fingerprint, target), warm start
+    tasks.json                    the tasks: name, weight, workload hash
+    progress.jsonl                one JSON line per measured batch (tunefarm follow, the dashboard's chart)
+    profile.json                  where the tuning time went (MetaSchedule's profiler scopes, grouped)
+    report.json, report.md        the evaluation (tuned vs untuned vs peers)
+
+Everything else (the tuning engine, the reports, the compare, the host service, the benchmarks) reaches
+these files through here, and every "is this record a valid measurement" question goes through
+:func:`is_valid_run`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from tunefarm.core.errors import TunefarmError
+
+DB_WORKLOAD = "database_workload.json"
+DB_RECORDS = "database_tuning_record.json"
+SPEC = "job.yaml"
+STATE = "job_state.json"
+TASKS = "tasks.json"
+PROGRESS = "progress.jsonl"
+PROFILE = "profile.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+DATABASE_FILES = (DB_WORKLOAD, DB_RECORDS)
+# What a laptop may download from a job (besides plots): the reports, the progress log, the database.
+SHARED_FILES = (REPORT_MD, REPORT_JSON, PROGRESS, DB_WORKLOAD, DB_RECORDS, TASKS, STATE, SPEC)
+
+# MetaSchedule stores a candidate that failed to build or run with run seconds of 1e10.
+_FAILED_RUN_S = 1e9
+
+
+def is_valid_run(run_secs: Iterable[float] | None) -> bool:
+    """Whether a record's run seconds are a real measurement (not MetaSchedule's failure marker)."""
+    secs = [float(x) for x in run_secs] if run_secs is not None else []
+    return bool(secs) and min(secs) < _FAILED_RUN_S
+
+
+def mean_run_s(run_secs: Iterable[float] | None) -> float | None:
+    """Mean run seconds of a valid record, None for a failed one."""
+    if not is_valid_run(run_secs):
+        return None
+    secs = [float(x) for x in run_secs]  # type: ignore[union-attr]
+    return sum(secs) / len(secs)
+
+
+def records_per_workload(database) -> dict[str, list[float]]:
+    """Structural hash of each workload -> mean run seconds of each of its valid records."""
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    out: dict[str, list[float]] = {}
+    for rec in database.get_all_tuning_records():
+        mean = mean_run_s(rec.run_secs)
+        out.setdefault(str(tvm_ffi.structural_hash(rec.workload.mod)), []).extend([] if mean is None else [mean])
+    return out
+
+
+def read_events(path: str | Path, start: int = 0) -> list[dict[str, Any]]:
+    """Complete JSON lines of a JSON-lines file from line ``start`` on, each with its line number ``n``.
+
+    The last piece of the file is skipped while it has no newline (a line still being written); a torn
+    line in the middle (a writer killed mid-line) is skipped, never glued to the next one.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")[:-1]
+    out = []
+    for i in range(max(0, start), len(lines)):
+        try:
+            event = json.loads(lines[i])
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            event["n"] = i
+            out.append(event)
+    return out
+
+
+def append_event(path: str | Path, event: dict[str, Any]) -> None:
+    """Append one JSON line; if the file ends in a torn line (a writer killed mid-write), end it first so
+    that this event stays a line of its own."""
+    path = Path(path)
+    with open(path, "ab+") as fh:
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(json.dumps(event).encode("utf-8") + b"\n")
+
+
+class JobDir:
+    """One job directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"JobDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- the MetaSchedule database
+    def has_database(self) -> bool:
+        return all((self.path / name).is_file() for name in DATABASE_FILES)
+
+    def open_database(self):
+        """The job's database, read-only use; a one-line error if the directory has none."""
+        from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+        if not self.has_database():
+            raise TunefarmError(f"{self.path} is not a tuning job directory (no MetaSchedule database in it)")
+        return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+
+    def database(self):
+        """The job's database, created if missing (the tuning engine's)."""
+        from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        return ms.database.JSONDatabase(work_dir=str(self.path))
+
+    # -- tunefarm's own files
+    def read_json(self, name: str, default: Any = None) -> Any:
+        path = self.path / name
+        if not path.is_file():
+            return default
+        return json.loads(path.read_text())
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / name).write_text(json.dumps(data, indent=2, default=str))
+
+    def has_state(self) -> bool:
+        return (self.path / STATE).is_file()
+
+    def read_state(self) -> dict[str, Any]:
+        return self.read_json(STATE, {})
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.write_json(STATE, state)
+
+    def read_tasks(self) -> list[dict[str, Any]]:
+        path = self.path / TASKS
+        if not path.is_file():
+            raise TunefarmError(f"{path} is missing: was this directory written by `tunefarm tune`?")
+        return json.loads(path.read_text())
+
+    def write_tasks(self, tasks: list[dict[str, Any]]) -> None:
+        self.write_json(TASKS, tasks)
+
+    def write_spec(self, job) -> None:
+        import yaml  # pylint: disable=import-outside-toplevel
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / SPEC).write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+
+    def events(self, start: int = 0) -> list[dict[str, Any]]:
+        return read_events(self.path / PROGRESS, start)
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        append_event(self.path / PROGRESS, event)
+
+    def read_profile(self) -> dict[str, Any]:
+        return self.read_json(PROFILE, {})
+
+    def write_profile(self, profile: dict[str, Any]) -> None:
+        self.write_json(PROFILE, profile)
+
+    def write_report(self, report: dict[str, Any], markdown: str) -> None:
+        self.write_json(REPORT_JSON, report)
+        (self.path / REPORT_MD).write_text(markdown)
+
+    def is_empty(self) -> bool:
+        return not self.path.is_dir() or not any(self.path.iterdir())
+
+
+def job_dirs(logs_dir: str | Path) -> list[JobDir]:
+    """Every job directory under ``logs_dir`` (those with a job state), sorted by name."""
+    return [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]

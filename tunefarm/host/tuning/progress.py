@@ -1,0 +1,103 @@
+"""A tuning run's progress: the live bar, ``progress.jsonl`` (one line per measured batch), the measure
+callback that feeds both, and where the run's time went (MetaSchedule's profiler, grouped)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from tunefarm.host.tuning.jobdir import JobDir
+
+
+class JobProgress:
+    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``)."""
+
+    def __init__(self, job_dir: Path, task_names: list[str], task_weights: list[float], total_trials: int,
+                 console, start_best: dict[int, float] | None = None, trials_before: int = 0):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.job_dir = JobDir(job_dir)
+        self.task_names = task_names
+        self.task_weights = task_weights
+        self.best: dict[int, float] = dict(start_best or {})
+        self.trials = trials_before
+        self.run_ok = 0  # candidates measured successfully in this run
+        self.first_error: str | None = None
+        self.total = total_trials
+        self.t0 = time.time()
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.bar = self.progress.add_task("tune", total=max(total_trials, 1), completed=trials_before,
+                                          status=self._status())
+
+    def estimated_ms(self) -> float | None:
+        if len(self.best) < len(self.task_names):
+            return None
+        return sum(self.best[i] * self.task_weights[i] for i in self.best) * 1e3
+
+    def _status(self) -> str:
+        est = self.estimated_ms()
+        est_s = f"{est:.3f} ms" if est is not None else "n/a (not every task measured yet)"
+        return f"trials | tasks measured {len(self.best)}/{len(self.task_names)} | best est. {est_s}"
+
+    def on_batch(self, task_id: int, costs: list[float | None], errors: int) -> None:
+        valid = [c for c in costs if c is not None]
+        self.run_ok += len(valid)
+        if valid:
+            best = min(valid)
+            if task_id not in self.best or best < self.best[task_id]:
+                self.best[task_id] = best
+        self.trials += len(costs)
+        event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task_id,
+                 "task": self.task_names[task_id], "batch": len(costs), "errors": errors,
+                 "trials": self.trials, "task_best_us": self.best.get(task_id, math.nan) * 1e6,
+                 "estimated_ms": self.estimated_ms()}
+        self.job_dir.append_event(event)
+        self.progress.update(self.bar, completed=min(self.trials, self.total), status=self._status())
+
+
+def make_progress_callback(progress: JobProgress):
+    from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback  # pylint: disable=import-outside-toplevel
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            costs, errors = [], 0
+            for bres, res in zip(builder_results, runner_results):
+                if res.error_msg or not res.run_secs:
+                    costs.append(None)
+                    errors += 1
+                    if progress.first_error is None:
+                        progress.first_error = str(bres.error_msg or res.error_msg or "no run time").strip()
+                else:
+                    costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+            progress.on_batch(task_id, costs, errors)
+
+    return ProgressCallback()
+
+
+def time_split(profile: dict[str, float], wall_s: float) -> dict[str, float]:
+    """MetaSchedule's profiler scopes (seconds) grouped into where a tuning run's time goes.
+
+    search: evolutionary search (sampling, mutation, cost-model prediction); build: SendToBuilder
+    (the builder's whole batch); measure: SendToRunner + JoinRunnerFutures (what the runner keeps
+    the host waiting for); model_update: training the cost model and the database on each batch;
+    other: the rest of the wall time (task scheduling, Python callbacks, progress output).
+    """
+    # Scopes nest ("EvoSearch/Evolve/Misc" holds ".../CopyMeasuredWorkloads"): count outermost ones only.
+    outer = {k: v for k, v in profile.items()
+             if k != "Total" and not any(k.startswith(j + "/") for j in profile if j != k)}
+
+    def total(prefixes):
+        return sum(v for k, v in outer.items() if k.startswith(prefixes))
+
+    split = {"search_s": total(("EvoSearch",)), "build_s": total(("SendToBuilder",)),
+             "measure_s": total(("SendToRunner", "JoinRunnerFutures")),
+             "model_update_s": total(("MeasureCallback",)), "wall_s": wall_s}
+    split["other_s"] = max(0.0, wall_s - sum(v for k, v in split.items() if k != "wall_s"))
+    split["scopes"] = profile
+    return split
