@@ -53,6 +53,34 @@ def parse_hostport(text: str, default_port: int = DEFAULT_TRACKER_PORT) -> tuple
     return host.strip("[]"), port_num
 
 
+# Bounds on what an agent may say about itself (its tracker registration, its heartbeats).
+MAX_TEXT = 1024  # one string
+MAX_ITEMS = 256  # one list or object
+MAX_DEPTH = 6
+
+
+def _check_bounded(value: Any, where: str, depth: int = 0) -> None:
+    """ValueError unless ``value`` is plain JSON within the bounds above."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"DeviceInfo field {where!r} is nested too deeply")
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"DeviceInfo field {where!r} has a string over {MAX_TEXT} characters")
+    elif isinstance(value, dict):
+        if len(value) > MAX_ITEMS:
+            raise ValueError(f"DeviceInfo field {where!r} has over {MAX_ITEMS} entries")
+        for key, item in value.items():
+            _check_bounded(key, where, depth + 1)
+            _check_bounded(item, where, depth + 1)
+    elif isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise ValueError(f"DeviceInfo field {where!r} has over {MAX_ITEMS} entries")
+        for item in value:
+            _check_bounded(item, where, depth + 1)
+    elif not (value is None or isinstance(value, (bool, int, float))):
+        raise ValueError(f"DeviceInfo field {where!r} holds a {type(value).__name__}")
+
+
 @dataclasses.dataclass
 class DeviceInfo:
     """What an agent tells the farm about its machine."""
@@ -74,9 +102,30 @@ class DeviceInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DeviceInfo":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_json(cls, data: Any) -> "DeviceInfo":
+        """A DeviceInfo from what arrived over the network; ValueError (naming the field) for anything that
+        is not one: wrong types, oversized strings or lists, deep nesting. Unknown fields are dropped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"DeviceInfo must be a JSON object, got {type(data).__name__}")
+        defaults = cls(key="").to_json()
+        kept = {}
+        for name, value in data.items():
+            if name not in defaults:
+                continue
+            want = type(defaults[name])
+            if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"DeviceInfo field {name!r} must be an integer")
+            if not isinstance(value, want):
+                raise ValueError(f"DeviceInfo field {name!r} must be {want.__name__}, got {type(value).__name__}")
+            _check_bounded(value, name)
+            kept[name] = value
+        if not all(isinstance(d, dict) for d in kept.get("cuda", [])):
+            raise ValueError("DeviceInfo field 'cuda' must be a list of objects")
+        if not all(isinstance(r, str) for r in kept.get("runners", [])):
+            raise ValueError("DeviceInfo field 'runners' must be a list of strings")
+        if not 0 <= kept.get("num_cores", 0) <= 1 << 16 or not 0 <= kept.get("threads", 0) <= 1 << 16:
+            raise ValueError("DeviceInfo fields 'num_cores' and 'threads' must be between 0 and 65536")
+        return cls(**kept)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)

@@ -131,14 +131,27 @@ def server_addr(info: dict[str, Any]) -> str:
 
 
 def server_device_info(info: dict[str, Any]) -> DeviceInfo | None:
-    """The agent's DeviceInfo from a server_info entry, or None for a stock tvm.rpc server."""
+    """The agent's DeviceInfo from a server_info entry, or None for a stock tvm.rpc server and for an entry
+    whose DeviceInfo is malformed (anyone who reaches the tracker can register anything)."""
     data = info.get(INFO_FIELD)
-    if not isinstance(data, dict):
+    if data is None:
         return None
     try:
         return DeviceInfo.from_json(data)
-    except TypeError:
+    except ValueError:
         return None
+
+
+def malformed_info(info: dict[str, Any]) -> str | None:
+    """Why a server_info entry's DeviceInfo is unusable, or None (a stock server's entry has none)."""
+    data = info.get(INFO_FIELD)
+    if data is None:
+        return None
+    try:
+        DeviceInfo.from_json(data)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class TrackerClient:
@@ -277,7 +290,9 @@ def devices_to_json(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _describe_opencl(opencl: dict[str, Any]) -> str:
     if not opencl:
         return "-"
-    devices = [d for p in opencl.get("platforms", []) for d in p.get("devices", [])]
+    platforms = opencl.get("platforms") if isinstance(opencl.get("platforms"), list) else []
+    devices = [d for p in platforms if isinstance(p, dict) and isinstance(p.get("devices"), list)
+               for d in p["devices"]]
     runtime = "runtime yes" if opencl.get("tvm_runtime_opencl") else "runtime no"
     return f"{len(devices)} device(s), {runtime}" if devices else f"none, {runtime}"
 
@@ -292,6 +307,7 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
         return
 
     from rich.console import Console  # pylint: disable=import-outside-toplevel
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
     from rich.table import Table  # pylint: disable=import-outside-toplevel
 
     console = Console()
@@ -308,18 +324,20 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
     for item in devices:
         lines: dict[str, list[str]] = {name: [] for name in ("agents", "target", "cpu", "cc", "cuda", "opencl")}
         for agent, addr in zip(item["agents"], item["addrs"]):
+            # Everything an agent says about itself is its own text: escaped, never read as markup.
             if isinstance(agent, DeviceInfo):
-                lines["agents"].append(f"{agent.agent_id} @ {addr}")
-                lines["target"].append(describe_target(agent.target))
-                lines["cpu"].append(f"{agent.cpu_model or '?'} ({agent.num_cores} cores, {agent.threads or '?'} threads)")
+                lines["agents"].append(escape(f"{agent.agent_id} @ {addr}"))
+                lines["target"].append(escape(describe_target(agent.target)))
+                lines["cpu"].append(escape(f"{agent.cpu_model or '?'} ({agent.num_cores} cores, "
+                                           f"{agent.threads or '?'} threads)"))
                 lines["cc"].append("yes" if agent.has_cc else "[red]no[/]")
-                lines["cuda"].append(", ".join(d.get("name", "?") for d in agent.cuda) or "-")
-                lines["opencl"].append(_describe_opencl(agent.opencl))
+                lines["cuda"].append(escape(", ".join(str(d.get("name", "?")) for d in agent.cuda) or "-"))
+                lines["opencl"].append(escape(_describe_opencl(agent.opencl)))
             else:
-                lines["agents"].append(f"{addr} (stock server)")
+                lines["agents"].append(escape(f"{addr} (stock server)"))
                 for name in ("target", "cpu", "cc", "cuda", "opencl"):
                     lines[name].append("?")
-        table.add_row(item["key"], "\n".join(lines["agents"]) or "-", str(item["free"]), str(item["busy"]),
+        table.add_row(escape(item["key"]), "\n".join(lines["agents"]) or "-", str(item["free"]), str(item["busy"]),
                       str(item["pending"]), *("\n".join(lines[n]) or "-"
                                               for n in ("target", "cpu", "cc", "cuda", "opencl")))
     console.print(table)

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
-from tunefarm.tracker.client import (TrackerClient, describe_target, server_addr, server_device_info,
-                                     server_key)
+from tunefarm.core.targets import describe_target
+from tunefarm.tracker.client import TrackerClient, malformed_info, server_addr, server_device_info, server_key
 
 POLL_INTERVAL_S = 1.0
 
@@ -58,6 +58,9 @@ def _server_identity(info: dict[str, Any]) -> tuple:
 def _describe_server(info: dict[str, Any]) -> str:
     device = server_device_info(info)
     text = f"key={server_key(info)} addr={server_addr(info)}"
+    problem = malformed_info(info)
+    if problem:
+        return text + f" (its tunefarm info is malformed, so it counts as a stock server: {problem})"
     if device is None:
         return text + " (stock tvm.rpc server, no DeviceInfo)"
     cuda = ", ".join(d.get("name", "?") for d in device.cuda) or "none"
@@ -77,6 +80,13 @@ class _Watcher:
         self.unreachable_logged = False
 
     def poll(self) -> None:
+        """One round; whatever a registration holds, the watcher (and so the tracker) keeps running."""
+        try:
+            self._poll()
+        except Exception as err:  # pylint: disable=broad-except
+            _log(f"warning: could not read one tracker summary ({type(err).__name__}: {err}); watching on")
+
+    def _poll(self) -> None:
         try:
             if self.client is None:
                 self.client = TrackerClient(self.host, self.port)
@@ -89,8 +99,8 @@ class _Watcher:
             return
         self.unreachable_logged = False
         now: collections.Counter = collections.Counter()
-        for info in summary.get("server_info", []):
-            if server_key(info) is None:
+        for info in summary.get("server_info", []) or []:
+            if not isinstance(info, dict) or server_key(info) is None:
                 continue
             ident = _server_identity(info)
             now[ident] += 1
@@ -108,9 +118,80 @@ class _Watcher:
             self.client.close()
 
 
-def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
-    """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay."""
+# TVM's tracker codes (tvm.rpc.base.TrackerCode), spelled out so that the check below needs no TVM import.
+_PING, _STOP, _PUT, _REQUEST, _UPDATE_INFO, _SUMMARY, _GET_PENDING_MATCHKEYS = 1, 2, 3, 4, 5, 6, 7
+MAX_KEY = 256  # a device key, a match key, an address
+MAX_INFO_BYTES = 64 * 1024  # one server's UPDATE_INFO
+
+
+def _short_str(value: Any, limit: int = MAX_KEY) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 65536
+
+
+def tracker_message_problem(args: Any) -> str | None:
+    """Why a tracker request is malformed, or None. The stock tracker trusts every field it is sent, and
+    one server's UPDATE_INFO with a key that is not a string makes every later SUMMARY fail (the farm goes
+    blind); anyone who reaches the tracker's port can send one, so each request is checked first."""
+    if not isinstance(args, list) or not args or not isinstance(args[0], int) or isinstance(args[0], bool):
+        return "a request must be a JSON list starting with an integer code"
+    code, rest = args[0], args[1:]
+    if code in (_PING, _SUMMARY, _GET_PENDING_MATCHKEYS):
+        return None
+    if code == _STOP:
+        return None if rest and _short_str(rest[0], 1024) else "STOP needs a key string"
+    if code == _PUT:
+        if len(rest) not in (2, 3) or not _short_str(rest[0]):
+            return "PUT needs a key string"
+        pair = rest[1]
+        if not (isinstance(pair, list) and len(pair) == 2 and _port(pair[0]) and _short_str(pair[1], 2 * MAX_KEY)):
+            return "PUT needs [port, match key]"
+        if len(rest) == 3 and rest[2] is not None and not _short_str(rest[2]):
+            return "PUT's custom address must be a string"
+        return None
+    if code == _REQUEST:
+        if len(rest) != 3 or not _short_str(rest[0]) or not _short_str(rest[1], 1024) or not (
+                isinstance(rest[2], int) and not isinstance(rest[2], bool)):
+            return "REQUEST needs key, user and an integer priority"
+        return None
+    if code == _UPDATE_INFO:
+        return _info_problem(rest[0] if len(rest) == 1 else None)
+    return f"unknown tracker code {code}"
+
+
+def _info_problem(info: Any) -> str | None:
     # pylint: disable=import-outside-toplevel
+    import json
+
+    from tunefarm.core.wire import INFO_FIELD, DeviceInfo
+
+    if not isinstance(info, dict) or not _short_str(info.get("key")):
+        return "UPDATE_INFO needs an object with a key string"
+    if set(info) - {"key", "addr", INFO_FIELD}:
+        return f"UPDATE_INFO has unknown fields {sorted(map(str, set(info) - {'key', 'addr', INFO_FIELD}))[:5]}"
+    addr = info.get("addr")
+    if addr is not None and not (isinstance(addr, list) and len(addr) == 2 and (addr[0] is None or _short_str(addr[0]))
+                                 and _port(addr[1])):
+        return "UPDATE_INFO's addr must be [host or null, port]"
+    if len(json.dumps(info)) > MAX_INFO_BYTES:
+        return f"UPDATE_INFO is over {MAX_INFO_BYTES} bytes"
+    if INFO_FIELD in info:
+        try:
+            DeviceInfo.from_json(info[INFO_FIELD])
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
+    """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay, and
+    every request checked (:func:`tracker_message_problem`) before the stock handler sees it."""
+    # pylint: disable=import-outside-toplevel
+    import logging
+
     from tvm.rpc import tracker as stock
 
     from tunefarm.core.wire import no_delay
@@ -122,6 +203,21 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
         original(self, sock, stop_key)
 
     stock.TrackerServerHandler.__init__ = init
+    call_handler = stock.TCPEventHandler.call_handler
+    log = logging.getLogger("tunefarm.tracker")
+
+    def checked_call(self, args):
+        problem = tracker_message_problem(args)
+        if problem:
+            # Shown even with the stock tracker's logging silenced: a farm's operator wants to see this.
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {self.name()}: {problem}; "
+                  "connection closed", flush=True)
+            log.debug("refused %r", args)
+            self.close()
+            return
+        call_handler(self, args)
+
+    stock.TCPEventHandler.call_handler = checked_call
     return stock._popen_start_tracker_server(host, port, port_end, silent)  # pylint: disable=protected-access
 
 
