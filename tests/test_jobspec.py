@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.jobspec import load_job
+from tunefarm.core.jobspec import load_job, parse_yaml
 
 GOOD = """
 name: ok-job
@@ -42,6 +42,19 @@ def test_onnx_path_is_relative_to_the_job_file(tmp_path):
     (GOOD + "target: 42\n", "target must be"),
     (GOOD.replace("source: torchvision", "source: keras"), "model.source must be"),
     (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, cost_model: magic"), "cost_model must be xgb"),
+    # Bounded input (issue 12): every number range-checked, names matched whole, reserved names refused.
+    (GOOD.replace("max_trials_global: 100", "max_trials_global: 1000000000000000000000000000000"),
+     "tuning.max_trials_global: 1000000000000000000000000000000 is out of range [1, 10000000]"),
+    (GOOD.replace("max_trials_global: 100", "max_trials_global: 0"), "tuning.max_trials_global: 0 is out of range"),
+    (GOOD + "runner: {timeout_sec: -5}\n", "runner.timeout_sec: -5 is out of range"),
+    (GOOD + "evaluate: {rtol: .nan}\n", "evaluate.rtol: nan is out of range"),
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, max_trials_per_task: abc"),
+     "tuning.max_trials_per_task: expected"),
+    (GOOD.replace("[1, 3, 224, 224]", "[100000, 100000, 100000]"), "has over 134217728 elements"),
+    (GOOD.replace("[1, 3, 224, 224]", "[1, true]"), "model.input_shape must be a list of 1 to 8 positive"),
+    (GOOD.replace("name: ok-job", 'name: "ok-job\\n"'), "'name' must be"),
+    (GOOD.replace("name: ok-job", "name: farm"), "the name 'farm' is reserved"),
+    (GOOD + "target: " + "x" * 2000 + "\n", "target is longer than 1024 characters"),
 ])
 def test_bad_job_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "job.yaml"
@@ -74,3 +87,23 @@ def test_help_explains_every_command():
         proc = subprocess.run([sys.executable, "-m", "tunefarm", *args, "--help"], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4
+
+
+def test_alias_bombs_are_refused_before_they_expand(tmp_path):
+    """407 bytes that stand for 10**6 values: refused at once with one line, nothing built."""
+    import time
+
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcde", "bcdef"):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 10) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(GOOD + "target:\n" + "\n".join("  " + line for line in levels) + "\n")
+    start = time.monotonic()
+    with pytest.raises(TunefarmError, match="over 100000 values once its aliases are expanded"):
+        load_job(path)
+    assert time.monotonic() - start < 5
+    # A small alias is still fine, and a file over the size limit is refused.
+    assert parse_yaml("a: &x [1, 2]\nb: *x\n", "job") == {"a": [1, 2], "b": [1, 2]}
+    path.write_text(GOOD + "#" + "x" * (1 << 20) + "\n")
+    with pytest.raises(TunefarmError, match="over 1024 KiB of YAML"):
+        load_job(path)

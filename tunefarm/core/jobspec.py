@@ -14,6 +14,7 @@ A job file (see configs/jobs/) looks like::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,24 @@ import yaml
 
 from .errors import TunefarmError
 
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # \Z: "$" would let "x\n" pass
+RESERVED_NAMES = {"farm"}  # LOGS/farm/ is the host service's own directory (token, queue, uploads)
+MAX_YAML_BYTES = 1 << 20  # a job or compare file
+MAX_YAML_NODES = 100_000  # scalars, lists and mappings, with every alias expanded
+MAX_INPUT_ELEMENTS = 1 << 27  # one model input (512 MiB of fp32)
+
+# Allowed ranges of the numeric fields: (section, field) -> (lowest, highest); None = unbounded that side.
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("tuning", "max_trials_global"): (1, 10_000_000), ("tuning", "max_trials_per_task"): (1, 10_000_000),
+    ("tuning", "num_trials_per_iter"): (1, 4096), ("tuning", "population_size"): (1, 65536),
+    ("tuning", "seed"): (0, 2 ** 31 - 1), ("tuning", "warm_start_top_k"): (0, 1024),
+    ("builder", "workers"): (0, 1024), ("builder", "timeout_sec"): (1, 86400),
+    ("runner", "timeout_sec"): (1, 86400), ("runner", "number"): (1, 10_000), ("runner", "repeat"): (1, 10_000),
+    ("runner", "min_repeat_ms"): (0, 1_000_000), ("runner", "device_wait_sec"): (0, 7 * 86400),
+    ("evaluate", "warmup"): (0, 100_000), ("evaluate", "repeat"): (1, 100_000),
+    ("evaluate", "min_repeat_ms"): (0, 1_000_000), ("evaluate", "rtol"): (0, 1000), ("evaluate", "atol"): (0, 1000),
+}
+MAX_TEXT = 1024  # a key, a tracker address, a model name or path
 
 
 @dataclasses.dataclass
@@ -100,6 +118,24 @@ class TuningJob:
         return data
 
 
+def _check_ranges(section: str, obj, where: str) -> None:
+    """Numeric fields within RANGES (finite), strings bounded: a budget of 10**30 is refused here, not
+    in a worker hours later."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise TunefarmError(f"{where}.{field.name}: longer than {MAX_TEXT} characters")
+        bounds = RANGES.get((section, field.name))
+        if bounds is None or value is None or isinstance(value, bool):
+            continue
+        low, high = bounds
+        if not isinstance(value, (int, float)):  # an optional field (default None) of the wrong type
+            raise TunefarmError(f"{where}.{field.name}: expected a number, got {value!r}")
+        if (isinstance(value, float) and not math.isfinite(value)) or (low is not None and value < low) or (
+                high is not None and value > high):
+            raise TunefarmError(f"{where}.{field.name}: {value!r} is out of range [{low}, {high}]")
+
+
 def _section(cls, data: Any, where: str):
     if data is None:
         return cls()
@@ -125,6 +161,7 @@ def _section(cls, data: Any, where: str):
             ok = isinstance(value, type(default))
         if not ok:
             raise TunefarmError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+    _check_ranges(where.rpartition(": ")[2], obj, where)
     return obj
 
 
@@ -137,8 +174,10 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     if unknown:
         raise TunefarmError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     name = data.get("name")
-    if not isinstance(name, str) or not JOB_NAME_RE.match(name):
+    if not isinstance(name, str) or not JOB_NAME_RE.fullmatch(name):
         raise TunefarmError(f"{where}: 'name' must be letters, digits, '.', '_' or '-' (got {name!r})")
+    if name in RESERVED_NAMES:
+        raise TunefarmError(f"{where}: the name {name!r} is reserved (the host service's own directory)")
     model = _section(ModelSpec, data.get("model"), f"{where}: model")
     if model.source not in ("torchvision", "onnx", "builtin"):
         raise TunefarmError(f"{where}: model.source must be torchvision, onnx or builtin (got {model.source!r})")
@@ -151,19 +190,23 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: model.name is required")
     if model.input_shape is not None and (
             not isinstance(model.input_shape, list)
-            or not all(isinstance(d, int) and d > 0 for d in model.input_shape)):
-        raise TunefarmError(f"{where}: model.input_shape must be a list of positive integers")
+            or not 1 <= len(model.input_shape) <= 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in model.input_shape)):
+        raise TunefarmError(f"{where}: model.input_shape must be a list of 1 to 8 positive integers")
+    if model.input_shape is not None and math.prod(model.input_shape) > MAX_INPUT_ELEMENTS:
+        raise TunefarmError(f"{where}: model.input_shape {model.input_shape} has over {MAX_INPUT_ELEMENTS} "
+                            "elements")
     device = _section(DeviceSpec, data.get("device"), f"{where}: device")
     if not device.key:
         raise TunefarmError(f"{where}: device.key is required (the key agents registered under)")
     tuning = _section(TuningSpec, data.get("tuning"), f"{where}: tuning")
     if tuning.cost_model not in ("xgb", "random"):
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb or random (got {tuning.cost_model!r})")
-    if tuning.max_trials_global < 1 or tuning.num_trials_per_iter < 1:
-        raise TunefarmError(f"{where}: tuning.max_trials_global and num_trials_per_iter must be >= 1")
     target = data.get("target", "from-agent")
     if not isinstance(target, (str, dict)):
         raise TunefarmError(f"{where}: target must be 'from-agent', a preset name or a JSON mapping")
+    if isinstance(target, str) and len(target) > MAX_TEXT:
+        raise TunefarmError(f"{where}: target is longer than {MAX_TEXT} characters")
     return TuningJob(
         name=name, model=model, device=device, target=target, tuning=tuning,
         builder=_section(BuilderSpec, data.get("builder"), f"{where}: builder"),
@@ -173,18 +216,51 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     )
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's data; a one-line TunefarmError for a missing file or malformed YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise TunefarmError(f"{what} file not found: {path}")
+def _expanded_nodes(node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (aliases share node objects)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a node inside itself (a recursive alias) counts as too many
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(v, memo) for v in node.value)
+    else:
+        total = 1
+    memo[id(node)] = min(total, MAX_YAML_NODES + 1)
+    return memo[id(node)]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text's data with its size bounded before anything is built: at most MAX_YAML_BYTES of text and
+    MAX_YAML_NODES nodes with aliases expanded (a 400-byte alias bomb stands for millions). A one-line
+    TunefarmError for malformed or oversized input."""
+    if len(text) > MAX_YAML_BYTES:
+        raise TunefarmError(f"{where}: over {MAX_YAML_BYTES // 1024} KiB of YAML")
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise TunefarmError(f"{where}: the YAML stands for over {MAX_YAML_NODES} values once its aliases "
+                                "are expanded")
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise TunefarmError(f"{path}: malformed YAML{at}: {problem}") from None
+        raise TunefarmError(f"{where}: malformed YAML{at}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's data; a one-line TunefarmError for a missing file or malformed or oversized YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunefarmError(f"{what} file not found: {path}")
+    return parse_yaml(path.read_text(), str(path))
 
 
 def load_job(path: str | Path) -> TuningJob:
