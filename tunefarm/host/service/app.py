@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
-import hashlib
-import hmac
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -46,6 +43,7 @@ from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.jobspec import job_from_dict
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.core.wire import DeviceInfo, parse_hostport
+from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHandler, FileHandler, HeartbeatHandler,
@@ -87,7 +85,7 @@ class FarmService:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        self.token = self._load_token()
+        self.token = load_token(config, self.farm_dir / "token")
         self.store = JobStore(self.farm_dir / "farm.sqlite3")
         self.procs: dict[str, subprocess.Popen] = {}
         self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
@@ -99,39 +97,6 @@ class FarmService:
         self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
         self._tasks_cache: dict[str, tuple[float, Any]] = {}
         self.stopping = False
-
-    # -- token ------------------------------------------------------------------------------------
-    def _load_token(self) -> str:
-        if self.config.token:
-            return self.config.token
-        path = Path(self.config.token_file) if self.config.token_file else self.farm_dir / "token"
-        if path.is_file():
-            if path.stat().st_mode & 0o077:
-                raise TunefarmError(f"{path} is readable by others; run: chmod 600 {path}")
-            token = path.read_text().strip()
-            if not token:
-                raise TunefarmError(f"{path} is empty; delete it to generate a new token")
-            log(f"API token: from {path}")
-            return token
-        token = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        # Printed this once so that the person starting the farm can hand it to laptops and agents.
-        print(f"generated an API token (kept in {path}, mode 0600; shown only now):\n  {token}\n"
-              f"  laptops and agents: export TUNEFARM_TOKEN=<that token>", flush=True)
-        return token
-
-    def token_ok(self, supplied: str | None) -> bool:
-        if not supplied:
-            return False
-        return hmac.compare_digest(supplied.encode(), self.token.encode())
-
-    @property
-    def cookie_secret(self) -> str:
-        # Derived from the token: a new token signs every dashboard session out.
-        return hmac.new(self.token.encode(), b"tunefarm dashboard session", hashlib.sha256).hexdigest()
 
     # -- tracker ----------------------------------------------------------------------------------
     def _tracker_answers(self, host: str, port: int) -> bool:
@@ -513,7 +478,7 @@ class FarmService:
             (rf"/api/jobs/{job}/bundle", BundleHandler),
             (rf"/api/jobs/{job}/files/([A-Za-z0-9._-]+)", FileHandler),
         ]
-        return tornado.web.Application(handlers, service=self, cookie_secret=self.cookie_secret,
+        return tornado.web.Application(handlers, service=self, cookie_secret=cookie_secret(self.token),
                                        default_handler_class=NotFoundHandler, log_function=log_request,
                                        static_hash_cache=True)
 

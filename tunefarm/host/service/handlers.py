@@ -18,13 +18,13 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.core.farm import HEARTBEAT_S
 from tunefarm.core.jobspec import JOB_NAME_RE
 from tunefarm.core.wire import DeviceInfo, parse_hostport
+from tunefarm.host.service.auth import LOGIN_PAGE, SESSION_COOKIE, safe_next, token_ok
 from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import FINAL_STATES
 from tunefarm.host.service.views import read_events
 
 STATIC_DIR = Path(__file__).parent / "static"
-SESSION_COOKIE = "tunefarm_session"
 FOLLOW_POLL_S = 0.5
 FOLLOW_PING_S = 10.0
 
@@ -61,7 +61,7 @@ class ApiHandler(BaseHandler):
     """JSON in, JSON out; every call needs the token (a dashboard session may read, never change)."""
 
     def prepare(self):
-        ok = self.service.token_ok(self.bearer())
+        ok = token_ok(self.service.token, self.bearer())
         if not ok and self.request.method == "GET" and not self.request.headers.get("Authorization"):
             ok = self.has_session()
         if not ok:
@@ -403,29 +403,16 @@ class PageHandler(BaseHandler):
         self.finish((STATIC_DIR / self.page).read_bytes())
 
 
-_LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tunefarm: sign in</title>
-<link rel="stylesheet" href="/static/farm.css"></head><body><main class="login">
-<h1>tunefarm</h1><p>Paste the farm's token (the host printed it on its first start; it is kept in
-<code>logs/farm/token</code> on the host).</p>{message}
-<form method="post" action="/login"><input type="hidden" name="next" value="{next}">
-<input type="password" name="token" id="token" placeholder="token" autofocus size="50">
-<button type="submit" id="signin">Sign in</button></form></main></body></html>"""
-
-
-def _safe_next(value: str) -> str:
-    return value if value.startswith("/") and not value.startswith("//") else "/"
-
-
 class LoginHandler(BaseHandler):
     def get(self):
-        next_page = tornado.escape.xhtml_escape(_safe_next(self.get_argument("next", "/")))
-        self.finish(_LOGIN_PAGE.format(message="", next=next_page))
+        next_page = tornado.escape.xhtml_escape(safe_next(self.get_argument("next", "/")))
+        self.finish(LOGIN_PAGE.format(message="", next=next_page))
 
     def post(self):
-        next_page = _safe_next(self.get_argument("next", "/"))
-        if not self.service.token_ok(self.get_argument("token", "").strip()):
+        next_page = safe_next(self.get_argument("next", "/"))
+        if not token_ok(self.service.token, self.get_argument("token", "").strip()):
             self.set_status(401)
-            self.finish(_LOGIN_PAGE.format(message='<p class="error">Wrong token.</p>',
+            self.finish(LOGIN_PAGE.format(message='<p class="error">Wrong token.</p>',
                                            next=tornado.escape.xhtml_escape(next_page)))
             return
         self.set_signed_cookie(SESSION_COOKIE, "dashboard", expires_days=30, httponly=True, samesite="Strict")
