@@ -46,6 +46,7 @@ from tunefarm.core.wire import DeviceInfo, parse_hostport
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
+from tunefarm.host.service.farmdir import FarmDir
 from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHandler, FileHandler, HeartbeatHandler,
                                             InfoHandler, JobActionHandler, JobHandler, JobsHandler, LoginHandler,
                                             LogoutHandler, NotFoundHandler, PageHandler, ProgressHandler,
@@ -68,13 +69,11 @@ class FarmService:
     def __init__(self, config: FarmConfig):
         self.config = config
         self.logs_dir = Path(config.logs_dir).resolve()
-        self.farm_dir = self.logs_dir / "farm"
-        for sub in ("specs", "runs", "uploads", "tmp"):
-            (self.farm_dir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.farm_dir, 0o700)  # the token, the queue and uploaded models: the farm's owner only
+        self.farm = FarmDir(self.logs_dir / "farm")
+        self.farm.create()
         # One host per logs dir: two would run the same queue twice. The kernel drops the lock when this
         # process dies, however it dies, so a kill -9 never leaves a stale lock behind.
-        self._lock = open(self.farm_dir / "host.lock", "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._lock = open(self.farm.lock, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,8 +84,8 @@ class FarmService:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        self.token = load_token(config, self.farm_dir / "token")
-        self.store = JobStore(self.farm_dir / "farm.sqlite3")
+        self.token = load_token(config, self.farm.token)
+        self.store = JobStore(self.farm.database)
         self.procs: dict[str, subprocess.Popen] = {}
         self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
         self.tracker_addr = ""
@@ -120,7 +119,7 @@ class FarmService:
         local = "127.0.0.1" if cfg.tracker_bind in ("0.0.0.0", "") else ("::1" if cfg.tracker_bind == "::"
                                                                          else cfg.tracker_bind)
         self.tracker_addr = f"{local}:{cfg.tracker_port}"
-        state_path = self.farm_dir / "tracker.json"
+        state_path = self.farm.tracker_state
         if self._tracker_answers(local, cfg.tracker_port):
             state = json.loads(state_path.read_text()) if state_path.is_file() else {}
             if process_alive(state.get("pid"), state.get("started")) and state.get("port") == cfg.tracker_port:
@@ -131,11 +130,11 @@ class FarmService:
                 log(f"tracker: {self.tracker_addr} is already served by another process; using it")
             return
         proc = start_tunefarm(["tracker", "--host", cfg.tracker_bind, "--port", cfg.tracker_port],
-                              log_path=self.farm_dir / "tracker.log")
+                              log_path=self.farm.tracker_log)
         deadline = time.monotonic() + TRACKER_START_S
         while not self._tracker_answers(local, cfg.tracker_port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.farm_dir / "tracker.log").read_text(errors="replace").strip().splitlines()[-1:]
+                tail = self.farm.tracker_log.read_text(errors="replace").strip().splitlines()[-1:]
                 raise TunefarmError(f"the tracker on {cfg.tracker_bind}:{cfg.tracker_port} did not start"
                                     + (f": {tail[0]}" if tail else ""))
             time.sleep(0.3)
@@ -143,7 +142,7 @@ class FarmService:
         self.tracker_pid = (proc.pid, started)
         state_path.write_text(json.dumps({"pid": proc.pid, "started": started, "port": cfg.tracker_port}))
         log(f"tracker: started on {cfg.tracker_bind}:{cfg.tracker_port} (pid {proc.pid}); "
-             f"log {self.farm_dir / 'tracker.log'}")
+             f"log {self.farm.tracker_log}")
 
     def tracker_devices(self) -> list[dict[str, Any]]:
         """The tracker's view per key (blocking: call from a pool thread)."""
@@ -187,7 +186,7 @@ class FarmService:
         if self.tracker_pid is not None:
             log("stopping the tracker")
             stop_group(*self.tracker_pid)
-            (self.farm_dir / "tracker.json").unlink(missing_ok=True)
+            self.farm.tracker_state.unlink(missing_ok=True)
         self.tvm_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
@@ -197,10 +196,10 @@ class FarmService:
         return self.logs_dir / job_id
 
     def run_log(self, job_id: str) -> Path:
-        return self.farm_dir / "runs" / f"{job_id}.log"
+        return self.farm.run_log(job_id)
 
     def _start(self, job: dict[str, Any]) -> None:
-        spec_path = self.farm_dir / "specs" / f"{job['id']}.yaml"
+        spec_path = self.farm.spec(job["id"])
         spec_path.write_text(job["spec"])
         attempt = job["attempts"] + 1
         log = self.run_log(job["id"])
@@ -422,7 +421,7 @@ class FarmService:
         job_dir = self.job_dir(job_id)
         if not (job_dir / "database_tuning_record.json").is_file():
             raise TunefarmError(f"job {job_id} has no tuning records yet")
-        work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm_dir / "tmp"))
+        work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm.tmp))
         try:
             export_best(job_dir, work / "best")
             (work / "database").mkdir()

@@ -238,7 +238,7 @@ class JobsHandler(ApiHandler):
             raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
                                 f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
         if job.model.source == "onnx":
-            upload_dir = svc.farm_dir / "uploads" / job.name
+            upload_dir = svc.farm.uploads(job.name)
             upload_dir.mkdir(parents=True, exist_ok=True)
             name = Path(upload.filename or "model.onnx").name
             if not JOB_NAME_RE.match(name):
