@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -39,10 +38,10 @@ import tornado.netutil
 import tornado.web
 import yaml
 
-from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import job_from_dict
 from tunefarm.core.procs import start_tunefarm
-from tunefarm.core.wire import DeviceInfo, parse_hostport
+from tunefarm.core.wire import DeviceInfo
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
@@ -54,10 +53,10 @@ from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHa
 from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
 from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
+from tunefarm.host.service.tracker_proc import HostTracker
 from tunefarm.host.service.views import clean, read_events
 
 SCHEDULE_INTERVAL_MS = 500
-TRACKER_START_S = 60.0
 JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
              "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
 PLOT_SUFFIXES = (".png", ".svg")
@@ -88,69 +87,13 @@ class FarmService:
         self.store = JobStore(self.farm.database)
         self.procs: dict[str, subprocess.Popen] = {}
         self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
-        self.tracker_addr = ""
-        self.tracker_pid: tuple[int, float] | None = None  # the tracker this host started (or adopted)
+        self.tracker = HostTracker(config, self.farm)
         # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
         self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
         self._tasks_cache: dict[str, tuple[float, Any]] = {}
         self.stopping = False
-
-    # -- tracker ----------------------------------------------------------------------------------
-    def _tracker_answers(self, host: str, port: int) -> bool:
-        from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
-
-        try:
-            check_tracker(host, port, timeout=2.0)
-            return True
-        except TrackerUnreachable:
-            return False
-
-    def start_tracker(self) -> None:
-        cfg = self.config
-        if cfg.tracker:
-            host, port = parse_hostport(cfg.tracker)
-            self.tracker_addr = f"{host}:{port}"
-            if not self._tracker_answers(host, port):
-                log(f"warning: the configured tracker {self.tracker_addr} does not answer yet")
-            log(f"tracker: external, {self.tracker_addr}")
-            return
-        local = "127.0.0.1" if cfg.tracker_bind in ("0.0.0.0", "") else ("::1" if cfg.tracker_bind == "::"
-                                                                         else cfg.tracker_bind)
-        self.tracker_addr = f"{local}:{cfg.tracker_port}"
-        state_path = self.farm.tracker_state
-        if self._tracker_answers(local, cfg.tracker_port):
-            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-            if process_alive(state.get("pid"), state.get("started")) and state.get("port") == cfg.tracker_port:
-                self.tracker_pid = (state["pid"], state["started"])
-                log(f"tracker: {self.tracker_addr}, still running from before (pid {state['pid']}); "
-                     "its agents stay registered")
-            else:
-                log(f"tracker: {self.tracker_addr} is already served by another process; using it")
-            return
-        proc = start_tunefarm(["tracker", "--host", cfg.tracker_bind, "--port", cfg.tracker_port],
-                              log_path=self.farm.tracker_log)
-        deadline = time.monotonic() + TRACKER_START_S
-        while not self._tracker_answers(local, cfg.tracker_port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.farm.tracker_log.read_text(errors="replace").strip().splitlines()[-1:]
-                raise TunefarmError(f"the tracker on {cfg.tracker_bind}:{cfg.tracker_port} did not start"
-                                    + (f": {tail[0]}" if tail else ""))
-            time.sleep(0.3)
-        started = psutil.Process(proc.pid).create_time()
-        self.tracker_pid = (proc.pid, started)
-        state_path.write_text(json.dumps({"pid": proc.pid, "started": started, "port": cfg.tracker_port}))
-        log(f"tracker: started on {cfg.tracker_bind}:{cfg.tracker_port} (pid {proc.pid}); "
-             f"log {self.farm.tracker_log}")
-
-    def tracker_devices(self) -> list[dict[str, Any]]:
-        """The tracker's view per key (blocking: call from a pool thread)."""
-        from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
-
-        host, port = parse_hostport(self.tracker_addr)
-        with TrackerClient(host, port, timeout=3.0) as client:
-            return client.devices()
 
     # -- recovery and shutdown ----------------------------------------------------------------------
     def recover(self) -> None:
@@ -183,10 +126,7 @@ class FarmService:
                 self.store.update_job(job_id, note="the host stopped; queued to resume when it starts again",
                                       state=QUEUED, pid=None)
         self.procs.clear()
-        if self.tracker_pid is not None:
-            log("stopping the tracker")
-            stop_group(*self.tracker_pid)
-            self.farm.tracker_state.unlink(missing_ok=True)
+        self.tracker.stop()
         self.tvm_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
@@ -205,7 +145,7 @@ class FarmService:
         log = self.run_log(job["id"])
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} ===\n")
-        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker_addr]
+        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker.addr]
         if job["skip_eval"]:
             args.append("--skip-eval")
         proc = start_tunefarm(args, log_path=log, env={"COLUMNS": "160"})
@@ -395,7 +335,7 @@ class FarmService:
                                 "num_cores": info.num_cores, "threads": info.threads, "has_cc": info.has_cc,
                                 "cuda": [d.get("name") for d in info.cuda], "job": running.get(item["key"]),
                                 "source": "tracker (no heartbeat: started without --farm)"})
-        return clean({"tracker": self.tracker_addr, "tracker_error": tracker_error, "keys": keys,
+        return clean({"tracker": self.tracker.addr, "tracker_error": tracker_error, "keys": keys,
                        "devices": devices})
 
     def task_table(self, job_id: str) -> list[dict[str, Any]]:
@@ -485,7 +425,7 @@ class FarmService:
         cfg = self.config
         self.recover()
         self.store.forget_devices_before(time.time() - 86400.0)  # offline for a day: gone from the list
-        self.start_tracker()
+        self.tracker.start()
         app = self.make_app()
         limit = int(cfg.max_upload_mb * 1024 * 1024)
         server = tornado.httpserver.HTTPServer(app, max_body_size=4 * limit + (1 << 20), xheaders=False)
@@ -498,7 +438,7 @@ class FarmService:
         shown = "127.0.0.1" if cfg.bind in ("0.0.0.0", "") else cfg.bind
         shown = socket.gethostname() if cfg.bind in ("0.0.0.0", "::", "") else shown
         print(f"farm listening on http://{cfg.bind}:{cfg.port} (dashboard: http://{shown}:{cfg.port}/); "
-              f"jobs in {self.logs_dir}; tracker {self.tracker_addr}", flush=True)
+              f"jobs in {self.logs_dir}; tracker {self.tracker.addr}", flush=True)
         if cfg.bind in ("0.0.0.0", "::", ""):
             print("note: the API is served on every interface; the token guards it, but it travels in clear "
                   "over HTTP: use a trusted network or a TLS proxy", flush=True)

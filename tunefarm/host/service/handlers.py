@@ -116,7 +116,7 @@ class NotFoundHandler(ApiHandler):
 class InfoHandler(ApiHandler):
     def get(self):
         svc = self.service
-        host, port = parse_hostport(svc.tracker_addr)
+        host, port = parse_hostport(svc.tracker.addr)
         if not svc.config.tracker and svc.config.tracker_bind in ("0.0.0.0", "::", ""):
             host = self.request.host_name  # as this caller reaches the host
         from tunefarm import __version__  # pylint: disable=import-outside-toplevel
@@ -131,7 +131,7 @@ class DevicesHandler(ApiHandler):
         svc = self.service
         loop = asyncio.get_running_loop()
         try:
-            view, error = await loop.run_in_executor(svc.io_pool, svc.tracker_devices), None
+            view, error = await loop.run_in_executor(svc.io_pool, svc.tracker.devices), None
         except TunefarmError as err:
             view, error = None, str(err)
         self.write_json(svc.devices_view(view, error))
@@ -223,7 +223,7 @@ class JobsHandler(ApiHandler):
                                     f"{', '.join(sorted(BUILTIN_MODELS))}")
         loop = asyncio.get_running_loop()
         try:
-            tracker_view = await loop.run_in_executor(svc.io_pool, svc.tracker_devices)
+            tracker_view = await loop.run_in_executor(svc.io_pool, svc.tracker.devices)
         except TunefarmError as err:
             raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
         # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
@@ -250,7 +250,7 @@ class JobsHandler(ApiHandler):
                 shutil.rmtree(upload_dir, ignore_errors=True)
                 raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
             job.model.path = str(model_path)
-        job.device.tracker = svc.tracker_addr
+        job.device.tracker = svc.tracker.addr
         skip_eval = (args.get("skip_eval") or [b"0"])[0] in (b"1", b"true", b"yes")
         model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
         record = svc.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
