@@ -21,12 +21,9 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,6 @@ import yaml
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import job_from_dict
 from tunefarm.core.procs import start_tunefarm
-from tunefarm.core.wire import DeviceInfo
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
@@ -54,12 +50,9 @@ from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
 from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
-from tunefarm.host.service.views import clean, read_events
+from tunefarm.host.service.views import FarmViews
 
 SCHEDULE_INTERVAL_MS = 500
-JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
-             "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
-PLOT_SUFFIXES = (".png", ".svg")
 
 
 class FarmService:
@@ -88,11 +81,10 @@ class FarmService:
         self.procs: dict[str, subprocess.Popen] = {}
         self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
         self.tracker = HostTracker(config, self.farm)
+        self.views = FarmViews(config, self.logs_dir, self.farm, self.store, self.tracker)
         # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
-        self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
-        self._tasks_cache: dict[str, tuple[float, Any]] = {}
         self.stopping = False
 
     # -- recovery and shutdown ----------------------------------------------------------------------
@@ -132,9 +124,6 @@ class FarmService:
         self.store.close()
 
     # -- workers ------------------------------------------------------------------------------------
-    def job_dir(self, job_id: str) -> Path:
-        return self.logs_dir / job_id
-
     def run_log(self, job_id: str) -> Path:
         return self.farm.run_log(job_id)
 
@@ -255,131 +244,6 @@ class FarmService:
                                 "(tunefarm resume JOB --trials N)")
         return self.store.update_job(job_id, note=note, state=QUEUED, cancel_requested=False, error=None,
                                      exit_code=None, finished=None, **fields)
-
-    # -- views --------------------------------------------------------------------------------------
-    def progress_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "progress.jsonl"
-
-    def progress_summary(self, job_id: str) -> dict[str, Any]:
-        path = self.progress_path(job_id)
-        try:
-            st = path.stat()
-            sig = (st.st_mtime, st.st_size)
-        except FileNotFoundError:
-            return {"trials": 0, "batches": 0, "estimated_ms": None, "best_ms": None}
-        cached = self._summary_cache.get(job_id)
-        if cached and cached[0] == sig:
-            return cached[1]
-        events = read_events(path)
-        ests = [e["estimated_ms"] for e in events if e.get("estimated_ms") is not None]
-        summary = {"trials": events[-1]["trials"] if events else 0, "batches": len(events),
-                   "estimated_ms": ests[-1] if ests else None, "best_ms": min(ests) if ests else None,
-                   "last_batch_time": events[-1].get("time") if events else None}
-        self._summary_cache[job_id] = (sig, summary)
-        return summary
-
-    def job_files(self, job_id: str) -> list[str]:
-        job_dir = self.job_dir(job_id)
-        names = [n for n in JOB_FILES if (job_dir / n).is_file()]
-        if job_dir.is_dir():
-            names += sorted(p.name for p in job_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
-        if self.run_log(job_id).is_file():
-            names.append("tune.log")
-        return names
-
-    def file_path(self, job_id: str, name: str) -> Path | None:
-        if name not in self.job_files(job_id):
-            return None
-        return self.run_log(job_id) if name == "tune.log" else self.job_dir(job_id) / name
-
-    def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
-        out = {k: job[k] for k in ("id", "key", "state", "model", "budget", "skip_eval", "created", "started",
-                                   "finished", "attempts", "pid", "exit_code", "error", "cancel_requested")}
-        out.update(self.progress_summary(job["id"]))
-        if job["state"] == QUEUED:
-            queued = [j["id"] for j in self.store.jobs((QUEUED,)) if j["key"] == job["key"]]
-            out["queue_position"] = queued.index(job["id"]) + 1 if job["id"] in queued else None
-        if detail:
-            out["history"] = job["history"]
-            out["files"] = self.job_files(job["id"])
-            out["spec"] = yaml.safe_load(job["spec"])
-        return clean(out)
-
-    def devices_view(self, tracker_view: list[dict[str, Any]] | None, tracker_error: str | None) -> dict[str, Any]:
-        now = time.time()
-        running = {j["key"]: j["id"] for j in self.store.jobs((RUNNING,))}
-        devices, seen = [], set()
-        for dev in self.store.devices():
-            info = DeviceInfo.from_json(dev["info"])
-            window = max(self.config.device_offline_after_s, 3 * dev["interval_s"])
-            online = not dev["stopped"] and now - dev["last_seen"] < window
-            seen.add(dev["agent_id"])
-            devices.append({"agent_id": dev["agent_id"], "key": dev["key"], "hostname": info.hostname,
-                            "status": "online" if online else "offline", "busy": online and dev["busy"],
-                            "listed": dev["listed"], "last_seen": dev["last_seen"],
-                            "last_seen_s": round(now - dev["last_seen"], 1), "target": info.target,
-                            "cpu": info.cpu_model, "num_cores": info.num_cores, "threads": info.threads,
-                            "has_cc": info.has_cc, "cuda": [d.get("name") for d in info.cuda], "job": running.get(dev["key"]),
-                            "source": "heartbeat"})
-        keys = []
-        for item in tracker_view or []:
-            keys.append({k: item[k] for k in ("key", "total", "free", "busy", "pending")})
-            for agent, addr in zip(item["agents"], item["addrs"]):
-                agent_id = agent.agent_id if isinstance(agent, DeviceInfo) else addr
-                if agent_id in seen:
-                    continue
-                info = agent if isinstance(agent, DeviceInfo) else DeviceInfo(key=item["key"])
-                devices.append({"agent_id": agent_id, "key": item["key"], "hostname": info.hostname,
-                                "status": "online", "busy": False, "listed": True, "last_seen": None,
-                                "last_seen_s": None, "target": info.target, "cpu": info.cpu_model,
-                                "num_cores": info.num_cores, "threads": info.threads, "has_cc": info.has_cc,
-                                "cuda": [d.get("name") for d in info.cuda], "job": running.get(item["key"]),
-                                "source": "tracker (no heartbeat: started without --farm)"})
-        return clean({"tracker": self.tracker.addr, "tracker_error": tracker_error, "keys": keys,
-                       "devices": devices})
-
-    def task_table(self, job_id: str) -> list[dict[str, Any]]:
-        """tuning_logs.task_rows of a job (blocking, TVM: call in tvm_pool); cached per database change."""
-        from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
-
-        job_dir = self.job_dir(job_id)
-        record_file = job_dir / "database_tuning_record.json"
-        if not (job_dir / "tasks.json").is_file() or not record_file.is_file():
-            return []
-        stamp = record_file.stat().st_mtime
-        cached = self._tasks_cache.get(job_id)
-        if cached and cached[0] == stamp:
-            return cached[1]
-        rows = clean(task_rows(open_database(job_dir), load_tasks(job_dir)))
-        self._tasks_cache[job_id] = (stamp, rows)
-        return rows
-
-    def build_bundle(self, job_id: str) -> Path:
-        """A .tar.gz of best records (export_best), the full database, reports, plots and the run log."""
-        from tunefarm.host.tuning.logs import export_best  # pylint: disable=import-outside-toplevel
-
-        job_dir = self.job_dir(job_id)
-        if not (job_dir / "database_tuning_record.json").is_file():
-            raise TunefarmError(f"job {job_id} has no tuning records yet")
-        work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm.tmp))
-        try:
-            export_best(job_dir, work / "best")
-            (work / "database").mkdir()
-            for name in ("database_workload.json", "database_tuning_record.json", "tasks.json", "job_state.json",
-                         "job.yaml"):
-                if (job_dir / name).is_file():
-                    shutil.copy2(job_dir / name, work / "database" / name)
-            for name in self.job_files(job_id):
-                if name.startswith("database_") or name in ("tasks.json", "job_state.json", "job.yaml"):
-                    continue
-                shutil.copy2(self.file_path(job_id, name), work / name)
-            archive = work.with_suffix(".tar.gz")
-            with tarfile.open(archive, "w:gz") as tar:
-                for path in sorted(work.rglob("*")):
-                    tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
-            return archive
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
     # -- submission ---------------------------------------------------------------------------------
     def parse_submission(self, text: str) -> Any:

@@ -134,7 +134,7 @@ class DevicesHandler(ApiHandler):
             view, error = await loop.run_in_executor(svc.io_pool, svc.tracker.devices), None
         except TunefarmError as err:
             view, error = None, str(err)
-        self.write_json(svc.devices_view(view, error))
+        self.write_json(svc.views.devices_view(view, error))
 
 
 class HeartbeatHandler(ApiHandler):
@@ -184,7 +184,7 @@ class JobsHandler(ApiHandler):
 
     def get(self):
         svc = self.service
-        self.write_json({"jobs": [svc.public_job(j) for j in svc.store.jobs()]})
+        self.write_json({"jobs": [svc.views.public_job(j) for j in svc.store.jobs()]})
 
     async def post(self):
         svc = self.service
@@ -228,7 +228,7 @@ class JobsHandler(ApiHandler):
             raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
         # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
         # session, or restarting its server after one, is off the tracker's list for a while).
-        view = svc.devices_view(tracker_view, None)
+        view = svc.views.devices_view(tracker_view, None)
         served: dict[str, int] = {}
         for dev in view["devices"]:
             if dev["status"] == "online":
@@ -257,7 +257,7 @@ class JobsHandler(ApiHandler):
                                    model, job.tuning.max_trials_global, skip_eval)
         log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
         svc.schedule()
-        self.write_json(svc.public_job(svc.store.job(record["id"]), detail=True), status=201)
+        self.write_json(svc.views.public_job(svc.store.job(record["id"]), detail=True), status=201)
 
 
 def _onnx_problem(path: Path) -> str | None:
@@ -272,7 +272,7 @@ def _onnx_problem(path: Path) -> str | None:
 
 class JobHandler(ApiHandler):
     def get(self, job_id):
-        self.write_json(self.service.public_job(self.job_or_404(job_id), detail=True))
+        self.write_json(self.service.views.public_job(self.job_or_404(job_id), detail=True))
 
 
 class JobActionHandler(ApiHandler):
@@ -289,7 +289,7 @@ class JobActionHandler(ApiHandler):
             svc.schedule()
             job = svc.store.job(job_id)
         log(f"job {job_id}: {action} -> {job['state']}")
-        self.write_json(svc.public_job(job, detail=True))
+        self.write_json(svc.views.public_job(job, detail=True))
 
 
 class ProgressHandler(ApiHandler):
@@ -304,7 +304,7 @@ class ProgressHandler(ApiHandler):
             raise ApiError(400, "'from' must be a line number") from None
         follow = self.get_argument("follow", "0") in ("1", "true")
         svc = self.service
-        path = svc.progress_path(job_id)
+        path = svc.views.progress_path(job_id)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
         last_state = None
@@ -319,7 +319,7 @@ class ProgressHandler(ApiHandler):
             job = svc.store.job(job_id)
             state = (job["state"], job["attempts"], job["error"], job["cancel_requested"])
             if state != last_state:
-                self.write(json.dumps({"type": "state", "job": svc.public_job(job)}) + "\n")
+                self.write(json.dumps({"type": "state", "job": svc.views.public_job(job)}) + "\n")
                 last_state, wrote = state, True
             if wrote:
                 last_write = time.monotonic()
@@ -343,7 +343,7 @@ class TasksHandler(ApiHandler):
         self.job_or_404(job_id)
         svc = self.service
         try:
-            rows = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.task_table, job_id)
+            rows = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.views.task_table, job_id)
         except Exception as err:  # pylint: disable=broad-except
             # e.g. a database read while the worker writes its last line: the next poll succeeds
             raise ApiError(503, f"the task table is not readable right now: {str(err).splitlines()[-1]}") from None
@@ -353,10 +353,10 @@ class TasksHandler(ApiHandler):
 class FileHandler(ApiHandler):
     def get(self, job_id, name):
         self.job_or_404(job_id)
-        path = self.service.file_path(job_id, name)
+        path = self.service.views.file_path(job_id, name)
         if path is None:
             raise ApiError(404, f"job {job_id} has no file '{name}' (available: "
-                                f"{', '.join(self.service.job_files(job_id)) or 'none yet'})")
+                                f"{', '.join(self.service.views.job_files(job_id)) or 'none yet'})")
         kinds = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png",
                  ".svg": "image/svg+xml", ".jsonl": "application/x-ndjson", ".log": "text/plain; charset=utf-8",
                  ".yaml": "text/plain; charset=utf-8"}
@@ -371,7 +371,7 @@ class BundleHandler(ApiHandler):
         self.job_or_404(job_id)
         svc = self.service
         try:
-            archive = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.build_bundle, job_id)
+            archive = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.views.build_bundle, job_id)
         except TunefarmError as err:
             raise ApiError(409, str(err)) from None
         try:

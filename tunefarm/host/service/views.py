@@ -1,10 +1,29 @@
-"""What the API shows of jobs and devices, as JSON a browser can parse."""
+"""What the API shows: a job as JSON (with its progress and its files), its task table and its bundle for
+``tunefarm pull``, and the devices (heartbeats and the tracker's list together), as JSON a browser can parse.
+"""
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tarfile
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.wire import DeviceInfo
+from tunefarm.host.service.config import FarmConfig
+from tunefarm.host.service.farmdir import FarmDir
+from tunefarm.host.service.store import QUEUED, RUNNING, JobStore
+from tunefarm.host.service.tracker_proc import HostTracker
+
+JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
+             "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
+PLOT_SUFFIXES = (".png", ".svg")
 
 
 def clean(value: Any) -> Any:
@@ -36,3 +55,143 @@ def read_events(path: Path, start: int = 0) -> list[dict[str, Any]]:
             out.append(clean(event))
     return out
 
+
+class FarmViews:
+    """The read side of the service: the store's jobs and devices and the job directories, as the API shows
+    them; caches what is costly to read again (progress summaries, task tables)."""
+
+    def __init__(self, config: FarmConfig, logs_dir: Path, farm: FarmDir, store: JobStore, tracker: HostTracker):
+        self.config = config
+        self.logs_dir = logs_dir
+        self.farm = farm
+        self.store = store
+        self.tracker = tracker
+        self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
+        self._tasks_cache: dict[str, tuple[float, Any]] = {}
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.logs_dir / job_id
+
+    def progress_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "progress.jsonl"
+
+    def progress_summary(self, job_id: str) -> dict[str, Any]:
+        path = self.progress_path(job_id)
+        try:
+            st = path.stat()
+            sig = (st.st_mtime, st.st_size)
+        except FileNotFoundError:
+            return {"trials": 0, "batches": 0, "estimated_ms": None, "best_ms": None}
+        cached = self._summary_cache.get(job_id)
+        if cached and cached[0] == sig:
+            return cached[1]
+        events = read_events(path)
+        ests = [e["estimated_ms"] for e in events if e.get("estimated_ms") is not None]
+        summary = {"trials": events[-1]["trials"] if events else 0, "batches": len(events),
+                   "estimated_ms": ests[-1] if ests else None, "best_ms": min(ests) if ests else None,
+                   "last_batch_time": events[-1].get("time") if events else None}
+        self._summary_cache[job_id] = (sig, summary)
+        return summary
+
+    def job_files(self, job_id: str) -> list[str]:
+        job_dir = self.job_dir(job_id)
+        names = [n for n in JOB_FILES if (job_dir / n).is_file()]
+        if job_dir.is_dir():
+            names += sorted(p.name for p in job_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
+        if self.farm.run_log(job_id).is_file():
+            names.append("tune.log")
+        return names
+
+    def file_path(self, job_id: str, name: str) -> Path | None:
+        if name not in self.job_files(job_id):
+            return None
+        return self.farm.run_log(job_id) if name == "tune.log" else self.job_dir(job_id) / name
+
+    def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
+        out = {k: job[k] for k in ("id", "key", "state", "model", "budget", "skip_eval", "created", "started",
+                                   "finished", "attempts", "pid", "exit_code", "error", "cancel_requested")}
+        out.update(self.progress_summary(job["id"]))
+        if job["state"] == QUEUED:
+            queued = [j["id"] for j in self.store.jobs((QUEUED,)) if j["key"] == job["key"]]
+            out["queue_position"] = queued.index(job["id"]) + 1 if job["id"] in queued else None
+        if detail:
+            out["history"] = job["history"]
+            out["files"] = self.job_files(job["id"])
+            out["spec"] = yaml.safe_load(job["spec"])
+        return clean(out)
+
+    def devices_view(self, tracker_view: list[dict[str, Any]] | None, tracker_error: str | None) -> dict[str, Any]:
+        now = time.time()
+        running = {j["key"]: j["id"] for j in self.store.jobs((RUNNING,))}
+        devices, seen = [], set()
+        for dev in self.store.devices():
+            info = DeviceInfo.from_json(dev["info"])
+            window = max(self.config.device_offline_after_s, 3 * dev["interval_s"])
+            online = not dev["stopped"] and now - dev["last_seen"] < window
+            seen.add(dev["agent_id"])
+            devices.append({"agent_id": dev["agent_id"], "key": dev["key"], "hostname": info.hostname,
+                            "status": "online" if online else "offline", "busy": online and dev["busy"],
+                            "listed": dev["listed"], "last_seen": dev["last_seen"],
+                            "last_seen_s": round(now - dev["last_seen"], 1), "target": info.target,
+                            "cpu": info.cpu_model, "num_cores": info.num_cores, "threads": info.threads,
+                            "has_cc": info.has_cc, "cuda": [d.get("name") for d in info.cuda], "job": running.get(dev["key"]),
+                            "source": "heartbeat"})
+        keys = []
+        for item in tracker_view or []:
+            keys.append({k: item[k] for k in ("key", "total", "free", "busy", "pending")})
+            for agent, addr in zip(item["agents"], item["addrs"]):
+                agent_id = agent.agent_id if isinstance(agent, DeviceInfo) else addr
+                if agent_id in seen:
+                    continue
+                info = agent if isinstance(agent, DeviceInfo) else DeviceInfo(key=item["key"])
+                devices.append({"agent_id": agent_id, "key": item["key"], "hostname": info.hostname,
+                                "status": "online", "busy": False, "listed": True, "last_seen": None,
+                                "last_seen_s": None, "target": info.target, "cpu": info.cpu_model,
+                                "num_cores": info.num_cores, "threads": info.threads, "has_cc": info.has_cc,
+                                "cuda": [d.get("name") for d in info.cuda], "job": running.get(item["key"]),
+                                "source": "tracker (no heartbeat: started without --farm)"})
+        return clean({"tracker": self.tracker.addr, "tracker_error": tracker_error, "keys": keys,
+                       "devices": devices})
+
+    def task_table(self, job_id: str) -> list[dict[str, Any]]:
+        """tuning_logs.task_rows of a job (blocking, TVM: call in tvm_pool); cached per database change."""
+        from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
+
+        job_dir = self.job_dir(job_id)
+        record_file = job_dir / "database_tuning_record.json"
+        if not (job_dir / "tasks.json").is_file() or not record_file.is_file():
+            return []
+        stamp = record_file.stat().st_mtime
+        cached = self._tasks_cache.get(job_id)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        rows = clean(task_rows(open_database(job_dir), load_tasks(job_dir)))
+        self._tasks_cache[job_id] = (stamp, rows)
+        return rows
+
+    def build_bundle(self, job_id: str) -> Path:
+        """A .tar.gz of best records (export_best), the full database, reports, plots and the run log."""
+        from tunefarm.host.tuning.logs import export_best  # pylint: disable=import-outside-toplevel
+
+        job_dir = self.job_dir(job_id)
+        if not (job_dir / "database_tuning_record.json").is_file():
+            raise TunefarmError(f"job {job_id} has no tuning records yet")
+        work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm.tmp))
+        try:
+            export_best(job_dir, work / "best")
+            (work / "database").mkdir()
+            for name in ("database_workload.json", "database_tuning_record.json", "tasks.json", "job_state.json",
+                         "job.yaml"):
+                if (job_dir / name).is_file():
+                    shutil.copy2(job_dir / name, work / "database" / name)
+            for name in self.job_files(job_id):
+                if name.startswith("database_") or name in ("tasks.json", "job_state.json", "job.yaml"):
+                    continue
+                shutil.copy2(self.file_path(job_id, name), work / name)
+            archive = work.with_suffix(".tar.gz")
+            with tarfile.open(archive, "w:gz") as tar:
+                for path in sorted(work.rglob("*")):
+                    tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
+            return archive
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
