@@ -20,6 +20,7 @@ from tunefarm.core.jobspec import JOB_NAME_RE
 from tunefarm.core.wire import DeviceInfo, parse_hostport
 from tunefarm.host.service.auth import LOGIN_PAGE, SESSION_COOKIE, safe_next, token_ok
 from tunefarm.host.service.errors import ApiError
+from tunefarm.host.service.jobs import parse_submission
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import FINAL_STATES
 from tunefarm.host.service.views import read_events
@@ -201,7 +202,7 @@ class JobsHandler(ApiHandler):
             text = args["job"][0].decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "the job file is not UTF-8 text") from None
-        job = svc.parse_submission(text)
+        job = parse_submission(text)
         if svc.store.job(job.name) is not None:
             state = svc.store.job(job.name)["state"]
             raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
@@ -256,7 +257,7 @@ class JobsHandler(ApiHandler):
         record = svc.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
                                    model, job.tuning.max_trials_global, skip_eval)
         log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
-        svc.schedule()
+        svc.jobs.schedule()
         self.write_json(svc.views.public_job(svc.store.job(record["id"]), detail=True), status=201)
 
 
@@ -280,13 +281,13 @@ class JobActionHandler(ApiHandler):
         self.job_or_404(job_id)
         svc = self.service
         if action == "cancel":
-            job = svc.cancel(job_id)
+            job = svc.jobs.cancel(job_id)
         else:
             trials = self.json_body().get("trials")
             if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
                 raise ApiError(400, "trials must be a positive integer")
-            job = svc.resume(job_id, trials)
-            svc.schedule()
+            job = svc.jobs.resume(job_id, trials)
+            svc.jobs.schedule()
             job = svc.store.job(job_id)
         log(f"job {job_id}: {action} -> {job['state']}")
         self.write_json(svc.views.public_job(job, detail=True))
@@ -331,7 +332,7 @@ class ProgressHandler(ApiHandler):
             except tornado.iostream.StreamClosedError:
                 return
             # Final, and nothing new since it was final: the worker has exited, its lines are all out.
-            if not follow or svc.stopping or (was_final and not events):
+            if not follow or svc.jobs.stopping or (was_final and not events):
                 break
             was_final = job["state"] in FINAL_STATES
             await asyncio.sleep(0 if was_final else FOLLOW_POLL_S)

@@ -16,7 +16,6 @@ import yaml
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.wire import DeviceInfo
-from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.farmdir import FarmDir
 from tunefarm.host.service.store import QUEUED, RUNNING, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
@@ -60,12 +59,12 @@ class FarmViews:
     """The read side of the service: the store's jobs and devices and the job directories, as the API shows
     them; caches what is costly to read again (progress summaries, task tables)."""
 
-    def __init__(self, config: FarmConfig, logs_dir: Path, farm: FarmDir, store: JobStore, tracker: HostTracker):
-        self.config = config
-        self.logs_dir = logs_dir
-        self.farm = farm
+    def __init__(self, store: JobStore, logs_dir: Path, farm: FarmDir, tracker: HostTracker, offline_after_s: float):
         self.store = store
+        self.logs_dir = logs_dir  # job directories: LOGS/<job>/
+        self.farm = farm
         self.tracker = tracker
+        self.offline_after_s = offline_after_s  # no heartbeat for this long: offline (device_offline_after_s)
         self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
         self._tasks_cache: dict[str, tuple[float, Any]] = {}
 
@@ -126,7 +125,7 @@ class FarmViews:
         devices, seen = [], set()
         for dev in self.store.devices():
             info = DeviceInfo.from_json(dev["info"])
-            window = max(self.config.device_offline_after_s, 3 * dev["interval_s"])
+            window = max(self.offline_after_s, 3 * dev["interval_s"])
             online = not dev["stopped"] and now - dev["last_seen"] < window
             seen.add(dev["agent_id"])
             devices.append({"agent_id": dev["agent_id"], "key": dev["key"], "hostname": info.hostname,
