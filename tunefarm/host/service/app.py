@@ -18,6 +18,7 @@ and it streams responses, which ``tunefarm follow`` uses to get each measured ba
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import fcntl
 import os
@@ -78,6 +79,11 @@ class FarmService:
         # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
+
+    async def online_devices(self) -> list[dict[str, Any]]:
+        """The devices view's list (the tracker's and the heartbeats'); TunefarmError if the tracker is away."""
+        tracker_view = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.tracker.devices)
+        return self.views.devices_view(tracker_view, None)["devices"]
 
     def shutdown(self) -> None:
         """Stop workers (their jobs go back to the queue) and the tracker this host runs."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,13 @@ import tornado.escape
 import tornado.httputil
 import tornado.iostream
 import tornado.web
-import yaml
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.farm import HEARTBEAT_S
-from tunefarm.core.jobspec import JOB_NAME_RE
 from tunefarm.core.wire import DeviceInfo, parse_hostport
 from tunefarm.host.service.auth import LOGIN_PAGE, SESSION_COOKIE, safe_next, token_ok
 from tunefarm.host.service.errors import ApiError
-from tunefarm.host.service.jobs import parse_submission
+from tunefarm.host.service.jobs import Upload, parse_submission, upload_too_big
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import FINAL_STATES
 from tunefarm.host.service.views import read_events
@@ -168,15 +165,11 @@ class JobsHandler(ApiHandler):
         super().prepare()
         self.chunks: list[bytes] = []
         self.received = 0
-        self.limit = int(self.service.config.max_upload_mb * 1024 * 1024)
+        self.limit = self.service.jobs.upload_limit
         if self.request.method == "POST":
             length = self.request.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > 4 * self.limit:
-                raise ApiError(413, self._too_big(int(length)))
-
-    def _too_big(self, size: int) -> str:
-        return (f"upload of {size / 2**20:.1f} MiB is over this farm's limit of {self.limit / 2**20:.0f} MiB "
-                "(max_upload_mb in the farm config)")
+                raise ApiError(413, upload_too_big(int(length), self.limit))
 
     def data_received(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -190,7 +183,7 @@ class JobsHandler(ApiHandler):
     async def post(self):
         svc = self.service
         if self.received > self.limit + (1 << 20):
-            raise ApiError(413, self._too_big(self.received))
+            raise ApiError(413, upload_too_big(self.received, self.limit))
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
         tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), b"".join(self.chunks),
@@ -203,72 +196,12 @@ class JobsHandler(ApiHandler):
         except UnicodeDecodeError:
             raise ApiError(400, "the job file is not UTF-8 text") from None
         job = parse_submission(text)
-        if svc.store.job(job.name) is not None:
-            state = svc.store.job(job.name)["state"]
-            raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
-                                f"resume it (tunefarm resume {job.name}) or give the job a new name")
-        upload = (files.get("model") or [None])[0]
-        if job.model.source == "onnx":
-            if upload is None or not upload.body:
-                raise ApiError(400, "model.source is onnx but no model file came with the job "
-                                    "(tunefarm submit uploads model.path)")
-            if len(upload.body) > self.limit:
-                raise ApiError(413, self._too_big(len(upload.body)))
-        elif upload is not None:
-            raise ApiError(400, f"a model file was uploaded but model.source is {job.model.source}, not onnx")
-        if job.model.source == "builtin":
-            from tunefarm.host.models import BUILTIN_MODELS  # pylint: disable=import-outside-toplevel
-
-            if job.model.name not in BUILTIN_MODELS:
-                raise ApiError(400, f"unknown builtin model {job.model.name!r}; known: "
-                                    f"{', '.join(sorted(BUILTIN_MODELS))}")
-        loop = asyncio.get_running_loop()
-        try:
-            tracker_view = await loop.run_in_executor(svc.io_pool, svc.tracker.devices)
-        except TunefarmError as err:
-            raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
-        # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
-        # session, or restarting its server after one, is off the tracker's list for a while).
-        view = svc.views.devices_view(tracker_view, None)
-        served: dict[str, int] = {}
-        for dev in view["devices"]:
-            if dev["status"] == "online":
-                served[dev["key"]] = served.get(dev["key"], 0) + 1
-        if not served.get(job.device.key):
-            known = ", ".join(f"{k} ({n})" for k, n in sorted(served.items())) or "none"
-            raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
-                                f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
-        if job.model.source == "onnx":
-            upload_dir = svc.farm.uploads(job.name)
-            upload_dir.mkdir(parents=True, exist_ok=True)
-            name = Path(upload.filename or "model.onnx").name
-            if not JOB_NAME_RE.match(name):
-                name = "model.onnx"
-            model_path = upload_dir / name
-            model_path.write_bytes(upload.body)
-            problem = await loop.run_in_executor(svc.io_pool, _onnx_problem, model_path)
-            if problem:
-                shutil.rmtree(upload_dir, ignore_errors=True)
-                raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
-            job.model.path = str(model_path)
-        job.device.tracker = svc.tracker.addr
+        model = (files.get("model") or [None])[0]
+        upload = Upload(model.filename or "", model.body) if model is not None else None
         skip_eval = (args.get("skip_eval") or [b"0"])[0] in (b"1", b"true", b"yes")
-        model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
-        record = svc.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
-                                   model, job.tuning.max_trials_global, skip_eval)
-        log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
+        record = await svc.jobs.submit(job, upload, skip_eval, svc.online_devices)
         svc.jobs.schedule()
         self.write_json(svc.views.public_job(svc.store.job(record["id"]), detail=True), status=201)
-
-
-def _onnx_problem(path: Path) -> str | None:
-    import onnx  # pylint: disable=import-outside-toplevel
-
-    try:
-        onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # pylint: disable=broad-except
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
-    return None
 
 
 class JobHandler(ApiHandler):

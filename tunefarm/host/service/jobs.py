@@ -8,18 +8,21 @@ database: the queue relies on that after a restart (:meth:`JobQueue.recover`).
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import psutil
 import yaml
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.jobspec import TuningJob, job_from_dict
+from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
@@ -28,6 +31,19 @@ from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
 from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
+
+
+@dataclasses.dataclass
+class Upload:
+    """The model file that came with a submission."""
+
+    filename: str
+    body: bytes
+
+
+def upload_too_big(size: int, limit: int) -> str:
+    return (f"upload of {size / 2**20:.1f} MiB is over this farm's limit of {limit / 2**20:.0f} MiB "
+            "(max_upload_mb in the farm config)")
 
 
 class JobQueue:
@@ -42,6 +58,72 @@ class JobQueue:
         self.procs: dict[str, subprocess.Popen] = {}
         self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
         self.stopping = False
+
+    @property
+    def upload_limit(self) -> int:
+        """The largest model file a submission may carry, in bytes."""
+        return int(self.config.max_upload_mb * 1024 * 1024)
+
+    async def submit(self, job: TuningJob, upload: Upload | None, skip_eval: bool,
+                     devices: Callable[[], Awaitable[list[dict[str, Any]]]]) -> dict[str, Any]:
+        """Queue a submitted job: the stored job, or an ApiError saying which rule it breaks.
+
+        The rules: its name is not taken; an ONNX job comes with its model file (within the upload
+        limit), other jobs with none; a builtin model is known; an agent that is online serves its
+        device key (``devices``: the devices view's list, tracker and heartbeats); the ONNX file is
+        readable. Nothing is stored for a refused job.
+        """
+        if self.store.job(job.name) is not None:
+            state = self.store.job(job.name)["state"]
+            raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
+                                f"resume it (tunefarm resume {job.name}) or give the job a new name")
+        if job.model.source == "onnx":
+            if upload is None or not upload.body:
+                raise ApiError(400, "model.source is onnx but no model file came with the job "
+                                    "(tunefarm submit uploads model.path)")
+            if len(upload.body) > self.upload_limit:
+                raise ApiError(413, upload_too_big(len(upload.body), self.upload_limit))
+        elif upload is not None:
+            raise ApiError(400, f"a model file was uploaded but model.source is {job.model.source}, not onnx")
+        if job.model.source == "builtin":
+            from tunefarm.host.models import BUILTIN_MODELS  # pylint: disable=import-outside-toplevel
+
+            if job.model.name not in BUILTIN_MODELS:
+                raise ApiError(400, f"unknown builtin model {job.model.name!r}; known: "
+                                    f"{', '.join(sorted(BUILTIN_MODELS))}")
+        try:
+            listed = await devices()
+        except TunefarmError as err:
+            raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
+        # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
+        # session, or restarting its server after one, is off the tracker's list for a while).
+        served: dict[str, int] = {}
+        for dev in listed:
+            if dev["status"] == "online":
+                served[dev["key"]] = served.get(dev["key"], 0) + 1
+        if not served.get(job.device.key):
+            known = ", ".join(f"{k} ({n})" for k, n in sorted(served.items())) or "none"
+            raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
+                                f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
+        if job.model.source == "onnx":
+            upload_dir = self.farm.uploads(job.name)
+            upload_dir.mkdir(parents=True, exist_ok=True)
+            name = Path(upload.filename or "model.onnx").name
+            if not JOB_NAME_RE.match(name):
+                name = "model.onnx"
+            model_path = upload_dir / name
+            model_path.write_bytes(upload.body)
+            problem = await asyncio.get_running_loop().run_in_executor(None, onnx_problem, model_path)
+            if problem:
+                shutil.rmtree(upload_dir, ignore_errors=True)
+                raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
+            job.model.path = str(model_path)
+        job.device.tracker = self.tracker.addr
+        model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
+        record = self.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
+                                    model, job.tuning.max_trials_global, skip_eval)
+        log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
+        return record
 
     def recover(self) -> None:
         """Jobs left ``running`` by a host that died: stop any orphaned worker, then queue them again."""
@@ -208,3 +290,14 @@ def parse_submission(text: str) -> TuningJob:
         return job_from_dict(data, "job")
     except TunefarmError as err:
         raise ApiError(400, str(err)) from None
+
+
+def onnx_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable ONNX model (its first line), or None."""
+    import onnx  # pylint: disable=import-outside-toplevel
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # pylint: disable=broad-except
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
