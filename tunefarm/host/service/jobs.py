@@ -160,13 +160,13 @@ class JobQueue:
         spec_path = self.farm.spec(job["id"])
         spec_path.write_text(job["spec"])
         attempt = job["attempts"] + 1
-        log = self.farm.run_log(job["id"])
-        with open(log, "a", encoding="utf-8") as fh:
+        run_log = self.farm.run_log(job["id"])
+        with open(run_log, "a", encoding="utf-8") as fh:
             fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} ===\n")
         args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker.addr]
         if job["skip_eval"]:
             args.append("--skip-eval")
-        proc = start_tunefarm(args, log_path=log, env={"COLUMNS": "160"})
+        proc = start_tunefarm(args, log_path=run_log, env={"COLUMNS": "160"})
         try:
             started = psutil.Process(proc.pid).create_time()
         except psutil.Error:
