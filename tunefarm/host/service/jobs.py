@@ -120,8 +120,7 @@ class JobQueue:
             job.model.path = str(model_path)
         job.device.tracker = self.tracker.addr
         model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
-        record = self.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
-                                    model, job.tuning.max_trials_global, skip_eval)
+        record = self.store.add_job(job, model, skip_eval)
         log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
         return record
 
@@ -261,12 +260,12 @@ class JobQueue:
         fields: dict[str, Any] = {}
         note = "resumed; continues from its database"
         if trials is not None:
-            spec = yaml.safe_load(job["spec"])
-            if trials <= spec["tuning"]["max_trials_global"]:
+            spec = self.store.spec(job)
+            if trials <= spec.tuning.max_trials_global:
                 raise ApiError(400, f"--trials {trials} is not above the job's budget of "
-                                    f"{spec['tuning']['max_trials_global']}")
-            spec["tuning"]["max_trials_global"] = trials
-            fields.update(spec=yaml.safe_dump(spec, sort_keys=False), budget=trials)
+                                    f"{spec.tuning.max_trials_global}")
+            spec.tuning.max_trials_global = trials
+            fields["spec"] = spec
             note += f"; budget raised to {trials} trials"
         elif job["state"] == DONE:
             raise ApiError(409, f"job {job_id} is done and its budget is spent; resume it with more trials "
