@@ -20,7 +20,6 @@ from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.jobs import Upload, parse_submission, upload_too_big
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import FINAL_STATES
-from tunefarm.host.service.views import read_events
 
 STATIC_DIR = Path(__file__).parent / "static"
 FOLLOW_POLL_S = 0.5
@@ -238,14 +237,13 @@ class ProgressHandler(ApiHandler):
             raise ApiError(400, "'from' must be a line number") from None
         follow = self.get_argument("follow", "0") in ("1", "true")
         svc = self.service
-        path = svc.views.progress_path(job_id)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
         last_state = None
         last_write = time.monotonic()
         was_final = False
         while True:
-            events = read_events(path, line)
+            events = svc.views.events(job_id, line)
             wrote = bool(events)
             for event in events:
                 self.write(json.dumps({"type": "progress", **event}) + "\n")

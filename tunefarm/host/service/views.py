@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tarfile
@@ -19,10 +18,17 @@ from tunefarm.core.wire import DeviceInfo
 from tunefarm.host.service.farmdir import FarmDir
 from tunefarm.host.service.store import QUEUED, RUNNING, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
+from tunefarm.host.tuning import jobdir
+from tunefarm.host.tuning.jobdir import JobDir, read_events
 
-JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
-             "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
 PLOT_SUFFIXES = (".png", ".svg")
+RUN_LOG = "tune.log"  # the worker's output (LOGS/farm/runs/<job>.log), served beside the job dir's files
+# The job directory's files by role, in a job's detail: the dashboard takes the names from here.
+FILE_NAMES = {"report_md": jobdir.REPORT_MD, "report_json": jobdir.REPORT_JSON, "progress": jobdir.PROGRESS,
+              "db_workload": jobdir.DB_WORKLOAD, "db_records": jobdir.DB_RECORDS, "tasks": jobdir.TASKS,
+              "state": jobdir.STATE, "spec": jobdir.SPEC, "profile": jobdir.PROFILE}
+# What a bundle's database/ holds: the database and what makes a copy of it a job directory again.
+BUNDLE_DATABASE = (*jobdir.DATABASE_FILES, jobdir.TASKS, jobdir.STATE, jobdir.SPEC)
 
 
 def clean(value: Any) -> Any:
@@ -34,25 +40,6 @@ def clean(value: Any) -> Any:
     if isinstance(value, list):
         return [clean(v) for v in value]
     return value
-
-
-def read_events(path: Path, start: int = 0) -> list[dict[str, Any]]:
-    """Complete lines of a ``progress.jsonl`` from line ``start`` on, each with its line number ``n``."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    lines = data.split(b"\n")[:-1]  # the last piece is empty or a line still being written
-    out = []
-    for i in range(start, len(lines)):
-        try:
-            event = json.loads(lines[i])
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            event["n"] = i
-            out.append(clean(event))
-    return out
 
 
 class FarmViews:
@@ -68,14 +55,15 @@ class FarmViews:
         self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
         self._tasks_cache: dict[str, tuple[float, Any]] = {}
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.logs_dir / job_id
+    def job_dir(self, job_id: str) -> JobDir:
+        return JobDir(self.logs_dir / job_id)
 
-    def progress_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "progress.jsonl"
+    def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
+        """The job's progress lines from line ``start`` on (jobdir.read_events), JSON-safe."""
+        return clean(read_events(self.job_dir(job_id).file(jobdir.PROGRESS), start))
 
     def progress_summary(self, job_id: str) -> dict[str, Any]:
-        path = self.progress_path(job_id)
+        path = self.job_dir(job_id).file(jobdir.PROGRESS)
         try:
             st = path.stat()
             sig = (st.st_mtime, st.st_size)
@@ -84,7 +72,7 @@ class FarmViews:
         cached = self._summary_cache.get(job_id)
         if cached and cached[0] == sig:
             return cached[1]
-        events = read_events(path)
+        events = self.events(job_id)
         ests = [e["estimated_ms"] for e in events if e.get("estimated_ms") is not None]
         summary = {"trials": events[-1]["trials"] if events else 0, "batches": len(events),
                    "estimated_ms": ests[-1] if ests else None, "best_ms": min(ests) if ests else None,
@@ -94,17 +82,17 @@ class FarmViews:
 
     def job_files(self, job_id: str) -> list[str]:
         job_dir = self.job_dir(job_id)
-        names = [n for n in JOB_FILES if (job_dir / n).is_file()]
-        if job_dir.is_dir():
-            names += sorted(p.name for p in job_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
+        names = [n for n in jobdir.SHARED_FILES if job_dir.file(n).is_file()]
+        if job_dir.path.is_dir():
+            names += sorted(p.name for p in job_dir.path.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
         if self.farm.run_log(job_id).is_file():
-            names.append("tune.log")
+            names.append(RUN_LOG)
         return names
 
     def file_path(self, job_id: str, name: str) -> Path | None:
         if name not in self.job_files(job_id):
             return None
-        return self.farm.run_log(job_id) if name == "tune.log" else self.job_dir(job_id) / name
+        return self.farm.run_log(job_id) if name == RUN_LOG else self.job_dir(job_id).file(name)
 
     def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
         out = {k: job[k] for k in ("id", "key", "state", "model", "budget", "skip_eval", "created", "started",
@@ -116,6 +104,7 @@ class FarmViews:
         if detail:
             out["history"] = job["history"]
             out["files"] = self.job_files(job["id"])
+            out["file_names"] = FILE_NAMES
             out["spec"] = yaml.safe_load(job["spec"])
         return clean(out)
 
@@ -154,17 +143,17 @@ class FarmViews:
 
     def task_table(self, job_id: str) -> list[dict[str, Any]]:
         """tuning_logs.task_rows of a job (blocking, TVM: call in tvm_pool); cached per database change."""
-        from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.logs import task_rows  # pylint: disable=import-outside-toplevel
 
         job_dir = self.job_dir(job_id)
-        record_file = job_dir / "database_tuning_record.json"
-        if not (job_dir / "tasks.json").is_file() or not record_file.is_file():
+        record_file = job_dir.file(jobdir.DB_RECORDS)
+        if not job_dir.file(jobdir.TASKS).is_file() or not record_file.is_file():
             return []
         stamp = record_file.stat().st_mtime
         cached = self._tasks_cache.get(job_id)
         if cached and cached[0] == stamp:
             return cached[1]
-        rows = clean(task_rows(open_database(job_dir), load_tasks(job_dir)))
+        rows = clean(task_rows(job_dir.open_database(), job_dir.read_tasks()))
         self._tasks_cache[job_id] = (stamp, rows)
         return rows
 
@@ -173,18 +162,17 @@ class FarmViews:
         from tunefarm.host.tuning.logs import export_best  # pylint: disable=import-outside-toplevel
 
         job_dir = self.job_dir(job_id)
-        if not (job_dir / "database_tuning_record.json").is_file():
+        if not job_dir.file(jobdir.DB_RECORDS).is_file():
             raise TunefarmError(f"job {job_id} has no tuning records yet")
         work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm.tmp))
         try:
-            export_best(job_dir, work / "best")
+            export_best(job_dir.path, work / "best")
             (work / "database").mkdir()
-            for name in ("database_workload.json", "database_tuning_record.json", "tasks.json", "job_state.json",
-                         "job.yaml"):
-                if (job_dir / name).is_file():
-                    shutil.copy2(job_dir / name, work / "database" / name)
+            for name in BUNDLE_DATABASE:
+                if job_dir.file(name).is_file():
+                    shutil.copy2(job_dir.file(name), work / "database" / name)
             for name in self.job_files(job_id):
-                if name.startswith("database_") or name in ("tasks.json", "job_state.json", "job.yaml"):
+                if name in BUNDLE_DATABASE:
                     continue
                 shutil.copy2(self.file_path(job_id, name), work / name)
             archive = work.with_suffix(".tar.gz")
