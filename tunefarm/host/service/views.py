@@ -108,8 +108,11 @@ class FarmViews:
             out["spec"] = yaml.safe_load(job["spec"])
         return clean(out)
 
-    def devices_view(self, tracker_view: list[dict[str, Any]] | None, tracker_error: str | None) -> dict[str, Any]:
-        now = time.time()
+    def devices_view(self, tracker_view: list[dict[str, Any]] | None, tracker_error: str | None,
+                     now: float | None = None) -> dict[str, Any]:
+        """Every device that reported by heartbeat (online: heard from within the offline window and not
+        stopped), then the tracker's agents that never did; ``tracker_view``: TrackerClient.devices()."""
+        now = time.time() if now is None else now
         running = {j["key"]: j["id"] for j in self.store.jobs((RUNNING,))}
         devices, seen = [], set()
         for dev in self.store.devices():
