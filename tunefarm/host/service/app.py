@@ -1,13 +1,15 @@
 """``tunefarm host serve``: the host as a service for laptops that submit jobs and go home.
 
-One process (tornado, one thread for the event loop) holds:
+One process (tornado, one thread for the event loop) holds, each part in its own module:
 
-* the TVM tracker: started as ``tunefarm tracker`` in its own process (adopted again after a host
-  restart, since it outlives a ``kill -9`` of the host), or an external one from the config;
-* the HTTP API (token required) and the dashboard (``/``, ``/jobs/<id>``);
-* the job queue and the devices that reported, in SQLite (:mod:`tunefarm.host.service.store`);
-* workers: each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group, at most
-  one per device key (the others on that key wait in order), several keys at once.
+* the TVM tracker (``tracker_proc``): started as ``tunefarm tracker`` in its own process (adopted again
+  after a host restart, since it outlives a ``kill -9`` of the host), or an external one from the config;
+* the HTTP API (``handlers``; token required, ``auth``) and the dashboard (``/``, ``/jobs/<id>``), which
+  show what ``views`` reads from the store and the job directories;
+* the job queue and the devices that reported, in SQLite (``store``), and the queue's rules and workers
+  (``jobs``): each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group, at most
+  one per device key (the others on that key wait in order), several keys at once;
+* the farm's own files under ``LOGS/farm/`` (``farmdir``).
 
 A job's output is the same job dir ``tunefarm tune`` writes (``LOGS/<job>/``: database,
 ``progress.jsonl``, reports), so re-running a job resumes it without re-measuring: the host relies on
@@ -15,6 +17,8 @@ that when it starts and finds jobs that were running when it died.
 
 Tornado serves the HTTP side because TVM's RPC already depends on it (no new server dependency),
 and it streams responses, which ``tunefarm follow`` uses to get each measured batch as it lands.
+
+This module wires the parts: :class:`FarmService` (one per logs dir), its routes and its event loop.
 """
 from __future__ import annotations
 
@@ -51,7 +55,8 @@ SCHEDULE_INTERVAL_MS = 500
 
 
 class FarmService:
-    """The host service: tracker, HTTP API + dashboard, job queue, workers."""
+    """The host service: tracker, HTTP API + dashboard, job queue, workers; the handlers reach the parts
+    through it (``self.settings["service"]``)."""
 
     def __init__(self, config: FarmConfig):
         self.config = config
