@@ -130,7 +130,7 @@ def devices(tracker_addr, farm, as_json):
 
     if not (farm or configured_farm()):
         raise TunefarmError("which devices? give --tracker HOST:PORT or --farm URL")
-    from tunefarm.client.api import print_farm_devices
+    from tunefarm.client.commands import print_farm_devices
 
     print_farm_devices(farm, as_json)
 
@@ -258,9 +258,9 @@ def host_serve(config_file, bind, port, logs_dir, tracker_addr, tracker_port):
 @_one_line_errors
 def submit(job_file, farm, skip_eval, follow_after):
     """Queue JOB_FILE on the farm (an ONNX model file is uploaded with it). The job runs on the host."""
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
-    api_client.submit(job_file, farm, skip_eval, follow_after)
+    commands.submit(job_file, farm, skip_eval, follow_after)
 
 
 @main.command()
@@ -269,9 +269,9 @@ def submit(job_file, farm, skip_eval, follow_after):
 @_one_line_errors
 def jobs(farm, as_json):
     """The farm's jobs: queued, running, done, failed, cancelled."""
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
-    api_client.list_jobs(farm, as_json)
+    commands.list_jobs(farm, as_json)
 
 
 @main.command()
@@ -282,12 +282,12 @@ def follow(job_id, farm):
     """Live progress of JOB_ID: each measured batch as it lands. Ctrl-C stops following, not the job."""
     import signal
 
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
     # A process started from a non-interactive shell's background job inherits SIGINT ignored, and Python
     # then leaves it ignored: Ctrl-C (or kill -INT) would not stop following. Take it back explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    api_client.follow(job_id, farm)
+    commands.follow(job_id, farm)
 
 
 @main.command()
@@ -296,9 +296,9 @@ def follow(job_id, farm):
 @_one_line_errors
 def cancel(job_id, farm):
     """Cancel JOB_ID (queued or running). Its records are kept; tunefarm resume continues it."""
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
-    api_client.cancel(job_id, farm)
+    commands.cancel(job_id, farm)
 
 
 @main.command()
@@ -308,9 +308,9 @@ def cancel(job_id, farm):
 @_one_line_errors
 def resume(job_id, farm, trials):
     """Queue a failed or cancelled JOB_ID again (or a done one with more --trials); nothing is re-measured."""
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
-    api_client.resume(job_id, farm, trials)
+    commands.resume(job_id, farm, trials)
 
 
 @main.command()
@@ -320,9 +320,9 @@ def resume(job_id, farm, trials):
 @_one_line_errors
 def pull(job_id, farm, output):
     """Download JOB_ID: best records (best/), the full database (database/), report and plots."""
-    from tunefarm.client import api as api_client
+    from tunefarm.client import commands
 
-    api_client.pull(job_id, farm, output)
+    commands.pull(job_id, farm, output)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """``tunefarm host serve``: the host as a service for laptops that submit jobs and go home.
 
-One process (tornado, one thread for the event loop) holds:
+One process (tornado, one thread for the event loop) holds, each part in its own module:
 
-* the TVM tracker: started as ``tunefarm tracker`` in its own process (adopted again after a host
-  restart, since it outlives a ``kill -9`` of the host), or an external one from the config;
-* the HTTP API (token required) and the dashboard (``/``, ``/jobs/<id>``);
-* the job queue and the devices that reported, in SQLite (:mod:`tunefarm.host.service.store`);
-* workers: each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group, at most
-  one per device key (the others on that key wait in order), several keys at once.
+* the TVM tracker (``tracker_proc``): started as ``tunefarm tracker`` in its own process (adopted again
+  after a host restart, since it outlives a ``kill -9`` of the host), or an external one from the config;
+* the HTTP API (``handlers``; token required, ``auth``) and the dashboard (``/``, ``/jobs/<id>``), which
+  show what ``views`` reads from the store and the job directories;
+* the job queue and the devices that reported, in SQLite (``store``), and the queue's rules and workers
+  (``jobs``): each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group, at most
+  one per device key (the others on that key wait in order), several keys at once;
+* the farm's own files under ``LOGS/farm/`` (``farmdir``).
 
 A job's output is the same job dir ``tunefarm tune`` writes (``LOGS/<job>/``: database,
 ``progress.jsonl``, reports), so re-running a job resumes it without re-measuring: the host relies on
@@ -15,147 +17,55 @@ that when it starts and finds jobs that were running when it died.
 
 Tornado serves the HTTP side because TVM's RPC already depends on it (no new server dependency),
 and it streams responses, which ``tunefarm follow`` uses to get each measured batch as it lands.
+
+This module wires the parts: :class:`FarmService` (one per logs dir), its routes and its event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import fcntl
-import hashlib
-import hmac
-import json
-import math
 import os
-import secrets
-import shutil
 import signal
 import socket
-import subprocess
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-import tornado.escape
 import tornado.httpserver
-import tornado.httputil
 import tornado.ioloop
-import tornado.iostream
 import tornado.netutil
 import tornado.web
-import yaml
 
-from tunefarm.core.errors import TrackerUnreachable, TunefarmError
-from tunefarm.core.farm import HEARTBEAT_S
-from tunefarm.core.jobspec import JOB_NAME_RE, job_from_dict
-from tunefarm.core.procs import start_tunefarm
-from tunefarm.core.wire import DeviceInfo, parse_hostport
+from tunefarm.core.errors import TunefarmError
+from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
-from tunefarm.host.service.store import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, JobStore
+from tunefarm.host.service.farmdir import FarmDir
+from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHandler, FileHandler, HeartbeatHandler,
+                                            InfoHandler, JobActionHandler, JobHandler, JobsHandler, LoginHandler,
+                                            LogoutHandler, NotFoundHandler, PageHandler, ProgressHandler,
+                                            TasksHandler, log_request)
+from tunefarm.host.service.jobs import JobQueue
+from tunefarm.host.service.log import log
+from tunefarm.host.service.store import JobStore
+from tunefarm.host.service.tracker_proc import HostTracker
+from tunefarm.host.service.views import FarmViews
 
-STATIC_DIR = Path(__file__).parent / "static"
-SESSION_COOKIE = "tunefarm_session"
 SCHEDULE_INTERVAL_MS = 500
-STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL
-FOLLOW_POLL_S = 0.5
-FOLLOW_PING_S = 10.0
-TRACKER_START_S = 60.0
-JOB_FILES = ("report.md", "report.json", "progress.jsonl", "database_workload.json",
-             "database_tuning_record.json", "tasks.json", "job_state.json", "job.yaml")
-PLOT_SUFFIXES = (".png", ".svg")
-
-
-def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} farm: {message}", flush=True)
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf -> None, recursively: browsers' JSON.parse rejects them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def read_events(path: Path, start: int = 0) -> list[dict[str, Any]]:
-    """Complete lines of a ``progress.jsonl`` from line ``start`` on, each with its line number ``n``."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    lines = data.split(b"\n")[:-1]  # the last piece is empty or a line still being written
-    out = []
-    for i in range(start, len(lines)):
-        try:
-            event = json.loads(lines[i])
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            event["n"] = i
-            out.append(_clean(event))
-    return out
-
-
-def _process_alive(pid: int | None, started: float | None) -> psutil.Process | None:
-    """The process ``pid`` if it still runs and is the one started at ``started`` (not a recycled pid)."""
-    if not pid:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if started is not None and abs(proc.create_time() - started) > 1.0:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except psutil.Error:
-        return None
-
-
-def _stop_group(pid: int, started: float | None, timeout: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group led by ``pid`` (a tunefarm process in its own session), then SIGKILL."""
-    proc = _process_alive(pid, started)
-    if proc is None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-            return
-        except psutil.TimeoutExpired:
-            continue
-        except psutil.Error:
-            return
-
-
-class ApiError(tornado.web.HTTPError):
-    """An HTTP error answered as ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(status, reason=None)
-        self.message = message
 
 
 class FarmService:
-    """The host service: tracker, HTTP API + dashboard, job queue, workers."""
+    """The host service: tracker, HTTP API + dashboard, job queue, workers; the handlers reach the parts
+    through it (``self.settings["service"]``)."""
 
     def __init__(self, config: FarmConfig):
         self.config = config
         self.logs_dir = Path(config.logs_dir).resolve()
-        self.farm_dir = self.logs_dir / "farm"
-        for sub in ("specs", "runs", "uploads", "tmp"):
-            (self.farm_dir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.farm_dir, 0o700)  # the token, the queue and uploaded models: the farm's owner only
+        self.farm = FarmDir(self.logs_dir / "farm")
+        self.farm.create()
         # One host per logs dir: two would run the same queue twice. The kernel drops the lock when this
         # process dies, however it dies, so a kill -9 never leaves a stale lock behind.
-        self._lock = open(self.farm_dir / "host.lock", "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._lock = open(self.farm.lock, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,413 +76,28 @@ class FarmService:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        self.token = self._load_token()
-        self.store = JobStore(self.farm_dir / "farm.sqlite3")
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
-        self.tracker_addr = ""
-        self.tracker_pid: tuple[int, float] | None = None  # the tracker this host started (or adopted)
+        self.token = load_token(config, self.farm.token)
+        self.store = JobStore(self.farm.database)
+        self.tracker = HostTracker(config, self.farm)
+        self.views = FarmViews(self.store, self.logs_dir, self.farm, self.tracker, config.device_offline_after_s)
+        self.jobs = JobQueue(config, self.logs_dir, self.farm, self.store, self.tracker)
         # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
-        self._summary_cache: dict[str, tuple[tuple[float, int], dict[str, Any]]] = {}
-        self._tasks_cache: dict[str, tuple[float, Any]] = {}
-        self.stopping = False
 
-    # -- token ------------------------------------------------------------------------------------
-    def _load_token(self) -> str:
-        if self.config.token:
-            return self.config.token
-        path = Path(self.config.token_file) if self.config.token_file else self.farm_dir / "token"
-        if path.is_file():
-            if path.stat().st_mode & 0o077:
-                raise TunefarmError(f"{path} is readable by others; run: chmod 600 {path}")
-            token = path.read_text().strip()
-            if not token:
-                raise TunefarmError(f"{path} is empty; delete it to generate a new token")
-            _log(f"API token: from {path}")
-            return token
-        token = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        # Printed this once so that the person starting the farm can hand it to laptops and agents.
-        print(f"generated an API token (kept in {path}, mode 0600; shown only now):\n  {token}\n"
-              f"  laptops and agents: export TUNEFARM_TOKEN=<that token>", flush=True)
-        return token
-
-    def token_ok(self, supplied: str | None) -> bool:
-        if not supplied:
-            return False
-        return hmac.compare_digest(supplied.encode(), self.token.encode())
-
-    @property
-    def cookie_secret(self) -> str:
-        # Derived from the token: a new token signs every dashboard session out.
-        return hmac.new(self.token.encode(), b"tunefarm dashboard session", hashlib.sha256).hexdigest()
-
-    # -- tracker ----------------------------------------------------------------------------------
-    def _tracker_answers(self, host: str, port: int) -> bool:
-        from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
-
-        try:
-            check_tracker(host, port, timeout=2.0)
-            return True
-        except TrackerUnreachable:
-            return False
-
-    def start_tracker(self) -> None:
-        cfg = self.config
-        if cfg.tracker:
-            host, port = parse_hostport(cfg.tracker)
-            self.tracker_addr = f"{host}:{port}"
-            if not self._tracker_answers(host, port):
-                _log(f"warning: the configured tracker {self.tracker_addr} does not answer yet")
-            _log(f"tracker: external, {self.tracker_addr}")
-            return
-        local = "127.0.0.1" if cfg.tracker_bind in ("0.0.0.0", "") else ("::1" if cfg.tracker_bind == "::"
-                                                                         else cfg.tracker_bind)
-        self.tracker_addr = f"{local}:{cfg.tracker_port}"
-        state_path = self.farm_dir / "tracker.json"
-        if self._tracker_answers(local, cfg.tracker_port):
-            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-            if _process_alive(state.get("pid"), state.get("started")) and state.get("port") == cfg.tracker_port:
-                self.tracker_pid = (state["pid"], state["started"])
-                _log(f"tracker: {self.tracker_addr}, still running from before (pid {state['pid']}); "
-                     "its agents stay registered")
-            else:
-                _log(f"tracker: {self.tracker_addr} is already served by another process; using it")
-            return
-        proc = start_tunefarm(["tracker", "--host", cfg.tracker_bind, "--port", cfg.tracker_port],
-                              log_path=self.farm_dir / "tracker.log")
-        deadline = time.monotonic() + TRACKER_START_S
-        while not self._tracker_answers(local, cfg.tracker_port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.farm_dir / "tracker.log").read_text(errors="replace").strip().splitlines()[-1:]
-                raise TunefarmError(f"the tracker on {cfg.tracker_bind}:{cfg.tracker_port} did not start"
-                                    + (f": {tail[0]}" if tail else ""))
-            time.sleep(0.3)
-        started = psutil.Process(proc.pid).create_time()
-        self.tracker_pid = (proc.pid, started)
-        state_path.write_text(json.dumps({"pid": proc.pid, "started": started, "port": cfg.tracker_port}))
-        _log(f"tracker: started on {cfg.tracker_bind}:{cfg.tracker_port} (pid {proc.pid}); "
-             f"log {self.farm_dir / 'tracker.log'}")
-
-    def tracker_devices(self) -> list[dict[str, Any]]:
-        """The tracker's view per key (blocking: call from a pool thread)."""
-        from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
-
-        host, port = parse_hostport(self.tracker_addr)
-        with TrackerClient(host, port, timeout=3.0) as client:
-            return client.devices()
-
-    # -- recovery and shutdown ----------------------------------------------------------------------
-    def recover(self) -> None:
-        """Jobs left ``running`` by a host that died: stop any orphaned worker, then queue them again."""
-        for job in self.store.jobs((RUNNING,)):
-            orphan = _process_alive(job["pid"], job["pid_started"])
-            if orphan is not None:
-                _log(f"job {job['id']}: stopping its worker (pid {job['pid']}) left from before the restart")
-                _stop_group(job["pid"], job["pid_started"])
-            if job["cancel_requested"]:
-                self.store.update_job(job["id"], note="cancelled (the host restarted before the job stopped)",
-                                      state=CANCELLED, finished=time.time(), pid=None)
-            else:
-                self.store.update_job(job["id"], note=f"the host stopped while this job ran (attempt "
-                                      f"{job['attempts']}); queued to resume from its database",
-                                      state=QUEUED, pid=None)
-                _log(f"job {job['id']}: queued again; it resumes from its database")
+    async def online_devices(self) -> list[dict[str, Any]]:
+        """The devices view's list (the tracker's and the heartbeats'); TunefarmError if the tracker is away."""
+        tracker_view = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.tracker.devices)
+        return self.views.devices_view(tracker_view, None)["devices"]
 
     def shutdown(self) -> None:
         """Stop workers (their jobs go back to the queue) and the tracker this host runs."""
-        self.stopping = True
-        for job_id, proc in list(self.procs.items()):
-            _log(f"job {job_id}: stopping its worker; it resumes when the host starts again")
-            _stop_group(proc.pid, None)
-            proc.wait()
-            job = self.store.job(job_id)
-            if job["cancel_requested"]:
-                self.store.update_job(job_id, note="cancelled", state=CANCELLED, finished=time.time(), pid=None)
-            else:
-                self.store.update_job(job_id, note="the host stopped; queued to resume when it starts again",
-                                      state=QUEUED, pid=None)
-        self.procs.clear()
-        if self.tracker_pid is not None:
-            _log("stopping the tracker")
-            _stop_group(*self.tracker_pid)
-            (self.farm_dir / "tracker.json").unlink(missing_ok=True)
+        self.jobs.stop_workers()
+        self.tracker.stop()
         self.tvm_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
-    # -- workers ------------------------------------------------------------------------------------
-    def job_dir(self, job_id: str) -> Path:
-        return self.logs_dir / job_id
-
-    def run_log(self, job_id: str) -> Path:
-        return self.farm_dir / "runs" / f"{job_id}.log"
-
-    def _start(self, job: dict[str, Any]) -> None:
-        spec_path = self.farm_dir / "specs" / f"{job['id']}.yaml"
-        spec_path.write_text(job["spec"])
-        attempt = job["attempts"] + 1
-        log = self.run_log(job["id"])
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} ===\n")
-        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker_addr]
-        if job["skip_eval"]:
-            args.append("--skip-eval")
-        proc = start_tunefarm(args, log_path=log, env={"COLUMNS": "160"})
-        try:
-            started = psutil.Process(proc.pid).create_time()
-        except psutil.Error:
-            started = None
-        self.procs[job["id"]] = proc
-        self.store.update_job(job["id"], note=f"started (attempt {attempt}, pid {proc.pid})", state=RUNNING,
-                              started=time.time(), finished=None, attempts=attempt, pid=proc.pid,
-                              pid_started=started, exit_code=None, error=None)
-        _log(f"job {job['id']}: started on key '{job['key']}' (attempt {attempt}, pid {proc.pid})")
-
-    def _last_error(self, job_id: str) -> str | None:
-        try:
-            lines = self.run_log(job_id).read_text(errors="replace").splitlines()
-        except OSError:
-            return None
-        for line in reversed(lines):
-            if line.startswith("=== "):
-                break
-            if line.startswith("tunefarm: error: "):
-                return line[len("tunefarm: error: "):]
-        return None
-
-    def _reap(self) -> None:
-        for job_id, proc in list(self.procs.items()):
-            code = proc.poll()
-            if code is None:
-                if job_id in self.kill_at and time.monotonic() > self.kill_at[job_id]:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                continue
-            del self.procs[job_id]
-            self.kill_at.pop(job_id, None)
-            job = self.store.job(job_id)
-            now = time.time()
-            if job["cancel_requested"]:
-                self.store.update_job(job_id, note="cancelled", state=CANCELLED, finished=now, exit_code=code,
-                                      pid=None)
-                _log(f"job {job_id}: cancelled")
-            elif code == 0:
-                self.store.update_job(job_id, note="done", state=DONE, finished=now, exit_code=0, pid=None)
-                _log(f"job {job_id}: done")
-            else:
-                error = self._last_error(job_id) or f"`tunefarm tune` exited with code {code}"
-                self.store.update_job(job_id, note=f"failed: {error}", state=FAILED, finished=now, exit_code=code,
-                                      error=error, pid=None)
-                _log(f"job {job_id}: failed: {error}")
-
-    def schedule(self) -> None:
-        """Reap finished workers, then start the oldest queued job of every idle key."""
-        if self.stopping:
-            return
-        try:
-            self._reap()
-            busy_keys = {j["key"] for j in self.store.jobs((RUNNING,))}
-            for job in self.store.jobs((QUEUED,)):
-                if len(self.procs) >= self.config.max_running_jobs:
-                    break
-                if job["key"] in busy_keys:
-                    continue
-                busy_keys.add(job["key"])
-                try:
-                    self._start(job)
-                except OSError as err:
-                    self.store.update_job(job["id"], note=f"failed to start: {err}", state=FAILED,
-                                          finished=time.time(), error=f"could not start the worker: {err}")
-        except Exception as err:  # pylint: disable=broad-except
-            _log(f"error in the scheduler (it keeps running): {type(err).__name__}: {err}")
-
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        job = self.store.job(job_id)
-        if job["state"] == QUEUED:
-            return self.store.update_job(job_id, note="cancelled while queued", state=CANCELLED,
-                                         finished=time.time())
-        if job["state"] != RUNNING:
-            raise ApiError(409, f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
-        job = self.store.update_job(job_id, note="cancel requested", cancel_requested=True)
-        proc = self.procs.get(job_id)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            self.kill_at[job_id] = time.monotonic() + STOP_GRACE_S
-        return job
-
-    def resume(self, job_id: str, trials: int | None) -> dict[str, Any]:
-        job = self.store.job(job_id)
-        if job["state"] in (QUEUED, RUNNING):
-            raise ApiError(409, f"job {job_id} is already {job['state']}")
-        fields: dict[str, Any] = {}
-        note = "resumed; continues from its database"
-        if trials is not None:
-            spec = yaml.safe_load(job["spec"])
-            if trials <= spec["tuning"]["max_trials_global"]:
-                raise ApiError(400, f"--trials {trials} is not above the job's budget of "
-                                    f"{spec['tuning']['max_trials_global']}")
-            spec["tuning"]["max_trials_global"] = trials
-            fields.update(spec=yaml.safe_dump(spec, sort_keys=False), budget=trials)
-            note += f"; budget raised to {trials} trials"
-        elif job["state"] == DONE:
-            raise ApiError(409, f"job {job_id} is done and its budget is spent; resume it with more trials "
-                                "(tunefarm resume JOB --trials N)")
-        return self.store.update_job(job_id, note=note, state=QUEUED, cancel_requested=False, error=None,
-                                     exit_code=None, finished=None, **fields)
-
-    # -- views --------------------------------------------------------------------------------------
-    def progress_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "progress.jsonl"
-
-    def progress_summary(self, job_id: str) -> dict[str, Any]:
-        path = self.progress_path(job_id)
-        try:
-            st = path.stat()
-            sig = (st.st_mtime, st.st_size)
-        except FileNotFoundError:
-            return {"trials": 0, "batches": 0, "estimated_ms": None, "best_ms": None}
-        cached = self._summary_cache.get(job_id)
-        if cached and cached[0] == sig:
-            return cached[1]
-        events = read_events(path)
-        ests = [e["estimated_ms"] for e in events if e.get("estimated_ms") is not None]
-        summary = {"trials": events[-1]["trials"] if events else 0, "batches": len(events),
-                   "estimated_ms": ests[-1] if ests else None, "best_ms": min(ests) if ests else None,
-                   "last_batch_time": events[-1].get("time") if events else None}
-        self._summary_cache[job_id] = (sig, summary)
-        return summary
-
-    def job_files(self, job_id: str) -> list[str]:
-        job_dir = self.job_dir(job_id)
-        names = [n for n in JOB_FILES if (job_dir / n).is_file()]
-        if job_dir.is_dir():
-            names += sorted(p.name for p in job_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
-        if self.run_log(job_id).is_file():
-            names.append("tune.log")
-        return names
-
-    def file_path(self, job_id: str, name: str) -> Path | None:
-        if name not in self.job_files(job_id):
-            return None
-        return self.run_log(job_id) if name == "tune.log" else self.job_dir(job_id) / name
-
-    def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
-        out = {k: job[k] for k in ("id", "key", "state", "model", "budget", "skip_eval", "created", "started",
-                                   "finished", "attempts", "pid", "exit_code", "error", "cancel_requested")}
-        out.update(self.progress_summary(job["id"]))
-        if job["state"] == QUEUED:
-            queued = [j["id"] for j in self.store.jobs((QUEUED,)) if j["key"] == job["key"]]
-            out["queue_position"] = queued.index(job["id"]) + 1 if job["id"] in queued else None
-        if detail:
-            out["history"] = job["history"]
-            out["files"] = self.job_files(job["id"])
-            out["spec"] = yaml.safe_load(job["spec"])
-        return _clean(out)
-
-    def devices_view(self, tracker_view: list[dict[str, Any]] | None, tracker_error: str | None) -> dict[str, Any]:
-        now = time.time()
-        running = {j["key"]: j["id"] for j in self.store.jobs((RUNNING,))}
-        devices, seen = [], set()
-        for dev in self.store.devices():
-            info = DeviceInfo.from_json(dev["info"])
-            window = max(self.config.device_offline_after_s, 3 * dev["interval_s"])
-            online = not dev["stopped"] and now - dev["last_seen"] < window
-            seen.add(dev["agent_id"])
-            devices.append({"agent_id": dev["agent_id"], "key": dev["key"], "hostname": info.hostname,
-                            "status": "online" if online else "offline", "busy": online and dev["busy"],
-                            "listed": dev["listed"], "last_seen": dev["last_seen"],
-                            "last_seen_s": round(now - dev["last_seen"], 1), "target": info.target,
-                            "cpu": info.cpu_model, "num_cores": info.num_cores, "threads": info.threads,
-                            "has_cc": info.has_cc, "cuda": [d.get("name") for d in info.cuda], "job": running.get(dev["key"]),
-                            "source": "heartbeat"})
-        keys = []
-        for item in tracker_view or []:
-            keys.append({k: item[k] for k in ("key", "total", "free", "busy", "pending")})
-            for agent, addr in zip(item["agents"], item["addrs"]):
-                agent_id = agent.agent_id if isinstance(agent, DeviceInfo) else addr
-                if agent_id in seen:
-                    continue
-                info = agent if isinstance(agent, DeviceInfo) else DeviceInfo(key=item["key"])
-                devices.append({"agent_id": agent_id, "key": item["key"], "hostname": info.hostname,
-                                "status": "online", "busy": False, "listed": True, "last_seen": None,
-                                "last_seen_s": None, "target": info.target, "cpu": info.cpu_model,
-                                "num_cores": info.num_cores, "threads": info.threads, "has_cc": info.has_cc,
-                                "cuda": [d.get("name") for d in info.cuda], "job": running.get(item["key"]),
-                                "source": "tracker (no heartbeat: started without --farm)"})
-        return _clean({"tracker": self.tracker_addr, "tracker_error": tracker_error, "keys": keys,
-                       "devices": devices})
-
-    def task_table(self, job_id: str) -> list[dict[str, Any]]:
-        """tuning_logs.task_rows of a job (blocking, TVM: call in tvm_pool); cached per database change."""
-        from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows  # pylint: disable=import-outside-toplevel
-
-        job_dir = self.job_dir(job_id)
-        record_file = job_dir / "database_tuning_record.json"
-        if not (job_dir / "tasks.json").is_file() or not record_file.is_file():
-            return []
-        stamp = record_file.stat().st_mtime
-        cached = self._tasks_cache.get(job_id)
-        if cached and cached[0] == stamp:
-            return cached[1]
-        rows = _clean(task_rows(open_database(job_dir), load_tasks(job_dir)))
-        self._tasks_cache[job_id] = (stamp, rows)
-        return rows
-
-    def build_bundle(self, job_id: str) -> Path:
-        """A .tar.gz of best records (export_best), the full database, reports, plots and the run log."""
-        from tunefarm.host.tuning.logs import export_best  # pylint: disable=import-outside-toplevel
-
-        job_dir = self.job_dir(job_id)
-        if not (job_dir / "database_tuning_record.json").is_file():
-            raise TunefarmError(f"job {job_id} has no tuning records yet")
-        work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm_dir / "tmp"))
-        try:
-            export_best(job_dir, work / "best")
-            (work / "database").mkdir()
-            for name in ("database_workload.json", "database_tuning_record.json", "tasks.json", "job_state.json",
-                         "job.yaml"):
-                if (job_dir / name).is_file():
-                    shutil.copy2(job_dir / name, work / "database" / name)
-            for name in self.job_files(job_id):
-                if name.startswith("database_") or name in ("tasks.json", "job_state.json", "job.yaml"):
-                    continue
-                shutil.copy2(self.file_path(job_id, name), work / name)
-            archive = work.with_suffix(".tar.gz")
-            with tarfile.open(archive, "w:gz") as tar:
-                for path in sorted(work.rglob("*")):
-                    tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
-            return archive
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    # -- submission ---------------------------------------------------------------------------------
-    def parse_submission(self, text: str) -> Any:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ApiError(400, f"malformed job YAML{at}: {problem}") from None
-        try:
-            if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("source") == "onnx":
-                data["model"].setdefault("path", "uploaded.onnx")  # the upload decides; see submit()
-            return job_from_dict(data, "job")
-        except TunefarmError as err:
-            raise ApiError(400, str(err)) from None
-
-    # -- run ----------------------------------------------------------------------------------------
     def make_app(self) -> tornado.web.Application:
         job = r"([A-Za-z0-9][A-Za-z0-9._-]{0,99})"
         handlers = [
@@ -592,15 +117,15 @@ class FarmService:
             (rf"/api/jobs/{job}/bundle", BundleHandler),
             (rf"/api/jobs/{job}/files/([A-Za-z0-9._-]+)", FileHandler),
         ]
-        return tornado.web.Application(handlers, service=self, cookie_secret=self.cookie_secret,
-                                       default_handler_class=NotFoundHandler, log_function=_log_request,
+        return tornado.web.Application(handlers, service=self, cookie_secret=cookie_secret(self.token),
+                                       default_handler_class=NotFoundHandler, log_function=log_request,
                                        static_hash_cache=True)
 
     def run(self) -> None:
         cfg = self.config
-        self.recover()
+        self.jobs.recover()
         self.store.forget_devices_before(time.time() - 86400.0)  # offline for a day: gone from the list
-        self.start_tracker()
+        self.tracker.start()
         app = self.make_app()
         limit = int(cfg.max_upload_mb * 1024 * 1024)
         server = tornado.httpserver.HTTPServer(app, max_body_size=4 * limit + (1 << 20), xheaders=False)
@@ -613,17 +138,17 @@ class FarmService:
         shown = "127.0.0.1" if cfg.bind in ("0.0.0.0", "") else cfg.bind
         shown = socket.gethostname() if cfg.bind in ("0.0.0.0", "::", "") else shown
         print(f"farm listening on http://{cfg.bind}:{cfg.port} (dashboard: http://{shown}:{cfg.port}/); "
-              f"jobs in {self.logs_dir}; tracker {self.tracker_addr}", flush=True)
+              f"jobs in {self.logs_dir}; tracker {self.tracker.addr}", flush=True)
         if cfg.bind in ("0.0.0.0", "::", ""):
             print("note: the API is served on every interface; the token guards it, but it travels in clear "
                   "over HTTP: use a trusted network or a TLS proxy", flush=True)
         loop = tornado.ioloop.IOLoop.current()
-        scheduler = tornado.ioloop.PeriodicCallback(self.schedule, SCHEDULE_INTERVAL_MS)
+        scheduler = tornado.ioloop.PeriodicCallback(self.jobs.schedule, SCHEDULE_INTERVAL_MS)
         scheduler.start()
-        loop.add_callback(self.schedule)
+        loop.add_callback(self.jobs.schedule)
 
         def on_signal(signum, _frame):
-            _log(f"stopping (signal {signum})")
+            log(f"stopping (signal {signum})")
             loop.add_callback_from_signal(loop.stop)
 
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -635,416 +160,7 @@ class FarmService:
             self.shutdown()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            _log("stopped")
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Log changes and refusals only (the dashboard polls): method, path, status. Never headers (the token)."""
-    status = handler.get_status()
-    request = handler.request
-    if request.path == "/api/devices/heartbeat" and status < 400:
-        return
-    if request.method == "GET" and status < 400:
-        return
-    _log(f"{status} {request.method} {request.path} from {request.remote_ip} "
-         f"({1000.0 * request.request_time():.0f} ms)")
-
-
-# -- handlers ----------------------------------------------------------------------------------------
-class BaseHandler(tornado.web.RequestHandler):
-    @property
-    def service(self) -> FarmService:
-        return self.settings["service"]
-
-    def bearer(self) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
-
-    def has_session(self) -> bool:
-        return self.get_signed_cookie(SESSION_COOKIE, max_age_days=30) == b"dashboard"
-
-
-class ApiHandler(BaseHandler):
-    """JSON in, JSON out; every call needs the token (a dashboard session may read, never change)."""
-
-    def prepare(self):
-        ok = self.service.token_ok(self.bearer())
-        if not ok and self.request.method == "GET" and not self.request.headers.get("Authorization"):
-            ok = self.has_session()
-        if not ok:
-            raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the farm's token "
-                                "is in logs/farm/token on the host; clients read TUNEFARM_TOKEN)")
-
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(data))
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        err = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(err, ApiError):
-            message = err.message
-        elif isinstance(err, tornado.web.HTTPError):
-            message = err.log_message or self._reason
-        else:
-            message = f"internal error: {type(err).__name__}: {err}" if err else self._reason
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "status": status_code}))
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, ApiError):
-            return  # answered as JSON and logged by _log_request without the details
-        super().log_exception(typ, value, tb)
-
-    def job_or_404(self, job_id: str) -> dict[str, Any]:
-        job = self.service.store.job(job_id)
-        if job is None:
-            raise ApiError(404, f"no job '{job_id}' on this farm (tunefarm jobs lists them)")
-        return job
-
-    def json_body(self) -> dict[str, Any]:
-        if not self.request.body:
-            return {}
-        try:
-            data = json.loads(self.request.body)
-        except ValueError:
-            raise ApiError(400, "the request body is not JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return data
-
-
-class NotFoundHandler(ApiHandler):
-    def prepare(self):
-        raise ApiError(404, f"no such page or API endpoint: {self.request.path}")
-
-
-class InfoHandler(ApiHandler):
-    def get(self):
-        svc = self.service
-        host, port = parse_hostport(svc.tracker_addr)
-        if not svc.config.tracker and svc.config.tracker_bind in ("0.0.0.0", "::", ""):
-            host = self.request.host_name  # as this caller reaches the host
-        from tunefarm import __version__  # pylint: disable=import-outside-toplevel
-
-        self.write_json({"service": "tunefarm", "version": __version__, "tracker": f"{host}:{port}",
-                         "max_upload_bytes": int(svc.config.max_upload_mb * 1024 * 1024),
-                         "heartbeat_s": HEARTBEAT_S, "offline_after_s": svc.config.device_offline_after_s})
-
-
-class DevicesHandler(ApiHandler):
-    async def get(self):
-        svc = self.service
-        loop = asyncio.get_running_loop()
-        try:
-            view, error = await loop.run_in_executor(svc.io_pool, svc.tracker_devices), None
-        except TunefarmError as err:
-            view, error = None, str(err)
-        self.write_json(svc.devices_view(view, error))
-
-
-class HeartbeatHandler(ApiHandler):
-    def post(self):
-        body = self.json_body()
-        info = body.get("info")
-        if not isinstance(info, dict) or not info.get("agent_id") or not info.get("key"):
-            raise ApiError(400, "a heartbeat carries 'info': the agent's DeviceInfo with agent_id and key")
-        try:
-            interval = float(body.get("interval_s", HEARTBEAT_S))
-        except (TypeError, ValueError):
-            raise ApiError(400, "interval_s must be a number") from None
-        defaults = DeviceInfo(key="").to_json()
-        wrong = sorted(name for name, value in info.items()
-                       if name in defaults and not isinstance(value, type(defaults[name])))
-        if wrong or not all(isinstance(d, dict) for d in info.get("cuda", [])):
-            raise ApiError(400, f"heartbeat: DeviceInfo field(s) of the wrong type: {', '.join(wrong) or 'cuda'}")
-        device = DeviceInfo.from_json(info)
-        self.service.store.heartbeat(device.agent_id, device.key, device.to_json(), str(body.get("tracker", "")),
-                                     bool(body.get("listed")), bool(body.get("busy")), max(0.5, interval),
-                                     bool(body.get("stopping")))
-        self.write_json({"ok": True, "heartbeat_s": HEARTBEAT_S})
-
-
-@tornado.web.stream_request_body
-class JobsHandler(ApiHandler):
-    """GET: every job. POST (multipart: ``job`` = the YAML text, optional file ``model``, ``skip_eval``): submit."""
-
-    def prepare(self):
-        super().prepare()
-        self.chunks: list[bytes] = []
-        self.received = 0
-        self.limit = int(self.service.config.max_upload_mb * 1024 * 1024)
-        if self.request.method == "POST":
-            length = self.request.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > 4 * self.limit:
-                raise ApiError(413, self._too_big(int(length)))
-
-    def _too_big(self, size: int) -> str:
-        return (f"upload of {size / 2**20:.1f} MiB is over this farm's limit of {self.limit / 2**20:.0f} MiB "
-                "(max_upload_mb in the farm config)")
-
-    def data_received(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self.received <= self.limit + (1 << 20):  # the limit is for the model; 1 MiB for the form
-            self.chunks.append(chunk)
-
-    def get(self):
-        svc = self.service
-        self.write_json({"jobs": [svc.public_job(j) for j in svc.store.jobs()]})
-
-    async def post(self):
-        svc = self.service
-        if self.received > self.limit + (1 << 20):
-            raise ApiError(413, self._too_big(self.received))
-        args: dict[str, list[bytes]] = {}
-        files: dict[str, list[tornado.httputil.HTTPFile]] = {}
-        tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), b"".join(self.chunks),
-                                              args, files, self.request.headers)
-        self.chunks = []
-        if not args.get("job"):
-            raise ApiError(400, "no job: send the job file's YAML as the form field 'job' (multipart/form-data)")
-        try:
-            text = args["job"][0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "the job file is not UTF-8 text") from None
-        job = svc.parse_submission(text)
-        if svc.store.job(job.name) is not None:
-            state = svc.store.job(job.name)["state"]
-            raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
-                                f"resume it (tunefarm resume {job.name}) or give the job a new name")
-        upload = (files.get("model") or [None])[0]
-        if job.model.source == "onnx":
-            if upload is None or not upload.body:
-                raise ApiError(400, "model.source is onnx but no model file came with the job "
-                                    "(tunefarm submit uploads model.path)")
-            if len(upload.body) > self.limit:
-                raise ApiError(413, self._too_big(len(upload.body)))
-        elif upload is not None:
-            raise ApiError(400, f"a model file was uploaded but model.source is {job.model.source}, not onnx")
-        if job.model.source == "builtin":
-            from tunefarm.host.models import BUILTIN_MODELS  # pylint: disable=import-outside-toplevel
-
-            if job.model.name not in BUILTIN_MODELS:
-                raise ApiError(400, f"unknown builtin model {job.model.name!r}; known: "
-                                    f"{', '.join(sorted(BUILTIN_MODELS))}")
-        loop = asyncio.get_running_loop()
-        try:
-            tracker_view = await loop.run_in_executor(svc.io_pool, svc.tracker_devices)
-        except TunefarmError as err:
-            raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
-        # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
-        # session, or restarting its server after one, is off the tracker's list for a while).
-        view = svc.devices_view(tracker_view, None)
-        served: dict[str, int] = {}
-        for dev in view["devices"]:
-            if dev["status"] == "online":
-                served[dev["key"]] = served.get(dev["key"], 0) + 1
-        if not served.get(job.device.key):
-            known = ", ".join(f"{k} ({n})" for k, n in sorted(served.items())) or "none"
-            raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
-                                f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
-        if job.model.source == "onnx":
-            upload_dir = svc.farm_dir / "uploads" / job.name
-            upload_dir.mkdir(parents=True, exist_ok=True)
-            name = Path(upload.filename or "model.onnx").name
-            if not JOB_NAME_RE.match(name):
-                name = "model.onnx"
-            model_path = upload_dir / name
-            model_path.write_bytes(upload.body)
-            problem = await loop.run_in_executor(svc.io_pool, _onnx_problem, model_path)
-            if problem:
-                shutil.rmtree(upload_dir, ignore_errors=True)
-                raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
-            job.model.path = str(model_path)
-        job.device.tracker = svc.tracker_addr
-        skip_eval = (args.get("skip_eval") or [b"0"])[0] in (b"1", b"true", b"yes")
-        model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
-        record = svc.store.add_job(job.name, job.device.key, yaml.safe_dump(job.to_dict(), sort_keys=False),
-                                   model, job.tuning.max_trials_global, skip_eval)
-        _log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
-        svc.schedule()
-        self.write_json(svc.public_job(svc.store.job(record["id"]), detail=True), status=201)
-
-
-def _onnx_problem(path: Path) -> str | None:
-    import onnx  # pylint: disable=import-outside-toplevel
-
-    try:
-        onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # pylint: disable=broad-except
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
-    return None
-
-
-class JobHandler(ApiHandler):
-    def get(self, job_id):
-        self.write_json(self.service.public_job(self.job_or_404(job_id), detail=True))
-
-
-class JobActionHandler(ApiHandler):
-    def post(self, job_id, action):
-        self.job_or_404(job_id)
-        svc = self.service
-        if action == "cancel":
-            job = svc.cancel(job_id)
-        else:
-            trials = self.json_body().get("trials")
-            if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
-                raise ApiError(400, "trials must be a positive integer")
-            job = svc.resume(job_id, trials)
-            svc.schedule()
-            job = svc.store.job(job_id)
-        _log(f"job {job_id}: {action} -> {job['state']}")
-        self.write_json(svc.public_job(job, detail=True))
-
-
-class ProgressHandler(ApiHandler):
-    """NDJSON: one ``{"type": "progress", ...}`` line per measured batch, ``{"type": "state", "job": ...}`` on
-    changes. With ``follow=1`` the response stays open and streams new lines until the job is final."""
-
-    async def get(self, job_id):
-        self.job_or_404(job_id)
-        try:
-            line = int(self.get_argument("from", "0"))
-        except ValueError:
-            raise ApiError(400, "'from' must be a line number") from None
-        follow = self.get_argument("follow", "0") in ("1", "true")
-        svc = self.service
-        path = svc.progress_path(job_id)
-        self.set_header("Content-Type", "application/x-ndjson")
-        self.set_header("Cache-Control", "no-store")
-        last_state = None
-        last_write = time.monotonic()
-        was_final = False
-        while True:
-            events = read_events(path, line)
-            wrote = bool(events)
-            for event in events:
-                self.write(json.dumps({"type": "progress", **event}) + "\n")
-                line = event["n"] + 1
-            job = svc.store.job(job_id)
-            state = (job["state"], job["attempts"], job["error"], job["cancel_requested"])
-            if state != last_state:
-                self.write(json.dumps({"type": "state", "job": svc.public_job(job)}) + "\n")
-                last_state, wrote = state, True
-            if wrote:
-                last_write = time.monotonic()
-            elif time.monotonic() - last_write > FOLLOW_PING_S:
-                self.write(json.dumps({"type": "ping", "time": time.time()}) + "\n")
-                last_write = time.monotonic()
-            try:
-                await self.flush()
-            except tornado.iostream.StreamClosedError:
-                return
-            # Final, and nothing new since it was final: the worker has exited, its lines are all out.
-            if not follow or svc.stopping or (was_final and not events):
-                break
-            was_final = job["state"] in FINAL_STATES
-            await asyncio.sleep(0 if was_final else FOLLOW_POLL_S)
-        self.finish()
-
-
-class TasksHandler(ApiHandler):
-    async def get(self, job_id):
-        self.job_or_404(job_id)
-        svc = self.service
-        try:
-            rows = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.task_table, job_id)
-        except Exception as err:  # pylint: disable=broad-except
-            # e.g. a database read while the worker writes its last line: the next poll succeeds
-            raise ApiError(503, f"the task table is not readable right now: {str(err).splitlines()[-1]}") from None
-        self.write_json({"tasks": rows})
-
-
-class FileHandler(ApiHandler):
-    def get(self, job_id, name):
-        self.job_or_404(job_id)
-        path = self.service.file_path(job_id, name)
-        if path is None:
-            raise ApiError(404, f"job {job_id} has no file '{name}' (available: "
-                                f"{', '.join(self.service.job_files(job_id)) or 'none yet'})")
-        kinds = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png",
-                 ".svg": "image/svg+xml", ".jsonl": "application/x-ndjson", ".log": "text/plain; charset=utf-8",
-                 ".yaml": "text/plain; charset=utf-8"}
-        self.set_header("Content-Type", kinds.get(path.suffix, "application/octet-stream"))
-        if self.get_argument("download", "0") == "1":
-            self.set_header("Content-Disposition", f'attachment; filename="{job_id}-{name}"')
-        self.finish(path.read_bytes())
-
-
-class BundleHandler(ApiHandler):
-    async def get(self, job_id):
-        self.job_or_404(job_id)
-        svc = self.service
-        try:
-            archive = await asyncio.get_running_loop().run_in_executor(svc.tvm_pool, svc.build_bundle, job_id)
-        except TunefarmError as err:
-            raise ApiError(409, str(err)) from None
-        try:
-            self.set_header("Content-Type", "application/gzip")
-            self.set_header("Content-Disposition", f'attachment; filename="{job_id}.tar.gz"')
-            with open(archive, "rb") as fh:
-                while True:
-                    chunk = fh.read(1 << 20)
-                    if not chunk:
-                        break
-                    self.write(chunk)
-                    await self.flush()
-            self.finish()
-        except tornado.iostream.StreamClosedError:
-            pass
-        finally:
-            archive.unlink(missing_ok=True)
-
-
-# -- dashboard -----------------------------------------------------------------------------------------
-class PageHandler(BaseHandler):
-    def initialize(self, page: str):
-        self.page = page
-
-    def get(self, *_args):
-        if not self.has_session():
-            self.redirect("/login?next=" + tornado.escape.url_escape(self.request.path))
-            return
-        self.set_header("Cache-Control", "no-store")
-        self.finish((STATIC_DIR / self.page).read_bytes())
-
-
-_LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tunefarm: sign in</title>
-<link rel="stylesheet" href="/static/farm.css"></head><body><main class="login">
-<h1>tunefarm</h1><p>Paste the farm's token (the host printed it on its first start; it is kept in
-<code>logs/farm/token</code> on the host).</p>{message}
-<form method="post" action="/login"><input type="hidden" name="next" value="{next}">
-<input type="password" name="token" id="token" placeholder="token" autofocus size="50">
-<button type="submit" id="signin">Sign in</button></form></main></body></html>"""
-
-
-def _safe_next(value: str) -> str:
-    return value if value.startswith("/") and not value.startswith("//") else "/"
-
-
-class LoginHandler(BaseHandler):
-    def get(self):
-        next_page = tornado.escape.xhtml_escape(_safe_next(self.get_argument("next", "/")))
-        self.finish(_LOGIN_PAGE.format(message="", next=next_page))
-
-    def post(self):
-        next_page = _safe_next(self.get_argument("next", "/"))
-        if not self.service.token_ok(self.get_argument("token", "").strip()):
-            self.set_status(401)
-            self.finish(_LOGIN_PAGE.format(message='<p class="error">Wrong token.</p>',
-                                           next=tornado.escape.xhtml_escape(next_page)))
-            return
-        self.set_signed_cookie(SESSION_COOKIE, "dashboard", expires_days=30, httponly=True, samesite="Strict")
-        self.redirect(next_page)
-
-
-class LogoutHandler(BaseHandler):
-    def get(self):
-        self.clear_cookie(SESSION_COOKIE)
-        self.redirect("/login")
+            log("stopped")
 
 
 def serve(config_path: str | None, **overrides: Any) -> None:

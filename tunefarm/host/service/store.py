@@ -3,7 +3,7 @@
 Written by the host service only (one process, one thread), so one connection suffices. Every change
 is committed before the HTTP answer that announces it, so a job that was accepted survives a
 ``kill -9`` of the host: on the next start, jobs found ``running`` are put back in the queue and
-resume from their MetaSchedule databases (see :mod:`tunefarm.host.service.app`).
+resume from their MetaSchedule databases (see :mod:`tunefarm.host.service.jobs`).
 """
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from tunefarm.core.jobspec import TuningJob, job_from_dict
 
 # Job states. ``queued`` and ``running`` are the live ones; the others are final until a resume.
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -25,7 +29,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     spec TEXT NOT NULL,            -- the job as YAML, as the worker runs it
     model TEXT NOT NULL,           -- short description for tables
-    budget INTEGER NOT NULL,       -- tuning.max_trials_global
+    budget INTEGER NOT NULL,       -- the spec's tuning.max_trials_global, written with the spec only
     skip_eval INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     started REAL,
@@ -83,13 +87,15 @@ class JobStore:
         job["cancel_requested"] = bool(job["cancel_requested"])
         return job
 
-    def add_job(self, job_id: str, key: str, spec: str, model: str, budget: int, skip_eval: bool) -> dict[str, Any]:
+    def add_job(self, spec: TuningJob, model: str, skip_eval: bool) -> dict[str, Any]:
+        """Queue ``spec`` (its name is the job's id, its device key the job's key)."""
         now = time.time()
         history = json.dumps([[now, "submitted"]])
         self.db.execute("INSERT INTO jobs (id, key, state, spec, model, budget, skip_eval, created, history) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, key, QUEUED, spec, model, budget, int(skip_eval), now, history))
-        return self.job(job_id)
+                        (spec.name, spec.device.key, QUEUED, _dump_spec(spec), model, spec.tuning.max_trials_global,
+                         int(skip_eval), now, history))
+        return self.job(spec.name)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         return self._job(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -103,10 +109,18 @@ class JobStore:
         return [self._job(r) for r in rows]
 
     def update_job(self, job_id: str, note: str | None = None, **fields: Any) -> dict[str, Any]:
-        """Set ``fields`` and append ``note`` to the job's history, in one transaction."""
+        """Set ``fields`` and append ``note`` to the job's history, in one transaction.
+
+        ``spec`` is a TuningJob; the budget column follows it (it is never set on its own).
+        """
         unknown = set(fields) - set(_JOB_COLUMNS)
         if unknown:
             raise ValueError(f"unknown job field(s): {sorted(unknown)}")
+        if "budget" in fields:
+            raise ValueError("a job's budget is its spec's tuning.max_trials_global: change the spec")
+        if "spec" in fields:
+            spec = fields["spec"]
+            fields.update(spec=_dump_spec(spec), budget=spec.tuning.max_trials_global)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             if note:
@@ -123,6 +137,11 @@ class JobStore:
             self.db.execute("ROLLBACK")
             raise
         return self.job(job_id)
+
+    @staticmethod
+    def spec(job: dict[str, Any]) -> TuningJob:
+        """A stored job's spec, typed."""
+        return job_from_dict(yaml.safe_load(job["spec"]))
 
     # -- devices ----------------------------------------------------------------------------------
     def heartbeat(self, agent_id: str, key: str, info: dict[str, Any], tracker: str, listed: bool, busy: bool,
@@ -149,3 +168,8 @@ class JobStore:
     def forget_devices_before(self, when: float) -> None:
         """Drop devices not heard from since ``when`` (a day by default: offline ones stay visible a while)."""
         self.db.execute("DELETE FROM devices WHERE last_seen < ?", (when,))
+
+
+def _dump_spec(spec: TuningJob) -> str:
+    """The job as YAML, as the worker runs it (``tunefarm tune SPEC``)."""
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)

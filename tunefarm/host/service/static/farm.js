@@ -127,7 +127,7 @@ var tunefarm = (function () {
       var links = j.files.map(function (f) {
         return '<a href="' + base + "/files/" + encodeURIComponent(f) + '?download=1">' + esc(f) + "</a>";
       });
-      if (j.files.indexOf("database_tuning_record.json") >= 0) {
+      if (j.files.indexOf(j.file_names.db_records) >= 0) {  // the bundle needs tuning records
         links.unshift('<a href="' + base + '/bundle"><b>everything (.tar.gz: best records, database, report)</b></a>');
       }
       document.getElementById("downloads").innerHTML = links.join(" ") || '<span class="muted">nothing yet</span>';

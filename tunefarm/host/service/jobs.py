@@ -1,0 +1,302 @@
+"""The job queue and each job's lifecycle: queued -> running -> done / failed / cancelled, and back to
+queued on a resume or after a host restart.
+
+Each job runs as ``tunefarm tune SPEC --logs-dir LOGS`` in its own process group (a worker), at most one
+per device key (the others on that key wait in order), several keys at once (``max_running_jobs``). A
+worker writes the same job dir ``tunefarm tune`` writes, so running a job again resumes it from its
+database: the queue relies on that after a restart (:meth:`JobQueue.recover`).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import psutil
+import yaml
+
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict
+from tunefarm.core.procs import start_tunefarm
+from tunefarm.host.service.config import FarmConfig
+from tunefarm.host.service.errors import ApiError
+from tunefarm.host.service.farmdir import FarmDir
+from tunefarm.host.service.log import log
+from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
+from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
+from tunefarm.host.service.tracker_proc import HostTracker
+
+
+@dataclasses.dataclass
+class Upload:
+    """The model file that came with a submission."""
+
+    filename: str
+    body: bytes
+
+
+def upload_too_big(size: int, limit: int) -> str:
+    return (f"upload of {size / 2**20:.1f} MiB is over this farm's limit of {limit / 2**20:.0f} MiB "
+            "(max_upload_mb in the farm config)")
+
+
+class JobQueue:
+    """The queue in the store, and the workers that run its jobs."""
+
+    def __init__(self, config: FarmConfig, logs_dir: Path, farm: FarmDir, store: JobStore, tracker: HostTracker):
+        self.config = config
+        self.logs_dir = logs_dir
+        self.farm = farm
+        self.store = store
+        self.tracker = tracker
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.kill_at: dict[str, float] = {}  # cancelled jobs: when to SIGKILL if still running
+        self.stopping = False
+
+    @property
+    def upload_limit(self) -> int:
+        """The largest model file a submission may carry, in bytes."""
+        return int(self.config.max_upload_mb * 1024 * 1024)
+
+    async def submit(self, job: TuningJob, upload: Upload | None, skip_eval: bool,
+                     devices: Callable[[], Awaitable[list[dict[str, Any]]]]) -> dict[str, Any]:
+        """Queue a submitted job: the stored job, or an ApiError saying which rule it breaks.
+
+        The rules: its name is not taken; an ONNX job comes with its model file (within the upload
+        limit), other jobs with none; a builtin model is known; an agent that is online serves its
+        device key (``devices``: the devices view's list, tracker and heartbeats); the ONNX file is
+        readable. Nothing is stored for a refused job.
+        """
+        if self.store.job(job.name) is not None:
+            state = self.store.job(job.name)["state"]
+            raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
+                                f"resume it (tunefarm resume {job.name}) or give the job a new name")
+        if job.model.source == "onnx":
+            if upload is None or not upload.body:
+                raise ApiError(400, "model.source is onnx but no model file came with the job "
+                                    "(tunefarm submit uploads model.path)")
+            if len(upload.body) > self.upload_limit:
+                raise ApiError(413, upload_too_big(len(upload.body), self.upload_limit))
+        elif upload is not None:
+            raise ApiError(400, f"a model file was uploaded but model.source is {job.model.source}, not onnx")
+        if job.model.source == "builtin":
+            from tunefarm.host.models import BUILTIN_MODELS  # pylint: disable=import-outside-toplevel
+
+            if job.model.name not in BUILTIN_MODELS:
+                raise ApiError(400, f"unknown builtin model {job.model.name!r}; known: "
+                                    f"{', '.join(sorted(BUILTIN_MODELS))}")
+        try:
+            listed = await devices()
+        except TunefarmError as err:
+            raise ApiError(503, f"the farm's tracker does not answer, so no job can run now: {err}") from None
+        # Served: the tracker lists an agent on the key, or one reports by heartbeat (an agent in an RPC
+        # session, or restarting its server after one, is off the tracker's list for a while).
+        served: dict[str, int] = {}
+        for dev in listed:
+            if dev["status"] == "online":
+                served[dev["key"]] = served.get(dev["key"], 0) + 1
+        if not served.get(job.device.key):
+            known = ", ".join(f"{k} ({n})" for k, n in sorted(served.items())) or "none"
+            raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
+                                f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
+        if job.model.source == "onnx":
+            upload_dir = self.farm.uploads(job.name)
+            upload_dir.mkdir(parents=True, exist_ok=True)
+            name = Path(upload.filename or "model.onnx").name
+            if not JOB_NAME_RE.match(name):
+                name = "model.onnx"
+            model_path = upload_dir / name
+            model_path.write_bytes(upload.body)
+            problem = await asyncio.get_running_loop().run_in_executor(None, onnx_problem, model_path)
+            if problem:
+                shutil.rmtree(upload_dir, ignore_errors=True)
+                raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
+            job.model.path = str(model_path)
+        job.device.tracker = self.tracker.addr
+        model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
+        record = self.store.add_job(job, model, skip_eval)
+        log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
+        return record
+
+    def recover(self) -> None:
+        """Jobs left ``running`` by a host that died: stop any orphaned worker, then queue them again."""
+        for job in self.store.jobs((RUNNING,)):
+            orphan = process_alive(job["pid"], job["pid_started"])
+            if orphan is not None:
+                log(f"job {job['id']}: stopping its worker (pid {job['pid']}) left from before the restart")
+                stop_group(job["pid"], job["pid_started"])
+            if job["cancel_requested"]:
+                self.store.update_job(job["id"], note="cancelled (the host restarted before the job stopped)",
+                                      state=CANCELLED, finished=time.time(), pid=None)
+            else:
+                self.store.update_job(job["id"], note=f"the host stopped while this job ran (attempt "
+                                      f"{job['attempts']}); queued to resume from its database",
+                                      state=QUEUED, pid=None)
+                log(f"job {job['id']}: queued again; it resumes from its database")
+
+    def stop_workers(self) -> None:
+        """Stop every worker (the host stops): their jobs go back to the queue, cancelled ones end cancelled."""
+        self.stopping = True
+        for job_id, proc in list(self.procs.items()):
+            log(f"job {job_id}: stopping its worker; it resumes when the host starts again")
+            stop_group(proc.pid, None)
+            proc.wait()
+            job = self.store.job(job_id)
+            if job["cancel_requested"]:
+                self.store.update_job(job_id, note="cancelled", state=CANCELLED, finished=time.time(), pid=None)
+            else:
+                self.store.update_job(job_id, note="the host stopped; queued to resume when it starts again",
+                                      state=QUEUED, pid=None)
+        self.procs.clear()
+
+    def _start(self, job: dict[str, Any]) -> None:
+        spec_path = self.farm.spec(job["id"])
+        spec_path.write_text(job["spec"])
+        attempt = job["attempts"] + 1
+        run_log = self.farm.run_log(job["id"])
+        with open(run_log, "a", encoding="utf-8") as fh:
+            fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} ===\n")
+        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker.addr]
+        if job["skip_eval"]:
+            args.append("--skip-eval")
+        proc = start_tunefarm(args, log_path=run_log, env={"COLUMNS": "160"})
+        try:
+            started = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            started = None
+        self.procs[job["id"]] = proc
+        self.store.update_job(job["id"], note=f"started (attempt {attempt}, pid {proc.pid})", state=RUNNING,
+                              started=time.time(), finished=None, attempts=attempt, pid=proc.pid,
+                              pid_started=started, exit_code=None, error=None)
+        log(f"job {job['id']}: started on key '{job['key']}' (attempt {attempt}, pid {proc.pid})")
+
+    def _last_error(self, job_id: str) -> str | None:
+        try:
+            lines = self.farm.run_log(job_id).read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            if line.startswith("=== "):
+                break
+            if line.startswith("tunefarm: error: "):
+                return line[len("tunefarm: error: "):]
+        return None
+
+    def _reap(self) -> None:
+        for job_id, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                if job_id in self.kill_at and time.monotonic() > self.kill_at[job_id]:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                continue
+            del self.procs[job_id]
+            self.kill_at.pop(job_id, None)
+            job = self.store.job(job_id)
+            now = time.time()
+            if job["cancel_requested"]:
+                self.store.update_job(job_id, note="cancelled", state=CANCELLED, finished=now, exit_code=code,
+                                      pid=None)
+                log(f"job {job_id}: cancelled")
+            elif code == 0:
+                self.store.update_job(job_id, note="done", state=DONE, finished=now, exit_code=0, pid=None)
+                log(f"job {job_id}: done")
+            else:
+                error = self._last_error(job_id) or f"`tunefarm tune` exited with code {code}"
+                self.store.update_job(job_id, note=f"failed: {error}", state=FAILED, finished=now, exit_code=code,
+                                      error=error, pid=None)
+                log(f"job {job_id}: failed: {error}")
+
+    def schedule(self) -> None:
+        """Reap finished workers, then start the oldest queued job of every idle key."""
+        if self.stopping:
+            return
+        try:
+            self._reap()
+            busy_keys = {j["key"] for j in self.store.jobs((RUNNING,))}
+            for job in self.store.jobs((QUEUED,)):
+                if len(self.procs) >= self.config.max_running_jobs:
+                    break
+                if job["key"] in busy_keys:
+                    continue
+                busy_keys.add(job["key"])
+                try:
+                    self._start(job)
+                except OSError as err:
+                    self.store.update_job(job["id"], note=f"failed to start: {err}", state=FAILED,
+                                          finished=time.time(), error=f"could not start the worker: {err}")
+        except Exception as err:  # pylint: disable=broad-except
+            log(f"error in the scheduler (it keeps running): {type(err).__name__}: {err}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.store.job(job_id)
+        if job["state"] == QUEUED:
+            return self.store.update_job(job_id, note="cancelled while queued", state=CANCELLED,
+                                         finished=time.time())
+        if job["state"] != RUNNING:
+            raise ApiError(409, f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
+        job = self.store.update_job(job_id, note="cancel requested", cancel_requested=True)
+        proc = self.procs.get(job_id)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.kill_at[job_id] = time.monotonic() + STOP_GRACE_S
+        return job
+
+    def resume(self, job_id: str, trials: int | None) -> dict[str, Any]:
+        job = self.store.job(job_id)
+        if job["state"] in (QUEUED, RUNNING):
+            raise ApiError(409, f"job {job_id} is already {job['state']}")
+        fields: dict[str, Any] = {}
+        note = "resumed; continues from its database"
+        if trials is not None:
+            spec = self.store.spec(job)
+            if trials <= spec.tuning.max_trials_global:
+                raise ApiError(400, f"--trials {trials} is not above the job's budget of "
+                                    f"{spec.tuning.max_trials_global}")
+            spec.tuning.max_trials_global = trials
+            fields["spec"] = spec
+            note += f"; budget raised to {trials} trials"
+        elif job["state"] == DONE:
+            raise ApiError(409, f"job {job_id} is done and its budget is spent; resume it with more trials "
+                                "(tunefarm resume JOB --trials N)")
+        return self.store.update_job(job_id, note=note, state=QUEUED, cancel_requested=False, error=None,
+                                     exit_code=None, finished=None, **fields)
+
+
+def parse_submission(text: str) -> TuningJob:
+    """A submitted job file's text as a TuningJob; a 400 ApiError with the one-line reason."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ApiError(400, f"malformed job YAML{at}: {problem}") from None
+    try:
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("source") == "onnx":
+            data["model"].setdefault("path", "uploaded.onnx")  # the upload decides; see submit()
+        return job_from_dict(data, "job")
+    except TunefarmError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def onnx_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable ONNX model (its first line), or None."""
+    import onnx  # pylint: disable=import-outside-toplevel
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # pylint: disable=broad-except
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None

@@ -1,0 +1,45 @@
+"""Processes the host started and may find again after a restart (its tracker, its workers), known by
+pid and start time so that a recycled pid is never signalled."""
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL
+
+
+def process_alive(pid: int | None, started: float | None) -> psutil.Process | None:
+    """The process ``pid`` if it still runs and is the one started at ``started`` (not a recycled pid)."""
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def stop_group(pid: int, started: float | None, timeout: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process group led by ``pid`` (a tunefarm process in its own session), then SIGKILL."""
+    proc = process_alive(pid, started)
+    if proc is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+            return
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.Error:
+            return
+
