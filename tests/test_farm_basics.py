@@ -64,10 +64,9 @@ def test_tracker_refuses_a_taken_port(tracker, tmp_path):
 
 
 def test_agent_registers_and_devices_shows_it(tracker, start_agent, tmp_path):
-    from tvm import rpc
     from tvm.target import Target
 
-    from tunefarm.tracker.client import TrackerClient
+    from tunefarm.tracker.client import TrackerClient, request_rpc_session
 
     host, port = tracker
     with TrackerClient(host, port) as client:
@@ -101,7 +100,7 @@ def test_agent_registers_and_devices_shows_it(tracker, start_agent, tmp_path):
 
         # A real session through the tracker lands on this agent's server, which answers
         # tunefarm's global functions; while it is held the key counts one busy server.
-        session = rpc.connect_tracker(host, port).request("cpu-a", session_timeout=60)
+        session = request_rpc_session(host, port, "cpu-a", priority=1, session_timeout=60)
         try:
             assert session.get_function("tunefarm.agent.id")() == agent_id
             assert json.loads(session.get_function("tunefarm.agent.info")())["agent_id"] == agent_id

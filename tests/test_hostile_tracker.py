@@ -43,6 +43,14 @@ class RawTrackerConn:
         size = struct.unpack("<i", self._recv(4))[0]
         return json.loads(self._recv(size))
 
+    def prove_farm_key(self):
+        """What an agent holding the farm key does first (tunefarm.core.credential)."""
+        from tunefarm.core.credential import AUTH, CHALLENGE, load_farm_key, proof
+
+        code, nonce = self.call([CHALLENGE])
+        assert code == 0
+        assert self.call([AUTH, "agent", proof(load_farm_key(), nonce, "agent")]) == 0
+
     def close(self):
         self.sock.close()
 
@@ -97,9 +105,10 @@ def test_hostile_registrations_do_not_break_the_tracker(tracker, start_agent, tm
     ]
     for message in hostile:
         assert _refused(host, port, message), message
-    # A registration that passes the checks but whose text is markup: shown as text, not interpreted.
+    # A registration with the farm key that passes the checks but whose text is markup: shown as text.
     conn = RawTrackerConn(host, port)
     try:
+        conn.prove_farm_key()
         assert conn.call([PUT, "farm", [9, "farm:1"], "127.0.0.1"]) == 0
         assert conn.call([UPDATE_INFO, {"key": "server:farm", "addr": [None, 9],
                                         INFO_FIELD: {**GOOD_INFO, "key": "farm", "agent_id": "[/x][bold]evil",

@@ -48,7 +48,7 @@ def _tiny_onnx(path):
 def test_agents_set_report_and_use_their_threads(tracker, start_agent, tmp_path, monkeypatch):
     """The runtime's own thread count, asked over RPC, is what the agent reports, its target's num-cores,
     and what its ONNX Runtime runner uses; --threads overrides the machine's count."""
-    from tvm import rpc
+    from tunefarm.tracker.client import request_rpc_session
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
     host, port = tracker
@@ -61,7 +61,7 @@ def test_agents_set_report_and_use_their_threads(tracker, start_agent, tmp_path,
     for key, want in (("all-cores", usable_cores()), ("one-thread", 1)):
         (info,) = listed_agents(host, port, key)
         assert info.threads == want and info.target["num-cores"] == want
-        session = rpc.connect_tracker(host, port).request(key, session_timeout=60)
+        session = request_rpc_session(host, port, key, priority=1, session_timeout=60)
         try:
             assert int(session.get_function("runtime.NumThreads")()) == want
             session.upload(str(onnx_file), "model.onnx")

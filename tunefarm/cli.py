@@ -56,12 +56,21 @@ def main():
 @click.option("--host", default="0.0.0.0", show_default=True,
               help="Address to listen on. TVM RPC has no authentication: keep it on a trusted network.")
 @click.option("--port", default=DEFAULT_TRACKER_PORT, show_default=True, type=int, help="TCP port.")
+@click.option("--open-key", "open_keys", multiple=True, metavar="KEY",
+              help="Admit stock TVM servers and clients (no farm key) on this device key. Repeatable.")
+@click.option("--farm-key-file", default=None, metavar="PATH",
+              help="The farm key (default: $TUNEFARM_FARM_KEY, $TUNEFARM_FARM_KEY_FILE, ~/.config/tunefarm/farm.key, "
+                   "created if missing). Agents and hosts prove it before they register or take a session.")
 @_one_line_errors
-def tracker(host, port):
-    """Run TVM's RPC tracker; log devices joining and leaving. Ctrl-C/SIGTERM stops it."""
+def tracker(host, port, open_keys, farm_key_file):
+    """Run TVM's RPC tracker; log devices joining and leaving. Ctrl-C/SIGTERM stops it.
+
+    Only processes holding the farm key register servers or take sessions (a challenge-response on TVM's
+    tracker protocol); every request is checked, a malformed one closes its connection.
+    """
     from tunefarm.tracker.server import run_tracker
 
-    run_tracker(host, port)
+    run_tracker(host, port, open_keys=list(open_keys), farm_key_file=farm_key_file)
 
 
 @main.command()
@@ -81,8 +90,11 @@ def tracker(host, port):
               help="Threads of this agent's TVM runtime (and of its PyTorch / ONNX Runtime runs); also the "
                    "target's num-cores. Default: $TVM_NUM_THREADS, else the target's num-cores, else the "
                    "physical cores this process may run on.")
+@click.option("--farm-key-file", default=None, metavar="PATH",
+              help="The farm key, a copy of the tracker host's (default: $TUNEFARM_FARM_KEY, "
+                   "$TUNEFARM_FARM_KEY_FILE, ~/.config/tunefarm/farm.key).")
 @_one_line_errors
-def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads):
+def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads, farm_key_file):
     """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
 
     The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
@@ -104,7 +116,7 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
     if tracker_addr is None:
         raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
     run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
-              farm_url=farm_url, token=token, threads=threads)
+              farm_url=farm_url, token=token, threads=threads, farm_key_file=farm_key_file)
 
 
 @main.command()

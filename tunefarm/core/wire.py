@@ -16,6 +16,11 @@ from .errors import TunefarmError
 
 # Field of a server's tracker info dict that holds tunefarm's DeviceInfo.
 INFO_FIELD = "tunefarm"
+# Set by the farm's tracker on a server's info: whether its connection proved the farm key
+# (tunefarm.core.credential); only such a server's DeviceInfo is believed.
+VERIFIED_FIELD = "tunefarm_verified"
+# In the farm tracker's SUMMARY: servers refused lately for want of the farm key.
+REFUSED_FIELD = "tunefarm_refused"
 DEFAULT_TRACKER_PORT = 9190
 
 

@@ -72,8 +72,9 @@ class _RPCServerSupervisor:
     """Runs the rpc_server child and restarts it when it dies or drops off the tracker."""
 
     def __init__(self, info: DeviceInfo, tracker_host: str, tracker_port: int, host: str, port: int,
-                 custom_addr: str | None):
+                 custom_addr: str | None, child_env: dict[str, str] | None = None):
         self.info = info
+        self.child_env = dict(child_env or {})
         self.tracker_host = tracker_host
         self.tracker_port = tracker_port
         self.host = host
@@ -104,7 +105,7 @@ class _RPCServerSupervisor:
     def start_child(self) -> None:
         # TVM sizes its CPU thread pool once, from TVM_NUM_THREADS, when the pool first starts (in the
         # sessions forked from the child); without it TVM takes hardware_concurrency()/2 on x86-64.
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(self.info.threads)})
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(self.info.threads)}, **self.child_env)
         # Its own session (and process group): stopping the child takes its forked RPC sessions
         # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.
         self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
@@ -220,7 +221,7 @@ class _RPCServerSupervisor:
 
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
               custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
-              threads: int | None = None) -> None:
+              threads: int | None = None, farm_key_file: str | None = None) -> None:
     """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM."""
     from tunefarm.device_agents.probe import (check_c_compiler, find_c_compiler, probe,  # pylint: disable=import-outside-toplevel
                                               resolve_target, target_warnings)
@@ -246,8 +247,13 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
         _warn("TVM RPC has no authentication: anyone who can reach this agent's port can run code on it; "
               "keep it on a trusted network")
     check_tracker(tracker_host, tracker_port)
+    from tunefarm.core.credential import KEY_ENV, load_farm_key  # pylint: disable=import-outside-toplevel
 
-    supervisor = _RPCServerSupervisor(info, tracker_host, tracker_port, host, port, custom_addr)
+    # Checked here (one line if missing) and handed to the RPC server, which proves it at registration.
+    farm_key = load_farm_key(farm_key_file, create=False).decode()
+
+    supervisor = _RPCServerSupervisor(info, tracker_host, tracker_port, host, port, custom_addr,
+                                      child_env={KEY_ENV: farm_key})
 
     def on_signal(signum, _frame):
         _log(f"stopping (signal {signum})")

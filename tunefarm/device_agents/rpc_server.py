@@ -28,6 +28,7 @@ import time
 from tunefarm.core.wire import INFO_FIELD, no_delay, parse_hostport
 
 EXIT_LOOP_ENDED = 3
+REFUSED_RETRY_S = 10.0  # a tracker that refused the farm key is asked again this often
 EXIT_PARENT_GONE = 4
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -40,22 +41,44 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rpc server: {message}", flush=True)
 
 
-def _publish_info(info: dict) -> None:
-    """Add ``INFO_FIELD: info`` to every UPDATE_INFO this process sends to the tracker.
+def _publish_info(info: dict, farm_key: bytes) -> None:
+    """Prove the farm key, then add ``INFO_FIELD: info`` to every UPDATE_INFO this process sends to the tracker.
 
     The stock listen loop calls ``base.sendjson`` through the module at each call, so replacing it
     here changes only this process (and the sessions forked from it, which never talk to the tracker).
+    UPDATE_INFO is the first message of every (re)connection to the tracker, before the server's PUT:
+    the farm's tracker admits the PUT only from a connection that answered its challenge
+    (:mod:`tunefarm.core.credential`).
     """
     from tvm.rpc import base  # pylint: disable=import-outside-toplevel
 
-    def sendjson(sock, data):
-        if (isinstance(data, (list, tuple)) and len(data) == 2 and data[0] == base.TrackerCode.UPDATE_INFO
-                and isinstance(data[1], dict)):
-            data = [data[0], {**data[1], INFO_FIELD: info}]
+    from tunefarm.core.credential import authenticate  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
+
+    def send(sock, data):
         # The stock framing (int32 length + JSON) in one write, not two: a second small write waits
         # for the tracker's delayed ACK (~40 ms), which delayed every re-registration after a session.
         body = json.dumps(data).encode("utf-8")
         sock.sendall(struct.pack("<i", len(body)) + body)
+
+    refused = []
+
+    def sendjson(sock, data):
+        if (isinstance(data, (list, tuple)) and len(data) == 2 and data[0] == base.TrackerCode.UPDATE_INFO
+                and isinstance(data[1], dict)):
+            try:
+                authenticate(sock, farm_key, "agent", send, base.recvjson)
+            except TunefarmError as err:
+                if not refused:
+                    _log(f"registration refused: {err}; retrying every {REFUSED_RETRY_S:g} s")
+                refused.append(1)
+                time.sleep(REFUSED_RETRY_S)  # the stock loop reconnects at once after an OSError
+                raise OSError(str(err)) from None
+            if refused:
+                _log("the tracker accepted this agent's farm key")
+                refused.clear()
+            data = [data[0], {**data[1], INFO_FIELD: info}]
+        send(sock, data)
 
     base.sendjson = sendjson
 
@@ -170,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() via NVML
     from tvm.rpc.server import PopenRPCServerState  # pylint: disable=import-outside-toplevel
 
-    _publish_info(info)
+    from tunefarm.core.credential import load_farm_key  # pylint: disable=import-outside-toplevel
+
+    _publish_info(info, load_farm_key(create=False))
     _log_sessions()
     _register_globals(info)
     threading.excepthook = _record_loop_error

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TrackerUnreachable, TunefarmError
 from tunefarm.core.targets import describe_target
-from tunefarm.core.wire import INFO_FIELD, DeviceInfo, no_delay, parse_hostport
+from tunefarm.core.wire import INFO_FIELD, REFUSED_FIELD, VERIFIED_FIELD, DeviceInfo, no_delay, parse_hostport
 
 CONNECT_TIMEOUT_S = 5.0  # TCP connect + tracker handshake
 CALL_TIMEOUT_S = 10.0  # one SUMMARY round trip
@@ -84,10 +84,16 @@ def request_rpc_session(host: str, port: int, key: str, priority: int, session_t
     Blocks until the tracker hands out a server of ``key`` (callers bound the wait).
     """
     from tvm import rpc  # pylint: disable=import-outside-toplevel
+    from tvm.rpc import base  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.core.credential import authenticate, load_farm_key  # pylint: disable=import-outside-toplevel
 
     tracker = rpc.connect_tracker(host, port)
-    no_delay(getattr(tracker, "_sock", None))
+    sock = getattr(tracker, "_sock", None)
+    no_delay(sock)
     try:
+        # The farm's tracker hands out sessions only to holders of the farm key (keys left open excepted).
+        authenticate(sock, load_farm_key(), "host", base.sendjson, base.recvjson)
         return tracker.request(key, priority=priority, session_timeout=session_timeout)
     finally:
         tracker.close()
@@ -134,8 +140,8 @@ def server_device_info(info: dict[str, Any]) -> DeviceInfo | None:
     """The agent's DeviceInfo from a server_info entry, or None for a stock tvm.rpc server and for an entry
     whose DeviceInfo is malformed (anyone who reaches the tracker can register anything)."""
     data = info.get(INFO_FIELD)
-    if data is None:
-        return None
+    if data is None or not info.get(VERIFIED_FIELD):
+        return None  # a DeviceInfo from a connection without the farm key is not believed
     try:
         return DeviceInfo.from_json(data)
     except ValueError:
@@ -251,7 +257,8 @@ def devices_from_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     def entry(key: str) -> dict[str, Any]:
         if key not in by_key:
-            by_key[key] = {"key": key, "agents": [], "addrs": [], "total": 0, "free": 0, "busy": 0, "pending": 0}
+            by_key[key] = {"key": key, "agents": [], "addrs": [], "total": 0, "free": 0, "busy": 0, "pending": 0,
+                           "refused": []}
         return by_key[key]
 
     for info in summary.get("server_info", []) or []:
@@ -271,6 +278,9 @@ def devices_from_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
         item = entry(key)
         item["free"] = int(queue.get("free", 0))
         item["pending"] = int(queue.get("pending", 0))
+    for refused in summary.get(REFUSED_FIELD, []) or []:
+        if isinstance(refused, dict) and isinstance(refused.get("key"), str):
+            entry(refused["key"])["refused"].append(refused)
     for item in by_key.values():
         item["busy"] = max(0, item["total"] - item["free"])
     return [by_key[k] for k in sorted(by_key)]
@@ -334,9 +344,13 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
                 lines["cuda"].append(escape(", ".join(str(d.get("name", "?")) for d in agent.cuda) or "-"))
                 lines["opencl"].append(escape(_describe_opencl(agent.opencl)))
             else:
-                lines["agents"].append(escape(f"{addr} (stock server)"))
+                lines["agents"].append(escape(f"{addr} (stock server, open key)"))
                 for name in ("target", "cpu", "cc", "cuda", "opencl"):
                     lines[name].append("?")
+        for refused in item.get("refused", []):
+            lines["agents"].append("[red]" + escape(f"{refused.get('addr')} REFUSED: {refused.get('reason')}") + "[/]")
+            for name in ("target", "cpu", "cc", "cuda", "opencl"):
+                lines[name].append("-")
         table.add_row(escape(item["key"]), "\n".join(lines["agents"]) or "-", str(item["free"]), str(item["busy"]),
                       str(item["pending"]), *("\n".join(lines[n]) or "-"
                                               for n in ("target", "cpu", "cc", "cuda", "opencl")))

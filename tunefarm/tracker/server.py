@@ -15,8 +15,10 @@ import threading
 import time
 from typing import Any
 
+from tunefarm.core.credential import AUTH, CHALLENGE, SUCCESS, load_farm_key, new_nonce, proof_ok
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.targets import describe_target
+from tunefarm.core.wire import INFO_FIELD
 from tunefarm.tracker.client import TrackerClient, malformed_info, server_addr, server_device_info, server_key
 
 POLL_INTERVAL_S = 1.0
@@ -62,7 +64,8 @@ def _describe_server(info: dict[str, Any]) -> str:
     if problem:
         return text + f" (its tunefarm info is malformed, so it counts as a stock server: {problem})"
     if device is None:
-        return text + " (stock tvm.rpc server, no DeviceInfo)"
+        return text + (" (a server without the farm key, admitted on an open key)" if INFO_FIELD in info
+                       else " (stock tvm.rpc server, no DeviceInfo; admitted on an open key)")
     cuda = ", ".join(d.get("name", "?") for d in device.cuda) or "none"
     return (f"{text} agent={device.agent_id} target=[{describe_target(device.target)}] "
             f"cpu=[{device.cpu_model} x{device.num_cores}] cc={'yes' if device.has_cc else 'NO'} cuda={cuda}")
@@ -139,8 +142,11 @@ def tracker_message_problem(args: Any) -> str | None:
     if not isinstance(args, list) or not args or not isinstance(args[0], int) or isinstance(args[0], bool):
         return "a request must be a JSON list starting with an integer code"
     code, rest = args[0], args[1:]
-    if code in (_PING, _SUMMARY, _GET_PENDING_MATCHKEYS):
+    if code in (_PING, _SUMMARY, _GET_PENDING_MATCHKEYS, CHALLENGE):
         return None
+    if code == AUTH:
+        return None if len(rest) == 2 and _short_str(rest[0], 32) and _short_str(rest[1], 128) else \
+            "AUTH needs a role and a proof"
     if code == _STOP:
         return None if rest and _short_str(rest[0], 1024) else "STOP needs a key string"
     if code == _PUT:
@@ -186,16 +192,24 @@ def _info_problem(info: Any) -> str | None:
     return None
 
 
-def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
-    """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay, and
-    every request checked (:func:`tracker_message_problem`) before the stock handler sees it."""
-    # pylint: disable=import-outside-toplevel
-    import logging
+REFUSED_KEPT = 64  # refused servers the SUMMARY lists (newest)
+LOG_REFUSALS_EVERY_S = 60.0
 
+
+def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm_key: str,
+                         open_keys: list[str]):
+    """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay, every
+    request checked (:func:`tracker_message_problem`) before the stock handler sees it, and PUT / REQUEST
+    admitted only from a connection that proved the farm key (:mod:`tunefarm.core.credential`) unless
+    the key is one of ``open_keys``."""
+    # pylint: disable=import-outside-toplevel
     from tvm.rpc import tracker as stock
 
-    from tunefarm.core.wire import no_delay
+    from tunefarm.core.wire import REFUSED_FIELD, VERIFIED_FIELD, no_delay
 
+    key = farm_key.encode()
+    open_set = set(open_keys)
+    refused: collections.OrderedDict = collections.OrderedDict()  # (key, where) -> entry, newest last
     original = stock.TrackerServerHandler.__init__
 
     def init(self, sock, stop_key):
@@ -203,25 +217,76 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool):
         original(self, sock, stop_key)
 
     stock.TrackerServerHandler.__init__ = init
+    summary = stock.TrackerServerHandler.summary
+
+    def summary_with_refused(self):
+        out = summary(self)
+        out[REFUSED_FIELD] = list(refused.values())
+        return out
+
+    stock.TrackerServerHandler.summary = summary_with_refused
     call_handler = stock.TCPEventHandler.call_handler
-    log = logging.getLogger("tunefarm.tracker")
+
+    logged: dict[tuple, list] = {}  # (peer host, problem) -> [last logged, refused since]
+
+    def refuse(conn, problem: str) -> None:
+        # Shown even with the stock tracker's logging silenced (a farm's operator wants to see this), at most
+        # once a minute per peer and problem: a refused server retries for ever.
+        seen = logged.setdefault((conn._addr[0], problem), [0.0, 0])  # pylint: disable=protected-access
+        seen[1] += 1
+        if time.monotonic() - seen[0] > LOG_REFUSALS_EVERY_S:
+            again = f" ({seen[1]} times since the last line)" if seen[1] > 1 else ""
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {conn.name()}: {problem}; "
+                  f"connection closed{again}", flush=True)
+            seen[0], seen[1] = time.monotonic(), 0
+        conn.close()
 
     def checked_call(self, args):
         problem = tracker_message_problem(args)
         if problem:
-            # Shown even with the stock tracker's logging silenced: a farm's operator wants to see this.
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {self.name()}: {problem}; "
-                  "connection closed", flush=True)
-            log.debug("refused %r", args)
-            self.close()
+            refuse(self, problem)
+            return
+        code = args[0]
+        if code == CHALLENGE:
+            self.tunefarm_nonce = new_nonce()
+            self.ret_value([SUCCESS, self.tunefarm_nonce])
+            return
+        if code == AUTH:
+            nonce, self.tunefarm_nonce = getattr(self, "tunefarm_nonce", None), None  # one use per challenge
+            if not proof_ok(key, nonce, args[1], args[2]):
+                refuse(self, "wrong farm key")
+                return
+            self.tunefarm_role = args[1]
+            self.ret_value(SUCCESS)
+            return
+        # A server announces itself with UPDATE_INFO ("server:KEY"), then PUT; a client asks with REQUEST.
+        wanted = (args[1] if code in (_PUT, _REQUEST) else
+                  args[1]["key"].partition(":")[2] if code == _UPDATE_INFO and args[1]["key"].startswith("server:")
+                  else None)
+        if wanted is not None and wanted not in open_set and not getattr(self, "tunefarm_role", None):
+            if code != _REQUEST:
+                info = args[1] if code == _UPDATE_INFO else self._info  # pylint: disable=protected-access
+                port_of = args[2][0] if code == _PUT else None
+                addr = info.get("addr") or [None, port_of]
+                where = f"{addr[0] or self._addr[0]}:{addr[1]}"  # pylint: disable=protected-access
+                refused[(wanted, where)] = {"key": wanted, "addr": where, "time": time.time(),
+                                            "reason": "no farm key (a stock or foreign server)"}
+                refused.move_to_end((wanted, where))
+                while len(refused) > REFUSED_KEPT:
+                    refused.popitem(last=False)
+            what = "request a session" if code == _REQUEST else "register a server"
+            refuse(self, f"cannot {what} on key '{wanted}' without the farm key")
             return
         call_handler(self, args)
+        if code == _UPDATE_INFO:
+            self._info[VERIFIED_FIELD] = bool(getattr(self, "tunefarm_role", None))  # pylint: disable=protected-access
 
     stock.TCPEventHandler.call_handler = checked_call
     return stock._popen_start_tracker_server(host, port, port_end, silent)  # pylint: disable=protected-access
 
 
-def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True):
+def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True, farm_key: bytes | None = None,
+                        open_keys: list[str] | None = None):
     """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)``, with ``TCP_NODELAY`` on its connections.
 
     Same process layout as the stock class (a PopenWorker runs the tracker) and the same object back,
@@ -233,16 +298,18 @@ def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True
 
     tracker = Tracker.__new__(Tracker)
     tracker.proc = PopenWorker()
-    tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent])
+    key = (farm_key or load_farm_key()).decode()
+    tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent, key, list(open_keys or [])])
     tracker.port, tracker.stop_key = tracker.proc.recv()
     tracker.host = host
     return tracker
 
 
-def run_tracker(host: str, port: int) -> None:
+def run_tracker(host: str, port: int, open_keys: list[str] | None = None, farm_key_file: str | None = None) -> None:
     """Run the tracker on exactly ``host:port`` until SIGINT/SIGTERM; then stop it and return."""
 
     _check_port_free(host, port)
+    farm_key = load_farm_key(farm_key_file)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -250,12 +317,14 @@ def run_tracker(host: str, port: int) -> None:
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tracker = start_stock_tracker(host, port, port + 1, silent=True)
+        tracker = start_stock_tracker(host, port, port + 1, silent=True, farm_key=farm_key, open_keys=open_keys)
     except (ValueError, OSError) as err:  # the tracker process reports a failed bind this way
         raise TunefarmError(f"cannot start the tracker on {host}:{port}: {err}") from None
     watcher = _Watcher(_local_addr(host), tracker.port)
     try:
         print(f"tracker listening on {host}:{tracker.port}", flush=True)
+        print("only processes with the farm key register agents or take sessions"
+              + (f"; open to stock TVM servers and clients: {', '.join(open_keys)}" if open_keys else ""), flush=True)
         if host in ("0.0.0.0", "::", ""):
             print("note: TVM RPC has no authentication; keep the tracker and agents on a trusted network",
                   flush=True)
