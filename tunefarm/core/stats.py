@@ -1,5 +1,8 @@
-"""One way to summarise latency samples, used by every backend and every report."""
+"""One way to time a model and summarise its latency samples, used by every backend and every report."""
 from __future__ import annotations
+
+import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,3 +40,35 @@ def compare_outputs(got, want, rtol: float, atol: float) -> dict:
     rel_err = max(float(np.max(np.abs(g - w) / (np.abs(w) + 1e-12))) if g.size else 0.0 for g, w in zip(got, want))
     ok = all(np.allclose(g, w, rtol=rtol, atol=atol) for g, w in zip(got, want))
     return {"ok": bool(ok), "max_abs_err": abs_err, "max_rel_err": rel_err, "rtol": rtol, "atol": atol}
+
+
+def timed_samples(fn: Callable[[], Any], warmup: int, repeat: int, duration_s: float = 0.0,
+                  budget_s: float = 300.0, sync: Callable[[], Any] | None = None) -> tuple[list[float], int]:
+    """Per-run wall-clock seconds of ``fn`` after ``warmup`` runs: ``(samples, warm-up runs done)``.
+
+    Samples are taken until there are ``repeat`` of them and ``duration_s`` has passed (as trtexec's
+    ``--iterations``/``--duration``), but a slow model gets fewer (never under 5) rather than running
+    past ``budget_s``. ``sync`` (e.g. a CUDA synchronize) ends each timed run.
+    """
+    sync = sync or (lambda: None)
+    start = time.perf_counter()
+    done = 0
+    for _ in range(max(0, warmup)):
+        fn()
+        sync()
+        done += 1
+        if time.perf_counter() - start > budget_s / 4:
+            break
+    samples: list[float] = []
+    t_begin = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t_begin
+        if len(samples) >= repeat and elapsed >= duration_s:
+            break
+        if len(samples) >= 5 and time.perf_counter() - start > budget_s:
+            break
+    return samples, done

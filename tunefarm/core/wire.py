@@ -18,6 +18,10 @@ from .errors import TunefarmError
 INFO_FIELD = "tunefarm"
 DEFAULT_TRACKER_PORT = 9190
 
+# The model file each backend takes: a PyTorch model (a torchvision architecture + weights, or a
+# torch.export program; see runners/torch.py) or an ONNX file.
+MODEL_FORMAT = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnx", "tensorrt": "onnx"}
+
 
 def no_delay(sock) -> None:
     """Turn Nagle's algorithm off on ``sock`` (for a listening socket: on every connection it accepts).

@@ -17,12 +17,9 @@ Output: ``report.md``, ``report.json``, ``latency.png`` and ``tuning.png`` in th
 """
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import os
-import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +30,7 @@ import numpy as np
 from tunefarm.core.comparespec import TVM_BACKENDS, CompareConfig, CompareRow, load_compare
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.stats import compare_outputs
-from tunefarm.core.wire import parse_hostport
+from tunefarm.core.wire import MODEL_FORMAT, parse_hostport
 
 RUNNER_SESSION_TIMEOUT_S = 1800  # a TensorRT engine build can take minutes
 NOT_AVAILABLE = "not available"
@@ -285,8 +282,6 @@ def _throughput(inputs, latency: dict[str, Any]) -> float:
 
 
 def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: CompareConfig) -> dict[str, Any]:
-    from tunefarm.device_agents.runners import MODEL_FORMAT  # pylint: disable=import-outside-toplevel
-
     try:
         agents = farm.agents(row.key)
     except NoDeviceError as err:
@@ -420,10 +415,3 @@ def _add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:
             row["speedup_vs_baseline"] = base["latency"]["median_ms"] / row["latency"]["median_ms"]
         else:
             row["speedup_vs_baseline"] = None
-
-
-def host_info() -> dict[str, Any]:
-    import tvm  # pylint: disable=import-outside-toplevel
-
-    return {"hostname": socket.gethostname(), "python": platform.python_version(), "tvm": str(tvm.__version__),
-            "created": datetime.datetime.now().isoformat(timespec="seconds")}

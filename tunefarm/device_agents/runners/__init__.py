@@ -30,9 +30,6 @@ RUNNERS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("tunefarm.device_agents.runners.onnxruntime", "OnnxRuntimeRunner"),
     "tensorrt": ("tunefarm.device_agents.runners.tensorrt", "TensorRTRunner"),
 }
-# The model file each backend takes: a PyTorch model (a torchvision architecture + weights, or a
-# torch.export program; see runners/torch.py) or an ONNX file.
-MODEL_FORMAT = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnx", "tensorrt": "onnx"}
 
 
 def runner_class(backend: str):

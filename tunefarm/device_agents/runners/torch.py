@@ -119,8 +119,8 @@ class TorchRunner(BaseRunner):
             with torch.inference_mode():
                 self.fn(*xs)
 
-        from tunefarm.core.stats import latency_stats  # pylint: disable=import-outside-toplevel
-        from tunefarm.device_agents.runners.base import batch_size, timed_samples  # pylint: disable=import-outside-toplevel
+        from tunefarm.core.stats import latency_stats, timed_samples  # pylint: disable=import-outside-toplevel
+        from tunefarm.device_agents.runners.base import batch_size  # pylint: disable=import-outside-toplevel
 
         samples, warm = timed_samples(run, warmup, repeat, duration_s=float(self.options.get("duration_s", 0.0)),
                                       budget_s=float(self.options.get("budget_s", 300.0)), sync=self.sync)

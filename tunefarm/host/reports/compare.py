@@ -8,7 +8,10 @@ x best measured task latency) against trials measured, from the job's ``progress
 """
 from __future__ import annotations
 
+import datetime
 import json
+import platform
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,6 @@ def _fmt(value, digits=3) -> str:
 def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_s: float,
                          load_avg: dict[str, Any] | None = None,
                          agents: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    from tunefarm.host.compare import host_info  # pylint: disable=import-outside-toplevel
-
     plots = {}
     latency_png = out_dir / "latency.png"
     plot_latency(models, cfg.baseline, latency_png)
@@ -243,3 +244,10 @@ def plot_tuning_curves(jobs: list[tuple[str, Path, dict[str, Any]]], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def host_info() -> dict[str, Any]:
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    return {"hostname": socket.gethostname(), "python": platform.python_version(), "tvm": str(tvm.__version__),
+            "created": datetime.datetime.now().isoformat(timespec="seconds")}
