@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from tunefarm.core.comparespec import TVM_BACKENDS, CompareConfig, CompareRow, load_compare
-from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
+from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError, last_line
 from tunefarm.core.stats import compare_outputs
-from tunefarm.core.wire import MODEL_FORMAT, parse_hostport
+from tunefarm.core.wire import AGENT_ID_FUNC, MODEL_FORMAT, RUNNER_AVAILABLE_FUNC, RUNNER_RUN_FUNC, parse_hostport
 
 RUNNER_SESSION_TIMEOUT_S = 1800  # a TensorRT engine build can take minutes
 NOT_AVAILABLE = "not available"
@@ -38,11 +38,6 @@ NO_AGENT = "no agent"
 NOT_RUN = "not run"
 FAILED = "failed"
 OK = "ok"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
-    return lines[-1] if lines else type(err).__name__
 
 
 class _Farm:
@@ -251,7 +246,7 @@ def _run_tvm_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Compar
         except TunefarmError as err:
             return _row_result(row, FAILED, str(err), target=target_json)
         except Exception as err:  # pylint: disable=broad-except  # TVM raises several types
-            return _row_result(row, FAILED, f"running on key '{row.key}' failed: {_first_line(err)}",
+            return _row_result(row, FAILED, f"running on key '{row.key}' failed: {last_line(err)}",
                                target=target_json)
     rtol, atol = _tolerances(row, cfg)
     details = {k: v for k, v in lib.items() if k != "path"}
@@ -301,8 +296,8 @@ def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Com
         try:
             sess = farm.session(row.key, RUNNER_SESSION_TIMEOUT_S)
             try:
-                agent_id = str(sess.get_function("tunefarm.agent.id")())
-                run = sess.get_function("tunefarm.runner.run")
+                agent_id = str(sess.get_function(AGENT_ID_FUNC)())
+                run = sess.get_function(RUNNER_RUN_FUNC)
             except Exception:  # pylint: disable=broad-except
                 return _row_result(row, NOT_AVAILABLE, f"the server on key '{row.key}' is not a tunefarm agent "
                                                        "with runners (a stock tvm.rpc server?)")
@@ -321,7 +316,7 @@ def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Com
         except TunefarmError as err:
             return _row_result(row, FAILED, str(err))
         except Exception as err:  # pylint: disable=broad-except  # RPC errors come as several types
-            return _row_result(row, FAILED, f"{row.backend} on key '{row.key}' failed: {_first_line(err)}")
+            return _row_result(row, FAILED, f"{row.backend} on key '{row.key}' failed: {last_line(err)}")
     rtol, atol = _tolerances(row, cfg)
     details = {k: v for k, v in result.items()
                if k not in ("latency", "throughput_per_s", "outputs_file", "available", "backend")}
@@ -334,8 +329,8 @@ def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: Com
 def _ask_unavailable_reason(row: CompareRow, farm: _Farm) -> str | None:
     try:
         sess = farm.session(row.key, 60)
-        answer = json.loads(str(sess.get_function("tunefarm.runner.available")(json.dumps(row.options))))
-        agent_id = str(sess.get_function("tunefarm.agent.id")())
+        answer = json.loads(str(sess.get_function(RUNNER_AVAILABLE_FUNC)(json.dumps(row.options))))
+        agent_id = str(sess.get_function(AGENT_ID_FUNC)())
     except Exception:  # pylint: disable=broad-except  # a stock server, a busy key: fall back to DeviceInfo
         return None
     reason = answer.get(row.backend)

@@ -82,9 +82,9 @@ def run(backend: str, model_path: str, inputs_path: str, outputs_path: str, warm
     except RunnerUnavailable as err:
         return {"backend": backend, "available": False, "reason": str(err)}
     except Exception as err:  # pylint: disable=broad-except  # reported to the host, which marks the row failed
-        lines = [l for l in str(err).strip().splitlines() if l.strip()]
-        return {"backend": backend, "available": True,
-                "error": f"{type(err).__name__}: {lines[0] if lines else ''}",
+        from tunefarm.core.errors import first_line  # pylint: disable=import-outside-toplevel
+
+        return {"backend": backend, "available": True, "error": f"{type(err).__name__}: {first_line(str(err))}",
                 "traceback": traceback.format_exc(limit=6)}
     np.savez(outputs_path, *[np.asarray(o) for o in outputs])
     measured["latency"]["first_run_ms"] = first_s * 1e3
@@ -100,6 +100,8 @@ def register_rpc_functions() -> None:
     """
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
+    from tunefarm.core.wire import RUNNER_AVAILABLE_FUNC, RUNNER_RUN_FUNC  # pylint: disable=import-outside-toplevel
+
     def workpath(name: str) -> str:
         func = tvm_ffi.get_global_func("tvm.rpc.server.workpath", allow_missing=True)
         return str(func(name)) if func is not None else name
@@ -114,5 +116,5 @@ def register_rpc_functions() -> None:
     def available_rpc(options_json):
         return json.dumps(available(json.loads(str(options_json) or "{}")))
 
-    tvm_ffi.register_global_func("tunefarm.runner.run", run_rpc, override=True)
-    tvm_ffi.register_global_func("tunefarm.runner.available", available_rpc, override=True)
+    tvm_ffi.register_global_func(RUNNER_RUN_FUNC, run_rpc, override=True)
+    tvm_ffi.register_global_func(RUNNER_AVAILABLE_FUNC, available_rpc, override=True)

@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.stats import METHOD
+from tunefarm.host.reports.markdown import number
 
 STATUS_TEXT = {"not available": "not available on this device", "no agent": "no agent", "not run": "not run",
                "failed": "FAILED"}
 BACKEND_COLORS = {"tvm-tuned": "#1b9e77", "tvm-untuned": "#a6d854", "torch": "#d95f02",
                   "torch-compile": "#e6ab02", "onnxruntime": "#7570b3", "tensorrt": "#e7298a"}
-
-
-def _fmt(value, digits=3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_s: float,
@@ -96,10 +93,10 @@ def _markdown(report: dict[str, Any], cfg) -> str:
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {_fmt(lat['median_ms'])} | "
-                      f"{_fmt(lat['p90_ms'])} | "
-                      f"{_fmt(lat['p99_ms'])} | {_fmt(lat['mean_ms'])} | {_fmt(lat['min_ms'])} | "
-                      f"{_fmt(lat['std_ms'])} | {lat['samples']} | {_fmt(row['throughput_per_s'], 1)} | {speed} | "
+            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {number(lat['median_ms'])} | "
+                      f"{number(lat['p90_ms'])} | "
+                      f"{number(lat['p99_ms'])} | {number(lat['mean_ms'])} | {number(lat['min_ms'])} | "
+                      f"{number(lat['std_ms'])} | {lat['samples']} | {number(row['throughput_per_s'], 1)} | {speed} | "
                       f"{verdict} ({num['max_abs_err']:.2g}, rtol {num['rtol']:g}, atol {num['atol']:g}) |")
         notes = []
         for row in model["rows"]:

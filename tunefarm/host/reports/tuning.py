@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.targets import target_to_json
+from tunefarm.host.reports.markdown import number
 from tunefarm.host.tuning.logs import task_rows
-
-
-def _fmt(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], scheduled: list[str],
@@ -74,9 +71,9 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
             continue
         num = row["numerics"]
         verdict = "ok" if num["ok"] else "**FAILED**"
-        md.append(f"| {name} | {row['where']} | {row.get('threads') or '-'} | {_fmt(lat['median_ms'])} | "
-                  f"{_fmt(lat['p90_ms'])} | "
-                  f"{_fmt(lat['p99_ms'])} | {_fmt(lat['std_ms'])} | {lat['samples']} | "
+        md.append(f"| {name} | {row['where']} | {row.get('threads') or '-'} | {number(lat['median_ms'])} | "
+                  f"{number(lat['p90_ms'])} | "
+                  f"{number(lat['p99_ms'])} | {number(lat['std_ms'])} | {lat['samples']} | "
                   f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({num['max_abs_err']:.2g}) |")
     md += ["", f"Method: {rows['tvm-tuned']['latency']['method']}. TVM builds are timed on the device by "
            "`time_evaluator` (no RPC round trip in the figures); PyTorch and ONNX Runtime by a wall-clock loop "
@@ -85,7 +82,7 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(per_task):
         md.append(f"| {i} | {row['task']} | {row['weight']:g} | {row['trials']} | {row['failed']} | "
-                  f"{_fmt(row['best_us'], 2)} | {'yes' if row['tuned'] else '**no**'} |")
+                  f"{number(row['best_us'], 2)} | {'yes' if row['tuned'] else '**no**'} |")
     if problems:
         md += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     report["markdown"] = "\n".join(md) + "\n"

@@ -20,6 +20,7 @@ import numpy as np
 
 from tunefarm.core.errors import TuningFailed, TunefarmError
 from tunefarm.core.stats import compare_outputs, latency_stats
+from tunefarm.core.wire import AGENT_ID_FUNC
 
 
 def apply_database(mod, target, database):
@@ -67,7 +68,7 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
 
     sess = request_session(tracker_addr, key, wait_s, session_timeout, on_wait)
     try:
-        agent_id = sess.get_function("tunefarm.agent.id")()
+        agent_id = sess.get_function(AGENT_ID_FUNC)()
     except Exception:  # pylint: disable=broad-except
         agent_id = "unknown"
     threads = None
