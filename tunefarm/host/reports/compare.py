@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tunefarm.core.stats import METHOD
+from tunefarm.core.stats import method_text
 from tunefarm.host.reports.markdown import number
 
 STATUS_TEXT = {"not available": "not available on this device", "no agent": "no agent", "not run": "not run",
@@ -46,22 +46,10 @@ def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_
     host = {**host_info(), **(load_avg or {})}
     report = {"name": cfg.name, "config": cfg.to_dict(), "source": cfg.source_path, "host": host,
               "tracker": cfg.tracker, "baseline": cfg.baseline, "wall_s": round(wall_s, 1),
-              "method": _method_text(cfg), "agents": agents or {}, "models": models, "plots": plots}
+              "method": method_text(cfg.evaluate.warmup, cfg.evaluate.repeat, cfg.evaluate.budget_s), "agents": agents or {}, "models": models, "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.md").write_text(_markdown(report, cfg))
     return report
-
-
-def _method_text(cfg) -> str:
-    ev = cfg.evaluate
-    return (f"Per row: {METHOD.format(warmup=ev.warmup, samples=ev.repeat, number=1)} (a row slower than "
-            f"{ev.budget_s:g} s in total gets fewer samples, never under 5). TVM builds are timed on the agent "
-            "by time_evaluator (no RPC round trip in the figures); PyTorch and ONNX Runtime by a wall-clock "
-            "loop on the agent, inputs already on the device; TensorRT with CUDA events (latency = H2D + "
-            "execute + D2H; GPU compute apart). Throughput = batch size / mean latency (one request at a time). "
-            "Every row's outputs are compared with the reference framework on the same inputs and weights. "
-            "Threads (CPU rows): the agent's TVM runtime count (runtime.NumThreads, set by the agent); PyTorch "
-            "and ONNX Runtime rows run with the same count unless the row's options say otherwise.")
 
 
 def _markdown(report: dict[str, Any], cfg) -> str:

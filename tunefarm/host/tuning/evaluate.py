@@ -93,7 +93,7 @@ def run_on_device(tracker_addr, key: str, lib_path: str, inputs: list[np.ndarray
         vm.time_evaluator("invoke_stateful", dev, number=n_warm, repeat=1)("main")
     samples = _eval_samples_for(single, repeat, budget_s)
     res = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=samples)("main")
-    stats = latency_stats(res.results, warmup=n_warm + 1)
+    stats = latency_stats(res.results, warmup=n_warm + 1, timer="time_evaluator")
     stats["first_run_ms"] = first_s * 1e3
     return {"outputs": outs, "latency": stats, "agent": str(agent_id), "threads": threads}
 
