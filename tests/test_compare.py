@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from conftest import HOST, agent_id_of, listed_agents, run_cli, spawn_agent, start_tracker, wait_listed
 from tunefarm.core.comparespec import compare_from_dict
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.procs import free_port, stop_process
+from tunefarm.core.stats import MIN_SAMPLES
+from tunefarm.core.wire import RUNNER_RUN_FUNC
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_TIMEOUT_S = 600
@@ -115,6 +117,58 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
     _assert_real_png(out_dir / "latency.png")
     _assert_real_png(out_dir / "tuning.png")
 
+
+
+@pytest.fixture(scope="module")
+def matmul_build(farm):
+    """The builtin matmul compiled for the agent's own target and exported, as the host hands a TVM build
+    to the agent's TVM runner; its inputs as .npz and PyTorch's outputs as the reference."""
+    import tvm
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.job import fuse_for_tuning
+
+    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    target = tvm.target.Target(info.target)
+    model = load_model(ModelSpec(source="builtin", name="matmul"))
+    lib = farm["base"] / "matmul-untuned.so"
+    tvm.compile(fuse_for_tuning(to_relax(model), target), target).export_library(str(lib))
+    inputs = farm["base"] / "matmul-inputs.npz"
+    np.savez(inputs, input0=model.inputs[0])
+    return {"info": info, "model": model, "lib": lib, "inputs": inputs, "reference": model.reference_outputs()}
+
+
+def test_tvm_runner_on_the_agent(farm, matmul_build, tmp_path):
+    """tunefarm.runner.run("tvm-untuned", lib.so, ...) in one session: outputs as PyTorch's, timed by
+    time_evaluator with the agent's own threads, a slow row held to its budget, a missing device named."""
+    from tunefarm.tracker.client import request_session
+
+    sess = request_session((HOST, farm["port"]), "cpu", 60, 300)
+    try:
+        threads = int(sess.get_function("runtime.NumThreads")())
+        sess.upload(str(matmul_build["lib"]), "model.so")
+        sess.upload(str(matmul_build["inputs"]), "inputs.npz")
+        run = sess.get_function(RUNNER_RUN_FUNC)
+        res = json.loads(run("tvm-untuned", "model.so", "inputs.npz", 3, 12, json.dumps({"budget_s": 30})))
+        assert res["available"] and "error" not in res, res
+        (tmp_path / "out.npz").write_bytes(bytes(sess.download(res["outputs_file"])))
+        with np.load(tmp_path / "out.npz") as data:
+            outputs = [data[name] for name in data.files]
+        slow = json.loads(run("tvm", "model.so", "inputs.npz", 3, 50, json.dumps({"budget_s": 1e-9})))
+        no_gpu = json.loads(run("tvm", "model.so", "inputs.npz", 3, 50, json.dumps({"device": "opencl"})))
+    finally:
+        del sess
+    assert res["backend"] == "tvm-untuned" and res["device"] == "cpu:0" and res["precision"] == "fp32"
+    assert res["threads"] == threads == matmul_build["info"].threads >= 1
+    np.testing.assert_allclose(outputs[0], matmul_build["reference"][0], rtol=1e-4, atol=1e-4)
+    lat = res["latency"]
+    assert lat["timer"] == "time_evaluator" and lat["samples"] == 12 and lat["warmup"] == 4
+    assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0 and lat["first_run_ms"] > 0
+    assert res["throughput_per_s"] > 0
+    # A build slower than its budget gets the minimum of samples and one warm-up run (plus the single timing).
+    assert slow["latency"]["samples"] == MIN_SAMPLES and slow["latency"]["warmup"] == 2, slow["latency"]
+    assert no_gpu["available"] is False and "sees no opencl" in no_gpu["reason"], no_gpu
 
 
 @pytest.mark.parametrize("change, message", [

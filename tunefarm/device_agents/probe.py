@@ -247,11 +247,11 @@ def probe_opencl() -> dict[str, Any]:
 # ---------------------------------------------------------------- runners
 
 def available_runners() -> list[str]:
-    """Backends this machine can run models with: TVM, and the runners of ``device_agents.runners``
-    that it can serve (found, not imported: importing torch takes seconds)."""
+    """Backends this machine can run models with: the runners of ``device_agents.runners`` (TVM among
+    them) that it can serve (found, not imported: importing torch takes seconds)."""
     from tunefarm.device_agents.runners import available_runners as runner_backends  # pylint: disable=import-outside-toplevel
 
-    return ["tvm", *runner_backends()]
+    return runner_backends()
 
 
 # ---------------------------------------------------------------- the whole machine

@@ -91,7 +91,7 @@ def _register_globals(info: dict) -> None:
     tvm_ffi.register_global_func(AGENT_TARGET_FUNC, lambda: target_text, override=True)
     from tunefarm.device_agents.runners import register_rpc_functions  # pylint: disable=import-outside-toplevel
 
-    register_rpc_functions()  # tunefarm.runner.run / .available: PyTorch, ONNX Runtime, TensorRT runners
+    register_rpc_functions()  # tunefarm.runner.run / .available: TVM, PyTorch, ONNX Runtime, TensorRT runners
     from tunefarm.device_agents import build_service  # pylint: disable=import-outside-toplevel
 
     build_service.register()

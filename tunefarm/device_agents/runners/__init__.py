@@ -1,4 +1,4 @@
-"""Model runners on an agent: PyTorch (eager, torch.compile), ONNX Runtime and TensorRT behind one interface.
+"""Model runners on an agent: TVM, PyTorch (eager, torch.compile), ONNX Runtime and TensorRT behind one interface.
 
 The agent's RPC server registers :func:`run` and :func:`available` as the global functions
 ``tunefarm.runner.run`` and ``tunefarm.runner.available``, so the host reaches them through the same
@@ -10,7 +10,9 @@ tracker and RPC session as TVM's own measurements::
     outputs = np.load(io.BytesIO(sess.download(result["outputs_file"])))
 
 File names are relative to the session's work directory (where ``upload`` puts files). Each runner
-module imports its framework only when used (see ``base.BaseRunner``).
+module imports its framework only when used (see ``base.BaseRunner``). ``tvm-tuned`` and ``tvm-untuned``
+name builds, not runners: both run on the ``tvm`` runner (``core.wire.runner_name``), with the host's
+exported library as the model file.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 
 # backend name -> (module, class). Modules are imported on first use.
 RUNNERS: dict[str, tuple[str, str]] = {
+    "tvm": ("tunefarm.device_agents.runners.tvm", "TVMRunner"),
     "torch": ("tunefarm.device_agents.runners.torch", "TorchRunner"),
     "torch-compile": ("tunefarm.device_agents.runners.torch", "TorchCompileRunner"),
     "onnxruntime": ("tunefarm.device_agents.runners.onnxruntime", "OnnxRuntimeRunner"),
@@ -34,10 +37,12 @@ RUNNERS: dict[str, tuple[str, str]] = {
 
 def runner_class(backend: str):
     from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.wire import runner_name  # pylint: disable=import-outside-toplevel
 
-    if backend not in RUNNERS:
+    name = runner_name(backend)
+    if name not in RUNNERS:
         raise TunefarmError(f"unknown runner {backend!r}; known: {', '.join(RUNNERS)}")
-    module, cls = RUNNERS[backend]
+    module, cls = RUNNERS[name]
     return getattr(importlib.import_module(module), cls)
 
 
