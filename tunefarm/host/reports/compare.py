@@ -70,18 +70,19 @@ def _markdown(report: dict[str, Any], cfg) -> str:
     for model in report["models"]:
         md += [f"## {model['name']}", "",
                f"input {model['input_shapes']}, reference {model['reference']}, fingerprint {model['fingerprint']}",
-               "", "| row | where | threads | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | samples | "
-                   "throughput /s | speed-up vs baseline | numerics (max abs err) |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "", "| row | where | threads | precision | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | "
+                   "samples | throughput /s | speed-up vs baseline | numerics (max abs err) |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in model["rows"]:
             if row["status"] != "ok":
                 text = STATUS_TEXT.get(row["status"], row["status"])
-                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | |")
+                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | | |")
                 continue
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {number(lat['median_ms'])} | "
+            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision') or '-'} | "
+                      f"{number(lat['median_ms'])} | "
                       f"{number(lat['p90_ms'])} | "
                       f"{number(lat['p99_ms'])} | {number(lat['mean_ms'])} | {number(lat['min_ms'])} | "
                       f"{number(lat['std_ms'])} | {lat['samples']} | {number(row['throughput_per_s'], 1)} | {speed} | "
