@@ -38,6 +38,9 @@ NO_AGENT = "no agent"
 NOT_RUN = "not run"
 FAILED = "failed"
 STATUSES = (OK, NOT_AVAILABLE, NO_AGENT, NOT_RUN, FAILED)
+# How reports name a status in front of its reason.
+STATUS_TEXT = {NOT_AVAILABLE: "not available on this device", NO_AGENT: "no agent", NOT_RUN: "not run",
+               FAILED: "FAILED"}
 
 SESSION_TIMEOUT_S = 1800  # one row's session; a TensorRT engine build can take minutes
 INPUTS_FILE = "inputs.npz"  # the inputs' name in a session's work directory

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.stats import method_text
+from tunefarm.host.comparator import STATUS_TEXT
 from tunefarm.host.reports.markdown import number
 
-STATUS_TEXT = {"not available": "not available on this device", "no agent": "no agent", "not run": "not run",
-               "failed": "FAILED"}
 BACKEND_COLORS = {"tvm-tuned": "#1b9e77", "tvm-untuned": "#a6d854", "torch": "#d95f02",
                   "torch-compile": "#e6ab02", "onnxruntime": "#7570b3", "tensorrt": "#e7298a"}
 
