@@ -68,7 +68,7 @@ def measure_local(mod, target, database, repeat=30) -> dict:
     vm.set_input("main", x)
     vm.time_evaluator("invoke_stateful", tvm.cpu(), number=3, repeat=1)("main")
     res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)("main")
-    stats = latency_stats(res.results, warmup=3)
+    stats = latency_stats(res.results, warmup=3, timer="time_evaluator")
     stats["tuned_functions"] = f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}"
     return stats
 

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from conftest import HOST, agent_id_of, listed_agents, run_cli, spawn_agent, start_tracker, wait_listed
 from tunefarm.core.comparespec import compare_from_dict
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.procs import free_port, stop_process
+from tunefarm.core.procs import free_port, stop_process, wait_until
+from tunefarm.core.stats import MIN_SAMPLES
+from tunefarm.core.wire import RUNNER_RUN_FUNC
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_TIMEOUT_S = 600
@@ -85,10 +87,12 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
     agent = f"agent {agent_id_of(farm['agent'])}"
 
     ran = ["tvm-tuned@cpu", "tvm-untuned@cpu", "torch@cpu", "torch-compile@cpu", "onnxruntime@cpu"]
+    (info,) = listed_agents(HOST, farm["port"], "cpu")
     for label in ran:
         row = rows[label]
         assert row["status"] == "ok", row
         assert row["where"] == agent, row
+        assert row["threads"] == info.threads and row["precision"] == "fp32", row  # every row states both
         assert row["numerics"]["ok"] and row["numerics"]["max_abs_err"] < 1e-3, row
         lat = row["latency"]
         assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0, lat
@@ -97,6 +101,7 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
     assert rows["torch@cpu"]["speedup_vs_baseline"] == 1.0  # the baseline
     tuned = rows["tvm-tuned@cpu"]["details"]
     assert tuned["tuned_functions"] >= 1 and tuned["trials"] == 8, tuned
+    assert rows["tvm-tuned@cpu"]["latency"]["timer"] == rows["tvm-untuned@cpu"]["latency"]["timer"] == "time_evaluator"
     assert rows["torch-compile@cpu"]["details"]["compile_s"] > 0
 
     trt = rows["tensorrt-fp16@cpu"]
@@ -115,6 +120,106 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
     _assert_real_png(out_dir / "latency.png")
     _assert_real_png(out_dir / "tuning.png")
 
+
+
+@pytest.fixture(scope="module")
+def matmul_build(farm):
+    """The builtin matmul compiled for the agent's own target and exported, as the host hands a TVM build
+    to the agent's TVM runner; its inputs as .npz and PyTorch's outputs as the reference."""
+    import tvm
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.job import fuse_for_tuning
+
+    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    target = tvm.target.Target(info.target)
+    model = load_model(ModelSpec(source="builtin", name="matmul"))
+    lib = farm["base"] / "matmul-untuned.so"
+    tvm.compile(fuse_for_tuning(to_relax(model), target), target).export_library(str(lib))
+    inputs = farm["base"] / "matmul-inputs.npz"
+    np.savez(inputs, input0=model.inputs[0])
+    return {"info": info, "model": model, "lib": lib, "inputs": inputs, "reference": model.reference_outputs()}
+
+
+def test_tvm_runner_on_the_agent(farm, matmul_build, tmp_path):
+    """tunefarm.runner.run("tvm-untuned", lib.so, ...) in one session: outputs as PyTorch's, timed by
+    time_evaluator with the agent's own threads, a slow row held to its budget, a missing device named."""
+    from tunefarm.tracker.client import request_session
+
+    sess = request_session((HOST, farm["port"]), "cpu", 60, 300)
+    try:
+        threads = int(sess.get_function("runtime.NumThreads")())
+        sess.upload(str(matmul_build["lib"]), "model.so")
+        sess.upload(str(matmul_build["inputs"]), "inputs.npz")
+        run = sess.get_function(RUNNER_RUN_FUNC)
+        res = json.loads(run("tvm-untuned", "model.so", "inputs.npz", 3, 12, json.dumps({"budget_s": 30})))
+        assert res["available"] and "error" not in res, res
+        (tmp_path / "out.npz").write_bytes(bytes(sess.download(res["outputs_file"])))
+        with np.load(tmp_path / "out.npz") as data:
+            outputs = [data[name] for name in data.files]
+        slow = json.loads(run("tvm", "model.so", "inputs.npz", 3, 50, json.dumps({"budget_s": 1e-9})))
+        no_gpu = json.loads(run("tvm", "model.so", "inputs.npz", 3, 50, json.dumps({"device": "opencl"})))
+    finally:
+        del sess
+    assert res["backend"] == "tvm-untuned" and res["device"] == "cpu:0" and res["precision"] == "fp32"
+    assert res["threads"] == threads == matmul_build["info"].threads >= 1
+    np.testing.assert_allclose(outputs[0], matmul_build["reference"][0], rtol=1e-4, atol=1e-4)
+    lat = res["latency"]
+    assert lat["timer"] == "time_evaluator" and lat["samples"] == 12 and lat["warmup"] == 4
+    assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0 and lat["first_run_ms"] > 0
+    assert res["throughput_per_s"] > 0
+    # A build slower than its budget gets the minimum of samples and one warm-up run (plus the single timing).
+    assert slow["latency"]["samples"] == MIN_SAMPLES and slow["latency"]["warmup"] == 2, slow["latency"]
+    assert no_gpu["available"] is False and "sees no opencl" in no_gpu["reason"], no_gpu
+
+
+def test_comparator_runs_a_tvm_build_on_the_agent_and_marks_a_stock_server(farm, matmul_build, tmp_path):
+    """The Comparator in this process, all rows run first, then compared: the TVM build through the agent's TVM
+    runner, checked against PyTorch; a stock tvm.rpc server on another key is "not available" with the reason."""
+    import io
+    import subprocess
+    import sys
+
+    from rich.console import Console
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.comparator import (NOT_AVAILABLE, OK, Comparator, FarmAgents, MeasureSettings, ModelArtifacts,
+                                          Row)
+
+    console = Console(file=io.StringIO())
+    port = free_port(HOST)
+    with open(tmp_path / "stock.log", "wb") as log:
+        stock = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"{HOST}:{farm['port']}",
+                                  "--key", "stock", "--host", HOST, "--port", str(port), "--port-end", str(port + 50)],
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    agents = None
+    try:
+        agents = FarmAgents((HOST, farm["port"]), 60, console)
+        wait_until(lambda: stock.poll() is not None or agents.client.servers_for_key("stock") > 0, 60,
+                   what="the stock server on key 'stock'")
+        assert stock.poll() is None, (tmp_path / "stock.log").read_text()
+        art = ModelArtifacts(matmul_build["model"], ModelSpec(source="builtin", name="matmul"), tmp_path, console,
+                             reference=matmul_build["reference"])
+        lib = str(matmul_build["lib"])
+        rows = [Row("tvm-untuned", "cpu", options={"device": "cpu"}, model_file=lib, details={"built": "here"}),
+                Row("tvm-untuned", "stock", model_file=lib)]
+        comparator = Comparator(agents, MeasureSettings(warmup=2, repeat=8, budget_s=30), console)
+        ran = comparator.run(art, rows)
+        assert [r.numerics for r in ran] == [None, None]  # run first, compare after
+        tvm_row, stock_row = comparator.compare(ran, art.reference)
+    finally:
+        stop_process(stock)
+        if agents is not None:
+            agents.close()
+    assert tvm_row.status == OK and tvm_row.where == f"agent {agent_id_of(farm['agent'])}", tvm_row
+    assert tvm_row.numerics["ok"] and tvm_row.numerics["max_abs_err"] < 1e-4
+    assert tvm_row.threads == matmul_build["info"].threads and tvm_row.precision == "fp32"
+    assert tvm_row.latency["timer"] == "time_evaluator" and tvm_row.latency["samples"] == 8
+    assert tvm_row.details["built"] == "here" and tvm_row.version.startswith("tvm-untuned 0.27")
+    assert stock_row.status == NOT_AVAILABLE and "not a tunefarm agent" in stock_row.reason, stock_row
+    assert stock_row.latency is None and stock_row.numerics is None
+    assert agents.seen["cpu"][0]["threads"] == tvm_row.threads and agents.seen["stock"] == []
 
 
 @pytest.mark.parametrize("change, message", [

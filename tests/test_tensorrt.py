@@ -77,7 +77,7 @@ def test_cuda_graphs_and_duration(convnet_files, tmp_path):
 
 @needs_tensorrt
 def test_tensorrt_through_an_agent(tracker, start_agent, convnet_files, tmp_path):
-    from tunefarm.host.tuning.evaluate import request_session
+    from tunefarm.tracker.client import request_session
 
     host, port = tracker
     start_agent(host, port, "gpu", tmp_path / "agent.log")
@@ -125,7 +125,7 @@ def test_agent_without_tensorrt_says_not_available(tracker, start_agent, convnet
 
 def _ask_agent_about_tensorrt(tracker_addr, files):
     """In one RPC session (closed on return, so the agent is free again): the reason and a run's answer."""
-    from tunefarm.host.tuning.evaluate import request_session
+    from tunefarm.tracker.client import request_session
 
     sess = request_session(tracker_addr, "cpu", 60, 120)
     why = json.loads(sess.get_function("tunefarm.runner.available")("{}"))["tensorrt"]

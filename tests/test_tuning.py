@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import HOST, agent_id_of, apply_best_with_plain_tvm, run_cli, spawn_agent, start_tracker, wait_listed
+from conftest import (HOST, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, spawn_agent, start_tracker,
+                      wait_listed)
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 TUNE_TIMEOUT_S = 600
@@ -74,6 +75,11 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
     for base in ("torch", "onnxruntime"):  # a local agent: baselines run and are checked
         assert res[base]["numerics"]["ok"], res[base]
         assert res[base]["latency"]["samples"] >= 5
+    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    for name in ("tvm-tuned", "tvm-untuned", "torch", "onnxruntime"):  # every row on the agent, its threads and precision
+        assert res[name]["where"] == f"agent {agent_id_of(farm['agent'])}", res[name]
+        assert res[name]["threads"] == info.threads and res[name]["precision"] == "fp32", res[name]
+    assert res["tvm-tuned"]["latency"]["timer"] == "time_evaluator" and res["torch"]["latency"]["timer"] == "wall_clock"
     lat = res["tvm-tuned"]["latency"]
     assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0
     assert report["tuning"]["per_agent"] == {agent_id_of(farm["agent"]): 16}

@@ -27,3 +27,20 @@ class TuningFailed(TunefarmError):
     """The job ran but its result is not acceptable (numerics, tuned slower than untuned, ...)."""
 
     exit_code = 3
+
+
+def _lines(err: BaseException | str) -> list[str]:
+    return [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+
+
+def first_line(err: BaseException | str) -> str:
+    """The first non-empty line of an error's text (where TVM's target parser puts the cause)."""
+    lines = _lines(err)
+    return lines[0] if lines else (type(err).__name__ if isinstance(err, BaseException) else "")
+
+
+def last_line(err: BaseException | str) -> str:
+    """The last non-empty line of an error's text (where a TVM FFI error puts its message, after the
+    C++ backtrace)."""
+    lines = _lines(err)
+    return lines[-1] if lines else (type(err).__name__ if isinstance(err, BaseException) else "")

@@ -23,6 +23,30 @@ VERIFIED_FIELD = "tunefarm_verified"
 REFUSED_FIELD = "tunefarm_refused"
 DEFAULT_TRACKER_PORT = 9190
 
+# The model file each agent runner takes: a Relax executable the host compiled and exported as a shared
+# library (``tvm.compile(...).export_library``), a PyTorch model (a torchvision architecture + weights, or a
+# torch.export program; see runners/torch.py) or an ONNX file.
+MODEL_FORMAT = {"tvm": "tvm-library", "torch": "torch", "torch-compile": "torch", "onnxruntime": "onnx",
+                "tensorrt": "onnx"}
+# Backends that name a build rather than a runner: both run on the agent's TVM runner.
+_RUNNER_OF_BACKEND = {"tvm-tuned": "tvm", "tvm-untuned": "tvm"}
+
+
+def runner_name(backend: str) -> str:
+    """The agent runner that serves ``backend`` (``tvm-tuned`` and ``tvm-untuned``: ``tvm``)."""
+    return _RUNNER_OF_BACKEND.get(backend, backend)
+
+# Global functions an agent's RPC server registers (sessions are forked from it and inherit them); the
+# host calls them by these names in a session. Each returns a string (JSON where it is structured).
+AGENT_INFO_FUNC = "tunefarm.agent.info"  # () -> the agent's DeviceInfo as JSON
+AGENT_ID_FUNC = "tunefarm.agent.id"  # () -> "hostname:pid"
+AGENT_TARGET_FUNC = "tunefarm.agent.target"  # () -> the TVM target JSON the agent serves
+RUNNER_RUN_FUNC = "tunefarm.runner.run"  # (backend, model_file, inputs_file, warmup, repeat, options_json)
+RUNNER_AVAILABLE_FUNC = "tunefarm.runner.available"  # (options_json) -> {backend: None | why not}
+BUILDER_BUILD_FUNC = "tunefarm.builder.build"  # (mod_file, target_json, out_name)
+BUILDER_BUILD_MANY_FUNC = "tunefarm.builder.build_many"  # (names_json, target_json) -> errors JSON
+BUILDER_PARALLELISM_FUNC = "tunefarm.builder.parallelism"  # () -> candidates built at once
+
 
 def no_delay(sock) -> None:
     """Turn Nagle's algorithm off on ``sock`` (for a listening socket: on every connection it accepts).

@@ -71,6 +71,9 @@ def _build_many(names_json: str, target_json: str) -> str:
 def register() -> None:
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
-    tvm_ffi.register_global_func("tunefarm.builder.build", _build, override=True)
-    tvm_ffi.register_global_func("tunefarm.builder.build_many", _build_many, override=True)
-    tvm_ffi.register_global_func("tunefarm.builder.parallelism", _parallelism, override=True)
+    from tunefarm.core.wire import (  # pylint: disable=import-outside-toplevel
+        BUILDER_BUILD_FUNC, BUILDER_BUILD_MANY_FUNC, BUILDER_PARALLELISM_FUNC)
+
+    tvm_ffi.register_global_func(BUILDER_BUILD_FUNC, _build, override=True)
+    tvm_ffi.register_global_func(BUILDER_BUILD_MANY_FUNC, _build_many, override=True)
+    tvm_ffi.register_global_func(BUILDER_PARALLELISM_FUNC, _parallelism, override=True)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunefarm.core.errors import TunefarmError
+from tunefarm.core.errors import TunefarmError, first_line
 from tunefarm.core.targets import PRESET_DIR, load_preset, preset_names
 from tunefarm.core.wire import DeviceInfo
 
@@ -247,11 +247,11 @@ def probe_opencl() -> dict[str, Any]:
 # ---------------------------------------------------------------- runners
 
 def available_runners() -> list[str]:
-    """Backends this machine can run models with: TVM, and the runners of ``device_agents.runners``
-    that it can serve (found, not imported: importing torch takes seconds)."""
+    """Backends this machine can run models with: the runners of ``device_agents.runners`` (TVM among
+    them) that it can serve (found, not imported: importing torch takes seconds)."""
     from tunefarm.device_agents.runners import available_runners as runner_backends  # pylint: disable=import-outside-toplevel
 
-    return ["tvm", *runner_backends()]
+    return runner_backends()
 
 
 # ---------------------------------------------------------------- the whole machine
@@ -279,11 +279,9 @@ def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
 
 # ---------------------------------------------------------------- targets
 
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+def _target_error(err: Exception) -> str:
     # TVM puts the cause first and "Target creation from config dict failed: {...}" after it.
-    text = lines[0] if lines else type(err).__name__
-    return text.split(". Target creation from config dict failed")[0]
+    return first_line(err).split(". Target creation from config dict failed")[0]
 
 
 def validate_target(target: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +299,7 @@ def validate_target(target: dict[str, Any]) -> dict[str, Any]:
     try:
         parsed = tvm.target.Target(target)
     except Exception as err:  # pylint: disable=broad-except  # TVM raises ValueError, TypeError, TVMError
-        raise TunefarmError(f"invalid target {text}: {_first_line(err)}") from None
+        raise TunefarmError(f"invalid target {text}: {_target_error(err)}") from None
     for part in (parsed, parsed.host):
         if part is None or part.kind.name != "llvm" or "mcpu" not in part.attrs:
             continue

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from tunefarm.core.wire import INFO_FIELD, no_delay, parse_hostport
+from tunefarm.core.wire import AGENT_ID_FUNC, AGENT_INFO_FUNC, AGENT_TARGET_FUNC, INFO_FIELD, no_delay, parse_hostport
 
 EXIT_LOOP_ENDED = 3
 REFUSED_RETRY_S = 10.0  # a tracker that refused the farm key is asked again this often
@@ -108,13 +108,13 @@ def _register_globals(info: dict) -> None:
 
     info_text = json.dumps(info, sort_keys=True)
     agent_id = str(info.get("agent_id", ""))
-    tvm_ffi.register_global_func("tunefarm.agent.info", lambda: info_text, override=True)
+    tvm_ffi.register_global_func(AGENT_INFO_FUNC, lambda: info_text, override=True)
     target_text = json.dumps(info.get("target", {}), sort_keys=True)
-    tvm_ffi.register_global_func("tunefarm.agent.id", lambda: agent_id, override=True)
-    tvm_ffi.register_global_func("tunefarm.agent.target", lambda: target_text, override=True)
+    tvm_ffi.register_global_func(AGENT_ID_FUNC, lambda: agent_id, override=True)
+    tvm_ffi.register_global_func(AGENT_TARGET_FUNC, lambda: target_text, override=True)
     from tunefarm.device_agents.runners import register_rpc_functions  # pylint: disable=import-outside-toplevel
 
-    register_rpc_functions()  # tunefarm.runner.run / .available: PyTorch, ONNX Runtime, TensorRT runners
+    register_rpc_functions()  # tunefarm.runner.run / .available: TVM, PyTorch, ONNX Runtime, TensorRT runners
     from tunefarm.device_agents import build_service  # pylint: disable=import-outside-toplevel
 
     build_service.register()

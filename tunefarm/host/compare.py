@@ -1,114 +1,48 @@
 """``tunefarm compare``: models x (device key, backend) rows, each checked, timed and plotted.
 
-For each model: import it once (``host.models``), compute the reference outputs once, then run every
-row on an agent of the row's key through the tracker and an RPC session:
+For each model: import it once (``host.models``), compute the reference outputs once, prepare every row,
+then hand the rows to the :class:`~tunefarm.host.comparator.Comparator`, which runs each on an agent of
+its key (one RPC session per row, the agent's runners) and then compares the outputs with the reference:
 
 * ``tvm-tuned``: the tuning job's database applied to exactly the module the farm tunes
-  (``tuning.fuse_for_tuning`` then ``evaluate.apply_database``), compiled, run and timed on the agent
-  (``evaluate.run_on_device``: Relax VM, ``time_evaluator``);
+  (``tuning.fuse_for_tuning`` then ``evaluate.apply_database``), compiled on the host for the agents'
+  target and run by the agent's TVM runner (Relax VM, ``time_evaluator``);
 * ``tvm-untuned``: the same fused module compiled without records (default schedules);
-* ``torch``, ``torch-compile``, ``onnxruntime``, ``tensorrt``: the agent's runners
-  (``device_agents.runners``), reached as ``tunefarm.runner.run`` in the session.
+* ``torch``, ``torch-compile``, ``onnxruntime``, ``tensorrt``: the agent's runners on the model file.
 
-Every row that runs is compared with the reference by ``core.stats.compare_outputs`` and summarised by
-``core.stats.latency_stats``. A row that cannot run (no agent on its key within the wait, a backend the
-device does not have, no tuning logs) is kept in the report with its reason, never with a number.
-Output: ``report.md``, ``report.json``, ``latency.png`` and ``tuning.png`` in the output directory.
+A row that cannot run (no agent on its key within the wait, a backend the device does not have, no
+tuning logs) is kept in the report with its reason, never with a number. Output: ``report.md``,
+``report.json``, ``latency.png`` and ``tuning.png`` in the output directory.
 """
 from __future__ import annotations
 
-import datetime
-import io
 import json
 import os
-import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tunefarm.core.comparespec import TVM_BACKENDS, CompareConfig, CompareRow, load_compare
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
-from tunefarm.core.stats import compare_outputs
 from tunefarm.core.wire import parse_hostport
-
-RUNNER_SESSION_TIMEOUT_S = 1800  # a TensorRT engine build can take minutes
-NOT_AVAILABLE = "not available"
-NO_AGENT = "no agent"
-NOT_RUN = "not run"
-FAILED = "failed"
-OK = "ok"
+from tunefarm.host.reports.markdown import number
+from tunefarm.host.comparator import (FAILED, NO_AGENT, NOT_AVAILABLE, NOT_RUN, OK, Comparator, FarmAgents,
+                                      MeasureSettings, ModelArtifacts, Row, RowResult, result)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
-class _Farm:
-    """The tracker as the compare sees it: agents per key (waited for once, boundedly), sessions."""
-
-    def __init__(self, tracker_addr: tuple[str, int], wait_s: float, console):
-        from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
-
-        self.addr = tracker_addr
-        self.wait_s = wait_s
-        self.console = console
-        self.client = TrackerClient(*tracker_addr)
-        self.client.summary()  # one-line TrackerUnreachable now if the tracker is not there
-        self.missing: dict[str, str] = {}
-        self.seen: dict[str, list[dict[str, Any]]] = {}  # key -> what its agents reported, for the report
-
-    def agents(self, key: str):
-        """DeviceInfo of the agents on ``key``; raises NoDeviceError (remembered) if none comes in time."""
-        if key in self.missing:
-            raise NoDeviceError(self.missing[key])
-
-        def on_wait(waited, limit):
-            self.console.print(f"[yellow]waiting for an agent on key '{key}': {waited:.0f}/{limit:.0f} s[/]")
-
-        try:
-            self.client.wait_for_key(key, self.wait_s, on_wait=on_wait)
-        except NoDeviceError:
-            self.missing[key] = (f"no agent on key '{key}' at {self.addr[0]}:{self.addr[1]} within "
-                                 f"{self.wait_s:.0f} s")
-            raise NoDeviceError(self.missing[key]) from None
-        infos = self.client.agent_infos(key)
-        if key not in self.seen:
-            self.seen[key] = [{"agent_id": a.agent_id, "hostname": a.hostname, "cpu": a.cpu_model,
-                               "cores": a.num_cores, "threads": a.threads, "cuda": [d.get("name") for d in a.cuda],
-                               "runners": a.runners, "tvm": a.tvm_version} for a in infos]
-        return infos
-
-    def session(self, key: str, session_timeout: int):
-        from tunefarm.tracker.client import request_session  # pylint: disable=import-outside-toplevel
-
-        return request_session(self.addr, key, self.wait_s, session_timeout)
-
-
-class _ModelArtifacts:
-    """One model imported once; the files and builds its rows need, made on first use."""
+class CompareArtifacts(ModelArtifacts):
+    """A compare file's model: loaded from its spec, and the TVM builds its rows need (made once each)."""
 
     def __init__(self, spec, work_dir: Path, console):
         from tunefarm.host.models import load_model  # pylint: disable=import-outside-toplevel
 
-        self.spec = spec
-        self.work_dir = work_dir
-        self.console = console
         with console.status(f"loading {spec.name or spec.path}"):
-            self.model = load_model(spec)
-            self.reference = self.model.reference_outputs()
+            model = load_model(spec)
+            super().__init__(model, spec, work_dir, console)
         self._relax = None
         self._fused: dict[str, Any] = {}
         self._libs: dict[tuple, dict[str, Any]] = {}
-        self._files: dict[str, str] = {}
-
-    @property
-    def name(self) -> str:
-        return self.model.name
 
     def relax(self):
         if self._relax is None:
@@ -155,49 +89,12 @@ class _ModelArtifacts:
         self._libs[cache_key] = {"path": str(path), **info}
         return self._libs[cache_key]
 
-    def model_file(self, fmt: str) -> str:
-        """The model as a runner takes it: ``onnx``, or ``torch`` (a torchvision model's name and weights as
-        ``.pt``, else a ``torch.export`` program as ``.pt2``; no pickled code either way)."""
-        if fmt in self._files:
-            return self._files[fmt]
-        if fmt == "onnx":
-            from tunefarm.host.models import export_onnx  # pylint: disable=import-outside-toplevel
 
-            with self.console.status(f"exporting {self.name} to ONNX"):
-                path = export_onnx(self.model, self.work_dir / f"{self.name}.onnx")
-        else:
-            if self.model.kind != "torch":
-                raise TunefarmError(f"{self.name} is an ONNX model; PyTorch rows need a PyTorch model")
-            import torch  # pylint: disable=import-outside-toplevel
-
-            if self.spec.source == "torchvision":
-                path = str(self.work_dir / f"{self.name}.pt")
-                torch.save({"torchvision": self.spec.name, "state_dict": self.model.torch_module.state_dict()}, path)
-            else:
-                with self.console.status(f"exporting {self.name} with torch.export"):
-                    example = tuple(torch.from_numpy(x) for x in self.model.inputs)
-                    path = str(self.work_dir / f"{self.name}.pt2")
-                    torch.export.save(torch.export.export(self.model.torch_module, example), path)
-        self._files[fmt] = str(path)
-        return self._files[fmt]
-
-    def inputs_file(self) -> str:
-        if "inputs" not in self._files:
-            path = self.work_dir / f"{self.name}-inputs.npz"
-            np.savez(path, **{f"input{i}": x for i, x in enumerate(self.model.inputs)})
-            self._files["inputs"] = str(path)
-        return self._files["inputs"]
-
-
-def _row_result(row: CompareRow, status: str, reason: str = "", **extra) -> dict[str, Any]:
-    return {"label": row.label, "backend": row.backend, "key": row.key, "options": row.options,
-            "status": status, "reason": reason, **extra}
-
-
-def _tolerances(row: CompareRow, cfg: CompareConfig) -> tuple[float, float]:
+def _row(row: CompareRow, cfg: CompareConfig) -> Row:
     rtol = row.rtol if row.rtol is not None else cfg.evaluate.rtol
     atol = row.atol if row.atol is not None else cfg.evaluate.atol
-    return float(rtol), float(atol)
+    return Row(backend=row.backend, key=row.key, label=row.label, options=dict(row.options), rtol=float(rtol),
+               atol=float(atol))
 
 
 def _check_tuning_logs(logs: Path, model) -> tuple[dict[str, Any] | None, str]:
@@ -214,57 +111,46 @@ def _check_tuning_logs(logs: Path, model) -> tuple[dict[str, Any] | None, str]:
     return state, ""
 
 
-def _run_tvm_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: CompareConfig) -> dict[str, Any]:
+def _prepare_tvm_row(row: CompareRow, spec: Row, art: CompareArtifacts, agents: FarmAgents) -> Row | RowResult:
+    """The build a TVM row runs (compiled here for the agents' target), or why the row cannot run."""
     # pylint: disable=import-outside-toplevel
     import tvm
 
     from tunefarm.core.targets import runtime_problem, target_from_spec, target_to_json
-    from tunefarm.host.tuning.evaluate import device_type_of, run_on_device
+    from tunefarm.host.tuning.evaluate import device_type_of
 
     logs = row.logs_for(art.name) if row.backend == "tvm-tuned" else None
     state = None
     if logs is not None:
         state, why = _check_tuning_logs(logs, art.model)
         if state is None:
-            return _row_result(row, NOT_RUN, why)
+            return result(spec, NOT_RUN, why)
     try:
-        agents = farm.agents(row.key)
+        infos = agents.agents(row.key)
     except NoDeviceError as err:
-        return _row_result(row, NO_AGENT, str(err))
+        return result(spec, NO_AGENT, str(err))
     if state is not None:
         target = tvm.target.Target(state["target"])
     elif row.target in (None, "from-agent"):
-        targets = {json.dumps(a.target, sort_keys=True) for a in agents if a.target}
+        targets = {json.dumps(a.target, sort_keys=True) for a in infos if a.target}
         if len(targets) != 1:
-            return _row_result(row, NOT_RUN, f"agents on key '{row.key}' report {len(targets)} different targets; "
-                                             "set target: in the row")
+            return result(spec, NOT_RUN, f"agents on key '{row.key}' report {len(targets)} different targets; "
+                                         "set target: in the row")
         target = tvm.target.Target(json.loads(targets.pop()))
     else:
         target = target_from_spec(row.target)
-    target_json = target_to_json(target)
-    problems = [runtime_problem(target_json, a) for a in agents]
-    if agents and all(problems):
-        return _row_result(row, NOT_AVAILABLE, problems[0], target=target_json)
+    spec.target = target_to_json(target)
+    problems = [runtime_problem(spec.target, a) for a in infos]
+    if infos and all(problems):
+        return result(spec, NOT_AVAILABLE, problems[0])
     lib = art.library(target, logs)
-    ev = cfg.evaluate
-    with art.console.status(f"{art.name}: running {row.label} on key '{row.key}'"):
-        try:
-            res = run_on_device(farm.addr, row.key, lib["path"], art.model.inputs, ev.warmup, ev.repeat,
-                                budget_s=ev.budget_s, device_type=device_type_of(target), wait_s=farm.wait_s)
-        except TunefarmError as err:
-            return _row_result(row, FAILED, str(err), target=target_json)
-        except Exception as err:  # pylint: disable=broad-except  # TVM raises several types
-            return _row_result(row, FAILED, f"running on key '{row.key}' failed: {_first_line(err)}",
-                               target=target_json)
-    rtol, atol = _tolerances(row, cfg)
-    details = {k: v for k, v in lib.items() if k != "path"}
+    spec.model_file = lib["path"]
+    spec.options = {"device": device_type_of(target), **spec.options}
+    spec.details = {k: v for k, v in lib.items() if k != "path"}
     if logs is not None:
-        details["logs"] = str(logs)
-        details.update(_tuning_summary(logs))
-    return _row_result(row, OK, where=f"agent {res['agent']}", latency=res["latency"], threads=res["threads"],
-                       numerics=compare_outputs(res["outputs"], art.reference, rtol, atol),
-                       throughput_per_s=_throughput(art.model.inputs, res["latency"]), target=target_json,
-                       details=details, version=f"TVM {tvm.__version__}")
+        spec.details["logs"] = str(logs)
+        spec.details.update(_tuning_summary(logs))
+    return spec
 
 
 def _tuning_summary(logs: Path) -> dict[str, Any]:
@@ -279,74 +165,6 @@ def _tuning_summary(logs: Path) -> dict[str, Any]:
             "tuning_wall_s_last_run": round(max(e.get("elapsed_s", 0.0) for e in events), 1)}
 
 
-def _throughput(inputs, latency: dict[str, Any]) -> float:
-    batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-    return batch * 1e3 / latency["mean_ms"]
-
-
-def _run_runner_row(row: CompareRow, art: _ModelArtifacts, farm: _Farm, cfg: CompareConfig) -> dict[str, Any]:
-    from tunefarm.device_agents.runners import MODEL_FORMAT  # pylint: disable=import-outside-toplevel
-
-    try:
-        agents = farm.agents(row.key)
-    except NoDeviceError as err:
-        return _row_result(row, NO_AGENT, str(err))
-    if agents and not any(row.backend in a.runners for a in agents):
-        # The agents say so at registration; ask one for the reason (cheap: no model is sent).
-        reason = _ask_unavailable_reason(row, farm) or (
-            f"the agents on key '{row.key}' do not list {row.backend} among their runners "
-            f"({', '.join(agents[0].runners)})")
-        return _row_result(row, NOT_AVAILABLE, reason)
-    try:
-        model_path = art.model_file(MODEL_FORMAT[row.backend])
-    except TunefarmError as err:
-        return _row_result(row, NOT_RUN, str(err))
-    options = {"budget_s": cfg.evaluate.budget_s, **row.options}
-    with art.console.status(f"{art.name}: running {row.label} on key '{row.key}'"):
-        try:
-            sess = farm.session(row.key, RUNNER_SESSION_TIMEOUT_S)
-            try:
-                agent_id = str(sess.get_function("tunefarm.agent.id")())
-                run = sess.get_function("tunefarm.runner.run")
-            except Exception:  # pylint: disable=broad-except
-                return _row_result(row, NOT_AVAILABLE, f"the server on key '{row.key}' is not a tunefarm agent "
-                                                       "with runners (a stock tvm.rpc server?)")
-            remote_model = f"model-{Path(model_path).name}"
-            sess.upload(model_path, remote_model)
-            sess.upload(art.inputs_file(), "inputs.npz")
-            result = json.loads(str(run(row.backend, remote_model, "inputs.npz", cfg.evaluate.warmup,
-                                        cfg.evaluate.repeat, json.dumps(options))))
-            if result.get("available") is False:
-                return _row_result(row, NOT_AVAILABLE, result.get("reason", ""), where=f"agent {agent_id}")
-            if "error" in result:
-                return _row_result(row, FAILED, result["error"], where=f"agent {agent_id}",
-                                   details={"traceback": result.get("traceback")})
-            with np.load(io.BytesIO(bytes(sess.download(result["outputs_file"])))) as data:
-                outputs = [data[name] for name in data.files]
-        except TunefarmError as err:
-            return _row_result(row, FAILED, str(err))
-        except Exception as err:  # pylint: disable=broad-except  # RPC errors come as several types
-            return _row_result(row, FAILED, f"{row.backend} on key '{row.key}' failed: {_first_line(err)}")
-    rtol, atol = _tolerances(row, cfg)
-    details = {k: v for k, v in result.items()
-               if k not in ("latency", "throughput_per_s", "outputs_file", "available", "backend")}
-    return _row_result(row, OK, where=f"agent {agent_id}", latency=result["latency"], threads=result.get("threads"),
-                       numerics=compare_outputs(outputs, art.reference, rtol, atol),
-                       throughput_per_s=result["throughput_per_s"], details=details,
-                       version=f"{row.backend} {result.get('version', '')}".strip())
-
-
-def _ask_unavailable_reason(row: CompareRow, farm: _Farm) -> str | None:
-    try:
-        sess = farm.session(row.key, 60)
-        answer = json.loads(str(sess.get_function("tunefarm.runner.available")(json.dumps(row.options))))
-        agent_id = str(sess.get_function("tunefarm.agent.id")())
-    except Exception:  # pylint: disable=broad-except  # a stock server, a busy key: fall back to DeviceInfo
-        return None
-    reason = answer.get(row.backend)
-    return f"{reason} (agent {agent_id})" if reason else None
-
-
 def run_compare(config_path: str, tracker_override: str | None = None, output: str | None = None,
                 console=None) -> dict[str, Any]:
     """Run every row of every model in the compare file; write the report and plots; return the report."""
@@ -359,37 +177,49 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
         cfg.tracker = tracker_override
     out_dir = Path(output) if output else Path("logs") / f"compare-{cfg.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    farm = _Farm(parse_hostport(cfg.tracker), cfg.device_wait_sec, console)
+    agents = FarmAgents(parse_hostport(cfg.tracker), cfg.device_wait_sec, console)
+    ev = cfg.evaluate
+    comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, ev.budget_s), console)
     work_dir = Path(tempfile.mkdtemp(prefix=f"tunefarm-compare-{cfg.name}-"))
     t_start = time.time()
     load_start = _load_avg()
     models_out = []
-    for spec in cfg.models:
-        art = _ModelArtifacts(spec, work_dir, console)
-        console.print(f"[bold]{art.name}[/]: input {[list(x.shape) for x in art.model.inputs]}, reference "
-                      f"{'PyTorch' if art.model.kind == 'torch' else 'ONNX Runtime'}")
-        rows = []
-        for row in cfg.rows:
-            t0 = time.time()
-            try:
-                result = (_run_tvm_row if row.backend in TVM_BACKENDS else _run_runner_row)(row, art, farm, cfg)
-            except TunefarmError as err:
-                result = _row_result(row, FAILED, str(err))
-            result["wall_s"] = round(time.time() - t0, 1)
-            rows.append(result)
-            console.print(f"  {row.label:<28} {_one_line_summary(result)}")
-        _add_speedups(rows, cfg.baseline)
-        models_out.append({"name": art.name, "source": spec.source,
-                           "input_shapes": [list(x.shape) for x in art.model.inputs],
-                           "fingerprint": art.model.fingerprint,
-                           "reference": "PyTorch" if art.model.kind == "torch" else "ONNX Runtime",
-                           "rows": rows})
+    try:
+        for spec in cfg.models:
+            art = CompareArtifacts(spec, work_dir, console)
+            console.print(f"[bold]{art.name}[/]: input {[list(x.shape) for x in art.model.inputs]}, reference "
+                          f"{'PyTorch' if art.model.kind == 'torch' else 'ONNX Runtime'}")
+            prepared, prepare_s = [], []
+            for row in cfg.rows:
+                t0 = time.time()
+                item = _row(row, cfg)
+                try:
+                    if row.backend in TVM_BACKENDS:
+                        item = _prepare_tvm_row(row, item, art, agents)
+                except TunefarmError as err:
+                    item = result(item, FAILED, str(err))
+                prepared.append(item)
+                prepare_s.append(time.time() - t0)
+            results = comparator.run_and_compare(art, prepared)
+            rows = []
+            for res, spent in zip(results, prepare_s):
+                res.wall_s = round((res.wall_s or 0.0) + spent, 1)
+                rows.append(res.to_dict())
+                console.print(f"  {res.label:<28} {_one_line_summary(rows[-1])}")
+            _add_speedups(rows, cfg.baseline)
+            models_out.append({"name": art.name, "source": spec.source,
+                               "input_shapes": [list(x.shape) for x in art.model.inputs],
+                               "fingerprint": art.model.fingerprint,
+                               "reference": "PyTorch" if art.model.kind == "torch" else "ONNX Runtime",
+                               "rows": rows})
+    finally:
+        agents.close()
     from tunefarm.host.reports.compare import write_compare_report  # pylint: disable=import-outside-toplevel
 
     # Other work on a shared machine skews every figure: the report says how busy it was.
     report = write_compare_report(cfg, models_out, out_dir, wall_s=time.time() - t_start,
                                   load_avg={"load_avg_start": load_start, "load_avg_end": _load_avg(),
-                                            "cpus": os.cpu_count()}, agents=farm.seen)
+                                            "cpus": os.cpu_count()}, agents=agents.seen)
     console.print(f"report: {out_dir / 'report.md'}")
     bad = [f"{m['name']}/{r['label']}" for m in models_out for r in m["rows"]
            if r["status"] == OK and not r["numerics"]["ok"]]
@@ -405,12 +235,13 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-def _one_line_summary(result: dict[str, Any]) -> str:
-    if result["status"] != OK:
-        return f"{result['status']}: {result['reason']}"
-    lat, num = result["latency"], result["numerics"]
-    return (f"median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, {lat['samples']} samples; "
-            f"numerics {'ok' if num['ok'] else 'FAILED'} (max abs err {num['max_abs_err']:.2g})")
+def _one_line_summary(row: dict[str, Any]) -> str:
+    if row["status"] != OK:
+        return f"{row['status']}: {row['reason']}"
+    lat, num = row["latency"], row["numerics"]
+    return (f"median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, {lat['samples']} samples, "
+            f"{row.get('threads') or '-'} threads, {row.get('precision')}; numerics {'ok' if num['ok'] else 'FAILED'} "
+            f"(max abs err {number(num['max_abs_err'], 2)})")
 
 
 def _add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:
@@ -420,10 +251,3 @@ def _add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:
             row["speedup_vs_baseline"] = base["latency"]["median_ms"] / row["latency"]["median_ms"]
         else:
             row["speedup_vs_baseline"] = None
-
-
-def host_info() -> dict[str, Any]:
-    import tvm  # pylint: disable=import-outside-toplevel
-
-    return {"hostname": socket.gethostname(), "python": platform.python_version(), "tvm": str(tvm.__version__),
-            "created": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from tunefarm.core.errors import NoDeviceError, TrackerUnreachable, TunefarmError
+from tunefarm.core.errors import NoDeviceError, TrackerUnreachable, TunefarmError, last_line
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD, REFUSED_FIELD, VERIFIED_FIELD, DeviceInfo, no_delay, parse_hostport
 
@@ -121,7 +121,7 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
     if "sess" in box:
         return box["sess"]
     if "err" in box:
-        raise TunefarmError(f"no session on key '{key}': {str(box['err']).strip().splitlines()[-1]}")
+        raise TunefarmError(f"no session on key '{key}': {last_line(box['err'])}")
     raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
 
 

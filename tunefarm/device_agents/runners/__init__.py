@@ -1,4 +1,4 @@
-"""Model runners on an agent: PyTorch (eager, torch.compile), ONNX Runtime and TensorRT behind one interface.
+"""Model runners on an agent: TVM, PyTorch (eager, torch.compile), ONNX Runtime and TensorRT behind one interface.
 
 The agent's RPC server registers :func:`run` and :func:`available` as the global functions
 ``tunefarm.runner.run`` and ``tunefarm.runner.available``, so the host reaches them through the same
@@ -10,7 +10,9 @@ tracker and RPC session as TVM's own measurements::
     outputs = np.load(io.BytesIO(sess.download(result["outputs_file"])))
 
 File names are relative to the session's work directory (where ``upload`` puts files). Each runner
-module imports its framework only when used (see ``base.BaseRunner``).
+module imports its framework only when used (see ``base.BaseRunner``). ``tvm-tuned`` and ``tvm-untuned``
+name builds, not runners: both run on the ``tvm`` runner (``core.wire.runner_name``), with the host's
+exported library as the model file.
 """
 from __future__ import annotations
 
@@ -25,22 +27,22 @@ import numpy as np
 
 # backend name -> (module, class). Modules are imported on first use.
 RUNNERS: dict[str, tuple[str, str]] = {
+    "tvm": ("tunefarm.device_agents.runners.tvm", "TVMRunner"),
     "torch": ("tunefarm.device_agents.runners.torch", "TorchRunner"),
     "torch-compile": ("tunefarm.device_agents.runners.torch", "TorchCompileRunner"),
     "onnxruntime": ("tunefarm.device_agents.runners.onnxruntime", "OnnxRuntimeRunner"),
     "tensorrt": ("tunefarm.device_agents.runners.tensorrt", "TensorRTRunner"),
 }
-# The model file each backend takes: a PyTorch model (a torchvision architecture + weights, or a
-# torch.export program; see runners/torch.py) or an ONNX file.
-MODEL_FORMAT = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnx", "tensorrt": "onnx"}
 
 
 def runner_class(backend: str):
     from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.wire import runner_name  # pylint: disable=import-outside-toplevel
 
-    if backend not in RUNNERS:
+    name = runner_name(backend)
+    if name not in RUNNERS:
         raise TunefarmError(f"unknown runner {backend!r}; known: {', '.join(RUNNERS)}")
-    module, cls = RUNNERS[backend]
+    module, cls = RUNNERS[name]
     return getattr(importlib.import_module(module), cls)
 
 
@@ -85,9 +87,9 @@ def run(backend: str, model_path: str, inputs_path: str, outputs_path: str, warm
     except RunnerUnavailable as err:
         return {"backend": backend, "available": False, "reason": str(err)}
     except Exception as err:  # pylint: disable=broad-except  # reported to the host, which marks the row failed
-        lines = [l for l in str(err).strip().splitlines() if l.strip()]
-        return {"backend": backend, "available": True,
-                "error": f"{type(err).__name__}: {lines[0] if lines else ''}",
+        from tunefarm.core.errors import first_line  # pylint: disable=import-outside-toplevel
+
+        return {"backend": backend, "available": True, "error": f"{type(err).__name__}: {first_line(str(err))}",
                 "traceback": traceback.format_exc(limit=6)}
     np.savez(outputs_path, *[np.asarray(o) for o in outputs])
     measured["latency"]["first_run_ms"] = first_s * 1e3
@@ -103,6 +105,8 @@ def register_rpc_functions() -> None:
     """
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
+    from tunefarm.core.wire import RUNNER_AVAILABLE_FUNC, RUNNER_RUN_FUNC  # pylint: disable=import-outside-toplevel
+
     def workpath(name: str) -> str:
         func = tvm_ffi.get_global_func("tvm.rpc.server.workpath", allow_missing=True)
         return str(func(name)) if func is not None else name
@@ -117,5 +121,5 @@ def register_rpc_functions() -> None:
     def available_rpc(options_json):
         return json.dumps(available(json.loads(str(options_json) or "{}")))
 
-    tvm_ffi.register_global_func("tunefarm.runner.run", run_rpc, override=True)
-    tvm_ffi.register_global_func("tunefarm.runner.available", available_rpc, override=True)
+    tvm_ffi.register_global_func(RUNNER_RUN_FUNC, run_rpc, override=True)
+    tvm_ffi.register_global_func(RUNNER_AVAILABLE_FUNC, available_rpc, override=True)

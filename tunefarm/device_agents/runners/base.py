@@ -7,50 +7,17 @@ machine without one pays nothing until that backend is asked for, and says why i
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.stats import latency_stats
+from tunefarm.core.stats import latency_stats, timed_samples
 from tunefarm.core.threads import runtime_threads
 
 
 class RunnerUnavailable(TunefarmError):
     """This device cannot run the backend (not installed, no GPU, ...); the message says why."""
-
-
-def timed_samples(fn: Callable[[], Any], warmup: int, repeat: int, duration_s: float = 0.0,
-                  budget_s: float = 300.0, sync: Callable[[], Any] | None = None) -> tuple[list[float], int]:
-    """Per-run wall-clock seconds of ``fn`` after ``warmup`` runs: ``(samples, warm-up runs done)``.
-
-    Samples are taken until there are ``repeat`` of them and ``duration_s`` has passed (as trtexec's
-    ``--iterations``/``--duration``), but a slow model gets fewer (never under 5) rather than running
-    past ``budget_s``. ``sync`` (e.g. a CUDA synchronize) ends each timed run.
-    """
-    sync = sync or (lambda: None)
-    start = time.perf_counter()
-    done = 0
-    for _ in range(max(0, warmup)):
-        fn()
-        sync()
-        done += 1
-        if time.perf_counter() - start > budget_s / 4:
-            break
-    samples: list[float] = []
-    t_begin = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - t_begin
-        if len(samples) >= repeat and elapsed >= duration_s:
-            break
-        if len(samples) >= 5 and time.perf_counter() - start > budget_s:
-            break
-    return samples, done
 
 
 class BaseRunner:

@@ -49,7 +49,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session = None
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"version": self.ort.__version__, "provider": self.provider}
+        info: dict[str, Any] = {"version": self.ort.__version__, "provider": self.provider, "precision": "fp32"}
         if self.provider == "CPUExecutionProvider":
             info["threads"] = self.threads or self.session.get_session_options().intra_op_num_threads
         return info

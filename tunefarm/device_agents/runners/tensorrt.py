@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.stats import latency_stats
+from tunefarm.core.stats import latency_stats, sampling_done
 from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, batch_size
 from tunefarm.device_agents.runners.torch import cuda_device_count
 
@@ -274,14 +274,12 @@ class TensorRTRunner(BaseRunner):
             total.append(self.cuda("cudaEventElapsedTime", start, end) / 1e3)
             compute.append(self.cuda("cudaEventElapsedTime", e_in, e_out) / 1e3)
             elapsed = time.perf_counter() - t_begin
-            if len(wall) >= repeat and elapsed >= duration_s:
-                break
-            if len(wall) >= 5 and elapsed > budget_s:
+            if sampling_done(len(wall), elapsed, elapsed, repeat, duration_s, budget_s):
                 break
         warm = max(1, warmup) + (1 if self.options.get("cuda_graphs") else 0)
-        return {"latency": latency_stats(total, warmup=warm),
-                "gpu_compute": latency_stats(compute, warmup=warm),
-                "host_wall": latency_stats(wall, warmup=warm),
+        return {"latency": latency_stats(total, warmup=warm, timer="cuda_events"),
+                "gpu_compute": latency_stats(compute, warmup=warm, timer="cuda_events"),
+                "host_wall": latency_stats(wall, warmup=warm, timer="wall_clock"),
                 "throughput_per_s": batch_size(feed) * len(wall) / sum(wall),
                 "timing": "CUDA events: latency = H2D + execute + D2H, gpu_compute = execute only"
                           + (" (a CUDA graph of it)" if self.graph_exec is not None else "")}

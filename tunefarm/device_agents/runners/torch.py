@@ -9,7 +9,9 @@ The model arrives in one of two files, neither of which holds Python code to unp
              ResNet-18 ran in 1.55 ms as a graph module and 1.70 ms as the nn.Module, within run-to-run noise).
 ``compile`` hands the module to ``torch.compile`` (Inductor), whose compilation happens in the first
 calls and is reported apart from the timed runs.
-Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads; default: the agent's threads).
+Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads; default: the agent's threads),
+``allow_tf32`` (CUDA: let cuDNN convolutions and matmuls use TF32; default: PyTorch's own, which allows it
+for cuDNN). The precision class reported is ``tf32`` when TF32 is allowed on a GPU, else ``fp32``.
 """
 from __future__ import annotations
 
@@ -68,6 +70,10 @@ class TorchRunner(BaseRunner):
         threads = self.cpu_threads()
         if threads:
             torch.set_num_threads(threads)
+        if self.device.type == "cuda" and "allow_tf32" in self.options:
+            allow = bool(self.options["allow_tf32"])
+            torch.backends.cudnn.allow_tf32 = allow
+            torch.backends.cuda.matmul.allow_tf32 = allow
         if str(self.model_path).endswith(".pt2"):
             module = torch.export.load(self.model_path).module()
             self.form = "torch.export graph module"
@@ -119,8 +125,8 @@ class TorchRunner(BaseRunner):
             with torch.inference_mode():
                 self.fn(*xs)
 
-        from tunefarm.core.stats import latency_stats  # pylint: disable=import-outside-toplevel
-        from tunefarm.device_agents.runners.base import batch_size, timed_samples  # pylint: disable=import-outside-toplevel
+        from tunefarm.core.stats import latency_stats, timed_samples  # pylint: disable=import-outside-toplevel
+        from tunefarm.device_agents.runners.base import batch_size  # pylint: disable=import-outside-toplevel
 
         samples, warm = timed_samples(run, warmup, repeat, duration_s=float(self.options.get("duration_s", 0.0)),
                                       budget_s=float(self.options.get("budget_s", 300.0)), sync=self.sync)
@@ -136,8 +142,13 @@ class TorchRunner(BaseRunner):
         info: dict[str, Any] = {"version": torch.__version__, "device": str(self.device), "model_form": self.form}
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
+            tf32 = {"cudnn": bool(torch.backends.cudnn.allow_tf32),
+                    "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+            info["tf32_allowed"] = tf32
+            info["precision"] = "tf32" if any(tf32.values()) else "fp32"
         else:
             info["threads"] = torch.get_num_threads()
+            info["precision"] = "fp32"
         if self.compiled:
             info["compile_s"] = None if self.compile_s is None else round(self.compile_s, 3)
         return info

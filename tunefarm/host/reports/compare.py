@@ -8,27 +8,24 @@ x best measured task latency) against trials measured, from the job's ``progress
 """
 from __future__ import annotations
 
+import datetime
 import json
+import platform
+import socket
 from pathlib import Path
 from typing import Any
 
-from tunefarm.core.stats import METHOD
+from tunefarm.core.stats import method_text
+from tunefarm.host.comparator import STATUS_TEXT
+from tunefarm.host.reports.markdown import number
 
-STATUS_TEXT = {"not available": "not available on this device", "no agent": "no agent", "not run": "not run",
-               "failed": "FAILED"}
 BACKEND_COLORS = {"tvm-tuned": "#1b9e77", "tvm-untuned": "#a6d854", "torch": "#d95f02",
                   "torch-compile": "#e6ab02", "onnxruntime": "#7570b3", "tensorrt": "#e7298a"}
-
-
-def _fmt(value, digits=3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_s: float,
                          load_avg: dict[str, Any] | None = None,
                          agents: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    from tunefarm.host.compare import host_info  # pylint: disable=import-outside-toplevel
-
     plots = {}
     latency_png = out_dir / "latency.png"
     plot_latency(models, cfg.baseline, latency_png)
@@ -48,22 +45,10 @@ def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_
     host = {**host_info(), **(load_avg or {})}
     report = {"name": cfg.name, "config": cfg.to_dict(), "source": cfg.source_path, "host": host,
               "tracker": cfg.tracker, "baseline": cfg.baseline, "wall_s": round(wall_s, 1),
-              "method": _method_text(cfg), "agents": agents or {}, "models": models, "plots": plots}
+              "method": method_text(cfg.evaluate.warmup, cfg.evaluate.repeat, cfg.evaluate.budget_s), "agents": agents or {}, "models": models, "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.md").write_text(_markdown(report, cfg))
     return report
-
-
-def _method_text(cfg) -> str:
-    ev = cfg.evaluate
-    return (f"Per row: {METHOD.format(warmup=ev.warmup, samples=ev.repeat, number=1)} (a row slower than "
-            f"{ev.budget_s:g} s in total gets fewer samples, never under 5). TVM builds are timed on the agent "
-            "by time_evaluator (no RPC round trip in the figures); PyTorch and ONNX Runtime by a wall-clock "
-            "loop on the agent, inputs already on the device; TensorRT with CUDA events (latency = H2D + "
-            "execute + D2H; GPU compute apart). Throughput = batch size / mean latency (one request at a time). "
-            "Every row's outputs are compared with the reference framework on the same inputs and weights. "
-            "Threads (CPU rows): the agent's TVM runtime count (runtime.NumThreads, set by the agent); PyTorch "
-            "and ONNX Runtime rows run with the same count unless the row's options say otherwise.")
 
 
 def _markdown(report: dict[str, Any], cfg) -> str:
@@ -84,21 +69,22 @@ def _markdown(report: dict[str, Any], cfg) -> str:
     for model in report["models"]:
         md += [f"## {model['name']}", "",
                f"input {model['input_shapes']}, reference {model['reference']}, fingerprint {model['fingerprint']}",
-               "", "| row | where | threads | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | samples | "
-                   "throughput /s | speed-up vs baseline | numerics (max abs err) |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "", "| row | where | threads | precision | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | "
+                   "samples | throughput /s | speed-up vs baseline | numerics (max abs err) |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in model["rows"]:
             if row["status"] != "ok":
                 text = STATUS_TEXT.get(row["status"], row["status"])
-                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | |")
+                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | | |")
                 continue
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {_fmt(lat['median_ms'])} | "
-                      f"{_fmt(lat['p90_ms'])} | "
-                      f"{_fmt(lat['p99_ms'])} | {_fmt(lat['mean_ms'])} | {_fmt(lat['min_ms'])} | "
-                      f"{_fmt(lat['std_ms'])} | {lat['samples']} | {_fmt(row['throughput_per_s'], 1)} | {speed} | "
+            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision') or '-'} | "
+                      f"{number(lat['median_ms'])} | "
+                      f"{number(lat['p90_ms'])} | "
+                      f"{number(lat['p99_ms'])} | {number(lat['mean_ms'])} | {number(lat['min_ms'])} | "
+                      f"{number(lat['std_ms'])} | {lat['samples']} | {number(row['throughput_per_s'], 1)} | {speed} | "
                       f"{verdict} ({num['max_abs_err']:.2g}, rtol {num['rtol']:g}, atol {num['atol']:g}) |")
         notes = []
         for row in model["rows"]:
@@ -243,3 +229,10 @@ def plot_tuning_curves(jobs: list[tuple[str, Path, dict[str, Any]]], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def host_info() -> dict[str, Any]:
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    return {"hostname": socket.gethostname(), "python": platform.python_version(), "tvm": str(tvm.__version__),
+            "created": datetime.datetime.now().isoformat(timespec="seconds")}

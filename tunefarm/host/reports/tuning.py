@@ -8,15 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.targets import target_to_json
+from tunefarm.host.reports.markdown import number
 from tunefarm.host.tuning.logs import task_rows
 
 
-def _fmt(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], scheduled: list[str],
-                 unscheduled: list[str], reference, problems: list[str]) -> dict[str, Any]:
+                 unscheduled: list[str], reference, problems: list[str], method: str = "") -> dict[str, Any]:
     import tvm  # pylint: disable=import-outside-toplevel
 
     job = tuned["job"]
@@ -64,28 +61,26 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
           f"- tuned schedules: **{len(scheduled)} of {len(scheduled) + len(unscheduled)}** TIR functions"
           + (f"; without: {', '.join(unscheduled)}" if unscheduled else ""),
           f"- numerics: every backend checked against {reference_name} on the same inputs and weights",
-          "", "| backend | where | threads | median ms | p90 ms | p99 ms | std ms | samples | speed-up vs untuned | "
-              "numerics (max abs err) |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "", "| backend | where | threads | precision | median ms | p90 ms | p99 ms | std ms | samples | "
+              "speed-up vs untuned | numerics (max abs err) |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
         lat = row.get("latency")
         if not lat:
-            md.append(f"| {name} | not run: {row.get('not_run')} | | | | | | | | |")
+            md.append(f"| {name} | {row.get('not_run')} | | | | | | | | | |")
             continue
         num = row["numerics"]
         verdict = "ok" if num["ok"] else "**FAILED**"
-        md.append(f"| {name} | {row['where']} | {row.get('threads') or '-'} | {_fmt(lat['median_ms'])} | "
-                  f"{_fmt(lat['p90_ms'])} | "
-                  f"{_fmt(lat['p99_ms'])} | {_fmt(lat['std_ms'])} | {lat['samples']} | "
+        md.append(f"| {name} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision') or '-'} | "
+                  f"{number(lat['median_ms'])} | "
+                  f"{number(lat['p90_ms'])} | "
+                  f"{number(lat['p99_ms'])} | {number(lat['std_ms'])} | {lat['samples']} | "
                   f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({num['max_abs_err']:.2g}) |")
-    md += ["", f"Method: {rows['tvm-tuned']['latency']['method']}. TVM builds are timed on the device by "
-           "`time_evaluator` (no RPC round trip in the figures); PyTorch and ONNX Runtime by a wall-clock loop "
-           "on the host. Threads: the TVM runtime's own count on the agent (`runtime.NumThreads`); PyTorch and "
-           "ONNX Runtime are given the same count.", "", "## Tasks", "", "| # | task | weight | trials | failed | best us | tuned |",
+    md += ["", f"Method: {method or rows['tvm-tuned']['latency']['method']}", "", "## Tasks", "", "| # | task | weight | trials | failed | best us | tuned |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(per_task):
         md.append(f"| {i} | {row['task']} | {row['weight']:g} | {row['trials']} | {row['failed']} | "
-                  f"{_fmt(row['best_us'], 2)} | {'yes' if row['tuned'] else '**no**'} |")
+                  f"{number(row['best_us'], 2)} | {'yes' if row['tuned'] else '**no**'} |")
     if problems:
         md += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     report["markdown"] = "\n".join(md) + "\n"

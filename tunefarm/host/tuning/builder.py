@@ -109,6 +109,7 @@ class FarmBuilder(PyBuilder):
         import tvm
 
         from tunefarm.core.targets import target_to_json
+        from tunefarm.core.wire import AGENT_ID_FUNC, BUILDER_BUILD_MANY_FUNC, BUILDER_PARALLELISM_FUNC
         from tunefarm.tracker.client import request_session
         from tunefarm.tracker.client import TrackerClient
 
@@ -124,9 +125,9 @@ class FarmBuilder(PyBuilder):
             try:
                 sess = request_session(self.tracker, self.build_key, self.device_wait_sec,
                                        session_timeout=int(self.timeout_sec * len(build_inputs)) + 60)
-                agent_id = str(sess.get_function("tunefarm.agent.id")())
-                build_many = sess.get_function("tunefarm.builder.build_many")
-                width = int(sess.get_function("tunefarm.builder.parallelism")())
+                agent_id = str(sess.get_function(AGENT_ID_FUNC)())
+                build_many = sess.get_function(BUILDER_BUILD_MANY_FUNC)
+                width = int(sess.get_function(BUILDER_PARALLELISM_FUNC)())
             except Exception:  # pylint: disable=broad-except
                 return  # this agent is gone or busy; the others take its share
             while True:

@@ -110,6 +110,7 @@ class _Batch:
 
     def _open(self):
         # pylint: disable=import-outside-toplevel
+        from tunefarm.core.wire import AGENT_ID_FUNC
         from tunefarm.tracker.client import request_session
 
         runner = self.runner
@@ -118,7 +119,7 @@ class _Batch:
         session = request_session(runner.tracker_addr, runner.key, runner.device_wait_sec, self.session_timeout,
                                   priority=1)
         try:
-            agent_id = str(session.get_function("tunefarm.agent.id")())
+            agent_id = str(session.get_function(AGENT_ID_FUNC)())
         except Exception:  # pylint: disable=broad-except
             agent_id = "unknown (not a tunefarm agent)"
         return session, agent_id

@@ -1,0 +1,90 @@
+"""The Comparator's logic without processes: what an agent's answer makes of a row, and the compare step."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tunefarm.core.wire import MODEL_FORMAT, runner_name
+from tunefarm.host.comparator import (FAILED, NOT_AVAILABLE, NOT_RUN, OK, Comparator, MeasureSettings, Row, RowResult,
+                                      compare_results, not_an_agent_reason, result, result_from_answer)
+
+LATENCY = {"median_ms": 2.0, "p90_ms": 2.5, "p99_ms": 3.0, "mean_ms": 2.1, "std_ms": 0.2, "min_ms": 1.9,
+           "samples": 20, "warmup": 4, "number": 1, "timer": "wall_clock", "method": "...", "first_run_ms": 9.0}
+
+
+def _answer(**extra):
+    return {"backend": "onnxruntime", "available": True, "outputs_file": "outputs-onnxruntime.npz",
+            "setup_s": 0.2, "latency": LATENCY, "throughput_per_s": 476.2, "version": "1.20.1",
+            "provider": "CPUExecutionProvider", "precision": "fp32", "threads": 2, **extra}
+
+
+def test_tvm_builds_run_on_the_tvm_runner_and_every_runner_has_a_model_format():
+    assert runner_name("tvm-tuned") == runner_name("tvm-untuned") == "tvm"
+    assert runner_name("torch-compile") == "torch-compile"
+    assert {runner_name(b) for b in ("tvm-tuned", "tvm-untuned", "torch", "torch-compile", "onnxruntime",
+                                     "tensorrt")} <= set(MODEL_FORMAT)
+    assert Row("torch", "cpu").label == "torch@cpu" and Row("torch", "cpu", label="mine").label == "mine"
+
+
+def test_an_answer_that_ran_is_ok_with_its_measurement_and_details():
+    row = Row("onnxruntime", "cpu", details={"compile_s": 1.5})
+    res = result_from_answer(row, _answer(), "box:42", [np.zeros(3)])
+    assert res.status == OK and res.ok and res.reason == "" and res.where == "agent box:42"
+    assert (res.threads, res.precision, res.version) == (2, "fp32", "onnxruntime 1.20.1")
+    assert res.latency == LATENCY and res.throughput_per_s == 476.2 and res.numerics is None
+    assert res.details == {"compile_s": 1.5, "setup_s": 0.2, "provider": "CPUExecutionProvider"}
+    data = res.to_dict()
+    assert data["status"] == "ok" and data["latency"] == LATENCY and data["threads"] == 2
+    assert "outputs" not in data and "rtol" not in data
+
+
+def test_rows_that_did_not_run_carry_a_reason_and_no_number():
+    row = Row("tensorrt", "cpu", options={"precision": "fp16"})
+    res = result_from_answer(row, {"backend": "tensorrt", "available": False, "reason": "TensorRT is not installed"},
+                             "box:42", None)
+    assert res.status == NOT_AVAILABLE and res.reason == "TensorRT is not installed" and res.where == "agent box:42"
+    failed = result_from_answer(row, {"available": True, "error": "RuntimeError: boom", "traceback": "tb"},
+                                "box:42", None)
+    assert failed.status == FAILED and failed.reason == "RuntimeError: boom" and failed.details["traceback"] == "tb"
+    empty = result_from_answer(row, _answer(), "box:42", None)
+    assert empty.status == FAILED and "no outputs" in empty.reason
+    for res in (res, failed, empty, result(row, NOT_RUN, "no tuning logs at x")):
+        data = res.to_dict()
+        assert not res.ok and data["reason"] and "latency" not in data and "numerics" not in data
+        assert "threads" not in data and "throughput_per_s" not in data
+    stock = result(Row("tvm-tuned", "stock"), NOT_AVAILABLE, not_an_agent_reason("stock"))
+    assert "not a tunefarm agent" in stock.reason and "'stock'" in stock.reason
+    with pytest.raises(ValueError, match="unknown status"):
+        result(row, "maybe")
+
+
+def test_precision_is_the_runners_else_the_rows_else_fp32():
+    fp16 = Row("tensorrt", "gpu", options={"precision": "fp16"})
+    no_precision = _answer()
+    del no_precision["precision"]
+    assert result_from_answer(fp16, no_precision, "a:1", [np.zeros(1)]).precision == "fp16"
+    assert result_from_answer(Row("torch", "cpu"), no_precision, "a:1", [np.zeros(1)]).precision == "fp32"
+    assert result_from_answer(fp16, _answer(precision="tf32"), "a:1", [np.zeros(1)]).precision == "tf32"
+
+
+def test_compare_checks_every_row_that_ran_against_the_reference_with_its_own_tolerances():
+    reference = [np.array([1.0, 2.0, 3.0], dtype=np.float32)]
+    close = result_from_answer(Row("torch", "cpu"), _answer(), "a:1", [reference[0] + 5e-4])
+    loose = result_from_answer(Row("tensorrt", "gpu", rtol=0.05, atol=0.05), _answer(), "a:1", [reference[0] + 0.01])
+    strict = result_from_answer(Row("tvm-tuned", "cpu"), _answer(), "a:1", [reference[0] + 0.01])
+    shape = result_from_answer(Row("tvm-untuned", "cpu"), _answer(), "a:1", [np.zeros((3, 1))])
+    skipped = result(Row("torch", "gpu"), NOT_AVAILABLE, "no CUDA GPU on this device")
+    compare_results([close, loose, strict, shape, skipped], reference)
+    assert close.numerics["ok"] and close.numerics["max_abs_err"] == pytest.approx(5e-4, rel=1e-3)
+    assert loose.numerics["ok"] and loose.numerics["rtol"] == 0.05
+    assert not strict.numerics["ok"] and strict.numerics["max_abs_err"] == pytest.approx(0.01, rel=1e-3)
+    assert not shape.numerics["ok"] and "shape mismatch" in shape.numerics["detail"]
+    assert skipped.numerics is None and "numerics" not in skipped.to_dict()
+
+
+def test_rows_the_caller_could_not_prepare_keep_their_place():
+    comparator = Comparator(agents=None, settings=MeasureSettings(), console=None)
+    kept = [result(Row("tvm-tuned", "cpu"), NOT_RUN, "no tuning logs"),
+            result(Row("tvm-untuned", "cpu"), FAILED, "compile failed")]
+    assert comparator.run(artifacts=None, rows=kept) == kept
+    assert all(isinstance(r, RowResult) for r in kept)

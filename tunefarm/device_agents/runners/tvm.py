@@ -1,0 +1,88 @@
+"""TVM runner: a Relax executable the host compiled (``tvm.compile(...).export_library``), on this agent's
+CPU, CUDA GPU or OpenCL device, timed with TVM's own ``time_evaluator``.
+
+The host builds the model (tuned records applied, or none) for the agent's target and sends the ``.so``
+in the session like any other model file; the runner loads it into a ``relax.VirtualMachine`` on the
+device named by the ``device`` option and checks nothing itself (the host compares the outputs). One run
+is timed apart (first run: lazy initialisation, code loading); then, as ``core.stats.evaluator_plan``
+says from a single timed run, warm-up runs and the timed samples, each one ``invoke_stateful`` of
+``main`` on inputs already on the device, timed on the device: no RPC round trip in the figure.
+
+Threads: the TVM runtime of the session is the agent's (the RPC server set ``TVM_NUM_THREADS`` before
+TVM started); the runner reports ``runtime.NumThreads`` for CPU runs and cannot change it per row.
+Sessions are forked from the agent's RPC server, which must not initialise CUDA: nothing here runs
+before a session asks for this runner.
+Options: ``device`` (``cpu`` | ``cuda`` | ``opencl``), ``device_index``, ``budget_s``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tunefarm.core.stats import evaluator_plan, latency_stats
+from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, batch_size
+
+DEVICES = ("cpu", "cuda", "opencl")
+
+
+class TVMRunner(BaseRunner):
+    name = "tvm"
+
+    @classmethod
+    def unavailable_reason(cls, options=None):
+        options = options or {}
+        device = str(options.get("device", "cpu"))
+        if device not in DEVICES:
+            return f"unknown device {device!r} for the TVM runner ({', '.join(DEVICES)})"
+        if options.get("threads"):
+            return ("the TVM runner runs with the agent's own thread count (start the agent with --threads N); "
+                    "a row cannot change it")
+        return None
+
+    def activate_impl(self) -> None:
+        # pylint: disable=import-outside-toplevel
+        import tvm
+        from tvm import relax
+
+        self.tvm = tvm
+        self.device_type = str(self.options.get("device", "cpu"))
+        self.dev = tvm.device(self.device_type, int(self.options.get("device_index", 0)))
+        if not self.dev.exist:
+            hint = ""
+            if self.device_type == "opencl" and str(tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in (
+                    "ON", "1"):
+                hint = " (this TVM runtime is built with USE_OPENCL=OFF)"
+            raise RunnerUnavailable(f"TVM's runtime on this device sees no {self.dev}{hint}")
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(self.model_path), self.dev)
+
+    def _device_inputs(self, feed: dict[str, np.ndarray]) -> list:
+        return [self.tvm.runtime.tensor(x, self.dev) for x in feed.values()]
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.vm["main"](*self._device_inputs(feed))
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+    def measure(self, feed, warmup, repeat):
+        budget_s = float(self.options.get("budget_s", 300.0))
+        self.vm.set_input("main", *self._device_inputs(feed))
+
+        def evaluate(number: int, times: int):
+            return self.vm.time_evaluator("invoke_stateful", self.dev, number=number, repeat=times)("main")
+
+        single = evaluate(1, 1).mean
+        n_warm, samples = evaluator_plan(single, warmup, repeat, budget_s)
+        if n_warm > 0:
+            evaluate(n_warm, 1)
+        results = list(evaluate(1, samples).results)
+        return {"latency": latency_stats(results, warmup=n_warm + 1, timer="time_evaluator"),
+                "throughput_per_s": batch_size(feed) * len(results) / sum(results)}
+
+    def describe(self) -> dict[str, Any]:
+        import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+        # The host compiles fp32 modules (the farm runs no mixed-precision pass), so the class is fp32.
+        info: dict[str, Any] = {"version": str(self.tvm.__version__), "device": str(self.dev), "precision": "fp32"}
+        if self.device_type == "cpu":
+            info["threads"] = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+        return info

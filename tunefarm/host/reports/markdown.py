@@ -1,0 +1,15 @@
+"""How the reports write a value into a Markdown table cell (one way for the tuning report, the compare
+report and the benchmarks)."""
+from __future__ import annotations
+
+
+def number(value, digits: int = 3) -> str:
+    """``-`` for no value; a float with ``digits`` decimals, or with ``digits`` significant digits when it
+    is too small for that (a max abs error of 2e-06 would print as 0.000); anything else as it is."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value != 0 and abs(value) < 10.0 ** (1 - digits):
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}f}"
