@@ -219,8 +219,11 @@ def test_the_devices_view_adds_tracker_agents_without_heartbeats_and_names_the_r
     farm.store.update_job("busy-job", state=RUNNING)
     nuc = DeviceInfo(key="cpu", agent_id="nuc:1", hostname="nuc")
     quiet = DeviceInfo(key="cpu", agent_id="quiet:7", hostname="quiet", num_cores=4)
-    summary = {"server_info": [{"key": "server:cpu", "addr": ["10.0.0.1", 9091], INFO_FIELD: nuc.to_json()},
-                               {"key": "server:cpu", "addr": ["10.0.0.2", 9091], INFO_FIELD: quiet.to_json()},
+    # As the farm's tracker reports them: agents that proved the farm key are marked verified.
+    summary = {"server_info": [{"key": "server:cpu", "addr": ["10.0.0.1", 9091], INFO_FIELD: nuc.to_json(),
+                                VERIFIED_FIELD: True},
+                               {"key": "server:cpu", "addr": ["10.0.0.2", 9091], INFO_FIELD: quiet.to_json(),
+                                VERIFIED_FIELD: True},
                                {"key": "server:gpu", "addr": ["10.0.0.3", 9091]}],  # a stock tvm.rpc server
                "queue_info": {"cpu": {"free": 1, "pending": 0}, "gpu": {"free": 1, "pending": 2}}}
     view = farm.views.devices_view(devices_from_summary(summary), None)
