@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.wire import DeviceInfo
+from tunefarm.core.wire import VERIFIED_FIELD, DeviceInfo
 from tunefarm.host.service.auth import cookie_secret, load_token, safe_next, token_ok
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
