@@ -80,10 +80,11 @@ class FarmService:
         self.store = JobStore(self.farm.database)
         self.tracker = HostTracker(config, self.farm)
         self.views = FarmViews(self.store, self.logs_dir, self.farm, self.tracker, config.device_offline_after_s)
-        self.jobs = JobQueue(config, self.logs_dir, self.farm, self.store, self.tracker)
-        # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
+        # TVM work (per-task tables, best-records export, target checks) runs here, off the event loop, one at
+        # a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
+        self.jobs = JobQueue(config, self.logs_dir, self.farm, self.store, self.tracker, tvm_pool=self.tvm_pool)
 
     async def online_devices(self) -> list[dict[str, Any]]:
         """The devices view's list (the tracker's and the heartbeats'); TunefarmError if the tracker is away."""
@@ -126,6 +127,7 @@ class FarmService:
         self.jobs.recover()
         self.store.forget_devices_before(time.time() - 86400.0)  # offline for a day: gone from the list
         self.tracker.start()
+        self.tvm_pool.submit(_import_tvm)  # the first target check then waits for no import
         app = self.make_app()
         limit = int(cfg.max_upload_mb * 1024 * 1024)
         server = tornado.httpserver.HTTPServer(app, max_body_size=4 * limit + (1 << 20), xheaders=False)
@@ -168,3 +170,7 @@ def serve(config_path: str | None, **overrides: Any) -> None:
     from tunefarm.host.service.config import load_farm_config  # pylint: disable=import-outside-toplevel
 
     FarmService(load_farm_config(config_path, **overrides)).run()
+
+
+def _import_tvm() -> None:
+    import tvm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

@@ -61,6 +61,10 @@ _JOB_COLUMNS = ("seq", "id", "key", "state", "spec", "model", "budget", "skip_ev
                 "history")
 
 
+class JobExists(Exception):
+    """A job of that name is already stored (its state is the message)."""
+
+
 class JobStore:
     """Jobs and devices in SQLite (``logs/farm/farm.sqlite3`` by default)."""
 
@@ -88,14 +92,28 @@ class JobStore:
         return job
 
     def add_job(self, spec: TuningJob, model: str, skip_eval: bool) -> dict[str, Any]:
-        """Queue ``spec`` (its name is the job's id, its device key the job's key)."""
+        """Queue ``spec`` (its name is the job's id, its device key the job's key); JobExists if the name is
+        taken. The name check and the insert are one transaction: of concurrent submissions of one name,
+        exactly one is stored."""
         now = time.time()
         history = json.dumps([[now, "submitted"]])
-        self.db.execute("INSERT INTO jobs (id, key, state, spec, model, budget, skip_eval, created, history) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (spec.name, spec.device.key, QUEUED, _dump_spec(spec), model, spec.tuning.max_trials_global,
-                         int(skip_eval), now, history))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (spec.name,)).fetchone()
+            if row is not None:
+                raise JobExists(row["state"])
+            self.db.execute("INSERT INTO jobs (id, key, state, spec, model, budget, skip_eval, created, history) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (spec.name, spec.device.key, QUEUED, _dump_spec(spec), model,
+                             spec.tuning.max_trials_global, int(skip_eval), now, history))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         return self.job(spec.name)
+
+    def delete_job(self, job_id: str) -> None:
+        self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         return self._job(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
