@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm
+from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm, run_cli
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
@@ -145,6 +145,19 @@ def night_job(farm, tmp_path_factory) -> Path:
     code, out = cli(farm, ["submit", job_file], "submit-night")
     assert code == 0 and "submitted night" in out, out
     return farm["base"] / "logs" / "night"
+
+
+def test_a_corrupt_queue_file_is_a_one_line_error_at_start(tmp_path):
+    """No host runs here: `host serve` refuses before it starts anything."""
+    logs = tmp_path / "logs"
+    (logs / "farm").mkdir(parents=True)
+    (logs / "farm" / "farm.sqlite3").write_bytes(os.urandom(100))
+    code, out, _ = run_cli(["host", "serve", "--logs-dir", logs, "--port", free_port(HOST), "--tracker-port",
+                            free_port(HOST)], tmp_path / "serve.log", timeout=60)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+    assert f"{logs.resolve() / 'farm' / 'farm.sqlite3'} is not a readable farm database" in lines[0], out
+    assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
 
 
 def test_token_is_required_generated_private_and_never_logged(farm):
@@ -446,4 +459,3 @@ def test_device_goes_offline_when_its_heartbeats_stop(farm):
     assert time.monotonic() - start < 20
     code, out = cli(farm, ["devices"], "devices-offline")
     assert code == 0 and agent_id in out and "offline" in out, out
-

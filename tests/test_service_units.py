@@ -366,3 +366,11 @@ def test_resume_with_an_out_of_range_budget_is_a_400_and_changes_nothing(farm):
     assert info.value.status_code == 400 and "out of range" in info.value.message, info.value.message
     job = farm.store.job("j")
     assert (job["state"], job["budget"]) == (DONE, 16)
+
+
+def test_a_corrupt_queue_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "farm.sqlite3"
+    path.write_bytes(os.urandom(100))
+    with pytest.raises(TunefarmError) as info:
+        JobStore(path)
+    assert "is not a readable farm database" in str(info.value) and "\n" not in str(info.value)

@@ -76,8 +76,8 @@ class FarmService:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        self.store = JobStore(self.farm.database)  # before the token: a corrupt queue fails before it is shown
         self.token = load_token(config, self.farm.token)
-        self.store = JobStore(self.farm.database)
         self.tracker = HostTracker(config, self.farm)
         self.views = FarmViews(self.store, self.logs_dir, self.farm, self.tracker, config.device_offline_after_s)
         # TVM work (per-task tables, best-records export, target checks) runs here, off the event loop, one at

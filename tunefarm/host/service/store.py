@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import TuningJob, job_from_dict
 
 # Job states. ``queued`` and ``running`` are the live ones; the others are final until a resume.
@@ -72,10 +73,16 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.DatabaseError as err:  # not a database, or a damaged one: one line, not a traceback
+            self.db.close()
+            raise TunefarmError(f"{self.path} is not a readable farm database ({err}); move it aside to start "
+                                "with an empty queue (the job directories are kept)") from None
 
     def close(self) -> None:
         self.db.close()
