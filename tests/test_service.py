@@ -215,6 +215,45 @@ def test_devices_show_the_agent_with_its_target(farm):
     assert [(k["key"], k["total"]) for k in view["keys"]] == [("cpu", 1)]
 
 
+def heartbeat(farm: dict, body: dict | str, **kwargs) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)  # json.dumps writes inf as Infinity
+    return api(farm, "POST", "/api/devices/heartbeat", data=data, **kwargs)
+
+
+def device_row(farm: dict, agent_id: str) -> dict | None:
+    rows = [d for d in api(farm, "GET", "/api/devices").json()["devices"] if d["agent_id"] == agent_id]
+    return rows[0] if rows else None
+
+
+def test_heartbeats_are_checked_bounded_and_a_spoofed_goodbye_keeps_the_agent_online(farm):
+    info = {"key": "cpu", "agent_id": "hb-probe:1", "hostname": "hb-probe"}
+    for interval in (float("inf"), float("nan"), 1e9, 0.01, "2", True):
+        resp = heartbeat(farm, {"info": info, "interval_s": interval})
+        assert resp.status_code == 400 and "interval_s must be a number of seconds from 0.5 to 60" in \
+            resp.json()["error"], (interval, resp.text)
+    resp = heartbeat(farm, {"info": {**info, "num_cores": "many"}})
+    assert resp.status_code == 400 and "wrong type: num_cores" in resp.json()["error"], resp.text
+    nested = '{"info": ' + "[" * 20000 + "]" * 20000 + "}"  # under the body limit, too deep for json
+    resp = heartbeat(farm, nested)
+    assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"], resp.text
+    huge = {"info": {**info, "agent_id": "huge:1", "cpu_model": "x" * (50 << 20)}}
+    resp = heartbeat(farm, huge)
+    assert resp.status_code == 413 and "over this endpoint's limit of 65536 bytes" in resp.json()["error"], resp.text
+    assert device_row(farm, "hb-probe:1") is None and device_row(farm, "huge:1") is None  # nothing stored
+
+    # Someone with the token says goodbye in the name of the real agent, which the tracker still lists.
+    agent_id = agent_id_of(farm["agent"])
+    resp = heartbeat(farm, {"info": {"key": "cpu", "agent_id": agent_id}, "interval_s": 2, "stopping": True})
+    assert resp.status_code == 409 and "is still registered with the tracker" in resp.json()["error"], resp.text
+    real = device_row(farm, agent_id)  # at once: the agent's own next heartbeat would hide a goodbye taken
+    assert real["status"] == "online" and real["target"]["kind"] == "llvm", real
+    # The goodbye of an agent the tracker does not list is taken: offline at once.
+    assert heartbeat(farm, {"info": info, "interval_s": 2}).status_code == 200
+    assert device_row(farm, "hb-probe:1")["status"] == "online"
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "stopping": True}).status_code == 200
+    assert device_row(farm, "hb-probe:1")["status"] == "offline"
+
+
 def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
     def post_job(text: str, model: tuple | None = None) -> requests.Response:
         files = {"job": (None, text)}
@@ -317,6 +356,31 @@ def test_queue_per_key_onnx_upload_cancel_and_resume(farm, tmp_path):
     wait_state(farm, "q-onnx", ("cancelled",), 40)
     history = [note for _, note in api(farm, "GET", "/api/jobs/q-onnx").json()["history"]]
     assert history[:2] == ["submitted", "cancelled while queued"] and history[2].startswith("resumed")
+
+
+def test_hostile_requests_are_4xx_answers_and_change_nothing(farm):
+    """Each of these was a 500; q-first is the cancelled job from above."""
+    before = api(farm, "GET", "/api/jobs/q-first").json()
+    job = "name: x\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    cases = [
+        (api(farm, "POST", "/api/jobs/q-first/resume", json={"trials": 10 ** 23}), 400,
+         "tuning.max_trials_global: 100000000000000000000000 is out of range"),
+        (api(farm, "GET", "/api/jobs/q-first/progress", params={"from": -5}), 400, "'from' must be a line number"),
+        (api(farm, "POST", "/api/jobs/q-first/resume", data="{\"trials\": " + "[" * 20000 + "]" * 20000 + "}"), 400,
+         "nested too deeply"),
+        (requests.post(farm["url"] + "/api/jobs", data=b"--b\r\nnot a part", timeout=30, headers={
+            "Authorization": f"Bearer {farm['token']}", "Content-Type": "multipart/form-data; boundary=b"}), 400,
+         "the request body is not a valid form"),
+        (api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: garbage-target\n")}), 400,
+         "job target: unknown target 'garbage-target': not a preset"),
+        (api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: {kind: no-such-kind}\n")}), 400,
+         'job target: bad target {"kind": "no-such-kind"}: '),
+    ]
+    for resp, status, message in cases:
+        assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
+    after = api(farm, "GET", "/api/jobs/q-first").json()
+    assert (after["state"], after["budget"], after["history"]) == (before["state"], before["budget"], before["history"])
+    assert [j["id"] for j in api(farm, "GET", "/api/jobs").json()["jobs"]] == ["q-first", "q-onnx"]
 
 
 def _browser(tmp_path: Path):

@@ -41,10 +41,10 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.farmdir import FarmDir
-from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHandler, FileHandler, HeartbeatHandler,
-                                            InfoHandler, JobActionHandler, JobHandler, JobsHandler, LoginHandler,
-                                            LogoutHandler, NotFoundHandler, PageHandler, ProgressHandler,
-                                            TasksHandler, log_request)
+from tunefarm.host.service.handlers import (SMALL_BODY, STATIC_DIR, BundleHandler, DevicesHandler, FileHandler,
+                                            HeartbeatHandler, InfoHandler, JobActionHandler, JobHandler, JobsHandler,
+                                            LoginHandler, LogoutHandler, NotFoundHandler, PageHandler,
+                                            ProgressHandler, TasksHandler, log_request)
 from tunefarm.host.service.jobs import JobQueue
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import JobStore
@@ -129,8 +129,9 @@ class FarmService:
         self.tracker.start()
         self.tvm_pool.submit(_import_tvm)  # the first target check then waits for no import
         app = self.make_app()
-        limit = int(cfg.max_upload_mb * 1024 * 1024)
-        server = tornado.httpserver.HTTPServer(app, max_body_size=4 * limit + (1 << 20), xheaders=False)
+        # Small bodies by default (the sign-in form); each API handler sets its own limit before it reads a
+        # body (handlers.ApiHandler.body_limit: a job submission may carry the upload limit).
+        server = tornado.httpserver.HTTPServer(app, max_body_size=SMALL_BODY, xheaders=False)
         try:
             sockets = tornado.netutil.bind_sockets(cfg.port, address=cfg.bind)
         except OSError as err:
