@@ -383,6 +383,15 @@ def test_hostile_requests_are_4xx_answers_and_change_nothing(farm):
     assert [j["id"] for j in api(farm, "GET", "/api/jobs").json()["jobs"]] == ["q-first", "q-onnx"]
 
 
+def test_after_sign_in_only_a_plain_local_path_is_followed(farm):
+    """/\\evil.example is another host to a browser (it reads the backslash as a slash)."""
+    for target, where in (("/\\evil.example", "/"), ("//evil.example", "/"), ("/\t/evil.example", "/"),
+                          ("/jobs/q-first", "/jobs/q-first")):
+        resp = requests.post(farm["url"] + "/login", data={"token": farm["token"], "next": target},
+                             allow_redirects=False, timeout=10)
+        assert resp.status_code == 302 and resp.headers["Location"] == where, (target, resp.headers)
+
+
 def _browser(tmp_path: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

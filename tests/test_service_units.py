@@ -374,3 +374,10 @@ def test_a_corrupt_queue_file_is_a_one_line_error(tmp_path):
     with pytest.raises(TunefarmError) as info:
         JobStore(path)
     assert "is not a readable farm database" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_safe_next_refuses_backslashes_control_characters_and_other_hosts():
+    for value in ("/\\evil.example", "/\\\\evil.example", "/x\\y", "/\t/evil.example", "/\n/evil.example",
+                  "http:/evil.example", "//evil.example"):
+        assert safe_next(value) == "/", value
+    assert safe_next("/jobs/night?tab=tasks") == "/jobs/night?tab=tasks"
