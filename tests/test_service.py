@@ -6,12 +6,14 @@ The tests share one host and one agent (module fixture); the last one stops the 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -308,11 +310,11 @@ def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
     assert farm["host"].poll() is None and api(farm, "GET", "/api/info").status_code == 200
 
 
-def _onnx_matmul(path: Path) -> None:
+def _onnx_matmul(path: Path, seed: int = 0) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "w")
+    weight = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((32, 32)).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], [weight])
@@ -390,6 +392,56 @@ def test_after_sign_in_only_a_plain_local_path_is_followed(farm):
         resp = requests.post(farm["url"] + "/login", data={"token": farm["token"], "next": target},
                              allow_redirects=False, timeout=10)
         assert resp.status_code == 302 and resp.headers["Location"] == where, (target, resp.headers)
+
+
+def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_then_delete(farm, tmp_path):
+    """12 submissions of one name at once, each with its own ONNX file: one 201, eleven 409, and the job keeps
+    the file its own request sent. Then `tunefarm delete` refuses it while it is live, and removes it after."""
+    job_file = write_job(tmp_path / "race.yaml", "race", {"source": "onnx", "path": "m.onnx"}, 8)
+    text = job_file.read_text()
+    bodies = []
+    for seed in range(12):
+        _onnx_matmul(tmp_path / f"m{seed}.onnx", seed=seed)
+        bodies.append((tmp_path / f"m{seed}.onnx").read_bytes())
+    gate = threading.Barrier(len(bodies))
+
+    def one(body):
+        gate.wait()
+        return api(farm, "POST", "/api/jobs", files={"job": (None, text), "model": ("m.onnx", body)})
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(one, bodies))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] + [409] * (len(bodies) - 1), [(r.status_code, r.text[:200]) for r in answers]
+    refused = [r.json()["error"] for r in answers if r.status_code == 409]
+    assert all("a job named 'race' is already on this farm" in message for message in refused), refused
+    winner = [b for b, r in zip(bodies, answers) if r.status_code == 201][0]
+    job = api(farm, "GET", "/api/jobs/race").json()
+    upload = Path(job["spec"]["model"]["path"])
+    assert upload.read_bytes() == winner and sorted(p.name for p in upload.parent.iterdir()) == ["m.onnx"]
+    farm_dir = farm["base"] / "logs" / "farm"
+    assert not list((farm_dir / "tmp").glob("upload-*"))  # each refused request removed its own file
+
+    code, out = cli(farm, ["delete", "race"], "delete-live")
+    assert code == 2 and "cancel it first (tunefarm cancel race)" in out, out
+    assert api(farm, "GET", "/api/jobs/race").status_code == 200
+    code, out = cli(farm, ["cancel", "race"], "cancel-race")
+    assert code == 0, out
+    wait_state(farm, "race", ("cancelled",), 60)
+    code, out = cli(farm, ["delete", "race"], "delete-race")
+    assert code == 0 and "deleted race" in out, out
+    assert api(farm, "GET", "/api/jobs/race").status_code == 404
+    for path in (upload.parent, farm_dir / "specs" / "race.yaml", farm_dir / "runs" / "race.log",
+                 farm["base"] / "logs" / "race"):
+        assert not path.exists(), path
+    code, out = cli(farm, ["delete", "race"], "delete-gone")
+    assert code == 2 and "no job 'race' on this farm" in out, out
+    # A dashboard session may read, never delete: that needs the token.
+    session = requests.Session()
+    assert session.post(farm["url"] + "/login", data={"token": farm["token"]}, timeout=10).status_code == 200
+    assert session.get(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 200
+    assert session.delete(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 401
+    assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
 
 
 def _browser(tmp_path: Path):

@@ -376,6 +376,27 @@ def test_a_corrupt_queue_file_is_a_one_line_error(tmp_path):
     assert "is not a readable farm database" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_delete_removes_a_finished_job_and_everything_of_it_and_refuses_a_live_one(farm):
+    heartbeat(farm.store, "nuc:1", "cpu")
+    submit(farm, job_text(name="d1", model="{source: onnx, path: m.onnx}"), Upload("m.onnx", onnx_model_bytes()))
+    submit(farm, job_text(name="d2"))
+    with pytest.raises(ApiError) as info:
+        farm.queue.delete("d1")
+    assert info.value.status_code == 409 and info.value.message == (
+        "job d1 is queued; cancel it first (tunefarm cancel d1), then delete it")
+    farm.store.update_job("d1", state=CANCELLED)
+    farm.dir.spec("d1").write_text("spec")
+    farm.dir.run_log("d1").write_text("log")
+    job_dir = farm.views.job_dir("d1").path
+    job_dir.mkdir(parents=True)
+    (job_dir / "database_tuning_record.json").write_text("{}\n")
+    removed = farm.queue.delete("d1")
+    assert len(removed) == 4
+    assert farm.store.job("d1") is None and [j["id"] for j in farm.store.jobs()] == ["d2"]
+    for path in (farm.dir.spec("d1"), farm.dir.run_log("d1"), farm.dir.uploads("d1"), job_dir):
+        assert not os.path.lexists(path), path
+
+
 def test_safe_next_refuses_backslashes_control_characters_and_other_hosts():
     for value in ("/\\evil.example", "/\\\\evil.example", "/x\\y", "/\t/evil.example", "/\n/evil.example",
                   "http:/evil.example", "//evil.example"):

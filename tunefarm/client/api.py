@@ -1,5 +1,5 @@
 """The laptop's client of the host service's HTTP API: :class:`FarmClient` (submit, list, follow, cancel,
-resume, pull). The commands that print what it returns are :mod:`tunefarm.client.commands`.
+resume, pull, delete). The commands that print what it returns are :mod:`tunefarm.client.commands`.
 
 HTTP through ``requests`` (streams a response line by line for ``follow``, multipart uploads for
 ``submit``). Every failure is a one-line :class:`TunefarmError`: the farm's own ``{"error": ...}``
@@ -50,6 +50,9 @@ class FarmClient(FarmHTTP):
 
     def resume(self, job_id: str, trials: int | None = None) -> dict[str, Any]:
         return self.post_json(f"/api/jobs/{job_id}/resume", {"trials": trials} if trials else {})
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/jobs/{job_id}").json()
 
     def devices(self) -> dict[str, Any]:
         return self.get_json("/api/devices")

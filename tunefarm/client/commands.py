@@ -1,4 +1,4 @@
-"""The laptop's commands: ``tunefarm submit / jobs / follow / cancel / resume / pull`` and
+"""The laptop's commands: ``tunefarm submit / jobs / follow / cancel / resume / delete / pull`` and
 ``tunefarm devices --farm``, printing what :class:`~tunefarm.client.api.FarmClient` returns.
 
 Every failure is a one-line :class:`TunefarmError` (the CLI prints it and exits non-zero).
@@ -145,6 +145,12 @@ def cancel(job_id: str, farm: str | None) -> None:
 def resume(job_id: str, farm: str | None, trials: int | None) -> None:
     job = FarmClient.from_settings(farm).resume(job_id, trials)
     print(f"{job_id}: {job['state']} ({job['trials']}/{job['budget']} trials measured; they are kept)")
+
+
+def delete(job_id: str, farm: str | None) -> None:
+    result = FarmClient.from_settings(farm).delete(job_id)
+    print(f"deleted {job_id}: its queue entry and {len(result['removed'])} of its files and directories "
+          "(spec, upload, run log, job directory)")
 
 
 def pull(job_id: str, farm: str | None, output: str) -> None:

@@ -111,7 +111,7 @@ class FarmService:
             (r"/api/devices", DevicesHandler),
             (r"/api/devices/heartbeat", HeartbeatHandler),
             (r"/api/jobs", JobsHandler),
-            (rf"/api/jobs/{job}", JobHandler),
+            (rf"/api/jobs/{job}", JobHandler),  # GET; DELETE removes a finished job
             (rf"/api/jobs/{job}/(cancel|resume)", JobActionHandler),
             (rf"/api/jobs/{job}/progress", ProgressHandler),
             (rf"/api/jobs/{job}/tasks", TasksHandler),

@@ -272,6 +272,12 @@ class JobHandler(ApiHandler):
     def get(self, job_id):
         self.write_json(self.service.views.public_job(self.job_or_404(job_id), detail=True))
 
+    def delete(self, job_id):
+        self.job_or_404(job_id)
+        removed = self.service.jobs.delete(job_id)
+        self.service.views.forget(job_id)
+        self.write_json({"deleted": job_id, "removed": removed})
+
 
 class JobActionHandler(ApiHandler):
     def post(self, job_id, action):

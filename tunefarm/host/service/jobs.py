@@ -30,7 +30,7 @@ from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.farmdir import FarmDir
 from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
-from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobExists, JobStore
+from tunefarm.host.service.store import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, JobExists, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
 
 
@@ -323,6 +323,34 @@ class JobQueue:
                                 "(tunefarm resume JOB --trials N)")
         return self.store.update_job(job_id, note=note, state=QUEUED, cancel_requested=False, error=None,
                                      exit_code=None, finished=None, **fields)
+
+
+    def delete(self, job_id: str) -> list[str]:
+        """Remove a finished, failed or cancelled job: its queue entry, spec, upload, run log and job
+        directory. A queued or running job is refused (409: cancel it first). Returns what was removed."""
+        job = self.store.job(job_id)
+        if job["state"] not in FINAL_STATES or job_id in self.procs:
+            raise ApiError(409, f"job {job_id} is {job['state']}; cancel it first (tunefarm cancel {job_id}), "
+                                "then delete it")
+        removed = []
+        for path in (self.farm.spec(job_id), self.farm.run_log(job_id), self.farm.uploads(job_id),
+                     self.logs_dir / job_id):
+            if remove_path(path):
+                removed.append(str(path))
+        self.store.delete_job(job_id)
+        log(f"job {job_id}: deleted ({', '.join(removed) or 'no files'})")
+        return removed
+
+
+def remove_path(path: Path) -> bool:
+    """Remove a file, a link (never what it points to) or a directory tree; whether there was one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return True
+    if path.is_dir():
+        shutil.rmtree(path)
+        return True
+    return False
 
 
 def parse_submission(text: str) -> TuningJob:

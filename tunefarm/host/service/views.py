@@ -58,6 +58,11 @@ class FarmViews:
     def job_dir(self, job_id: str) -> JobDir:
         return JobDir(self.logs_dir / job_id)
 
+    def forget(self, job_id: str) -> None:
+        """Drop what is cached of a deleted job."""
+        self._summary_cache.pop(job_id, None)
+        self._tasks_cache.pop(job_id, None)
+
     def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         """The job's progress lines from line ``start`` on (jobdir.read_events), JSON-safe."""
         return clean(read_events(self.job_dir(job_id).file(jobdir.PROGRESS), start))
