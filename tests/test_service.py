@@ -394,6 +394,28 @@ def test_after_sign_in_only_a_plain_local_path_is_followed(farm):
         assert resp.status_code == 302 and resp.headers["Location"] == where, (target, resp.headers)
 
 
+MARKUP = "[/x]"  # rich markup that closes a tag never opened: printed as markup, rich raises MarkupError
+
+
+def test_markup_in_agent_and_job_text_is_printed_as_text(farm, tmp_path):
+    info = {"key": MARKUP, "agent_id": f"{MARKUP}agent", "hostname": MARKUP, "cpu_model": f"{MARKUP}cpu",
+            "target": {"kind": f"{MARKUP}llvm", "mcpu": MARKUP}}
+    assert heartbeat(farm, {"info": info, "interval_s": 2}).status_code == 200
+    code, out = cli(farm, ["devices"], "devices-markup")
+    assert code == 0 and f"{MARKUP}agent" in out and f"{MARKUP}cpu" in out and f"{MARKUP}llvm" in out, out
+    # A job on that key: its worker finds no agent on the tracker, and its error names the key.
+    job_file = write_job(tmp_path / "markup.yaml", "markup", {"source": "builtin", "name": "matmul"}, 8, key=MARKUP,
+                         runner={"device_wait_sec": 0})
+    code, out = cli(farm, ["submit", job_file], "submit-markup")
+    assert code == 0 and "submitted markup" in out, out
+    failed = wait_state(farm, "markup", ("failed",), 180)
+    assert f"no agent serves key '{MARKUP}'" in failed["error"], failed
+    code, out = cli(farm, ["jobs"], "jobs-markup")
+    assert code == 0 and "markup" in out and f"'{MARKUP}'" in out and "Traceback" not in out, out
+    code, out = cli(farm, ["delete", "markup"], "delete-markup")
+    assert code == 0 and "deleted markup" in out, out
+
+
 def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_then_delete(farm, tmp_path):
     """12 submissions of one name at once, each with its own ONNX file: one 201, eleven 409, and the job keeps
     the file its own request sent. Then `tunefarm delete` refuses it while it is live, and removes it after."""
