@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -160,6 +161,41 @@ def test_a_corrupt_queue_file_is_a_one_line_error_at_start(tmp_path):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
     assert f"{logs.resolve() / 'farm' / 'farm.sqlite3'} is not a readable farm database" in lines[0], out
     assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
+
+
+def test_a_farm_that_accepts_and_never_answers_is_an_error_within_half_a_minute(tmp_path):
+    """`tunefarm submit` to a listener on loopback that accepts connections and never answers."""
+    job = write_job(tmp_path / "silent.yaml", "silent", {"source": "builtin", "name": "matmul"}, 8)
+    held, stop = [], threading.Event()
+    with socket.create_server((HOST, 0)) as listener:
+        listener.settimeout(0.2)
+
+        def accept():
+            while not stop.is_set():
+                try:
+                    held.append(listener.accept()[0])
+                except OSError:
+                    continue
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        url = f"http://{HOST}:{listener.getsockname()[1]}"
+        env = {"TUNEFARM_FARM": url, "TUNEFARM_TOKEN": "t", "TUNEFARM_CLIENT_CONFIG": str(tmp_path / "none.yaml")}
+        start = time.monotonic()
+        proc = start_tunefarm(["submit", job], log_path=tmp_path / "submit.log", env=env)
+        try:
+            code = proc.wait(120)
+        finally:
+            stop_process(proc)
+            stop.set()
+            acceptor.join(5)
+            for conn in held:
+                conn.close()
+    took = time.monotonic() - start
+    lines = (tmp_path / "submit.log").read_text().strip().splitlines()
+    assert held, "the client never connected"
+    assert code == 2 and lines == [f"tunefarm: error: the farm at {url} did not answer within 20 s"], lines
+    assert took < 40, took
 
 
 def test_token_is_required_generated_private_and_never_logged(farm):
