@@ -628,6 +628,23 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
     apply_best_with_plain_tvm(out_dir / "best", json.loads((out_dir / "database" / "job_state.json").read_text())["target"])
 
 
+def test_files_and_the_pull_bundle_never_follow_a_link_out_of_the_job_dir(farm, night_job, tmp_path):
+    token_file = farm["base"] / "logs" / "farm" / "token"
+    (night_job / "leak.png").symlink_to(token_file)
+    (night_job / "leak.svg").symlink_to(token_file.parent)
+    resp = api(farm, "GET", "/api/jobs/night/files/leak.png")
+    assert resp.status_code == 404 and farm["token"] not in resp.text, resp.text
+    files = api(farm, "GET", "/api/jobs/night").json()["files"]
+    assert "leak.png" not in files and "leak.svg" not in files and "report.md" in files, files
+    assert api(farm, "GET", "/api/jobs/night/files/report.md").status_code == 200
+    out_dir = tmp_path / "pulled"
+    code, out = cli(farm, ["pull", "night", "-o", out_dir], "pull-links", timeout=300)
+    assert code == 0 and "pulled night" in out, out
+    pulled = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert (out_dir / "report.md") in pulled and not (out_dir / "leak.png").exists()
+    assert not any(farm["token"].encode() in p.read_bytes() for p in pulled)
+
+
 def test_device_goes_offline_when_its_heartbeats_stop(farm):
     """Last in this module: it stops the shared agent (kill -9, so no goodbye reaches the farm)."""
     agent_id = agent_id_of(farm["agent"])

@@ -376,6 +376,31 @@ def test_a_corrupt_queue_file_is_a_one_line_error(tmp_path):
     assert "is not a readable farm database" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_files_are_served_only_from_inside_the_job_directory_never_through_a_link(farm):
+    job_dir = farm.views.job_dir("p")
+    job_dir.path.mkdir(parents=True)
+    (job_dir.path / "report.md").write_text("# report\n")
+    secret = farm.dir.token
+    secret.write_text("s3cret\n")
+    (job_dir.path / "leak.png").symlink_to(secret)
+    (job_dir.path / "progress.jsonl").symlink_to(secret)
+    farm.dir.run_log("p").symlink_to(secret)
+    assert farm.views.job_files("p") == ["report.md"]
+    assert farm.views.read_file("p", "report.md") == b"# report\n"
+    for name in ("leak.png", "progress.jsonl", "tune.log"):
+        assert farm.views.read_file("p", name) is None and farm.views.file_path("p", name) is None
+    # A job directory that is itself a link out of the logs dir serves nothing.
+    outside = farm.logs_dir.parent / "elsewhere"
+    outside.mkdir()
+    (outside / "report.md").write_text("# not this farm's\n")
+    (farm.logs_dir / "q").symlink_to(outside)
+    assert farm.views.job_files("q") == [] and farm.views.read_file("q", "report.md") is None
+    # The bundle refuses a database that is a link (TVM would read what it points to).
+    (job_dir.path / "database_tuning_record.json").symlink_to(secret)
+    with pytest.raises(TunefarmError, match="is not a plain file in its job directory"):
+        farm.views.build_bundle("p")
+
+
 def test_delete_removes_a_finished_job_and_everything_of_it_and_refuses_a_live_one(farm):
     heartbeat(farm.store, "nuc:1", "cpu")
     submit(farm, job_text(name="d1", model="{source: onnx, path: m.onnx}"), Upload("m.onnx", onnx_model_bytes()))

@@ -359,7 +359,8 @@ class FileHandler(ApiHandler):
     def get(self, job_id, name):
         self.job_or_404(job_id)
         path = self.service.views.file_path(job_id, name)
-        if path is None:
+        data = self.service.views.read_file(job_id, name)
+        if path is None or data is None:
             raise ApiError(404, f"job {job_id} has no file '{name}' (available: "
                                 f"{', '.join(self.service.views.job_files(job_id)) or 'none yet'})")
         kinds = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png",
@@ -368,7 +369,7 @@ class FileHandler(ApiHandler):
         self.set_header("Content-Type", kinds.get(path.suffix, "application/octet-stream"))
         if self.get_argument("download", "0") == "1":
             self.set_header("Content-Disposition", f'attachment; filename="{job_id}-{name}"')
-        self.finish(path.read_bytes())
+        self.finish(data)
 
 
 class BundleHandler(ApiHandler):
