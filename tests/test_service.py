@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm, run_cli
+from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, tracker_answers
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
@@ -500,6 +500,47 @@ def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_the
     assert session.get(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 200
     assert session.delete(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 401
     assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+
+
+def test_the_host_restarts_its_tracker_when_it_dies(farm, request):
+    """kill -9 of the tracker the host started: the host notices, starts it again on its port, the agent
+    registers again by itself, and a job runs through the new tracker (the overnight job, which the next
+    tests take on)."""
+    tracker_port = farm["ports"][1]
+    state_path = farm["base"] / "logs" / "farm" / "tracker.json"
+    old = json.loads(state_path.read_text())
+    group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == old["pid"]]
+    assert len(group) >= 2, group  # `tunefarm tracker` and the TVM tracker process it runs
+    agent_id = agent_id_of(farm["agent"])
+    os.kill(old["pid"], signal.SIGKILL)  # the process the host started, only: its TVM tracker lives on
+    killed = time.monotonic()
+    host_log = farm["base"] / "host.log"
+    wait_until(lambda: f"tracker (pid {old['pid']}) died" in host_log.read_text(), 15, interval=0.2,
+               what="the host to notice its tracker died")
+    assert time.monotonic() - killed < 10
+
+    def restarted():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return state["pid"] != old["pid"] and tracker_answers(HOST, tracker_port)
+
+    wait_until(restarted, 90, interval=0.5, what="the tracker to answer again")
+    assert not [pid for pid in group if psutil.pid_exists(pid) and _pgid(pid) == old["pid"]]  # nothing left over
+    assert "starting it again on port" in host_log.read_text()
+    wait_until(lambda: any(a.agent_id == agent_id for a in listed_agents(HOST, tracker_port, "cpu")), 120,
+               interval=1.0, what="the agent to register with the new tracker")
+    assert device_row(farm, agent_id)["status"] == "online"
+    night = request.getfixturevalue("night_job")
+    wait_until(lambda: progress_lines(night), 300, interval=1.0, what="the overnight job's first measured batch")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _browser(tmp_path: Path):

@@ -52,6 +52,7 @@ from tunefarm.host.service.tracker_proc import HostTracker
 from tunefarm.host.service.views import FarmViews
 
 SCHEDULE_INTERVAL_MS = 500
+TRACKER_CHECK_MS = 2000  # how often the host looks whether its tracker still runs
 
 
 class FarmService:
@@ -79,6 +80,7 @@ class FarmService:
         self.store = JobStore(self.farm.database)  # before the token: a corrupt queue fails before it is shown
         self.token = load_token(config, self.farm.token)
         self.tracker = HostTracker(config, self.farm)
+        self._tracker_check: concurrent.futures.Future | None = None
         self.views = FarmViews(self.store, self.logs_dir, self.farm, self.tracker, config.device_offline_after_s)
         # TVM work (per-task tables, best-records export, target checks) runs here, off the event loop, one at
         # a time.
@@ -90,6 +92,12 @@ class FarmService:
         """The devices view's list (the tracker's and the heartbeats'); TunefarmError if the tracker is away."""
         tracker_view = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.tracker.devices)
         return self.views.devices_view(tracker_view, None)["devices"]
+
+    def check_tracker(self) -> None:
+        """Every few seconds: start the host's tracker again if it died (in a pool thread: it waits for the
+        new one to answer)."""
+        if self._tracker_check is None or self._tracker_check.done():
+            self._tracker_check = self.io_pool.submit(self.tracker.check)
 
     def shutdown(self) -> None:
         """Stop workers (their jobs go back to the queue) and the tracker this host runs."""
@@ -149,6 +157,8 @@ class FarmService:
         scheduler = tornado.ioloop.PeriodicCallback(self.jobs.schedule, SCHEDULE_INTERVAL_MS)
         scheduler.start()
         loop.add_callback(self.jobs.schedule)
+        tracker_watch = tornado.ioloop.PeriodicCallback(self.check_tracker, TRACKER_CHECK_MS)
+        tracker_watch.start()
 
         def on_signal(signum, _frame):
             log(f"stopping (signal {signum})")
@@ -159,6 +169,7 @@ class FarmService:
             loop.start()
         finally:
             scheduler.stop()
+            tracker_watch.stop()
             server.stop()
             self.shutdown()
             for sig, handler in old.items():
