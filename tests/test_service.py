@@ -6,12 +6,15 @@ The tests share one host and one agent (module fixture); the last one stops the 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm
+from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, tracker_answers
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
@@ -147,6 +150,54 @@ def night_job(farm, tmp_path_factory) -> Path:
     return farm["base"] / "logs" / "night"
 
 
+def test_a_corrupt_queue_file_is_a_one_line_error_at_start(tmp_path):
+    """No host runs here: `host serve` refuses before it starts anything."""
+    logs = tmp_path / "logs"
+    (logs / "farm").mkdir(parents=True)
+    (logs / "farm" / "farm.sqlite3").write_bytes(os.urandom(100))
+    code, out, _ = run_cli(["host", "serve", "--logs-dir", logs, "--port", free_port(HOST), "--tracker-port",
+                            free_port(HOST)], tmp_path / "serve.log", timeout=60)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+    assert f"{logs.resolve() / 'farm' / 'farm.sqlite3'} is not a readable farm database" in lines[0], out
+    assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
+
+
+def test_a_farm_that_accepts_and_never_answers_is_an_error_within_half_a_minute(tmp_path):
+    """`tunefarm submit` to a listener on loopback that accepts connections and never answers."""
+    job = write_job(tmp_path / "silent.yaml", "silent", {"source": "builtin", "name": "matmul"}, 8)
+    held, stop = [], threading.Event()
+    with socket.create_server((HOST, 0)) as listener:
+        listener.settimeout(0.2)
+
+        def accept():
+            while not stop.is_set():
+                try:
+                    held.append(listener.accept()[0])
+                except OSError:
+                    continue
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        url = f"http://{HOST}:{listener.getsockname()[1]}"
+        env = {"TUNEFARM_FARM": url, "TUNEFARM_TOKEN": "t", "TUNEFARM_CLIENT_CONFIG": str(tmp_path / "none.yaml")}
+        start = time.monotonic()
+        proc = start_tunefarm(["submit", job], log_path=tmp_path / "submit.log", env=env)
+        try:
+            code = proc.wait(120)
+        finally:
+            stop_process(proc)
+            stop.set()
+            acceptor.join(5)
+            for conn in held:
+                conn.close()
+    took = time.monotonic() - start
+    lines = (tmp_path / "submit.log").read_text().strip().splitlines()
+    assert held, "the client never connected"
+    assert code == 2 and lines == [f"tunefarm: error: the farm at {url} did not answer within 20 s"], lines
+    assert took < 40, took
+
+
 def test_token_is_required_generated_private_and_never_logged(farm):
     token_file = farm["base"] / "logs" / "farm" / "token"
     assert token_file.stat().st_mode & 0o777 == 0o600
@@ -200,6 +251,45 @@ def test_devices_show_the_agent_with_its_target(farm):
     assert mine and mine[0]["key"] == "cpu" and mine[0]["target"]["kind"] == "llvm"
     assert mine[0]["last_seen_s"] < 6 and mine[0]["source"] == "heartbeat"
     assert [(k["key"], k["total"]) for k in view["keys"]] == [("cpu", 1)]
+
+
+def heartbeat(farm: dict, body: dict | str, **kwargs) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)  # json.dumps writes inf as Infinity
+    return api(farm, "POST", "/api/devices/heartbeat", data=data, **kwargs)
+
+
+def device_row(farm: dict, agent_id: str) -> dict | None:
+    rows = [d for d in api(farm, "GET", "/api/devices").json()["devices"] if d["agent_id"] == agent_id]
+    return rows[0] if rows else None
+
+
+def test_heartbeats_are_checked_bounded_and_a_spoofed_goodbye_keeps_the_agent_online(farm):
+    info = {"key": "cpu", "agent_id": "hb-probe:1", "hostname": "hb-probe"}
+    for interval in (float("inf"), float("nan"), 1e9, 0.01, "2", True):
+        resp = heartbeat(farm, {"info": info, "interval_s": interval})
+        assert resp.status_code == 400 and "interval_s must be a number of seconds from 0.5 to 60" in \
+            resp.json()["error"], (interval, resp.text)
+    resp = heartbeat(farm, {"info": {**info, "num_cores": "many"}})
+    assert resp.status_code == 400 and "wrong type: num_cores" in resp.json()["error"], resp.text
+    nested = '{"info": ' + "[" * 20000 + "]" * 20000 + "}"  # under the body limit, too deep for json
+    resp = heartbeat(farm, nested)
+    assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"], resp.text
+    huge = {"info": {**info, "agent_id": "huge:1", "cpu_model": "x" * (50 << 20)}}
+    resp = heartbeat(farm, huge)
+    assert resp.status_code == 413 and "over this endpoint's limit of 65536 bytes" in resp.json()["error"], resp.text
+    assert device_row(farm, "hb-probe:1") is None and device_row(farm, "huge:1") is None  # nothing stored
+
+    # Someone with the token says goodbye in the name of the real agent, which the tracker still lists.
+    agent_id = agent_id_of(farm["agent"])
+    resp = heartbeat(farm, {"info": {"key": "cpu", "agent_id": agent_id}, "interval_s": 2, "stopping": True})
+    assert resp.status_code == 409 and "is still registered with the tracker" in resp.json()["error"], resp.text
+    real = device_row(farm, agent_id)  # at once: the agent's own next heartbeat would hide a goodbye taken
+    assert real["status"] == "online" and real["target"]["kind"] == "llvm", real
+    # The goodbye of an agent the tracker does not list is taken: offline at once.
+    assert heartbeat(farm, {"info": info, "interval_s": 2}).status_code == 200
+    assert device_row(farm, "hb-probe:1")["status"] == "online"
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "stopping": True}).status_code == 200
+    assert device_row(farm, "hb-probe:1")["status"] == "offline"
 
 
 def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
@@ -256,11 +346,11 @@ def test_bad_input_is_a_4xx_json_error_and_a_one_line_cli_error(farm, tmp_path):
     assert farm["host"].poll() is None and api(farm, "GET", "/api/info").status_code == 200
 
 
-def _onnx_matmul(path: Path) -> None:
+def _onnx_matmul(path: Path, seed: int = 0) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "w")
+    weight = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((32, 32)).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], [weight])
@@ -304,6 +394,153 @@ def test_queue_per_key_onnx_upload_cancel_and_resume(farm, tmp_path):
     wait_state(farm, "q-onnx", ("cancelled",), 40)
     history = [note for _, note in api(farm, "GET", "/api/jobs/q-onnx").json()["history"]]
     assert history[:2] == ["submitted", "cancelled while queued"] and history[2].startswith("resumed")
+
+
+def test_hostile_requests_are_4xx_answers_and_change_nothing(farm):
+    """Each of these was a 500; q-first is the cancelled job from above."""
+    before = api(farm, "GET", "/api/jobs/q-first").json()
+    job = "name: x\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    cases = [
+        (api(farm, "POST", "/api/jobs/q-first/resume", json={"trials": 10 ** 23}), 400,
+         "tuning.max_trials_global: 100000000000000000000000 is out of range"),
+        (api(farm, "GET", "/api/jobs/q-first/progress", params={"from": -5}), 400, "'from' must be a line number"),
+        (api(farm, "POST", "/api/jobs/q-first/resume", data="{\"trials\": " + "[" * 20000 + "]" * 20000 + "}"), 400,
+         "nested too deeply"),
+        (requests.post(farm["url"] + "/api/jobs", data=b"--b\r\nnot a part", timeout=30, headers={
+            "Authorization": f"Bearer {farm['token']}", "Content-Type": "multipart/form-data; boundary=b"}), 400,
+         "the request body is not a valid form"),
+        (api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: garbage-target\n")}), 400,
+         "job target: unknown target 'garbage-target': not a preset"),
+        (api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: {kind: no-such-kind}\n")}), 400,
+         'job target: bad target {"kind": "no-such-kind"}: '),
+    ]
+    for resp, status, message in cases:
+        assert resp.status_code == status and message in resp.json()["error"], (status, message, resp.text)
+    after = api(farm, "GET", "/api/jobs/q-first").json()
+    assert (after["state"], after["budget"], after["history"]) == (before["state"], before["budget"], before["history"])
+    assert [j["id"] for j in api(farm, "GET", "/api/jobs").json()["jobs"]] == ["q-first", "q-onnx"]
+
+
+def test_after_sign_in_only_a_plain_local_path_is_followed(farm):
+    """/\\evil.example is another host to a browser (it reads the backslash as a slash)."""
+    for target, where in (("/\\evil.example", "/"), ("//evil.example", "/"), ("/\t/evil.example", "/"),
+                          ("/jobs/q-first", "/jobs/q-first")):
+        resp = requests.post(farm["url"] + "/login", data={"token": farm["token"], "next": target},
+                             allow_redirects=False, timeout=10)
+        assert resp.status_code == 302 and resp.headers["Location"] == where, (target, resp.headers)
+
+
+MARKUP = "[/x]"  # rich markup that closes a tag never opened: printed as markup, rich raises MarkupError
+
+
+def test_markup_in_agent_and_job_text_is_printed_as_text(farm, tmp_path):
+    info = {"key": MARKUP, "agent_id": f"{MARKUP}agent", "hostname": MARKUP, "cpu_model": f"{MARKUP}cpu",
+            "target": {"kind": f"{MARKUP}llvm", "mcpu": MARKUP}}
+    assert heartbeat(farm, {"info": info, "interval_s": 2}).status_code == 200
+    code, out = cli(farm, ["devices"], "devices-markup")
+    assert code == 0 and f"{MARKUP}agent" in out and f"{MARKUP}cpu" in out and f"{MARKUP}llvm" in out, out
+    # A job on that key: its worker finds no agent on the tracker, and its error names the key.
+    job_file = write_job(tmp_path / "markup.yaml", "markup", {"source": "builtin", "name": "matmul"}, 8, key=MARKUP,
+                         runner={"device_wait_sec": 0})
+    code, out = cli(farm, ["submit", job_file], "submit-markup")
+    assert code == 0 and "submitted markup" in out, out
+    failed = wait_state(farm, "markup", ("failed",), 180)
+    assert f"no agent serves key '{MARKUP}'" in failed["error"], failed
+    code, out = cli(farm, ["jobs"], "jobs-markup")
+    assert code == 0 and "markup" in out and f"'{MARKUP}'" in out and "Traceback" not in out, out
+    code, out = cli(farm, ["delete", "markup"], "delete-markup")
+    assert code == 0 and "deleted markup" in out, out
+
+
+def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_then_delete(farm, tmp_path):
+    """12 submissions of one name at once, each with its own ONNX file: one 201, eleven 409, and the job keeps
+    the file its own request sent. Then `tunefarm delete` refuses it while it is live, and removes it after."""
+    job_file = write_job(tmp_path / "race.yaml", "race", {"source": "onnx", "path": "m.onnx"}, 8)
+    text = job_file.read_text()
+    bodies = []
+    for seed in range(12):
+        _onnx_matmul(tmp_path / f"m{seed}.onnx", seed=seed)
+        bodies.append((tmp_path / f"m{seed}.onnx").read_bytes())
+    gate = threading.Barrier(len(bodies))
+
+    def one(body):
+        gate.wait()
+        return api(farm, "POST", "/api/jobs", files={"job": (None, text), "model": ("m.onnx", body)})
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(one, bodies))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] + [409] * (len(bodies) - 1), [(r.status_code, r.text[:200]) for r in answers]
+    refused = [r.json()["error"] for r in answers if r.status_code == 409]
+    assert all("a job named 'race' is already on this farm" in message for message in refused), refused
+    winner = [b for b, r in zip(bodies, answers) if r.status_code == 201][0]
+    job = api(farm, "GET", "/api/jobs/race").json()
+    upload = Path(job["spec"]["model"]["path"])
+    assert upload.read_bytes() == winner and sorted(p.name for p in upload.parent.iterdir()) == ["m.onnx"]
+    farm_dir = farm["base"] / "logs" / "farm"
+    assert not list((farm_dir / "tmp").glob("upload-*"))  # each refused request removed its own file
+
+    code, out = cli(farm, ["delete", "race"], "delete-live")
+    assert code == 2 and "cancel it first (tunefarm cancel race)" in out, out
+    assert api(farm, "GET", "/api/jobs/race").status_code == 200
+    code, out = cli(farm, ["cancel", "race"], "cancel-race")
+    assert code == 0, out
+    wait_state(farm, "race", ("cancelled",), 60)
+    code, out = cli(farm, ["delete", "race"], "delete-race")
+    assert code == 0 and "deleted race" in out, out
+    assert api(farm, "GET", "/api/jobs/race").status_code == 404
+    for path in (upload.parent, farm_dir / "specs" / "race.yaml", farm_dir / "runs" / "race.log",
+                 farm["base"] / "logs" / "race"):
+        assert not path.exists(), path
+    code, out = cli(farm, ["delete", "race"], "delete-gone")
+    assert code == 2 and "no job 'race' on this farm" in out, out
+    # A dashboard session may read, never delete: that needs the token.
+    session = requests.Session()
+    assert session.post(farm["url"] + "/login", data={"token": farm["token"]}, timeout=10).status_code == 200
+    assert session.get(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 200
+    assert session.delete(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 401
+    assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+
+
+def test_the_host_restarts_its_tracker_when_it_dies(farm, request):
+    """kill -9 of the tracker the host started: the host notices, starts it again on its port, the agent
+    registers again by itself, and a job runs through the new tracker (the overnight job, which the next
+    tests take on)."""
+    tracker_port = farm["ports"][1]
+    state_path = farm["base"] / "logs" / "farm" / "tracker.json"
+    old = json.loads(state_path.read_text())
+    group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == old["pid"]]
+    assert len(group) >= 2, group  # `tunefarm tracker` and the TVM tracker process it runs
+    agent_id = agent_id_of(farm["agent"])
+    os.kill(old["pid"], signal.SIGKILL)  # the process the host started, only: its TVM tracker lives on
+    killed = time.monotonic()
+    host_log = farm["base"] / "host.log"
+    wait_until(lambda: f"tracker (pid {old['pid']}) died" in host_log.read_text(), 15, interval=0.2,
+               what="the host to notice its tracker died")
+    assert time.monotonic() - killed < 10
+
+    def restarted():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return state["pid"] != old["pid"] and tracker_answers(HOST, tracker_port)
+
+    wait_until(restarted, 90, interval=0.5, what="the tracker to answer again")
+    assert not [pid for pid in group if psutil.pid_exists(pid) and _pgid(pid) == old["pid"]]  # nothing left over
+    assert "starting it again on port" in host_log.read_text()
+    wait_until(lambda: any(a.agent_id == agent_id for a in listed_agents(HOST, tracker_port, "cpu")), 120,
+               interval=1.0, what="the agent to register with the new tracker")
+    assert device_row(farm, agent_id)["status"] == "online"
+    night = request.getfixturevalue("night_job")
+    wait_until(lambda: progress_lines(night), 300, interval=1.0, what="the overnight job's first measured batch")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _browser(tmp_path: Path):
@@ -432,6 +669,23 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
     apply_best_with_plain_tvm(out_dir / "best", json.loads((out_dir / "database" / "job_state.json").read_text())["target"])
 
 
+def test_files_and_the_pull_bundle_never_follow_a_link_out_of_the_job_dir(farm, night_job, tmp_path):
+    token_file = farm["base"] / "logs" / "farm" / "token"
+    (night_job / "leak.png").symlink_to(token_file)
+    (night_job / "leak.svg").symlink_to(token_file.parent)
+    resp = api(farm, "GET", "/api/jobs/night/files/leak.png")
+    assert resp.status_code == 404 and farm["token"] not in resp.text, resp.text
+    files = api(farm, "GET", "/api/jobs/night").json()["files"]
+    assert "leak.png" not in files and "leak.svg" not in files and "report.md" in files, files
+    assert api(farm, "GET", "/api/jobs/night/files/report.md").status_code == 200
+    out_dir = tmp_path / "pulled"
+    code, out = cli(farm, ["pull", "night", "-o", out_dir], "pull-links", timeout=300)
+    assert code == 0 and "pulled night" in out, out
+    pulled = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert (out_dir / "report.md") in pulled and not (out_dir / "leak.png").exists()
+    assert not any(farm["token"].encode() in p.read_bytes() for p in pulled)
+
+
 def test_device_goes_offline_when_its_heartbeats_stop(farm):
     """Last in this module: it stops the shared agent (kill -9, so no goodbye reaches the farm)."""
     agent_id = agent_id_of(farm["agent"])
@@ -446,4 +700,3 @@ def test_device_goes_offline_when_its_heartbeats_stop(farm):
     assert time.monotonic() - start < 20
     code, out = cli(farm, ["devices"], "devices-offline")
     assert code == 0 and agent_id in out and "offline" in out, out
-

@@ -76,10 +76,11 @@ def refused(farm, text: str, upload: Upload | None = None) -> tuple[int, str]:
     return info.value.status_code, info.value.message
 
 
-def onnx_model_bytes() -> bytes:
+def onnx_model_bytes(value: float = 1.0) -> bytes:
+    """A readable ONNX model; its bytes differ with ``value`` (its weight)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    weight = numpy_helper.from_array(np.full((8, 8), value, np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weight])
@@ -292,3 +293,140 @@ def test_load_token_generates_a_private_file_once_then_reads_it(tmp_path, capsys
     path.write_text("\n")
     with pytest.raises(TunefarmError, match="is empty; delete it to generate a new token"):
         load_token(FarmConfig(), path)
+
+
+# -- hostile input ------------------------------------------------------------------------------------------
+def test_concurrent_submissions_of_one_name_store_one_job_with_its_own_upload(farm):
+    heartbeat(farm.store, "nuc:1", "cpu")
+    bodies = [onnx_model_bytes(float(i)) for i in range(12)]
+    text = job_text(name="race", model="{source: onnx, path: m.onnx}")
+
+    async def devices():
+        await asyncio.sleep(0.01)  # the tracker's answer: every submission waits here, interleaved
+        return farm.views.devices_view([], None)["devices"]
+
+    async def one(body):
+        try:
+            return await farm.queue.submit(parse_submission(text), Upload("m.onnx", body), False, devices)
+        except ApiError as err:
+            return err
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+    results = asyncio.run(all_of_them())
+    accepted = [i for i, r in enumerate(results) if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, ApiError)]
+    assert len(accepted) == 1 and len(refused) == len(bodies) - 1, results
+    assert all(r.status_code == 409 and "a job named 'race' is already on this farm" in r.message for r in refused)
+    stored = farm.store.spec(farm.store.job("race"))
+    assert open(stored.model.path, "rb").read() == bodies[accepted[0]]
+    assert sorted(os.listdir(farm.dir.uploads("race"))) == ["m.onnx"]
+    assert list(farm.dir.tmp.iterdir()) == []  # every refused request removed its own staged file
+    assert [j["id"] for j in farm.store.jobs()] == ["race"]
+
+
+def test_the_store_refuses_a_second_job_of_one_name_in_its_insert(farm):
+    from tunefarm.host.service.store import JobExists
+
+    spec = parse_submission(job_text(name="twice"))
+    farm.store.add_job(spec, "builtin:matmul", False)
+    with pytest.raises(JobExists, match="queued"):
+        farm.store.add_job(spec, "builtin:matmul", False)
+    assert len(farm.store.jobs()) == 1
+
+
+def test_a_garbage_target_is_refused_at_submission_with_tvms_reason(farm):
+    heartbeat(farm.store, "nuc:1", "cpu")
+    for target, message in (("garbage-target", "job target: unknown target 'garbage-target'"),
+                            ("{kind: no-such-kind}", "job target: bad target {\"kind\": \"no-such-kind\"}: ")):
+        status, got = refused(farm, job_text(name="t") + f"target: {target}\n")
+        assert status == 400 and got.startswith(message) and "\n" not in got, got
+    assert farm.store.jobs() == []
+    job = submit(farm, job_text(name="t") + "target: {kind: llvm}\n")
+    assert farm.store.spec(job).target == {"kind": "llvm"}
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded():
+    # 10**7 leaves in a 500-byte target: parsed as shared lists, then expanded by anything that copies it
+    levels = ["  a: &a [x, x, x, x, x, x, x, x, x, x]\n"]
+    for i in range(6):
+        prev = chr(97 + i)
+        levels.append(f"  {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{prev}'] * 10)}]\n")
+    start = time.monotonic()
+    with pytest.raises(ApiError) as info:
+        parse_submission(job_text() + "target:\n" + "".join(levels))
+    assert info.value.status_code == 400 and "once its aliases are expanded" in info.value.message
+    assert time.monotonic() - start < 5
+
+
+def test_resume_with_an_out_of_range_budget_is_a_400_and_changes_nothing(farm):
+    heartbeat(farm.store, "nuc:1", "cpu")
+    submit(farm, job_text(trials=16))
+    farm.store.update_job("j", state=DONE)
+    with pytest.raises(ApiError) as info:
+        farm.queue.resume("j", 10 ** 23)
+    assert info.value.status_code == 400 and "out of range" in info.value.message, info.value.message
+    job = farm.store.job("j")
+    assert (job["state"], job["budget"]) == (DONE, 16)
+
+
+def test_a_corrupt_queue_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "farm.sqlite3"
+    path.write_bytes(os.urandom(100))
+    with pytest.raises(TunefarmError) as info:
+        JobStore(path)
+    assert "is not a readable farm database" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_files_are_served_only_from_inside_the_job_directory_never_through_a_link(farm):
+    job_dir = farm.views.job_dir("p")
+    job_dir.path.mkdir(parents=True)
+    (job_dir.path / "report.md").write_text("# report\n")
+    secret = farm.dir.token
+    secret.write_text("s3cret\n")
+    (job_dir.path / "leak.png").symlink_to(secret)
+    (job_dir.path / "progress.jsonl").symlink_to(secret)
+    farm.dir.run_log("p").symlink_to(secret)
+    assert farm.views.job_files("p") == ["report.md"]
+    assert farm.views.read_file("p", "report.md") == b"# report\n"
+    for name in ("leak.png", "progress.jsonl", "tune.log"):
+        assert farm.views.read_file("p", name) is None and farm.views.file_path("p", name) is None
+    # A job directory that is itself a link out of the logs dir serves nothing.
+    outside = farm.logs_dir.parent / "elsewhere"
+    outside.mkdir()
+    (outside / "report.md").write_text("# not this farm's\n")
+    (farm.logs_dir / "q").symlink_to(outside)
+    assert farm.views.job_files("q") == [] and farm.views.read_file("q", "report.md") is None
+    # The bundle refuses a database that is a link (TVM would read what it points to).
+    (job_dir.path / "database_tuning_record.json").symlink_to(secret)
+    with pytest.raises(TunefarmError, match="is not a plain file in its job directory"):
+        farm.views.build_bundle("p")
+
+
+def test_delete_removes_a_finished_job_and_everything_of_it_and_refuses_a_live_one(farm):
+    heartbeat(farm.store, "nuc:1", "cpu")
+    submit(farm, job_text(name="d1", model="{source: onnx, path: m.onnx}"), Upload("m.onnx", onnx_model_bytes()))
+    submit(farm, job_text(name="d2"))
+    with pytest.raises(ApiError) as info:
+        farm.queue.delete("d1")
+    assert info.value.status_code == 409 and info.value.message == (
+        "job d1 is queued; cancel it first (tunefarm cancel d1), then delete it")
+    farm.store.update_job("d1", state=CANCELLED)
+    farm.dir.spec("d1").write_text("spec")
+    farm.dir.run_log("d1").write_text("log")
+    job_dir = farm.views.job_dir("d1").path
+    job_dir.mkdir(parents=True)
+    (job_dir / "database_tuning_record.json").write_text("{}\n")
+    removed = farm.queue.delete("d1")
+    assert len(removed) == 4
+    assert farm.store.job("d1") is None and [j["id"] for j in farm.store.jobs()] == ["d2"]
+    for path in (farm.dir.spec("d1"), farm.dir.run_log("d1"), farm.dir.uploads("d1"), job_dir):
+        assert not os.path.lexists(path), path
+
+
+def test_safe_next_refuses_backslashes_control_characters_and_other_hosts():
+    for value in ("/\\evil.example", "/\\\\evil.example", "/x\\y", "/\t/evil.example", "/\n/evil.example",
+                  "http:/evil.example", "//evil.example"):
+        assert safe_next(value) == "/", value
+    assert safe_next("/jobs/night?tab=tasks") == "/jobs/night?tab=tasks"

@@ -328,6 +328,22 @@ def resume(job_id, farm, trials):
 @main.command()
 @click.argument("job_id")
 @_FARM_OPTION
+@_one_line_errors
+def delete(job_id, farm):
+    """Delete a finished, failed or cancelled JOB_ID from the farm, for good.
+
+    Removes its queue entry, its spec, its uploaded model, its run log and its job directory on the host
+    (the tuning database with every record: pull it first if you want to keep it). A queued or running
+    job is refused: cancel it first.
+    """
+    from tunefarm.client import commands
+
+    commands.delete(job_id, farm)
+
+
+@main.command()
+@click.argument("job_id")
+@_FARM_OPTION
 @click.option("-o", "--output", required=True, metavar="DIR", help="An empty or new directory.")
 @_one_line_errors
 def pull(job_id, farm, output):

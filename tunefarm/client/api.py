@@ -1,5 +1,5 @@
 """The laptop's client of the host service's HTTP API: :class:`FarmClient` (submit, list, follow, cancel,
-resume, pull). The commands that print what it returns are :mod:`tunefarm.client.commands`.
+resume, pull, delete). The commands that print what it returns are :mod:`tunefarm.client.commands`.
 
 HTTP through ``requests`` (streams a response line by line for ``follow``, multipart uploads for
 ``submit``). Every failure is a one-line :class:`TunefarmError`: the farm's own ``{"error": ...}``
@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.farm import FarmHTTP, FarmUnreachable
+from tunefarm.core.farm import CONNECT_TIMEOUT_S, FarmHTTP, FarmUnreachable
 from tunefarm.core.jobspec import load_job
+
+BUNDLE_WAIT_S = 600.0  # the farm packs a bundle (TVM exports the best records) before its first byte
 
 
 class FarmClient(FarmHTTP):
@@ -34,7 +36,7 @@ class FarmClient(FarmHTTP):
             files["model"] = (model.name, model.open("rb"), "application/octet-stream")
         files["skip_eval"] = (None, "1" if skip_eval else "0")
         try:
-            return self.request("POST", "/api/jobs", files=files, timeout=300).json()
+            return self.request("POST", "/api/jobs", files=files).json()
         finally:
             if "model" in files:
                 files["model"][1].close()
@@ -51,6 +53,9 @@ class FarmClient(FarmHTTP):
     def resume(self, job_id: str, trials: int | None = None) -> dict[str, Any]:
         return self.post_json(f"/api/jobs/{job_id}/resume", {"trials": trials} if trials else {})
 
+    def delete(self, job_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/api/jobs/{job_id}").json()
+
     def devices(self) -> dict[str, Any]:
         return self.get_json("/api/devices")
 
@@ -58,8 +63,9 @@ class FarmClient(FarmHTTP):
         """The job's progress lines from line ``start`` on, then (``follow``) each new one as it lands."""
         import requests  # pylint: disable=import-outside-toplevel
 
+        # the farm sends a line at least every 10 s
         resp = self.request("GET", f"/api/jobs/{job_id}/progress", params={"from": start, "follow": int(follow)},
-                            stream=True, timeout=(10, 60))  # the farm sends a line at least every 10 s
+                            stream=True, timeout=(CONNECT_TIMEOUT_S, 60))
         try:
             for line in resp.iter_lines():
                 if line:
@@ -70,7 +76,8 @@ class FarmClient(FarmHTTP):
             resp.close()
 
     def download_bundle(self, job_id: str, dest: Path) -> None:
-        resp = self.request("GET", f"/api/jobs/{job_id}/bundle", stream=True, timeout=600)
+        resp = self.request("GET", f"/api/jobs/{job_id}/bundle", stream=True,
+                            timeout=(CONNECT_TIMEOUT_S, BUNDLE_WAIT_S))
         with open(dest, "wb") as fh:
             for chunk in resp.iter_content(1 << 20):
                 fh.write(chunk)

@@ -1,4 +1,4 @@
-"""The laptop's commands: ``tunefarm submit / jobs / follow / cancel / resume / pull`` and
+"""The laptop's commands: ``tunefarm submit / jobs / follow / cancel / resume / delete / pull`` and
 ``tunefarm devices --farm``, printing what :class:`~tunefarm.client.api.FarmClient` returns.
 
 Every failure is a one-line :class:`TunefarmError` (the CLI prints it and exits non-zero).
@@ -25,6 +25,14 @@ def _console():
     if not console.is_terminal:
         console = Console(highlight=False, width=max(console.width, 160))
     return console
+
+
+def _text(value) -> str:
+    """Agent- or user-supplied text (an agent id, a key, a target, a model, an error) as it reads: rich would
+    take ``[/x]`` in it for markup (and fail on it)."""
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
+    return escape(str(value))
 
 
 def _ms(value) -> str:
@@ -62,17 +70,17 @@ def list_jobs(farm: str | None, as_json: bool) -> None:
 
     console = _console()
     if not jobs:
-        console.print(f"no jobs on {client.url} (submit one: tunefarm submit JOB.yaml)")
+        console.print(f"no jobs on {_text(client.url)} (submit one: tunefarm submit JOB.yaml)")
         return
-    table = Table(title=f"jobs on {client.url}")
+    table = Table(title=f"jobs on {_text(client.url)}")
     for col in ("job", "state", "key", "model", "trials", "best est.", "attempts", "submitted", "note"):
         table.add_column(col, justify="right" if col in ("trials", "attempts") else "left")
     colors = {"queued": "yellow", "running": "cyan", "done": "green", "failed": "red", "cancelled": "magenta"}
     for job in jobs:
         note = job.get("error") or (f"queue position {job['queue_position']}" if job.get("queue_position") else "")
-        table.add_row(job["id"], f"[{colors.get(job['state'], 'white')}]{job['state']}[/]", job["key"], job["model"],
-                      f"{job['trials']}/{job['budget']}", _ms(job.get("best_ms")), str(job["attempts"]),
-                      _ago(job["created"]), note)
+        table.add_row(_text(job["id"]), f"[{colors.get(job['state'], 'white')}]{_text(job['state'])}[/]",
+                      _text(job["key"]), _text(job["model"]), f"{job['trials']}/{job['budget']}",
+                      _ms(job.get("best_ms")), str(job["attempts"]), _ago(job["created"]), _text(note))
     console.print(table)
 
 
@@ -86,7 +94,7 @@ def follow(job_id: str, farm: str | None) -> None:
     client = FarmClient.from_settings(farm)
     job = client.job(job_id)
     console = _console()
-    progress = Progress(TextColumn(f"[bold]{job_id}"), BarColumn(), MofNCompleteColumn(),
+    progress = Progress(TextColumn(f"[bold]{_text(job_id)}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     bar = progress.add_task("tune", total=max(job["budget"], 1), completed=0, status=job["state"])
     line, state, lost_since = 0, None, None
@@ -101,7 +109,7 @@ def follow(job_id: str, farm: str | None) -> None:
                             est = event.get("estimated_ms")
                             progress.console.print(
                                 f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  "
-                                f"batch of {event['batch']} on {event['task']}"
+                                f"batch of {event['batch']} on {_text(event['task'])}"
                                 + (f" ({event['errors']} failed)" if event.get("errors") else "")
                                 + f"  trials {event['trials']}/{job['budget']}  best est. {_ms(est)}")
                             progress.update(bar, completed=min(event["trials"], job["budget"]))
@@ -111,9 +119,9 @@ def follow(job_id: str, farm: str | None) -> None:
                             if (job["state"], job["attempts"]) != state:
                                 state = (job["state"], job["attempts"])
                                 detail = (f" (attempt {job['attempts']})" if job["state"] == "running" else
-                                          f" (position {job.get('queue_position')} on key '{job['key']}')"
+                                          f" (position {job.get('queue_position')} on key '{_text(job['key'])}')"
                                           if job["state"] == "queued" else "")
-                                progress.console.print(f"{time.strftime('%H:%M:%S')}  job {job_id}: "
+                                progress.console.print(f"{time.strftime('%H:%M:%S')}  job {_text(job_id)}: "
                                                        f"{job['state']}{detail}")
                     if job["state"] in ("done", "failed", "cancelled"):
                         break
@@ -121,15 +129,16 @@ def follow(job_id: str, farm: str | None) -> None:
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > FOLLOW_RECONNECT_S:
                         raise
-                    progress.console.print(f"{time.strftime('%H:%M:%S')}  {err}; retrying (the job goes on at the "
-                                           "farm; Ctrl-C stops following)")
+                    progress.console.print(f"{time.strftime('%H:%M:%S')}  {_text(err)}; retrying (the job goes on at "
+                                           "the farm; Ctrl-C stops following)")
                     time.sleep(2.0)
     except KeyboardInterrupt:
-        console.print(f"stopped following; {job_id} goes on at the farm (tunefarm follow {job_id} to follow again)")
+        console.print(f"stopped following; {_text(job_id)} goes on at the farm (tunefarm follow {_text(job_id)} to "
+                      "follow again)")
         return
     if job["state"] == "done":
-        console.print(f"job {job_id} done: {job['trials']} trials, best est. {_ms(job.get('best_ms'))}; "
-                      f"pull it: tunefarm pull {job_id} -o DIR")
+        console.print(f"job {_text(job_id)} done: {job['trials']} trials, best est. {_ms(job.get('best_ms'))}; "
+                      f"pull it: tunefarm pull {_text(job_id)} -o DIR")
     elif job["state"] == "failed":
         raise TunefarmError(f"job {job_id} failed: {job.get('error')}", exit_code=3)
     else:
@@ -145,6 +154,12 @@ def cancel(job_id: str, farm: str | None) -> None:
 def resume(job_id: str, farm: str | None, trials: int | None) -> None:
     job = FarmClient.from_settings(farm).resume(job_id, trials)
     print(f"{job_id}: {job['state']} ({job['trials']}/{job['budget']} trials measured; they are kept)")
+
+
+def delete(job_id: str, farm: str | None) -> None:
+    result = FarmClient.from_settings(farm).delete(job_id)
+    print(f"deleted {job_id}: its queue entry and {len(result['removed'])} of its files and directories "
+          "(spec, upload, run log, job directory)")
 
 
 def pull(job_id: str, farm: str | None, output: str) -> None:
@@ -178,19 +193,20 @@ def print_farm_devices(farm: str | None, as_json: bool) -> None:
 
     console = _console()
     if view.get("tracker_error"):
-        console.print(f"[red]tracker:[/] {view['tracker_error']}")
+        console.print(f"[red]tracker:[/] {_text(view['tracker_error'])}")
     if not view["devices"]:
-        console.print(f"no devices have reported to {client.url} (start one: tunefarm agent --farm {client.url} "
-                      "--key KEY)")
+        console.print(f"no devices have reported to {_text(client.url)} (start one: tunefarm agent --farm "
+                      f"{_text(client.url)} --key KEY)")
         return
-    table = Table(title=f"devices of {client.url} (tracker {view['tracker']})")
+    table = Table(title=f"devices of {_text(client.url)} (tracker {_text(view['tracker'])})")
     for col in ("key", "agent", "status", "last seen", "target", "cpu", "job"):
         table.add_column(col)
     for dev in view["devices"]:
         status = dev["status"] + (", busy" if dev["busy"] else "")
         color = "green" if dev["status"] == "online" else "red"
         seen = f"{dev['last_seen_s']:.0f} s ago" if dev["last_seen_s"] is not None else dev["source"]
-        table.add_row(dev["key"], dev["agent_id"], f"[{color}]{status}[/]", seen, describe_target(dev["target"]),
-                      f"{dev['cpu'] or '?'} ({dev['num_cores']} cores, {dev.get('threads') or '?'} threads)",
-                      dev["job"] or "-")
+        table.add_row(_text(dev["key"]), _text(dev["agent_id"]), f"[{color}]{_text(status)}[/]", _text(seen),
+                      _text(describe_target(dev["target"])),
+                      _text(f"{dev['cpu'] or '?'} ({dev['num_cores']} cores, {dev.get('threads') or '?'} threads)"),
+                      _text(dev["job"] or "-"))
     console.print(table)

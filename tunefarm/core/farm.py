@@ -26,7 +26,12 @@ CLIENT_CONFIG_ENV = "TUNEFARM_CLIENT_CONFIG"
 HEARTBEAT_PATH = "/api/devices/heartbeat"
 HEARTBEAT_S = 2.0  # how often agents report to the host service (the service tells them so in its info)
 INFO_PATH = "/api/info"
-TIMEOUT_S = 30.0  # one API call (connect + answer)
+# One API call: at most CONNECT_TIMEOUT_S to connect (and for each send), then at most READ_TIMEOUT_S for
+# the answer's first byte and between bytes after it: a listener that accepts and never answers is an
+# error within about half a minute, not a hang.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 20.0
+TIMEOUT_S = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
 def auth_header(token: str) -> dict[str, str]:
@@ -94,7 +99,7 @@ class FarmUnreachable(TunefarmError):
 class FarmHTTP:
     """One farm's HTTP API: its URL and token; refusals and failures as one-line errors."""
 
-    def __init__(self, url: str, token: str, timeout: float = TIMEOUT_S):
+    def __init__(self, url: str, token: str, timeout: tuple[float, float] = TIMEOUT_S):
         import requests  # pylint: disable=import-outside-toplevel
 
         self.url = url
@@ -106,20 +111,27 @@ class FarmHTTP:
     def from_settings(cls, farm: str | None = None) -> "FarmHTTP":
         return cls(*farm_settings(farm))
 
-    def request(self, method: str, path: str, stream: bool = False, timeout: float | None = None, **kwargs):
+    def request(self, method: str, path: str, stream: bool = False, timeout: tuple[float, float] | None = None,
+                **kwargs):
+        """``timeout``: (connect, read) seconds; the read one bounds the wait for the first byte and every
+        pause after it."""
         import requests  # pylint: disable=import-outside-toplevel
 
+        connect, read = timeout or self.timeout
         try:
-            resp = self.session.request(method, self.url + path, stream=stream,
-                                        timeout=timeout or self.timeout, **kwargs)
+            resp = self.session.request(method, self.url + path, stream=stream, timeout=(connect, read), **kwargs)
+        except requests.ConnectTimeout:  # (also a ConnectionError: caught first)
+            raise FarmUnreachable(f"cannot reach the farm at {self.url}: no connection within {connect:g} s") \
+                from None
+        except requests.Timeout:
+            raise FarmUnreachable(f"the farm at {self.url} did not answer within {read:g} s") from None
         except requests.ConnectionError as err:
             reason = str(err.args[0]) if err.args else str(err)
             if "Connection refused" in reason:
                 reason = "connection refused"
+            elif "timed out" in reason:  # a send that stalled (the farm stopped reading)
+                reason = f"it stopped reading the request for {connect:g} s"
             raise FarmUnreachable(f"cannot reach the farm at {self.url}: {reason}") from None
-        except requests.Timeout:
-            raise FarmUnreachable(f"the farm at {self.url} did not answer within {timeout or self.timeout:g} s") \
-                from None
         if resp.status_code >= 400:
             try:
                 message = resp.json()["error"]

@@ -41,10 +41,10 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.farmdir import FarmDir
-from tunefarm.host.service.handlers import (STATIC_DIR, BundleHandler, DevicesHandler, FileHandler, HeartbeatHandler,
-                                            InfoHandler, JobActionHandler, JobHandler, JobsHandler, LoginHandler,
-                                            LogoutHandler, NotFoundHandler, PageHandler, ProgressHandler,
-                                            TasksHandler, log_request)
+from tunefarm.host.service.handlers import (SMALL_BODY, STATIC_DIR, BundleHandler, DevicesHandler, FileHandler,
+                                            HeartbeatHandler, InfoHandler, JobActionHandler, JobHandler, JobsHandler,
+                                            LoginHandler, LogoutHandler, NotFoundHandler, PageHandler,
+                                            ProgressHandler, TasksHandler, log_request)
 from tunefarm.host.service.jobs import JobQueue
 from tunefarm.host.service.log import log
 from tunefarm.host.service.store import JobStore
@@ -52,6 +52,7 @@ from tunefarm.host.service.tracker_proc import HostTracker
 from tunefarm.host.service.views import FarmViews
 
 SCHEDULE_INTERVAL_MS = 500
+TRACKER_CHECK_MS = 2000  # how often the host looks whether its tracker still runs
 
 
 class FarmService:
@@ -76,19 +77,27 @@ class FarmService:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        self.store = JobStore(self.farm.database)  # before the token: a corrupt queue fails before it is shown
         self.token = load_token(config, self.farm.token)
-        self.store = JobStore(self.farm.database)
         self.tracker = HostTracker(config, self.farm)
+        self._tracker_check: concurrent.futures.Future | None = None
         self.views = FarmViews(self.store, self.logs_dir, self.farm, self.tracker, config.device_offline_after_s)
-        self.jobs = JobQueue(config, self.logs_dir, self.farm, self.store, self.tracker)
-        # TVM work (per-task tables, best-records export) runs here, off the event loop, one at a time.
+        # TVM work (per-task tables, best-records export, target checks) runs here, off the event loop, one at
+        # a time.
         self.tvm_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="farm-tvm")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-io")
+        self.jobs = JobQueue(config, self.logs_dir, self.farm, self.store, self.tracker, tvm_pool=self.tvm_pool)
 
     async def online_devices(self) -> list[dict[str, Any]]:
         """The devices view's list (the tracker's and the heartbeats'); TunefarmError if the tracker is away."""
         tracker_view = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.tracker.devices)
         return self.views.devices_view(tracker_view, None)["devices"]
+
+    def check_tracker(self) -> None:
+        """Every few seconds: start the host's tracker again if it died (in a pool thread: it waits for the
+        new one to answer)."""
+        if self._tracker_check is None or self._tracker_check.done():
+            self._tracker_check = self.io_pool.submit(self.tracker.check)
 
     def shutdown(self) -> None:
         """Stop workers (their jobs go back to the queue) and the tracker this host runs."""
@@ -110,7 +119,7 @@ class FarmService:
             (r"/api/devices", DevicesHandler),
             (r"/api/devices/heartbeat", HeartbeatHandler),
             (r"/api/jobs", JobsHandler),
-            (rf"/api/jobs/{job}", JobHandler),
+            (rf"/api/jobs/{job}", JobHandler),  # GET; DELETE removes a finished job
             (rf"/api/jobs/{job}/(cancel|resume)", JobActionHandler),
             (rf"/api/jobs/{job}/progress", ProgressHandler),
             (rf"/api/jobs/{job}/tasks", TasksHandler),
@@ -126,9 +135,11 @@ class FarmService:
         self.jobs.recover()
         self.store.forget_devices_before(time.time() - 86400.0)  # offline for a day: gone from the list
         self.tracker.start()
+        self.tvm_pool.submit(_import_tvm)  # the first target check then waits for no import
         app = self.make_app()
-        limit = int(cfg.max_upload_mb * 1024 * 1024)
-        server = tornado.httpserver.HTTPServer(app, max_body_size=4 * limit + (1 << 20), xheaders=False)
+        # Small bodies by default (the sign-in form); each API handler sets its own limit before it reads a
+        # body (handlers.ApiHandler.body_limit: a job submission may carry the upload limit).
+        server = tornado.httpserver.HTTPServer(app, max_body_size=SMALL_BODY, xheaders=False)
         try:
             sockets = tornado.netutil.bind_sockets(cfg.port, address=cfg.bind)
         except OSError as err:
@@ -146,6 +157,8 @@ class FarmService:
         scheduler = tornado.ioloop.PeriodicCallback(self.jobs.schedule, SCHEDULE_INTERVAL_MS)
         scheduler.start()
         loop.add_callback(self.jobs.schedule)
+        tracker_watch = tornado.ioloop.PeriodicCallback(self.check_tracker, TRACKER_CHECK_MS)
+        tracker_watch.start()
 
         def on_signal(signum, _frame):
             log(f"stopping (signal {signum})")
@@ -156,6 +169,7 @@ class FarmService:
             loop.start()
         finally:
             scheduler.stop()
+            tracker_watch.stop()
             server.stop()
             self.shutdown()
             for sig, handler in old.items():
@@ -168,3 +182,7 @@ def serve(config_path: str | None, **overrides: Any) -> None:
     from tunefarm.host.service.config import load_farm_config  # pylint: disable=import-outside-toplevel
 
     FarmService(load_farm_config(config_path, **overrides)).run()
+
+
+def _import_tvm() -> None:
+    import tvm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
 
 from tunefarm.core.errors import TunefarmError
@@ -63,5 +64,12 @@ LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tunefarm
 
 
 def safe_next(value: str) -> str:
-    """Where to go after signing in: a path on this site only (never //other-host or a full URL)."""
-    return value if value.startswith("/") and not value.startswith("//") else "/"
+    """Where to go after signing in: a plain path on this site, else ``/``. Browsers read a backslash as a
+    slash and drop tabs and newlines, so ``/\\evil.example`` or ``/<tab>/evil.example`` would lead to
+    another host: a path with a backslash or a control character is refused too, as is ``//host``."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "/"
+    parts = urllib.parse.urlsplit(value)
+    return value if not (parts.scheme or parts.netloc) else "/"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from tunefarm.host.service.store import FINAL_STATES
 STATIC_DIR = Path(__file__).parent / "static"
 FOLLOW_POLL_S = 0.5
 FOLLOW_PING_S = 10.0
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.5, 60.0  # a heartbeat's announced interval
+MAX_TRACKER_TEXT = 256  # the tracker address a heartbeat reports
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -54,16 +57,52 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.get_signed_cookie(SESSION_COOKIE, max_age_days=30) == b"dashboard"
 
 
+# The largest body a request may carry, per endpoint: JSON calls and heartbeats are small; only a job
+# submission carries a model file (JobsHandler: the upload limit). Every API handler streams its body
+# (tornado.web.stream_request_body), so prepare() runs before any of it is read: a body over the limit is
+# refused (413) from its Content-Length, or (sent chunked) the connection is closed once it passes it,
+# and nothing past the limit is kept in memory.
+SMALL_BODY = 64 * 1024
+FORM_OVERHEAD = 1 << 20  # a submission: the job's YAML and the multipart framing, besides the model
+
+
+@tornado.web.stream_request_body
 class ApiHandler(BaseHandler):
     """JSON in, JSON out; every call needs the token (a dashboard session may read, never change)."""
 
+    def body_limit(self) -> int:
+        """How many bytes this request's body may have."""
+        return SMALL_BODY
+
+    def too_big(self, size: int) -> str:
+        return f"the request body ({size} bytes) is over this endpoint's limit of {self.body_limit()} bytes"
+
     def prepare(self):
+        self.chunks: list[bytes] = []
+        self.received = 0
+        limit = self.body_limit()
+        self.request.connection.set_max_body_size(limit)
         ok = token_ok(self.service.token, self.bearer())
         if not ok and self.request.method == "GET" and not self.request.headers.get("Authorization"):
             ok = self.has_session()
         if not ok:
             raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the farm's token "
                                 "is in logs/farm/token on the host; clients read TUNEFARM_TOKEN)")
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, self.too_big(int(length)))
+
+    def data_received(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received <= self.body_limit():
+            self.chunks.append(chunk)
+
+    def body(self) -> bytes:
+        """The request's body (at most body_limit() bytes: a 413 otherwise)."""
+        if self.received > self.body_limit():
+            raise ApiError(413, self.too_big(self.received))
+        body, self.chunks = b"".join(self.chunks), []
+        return body
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -94,12 +133,15 @@ class ApiHandler(BaseHandler):
         return job
 
     def json_body(self) -> dict[str, Any]:
-        if not self.request.body:
+        body = self.body()
+        if not body:
             return {}
         try:
-            data = json.loads(self.request.body)
+            data = json.loads(body)
         except ValueError:
             raise ApiError(400, "the request body is not JSON") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return data
@@ -135,45 +177,68 @@ class DevicesHandler(ApiHandler):
 
 
 class HeartbeatHandler(ApiHandler):
-    def post(self):
+    async def post(self):
+        svc = self.service
         body = self.json_body()
         info = body.get("info")
         if not isinstance(info, dict) or not info.get("agent_id") or not info.get("key"):
             raise ApiError(400, "a heartbeat carries 'info': the agent's DeviceInfo with agent_id and key")
         try:
-            interval = float(body.get("interval_s", HEARTBEAT_S))
-        except (TypeError, ValueError):
-            raise ApiError(400, "interval_s must be a number") from None
-        defaults = DeviceInfo(key="").to_json()
-        wrong = sorted(name for name, value in info.items()
-                       if name in defaults and not isinstance(value, type(defaults[name])))
-        if wrong or not all(isinstance(d, dict) for d in info.get("cuda", [])):
-            raise ApiError(400, f"heartbeat: DeviceInfo field(s) of the wrong type: {', '.join(wrong) or 'cuda'}")
-        device = DeviceInfo.from_json(info)
-        self.service.store.heartbeat(device.agent_id, device.key, device.to_json(), str(body.get("tracker", "")),
-                                     bool(body.get("listed")), bool(body.get("busy")), max(0.5, interval),
-                                     bool(body.get("stopping")))
+            device = DeviceInfo.from_json(info)  # types, sizes and nesting, as the tracker checks them
+        except ValueError as err:
+            wrong = [name for name, value in info.items() if not _valid_field(name, value)]
+            raise ApiError(400, f"heartbeat: DeviceInfo field(s) of the wrong type: {', '.join(wrong)} ({err})") \
+                from None
+        interval = body.get("interval_s", HEARTBEAT_S)
+        if (not isinstance(interval, (int, float)) or isinstance(interval, bool) or not math.isfinite(interval)
+                or not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S):
+            # a device's offline window is 3 intervals: 'inf' would keep a device online forever
+            raise ApiError(400, f"interval_s must be a number of seconds from {MIN_INTERVAL_S:g} to "
+                                f"{MAX_INTERVAL_S:g}")
+        tracker = body.get("tracker", "")
+        if not isinstance(tracker, str) or len(tracker) > MAX_TRACKER_TEXT:
+            raise ApiError(400, f"tracker must be a HOST:PORT string of at most {MAX_TRACKER_TEXT} characters")
+        stopping = bool(body.get("stopping"))
+        if stopping and device.agent_id in await self.tracker_agent_ids():
+            # Anyone with the token can send a heartbeat in any agent's name. An agent that stops cleanly
+            # stops its RPC server first (it leaves the tracker), then says goodbye; a goodbye for an agent
+            # the tracker still lists is someone else's, and taking the live agent offline would refuse
+            # submissions for its key. (Binding an agent id to the first reporter's address would not help
+            # on one machine or behind NAT, where every reporter has the same address.)
+            raise ApiError(409, f"heartbeat: agent {device.agent_id} is still registered with the tracker; a "
+                                "stopping heartbeat counts only once its server has left the tracker")
+        svc.store.heartbeat(device.agent_id, device.key, device.to_json(), tracker, bool(body.get("listed")),
+                            bool(body.get("busy")), float(interval), stopping)
         self.write_json({"ok": True, "heartbeat_s": HEARTBEAT_S})
 
+    async def tracker_agent_ids(self) -> set[str]:
+        """The agent ids the tracker lists now (none if it does not answer: then no agent can take jobs)."""
+        svc = self.service
+        try:
+            view = await asyncio.get_running_loop().run_in_executor(svc.io_pool, svc.tracker.devices)
+        except TunefarmError:
+            return set()
+        return {agent.agent_id for item in view for agent in item["agents"] if isinstance(agent, DeviceInfo)}
 
-@tornado.web.stream_request_body
+
+def _valid_field(name: str, value: Any) -> bool:
+    try:
+        DeviceInfo.from_json({"key": "", name: value})
+        return True
+    except ValueError:
+        return False
+
+
 class JobsHandler(ApiHandler):
     """GET: every job. POST (multipart: ``job`` = the YAML text, optional file ``model``, ``skip_eval``): submit."""
 
-    def prepare(self):
-        super().prepare()
-        self.chunks: list[bytes] = []
-        self.received = 0
-        self.limit = self.service.jobs.upload_limit
-        if self.request.method == "POST":
-            length = self.request.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > 4 * self.limit:
-                raise ApiError(413, upload_too_big(int(length), self.limit))
+    def body_limit(self) -> int:
+        if self.request.method == "POST":  # the limit is for the model; 1 MiB for the form
+            return self.service.jobs.upload_limit + FORM_OVERHEAD
+        return super().body_limit()
 
-    def data_received(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self.received <= self.limit + (1 << 20):  # the limit is for the model; 1 MiB for the form
-            self.chunks.append(chunk)
+    def too_big(self, size: int) -> str:
+        return upload_too_big(size, self.service.jobs.upload_limit)
 
     def get(self):
         svc = self.service
@@ -181,13 +246,13 @@ class JobsHandler(ApiHandler):
 
     async def post(self):
         svc = self.service
-        if self.received > self.limit + (1 << 20):
-            raise ApiError(413, upload_too_big(self.received, self.limit))
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
-        tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), b"".join(self.chunks),
-                                              args, files, self.request.headers)
-        self.chunks = []
+        try:
+            tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), self.body(),
+                                                  args, files, self.request.headers)
+        except tornado.httputil.HTTPInputError as err:
+            raise ApiError(400, f"the request body is not a valid form: {err}") from None
         if not args.get("job"):
             raise ApiError(400, "no job: send the job file's YAML as the form field 'job' (multipart/form-data)")
         try:
@@ -206,6 +271,12 @@ class JobsHandler(ApiHandler):
 class JobHandler(ApiHandler):
     def get(self, job_id):
         self.write_json(self.service.views.public_job(self.job_or_404(job_id), detail=True))
+
+    def delete(self, job_id):
+        self.job_or_404(job_id)
+        removed = self.service.jobs.delete(job_id)
+        self.service.views.forget(job_id)
+        self.write_json({"deleted": job_id, "removed": removed})
 
 
 class JobActionHandler(ApiHandler):
@@ -234,7 +305,9 @@ class ProgressHandler(ApiHandler):
         try:
             line = int(self.get_argument("from", "0"))
         except ValueError:
-            raise ApiError(400, "'from' must be a line number") from None
+            line = -1
+        if line < 0:
+            raise ApiError(400, "'from' must be a line number (0 or more)")
         follow = self.get_argument("follow", "0") in ("1", "true")
         svc = self.service
         self.set_header("Content-Type", "application/x-ndjson")
@@ -286,7 +359,8 @@ class FileHandler(ApiHandler):
     def get(self, job_id, name):
         self.job_or_404(job_id)
         path = self.service.views.file_path(job_id, name)
-        if path is None:
+        data = self.service.views.read_file(job_id, name)
+        if path is None or data is None:
             raise ApiError(404, f"job {job_id} has no file '{name}' (available: "
                                 f"{', '.join(self.service.views.job_files(job_id)) or 'none yet'})")
         kinds = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png",
@@ -295,7 +369,7 @@ class FileHandler(ApiHandler):
         self.set_header("Content-Type", kinds.get(path.suffix, "application/octet-stream"))
         if self.get_argument("download", "0") == "1":
             self.set_header("Content-Disposition", f'attachment; filename="{job_id}-{name}"')
-        self.finish(path.read_bytes())
+        self.finish(data)
 
 
 class BundleHandler(ApiHandler):

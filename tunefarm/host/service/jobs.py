@@ -9,27 +9,28 @@ database: the queue relies on that after a restart (:meth:`JobQueue.recover`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import psutil
-import yaml
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict
+from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict, parse_yaml
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.farmdir import FarmDir
 from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import STOP_GRACE_S, process_alive, stop_group
-from tunefarm.host.service.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
+from tunefarm.host.service.store import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, JobExists, JobStore
 from tunefarm.host.service.tracker_proc import HostTracker
 
 
@@ -41,6 +42,10 @@ class Upload:
     body: bytes
 
 
+UPLOAD_PREFIX = "upload-"  # a submission's model file in LOGS/farm/tmp/ until its job is stored
+SUBMISSION = "job"  # how a submitted job file is named in its errors
+
+
 def upload_too_big(size: int, limit: int) -> str:
     return (f"upload of {size / 2**20:.1f} MiB is over this farm's limit of {limit / 2**20:.0f} MiB "
             "(max_upload_mb in the farm config)")
@@ -49,8 +54,10 @@ def upload_too_big(size: int, limit: int) -> str:
 class JobQueue:
     """The queue in the store, and the workers that run its jobs."""
 
-    def __init__(self, config: FarmConfig, logs_dir: Path, farm: FarmDir, store: JobStore, tracker: HostTracker):
+    def __init__(self, config: FarmConfig, logs_dir: Path, farm: FarmDir, store: JobStore, tracker: HostTracker,
+                 tvm_pool: concurrent.futures.Executor | None = None):
         self.config = config
+        self.tvm_pool = tvm_pool  # where TVM work runs (the target check); None: asyncio's default pool
         self.logs_dir = logs_dir
         self.farm = farm
         self.store = store
@@ -69,14 +76,16 @@ class JobQueue:
         """Queue a submitted job: the stored job, or an ApiError saying which rule it breaks.
 
         The rules: its name is not taken; an ONNX job comes with its model file (within the upload
-        limit), other jobs with none; a builtin model is known; an agent that is online serves its
-        device key (``devices``: the devices view's list, tracker and heartbeats); the ONNX file is
-        readable. Nothing is stored for a refused job.
+        limit), other jobs with none; a builtin model is known; a target other than ``from-agent`` is one
+        TVM accepts; an agent that is online serves its device key (``devices``: the devices view's list,
+        tracker and heartbeats); the ONNX file is readable. Nothing is stored for a refused job.
+
+        The event loop runs other requests while this one awaits (the tracker, TVM, the ONNX check), so
+        the name is checked again in the store's transaction that inserts the job (:meth:`JobStore.add_job`),
+        and the upload goes to this request's own temporary file, moved into the job's upload dir only
+        once the job is stored: a refused request removes its own file, never another's.
         """
-        if self.store.job(job.name) is not None:
-            state = self.store.job(job.name)["state"]
-            raise ApiError(409, f"a job named '{job.name}' is already on this farm ({state}); "
-                                f"resume it (tunefarm resume {job.name}) or give the job a new name")
+        self._refuse_taken(job.name, self.store.job(job.name))
         if job.model.source == "onnx":
             if upload is None or not upload.body:
                 raise ApiError(400, "model.source is onnx but no model file came with the job "
@@ -91,6 +100,11 @@ class JobQueue:
             if job.model.name not in BUILTIN_MODELS:
                 raise ApiError(400, f"unknown builtin model {job.model.name!r}; known: "
                                     f"{', '.join(sorted(BUILTIN_MODELS))}")
+        loop = asyncio.get_running_loop()
+        if job.target != "from-agent":
+            problem = await loop.run_in_executor(self.tvm_pool, target_problem, job.target)
+            if problem:
+                raise ApiError(400, f"job target: {problem}")
         try:
             listed = await devices()
         except TunefarmError as err:
@@ -105,27 +119,60 @@ class JobQueue:
             known = ", ".join(f"{k} ({n})" for k, n in sorted(served.items())) or "none"
             raise ApiError(409, f"no agent serves device key '{job.device.key}' on this farm (keys with agents: "
                                 f"{known}); start one: tunefarm agent --farm URL --key {job.device.key}")
-        if job.model.source == "onnx":
-            upload_dir = self.farm.uploads(job.name)
-            upload_dir.mkdir(parents=True, exist_ok=True)
-            name = Path(upload.filename or "model.onnx").name
-            if not JOB_NAME_RE.match(name):
-                name = "model.onnx"
-            model_path = upload_dir / name
-            model_path.write_bytes(upload.body)
-            problem = await asyncio.get_running_loop().run_in_executor(None, onnx_problem, model_path)
-            if problem:
-                shutil.rmtree(upload_dir, ignore_errors=True)
-                raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
-            job.model.path = str(model_path)
-        job.device.tracker = self.tracker.addr
-        model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
-        record = self.store.add_job(job, model, skip_eval)
+        staged = None
+        try:
+            if job.model.source == "onnx":
+                staged = await loop.run_in_executor(None, self._stage_upload, upload.body)
+                problem = await loop.run_in_executor(None, onnx_problem, staged)
+                if problem:
+                    raise ApiError(400, f"the uploaded model is not a readable ONNX file: {problem}")
+                name = Path(upload.filename or "model.onnx").name
+                if not JOB_NAME_RE.match(name):
+                    name = "model.onnx"
+                job.model.path = str(self.farm.uploads(job.name) / name)
+            job.device.tracker = self.tracker.addr
+            model = f"{job.model.source}:{job.model.name or Path(job.model.path).name}"
+            try:
+                record = self.store.add_job(job, model, skip_eval)
+            except JobExists as err:
+                self._refuse_taken(job.name, {"state": str(err)})
+            if staged is not None:
+                try:
+                    Path(job.model.path).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged, job.model.path)
+                except OSError as err:
+                    self.store.delete_job(job.name)
+                    raise ApiError(500, f"could not keep the uploaded model: {err}") from None
+                staged = None
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
         log(f"job {job.name}: submitted ({model} on key '{job.device.key}', {job.tuning.max_trials_global} trials)")
         return record
 
+    @staticmethod
+    def _refuse_taken(name: str, existing: dict[str, Any] | None) -> None:
+        if existing is not None:
+            raise ApiError(409, f"a job named '{name}' is already on this farm ({existing['state']}); "
+                                f"resume it (tunefarm resume {name}) or give the job a new name")
+
+    def _stage_upload(self, body: bytes) -> Path:
+        """``body`` in a new file of its own under the farm's tmp dir (blocking: call from a pool thread)."""
+        self.farm.tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=".onnx", dir=self.farm.tmp)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+        except BaseException:
+            os.unlink(name)
+            raise
+        return Path(name)
+
     def recover(self) -> None:
-        """Jobs left ``running`` by a host that died: stop any orphaned worker, then queue them again."""
+        """Jobs left ``running`` by a host that died: stop any orphaned worker, then queue them again; and
+        remove the uploads of submissions it was still checking."""
+        for staged in self.farm.tmp.glob(UPLOAD_PREFIX + "*"):
+            staged.unlink(missing_ok=True)
         for job in self.store.jobs((RUNNING,)):
             orphan = process_alive(job["pid"], job["pid_started"])
             if orphan is not None:
@@ -265,6 +312,10 @@ class JobQueue:
                 raise ApiError(400, f"--trials {trials} is not above the job's budget of "
                                     f"{spec.tuning.max_trials_global}")
             spec.tuning.max_trials_global = trials
+            try:  # the typed spec's own ranges (jobspec.RANGES): 10**23 trials is a 400, not an overflow
+                spec = job_from_dict(spec.to_dict(), "resume")
+            except TunefarmError as err:
+                raise ApiError(400, f"--trials {trials}: {err}") from None
             fields["spec"] = spec
             note += f"; budget raised to {trials} trials"
         elif job["state"] == DONE:
@@ -274,21 +325,63 @@ class JobQueue:
                                      exit_code=None, finished=None, **fields)
 
 
+    def delete(self, job_id: str) -> list[str]:
+        """Remove a finished, failed or cancelled job: its queue entry, spec, upload, run log and job
+        directory. A queued or running job is refused (409: cancel it first). Returns what was removed."""
+        job = self.store.job(job_id)
+        if job["state"] not in FINAL_STATES or job_id in self.procs:
+            raise ApiError(409, f"job {job_id} is {job['state']}; cancel it first (tunefarm cancel {job_id}), "
+                                "then delete it")
+        removed = []
+        for path in (self.farm.spec(job_id), self.farm.run_log(job_id), self.farm.uploads(job_id),
+                     self.logs_dir / job_id):
+            if remove_path(path):
+                removed.append(str(path))
+        self.store.delete_job(job_id)
+        log(f"job {job_id}: deleted ({', '.join(removed) or 'no files'})")
+        return removed
+
+
+def remove_path(path: Path) -> bool:
+    """Remove a file, a link (never what it points to) or a directory tree; whether there was one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return True
+    if path.is_dir():
+        shutil.rmtree(path)
+        return True
+    return False
+
+
 def parse_submission(text: str) -> TuningJob:
-    """A submitted job file's text as a TuningJob; a 400 ApiError with the one-line reason."""
+    """A submitted job file's text as a TuningJob; a 400 ApiError with the one-line reason. The YAML is
+    bounded before anything is built (jobspec.parse_yaml): an alias bomb is refused, not expanded."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ApiError(400, f"malformed job YAML{at}: {problem}") from None
+        data = parse_yaml(text, SUBMISSION)
+    except TunefarmError as err:
+        message = str(err)
+        malformed = f"{SUBMISSION}: malformed YAML"
+        if message.startswith(malformed):
+            message = "malformed job YAML" + message[len(malformed):]
+        raise ApiError(400, message) from None
     try:
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("source") == "onnx":
             data["model"].setdefault("path", "uploaded.onnx")  # the upload decides; see submit()
         return job_from_dict(data, "job")
     except TunefarmError as err:
         raise ApiError(400, str(err)) from None
+
+
+def target_problem(spec: Any) -> str | None:
+    """Why TVM refuses a job's target (a preset name, a tag or a target dict), in one line, or None
+    (blocking, imports TVM: call in the service's TVM pool)."""
+    from tunefarm.core.targets import target_from_spec  # pylint: disable=import-outside-toplevel
+
+    try:
+        target_from_spec(spec)
+    except TunefarmError as err:
+        return str(err)
+    return None
 
 
 def onnx_problem(path: Path) -> str | None:

@@ -43,3 +43,26 @@ def stop_group(pid: int, started: float | None, timeout: float = STOP_GRACE_S) -
         except psutil.Error:
             return
 
+
+
+LEFTOVER_WINDOW_S = 60.0
+
+
+def kill_group_leftovers(pgid: int, started: float) -> list[int]:
+    """SIGKILL what is left of the process group of a dead leader ``pgid`` (started at ``started``): the
+    processes of that group started within a minute after it, i.e. the children it started as it came up.
+    (A group id is not reused while a member lives; should it be reused after all, by a new process with
+    the same pid, that one's group would be younger than this window.) Returns their pids."""
+    killed = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            if not started - 1.0 <= proc.info["create_time"] <= started + LEFTOVER_WINDOW_S:
+                continue
+            proc.kill()
+            proc.wait(10)
+            killed.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return killed

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import TuningJob, job_from_dict
 
 # Job states. ``queued`` and ``running`` are the live ones; the others are final until a resume.
@@ -61,6 +62,10 @@ _JOB_COLUMNS = ("seq", "id", "key", "state", "spec", "model", "budget", "skip_ev
                 "history")
 
 
+class JobExists(Exception):
+    """A job of that name is already stored (its state is the message)."""
+
+
 class JobStore:
     """Jobs and devices in SQLite (``logs/farm/farm.sqlite3`` by default)."""
 
@@ -68,10 +73,16 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.DatabaseError as err:  # not a database, or a damaged one: one line, not a traceback
+            self.db.close()
+            raise TunefarmError(f"{self.path} is not a readable farm database ({err}); move it aside to start "
+                                "with an empty queue (the job directories are kept)") from None
 
     def close(self) -> None:
         self.db.close()
@@ -88,14 +99,28 @@ class JobStore:
         return job
 
     def add_job(self, spec: TuningJob, model: str, skip_eval: bool) -> dict[str, Any]:
-        """Queue ``spec`` (its name is the job's id, its device key the job's key)."""
+        """Queue ``spec`` (its name is the job's id, its device key the job's key); JobExists if the name is
+        taken. The name check and the insert are one transaction: of concurrent submissions of one name,
+        exactly one is stored."""
         now = time.time()
         history = json.dumps([[now, "submitted"]])
-        self.db.execute("INSERT INTO jobs (id, key, state, spec, model, budget, skip_eval, created, history) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (spec.name, spec.device.key, QUEUED, _dump_spec(spec), model, spec.tuning.max_trials_global,
-                         int(skip_eval), now, history))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (spec.name,)).fetchone()
+            if row is not None:
+                raise JobExists(row["state"])
+            self.db.execute("INSERT INTO jobs (id, key, state, spec, model, budget, skip_eval, created, history) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (spec.name, spec.device.key, QUEUED, _dump_spec(spec), model,
+                             spec.tuning.max_trials_global, int(skip_eval), now, history))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         return self.job(spec.name)
+
+    def delete_job(self, job_id: str) -> None:
+        self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         return self._job(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tarfile
 import tempfile
@@ -58,6 +59,11 @@ class FarmViews:
     def job_dir(self, job_id: str) -> JobDir:
         return JobDir(self.logs_dir / job_id)
 
+    def forget(self, job_id: str) -> None:
+        """Drop what is cached of a deleted job."""
+        self._summary_cache.pop(job_id, None)
+        self._tasks_cache.pop(job_id, None)
+
     def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         """The job's progress lines from line ``start`` on (jobdir.read_events), JSON-safe."""
         return clean(read_events(self.job_dir(job_id).file(jobdir.PROGRESS), start))
@@ -81,18 +87,45 @@ class FarmViews:
         return summary
 
     def job_files(self, job_id: str) -> list[str]:
+        """The job's files that may be served: plain files where they say they are (see :meth:`plain_file`)."""
         job_dir = self.job_dir(job_id)
-        names = [n for n in jobdir.SHARED_FILES if job_dir.file(n).is_file()]
-        if job_dir.path.is_dir():
-            names += sorted(p.name for p in job_dir.path.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file())
-        if self.farm.run_log(job_id).is_file():
+        names = [n for n in jobdir.SHARED_FILES if self.plain_file(job_dir.file(n))]
+        if self.unlinked(job_dir.path, self.logs_dir) and job_dir.path.is_dir():
+            names += sorted(p.name for p in job_dir.path.iterdir() if p.suffix in PLOT_SUFFIXES and self.plain_file(p))
+        if self.plain_file(self.farm.run_log(job_id)):
             names.append(RUN_LOG)
         return names
+
+    def plain_file(self, path: Path) -> bool:
+        """Whether ``path`` (in a job directory or the farm's run logs) is a regular file reached without a
+        link: a link in a job directory to the farm's token, say, must not serve the token."""
+        return self.unlinked(path, self.logs_dir) and path.is_file()
+
+    @staticmethod
+    def unlinked(path: Path, folder: Path) -> bool:
+        """Whether ``path`` lies below ``folder`` with no link on the way (nor itself one)."""
+        try:
+            where = Path(os.path.realpath(folder)) / Path(path).relative_to(folder)
+            return Path(os.path.realpath(path)) == where
+        except (OSError, ValueError):  # ValueError: not below folder at all
+            return False
 
     def file_path(self, job_id: str, name: str) -> Path | None:
         if name not in self.job_files(job_id):
             return None
         return self.farm.run_log(job_id) if name == RUN_LOG else self.job_dir(job_id).file(name)
+
+    def read_file(self, job_id: str, name: str) -> bytes | None:
+        """A job's file (job_files), opened without following a link; None if it is not one."""
+        path = self.file_path(job_id, name)
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None  # replaced by a link (or removed) since it was checked
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read()
 
     def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
         out = {k: job[k] for k in ("id", "key", "state", "model", "budget", "skip_eval", "created", "started",
@@ -150,8 +183,10 @@ class FarmViews:
 
         job_dir = self.job_dir(job_id)
         record_file = job_dir.file(jobdir.DB_RECORDS)
-        if not job_dir.file(jobdir.TASKS).is_file() or not record_file.is_file():
-            return []
+        workload = job_dir.file(jobdir.DB_WORKLOAD)
+        if not (self.plain_file(job_dir.file(jobdir.TASKS)) and self.plain_file(record_file)) or (
+                os.path.lexists(workload) and not self.plain_file(workload)):
+            return []  # missing, or a link: TVM would read what it points to
         stamp = record_file.stat().st_mtime
         cached = self._tasks_cache.get(job_id)
         if cached and cached[0] == stamp:
@@ -167,17 +202,21 @@ class FarmViews:
         job_dir = self.job_dir(job_id)
         if not job_dir.file(jobdir.DB_RECORDS).is_file():
             raise TunefarmError(f"job {job_id} has no tuning records yet")
+        present = [name for name in BUNDLE_DATABASE if os.path.lexists(job_dir.file(name))]
+        linked = [name for name in present if not self.plain_file(job_dir.file(name))]
+        if linked:  # export_best would read through them: refuse rather than serve what they point to
+            raise TunefarmError(f"job {job_id}'s {', '.join(linked)} is not a plain file in its job directory "
+                                "(a link?); the bundle is not built")
         work = Path(tempfile.mkdtemp(prefix=f"bundle-{job_id}-", dir=self.farm.tmp))
         try:
             export_best(job_dir.path, work / "best")
             (work / "database").mkdir()
-            for name in BUNDLE_DATABASE:
-                if job_dir.file(name).is_file():
-                    shutil.copy2(job_dir.file(name), work / "database" / name)
+            for name in present:
+                shutil.copy2(job_dir.file(name), work / "database" / name, follow_symlinks=False)
             for name in self.job_files(job_id):
                 if name in BUNDLE_DATABASE:
                     continue
-                shutil.copy2(self.file_path(job_id, name), work / name)
+                shutil.copy2(self.file_path(job_id, name), work / name, follow_symlinks=False)
             archive = work.with_suffix(".tar.gz")
             with tarfile.open(archive, "w:gz") as tar:
                 for path in sorted(work.rglob("*")):
