@@ -37,6 +37,7 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
+from tunefarm.core.credential import KEY_FILE_ENV, load_farm_key
 from tunefarm.core.errors import TunefarmError
 from tunefarm.host.service.auth import cookie_secret, load_token
 from tunefarm.host.service.config import FarmConfig
@@ -61,6 +62,9 @@ class FarmService:
 
     def __init__(self, config: FarmConfig):
         self.config = config
+        if config.farm_key_file:  # the tracker and the workers this host starts inherit it
+            os.environ[KEY_FILE_ENV] = str(Path(config.farm_key_file).resolve())
+        load_farm_key()  # a one-line error now for a key file that is unreadable or readable by others
         self.logs_dir = Path(config.logs_dir).resolve()
         self.farm = FarmDir(self.logs_dir / "farm")
         self.farm.create()

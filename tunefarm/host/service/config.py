@@ -28,6 +28,11 @@ class FarmConfig:
     max_running_jobs: int = 4  # at most one per device key in any case
     max_upload_mb: float = 256.0  # model files uploaded with a job
     device_offline_after_s: float = 10.0  # no heartbeat for this long: the device shows offline
+    # The farm key agents and workers prove to the host's tracker (tunefarm.core.credential); unset: the
+    # default key file (~/.config/tunefarm/farm.key, created if missing). Agents on other machines need a copy.
+    farm_key_file: str | None = None
+    # Device keys on which the host's tracker admits stock TVM servers and clients without the farm key.
+    open_keys: list = dataclasses.field(default_factory=list)
 
 
 def load_farm_config(path: str | Path | None, **overrides: Any) -> FarmConfig:
@@ -55,6 +60,11 @@ def load_farm_config(path: str | Path | None, **overrides: Any) -> FarmConfig:
         if value is None or default is None:
             if value is not None and not isinstance(value, str):
                 raise TunefarmError(f"{where}: {name} must be a string")
+            continue
+        if isinstance(default, list):
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            if not ok:
+                raise TunefarmError(f"{where}: {name} must be a list of non-empty strings (got {value!r})")
             continue
         if isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -75,8 +75,10 @@ class HostTracker:
         """Start ``tunefarm tracker`` on the configured port and wait until it answers."""
         cfg = self.config
         local = parse_hostport(self.addr)[0]
-        proc = start_tunefarm(["tracker", "--host", cfg.tracker_bind, "--port", cfg.tracker_port],
-                              log_path=self.farm.tracker_log)
+        args = ["tracker", "--host", cfg.tracker_bind, "--port", cfg.tracker_port]
+        for key in cfg.open_keys:
+            args += ["--open-key", key]
+        proc = start_tunefarm(args, log_path=self.farm.tracker_log)
         deadline = time.monotonic() + TRACKER_START_S
         while not tracker_answers(local, cfg.tracker_port):
             if proc.poll() is not None or time.monotonic() > deadline:
