@@ -63,7 +63,7 @@ class FarmService:
     def __init__(self, config: FarmConfig):
         self.config = config
         if config.farm_key_file:  # the tracker and the workers this host starts inherit it
-            os.environ[KEY_FILE_ENV] = str(Path(config.farm_key_file).resolve())
+            os.environ[KEY_FILE_ENV] = str(Path(config.farm_key_file).expanduser().resolve())
         load_farm_key()  # a one-line error now for a key file that is unreadable or readable by others
         self.logs_dir = Path(config.logs_dir).resolve()
         self.farm = FarmDir(self.logs_dir / "farm")
