@@ -29,26 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def draw_candidates(n: int, seed: int = 0):
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from tunefarm.core.jobspec import ModelSpec
-    from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
-
-    target = tvm.target.Target(llvm_target())
-    model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
-    mod = fuse_for_tuning(to_relax(model), target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name]
-    task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
-    ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name, rand_state=seed)
-    ctx.pre_tuning(max_trials=n, num_trials_per_iter=n, design_spaces=ctx.generate_design_space())
-    cands = ctx.generate_measure_candidates()
-    return task.task_name, target, [ms.builder.BuilderInput(c.sch.mod, target) for c in cands]
+from bench.workloads import draw_candidates  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -31,7 +31,7 @@ os.environ.setdefault(THREADS_ENV, str(usable_cores()))
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from build_scaling import draw_candidates  # the same fixed candidates as the build benchmark
+    from bench.workloads import draw_candidates  # the same fixed candidates as the build benchmark
     from tunefarm.host.tuning.builder import FarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
     from tunefarm.host.tuning.runner import FarmRunner

@@ -61,7 +61,7 @@ def main():
     from tunefarm.host.tuning.job import tune_job
 
     from build_scaling import cpu_model
-    from tuning_speed import bench_job
+    from bench.workloads import bench_job
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="0,1,2,4")

@@ -32,6 +32,8 @@ from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
 
 os.environ.setdefault(THREADS_ENV, str(usable_cores()))
 
+from bench.workloads import bench_job, measure_local, time_to_reach  # noqa: E402
+
 
 def best_curve_callback(events: list, task_weights: list[float], t0_box: list):
     from tvm.ir.utils import derived_object
@@ -52,41 +54,6 @@ def best_curve_callback(events: list, task_weights: list[float], t0_box: list):
                            + len(runner_results) or len(runner_results), "estimated_ms": est})
 
     return Curve()
-
-
-def measure_local(mod, target, database, repeat=30) -> dict:
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    from tunefarm.core.stats import latency_stats
-    from tunefarm.host.tuning.evaluate import apply_database
-
-    applied, scheduled, unscheduled = apply_database(mod, target, database)
-    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32"))
-    vm.set_input("main", x)
-    vm.time_evaluator("invoke_stateful", tvm.cpu(), number=3, repeat=1)("main")
-    res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)("main")
-    stats = latency_stats(res.results, warmup=3)
-    stats["tuned_functions"] = f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}"
-    return stats
-
-
-def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int, per_task: int, per_iter: int,
-              population: int, warm_start: bool = False, build_key: str = "", builder_workers: int = 0):
-    """The tuning job every benchmark runs: a torchvision model at batch 1, the same runner settings as stock's
-    (number=2, min_repeat_ms=20), seed 0."""
-    from tunefarm.core.jobspec import job_from_dict
-    from tunefarm.core.targets import target_to_json
-
-    return job_from_dict({
-        "name": name, "model": {"source": "torchvision", "name": model, "input_shape": [1, 3, 224, 224]},
-        "device": {"key": key, "tracker": tracker}, "target": target_to_json(target),
-        "tuning": {"max_trials_global": trials, "max_trials_per_task": per_task, "num_trials_per_iter": per_iter,
-                   "population_size": population, "seed": 0, "warm_start": warm_start},
-        "builder": {"workers": builder_workers, "timeout_sec": 300 if build_key else 120, "key": build_key},
-        "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
 
 
 def run_stock(mod, target, args, work_dir: Path) -> dict:
@@ -136,16 +103,6 @@ def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int
         shutil.copytree(work_dir / "bench", keep)
     return {"wall_s": wall, "tuning_wall_s": tuned["tuning_wall_s"], "curve": curve,
             "database": tuned["database"], "mod": tuned["mod"], "time_split": tuned["time_split"]}
-
-
-def time_to_reach(curve: list, target_ms: float | None) -> float | None:
-    """First wall time at which the best estimated latency is at or below ``target_ms``."""
-    if target_ms is None:
-        return None
-    for ev in curve:
-        if ev.get("estimated_ms") and ev["estimated_ms"] <= target_ms * (1 + 1e-9):
-            return ev["elapsed_s"]
-    return None
 
 
 def plot(results: dict, model: str, trials: int, cpus: int, path: Path) -> None:

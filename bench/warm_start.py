@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def run(job_name: str, model: str, logs_dir: Path, farm, target, args, warm: bool) -> dict:
     from tunefarm.host.tuning.job import tune_job
 
-    from tuning_speed import bench_job, measure_local
+    from bench.workloads import bench_job, measure_local
 
     job = bench_job(job_name, model, farm.addr, "bench", target, args.trials, args.per_iter, args.per_iter,
                     args.population, warm_start=warm)
@@ -84,7 +84,7 @@ def main():
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.testing.localfarm import LocalFarm
 
-    from tuning_speed import time_to_reach
+    from bench.workloads import time_to_reach
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed-model", default="resnet50")
