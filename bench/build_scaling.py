@@ -7,7 +7,7 @@ Draws a fixed set of candidates (random traces of ResNet-18's heaviest conv task
 times how long each configuration takes to build all of them, on this machine:
   stock-LocalBuilder   tvm.s_tir.meta_schedule.builder.LocalBuilder (max_workers = --stock-workers,
                        default host cores)
-  farm-host            tunefarm's FarmBuilder on the host, warm workers (max_workers = host cores)
+  farm-host            tunefarm's WarmBuilder on the host, warm workers (max_workers = host cores)
   farm-host-Kc         the same, limited to K cores (--host-workers, default --cores-per-agent; its
                        workers pinned to the first K cores): one machine of one agent's size building alone
   agents-N             N build agents (`tunefarm agent --key build`), each pinned with taskset
@@ -71,7 +71,7 @@ def timed_build(builder, inputs) -> dict:
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import AgentBuilder, WarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--skip-stock", action="store_true", help="skip stock LocalBuilder (slow: ~20 s/worker/batch)")
     parser.add_argument("--stock-workers", type=int, default=0, help="stock LocalBuilder's max_workers (default: host cores)")
     parser.add_argument("--host-workers", type=int, default=-1,
-                        help="also time FarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
+                        help="also time WarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     host_workers = args.cores_per_agent if args.host_workers < 0 else args.host_workers
@@ -107,14 +107,14 @@ def main():
         stock_workers = args.stock_workers or len(cores)
         label = "stock-LocalBuilder" + (f"-{stock_workers}w" if stock_workers != len(cores) else "")
         record(label, timed_build(ms.builder.LocalBuilder(max_workers=stock_workers, timeout_sec=300), inputs))
-    farm = FarmBuilder(workers=len(cores), timeout_sec=300)
+    farm = WarmBuilder(workers=len(cores), timeout_sec=300)
     farm.build(inputs[:len(cores)])  # warm the workers, as they are during a job
     record("farm-host", timed_build(farm, inputs))
     farm.shutdown()
     if 0 < host_workers < len(cores):
         os.sched_setaffinity(0, cores[:host_workers])  # the pool's workers inherit it; so does the timing
         try:
-            farm = FarmBuilder(workers=host_workers, timeout_sec=300)
+            farm = WarmBuilder(workers=host_workers, timeout_sec=300)
             farm.build(inputs[:host_workers])
             record(f"farm-host-{host_workers}c", timed_build(farm, inputs))
             farm.shutdown()
@@ -132,7 +132,7 @@ def main():
                     farm.add_agent("build", cpus=cores[i * args.cores_per_agent:(i + 1) * args.cores_per_agent],
                                    name=f"agent-{n}-{i}", wait=False)
                 farm.wait_for_agents("build", n)
-                builder = FarmBuilder(timeout_sec=300, build_key="build", tracker=farm.tracker_addr)
+                builder = AgentBuilder(farm.tracker_addr, "build", timeout_sec=300)
                 builder.build(inputs[:n])  # first session per agent: imports are paid before timing
                 builder.remote_builds.clear()
                 row = timed_build(builder, inputs)

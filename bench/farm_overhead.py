@@ -32,7 +32,7 @@ def main():
     from tvm.s_tir import meta_schedule as ms
 
     from bench.workloads import draw_candidates  # the same fixed candidates as the build benchmark
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import WarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
     from tunefarm.host.tuning.runner import FarmRunner
 
@@ -45,7 +45,7 @@ def main():
 
     load_start = os.getloadavg()
     task_name, target, inputs = draw_candidates(args.candidates)
-    builder = FarmBuilder(timeout_sec=300)
+    builder = WarmBuilder(timeout_sec=300)
     built = builder.build(inputs)
     builder.shutdown()
     args_info = [ms.arg_info.ArgInfo.from_prim_func(i.mod["main"]) for i in inputs]

@@ -7,7 +7,7 @@ seed) through a real tracker, with the machine's cores split by taskset:
   host      this process (MetaSchedule's search, cost model, task scheduler): the first C cores;
   measure   one agent on key "measure" that runs every candidate: the next C cores;
   build-i   build agents on key "build" (builder.key), C cores each, after those.
-Row "agents-0" is the host building alone on its own C cores (FarmBuilder's warm workers); rows
+Row "agents-0" is the host building alone on its own C cores (WarmBuilder's warm workers); rows
 "agents-N" send every build to N agents. C = --cores-per-agent. Per row: wall time of the tuning
 (tune_job), trials, trials/minute, best estimated latency, and how many candidates each build agent
 built. Writes bench/results/tuning_scaling-<name>.{json,md} after every row; ratios vs agents-0.

@@ -39,7 +39,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import job_builder
     from tunefarm.host.tuning.measured_cache import MeasuredCache
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.host.tuning.runner import FarmRunner
@@ -126,9 +126,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
         progress = JobProgress(job_dir, [task_names[i] for i in todo], weights, trials_before + remaining,
                                console, {todo.index(i): v for i, v in best_before.items() if i in todo},
                                trials_before)
-        builder = FarmBuilder(workers=job.builder.workers, timeout_sec=job.builder.timeout_sec, cache=cache,
-                              build_key=job.builder.key, tracker=(host, port),
-                              device_wait_sec=job.runner.device_wait_sec)
+        builder = job_builder(job.builder, (host, port), job.runner.device_wait_sec, cache=cache)
         runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
                             device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
@@ -163,7 +161,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dic
                                f"({progress.trials - trials_before} failed); first error: "
                                f"{first[-1] if first else 'unknown'} (see {job_dir / 'logs'})")
         runner_stats = {"per_agent": dict(runner.per_agent), "failures": dict(runner.failures),
-                        "cache_hits": cache.hits, "built_on_agents": dict(builder.remote_builds)}
+                        "cache_hits": cache.hits, "built_on_agents": dict(getattr(builder.builder, "remote_builds", {}))}
     else:
         console.print("budget already spent: nothing left to tune")
 
