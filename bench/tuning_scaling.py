@@ -106,12 +106,12 @@ def main():
                 curve = [json.loads(line) for line in (work / "logs" / job.name / "progress.jsonl").read_text().splitlines()]
                 ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
                 trials = curve[-1]["trials"] if curve else 0
-                wall = tuned["tuning_wall_s"]
+                wall = tuned.wall_s
                 rows[f"agents-{n}"] = {"builds_on": f"{n} agent(s) x {c} cores" if n else f"host, {c} cores",
                                        "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
                                        "best_estimated_ms": min(ests) if ests else None,
-                                       "built_on_agents": tuned["runner_stats"].get("built_on_agents", {}),
-                                       "measured_on": tuned["runner_stats"].get("per_agent", {})}
+                                       "built_on_agents": tuned.built_on_agents,
+                                       "measured_on": tuned.per_agent}
                 print(write(Path(args.out), stem, meta, rows), flush=True)
             finally:
                 farm.stop_agents("build")

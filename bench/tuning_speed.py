@@ -97,12 +97,12 @@ def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int
     shift = curve[0]["time"] - curve[0]["elapsed_s"] - t0 if curve else 0.0
     for ev in curve:  # elapsed from the start of tune_job, like the stock curve
         ev["elapsed_s"] = ev["elapsed_s"] + shift
-    assert tuned["mod"] is not None
+    assert tuned.mod is not None
     if keep:  # the job directory, for bench/model_latency.py
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(work_dir / "bench", keep)
-    return {"wall_s": wall, "tuning_wall_s": tuned["tuning_wall_s"], "curve": curve,
-            "database": tuned["database"], "mod": tuned["mod"], "time_split": tuned["time_split"]}
+    return {"wall_s": wall, "tuning_wall_s": tuned.wall_s, "curve": curve,
+            "database": tuned.database, "mod": tuned.mod, "time_split": tuned.time_split}
 
 
 def plot(results: dict, model: str, trials: int, cpus: int, path: Path) -> None:

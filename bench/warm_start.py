@@ -51,7 +51,7 @@ def run(job_name: str, model: str, logs_dir: Path, farm, target, args, warm: boo
             "warm_start": {k: v for k, v in state.get("warm_start", {}).items() if k != "per_workload"},
             "warm_workloads": len(state.get("warm_start", {}).get("per_workload", {})),
             "tasks": len(json.loads((job_dir / "tasks.json").read_text())),
-            "latency": measure_local(tuned["mod"], target, tuned["database"])}
+            "latency": measure_local(tuned.mod, target, tuned.database)}
 
 
 def plot(results: dict, title: str, path: Path) -> None:

@@ -140,7 +140,7 @@ def onnxruntime_baseline(model, ev, work_dir: Path, threads: int) -> dict[str, A
     return {"outputs": outs, "latency": lat, "version": ort.__version__, "threads": threads}
 
 
-def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
+def evaluate_job(tuned, console) -> dict[str, Any]:
     """Compile, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
     # pylint: disable=import-outside-toplevel
     import tvm
@@ -148,11 +148,11 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
     from tunefarm.host.reports.tuning import write_report
     from tunefarm.tracker.client import TrackerClient
 
-    job, target, mod, database = tuned["job"], tuned["target"], tuned["mod"], tuned["database"]
+    job, target, mod, database = tuned.job, tuned.target, tuned.mod, tuned.database
     ev = job.evaluate
-    model = tuned["model"]
-    job_dir: Path = tuned["job_dir"]
-    tracker_addr = tuned["tracker"]
+    model = tuned.model
+    job_dir: Path = tuned.job_dir
+    tracker_addr = tuned.tracker
     build_dir = Path(tempfile.mkdtemp(prefix="tunefarm-eval-"))
 
     with console.status("compiling the tuned and the untuned builds"):
@@ -169,7 +169,7 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
             try:
                 res = run_on_device(tracker_addr, job.device.key, libs[name], model.inputs, ev.warmup, ev.repeat,
                                     device_type=device_type_of(target), wait_s=job.runner.device_wait_sec,
-                                    on_wait=tuned["on_wait"])
+                                    on_wait=tuned.on_wait)
             except TunefarmError:
                 raise
             except Exception as err:  # pylint: disable=broad-except
