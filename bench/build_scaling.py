@@ -1,6 +1,6 @@
 """Build throughput: the host building alone against agents that build for the farm.
 
-    python bench/build_scaling.py [--agents 1,2,4] [--candidates 32] [--cores-per-agent 1]
+    python -m bench.build_scaling [--agents 1,2,4] [--candidates 32] [--cores-per-agent 1]
                                   [--host-workers K] [--stock-workers W] [--skip-stock]
 
 Draws a fixed set of candidates (random traces of ResNet-18's heaviest conv task, fixed seed) and
@@ -21,25 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.workloads import draw_candidates  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from bench import common
+from bench.workloads import draw_candidates
 
 
 def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -47,9 +33,9 @@ def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
     (out / f"build_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     base = next(iter(rows.values()))
     lines = [f"# Build throughput: {meta['candidates']} candidates of ResNet-18 {meta['task']} ({meta['date']})", "",
-             f"Host: {meta['host']}, {meta['host_cores']} cores ({meta['cpu']}), load average at start {meta['loadavg']}"
-             + (f"; build agents pinned to {meta['cores_per_agent']} core(s) each." if any(r.startswith("agents-") for r in rows)
-                else "."), "",
+             common.describe(common.finish(meta))
+             + (f" Build agents pinned to {meta['cores_per_agent']} core(s) each." if any(r.startswith("agents-") for r in rows)
+                else ""), "",
              "| configuration | wall s | built | failed | candidates/min | vs first row |",
              "| --- | --- | --- | --- | --- | --- |"]
     for label, row in rows.items():
@@ -74,11 +60,12 @@ def main():
     from tunefarm.host.tuning.builder import AgentBuilder, WarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.build_scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="1,2")
     parser.add_argument("--candidates", type=int, default=32)
     parser.add_argument("--cores-per-agent", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--name", default="", help="results file name part (default: <hostname>-<cores>c)")
     parser.add_argument("--logs", default="", help="tracker and agent logs (default: OUT/.build_scaling_logs)")
     parser.add_argument("--skip-stock", action="store_true", help="skip stock LocalBuilder (slow: ~20 s/worker/batch)")
@@ -90,12 +77,10 @@ def main():
     host_workers = args.cores_per_agent if args.host_workers < 0 else args.host_workers
     task_name, target, inputs = draw_candidates(args.candidates)
     print(f"{len(inputs)} candidates of {task_name}; host cores {len(cores)}", flush=True)
-    host = platform.node()
-    stem = args.name or f"{host}-{len(cores)}c"
+    stem = args.name or common.default_name()
     out = Path(args.out)
-    meta = {"host": host, "task": task_name, "candidates": len(inputs), "host_cores": len(cores),
-            "cores_per_agent": args.cores_per_agent, "cpu": cpu_model(), "target": str(target),
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.machine(task=task_name, candidates=len(inputs), cores_per_agent=args.cores_per_agent,
+                          target=str(target))
     rows = {}
 
     def record(label, row):
