@@ -111,13 +111,12 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
     """Where this run's candidates were measured (and built), and the agents lost on the way."""
     if not tuning["per_agent"] and not tuning["failures"]:
         return []
-    md = ["", "## Agents (this run)", "", "| agent | measured | built | |", "| --- | --- | --- | --- |"]
-    for agent in sorted(set(tuning["per_agent"]) | set(tuning["agents_lost"])):
-        gone = "lost during the run" if agent in tuning["agents_lost"] else ""
-        md.append(f"| {agent} | {tuning['per_agent'].get(agent, 0)} | {tuning['built_on_agents'].get(agent, '-')} | "
-                  f"{gone} |")
-    for agent in sorted(set(tuning["built_on_agents"]) - set(tuning["per_agent"])):
-        md.append(f"| {agent} | 0 | {tuning['built_on_agents'][agent]} | build agent |")
+    md = ["", "## Agents (this run)", "", "| agent | measured | built | note |", "| --- | --- | --- | --- |"]
+    built = tuning["built_on_agents"]
+    for agent in sorted(set(tuning["per_agent"]) | set(tuning["agents_lost"]) | set(built)):
+        note = ("lost during the run" if agent in tuning["agents_lost"]
+                else "build agent" if agent not in tuning["per_agent"] else "-")
+        md.append(f"| {agent} | {tuning['per_agent'].get(agent, 0)} | {built.get(agent, '-')} | {note} |")
     failed = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning["failures"].items()))
     if failed:
         md += ["", f"Candidates that failed to measure: {failed}."]
