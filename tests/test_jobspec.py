@@ -74,3 +74,22 @@ def test_help_explains_every_command():
         proc = subprocess.run([sys.executable, "-m", "tunefarm", *args, "--help"], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4
+
+
+def test_every_example_job_parses_and_the_readme_names_every_field():
+    import dataclasses
+    from pathlib import Path
+
+    from tunefarm.core import jobspec
+
+    root = Path(__file__).resolve().parents[1]
+    jobs = {p.name: load_job(p) for p in sorted((root / "configs" / "jobs").glob("*.yaml"))}
+    onnx = [job for job in jobs.values() if job.model.source == "onnx"]
+    assert onnx and all(Path(job.model.path).is_absolute() for job in onnx)  # relative to the job file
+    readme = (root / "README.md").read_text()
+    for section, cls in (("model", jobspec.ModelSpec), ("device", jobspec.DeviceSpec), ("tuning", jobspec.TuningSpec),
+                         ("builder", jobspec.BuilderSpec), ("runner", jobspec.RunnerSpec),
+                         ("evaluate", jobspec.EvaluateSpec)):
+        for field in dataclasses.fields(cls):
+            assert f"`{section}.{field.name}`" in readme, f"README does not name {section}.{field.name}"
+    assert "`name`" in readme and "`target`" in readme
