@@ -30,3 +30,5 @@ def test_a_resumed_run_estimates_the_whole_model_and_counts_measured_trials_only
     progress.on_batch(0, [], errors=0, cache_hits=4)  # a batch of cache hits only: no trial
     assert progress.trials == 27 and progress.cache_hits == 6
     assert JobDir(tmp_path).events()[-1]["batch"] == 0
+    progress.on_batch(0, [], errors=0, cache_hits=0)  # the search found nothing new: no line
+    assert len(JobDir(tmp_path).events()) == 2

@@ -56,7 +56,10 @@ class JobProgress:
 
     def on_batch(self, task_id: int, costs: list[float | None], errors: int, cache_hits: int = 0) -> None:
         """One batch of MetaSchedule's task ``task_id``: ``costs`` of its measured candidates (None: failed),
-        ``cache_hits`` candidates answered from the database besides."""
+        ``cache_hits`` candidates answered from the database besides. An empty batch (the search found
+        nothing new this round) leaves no line."""
+        if not costs and not cache_hits:
+            return
         task = self.run_tasks[task_id]
         valid = [c for c in costs if c is not None]
         self.run_ok += len(valid)
