@@ -196,8 +196,8 @@ def describe_plan(plan: TuningPlan) -> list[str]:
     lines = [f"{len(plan.tasks)} tasks; budget {tn.max_trials_global} trials, at most {b.per_task_cap} per task, "
              f"{tn.num_trials_per_iter} per round"]
     if plan.resumed:
-        lines.append(f"resuming: {b.measured_before} trials already measured (kept, not measured again); "
-                     f"{b.remaining} left")
+        lines.append(f"resuming: {b.measured_before} already measured (kept, not measured again); "
+                     f"{b.remaining} trials left")
     if plan.warm is not None and plan.warm.records:
         lines.append(f"warm start: {plan.warm.records} record(s) for {len(plan.warm.per_workload)} task(s) from "
                      f"{', '.join(plan.warm.sources)} (not counted as trials of this job)")
