@@ -35,7 +35,7 @@ def load_tuned(job_dir: Path):
     from tunefarm.core.jobspec import load_job
     from tunefarm.host.tuning.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
+    from tunefarm.host.tuning.plan import fuse_for_tuning
     from tunefarm.host.tuning.jobdir import SPEC, JobDir
 
     job_dir = JobDir(job_dir)

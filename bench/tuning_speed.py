@@ -126,7 +126,7 @@ def main():
 
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
+    from tunefarm.host.tuning.plan import fuse_for_tuning
     from tunefarm.device_agents.probe import llvm_target
 
     parser = argparse.ArgumentParser(prog="python -m bench.tuning_speed", description=__doc__,

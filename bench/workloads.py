@@ -10,7 +10,7 @@ def draw_candidates(n: int, seed: int = 0):
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
+    from tunefarm.host.tuning.plan import fuse_for_tuning
 
     target = tvm.target.Target(llvm_target())
     model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
