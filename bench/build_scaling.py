@@ -1,13 +1,13 @@
 """Build throughput: the host building alone against agents that build for the farm.
 
-    python bench/build_scaling.py [--agents 1,2,4] [--candidates 32] [--cores-per-agent 1]
+    python -m bench.build_scaling [--agents 1,2,4] [--candidates 32] [--cores-per-agent 1]
                                   [--host-workers K] [--stock-workers W] [--skip-stock]
 
 Draws a fixed set of candidates (random traces of ResNet-18's heaviest conv task, fixed seed) and
 times how long each configuration takes to build all of them, on this machine:
   stock-LocalBuilder   tvm.s_tir.meta_schedule.builder.LocalBuilder (max_workers = --stock-workers,
                        default host cores)
-  farm-host            tunefarm's FarmBuilder on the host, warm workers (max_workers = host cores)
+  farm-host            tunefarm's WarmBuilder on the host, warm workers (max_workers = host cores)
   farm-host-Kc         the same, limited to K cores (--host-workers, default --cores-per-agent; its
                        workers pinned to the first K cores): one machine of one agent's size building alone
   agents-N             N build agents (`tunefarm agent --key build`), each pinned with taskset
@@ -21,44 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def draw_candidates(n: int, seed: int = 0):
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from tunefarm.core.jobspec import ModelSpec
-    from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
-
-    target = tvm.target.Target(llvm_target())
-    model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
-    mod = fuse_for_tuning(to_relax(model), target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name]
-    task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
-    ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name, rand_state=seed)
-    ctx.pre_tuning(max_trials=n, num_trials_per_iter=n, design_spaces=ctx.generate_design_space())
-    cands = ctx.generate_measure_candidates()
-    return task.task_name, target, [ms.builder.BuilderInput(c.sch.mod, target) for c in cands]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from bench import common
+from bench.workloads import draw_candidates
 
 
 def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -66,9 +33,9 @@ def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
     (out / f"build_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     base = next(iter(rows.values()))
     lines = [f"# Build throughput: {meta['candidates']} candidates of ResNet-18 {meta['task']} ({meta['date']})", "",
-             f"Host: {meta['host']}, {meta['host_cores']} cores ({meta['cpu']}), load average at start {meta['loadavg']}"
-             + (f"; build agents pinned to {meta['cores_per_agent']} core(s) each." if any(r.startswith("agents-") for r in rows)
-                else "."), "",
+             common.describe(common.finish(meta))
+             + (f" Build agents pinned to {meta['cores_per_agent']} core(s) each." if any(r.startswith("agents-") for r in rows)
+                else ""), "",
              "| configuration | wall s | built | failed | candidates/min | vs first row |",
              "| --- | --- | --- | --- | --- | --- |"]
     for label, row in rows.items():
@@ -90,31 +57,30 @@ def timed_build(builder, inputs) -> dict:
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import AgentBuilder, WarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.build_scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="1,2")
     parser.add_argument("--candidates", type=int, default=32)
     parser.add_argument("--cores-per-agent", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--name", default="", help="results file name part (default: <hostname>-<cores>c)")
     parser.add_argument("--logs", default="", help="tracker and agent logs (default: OUT/.build_scaling_logs)")
     parser.add_argument("--skip-stock", action="store_true", help="skip stock LocalBuilder (slow: ~20 s/worker/batch)")
     parser.add_argument("--stock-workers", type=int, default=0, help="stock LocalBuilder's max_workers (default: host cores)")
     parser.add_argument("--host-workers", type=int, default=-1,
-                        help="also time FarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
+                        help="also time WarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     host_workers = args.cores_per_agent if args.host_workers < 0 else args.host_workers
     task_name, target, inputs = draw_candidates(args.candidates)
     print(f"{len(inputs)} candidates of {task_name}; host cores {len(cores)}", flush=True)
-    host = platform.node()
-    stem = args.name or f"{host}-{len(cores)}c"
+    stem = args.name or common.default_name()
     out = Path(args.out)
-    meta = {"host": host, "task": task_name, "candidates": len(inputs), "host_cores": len(cores),
-            "cores_per_agent": args.cores_per_agent, "cpu": cpu_model(), "target": str(target),
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.machine(task=task_name, candidates=len(inputs), cores_per_agent=args.cores_per_agent,
+                          target=str(target))
     rows = {}
 
     def record(label, row):
@@ -126,14 +92,14 @@ def main():
         stock_workers = args.stock_workers or len(cores)
         label = "stock-LocalBuilder" + (f"-{stock_workers}w" if stock_workers != len(cores) else "")
         record(label, timed_build(ms.builder.LocalBuilder(max_workers=stock_workers, timeout_sec=300), inputs))
-    farm = FarmBuilder(workers=len(cores), timeout_sec=300)
+    farm = WarmBuilder(workers=len(cores), timeout_sec=300)
     farm.build(inputs[:len(cores)])  # warm the workers, as they are during a job
     record("farm-host", timed_build(farm, inputs))
     farm.shutdown()
     if 0 < host_workers < len(cores):
         os.sched_setaffinity(0, cores[:host_workers])  # the pool's workers inherit it; so does the timing
         try:
-            farm = FarmBuilder(workers=host_workers, timeout_sec=300)
+            farm = WarmBuilder(workers=host_workers, timeout_sec=300)
             farm.build(inputs[:host_workers])
             record(f"farm-host-{host_workers}c", timed_build(farm, inputs))
             farm.shutdown()
@@ -151,7 +117,7 @@ def main():
                     farm.add_agent("build", cpus=cores[i * args.cores_per_agent:(i + 1) * args.cores_per_agent],
                                    name=f"agent-{n}-{i}", wait=False)
                 farm.wait_for_agents("build", n)
-                builder = FarmBuilder(timeout_sec=300, build_key="build", tracker=farm.tracker_addr)
+                builder = AgentBuilder(farm.tracker_addr, "build", timeout_sec=300)
                 builder.build(inputs[:n])  # first session per agent: imports are paid before timing
                 builder.remote_builds.clear()
                 row = timed_build(builder, inputs)

@@ -57,3 +57,11 @@ def finish(meta: dict[str, Any]) -> dict[str, Any]:
     """The machine record with the load at the end of the run added."""
     meta["load_avg_end"] = load_avg()
     return meta
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """The machine record as the sentence every results file opens with."""
+    start, end = meta.get("load_avg_start") or [float("nan")], meta.get("load_avg_end") or [float("nan")]
+    return (f"Machine: {meta['host']}, {meta['cores']} cores ({meta['cpu']}), TVM {meta['tvm']} with "
+            f"{meta['threads']} threads, Python {meta['python']}; load average (1 min) {start[0]:.1f} at the start, "
+            f"{end[0]:.1f} at the end.")

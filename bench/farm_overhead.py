@@ -1,7 +1,7 @@
 """The farm's own measuring overhead: the same built candidates through LocalRunner and through a
 real tracker + agent (FarmRunner), in one run on this machine.
 
-    python bench/farm_overhead.py [--candidates 32] [--rounds 3]
+    python -m bench.farm_overhead [--candidates 32] [--rounds 3]
 
 Per configuration: wall time per candidate, and the device time each candidate was measured for
 (the sum of its run_secs times the evaluator's `number`), so the overhead is
@@ -13,39 +13,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# TVM's CPU pool is hardware_concurrency()/2 on x86-64 unless told: run TVM here (and in the stock
-# LocalRunner's workers, which inherit the environment) on the cores this process may use, as agents do.
-from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
-
-os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+from bench import common  # sets TVM_NUM_THREADS (the stock LocalRunner's workers inherit it), before TVM
 
 
 def main():
     from tvm.s_tir import meta_schedule as ms
 
-    from build_scaling import draw_candidates  # the same fixed candidates as the build benchmark
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from bench.workloads import draw_candidates  # the same fixed candidates as the build benchmark
+    from tunefarm.host.tuning.builder import WarmBuilder
     from tunefarm.testing.localfarm import LocalFarm
     from tunefarm.host.tuning.runner import FarmRunner
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.farm_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--name", default=f"{platform.node()}-{len(os.sched_getaffinity(0))}c")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--name", default=common.default_name())
+    parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
-    load_start = os.getloadavg()
+    machine = common.machine()
     task_name, target, inputs = draw_candidates(args.candidates)
-    builder = FarmBuilder(timeout_sec=300)
+    builder = WarmBuilder(timeout_sec=300)
     built = builder.build(inputs)
     builder.shutdown()
     args_info = [ms.arg_info.ArgInfo.from_prim_func(i.mod["main"]) for i in inputs]
@@ -82,14 +75,14 @@ def main():
                          "failed": sum(r["failed"] for r in rs)}
     local, farm = summary["LocalRunner"], summary["tracker+agent"]
     extra_ms = farm["wall_ms_per_candidate_median"] - local["wall_ms_per_candidate_median"]
-    meta = {"task": task_name, "candidates": len(runner_inputs), "rounds": args.rounds, "evaluator": "number=3, repeat=1",
-            "cores": len(os.sched_getaffinity(0)), "load_avg_start": load_start, "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.finish({**machine, "task": task_name, "candidates": len(runner_inputs), "rounds": args.rounds,
+                          "evaluator": "number=3, repeat=1"})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"farm_overhead-{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary},
                                                                     indent=2))
     lines = [f"# Farm measuring overhead: {len(runner_inputs)} candidates of ResNet-18 {task_name} ({meta['date']})", "",
-             f"{meta['cores']} cores, load average {meta['load_avg_start'][0]:.1f} at start; {args.rounds} rounds, "
+             f"{common.describe(meta)} {args.rounds} rounds, "
              "configurations alternating.", "",
              "| runner | wall ms / candidate | device ms / candidate | (wall - device) / device |",
              "| --- | --- | --- | --- |"]

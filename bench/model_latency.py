@@ -1,6 +1,6 @@
 """End-to-end latency of tuned models against PyTorch and ONNX Runtime, on this CPU, in one run.
 
-    python bench/model_latency.py [JOB_DIR ...] [--rounds 5] [--repeat 40] [--name NAME]
+    python -m bench.model_latency [JOB_DIR ...] [--rounds 5] [--repeat 40] [--name NAME]
 
 Each JOB_DIR is a tunefarm job directory (its job.yaml, job_state.json and MetaSchedule database:
 what `tunefarm tune` or `tunefarm pull` leaves); default: logs/resnet18-cpu and logs/resnet50-cpu.
@@ -20,20 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# TVM's CPU pool is hardware_concurrency()/2 on x86-64 unless told: run TVM here (and in the stock
-# LocalRunner's workers, which inherit the environment) on the cores this process may use, as agents do.
-from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
-
-os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+from bench import common  # sets TVM_NUM_THREADS before TVM's pool starts
 
 
 def load_tuned(job_dir: Path):
@@ -44,17 +35,18 @@ def load_tuned(job_dir: Path):
     from tunefarm.core.jobspec import load_job
     from tunefarm.host.tuning.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
-    from tunefarm.host.tuning.logs import open_database
+    from tunefarm.host.tuning.plan import fuse_for_tuning
+    from tunefarm.host.tuning.jobdir import SPEC, JobDir
 
-    job = load_job(job_dir / "job.yaml")
-    state = json.loads((job_dir / "job_state.json").read_text())
+    job_dir = JobDir(job_dir)
+    job = load_job(job_dir.file(SPEC))
+    state = job_dir.read_state()
     target = tvm.target.Target(state["target"])
     model = load_model(job.model)
     if state.get("model_fingerprint") not in (None, model.fingerprint):
         raise SystemExit(f"{job_dir}: the model rebuilt here differs from the one tuned (fingerprint)")
     mod = fuse_for_tuning(to_relax(model), target)
-    database = open_database(job_dir)
+    database = job_dir.open_database()
     applied, scheduled, unscheduled = apply_database(mod, target, database)
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
     args = [tvm.runtime.tensor(x, tvm.cpu()) for x in model.inputs]
@@ -63,24 +55,25 @@ def load_tuned(job_dir: Path):
 
 
 def main():
-    import numpy as np
     import onnxruntime as ort
     import torch
 
     from tunefarm.core.stats import compare_outputs, latency_stats
     from tunefarm.host.models import export_onnx
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("jobs", nargs="*", default=[str(ROOT / "logs" / "resnet18-cpu"), str(ROOT / "logs" / "resnet50-cpu")])
+    parser = argparse.ArgumentParser(prog="python -m bench.model_latency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jobs", nargs="*", default=[str(common.ROOT / "logs" / "resnet18-cpu"),
+                                                    str(common.ROOT / "logs" / "resnet50-cpu")])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=40, help="timed runs per backend per round")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--name", default=f"{platform.node()}-{len(os.sched_getaffinity(0))}c")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--name", default=common.default_name())
+    parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
-    load_start = os.getloadavg()
-    cores = int(os.environ[THREADS_ENV])  # TVM's threads; the peers get the same count
+    machine = common.machine()
+    cores = common.threads()  # TVM's threads; the peers get the same count
     torch.set_num_threads(cores)
     ort_options = ort.SessionOptions()
     ort_options.intra_op_num_threads = cores
@@ -134,15 +127,14 @@ def main():
     for name, m in models.items():
         results[name] = {k: v for k, v in m.items() if k not in ("fns", "samples")}
         results[name]["latency"] = {b: latency_stats(s, warmup=args.warmup) for b, s in m["samples"].items()}
-    meta = {"cores": cores, "cpu": platform.processor() or platform.machine(), "load_avg_start": load_start,
-            "load_avg_end": os.getloadavg(), "rounds": args.rounds, "repeat": args.repeat, "warmup": args.warmup,
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.finish({**machine, "rounds": args.rounds, "repeat": args.repeat, "warmup": args.warmup,
+                          "torch": torch.__version__, "onnxruntime": ort.__version__})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"model_latency-{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
     lines = [f"# Model latency on this CPU: tuned TVM vs PyTorch vs ONNX Runtime ({meta['date']})", "",
-             f"{cores} cores; load average {load_start[0]:.1f} at start, {meta['load_avg_end'][0]:.1f} at the end; "
+             f"{common.describe(meta)} "
              f"TVM, PyTorch {meta['torch']} and ONNX Runtime {meta['onnxruntime']} {cores} threads each. Method: {args.warmup} "
              f"warm-up runs per backend, then {args.rounds} rounds alternating backends, {args.repeat} timed runs "
              "each; statistics over all rounds' samples. Batch 1, fp32, random weights (seed 0).", "",

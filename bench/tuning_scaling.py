@@ -1,13 +1,13 @@
 """Whole tuning runs, not just builds: trials per minute with 0, 1, 2, 4 build agents.
 
-    python bench/tuning_scaling.py [--agents 0,1,2,4] [--cores-per-agent 2] [--trials 384] [--per-iter 16]
+    python -m bench.tuning_scaling [--agents 0,1,2,4] [--cores-per-agent 2] [--trials 384] [--per-iter 16]
 
 Every configuration runs the same cold `tunefarm tune` job (ResNet-18, this CPU's llvm target, fixed
 seed) through a real tracker, with the machine's cores split by taskset:
   host      this process (MetaSchedule's search, cost model, task scheduler): the first C cores;
   measure   one agent on key "measure" that runs every candidate: the next C cores;
   build-i   build agents on key "build" (builder.key), C cores each, after those.
-Row "agents-0" is the host building alone on its own C cores (FarmBuilder's warm workers); rows
+Row "agents-0" is the host building alone on its own C cores (WarmBuilder's warm workers); rows
 "agents-N" send every build to N agents. C = --cores-per-agent. Per row: wall time of the tuning
 (tune_job), trials, trials/minute, best estimated latency, and how many candidates each build agent
 built. Writes bench/results/tuning_scaling-<name>.{json,md} after every row; ratios vs agents-0.
@@ -20,15 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common
+from bench.workloads import bench_job
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -37,7 +33,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     base = rows.get("agents-0") or next(iter(rows.values()))
     lines = [f"# Tuning throughput with build agents: {meta['model']}, {meta['trials']} trials "
              f"({meta['per_iter']} per round), {meta['date']}", "",
-             f"Machine: {meta['host']}, {meta['cores']} cores ({meta['cpu']}); load average at start {meta['loadavg']}. "
+             f"{common.describe(common.finish(meta))} "
              f"Host process (search), measuring agent and each build agent pinned to {meta['cores_per_agent']} cores "
              "of their own (taskset). Cold jobs (no warm start), population "
              f"{meta['population']}, target `{meta['target']}`.", "",
@@ -57,13 +53,12 @@ def main():
     import tvm
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.testing.localfarm import LocalFarm
     from tunefarm.host.tuning.job import tune_job
+    from tunefarm.host.tuning.jobdir import JobDir
+    from tunefarm.testing.localfarm import LocalFarm
 
-    from build_scaling import cpu_model
-    from tuning_speed import bench_job
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.tuning_scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="0,1,2,4")
     parser.add_argument("--cores-per-agent", type=int, default=2)
     parser.add_argument("--model", default="resnet18")
@@ -71,7 +66,7 @@ def main():
     parser.add_argument("--per-iter", type=int, default=16)
     parser.add_argument("--population", type=int, default=128)
     parser.add_argument("--name", default="")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
     cores = sorted(os.sched_getaffinity(0))
@@ -81,11 +76,9 @@ def main():
     if len(cores) < 2 * c:
         raise SystemExit(f"needs at least {2 * c} cores (host + measuring agent); this machine has {len(cores)}")
     target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
-    stem = args.name or f"{platform.node()}-{len(cores)}c"
-    meta = {"host": platform.node(), "cores": len(cores), "cpu": cpu_model(), "cores_per_agent": c,
-            "model": args.model, "trials": args.trials, "per_iter": args.per_iter, "population": args.population,
-            "target": str(target), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    stem = args.name or common.default_name()
+    meta = common.machine(cores_per_agent=c, model=args.model, trials=args.trials, per_iter=args.per_iter,
+                          population=args.population, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="tuning-scaling-"))
     os.sched_setaffinity(0, host_cores)  # this process and the workers it starts (the host builder's pool)
@@ -103,15 +96,15 @@ def main():
                 job = bench_job(f"agents-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_iter,
                                 args.per_iter, args.population, build_key="build" if n else "", builder_workers=c)
                 tuned = tune_job(job, logs_dir=str(work / "logs"))
-                curve = [json.loads(line) for line in (work / "logs" / job.name / "progress.jsonl").read_text().splitlines()]
+                curve = JobDir(work / "logs" / job.name).events()
                 ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
                 trials = curve[-1]["trials"] if curve else 0
-                wall = tuned["tuning_wall_s"]
+                wall = tuned.wall_s
                 rows[f"agents-{n}"] = {"builds_on": f"{n} agent(s) x {c} cores" if n else f"host, {c} cores",
                                        "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
                                        "best_estimated_ms": min(ests) if ests else None,
-                                       "built_on_agents": tuned["runner_stats"].get("built_on_agents", {}),
-                                       "measured_on": tuned["runner_stats"].get("per_agent", {})}
+                                       "built_on_agents": tuned.built_on_agents,
+                                       "measured_on": tuned.per_agent}
                 print(write(Path(args.out), stem, meta, rows), flush=True)
             finally:
                 farm.stop_agents("build")

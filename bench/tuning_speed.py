@@ -1,6 +1,6 @@
 """Tuning speed: stock MetaSchedule against tunefarm on the same model, budget and machine, in one run.
 
-    python bench/tuning_speed.py [--model resnet18] [--trials 192] [--per-iter 8]
+    python -m bench.tuning_speed [--model resnet18] [--trials 192] [--per-iter 8]
 
 Configurations, run one after the other on this machine:
   stock     tvm.s_tir.meta_schedule.relax_integration.tune_relax with its LocalBuilder/LocalRunner
@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# TVM's CPU pool is hardware_concurrency()/2 on x86-64 unless told: run TVM here (and in the stock
-# LocalRunner's workers, which inherit the environment) on the cores this process may use, as agents do.
-from tunefarm.core.threads import THREADS_ENV, usable_cores  # noqa: E402
-
-os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+from bench import common  # sets TVM_NUM_THREADS (the stock LocalRunner's workers inherit it), before TVM
+from bench.workloads import bench_job, measure_local, time_to_reach
 
 
 def best_curve_callback(events: list, task_weights: list[float], t0_box: list):
@@ -52,41 +44,6 @@ def best_curve_callback(events: list, task_weights: list[float], t0_box: list):
                            + len(runner_results) or len(runner_results), "estimated_ms": est})
 
     return Curve()
-
-
-def measure_local(mod, target, database, repeat=30) -> dict:
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    from tunefarm.core.stats import latency_stats
-    from tunefarm.host.tuning.evaluate import apply_database
-
-    applied, scheduled, unscheduled = apply_database(mod, target, database)
-    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32"))
-    vm.set_input("main", x)
-    vm.time_evaluator("invoke_stateful", tvm.cpu(), number=3, repeat=1)("main")
-    res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)("main")
-    stats = latency_stats(res.results, warmup=3, timer="time_evaluator")
-    stats["tuned_functions"] = f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}"
-    return stats
-
-
-def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int, per_task: int, per_iter: int,
-              population: int, warm_start: bool = False, build_key: str = "", builder_workers: int = 0):
-    """The tuning job every benchmark runs: a torchvision model at batch 1, the same runner settings as stock's
-    (number=2, min_repeat_ms=20), seed 0."""
-    from tunefarm.core.jobspec import job_from_dict
-    from tunefarm.core.targets import target_to_json
-
-    return job_from_dict({
-        "name": name, "model": {"source": "torchvision", "name": model, "input_shape": [1, 3, 224, 224]},
-        "device": {"key": key, "tracker": tracker}, "target": target_to_json(target),
-        "tuning": {"max_trials_global": trials, "max_trials_per_task": per_task, "num_trials_per_iter": per_iter,
-                   "population_size": population, "seed": 0, "warm_start": warm_start},
-        "builder": {"workers": builder_workers, "timeout_sec": 300 if build_key else 120, "key": build_key},
-        "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
 
 
 def run_stock(mod, target, args, work_dir: Path) -> dict:
@@ -114,10 +71,9 @@ def run_stock(mod, target, args, work_dir: Path) -> dict:
 
 def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int, budget_factor: int = 1,
              keep: str = "") -> dict:
-    from tvm.s_tir import meta_schedule as ms
-
-    from tunefarm.testing.localfarm import LocalFarm
     from tunefarm.host.tuning.job import tune_job
+    from tunefarm.host.tuning.jobdir import JobDir
+    from tunefarm.testing.localfarm import LocalFarm
 
     with LocalFarm(work_dir) as farm:
         farm.add_agent("bench")
@@ -126,26 +82,16 @@ def run_farm(mod, target, args, work_dir: Path, model_name: str, population: int
         t0 = time.time()
         tuned = tune_job(job, logs_dir=str(work_dir))
         wall = time.time() - t0
-    curve = [json.loads(l) for l in (work_dir / "bench" / "progress.jsonl").read_text().splitlines()]
+    curve = JobDir(work_dir / "bench").events()
     shift = curve[0]["time"] - curve[0]["elapsed_s"] - t0 if curve else 0.0
     for ev in curve:  # elapsed from the start of tune_job, like the stock curve
         ev["elapsed_s"] = ev["elapsed_s"] + shift
-    assert tuned["mod"] is not None
+    assert tuned.mod is not None
     if keep:  # the job directory, for bench/model_latency.py
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(work_dir / "bench", keep)
-    return {"wall_s": wall, "tuning_wall_s": tuned["tuning_wall_s"], "curve": curve,
-            "database": tuned["database"], "mod": tuned["mod"], "time_split": tuned["time_split"]}
-
-
-def time_to_reach(curve: list, target_ms: float | None) -> float | None:
-    """First wall time at which the best estimated latency is at or below ``target_ms``."""
-    if target_ms is None:
-        return None
-    for ev in curve:
-        if ev.get("estimated_ms") and ev["estimated_ms"] <= target_ms * (1 + 1e-9):
-            return ev["elapsed_s"]
-    return None
+    return {"wall_s": wall, "tuning_wall_s": tuned.wall_s, "curve": curve,
+            "database": tuned.database, "mod": tuned.mod, "time_split": tuned.time_split}
 
 
 def plot(results: dict, model: str, trials: int, cpus: int, path: Path) -> None:
@@ -180,10 +126,11 @@ def main():
 
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.job import fuse_for_tuning
+    from tunefarm.host.tuning.plan import fuse_for_tuning
     from tunefarm.device_agents.probe import llvm_target
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.tuning_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--trials", type=int, default=192)
     parser.add_argument("--per-iter", type=int, default=8)
@@ -194,20 +141,21 @@ def main():
     parser.add_argument("--long-factor", type=int, default=4,
                         help="also run tunefarm with this many times the budget (time to stock's final estimate; 0: skip)")
     parser.add_argument("--keep", default="", help="copy the long run's job directory here (for model_latency.py)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier results JSON")
     args = parser.parse_args()
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
         meta = data["meta"]
-        plot(data["results"], meta["model"], meta["trials"], meta["cpus"], Path(args.replot).with_suffix(".png"))
+        plot(data["results"], meta["model"], meta["trials"], meta.get("cores", meta.get("cpus")),
+             Path(args.replot).with_suffix(".png"))
         return
 
     target = tvm.target.Target(llvm_target())
     model = load_model(ModelSpec("torchvision", args.model, None, [1, 3, 224, 224]))
     mod = fuse_for_tuning(to_relax(model), target)
     work = Path(tempfile.mkdtemp(prefix="tuning-speed-"))
-    load_start = os.getloadavg()
+    machine = common.machine()
     results = {}
     print(f"stock tune_relax: {args.trials} trials ...", flush=True)
     stock = run_stock(mod, target, args, work / "stock")
@@ -240,18 +188,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"tuning_speed-{args.model}"
-    meta = {"builder_timeout_stock": args.builder_timeout, "model": args.model, "trials": args.trials, "per_iter": args.per_iter, "farm_population": args.population,
-            "stock_population": 512, "target": str(target), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "tvm": tvm.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.finish({**machine, "builder_timeout_stock": args.builder_timeout, "model": args.model,
+                          "trials": args.trials, "per_iter": args.per_iter, "farm_population": args.population,
+                          "stock_population": 512, "target": str(target)})
     (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
-    plot(results, args.model, args.trials, meta["cpus"], stem.with_suffix(".png"))
+    plot(results, args.model, args.trials, meta["cores"], stem.with_suffix(".png"))
 
     s = results["stock"]
     lines = [f"# Tuning speed: {args.model}, {args.trials} trials ({args.per_iter} per round), {meta['date']}", "",
-             f"Machine: {meta['cpus']} cores, target `{meta['target']}`, TVM {meta['tvm']}; load average "
-             f"{load_start[0]:.1f} at start, {meta['load_avg_end'][0]:.1f} at the end (1-minute). All rows in one "
-             "run, one after the other.", "",
+             f"{common.describe(meta)} Target `{meta['target']}`. All rows in one run, one after the other.", "",
              "| configuration | population | budget | wall s | trials | trials/min | best estimated ms "
              "| reached stock's final estimate at s | measured median ms | tuned functions |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -272,7 +218,7 @@ def main():
                      f"{t['model_update_s']:.0f} | {t['other_s']:.0f} |")
     lines += ["", f"stock: tune_relax defaults (population 512), LocalBuilder timeout {args.builder_timeout:g} s "
               "(default 30 s times out every build on this machine under load), LocalRunner. tunefarm: `tunefarm "
-              "tune` (warm FarmBuilder, measured through tracker + agent, cold: no warm start). All: number=2, "
+              "tune` (warm builders, measured through tracker + agent, cold: no warm start). All: number=2, "
               "min_repeat_ms=20, per-task cap = trials per round x budget factor, seed 0.", "",
               "Estimates are the sum over tasks of best measured time x task weight (MetaSchedule's own "
               "measurements); the measured median is the compiled model run here after tuning (one round per "

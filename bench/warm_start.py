@@ -1,6 +1,6 @@
 """Warm start against cold start: the same model and budget, once from nothing, once from the farm's history.
 
-    python bench/warm_start.py [--seed-model resnet50] [--model resnet18] [--trials 192] [--per-iter 8]
+    python -m bench.warm_start [--seed-model resnet50] [--model resnet18] [--trials 192] [--per-iter 8]
 
 One local farm (real tracker + one agent on this machine), three `tunefarm tune` jobs in one run:
   seed   --seed-model tuned cold (the farm's "earlier job", e.g. last night's ResNet-50);
@@ -17,41 +17,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common
+from bench.workloads import bench_job, measure_local, time_to_reach
 
 
 def run(job_name: str, model: str, logs_dir: Path, farm, target, args, warm: bool) -> dict:
     from tunefarm.host.tuning.job import tune_job
-
-    from tuning_speed import bench_job, measure_local
+    from tunefarm.host.tuning.jobdir import JobDir
 
     job = bench_job(job_name, model, farm.addr, "bench", target, args.trials, args.per_iter, args.per_iter,
                     args.population, warm_start=warm)
     t0 = time.time()
     tuned = tune_job(job, logs_dir=str(logs_dir))
     wall = time.time() - t0
-    job_dir = logs_dir / job_name
-    curve = [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()]
+    job_dir = JobDir(logs_dir / job_name)
+    curve = job_dir.events()
     for ev in curve:  # seconds since this job's tune_job started
         ev["elapsed_s"] = ev["time"] - t0
-    state = json.loads((job_dir / "job_state.json").read_text())
+    state = job_dir.read_state()
     ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
     return {"wall_s": wall, "trials": curve[-1]["trials"] if curve else 0, "curve": curve,
             "best_estimated_ms": min(ests) if ests else None,
             "warm_start": {k: v for k, v in state.get("warm_start", {}).items() if k != "per_workload"},
             "warm_workloads": len(state.get("warm_start", {}).get("per_workload", {})),
-            "tasks": len(json.loads((job_dir / "tasks.json").read_text())),
-            "latency": measure_local(tuned["mod"], target, tuned["database"])}
+            "tasks": len(job_dir.read_tasks()), "seeded": tuned.seeded, "cache_hits": tuned.cache_hits,
+            "latency": measure_local(tuned.mod, target, tuned.database)}
 
 
 def plot(results: dict, title: str, path: Path) -> None:
@@ -84,19 +79,18 @@ def main():
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.testing.localfarm import LocalFarm
 
-    from tuning_speed import time_to_reach
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.warm_start", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed-model", default="resnet50")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--trials", type=int, default=192)
     parser.add_argument("--seed-trials", type=int, default=0, help="the seed job's budget (default: --trials)")
     parser.add_argument("--per-iter", type=int, default=8)
     parser.add_argument("--population", type=int, default=128)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
-    load_start = os.getloadavg()
+    machine = common.machine()
     target = tvm.target.Target(llvm_target())
     work = Path(tempfile.mkdtemp(prefix="warm-start-"))
     results = {}
@@ -119,18 +113,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"warm_start-{args.model}"
-    meta = {"model": args.model, "seed_model": args.seed_model, "trials": args.trials,
-            "seed_trials": seed_args.trials, "per_iter": args.per_iter, "population": args.population,
-            "target": str(target), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "tvm": tvm.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = common.finish({**machine, "model": args.model, "seed_model": args.seed_model, "trials": args.trials,
+                          "seed_trials": seed_args.trials, "per_iter": args.per_iter, "population": args.population,
+                          "target": str(target)})
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     plot(results, f"{args.model}: warm (from {args.seed_model}) vs cold, {args.trials} trials", stem.with_suffix(".png"))
 
     w, c = results["warm"], results["cold"]
     lines = [f"# Warm start vs cold start: {args.model}, {args.trials} trials ({args.per_iter} per round), {meta['date']}", "",
-             f"Machine: {meta['cpus']} cores, target `{meta['target']}`; load average {load_start[0]:.1f} at start, "
-             f"{meta['load_avg_end'][0]:.1f} at the end. One tracker + one local agent; population {args.population}.", "",
+             f"{common.describe(meta)} Target `{meta['target']}`. One tracker + one local agent; population "
+             f"{args.population}.", "",
              f"The warm job's history: one earlier job, `{args.seed_model}` tuned cold with {seed_args.trials} trials "
              f"(seed row). The warm job imported {w['warm_start'].get('records', 0)} records for "
              f"{w['warm_workloads']} of its {w['tasks']} tasks (shared workloads by structural hash); the cold "
@@ -145,6 +137,9 @@ def main():
         lines.append(f"| {name} | {model} | {r['wall_s']:.0f} | {r['trials']} | {f'{est:.2f}' if est else '-'} | "
                      f"{'-' if name == 'seed' else (f'{reached:.0f}' if reached is not None else 'never')} | "
                      f"{r['latency']['median_ms']:.2f} | {r['latency']['tuned_functions']} |")
+    lines += ["", "Trials are candidates each job measured; seeded records and cache hits (candidates the database "
+              "already answered) are not trials: " + ", ".join(f"{name} {r['seeded']} seeded, {r['cache_hits']} cache hits"
+                                                               for name, r in results.items()) + "."]
     lines += ["", "Estimated = sum over tasks of the best measured time x task weight; measured = the compiled "
               "model run here after tuning (median of 30 after warm-up).", "",
               f"Ratios (warm / cold): measured latency {w['latency']['median_ms'] / c['latency']['median_ms']:.2f}, "

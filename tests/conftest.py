@@ -1,19 +1,19 @@
 """Shared fixtures: a real tracker on a free loopback port, and real agents that join it.
 
 Everything runs as the ``tunefarm`` commands a user types, started through
-``tunefarm.core.procs`` and always stopped at teardown.
+``tunefarm.testing.localfarm`` (the farm quickstart and the benchmarks use) and ``tunefarm.core.procs``,
+and always stopped at teardown. Failures here are AssertionErrors that carry the end of the process's log.
 
-* ``tracker``: a running ``tunefarm tracker``; yields ``(host, port)``; its log is
+* ``tracker``: a running ``tunefarm tracker`` (a LocalFarm's); yields ``(host, port)``; its log is
   ``tmp_path / "tracker.log"``.
 * ``start_agent(host, port, key, log_path, target="auto", extra_args=(), env=None)``: starts
   ``tunefarm agent`` and returns its ``Popen`` once the tracker lists it; stopped at teardown.
 * plain helpers for tests that manage processes themselves: :func:`start_tracker`,
   :func:`spawn_agent`, :func:`wait_listed`, :func:`listed_agents`, :func:`agent_id_of`,
-  :func:`run_cli`.
+  :func:`run_cli`, :func:`tracker_answers`.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,11 +21,11 @@ from typing import Sequence
 
 import pytest
 
-from tunefarm.core.errors import TrackerUnreachable
-from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
-from tunefarm.core.wire import DeviceInfo
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.procs import start_tunefarm, stop_process
+from tunefarm.testing import localfarm
+from tunefarm.testing.localfarm import HOST, LocalFarm, listed_agents, tracker_answers  # noqa: F401 (for tests)
 
-HOST = "127.0.0.1"
 TRACKER_START_S = 60.0
 AGENT_LISTED_S = 90.0  # probe + two TVM imports on a busy 2-core machine
 
@@ -37,71 +37,32 @@ def _tail(path: str | Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def tracker_answers(host: str, port: int) -> bool:
-    from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
-
-    try:
-        check_tracker(host, port, timeout=2.0)
-        return True
-    except TrackerUnreachable:
-        return False
-
-
 def start_tracker(port: int, log_path: str | Path, host: str = HOST) -> subprocess.Popen:
     """``tunefarm tracker`` on ``host:port``, returned once it answers the tracker handshake."""
-    proc = start_tunefarm(["tracker", "--host", host, "--port", port], log_path=log_path)
     try:
-        wait_until(lambda: proc.poll() is not None or tracker_answers(host, port), TRACKER_START_S,
-                   what=f"the tracker on {host}:{port}")
-    except TimeoutError:
-        stop_process(proc)
-        raise
-    if proc.poll() is not None:
-        raise AssertionError(f"tracker exited with {proc.returncode}:\n{_tail(log_path)}")
-    return proc
+        return localfarm.start_tracker(port, log_path, host=host, wait_s=TRACKER_START_S)
+    except TunefarmError as err:
+        raise AssertionError(f"{err}:\n{_tail(log_path)}") from None
 
 
 def agent_id_of(proc: subprocess.Popen) -> str:
     """The agent_id of an agent started by :func:`spawn_agent` (hostname:pid of the agent process)."""
-    return f"{socket.gethostname()}:{proc.pid}"
-
-
-def listed_agents(host: str, port: int, key: str | None = None) -> list[DeviceInfo]:
-    """DeviceInfo of every tunefarm agent the tracker lists (on ``key`` if given)."""
-    from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
-
-    with TrackerClient(host, port) as client:
-        return [agent for item in client.devices() if key is None or item["key"] == key
-                for agent in item["agents"] if isinstance(agent, DeviceInfo)]
+    return localfarm.agent_id(proc)
 
 
 def spawn_agent(host: str, port: int, key: str, log_path: str | Path, target: str = "auto",
                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``tunefarm agent`` (RPC ports from a free one on loopback) without waiting for it."""
-    return start_tunefarm(["agent", "--tracker", f"{host}:{port}", "--key", key, "--host", HOST,
-                           "--port", free_port(HOST), "--target", target, *extra_args],
-                          log_path=log_path, env=env)
+    return localfarm.spawn_agent(f"{host}:{port}", key, log_path, "--target", target, *extra_args, env=env)
 
 
 def wait_listed(proc: subprocess.Popen, host: str, port: int, key: str, log_path: str | Path,
                 timeout: float = AGENT_LISTED_S) -> None:
     """Wait until the tracker lists agent ``proc`` on ``key``; fail with the agent's log otherwise."""
-    agent_id = agent_id_of(proc)
-
-    def listed():
-        if proc.poll() is not None:
-            return True
-        try:
-            return any(a.agent_id == agent_id for a in listed_agents(host, port, key))
-        except TrackerUnreachable:
-            return False
-
     try:
-        wait_until(listed, timeout, interval=0.5, what=f"agent {agent_id} on key '{key}'")
-    except TimeoutError as err:
+        localfarm.wait_agent_listed(proc, host, port, key, log_path, timeout)
+    except TunefarmError as err:
         raise AssertionError(f"{err}; agent log:\n{_tail(log_path)}") from None
-    if proc.poll() is not None:
-        raise AssertionError(f"agent exited with {proc.returncode}:\n{_tail(log_path)}")
 
 
 def run_cli(args: Sequence, log_path: str | Path, timeout: float = 60.0) -> tuple[int, str, float]:
@@ -118,12 +79,14 @@ def run_cli(args: Sequence, log_path: str | Path, timeout: float = 60.0) -> tupl
 @pytest.fixture
 def tracker(tmp_path):
     """A running ``tunefarm tracker`` on a free loopback port: ``(host, port)``."""
-    port = free_port(HOST)
-    proc = start_tracker(port, tmp_path / "tracker.log")
     try:
-        yield HOST, port
+        farm = LocalFarm(tmp_path, tracker_wait_s=TRACKER_START_S).__enter__()
+    except TunefarmError as err:
+        raise AssertionError(f"{err}:\n{_tail(tmp_path / 'tracker.log')}") from None
+    try:
+        yield farm.tracker_addr
     finally:
-        stop_process(proc)
+        farm.close()
 
 
 @pytest.fixture

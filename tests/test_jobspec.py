@@ -107,3 +107,22 @@ def test_alias_bombs_are_refused_before_they_expand(tmp_path):
     path.write_text(GOOD + "#" + "x" * (1 << 20) + "\n")
     with pytest.raises(TunefarmError, match="over 1024 KiB of YAML"):
         load_job(path)
+
+
+def test_every_example_job_parses_and_the_readme_names_every_field():
+    import dataclasses
+    from pathlib import Path
+
+    from tunefarm.core import jobspec
+
+    root = Path(__file__).resolve().parents[1]
+    jobs = {p.name: load_job(p) for p in sorted((root / "configs" / "jobs").glob("*.yaml"))}
+    onnx = [job for job in jobs.values() if job.model.source == "onnx"]
+    assert onnx and all(Path(job.model.path).is_absolute() for job in onnx)  # relative to the job file
+    readme = (root / "README.md").read_text()
+    for section, cls in (("model", jobspec.ModelSpec), ("device", jobspec.DeviceSpec), ("tuning", jobspec.TuningSpec),
+                         ("builder", jobspec.BuilderSpec), ("runner", jobspec.RunnerSpec),
+                         ("evaluate", jobspec.EvaluateSpec)):
+        for field in dataclasses.fields(cls):
+            assert f"`{section}.{field.name}`" in readme, f"README does not name {section}.{field.name}"
+    assert "`name`" in readme and "`target`" in readme

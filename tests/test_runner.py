@@ -1,6 +1,6 @@
 """FarmRunner on a real tracker and agent: one session per batch, a library per candidate, deadlines.
 
-The candidates are plain TE kernels built by FarmBuilder (what MetaSchedule hands the runner is the
+The candidates are plain TE kernels built by WarmBuilder (what MetaSchedule hands the runner is the
 same: a built artifact plus its arguments' shapes), so each test controls how long a candidate runs.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _kernels(target, **sizes):
 def _runner_inputs(kernels: dict, target):
     from tvm.s_tir import meta_schedule as ms
 
-    from tunefarm.host.tuning.builder import FarmBuilder
+    from tunefarm.host.tuning.builder import WarmBuilder
 
-    builder = FarmBuilder(workers=1, timeout_sec=120)
+    builder = WarmBuilder(workers=1, timeout_sec=120)
     try:
         built = builder.build(list(kernels.values()))
     finally:

@@ -5,6 +5,7 @@ Every job runs as the ``tunefarm tune`` command a user types. Budgets are a hand
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -83,9 +84,11 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
     lat = res["tvm-tuned"]["latency"]
     assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0
     assert report["tuning"]["per_agent"] == {agent_id_of(farm["agent"]): 16}
+    assert (report["tuning"]["trials_this_run"], report["tuning"]["seeded_records"]) == (16, 0)
     first = records(job_dir)
     assert len(first) == 16
     assert (job_dir / "report.md").read_text().startswith("# tunefarm report: convnet")
+    assert "16 trials measured by this job" in (job_dir / "report.md").read_text()
     assert len((job_dir / "progress.jsonl").read_text().splitlines()) == 4
 
     # Same job again: the budget is spent; nothing is measured, nothing is lost.
@@ -107,6 +110,11 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
         key = (rec[0], json.dumps(rec[1][0]))
         if key in earlier:
             assert rec[1][1] == earlier[key]
+    # Cache hits are not recorded again (and do not count: 8 new trials): every candidate is in the database once.
+    assert len({(r[0], json.dumps(r[1][0])) for r in after}) == 24
+    # The resumed run's "best est." sums every task of the model from its first batch on.
+    resumed = [json.loads(line) for line in (job_dir / "progress.jsonl").read_text().splitlines()][4:]
+    assert resumed and all(e["estimated_ms"] is not None for e in resumed) and resumed[-1]["trials"] == 24
 
 
 def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
@@ -157,6 +165,7 @@ def test_bad_model_is_one_line_error(farm, tmp_path, model, message):
     errors = [l for l in out.splitlines() if l.startswith("tunefarm: error:")]
     assert len(errors) == 1 and message in errors[0], out
     assert "Traceback" not in out
+    assert not (tmp_path / "logs" / "bad").exists()  # a failed job leaves no empty job directory
 
 
 def test_no_agent_for_key_waits_visibly_then_fails(farm, tmp_path):
@@ -167,6 +176,7 @@ def test_no_agent_for_key_waits_visibly_then_fails(farm, tmp_path):
     assert "waiting for an agent on key 'gpu-nobody'" in out
     assert "tunefarm: error: no agent serves key 'gpu-nobody'" in out
     assert took < 60
+    assert not (tmp_path / "logs" / "nokey").exists()
 
 
 def test_tracker_unreachable_is_one_line_error(tmp_path):
@@ -175,6 +185,7 @@ def test_tracker_unreachable_is_one_line_error(tmp_path):
     assert code == 2
     assert "tunefarm: error:" in out and "tracker" in out and "Traceback" not in out
     assert took < 30
+    assert not (tmp_path / "logs" / "down").exists()
 
 
 def _wait_progress(job_dir: Path, lines: int, proc, timeout=300):
@@ -219,6 +230,14 @@ def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(tmp_pa
         report = json.loads((tmp_path / "logs" / "pair2" / "report.json").read_text())
         assert report["ok"]
         assert report["results"]["tvm-tuned"]["where"] == f"agent {agent_id_of(agents[1])}"
+        # The lost agent is said on the console and in report.md, with what each agent measured.
+        lost = agent_id_of(agents[0])
+        assert f"agent {lost} on key 'pair' is gone" in " ".join(out.split())
+        assert list(report["tuning"]["agents_lost"]) == [lost]
+        md = (tmp_path / "logs" / "pair2" / "report.md").read_text()
+        per_agent = report["tuning"]["per_agent"]
+        assert f"| {lost} | {per_agent[lost]} | - | lost during the run |" in md
+        assert f"| {agent_id_of(agents[1])} | {per_agent[agent_id_of(agents[1])]} | - | - |" in md
     finally:
         if job_proc is not None:
             stop_process(job_proc)
@@ -294,8 +313,60 @@ def test_warm_start_seeds_a_new_job_from_an_earlier_one(farm, tmp_path):
     assert "warm start:" in out
     # Imported records do not count against the budget: 8 new trials on top of them.
     assert len(records(logs / "warm")) == imported["records"] + 8
+    # ... nor are they recorded again when the search proposes them (cache hits): each candidate once.
+    assert len({(r[0], json.dumps(r[1][0])) for r in records(logs / "warm")}) == imported["records"] + 8
+    assert "this run: 8 trial(s) measured" in " ".join(out.split())
     from tunefarm.host.tuning.logs import load_tasks, open_database, task_rows
     cold = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "cold"), load_tasks(logs / "cold"))}
     warm = {r["task"]: r["best_us"] for r in task_rows(open_database(logs / "warm"), load_tasks(logs / "warm"))}
     assert all(warm[t] is not None for t in warm)
     assert all(warm[t] <= cold[t] for t in cold if cold[t] is not None)
+    # The per-task table keeps seeded records apart from the job's own trials.
+    rows = task_rows(open_database(logs / "warm"), load_tasks(logs / "warm"))
+    assert sum(r["seeded"] for r in rows) == imported["records"] and sum(r["trials"] for r in rows) == 8
+
+
+def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(farm, tmp_path):
+    """tune_job(..., should_stop=...) is asked after each measured batch; True ends the run, no error."""
+    from tunefarm.core.jobspec import load_job
+    from tunefarm.host.tuning.job import tune_job
+
+    job = load_job(write_job(tmp_path / "job.yaml", "stop", farm["port"], "cpu",
+                             {"source": "builtin", "name": "matmul"}, trials=40, per_iter=4))
+    seen = []
+
+    def should_stop(progress) -> bool:
+        seen.append((progress.trials, dict(progress.best), progress.t0))
+        return progress.trials >= 4
+
+    from rich.console import Console
+
+    with (tmp_path / "console.txt").open("w") as out:
+        result = tune_job(job, tmp_path / "logs", console=Console(file=out), should_stop=should_stop)
+    assert result.stopped and result.measured == 4 and len(seen) == 1
+    trials, best, t0 = seen[0]
+    assert trials == 4 and list(best) == [0] and t0 <= time.time()
+    assert len(records(tmp_path / "logs" / "stop")) == 4  # what was measured is kept
+    assert "stopping: the caller's stop hook ended tuning after 4 trials" in (tmp_path / "console.txt").read_text()
+
+
+def test_tune_started_with_sigint_ignored_still_stops_on_ctrl_c(farm, tmp_path):
+    """A background job of a non-interactive shell starts with SIGINT ignored; tune takes it back."""
+    import signal
+
+    job = write_job(tmp_path / "job.yaml", "waits", farm["port"], "nobody-serves-this",
+                    {"source": "builtin", "name": "matmul"}, runner={"device_wait_sec": 120})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as from such a shell
+    try:
+        proc = start_tunefarm(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        wait_until(lambda: "waiting for an agent" in (tmp_path / "tune.log").read_text() or proc.poll() is not None,
+                   60, what="tune to wait for an agent")
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 130, (tmp_path / "tune.log").read_text()
+    finally:
+        stop_process(proc)
+    assert "tunefarm: interrupted" in (tmp_path / "tune.log").read_text()
+    assert not (tmp_path / "logs" / "waits").exists()

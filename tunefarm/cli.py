@@ -153,16 +153,28 @@ def devices(tracker_addr, farm, as_json):
               help="Override the job's tracker address.")
 @click.option("--logs-dir", default="logs", show_default=True, help="Jobs write to LOGS_DIR/<job-name>/.")
 @click.option("--skip-eval", is_flag=True, help="Tune only; do not compile, verify or time the model.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the tasks, their weights, what the job dir already holds and the minimum budget; tune "
+                   "nothing, write nothing. Needs the tracker (and an agent on the key) only when target is "
+                   "from-agent.")
 @_one_line_errors
-def tune(job_file, tracker_addr, logs_dir, skip_eval):
+def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only):
     """Tune the model described by JOB_FILE (YAML, see configs/jobs/) on the farm.
 
     Re-running the same job resumes: records already measured are kept and not measured again.
     After tuning, the model is compiled with the best records, run on the device through RPC,
     checked against PyTorch/ONNX Runtime and timed; report.json and report.md land in the job dir.
+    Ctrl-C stops tuning; the records measured so far are kept.
     """
-    from tunefarm.host.tuning.job import run_job_file
+    import signal
 
+    from tunefarm.host.tuning.job import plan_job_file, run_job_file
+
+    # A background job of a non-interactive shell starts with SIGINT ignored (see follow): take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if plan_only:
+        plan_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir)
+        return
     run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
 
 

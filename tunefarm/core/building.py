@@ -1,6 +1,6 @@
 """How a MetaSchedule candidate becomes a loadable artifact: the one build routine of the farm.
 
-Used by the host's FarmBuilder (warm local workers) and by agents that build for their own target
+Used by the host's WarmBuilder (warm local workers) and by agents that build for their own target
 (``tunefarm.builder.build`` in the agent's RPC server), so a candidate is built the same way
 wherever it is built: exactly as stock MetaSchedule's ``default_build``/``default_export`` do, minus
 the ``import tvm.s_tir.tensor_intrin`` that costs ~20 s per fresh process and is not needed to build

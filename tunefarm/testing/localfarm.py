@@ -1,7 +1,7 @@
 """A whole farm on this machine: a real tracker and real agents on free loopback ports.
 
-``tunefarm quickstart`` and the benchmarks start their farms through this one helper, with the same
-commands a user types (``tunefarm tracker``, ``tunefarm agent``), each in its own process group with
+``tunefarm quickstart``, the benchmarks and the tests start their farms through this one module, with the
+same commands a user types (``tunefarm tracker``, ``tunefarm agent``), each in its own process group with
 its log beside the caller's other files. A process that exits at start or never registers is a
 one-line :class:`TunefarmError` naming its log.
 
@@ -9,17 +9,89 @@ one-line :class:`TunefarmError` naming its log.
         farm.add_agent("cpu")                      # waits until the tracker lists it
         farm.add_agent("build", cpus=[2, 3])       # pinned to cores 2 and 3 (taskset)
         run_job(..., tracker=farm.addr)
+
+The module-level functions start and watch single processes for callers that manage them themselves
+(the tests restart a tracker on the same port, kill agents, start agents that must fail).
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from tunefarm.core.errors import TunefarmError
+from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
 
 HOST = "127.0.0.1"
+
+
+def tracker_answers(host: str, port: int) -> bool:
+    """Whether ``host:port`` completes the tracker handshake now."""
+    from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
+
+    try:
+        check_tracker(host, port, timeout=2.0)
+        return True
+    except TrackerUnreachable:
+        return False
+
+
+def start_tracker(port: int, log_path: str | Path, host: str = HOST, wait_s: float = 60.0) -> subprocess.Popen:
+    """``tunefarm tracker`` on ``host:port``, returned once it answers the tracker handshake."""
+    proc = start_tunefarm(["tracker", "--host", host, "--port", port], log_path)
+    try:
+        wait_until(lambda: proc.poll() is not None or tracker_answers(host, port), wait_s, what="the tracker")
+    except TimeoutError:
+        stop_process(proc)
+        raise TunefarmError(f"the tracker did not start within {wait_s:.0f} s; see {log_path}") from None
+    if proc.poll() is not None:
+        raise TunefarmError(f"the tracker exited at start ({proc.returncode}); see {log_path}")
+    return proc
+
+
+def spawn_agent(tracker_addr: str, key: str, log_path: str | Path, *extra_args: str,
+                cpus: Sequence[int] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``tunefarm agent`` on ``key`` (RPC ports from a free one on loopback); does not wait."""
+    return start_tunefarm(["agent", "--tracker", tracker_addr, "--key", key, "--host", HOST,
+                           "--port", free_port(HOST), *extra_args], log_path, env=env, cpus=cpus)
+
+
+def agent_id(proc: subprocess.Popen) -> str:
+    """The agent id an agent started here registers with (hostname:pid of its process)."""
+    return f"{socket.gethostname()}:{proc.pid}"
+
+
+def listed_agents(host: str, port: int, key: str | None = None) -> list:
+    """DeviceInfo of every tunefarm agent the tracker lists (on ``key`` if given)."""
+    from tunefarm.core.wire import DeviceInfo  # pylint: disable=import-outside-toplevel
+    from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
+
+    with TrackerClient(host, port) as client:
+        return [agent for item in client.devices() if key is None or item["key"] == key
+                for agent in item["agents"] if isinstance(agent, DeviceInfo)]
+
+
+def wait_agent_listed(proc: subprocess.Popen, host: str, port: int, key: str, log_path: str | Path,
+                      wait_s: float = 180.0) -> None:
+    """Until the tracker lists the agent ``proc`` on ``key``; a TunefarmError if it exits or takes too long."""
+    me = agent_id(proc)
+
+    def listed() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return any(a.agent_id == me for a in listed_agents(host, port, key))
+        except TrackerUnreachable:
+            return False
+
+    try:
+        wait_until(listed, wait_s, interval=0.5, what=f"agent {me} on key '{key}'")
+    except TimeoutError:
+        raise TunefarmError(f"the agent on key '{key}' did not register within {wait_s:.0f} s; "
+                            f"see {log_path}") from None
+    if proc.poll() is not None:
+        raise TunefarmError(f"the agent on key '{key}' exited at start ({proc.returncode}); see {log_path}")
 
 
 class LocalFarm:
@@ -43,28 +115,10 @@ class LocalFarm:
         return HOST, self.port
 
     def __enter__(self) -> "LocalFarm":
-        # pylint: disable=import-outside-toplevel
-        from tunefarm.tracker.client import TrackerClient, check_tracker
+        from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
         self.port = free_port(HOST)
-        log = self.logs_dir / "tracker.log"
-        self.tracker = start_tunefarm(["tracker", "--host", HOST, "--port", self.port], log)
-
-        def answers() -> bool:
-            try:
-                check_tracker(HOST, self.port, timeout=2.0)
-                return True
-            except TunefarmError:
-                return False
-
-        try:
-            wait_until(lambda: self.tracker.poll() is not None or answers(), self.tracker_wait_s, what="the tracker")
-        except TimeoutError:
-            self.close()
-            raise TunefarmError(f"the tracker did not start within {self.tracker_wait_s:.0f} s; see {log}") from None
-        if self.tracker.poll() is not None:
-            self.close()
-            raise TunefarmError(f"the tracker exited at start; see {log}")
+        self.tracker = start_tracker(self.port, self.logs_dir / "tracker.log", wait_s=self.tracker_wait_s)
         self.client = TrackerClient(HOST, self.port)
         return self
 
@@ -72,22 +126,13 @@ class LocalFarm:
         self.close()
 
     def add_agent(self, key: str, *extra_args: str, cpus: Sequence[int] | None = None, name: str = "",
-                  wait: bool = True) -> subprocess.Popen:
-        """Start ``tunefarm agent`` on ``key``; with ``wait``, return once the tracker lists one more on it."""
-        before = self.client.servers_for_key(key) if wait else 0
+                  wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``tunefarm agent`` on ``key``; with ``wait``, return once the tracker lists it."""
         log = self.logs_dir / f"{name or f'agent-{key}-{len(self.agents)}'}.log"
-        proc = start_tunefarm(["agent", "--tracker", self.addr, "--key", key, "--host", HOST, "--port", free_port(HOST),
-                               *extra_args], log, cpus=cpus)
+        proc = spawn_agent(self.addr, key, log, *extra_args, cpus=cpus, env=env)
         self.agents.append((key, proc))
         if wait:
-            try:
-                wait_until(lambda: proc.poll() is not None or self.client.servers_for_key(key) > before,
-                           self.agent_wait_s, what=f"an agent on key '{key}'")
-            except TimeoutError:
-                raise TunefarmError(f"the agent on key '{key}' did not register within {self.agent_wait_s:.0f} s; "
-                                    f"see {log}") from None
-            if proc.poll() is not None:
-                raise TunefarmError(f"the agent on key '{key}' exited at start; see {log}")
+            wait_agent_listed(proc, HOST, self.port, key, log, self.agent_wait_s)
         return proc
 
     def wait_for_agents(self, key: str, count: int) -> None:

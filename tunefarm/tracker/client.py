@@ -106,7 +106,8 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
     ever answering: the request runs in a thread and is abandoned after the deadline.
     """
     t0 = time.monotonic()
-    TrackerClient(*tracker_addr).wait_for_key(key, wait_s, on_wait=on_wait)
+    with TrackerClient(*tracker_addr) as client:
+        client.wait_for_key(key, wait_s, on_wait=on_wait)
     box: dict[str, Any] = {}
 
     def ask():

@@ -4,44 +4,49 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-from pathlib import Path
 from typing import Any
 
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.reports.markdown import number
+from tunefarm.host.tuning.jobdir import JobDir
 from tunefarm.host.tuning.logs import task_rows
 
 
-def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], scheduled: list[str],
+def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                  unscheduled: list[str], reference, problems: list[str], method: str = "") -> dict[str, Any]:
+    """``tuned`` is the tuning run's TuneResult (tunefarm.host.tuning.job)."""
     import tvm  # pylint: disable=import-outside-toplevel
 
-    job = tuned["job"]
-    job_dir: Path = tuned["job_dir"]
-    tasks = json.loads((job_dir / "tasks.json").read_text())
-    per_task = task_rows(tuned["database"], tasks)
+    job = tuned.job
+    job_dir = JobDir(tuned.job_dir)
+    per_task = task_rows(tuned.database, job_dir.read_tasks())
     untuned_ms = rows["tvm-untuned"]["latency"]["median_ms"]
     for row in rows.values():
         lat = row.get("latency")
         if lat:
             row["speedup_vs_untuned"] = untuned_ms / lat["median_ms"]
-    reference_name = "PyTorch" if tuned["model"].kind == "torch" else "ONNX Runtime"
+    reference_name = "PyTorch" if tuned.model.kind == "torch" else "ONNX Runtime"
     report = {
         "job": job.name,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": {"source": job.model.source, "name": job.model.name or job.model.path,
-                  "input_shapes": [list(x.shape) for x in tuned["model"].inputs],
-                  "fingerprint": tuned["model"].fingerprint, "weights": "random (weights=None), seeded"},
+                  "input_shapes": [list(x.shape) for x in tuned.model.inputs],
+                  "fingerprint": tuned.model.fingerprint, "weights": "random (weights=None), seeded"},
         "device_key": job.device.key,
-        "target": target_to_json(tuned["target"]),
+        "target": target_to_json(tuned.target),
         "host": {"hostname": platform.node(), "python": platform.python_version(), "tvm": tvm.__version__},
         "tuning": {"max_trials_global": job.tuning.max_trials_global,
                    "max_trials_per_task": job.tuning.max_trials_per_task,
                    "num_trials_per_iter": job.tuning.num_trials_per_iter, "cost_model": job.tuning.cost_model,
                    "population_size": job.tuning.population_size,
+                   # measured trials of this job (all runs), seeded records and cache hits: three apart
                    "trials_measured_total": sum(r["trials"] for r in per_task),
-                   "trials_before_this_run": tuned["trials_before"], "resumed": tuned["resumed"],
-                   "wall_s_this_run": round(tuned["tuning_wall_s"], 1), **tuned["runner_stats"]},
+                   "trials_before_this_run": tuned.measured_before, "trials_this_run": tuned.measured,
+                   "failed_this_run": tuned.failed, "seeded_records": sum(r["seeded"] for r in per_task),
+                   "cache_hits": tuned.cache_hits, "resumed": tuned.resumed, "stopped_early": tuned.stopped,
+                   "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
+                   "agents_lost": tuned.agents_lost, "failures": tuned.failures,
+                   "built_on_agents": tuned.built_on_agents},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
                       "untuned_functions": unscheduled,
                       "tasks_without_record": [r["task"] for r in per_task if not r["tuned"]]},
@@ -51,13 +56,18 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
         "problems": problems,
         "ok": not problems,
     }
+    tn = report["tuning"]
     md = [f"# tunefarm report: {job.name}", "",
           f"- model: {report['model']['name']} ({job.model.source}), input {report['model']['input_shapes']}, "
           "random weights",
           f"- device key: `{job.device.key}`; target: `{json.dumps(report['target'])}`",
-          f"- tuning: {report['tuning']['trials_measured_total']} trials measured in total "
-          f"(budget {job.tuning.max_trials_global}, {job.tuning.num_trials_per_iter} per round, cost model "
-          f"{job.tuning.cost_model}); this run {report['tuning']['wall_s_this_run']} s",
+          f"- tuning: {tn['trials_measured_total']} trials measured by this job (budget "
+          f"{job.tuning.max_trials_global}, at most {job.tuning.max_trials_per_task or job.tuning.max_trials_global} "
+          f"per task, {job.tuning.num_trials_per_iter} per round, cost model {job.tuning.cost_model}); this run "
+          f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s" + (" (stopped early)" if tuned.stopped else ""),
+          f"- not trials: {tn['seeded_records']} record(s) seeded from earlier jobs (warm start); "
+          f"{tn['cache_hits']} cache hit(s) this run (candidates the database already answered: not built, "
+          "measured or recorded again)",
           f"- tuned schedules: **{len(scheduled)} of {len(scheduled) + len(unscheduled)}** TIR functions"
           + (f"; without: {', '.join(unscheduled)}" if unscheduled else ""),
           f"- numerics: every backend checked against {reference_name} on the same inputs and weights",
@@ -76,15 +86,33 @@ def write_report(tuned: dict[str, Any], rows: dict[str, dict[str, Any]], schedul
                   f"{number(lat['p90_ms'])} | "
                   f"{number(lat['p99_ms'])} | {number(lat['std_ms'])} | {lat['samples']} | "
                   f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({num['max_abs_err']:.2g}) |")
-    md += ["", f"Method: {method or rows['tvm-tuned']['latency']['method']}", "", "## Tasks", "", "| # | task | weight | trials | failed | best us | tuned |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    md += ["", f"Method: {method or rows['tvm-tuned']['latency']['method']}"]
+    md += _agents_section(tn)
+    md += ["", "## Tasks", "", "Trials: candidates this job measured (failed ones included); seeded: records of "
+           "earlier jobs copied in by the warm start.", "",
+           "| # | task | weight | trials | failed | seeded | best us | tuned |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(per_task):
-        md.append(f"| {i} | {row['task']} | {row['weight']:g} | {row['trials']} | {row['failed']} | "
+        md.append(f"| {i} | {row['task']} | {row['weight']:g} | {row['trials']} | {row['failed']} | {row['seeded']} | "
                   f"{number(row['best_us'], 2)} | {'yes' if row['tuned'] else '**no**'} |")
     if problems:
         md += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     report["markdown"] = "\n".join(md) + "\n"
-    (job_dir / "report.md").write_text(report["markdown"])
-    (job_dir / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"},
-                                                    indent=2, default=str))
+    job_dir.write_report({k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
     return report
+
+
+def _agents_section(tuning: dict[str, Any]) -> list[str]:
+    """Where this run's candidates were measured (and built), and the agents lost on the way."""
+    if not tuning["per_agent"] and not tuning["failures"]:
+        return []
+    md = ["", "## Agents (this run)", "", "| agent | measured | built | note |", "| --- | --- | --- | --- |"]
+    built = tuning["built_on_agents"]
+    for agent in sorted(set(tuning["per_agent"]) | set(tuning["agents_lost"]) | set(built)):
+        note = ("lost during the run" if agent in tuning["agents_lost"]
+                else "build agent" if agent not in tuning["per_agent"] else "-")
+        md.append(f"| {agent} | {tuning['per_agent'].get(agent, 0)} | {built.get(agent, '-')} | {note} |")
+    failed = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning["failures"].items()))
+    if failed:
+        md += ["", f"Candidates that failed to measure: {failed}."]
+    return md

@@ -1,21 +1,25 @@
-"""FarmBuilder: MetaSchedule's Builder interface, with build workers that stay warm.
+"""The farm's builders, each one MetaSchedule ``Builder`` (``build(list[BuilderInput]) -> list[BuilderResult]``).
 
-Stock ``LocalBuilder`` starts a fresh process pool for every batch, and each fresh worker runs
-``import tvm.s_tir.tensor_intrin``, which registers every architecture's tensor intrinsics (CUDA,
-ROCm, Hexagon, ARM...) and takes ~20 s of CPU on this project's 2-core machines, per worker, per
+* :class:`WarmBuilder` builds on this host in a process pool that stays warm across batches.
+* :class:`AgentBuilder` hands the candidates to the agents registered under a build key.
+* :class:`FarmBuilder`, the tuning job's builder, answers a candidate measured before from the
+  :class:`~tunefarm.host.tuning.measured_cache.MeasuredCache` and hands the rest to one of the two.
+
+Why a warm pool: stock ``LocalBuilder`` starts a fresh process pool for every batch, and each fresh
+worker runs ``import tvm.s_tir.tensor_intrin``, which registers every architecture's tensor intrinsics
+(CUDA, ROCm, Hexagon, ARM...) and takes ~20 s of CPU on this project's 2-core machines, per worker, per
 batch. A candidate handed to the builder is already scheduled (any tensorize already inlined the
-intrinsic's body), so building it needs no intrinsic registry. FarmBuilder keeps one pool alive
-across batches (recycled every ``recycle_after`` builds, the reason stock restarts it being a slow
-leak in long-lived workers) and builds exactly as stock does otherwise: ``RemoveWeightLayoutRewriteBlock``
-then ``tvm.driver.build``, exported as a ``.tar`` that the agent links with its ``cc``.
+intrinsic's body), so building it needs no intrinsic registry. WarmBuilder keeps one pool alive across
+batches (recycled every ``recycle_after`` builds, the reason stock restarts it being a slow leak in
+long-lived workers) and builds exactly as stock does otherwise (``tunefarm.core.building``).
 """
 from __future__ import annotations
 
 import os
 import tempfile
 
-from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 
@@ -25,31 +29,23 @@ def _warm_worker():
     import tvm.s_tir.transform  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
 
 
+def _artifact_path() -> str:
+    """A fresh ``.tar`` path of its own (MetaSchedule's RemoveBuildArtifact deletes its directory)."""
+    return os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar")
+
+
 def _build_one(mod, target):
     from tunefarm.core.building import build_candidate  # pylint: disable=import-outside-toplevel
 
-    return build_candidate(mod, target, os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar"))
+    return build_candidate(mod, target, _artifact_path())
 
 
 @derived_object
-class FarmBuilder(PyBuilder):
-    """Builds candidates in a warm process pool on this host, or on the agents of ``build_key``.
+class WarmBuilder(PyBuilder):
+    """Builds candidates on this host in ``workers`` processes that stay warm across batches."""
 
-    With ``build_key`` set, each agent registered under that key builds candidates for the farm
-    (``tunefarm.builder.build`` in its RPC server): one RPC session per agent for the batch, the
-    candidates shared out as the agents finish them; artifacts come back to the host, so any agent
-    of the measuring key can run them.
-    """
-
-    def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512,
-                 cache=None, build_key: str = "",
-                 tracker: tuple[str, int] | None = None, device_wait_sec: float = 120.0):
+    def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512):
         super().__init__()
-        self.cache = cache
-        self.build_key = build_key
-        self.tracker = tracker
-        self.device_wait_sec = device_wait_sec
-        self.remote_builds: dict[str, int] = {}  # agent id -> candidates built there
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.timeout_sec = timeout_sec
         self.recycle_after = recycle_after
@@ -66,28 +62,8 @@ class FarmBuilder(PyBuilder):
         return self._pool
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
-        results: list[BuilderResult | None] = [None] * len(build_inputs)
-        hashes = [self.cache.key(b.mod) if self.cache else None for b in build_inputs]
-        todo = []
-        for i, key in enumerate(hashes):
-            if self.cache is not None and self.cache.has(key):
-                # Measured before (in this run or a run this job resumes): nothing to build or measure.
-                results[i] = BuilderResult(self.cache.artifact_for(key), None)
-            else:
-                todo.append(i)
-        if todo:
-            built = self._build_many([build_inputs[i] for i in todo])
-            for i, res in zip(todo, built):
-                results[i] = res
-                if self.cache is not None and res.artifact_path is not None:
-                    self.cache.note_artifact(res.artifact_path, hashes[i])
-        self._built += len(todo)
-        return results  # type: ignore[return-value]
-
-    def _build_many(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
-        if self.build_key:
-            return self._build_on_agents(build_inputs)
         pool = self._get_pool()
+        self._built += len(build_inputs)
         results = []
         for res in pool.map_with_error_catching(lambda x: _build_one(*x),
                                                 [(b.mod, b.target) for b in build_inputs]):
@@ -99,7 +75,29 @@ class FarmBuilder(PyBuilder):
                 results.append(BuilderResult(None, "FarmBuilder: an exception occurred\n" + str(res.value)))
         return results
 
-    def _build_on_agents(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+@derived_object
+class AgentBuilder(PyBuilder):
+    """Builds candidates on the agents registered under ``key`` (``tunefarm.builder.build_many`` in their
+    RPC server): one RPC session per agent for the batch, one candidate per core of that agent at a time,
+    the candidates shared out as the agents finish them. Artifacts come back to the host, so any agent of
+    the measuring key can run them. ``remote_builds`` counts the candidates each agent built."""
+
+    def __init__(self, tracker: tuple[str, int], key: str, timeout_sec: float = 60.0,
+                 device_wait_sec: float = 120.0):
+        super().__init__()
+        self.tracker = tracker
+        self.key = key
+        self.timeout_sec = timeout_sec
+        self.device_wait_sec = device_wait_sec
+        self.remote_builds: dict[str, int] = {}  # agent id -> candidates built there
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         # pylint: disable=import-outside-toplevel
         import json
         import queue
@@ -110,10 +108,10 @@ class FarmBuilder(PyBuilder):
 
         from tunefarm.core.targets import target_to_json
         from tunefarm.core.wire import AGENT_ID_FUNC, BUILDER_BUILD_MANY_FUNC, BUILDER_PARALLELISM_FUNC
-        from tunefarm.tracker.client import request_session
-        from tunefarm.tracker.client import TrackerClient
+        from tunefarm.tracker.client import TrackerClient, request_session
 
-        agents = TrackerClient(*self.tracker).wait_for_key(self.build_key, self.device_wait_sec)
+        with TrackerClient(*self.tracker) as client:
+            agents = client.wait_for_key(self.key, self.device_wait_sec)
         todo: queue.Queue = queue.Queue()
         for i, inp in enumerate(build_inputs):
             todo.put((i, inp))
@@ -123,7 +121,7 @@ class FarmBuilder(PyBuilder):
 
         def work():
             try:
-                sess = request_session(self.tracker, self.build_key, self.device_wait_sec,
+                sess = request_session(self.tracker, self.key, self.device_wait_sec,
                                        session_timeout=int(self.timeout_sec * len(build_inputs)) + 60)
                 agent_id = str(sess.get_function(AGENT_ID_FUNC)())
                 build_many = sess.get_function(BUILDER_BUILD_MANY_FUNC)
@@ -149,7 +147,7 @@ class FarmBuilder(PyBuilder):
                         if error:
                             results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{error}")
                             continue
-                        path = os.path.join(tempfile.mkdtemp(prefix="tunefarm-build-"), "tvm_tmp_mod.tar")
+                        path = _artifact_path()
                         with open(path, "wb") as fh:
                             fh.write(sess.download(name + ".tar"))
                         results[i] = BuilderResult(path, None)
@@ -165,10 +163,48 @@ class FarmBuilder(PyBuilder):
         deadline = self.timeout_sec * len(build_inputs) + self.device_wait_sec
         for thread in threads:
             thread.join(deadline)
-        return [r if r is not None else BuilderResult(None, f"FarmBuilder: no agent on key '{self.build_key}' "
+        return [r if r is not None else BuilderResult(None, f"FarmBuilder: no agent on key '{self.key}' "
                                                             "built this candidate") for r in results]
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Nothing to stop: sessions end with their batch."""
+
+
+@derived_object
+class FarmBuilder(PyBuilder):
+    """The tuning job's builder: a candidate measured before (in this run, or in a run this job resumes)
+    gets a placeholder artifact from ``cache`` instead of a build (FarmRunner answers it from the cache);
+    the others are built by ``builder`` (a :class:`WarmBuilder` or an :class:`AgentBuilder`)."""
+
+    def __init__(self, builder, cache=None):
+        super().__init__()
+        self.builder = builder
+        self.cache = cache
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        results: list[BuilderResult | None] = [None] * len(build_inputs)
+        keys = [self.cache.key(b.mod) if self.cache is not None else None for b in build_inputs]
+        todo = []
+        for i, key in enumerate(keys):
+            if self.cache is not None and self.cache.has(key):
+                results[i] = BuilderResult(self.cache.artifact_for(key), None)
+            else:
+                todo.append(i)
+        if todo:
+            for i, res in zip(todo, self.builder.build([build_inputs[i] for i in todo])):
+                results[i] = res
+                if self.cache is not None and res.artifact_path is not None:
+                    self.cache.note_artifact(res.artifact_path, keys[i])
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        self.builder.shutdown()
+
+
+def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=None) -> FarmBuilder:
+    """The builder a job's ``builder:`` section asks for (``key`` set: its agents build), behind the cache."""
+    if spec.key:
+        inner = AgentBuilder(tracker, spec.key, timeout_sec=spec.timeout_sec, device_wait_sec=device_wait_sec)
+    else:
+        inner = WarmBuilder(workers=spec.workers, timeout_sec=spec.timeout_sec)
+    return FarmBuilder(inner, cache=cache)

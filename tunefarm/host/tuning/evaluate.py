@@ -65,17 +65,17 @@ def report_row(res: RowResult) -> dict[str, Any]:
             "precision": res.precision, "numerics": res.numerics, "version": res.version}
 
 
-def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
+def evaluate_job(tuned, console) -> dict[str, Any]:
     """Compile, run, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
     # pylint: disable=import-outside-toplevel
     import tvm
 
     from tunefarm.host.reports.tuning import write_report
 
-    job, target, mod, database = tuned["job"], tuned["target"], tuned["mod"], tuned["database"]
+    job, target, mod, database = tuned.job, tuned.target, tuned.mod, tuned.database
     ev = job.evaluate
-    model = tuned["model"]
-    job_dir: Path = tuned["job_dir"]
+    model = tuned.model
+    job_dir: Path = tuned.job_dir
     build_dir = Path(tempfile.mkdtemp(prefix="tunefarm-eval-"))
 
     with console.status("compiling the tuned and the untuned builds"):
@@ -87,8 +87,8 @@ def evaluate_job(tuned: dict[str, Any], console) -> dict[str, Any]:
             ex.export_library(libs[name])
     artifacts = ModelArtifacts(model, job.model, build_dir, console)
     reference = artifacts.reference
-    on_wait = tuned["on_wait"]
-    agents = FarmAgents(tuned["tracker"], job.runner.device_wait_sec, console,
+    on_wait = tuned.on_wait
+    agents = FarmAgents(tuned.tracker, job.runner.device_wait_sec, console,
                         on_wait=lambda _key, waited, limit: on_wait(waited, limit))
     try:
         comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, EVAL_BUDGET_S), console)

@@ -1,27 +1,32 @@
-"""A tuning job end to end: import, extract tasks, tune through the farm, then evaluate and report.
+"""A tuning job end to end: plan it (tuning/plan.py), tune it through the farm, then evaluate and report.
 
 The module that is tuned is the module that is compiled: ``fuse_for_tuning`` runs once, its result
 is handed to task extraction and, after tuning, the database is applied to exactly that module
 (``MetaScheduleApplyDatabase``) before ``tvm.compile``. Stock ``compile_relax`` would fuse a second
 time and silently build untuned kernels (../shared/tvm-0.27-notes.md).
+
+Running a plan (:func:`run_plan`) is MetaSchedule's ``tune_tasks`` with the farm's builder and runner,
+the search kept to the job's budget (tuning/search.py, tuning/budget.py) and a progress callback that
+may end the run early: ``should_stop(progress)`` is asked after every measured batch.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
-from tunefarm.core.targets import target_to_json
 from tunefarm.core.wire import parse_hostport
-from tunefarm.host.tuning.jobdir import JobDir, records_per_workload
+from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
+# fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
+from tunefarm.host.tuning.plan import (TuningPlan, commit_plan, describe_plan, fuse_for_tuning,  # noqa: F401
+                                       plan_job, resolve_job_target)
 from tunefarm.host.tuning.progress import JobProgress, make_progress_callback, time_split
-from tunefarm.host.tuning.warm_start import warm_start
 
+StopHook = Callable[[JobProgress], bool]
 
 
 def _console():
@@ -30,199 +35,207 @@ def _console():
     return Console(highlight=False)
 
 
-def fuse_for_tuning(mod, target):
-    """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
-    from tvm import relax  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass
+class TuneResult:
+    """What a tuning run leaves for the evaluation and the report (and for the benchmarks)."""
 
-    with target:
-        mod = relax.transform.DecomposeOpsForInference()(mod)
-        mod = relax.pipeline.zero_pipeline()(mod)
-    return mod
+    plan: TuningPlan
+    database: Any  # the job's JSONDatabase
+    tracker: tuple[str, int]
+    on_wait: Callable[[float, float], Any] | None = None  # prints "waiting for an agent ..."
+    wall_s: float = 0.0  # MetaSchedule's loop in this run
+    measured: int = 0  # trials measured in this run, failed ones included
+    failed: int = 0  # of those, the candidates that failed to build or run
+    cache_hits: int = 0  # candidates the database answered: not built, measured, recorded or counted
+    stopped: bool = False  # ended early by should_stop
+    per_agent: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> candidates measured
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
+    built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
+    agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
+    time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def job(self) -> TuningJob:
+        return self.plan.job
+
+    @property
+    def job_dir(self) -> Path:
+        return self.plan.job_dir.path
+
+    @property
+    def model(self):
+        return self.plan.model
+
+    @property
+    def target(self):
+        return self.plan.target
+
+    @property
+    def mod(self):
+        return self.plan.mod
+
+    @property
+    def resumed(self) -> bool:
+        return self.plan.resumed
+
+    @property
+    def measured_before(self) -> int:
+        """Trials of this job measured in earlier runs."""
+        return self.plan.budget.measured_before
+
+    @property
+    def seeded(self) -> int:
+        """Records the warm start copied in (this run's, or the first run's): not trials of this job."""
+        return self.plan.seeded
 
 
-def resolve_job_target(job: TuningJob, tracker_client):
-    """The job's target: the agents' own (``from-agent``), a preset name or a JSON dict."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    from tunefarm.core.targets import target_from_spec  # pylint: disable=import-outside-toplevel
-
-    if job.target == "from-agent":
-        infos = [a for a in tracker_client.agent_infos(job.device.key) if a.target]
-        if not infos:
-            raise TunefarmError(f"target is 'from-agent' but no agent on key '{job.device.key}' reports a target; "
-                                "set target: in the job file")
-        distinct = {json.dumps(a.target, sort_keys=True) for a in infos}
-        if len(distinct) > 1:
-            raise TunefarmError(f"agents on key '{job.device.key}' serve different targets ({len(distinct)}); "
-                                "a key must name one kind of device, or set target: in the job file")
-        return tvm.target.Target(infos[0].target)
-    return target_from_spec(job.target)
+def _waiting_message(console, key: str, host: str, port: int):
+    def on_wait(waited, limit):
+        console.print(f"[yellow]waiting for an agent on key '{key}' at {host}:{port}: "
+                      f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
+                      f"--key {key})")
+    return on_wait
 
 
-def _refuse_unrunnable_target(target, agents, key: str) -> None:
-    """A one-line error now, rather than every candidate failing, when no agent on the key can run the target
-    (e.g. OpenCL on an agent whose TVM runtime is built with USE_OPENCL=OFF)."""
-    from tunefarm.core.targets import runtime_problem, target_to_json  # pylint: disable=import-outside-toplevel
-
-    problems = [runtime_problem(target_to_json(target), a) for a in agents]
-    if problems and all(problems):
-        raise TunefarmError(f"key '{key}': {problems[0]}")
+def _agent_lost_message(console, key: str):
+    def on_agent_lost(agent_id: str, measured: int, left: int):
+        console.print(f"[yellow]agent {agent_id} on key '{key}' is gone[/] (it measured {measured} candidate(s) "
+                      f"this run; {left} agent(s) left on the key); its candidates in flight count as failed")
+    return on_agent_lost
 
 
-def _check_state(job_dir: JobDir, state: dict[str, Any]) -> bool:
-    """True if the job dir holds an earlier run of this job (resume); refuse a different model/target."""
-    if not job_dir.has_state():
-        job_dir.write_state(state)
-        return False
-    old = job_dir.read_state()
-    for field in ("model_fingerprint", "target"):
-        if old.get(field) != state.get(field):
-            raise TunefarmError(f"{job_dir} holds a run of a different {field.replace('_', ' ')}; "
-                                "give the job a new name or move that directory away")
-    return True
-
-
-def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None) -> dict[str, Any]:
-    """Tune (or resume tuning) ``job``; returns what the evaluation and the report need."""
-    # pylint: disable=import-outside-toplevel
-    import tvm
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    from tunefarm.host.tuning.builder import FarmBuilder
-    from tunefarm.host.tuning.measured_cache import MeasuredCache
-    from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.runner import FarmRunner
-    from tunefarm.tracker.client import TrackerClient
+def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
+             should_stop: StopHook | None = None) -> TuneResult:
+    """Tune (or resume tuning) ``job``. ``should_stop(progress)`` (a :class:`JobProgress`: ``trials``,
+    ``best``, ``t0``) is asked after each measured batch; True ends tuning cleanly, records kept."""
+    from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
     console = console or _console()
-    jobdir = JobDir(Path(logs_dir) / job.name)
-    job_dir = jobdir.path
-    job_dir.mkdir(parents=True, exist_ok=True)
     host, port = parse_hostport(job.device.tracker)
-    tracker = TrackerClient(host, port)
-    tracker.summary()  # a one-line TrackerUnreachable error right away if the tracker is not there
+    on_wait = _waiting_message(console, job.device.key, host, port)
+    job_dir = Path(logs_dir) / job.name
+    created = not job_dir.exists()
+    try:
+        with TrackerClient(host, port) as tracker:  # a one-line TrackerUnreachable at once if it is not there
+            tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
+            plan = plan_job(job, logs_dir, console, tracker)
+        database = commit_plan(plan)
+        for line in describe_plan(plan):
+            console.print(line)
+        if plan.budget.too_small:
+            b = plan.budget
+            console.print(f"[bold red]warning:[/] budget too small: {b.remaining} trials left for "
+                          f"{len(b.untouched)} untuned task(s) x {b.round_size} trials per round = {b.need}; some "
+                          f"tasks will get no tuned schedule and run as naive loops (raise max_trials_global to "
+                          f"at least {b.minimum_global})")
+        return run_plan(plan, database, (host, port), console, on_wait, should_stop)
+    except BaseException:
+        if created:
+            remove_unmeasured(JobDir(job_dir))
+        raise
 
-    def on_wait(waited, limit):
-        console.print(f"[yellow]waiting for an agent on key '{job.device.key}' at {host}:{port}: "
-                      f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
-                      f"--key {job.device.key})")
 
-    agents = tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
-    target = resolve_job_target(job, tracker)
-    _refuse_unrunnable_target(target, tracker.agent_infos(job.device.key), job.device.key)
-    console.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
-                  f"on key '{job.device.key}' ({agents} agent(s)) target {json.dumps(target_to_json(target))}")
+def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_wait=None,
+             should_stop: StopHook | None = None) -> TuneResult:
+    """Tune what ``plan`` leaves to do (its job directory committed, ``database`` open)."""
+    # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import meta_schedule as ms
 
-    model = load_model(job.model)
-    state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
-    resumed = _check_state(jobdir, state)
-    jobdir.write_spec(job)
+    from tunefarm.host.tuning.budget import TrialCounter
+    from tunefarm.host.tuning.builder import job_builder
+    from tunefarm.host.tuning.measured_cache import MeasuredCache
+    from tunefarm.host.tuning.runner import FarmRunner
+    from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule
 
-    with console.status("importing the model into Relax and fusing"):
-        mod = fuse_for_tuning(to_relax(model), target)
-    extracted = ms.relax_integration.extract_tasks(mod, target)
-    if not extracted:
-        raise TunefarmError("no tunable tasks found in the model")
-    task_names = [t.task_name for t in extracted]
-    task_weights = [float(t.weight) for t in extracted]
-    task_keys = [str(tvm_ffi.structural_hash(t.dispatched[0])) for t in extracted]
-
-    jobdir.write_tasks([{"name": n, "weight": w, "workload_hash": k}
-                        for n, w, k in zip(task_names, task_weights, task_keys)])
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
-    database = jobdir.database()
-    if not resumed and job.tuning.warm_start:
-        imported = warm_start(database, job_dir, Path(logs_dir), state["target"],
-                              [t.dispatched[0] for t in extracted], task_keys, job.tuning.warm_start_top_k)
-        state["warm_start"] = imported
-        jobdir.write_state(state)
-        if imported["records"]:
-            console.print(f"warm start: {imported['records']} record(s) for {len(imported['per_workload'])} "
-                          f"task(s) from {', '.join(imported['sources'])} (not counted as trials of this job)")
-    imported_per = jobdir.read_state().get("warm_start", {}).get("per_workload", {})
-    per_workload = records_per_workload(database)
-    done_per_task = [max(0, len(per_workload.get(k, [])) - imported_per.get(k, 0)) for k in task_keys]
-    best_before = {i: min(per_workload[k]) for i, k in enumerate(task_keys) if per_workload.get(k)}
-    trials_before = sum(done_per_task)
-
-    tn = job.tuning
-    per_task_cap = tn.max_trials_per_task or tn.max_trials_global
-    remaining = tn.max_trials_global - trials_before
-    # Every task needs at least one round; on CPU one unscheduled conv keeps the model as slow as untuned.
-    # The task scheduler's first pass goes through the tasks in order: tasks without any record
-    # (none measured, none seeded) come first, so a resumed or warm-started job serves them first.
-    has_record = [bool(per_workload.get(k)) for k in task_keys]
-    todo = sorted((i for i in range(len(extracted)) if done_per_task[i] < per_task_cap),
-                  key=lambda i: (has_record[i], i))
-    untouched = [i for i in todo if not has_record[i]]
-    need = len(untouched) * min(tn.num_trials_per_iter, per_task_cap)
-    if remaining > 0 and need > remaining:
-        console.print(f"[bold red]warning:[/] budget too small: {remaining} trials left for {len(untouched)} "
-                      f"untuned task(s) x {tn.num_trials_per_iter} trials per round = {need}; some tasks will "
-                      "get no tuned schedule and run as naive loops (raise max_trials_global)")
-    console.print(f"{len(extracted)} tasks; budget {tn.max_trials_global} trials"
-                  + (f"; resuming: {trials_before} already measured (kept, not measured again)" if resumed else ""))
-
-    wall = 0.0
-    runner_stats: dict[str, Any] = {}
-    if remaining > 0 and todo:
-        cache = MeasuredCache()
-        cache.load_database(database)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [extracted[i] for i in todo], work_dir=str(job_dir),
-            strategy=ms.search_strategy.EvolutionarySearch(population_size=tn.population_size),
-            seed=tn.seed)
-        progress = JobProgress(job_dir, [task_names[i] for i in todo], weights, trials_before + remaining,
-                               console, {todo.index(i): v for i, v in best_before.items() if i in todo},
-                               trials_before)
-        builder = FarmBuilder(workers=job.builder.workers, timeout_sec=job.builder.timeout_sec, cache=cache,
-                              build_key=job.builder.key, tracker=(host, port),
-                              device_wait_sec=job.runner.device_wait_sec)
-        runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
-                            device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
-                            evaluator_config=ms.runner.EvaluatorConfig(
-                                number=job.runner.number, repeat=job.runner.repeat,
-                                min_repeat_ms=job.runner.min_repeat_ms,
-                                enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
-        callbacks = ms.measure_callback.MeasureCallback.create("default") + [make_progress_callback(progress)]
-        t0 = time.time()
-        profiler = ms.Profiler()
-        try:
-            with progress.progress, profiler:
-                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir),
-                              max_trials_global=remaining, max_trials_per_task=per_task_cap,
-                              num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
-                              database=database, cost_model=tn.cost_model, measure_callbacks=callbacks,
-                              task_scheduler="gradient")
-        except Exception as err:  # pylint: disable=broad-except
-            kept = len(database)
-            cause = _root_cause(err)
-            raise TunefarmError(f"tuning stopped: {cause} ({kept} records kept in {job_dir}; run the job "
-                                "again to resume)", exit_code=4) from None
-        finally:
-            builder.shutdown()
-            runner.shutdown()
-        wall = time.time() - t0
-        profile = {str(k): float(v) for k, v in profiler.get().items()}
-        jobdir.write_profile(time_split(profile, wall))
-        if progress.trials > trials_before and progress.run_ok == 0:
-            # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
-            first = (progress.first_error or "").splitlines()
-            raise TuningFailed(f"no candidate of this run was measured successfully "
-                               f"({progress.trials - trials_before} failed); first error: "
-                               f"{first[-1] if first else 'unknown'} (see {job_dir / 'logs'})")
-        runner_stats = {"per_agent": dict(runner.per_agent), "failures": dict(runner.failures),
-                        "cache_hits": cache.hits, "built_on_agents": dict(builder.remote_builds)}
-    else:
+    job, budget, job_dir = plan.job, plan.budget, plan.job_dir
+    result = TuneResult(plan=plan, database=database, tracker=tracker, on_wait=on_wait)
+    order = list(budget.order)
+    if budget.remaining <= 0 or not order:
         console.print("budget already spent: nothing left to tune")
+        result.time_split = job_dir.read_profile()
+        return result
 
-    return {"job": job, "job_dir": job_dir, "model": model, "target": target, "mod": mod,
-            "database": database, "task_names": task_names, "task_weights": task_weights,
-            "task_keys": task_keys, "tuning_wall_s": wall, "runner_stats": runner_stats,
-            "tracker": (host, port), "resumed": resumed, "trials_before": trials_before, "on_wait": on_wait,
-            "time_split": jobdir.read_profile()}
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
+    quiet_pool_rule(plan.target)
+    tn = job.tuning
+    cache = MeasuredCache()
+    cached = cache.load_database(database)
+    counter = TrialCounter(budget, [t.key for t in plan.tasks])
+    search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed)
+    progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
+                           budget.measured_before + budget.remaining, console,
+                           {t.index: t.best_s for t in plan.tasks if t.best_s is not None},
+                           budget.measured_before, run_tasks=order)
+
+    def stop():
+        counter.stop()
+        result.stopped = True
+        console.print(f"stopping: the caller's stop hook ended tuning after {progress.trials} trials "
+                      "(records kept; the batches in flight finish first)")
+
+    host, port = tracker
+    builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache)
+    runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
+                        device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
+                        on_agent_lost=_agent_lost_message(console, job.device.key),
+                        evaluator_config=ms.runner.EvaluatorConfig(
+                            number=job.runner.number, repeat=job.runner.repeat,
+                            min_repeat_ms=job.runner.min_repeat_ms,
+                            enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
+    limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
+    t0 = time.time()
+    profiler = ms.Profiler()
+    try:
+        with progress.progress, profiler:
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir.path),
+                          max_trials_global=limit_global, max_trials_per_task=limit_task,
+                          num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
+                          database=database, cost_model=tn.cost_model,
+                          measure_callbacks=measure_callbacks(make_progress_callback(progress, should_stop, stop)),
+                          task_scheduler="gradient")
+        runner.check_agents()
+    except Exception as err:  # pylint: disable=broad-except
+        if "KeyboardInterrupt" in str(err):
+            raise KeyboardInterrupt from None  # Ctrl-C inside a callback, carried through TVM's C++ loop
+        kept = len(database)
+        where = (f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept
+                 else "nothing was measured")
+        raise TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4) from None
+    finally:
+        builder.shutdown()
+        runner.shutdown()
+    result.wall_s = time.time() - t0
+    result.time_split = time_split({str(k): float(v) for k, v in profiler.get().items()}, result.wall_s)
+    job_dir.write_profile(result.time_split)
+    result.measured = progress.trials - budget.measured_before
+    result.failed = progress.run_failed
+    result.cache_hits = progress.cache_hits
+    result.per_agent = dict(runner.per_agent)
+    result.failures = dict(runner.failures)
+    result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
+    result.agents_lost = dict(runner.lost)
+    for line in run_summary(result):
+        console.print(line)
+    if result.measured and progress.run_ok == 0:
+        # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
+        first = (progress.first_error or "").splitlines()
+        raise TuningFailed(f"no candidate of this run was measured successfully ({result.measured} failed); "
+                           f"first error: {first[-1] if first else 'unknown'} (see {job_dir.path / 'logs'})")
+    return result
+
+
+def run_summary(result: TuneResult) -> list[str]:
+    """What a run measured, seeded and answered from the database, and where: the console's last lines."""
+    lines = [f"this run: {result.measured} trial(s) measured ({result.failed} failed) in {result.wall_s:.0f} s; "
+             f"{result.measured_before + result.measured} measured by this job in all; "
+             f"{result.cache_hits} cache hit(s) (answered from the database: not built, measured, recorded or "
+             f"counted); {result.seeded} record(s) seeded by the warm start (not counted)"]
+    if result.per_agent:
+        lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
+                                                 for a, n in sorted(result.per_agent.items())))
+    return lines
 
 
 def _root_cause(err: BaseException) -> str:
@@ -236,19 +249,57 @@ def _root_cause(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, console=None) -> dict[str, Any]:
+def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, console=None,
+            should_stop: StopHook | None = None):
+    """Tune ``job`` and (``evaluate``) compile, check and time it: the report's dict, else the TuneResult."""
     from tunefarm.host.tuning.evaluate import evaluate_job  # pylint: disable=import-outside-toplevel
 
     console = console or _console()
-    tuned = tune_job(job, logs_dir, console)
+    tuned = tune_job(job, logs_dir, console, should_stop)
     if not evaluate:
         return tuned
     return evaluate_job(tuned, console)
 
 
-def run_job_file(path: str, tracker_override: str | None = None, logs_dir: str = "logs",
-                 evaluate: bool = True) -> dict[str, Any]:
+def _load(path: str, tracker_override: str | None) -> TuningJob:
     job = load_job(path)
     if tracker_override:
         job.device.tracker = tracker_override
-    return run_job(job, logs_dir, evaluate)
+    return job
+
+
+def run_job_file(path: str, tracker_override: str | None = None, logs_dir: str = "logs", evaluate: bool = True):
+    return run_job(_load(path, tracker_override), logs_dir, evaluate)
+
+
+def plan_job_file(path: str, tracker_override: str | None = None, logs_dir: str = "logs") -> TuningPlan:
+    """``tunefarm tune --plan``: print the tasks, their weights and the minimum budget; tune nothing, write
+    nothing. Asks the tracker only when the target is ``from-agent``."""
+    from rich.table import Table  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
+
+    job = _load(path, tracker_override)
+    console = _console()
+    if job.target == "from-agent":
+        host, port = parse_hostport(job.device.tracker)
+        with TrackerClient(host, port) as tracker:
+            tracker.wait_for_key(job.device.key, job.runner.device_wait_sec,
+                                 on_wait=_waiting_message(console, job.device.key, host, port))
+            plan = plan_job(job, logs_dir, console, tracker)
+    else:
+        plan = plan_job(job, logs_dir, console)
+    table = Table(title=f"tasks of {job.name}")
+    for col in ("#", "task", "weight", "measured", "seeded", "best (us)", "may measure"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    left = plan.budget.task_left
+    for task in plan.tasks:
+        table.add_row(str(task.index), task.name, f"{task.weight:g}", str(task.measured), str(task.seeded),
+                      f"{task.best_s * 1e6:.2f}" if task.best_s is not None else "-", str(left[task.index]))
+    console.print(table)
+    for line in describe_plan(plan):
+        console.print(line)
+    if plan.budget.too_small:
+        console.print(f"[bold red]the budget is too small:[/] max_trials_global {job.tuning.max_trials_global} < "
+                      f"{plan.budget.minimum_global}")
+    return plan

@@ -194,3 +194,37 @@ class JobDir:
 def job_dirs(logs_dir: str | Path) -> list[JobDir]:
     """Every job directory under ``logs_dir`` (those with a job state), sorted by name."""
     return [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]
+
+
+def workload_counts(database) -> dict[str, dict[str, Any]]:
+    """Structural hash of each workload -> ``{"records", "failed", "best_s"}``: all its records, the failed
+    ones among them, and the best mean run seconds of the valid ones (None without any)."""
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    out: dict[str, dict[str, Any]] = {}
+    for rec in database.get_all_tuning_records():
+        row = out.setdefault(str(tvm_ffi.structural_hash(rec.workload.mod)), {"records": 0, "failed": 0, "best_s": None})
+        row["records"] += 1
+        mean = mean_run_s(rec.run_secs)
+        if mean is None:
+            row["failed"] += 1
+        elif row["best_s"] is None or mean < row["best_s"]:
+            row["best_s"] = mean
+    return out
+
+
+def has_records(job_dir: JobDir) -> bool:
+    """Whether the job directory's database holds any tuning record (read as text: no TVM needed)."""
+    path = job_dir.file(DB_RECORDS)
+    return path.is_file() and bool(path.read_text().strip())
+
+
+def remove_unmeasured(job_dir: JobDir) -> bool:
+    """Remove a job directory that holds no tuning record (a job that failed before measuring anything);
+    True if removed. Callers pass only directories their own run created."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    if not job_dir.path.is_dir() or has_records(job_dir):
+        return False
+    shutil.rmtree(job_dir.path, ignore_errors=True)
+    return True

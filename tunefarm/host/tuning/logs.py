@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.errors import TunefarmError
-from tunefarm.host.tuning.jobdir import DB_RECORDS, JobDir, mean_run_s
+from tunefarm.host.tuning.jobdir import DB_RECORDS, JobDir, workload_counts
 
 
 def open_database(job_dir: str | Path):
@@ -22,26 +22,16 @@ def open_database(job_dir: str | Path):
 
 
 def task_rows(database, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per task: trials measured, failures, best latency (us); tasks from ``tasks.json``."""
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    per: dict[str, dict[str, Any]] = {}
-    for rec in database.get_all_tuning_records():
-        key = str(tvm_ffi.structural_hash(rec.workload.mod))
-        row = per.setdefault(key, {"trials": 0, "failed": 0, "best_us": None})
-        row["trials"] += 1
-        mean = mean_run_s(rec.run_secs)
-        if mean is None:
-            row["failed"] += 1
-            continue
-        mean_us = mean * 1e6
-        if row["best_us"] is None or mean_us < row["best_us"]:
-            row["best_us"] = mean_us
+    """One row per task of ``tasks.json``: trials this job measured (failed ones included), failed, records
+    seeded by the warm start (not trials), best latency (us) of any valid record."""
+    counts = workload_counts(database)
     rows = []
     for task in tasks:
-        row = per.get(task["workload_hash"], {"trials": 0, "failed": 0, "best_us": None})
-        rows.append({"task": task["name"], "weight": task["weight"], **row,
-                     "tuned": row["best_us"] is not None})
+        row = counts.get(task["workload_hash"], {"records": 0, "failed": 0, "best_s": None})
+        seeded = int(task.get("seeded", 0))
+        best_us = row["best_s"] * 1e6 if row["best_s"] is not None else None
+        rows.append({"task": task["name"], "weight": task["weight"], "trials": max(0, row["records"] - seeded),
+                     "failed": row["failed"], "seeded": seeded, "best_us": best_us, "tuned": best_us is not None})
     return rows
 
 
@@ -55,11 +45,12 @@ def show(job_dir: str | Path) -> list[dict[str, Any]]:
 
     rows = task_rows(open_database(job_dir), load_tasks(job_dir))
     table = Table(title=f"tasks of {job_dir}")
-    for col in ("#", "task", "weight", "trials", "failed", "best (us)", "weighted (us)", "tuned"):
+    for col in ("#", "task", "weight", "trials", "failed", "seeded", "best (us)", "weighted (us)", "tuned"):
         table.add_column(col, justify="right" if col not in ("task",) else "left")
     for i, row in enumerate(rows):
         best = row["best_us"]
         table.add_row(str(i), row["task"], f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
+                      str(row["seeded"]),
                       f"{best:.2f}" if best is not None else "-",
                       f"{best * row['weight']:.2f}" if best is not None else "-",
                       "yes" if row["tuned"] else "[red]NO[/]")

@@ -32,6 +32,11 @@ class MeasuredCache:
     def key(mod) -> str:
         return str(tvm_ffi.structural_hash(mod))
 
+    @classmethod
+    def is_placeholder(cls, artifact_path) -> bool:
+        """Whether a builder result's artifact is a cache hit's placeholder (answered here, never measured)."""
+        return artifact_path is not None and str(artifact_path).endswith(cls.SUFFIX)
+
     def has(self, key: str | None) -> bool:
         return key is not None and key in self.costs
 
@@ -51,7 +56,7 @@ class MeasuredCache:
             self.costs[key] = list(costs)
 
     def lookup(self, artifact_path: str) -> list[float] | None:
-        if artifact_path.endswith(self.SUFFIX):
+        if self.is_placeholder(artifact_path):
             return self.costs.get(os.path.basename(artifact_path)[: -len(self.SUFFIX)])
         return None
 

@@ -5,24 +5,35 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from tunefarm.host.tuning.jobdir import JobDir
 
 
 class JobProgress:
-    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``)."""
+    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``).
+
+    It follows every task of the job, those this run does not tune too (``start_best`` holds what earlier
+    runs and the warm start found), so that "best est." is the whole model's estimate. ``trials`` counts
+    measured candidates of the job (earlier runs included), never cache hits (``cache_hits``, this run).
+    """
 
     def __init__(self, job_dir: Path, task_names: list[str], task_weights: list[float], total_trials: int,
-                 console, start_best: dict[int, float] | None = None, trials_before: int = 0):
+                 console, start_best: dict[int, float] | None = None, trials_before: int = 0,
+                 run_tasks: list[int] | None = None):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         self.job_dir = JobDir(job_dir)
         self.task_names = task_names
         self.task_weights = task_weights
+        # MetaSchedule's task id (the run's tasks, in the order given to it) -> index among the job's tasks
+        self.run_tasks = list(run_tasks) if run_tasks is not None else list(range(len(task_names)))
         self.best: dict[int, float] = dict(start_best or {})
         self.trials = trials_before
         self.run_ok = 0  # candidates measured successfully in this run
+        self.run_failed = 0  # candidates that failed to build or run in this run
+        self.cache_hits = 0  # candidates answered from the database in this run
         self.first_error: str | None = None
         self.total = total_trials
         self.t0 = time.time()
@@ -43,39 +54,60 @@ class JobProgress:
         est_s = f"{est:.3f} ms" if est is not None else "n/a (not every task measured yet)"
         return f"trials | tasks measured {len(self.best)}/{len(self.task_names)} | best est. {est_s}"
 
-    def on_batch(self, task_id: int, costs: list[float | None], errors: int) -> None:
+    def on_batch(self, task_id: int, costs: list[float | None], errors: int, cache_hits: int = 0) -> None:
+        """One batch of MetaSchedule's task ``task_id``: ``costs`` of its measured candidates (None: failed),
+        ``cache_hits`` candidates answered from the database besides. An empty batch (the search found
+        nothing new this round) leaves no line."""
+        if not costs and not cache_hits:
+            return
+        task = self.run_tasks[task_id]
         valid = [c for c in costs if c is not None]
         self.run_ok += len(valid)
+        self.run_failed += errors
+        self.cache_hits += cache_hits
         if valid:
             best = min(valid)
-            if task_id not in self.best or best < self.best[task_id]:
-                self.best[task_id] = best
+            if task not in self.best or best < self.best[task]:
+                self.best[task] = best
         self.trials += len(costs)
-        event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task_id,
-                 "task": self.task_names[task_id], "batch": len(costs), "errors": errors,
-                 "trials": self.trials, "task_best_us": self.best.get(task_id, math.nan) * 1e6,
+        event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task,
+                 "task": self.task_names[task], "batch": len(costs), "errors": errors, "cache_hits": cache_hits,
+                 "trials": self.trials, "task_best_us": self.best.get(task, math.nan) * 1e6,
                  "estimated_ms": self.estimated_ms()}
         self.job_dir.append_event(event)
         self.progress.update(self.bar, completed=min(self.trials, self.total), status=self._status())
 
 
-def make_progress_callback(progress: JobProgress):
+def make_progress_callback(progress: JobProgress, should_stop: Callable[[JobProgress], bool] | None = None,
+                           on_stop: Callable[[], None] | None = None):
+    """The measure callback that feeds ``progress``; after each batch, ``should_stop(progress)`` True calls
+    ``on_stop()`` (once): the run then sends no new batch and ends once the batches in flight are in."""
     from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.tuning.measured_cache import MeasuredCache  # pylint: disable=import-outside-toplevel
+
+    stopped = []
 
     @derived_object
     class ProgressCallback(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            costs, errors = [], 0
+            costs, errors, hits = [], 0, 0
             for bres, res in zip(builder_results, runner_results):
-                if res.error_msg or not res.run_secs:
+                if MeasuredCache.is_placeholder(bres.artifact_path):
+                    hits += 1
+                elif res.error_msg or not res.run_secs:
                     costs.append(None)
                     errors += 1
                     if progress.first_error is None:
                         progress.first_error = str(bres.error_msg or res.error_msg or "no run time").strip()
                 else:
                     costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
-            progress.on_batch(task_id, costs, errors)
+            progress.on_batch(task_id, costs, errors, hits)
+            if should_stop is not None and not stopped and should_stop(progress):
+                stopped.append(True)
+                if on_stop is not None:
+                    on_stop()
 
     return ProgressCallback()
 

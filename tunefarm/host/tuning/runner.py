@@ -15,7 +15,8 @@ so that candidates sharing a session never share a library path. What a farm add
   * an agent that dies costs only its candidate in flight: its thread asks for a new session, and when
     no agent serves the key any more the candidates left fail at once (the next batch then waits
     visibly for an agent, as above);
-  * each measurement records which agent ran it (``tunefarm.agent.id`` on the agent).
+  * each measurement records which agent ran it (``tunefarm.agent.id`` on the agent), and an agent that
+    measured for this runner and is no longer listed at the tracker is reported (``on_agent_lost``) once.
 
 Why not stock's session per candidate: opening one costs a tracker round trip, a request and a
 handshake (~200 ms measured, Nagle's delayed ACKs included) against ~60 ms of device time for a typical
@@ -224,7 +225,8 @@ class FarmRunner(PyRunner):
     def __init__(self, tracker_host: str, tracker_port: int, key: str, *,
                  evaluator_config: EvaluatorConfig | None = None, timeout_sec: float = 60.0,
                  device_wait_sec: float = 120.0, max_workers: int = 16,
-                 on_wait: Callable | None = None, cache=None):
+                 on_wait: Callable | None = None, cache=None,
+                 on_agent_lost: Callable[[str, int, int], None] | None = None):
         super().__init__()
         from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
@@ -241,6 +243,8 @@ class FarmRunner(PyRunner):
         self._lock = threading.Lock()
         self.per_agent = collections.Counter()  # agent id -> candidates measured
         self.failures = collections.Counter()  # "timeout" / "error" -> count
+        self.on_agent_lost = on_agent_lost  # (agent id, candidates it measured, agents left on the key)
+        self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
 
     def agents_available(self) -> int:
         """Agents on the key now; waits (bounded) while there are none."""
@@ -248,6 +252,20 @@ class FarmRunner(PyRunner):
             return self.tracker.wait_for_key(self.key, self.device_wait_sec, on_wait=self.on_wait)
         except TrackerUnreachable as err:
             raise TrackerUnreachable(f"lost the tracker during tuning: {err}") from None
+
+    def check_agents(self) -> None:
+        """Note every agent that measured here and is no longer listed on the key (killed, crashed, unplugged)."""
+        try:
+            listed = {a.agent_id for a in self.tracker.agent_infos(self.key)}
+        except TrackerUnreachable:
+            return  # said elsewhere: the next batch waits for the tracker, or the run fails
+        with self._lock:
+            gone = [(a, n) for a, n in self.per_agent.items()
+                    if a not in listed and a not in self.lost and not a.startswith("unknown")]
+            self.lost.update(gone)
+        for agent_id, measured in gone:
+            if self.on_agent_lost is not None:
+                self.on_agent_lost(agent_id, measured, len(listed))
 
     def _record(self, agent_id, status):
         with self._lock:
@@ -269,6 +287,7 @@ class FarmRunner(PyRunner):
                 todo.append(i)
         if not todo:
             return futures  # type: ignore[return-value]
+        self.check_agents()
         agents = min(self.agents_available(), self.max_workers)
         self.last_session_error = ""
         batch_id = uuid.uuid4().hex[:8]

@@ -1,28 +1,51 @@
-"""Warm start: a new job's database seeded with the best earlier records of its workloads (same target)."""
+"""Warm start: a new job's database seeded with the best earlier records of its workloads (same target).
+
+Sources are the other job directories under the logs directory that were tuned for the same target.
+Workloads shared across models (ResNet-18 and ResNet-50 share layers) are found by structural hash. The
+seeded records become part of the evolutionary search's first population and are never measured again
+(MeasuredCache); they do not count against the new job's trial budget. Choosing the records
+(:func:`find_warm_start`) only reads; :func:`seed_database` writes them, so that ``tunefarm tune --plan``
+can say what a warm start would bring without touching any directory.
+"""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
-from tunefarm.host.tuning.jobdir import job_dirs, mean_run_s
+from tunefarm.host.tuning.jobdir import JobDir, job_dirs, mean_run_s
 
 
-def warm_start(database, job_dir: Path, logs_dir: Path, target: dict, task_mods, task_keys, top_k: int) -> dict:
-    """Seed a new job's database with the best earlier records of its workloads (same target).
+@dataclasses.dataclass
+class WarmStart:
+    """The records a warm start takes: per workload key, best first, at most ``top_k``."""
 
-    Sources are the other job directories under ``logs_dir`` tuned for the same target. Workloads
-    shared across models (ResNet-18 and ResNet-50 share layers) are found by structural hash. The
-    seeded records become part of the evolutionary search's first population and are never
-    measured again (MeasuredCache); they do not count against this job's trial budget.
-    """
-    # pylint: disable=import-outside-toplevel
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
+    sources: list[str]  # names of the job directories that gave records
+    chosen: dict[str, list[Any]]  # workload key -> TuningRecords, best first
 
-    wanted = dict(zip(task_keys, task_mods))
-    best: dict[str, list] = {}
+    @property
+    def per_workload(self) -> dict[str, int]:
+        return {key: len(recs) for key, recs in self.chosen.items()}
+
+    @property
+    def records(self) -> int:
+        return sum(self.per_workload.values())
+
+    def summary(self) -> dict[str, Any]:
+        """What ``job_state.json`` keeps under ``warm_start``."""
+        return {"sources": self.sources, "records": self.records, "per_workload": self.per_workload}
+
+
+def find_warm_start(job_dir: JobDir, logs_dir: str | Path, target: dict, task_keys, top_k: int) -> WarmStart:
+    """The best ``top_k`` valid records of each of ``task_keys`` in the other job directories under
+    ``logs_dir`` tuned for ``target``; records with the same trace count once."""
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    wanted = set(task_keys)
+    found: dict[str, list] = {}
     sources = []
     for other in job_dirs(logs_dir):
-        if other.path.resolve() == job_dir.resolve():
+        if other.path.resolve() == job_dir.path.resolve():
             continue
         try:
             if other.read_state().get("target") != target:
@@ -36,22 +59,30 @@ def warm_start(database, job_dir: Path, logs_dir: Path, target: dict, task_mods,
             mean = mean_run_s(rec.run_secs)
             if key not in wanted or mean is None:
                 continue
-            best.setdefault(key, []).append((mean, rec))
+            found.setdefault(key, []).append((mean, rec))
             used = True
         if used:
             sources.append(other.name)
-    per_workload: dict[str, int] = {}
-    for key, recs in best.items():
-        workload = database.commit_workload(wanted[key])
+    chosen: dict[str, list] = {}
+    for key, recs in found.items():
         seen = set()
         for _, rec in sorted(recs, key=lambda r: r[0]):
             trace_key = str(rec.trace.as_json())
             if trace_key in seen:
                 continue
             seen.add(trace_key)
+            chosen.setdefault(key, []).append(rec)
+            if len(chosen[key]) >= top_k:
+                break
+    return WarmStart(sources=sources, chosen=chosen)
+
+
+def seed_database(database, warm: WarmStart, task_mods: dict[str, Any]) -> None:
+    """Commit the chosen records into ``database``, each under its workload (``task_mods``: key -> module)."""
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    for key, recs in warm.chosen.items():
+        workload = database.commit_workload(task_mods[key])
+        for rec in recs:
             database.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
                                                                    rec.args_info))
-            per_workload[key] = per_workload.get(key, 0) + 1
-            if per_workload[key] >= top_k:
-                break
-    return {"sources": sources, "records": sum(per_workload.values()), "per_workload": per_workload}

@@ -1,0 +1,69 @@
+"""What several benchmarks share: the tuning job they run, a fixed set of candidates, timing a tuned database
+here, and when a curve reached a latency."""
+from __future__ import annotations
+
+
+def draw_candidates(n: int, seed: int = 0):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.plan import fuse_for_tuning
+
+    target = tvm.target.Target(llvm_target())
+    model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
+    mod = fuse_for_tuning(to_relax(model), target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name]
+    task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
+    ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name, rand_state=seed)
+    ctx.pre_tuning(max_trials=n, num_trials_per_iter=n, design_spaces=ctx.generate_design_space())
+    cands = ctx.generate_measure_candidates()
+    return task.task_name, target, [ms.builder.BuilderInput(c.sch.mod, target) for c in cands]
+
+
+def measure_local(mod, target, database, repeat=30) -> dict:
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from tunefarm.core.stats import latency_stats
+    from tunefarm.host.tuning.evaluate import apply_database
+
+    applied, scheduled, unscheduled = apply_database(mod, target, database)
+    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32"))
+    vm.set_input("main", x)
+    vm.time_evaluator("invoke_stateful", tvm.cpu(), number=3, repeat=1)("main")
+    res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)("main")
+    stats = latency_stats(res.results, warmup=3, timer="time_evaluator")
+    stats["tuned_functions"] = f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}"
+    return stats
+
+
+def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int, per_task: int, per_iter: int,
+              population: int, warm_start: bool = False, build_key: str = "", builder_workers: int = 0):
+    """The tuning job every benchmark runs: a torchvision model at batch 1, the same runner settings as stock's
+    (number=2, min_repeat_ms=20), seed 0."""
+    from tunefarm.core.jobspec import job_from_dict
+    from tunefarm.core.targets import target_to_json
+
+    return job_from_dict({
+        "name": name, "model": {"source": "torchvision", "name": model, "input_shape": [1, 3, 224, 224]},
+        "device": {"key": key, "tracker": tracker}, "target": target_to_json(target),
+        "tuning": {"max_trials_global": trials, "max_trials_per_task": per_task, "num_trials_per_iter": per_iter,
+                   "population_size": population, "seed": 0, "warm_start": warm_start},
+        "builder": {"workers": builder_workers, "timeout_sec": 300 if build_key else 120, "key": build_key},
+        "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
+
+
+def time_to_reach(curve: list, target_ms: float | None) -> float | None:
+    """First wall time at which the best estimated latency is at or below ``target_ms``."""
+    if target_ms is None:
+        return None
+    for ev in curve:
+        if ev.get("estimated_ms") and ev["estimated_ms"] <= target_ms * (1 + 1e-9):
+            return ev["elapsed_s"]
+    return None

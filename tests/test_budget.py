@@ -1,0 +1,62 @@
+"""The trial budget (tunefarm.host.tuning.budget): pure arithmetic, no processes, no TVM."""
+from __future__ import annotations
+
+from tunefarm.host.tuning.budget import TrialCounter, plan_budget
+
+
+def test_a_resumed_task_gets_only_what_is_left_of_its_cap():
+    # Task 0 measured 12 of its 16 in an earlier run, task 1 all 16, task 2 nothing yet.
+    budget = plan_budget(64, 16, 8, measured=[12, 16, 0], has_record=[True, True, False])
+    assert budget.measured_before == 28 and budget.remaining == 36
+    assert budget.task_left == (4, 0, 16)  # not a full cap of 16 again for the partly tuned task
+    assert budget.order == (2, 0)  # the task at its cap is not tuned again; the one without a record first
+
+
+def test_without_a_per_task_cap_a_task_is_capped_at_the_global_budget():
+    budget = plan_budget(24, None, 4, measured=[16, 0], has_record=[True, True])
+    assert budget.per_task_cap == 24 and budget.task_left == (8, 24) and budget.remaining == 8
+    spent = plan_budget(16, None, 4, measured=[10, 6], has_record=[True, True])
+    assert spent.remaining == 0 and spent.order == (0, 1)  # tasks under their cap, but no trial left
+
+
+def test_tasks_without_any_record_come_first_and_set_the_minimum_budget():
+    # 27 tasks x 8 trials per round: a budget of 160 leaves tasks without any schedule (issue 10).
+    budget = plan_budget(160, 16, 8, measured=[0] * 27, has_record=[False] * 27)
+    assert budget.need == 216 and budget.minimum_global == 216 and budget.too_small
+    assert plan_budget(216, 16, 8, measured=[0] * 27, has_record=[False] * 27).too_small is False
+    # A warm start seeded tasks 1 and 3: they have records, the others go first and need a round each.
+    warm = plan_budget(16, 16, 4, measured=[0] * 5, has_record=[False, True, False, True, False])
+    assert warm.order == (0, 2, 4, 1, 3) and warm.untouched == (0, 2, 4)
+    assert warm.need == 12 and not warm.too_small
+    # A per-task cap under a round makes the round smaller; measured trials add to the minimum.
+    resumed = plan_budget(40, 2, 8, measured=[2, 0, 0], has_record=[True, False, False])
+    assert resumed.round_size == 2 and resumed.need == 4 and resumed.minimum_global == 6
+
+
+def test_the_schedulers_own_limits_leave_room_for_every_cache_hit():
+    budget = plan_budget(64, 16, 8, measured=[12, 16, 0], has_record=[True, True, False])
+    assert budget.scheduler_limits(cached=30, cached_most_per_task=20) == (36 + 30, 16 + 20)
+
+
+def test_a_batch_is_trimmed_to_what_its_task_and_the_run_have_left_and_cache_hits_go_free():
+    budget = plan_budget(10, 6, 4, measured=[3, 0], has_record=[True, False])
+    counter = TrialCounter(budget, ["a", "b"])
+    assert counter.allowed("a") == 3 and counter.allowed("b") == 6
+    # Task a: 3 trials left; its batch of 4 (two of them cache hits) goes out whole: 2 new candidates.
+    assert counter.admit("a", [False, True, False, True]) == [0, 1, 2, 3]
+    assert counter.allowed("a") == 1 and counter.sent == 2
+    # Next batch of a: only one new candidate fits, the cache hit still goes.
+    assert counter.admit("a", [False, False, True, False]) == [0, 2]
+    assert counter.allowed("a") == 0
+    # The run has 10 - 3 = 7 trials: 3 went to a, task b may take 4 more although its cap leaves 6.
+    assert counter.allowed("b") == 4
+    assert counter.admit("b", [False] * 6) == [0, 1, 2, 3]
+    assert counter.allowed("b") == 0 and counter.left_global == 0 and counter.sent == 7
+    assert counter.allowed("unknown") == 0
+
+
+def test_stop_ends_every_task():
+    counter = TrialCounter(plan_budget(100, None, 4, measured=[0, 0], has_record=[False, False]), ["a", "b"])
+    assert counter.admit("a", [False] * 4) == [0, 1, 2, 3]
+    counter.stop()
+    assert counter.stopped and counter.allowed("a") == 0 and counter.allowed("b") == 0

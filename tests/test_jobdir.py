@@ -1,0 +1,49 @@
+"""The job directory's owner (tunefarm.host.tuning.jobdir): progress lines, the valid-record predicate,
+and the cleanup of a failed job's directory. Pure file logic, no processes, no TVM."""
+from __future__ import annotations
+
+import json
+
+from tunefarm.host.tuning.jobdir import (DB_RECORDS, PROGRESS, STATE, JobDir, append_event, has_records, is_valid_run,
+                                         job_dirs, mean_run_s, read_events, remove_unmeasured)
+
+
+def test_a_torn_line_is_skipped_never_glued_to_the_next(tmp_path):
+    path = tmp_path / PROGRESS
+    path.write_bytes(b'{"trials": 4}\n{"trials": 8, "tor')  # the writer was killed mid-line
+    assert [e["trials"] for e in read_events(path)] == [4]  # the last piece has no newline: still being written
+    append_event(path, {"trials": 12})  # ends the torn line first: this event stays a line of its own
+    events = read_events(path)
+    assert [(e["n"], e["trials"]) for e in events] == [(0, 4), (2, 12)]  # the torn line 1 is skipped
+    assert [e["trials"] for e in read_events(path, start=2)] == [12]
+    path.write_bytes(b'{"trials": 4}\n[1, 2]\nnot json\n{"trials": 5}\n')  # only JSON objects are events
+    assert [e["n"] for e in read_events(path)] == [0, 3]
+    assert read_events(tmp_path / "missing.jsonl") == []
+
+
+def test_a_run_is_valid_only_if_it_was_really_measured():
+    assert is_valid_run([0.001, 0.002]) and mean_run_s([0.001, 0.003]) == 0.002
+    assert not is_valid_run(None) and not is_valid_run([])
+    assert not is_valid_run([1e10]) and mean_run_s([1e10]) is None  # MetaSchedule's failure marker
+    assert is_valid_run([0.5, 1e10])  # the minimum decides, as MetaSchedule's own best-record choice
+
+
+def test_a_job_dir_without_any_record_is_removed_one_with_records_kept(tmp_path):
+    failed = JobDir(tmp_path / "failed")
+    failed.write_state({"target": {"kind": "llvm"}})
+    failed.file(DB_RECORDS).write_text("")  # an empty database: nothing was measured
+    assert not has_records(failed) and remove_unmeasured(failed) and not failed.path.exists()
+    kept = JobDir(tmp_path / "kept")
+    kept.write_state({})
+    kept.file(DB_RECORDS).write_text('[0, [["trace"], [0.001]]]\n')
+    assert has_records(kept) and not remove_unmeasured(kept) and kept.path.is_dir()
+    assert not remove_unmeasured(JobDir(tmp_path / "never-created"))
+
+
+def test_job_dirs_are_the_directories_with_a_job_state(tmp_path):
+    for name in ("b", "a"):
+        JobDir(tmp_path / name).write_state({"target": {}})
+    (tmp_path / "not-a-job").mkdir()
+    (tmp_path / "not-a-job" / "report.md").write_text("# hello")
+    assert [d.name for d in job_dirs(tmp_path)] == ["a", "b"]
+    assert json.loads((tmp_path / "a" / STATE).read_text()) == {"target": {}}
