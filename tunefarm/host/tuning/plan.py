@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import TuningJob
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.tuning.budget import Budget, plan_budget
-from tunefarm.host.tuning.jobdir import JobDir, mean_run_s, workload_counts
+from tunefarm.host.tuning.jobdir import JobDir, workload_counts
 from tunefarm.host.tuning.warm_start import WarmStart, find_warm_start, seed_database
 
 
@@ -139,10 +140,7 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     job_dir = JobDir(Path(logs_dir) / job.name)
     state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
     resumed = _continues(job_dir, state)
-    if console is not None:
-        with console.status("importing the model into Relax and fusing"):
-            mod = fuse_for_tuning(to_relax(model), target)
-    else:
+    with console.status("importing the model into Relax and fusing") if console is not None else nullcontext():
         mod = fuse_for_tuning(to_relax(model), target)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     if not extracted:
@@ -161,8 +159,7 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     for i, (task, key) in enumerate(zip(extracted, keys)):
         row = counts.get(key, {"records": 0, "best_s": None})
         n_seeded = int(seeded.get(key, 0))
-        bests = [b for b in (row["best_s"], *(mean_run_s(r.run_secs) for r in (warm.chosen.get(key, [])
-                                                                                if warm else []))) if b is not None]
+        bests = [b for b in (row["best_s"], warm.best_s(key) if warm is not None else None) if b is not None]
         tasks.append(PlannedTask(index=i, name=task.task_name, weight=float(task.weight), key=key,
                                  measured=max(0, row["records"] - (n_seeded if resumed else 0)),
                                  seeded=n_seeded, best_s=min(bests) if bests else None))

@@ -31,6 +31,11 @@ class WarmStart:
     def records(self) -> int:
         return sum(self.per_workload.values())
 
+    def best_s(self, key: str) -> float | None:
+        """The best mean run seconds among the records chosen for ``key`` (None: none chosen)."""
+        means = [m for m in (mean_run_s(r.run_secs) for r in self.chosen.get(key, [])) if m is not None]
+        return min(means) if means else None
+
     def summary(self) -> dict[str, Any]:
         """What ``job_state.json`` keeps under ``warm_start``."""
         return {"sources": self.sources, "records": self.records, "per_workload": self.per_workload}
