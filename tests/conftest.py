@@ -37,10 +37,10 @@ def _tail(path: str | Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def start_tracker(port: int, log_path: str | Path, host: str = HOST) -> subprocess.Popen:
+def start_tracker(port: int, log_path: str | Path, host: str = HOST, open_keys: tuple[str, ...] = ()) -> subprocess.Popen:
     """``tunefarm tracker`` on ``host:port``, returned once it answers the tracker handshake."""
     try:
-        return localfarm.start_tracker(port, log_path, host=host, wait_s=TRACKER_START_S)
+        return localfarm.start_tracker(port, log_path, host=host, wait_s=TRACKER_START_S, open_keys=open_keys)
     except TunefarmError as err:
         raise AssertionError(f"{err}:\n{_tail(log_path)}") from None
 

@@ -26,10 +26,10 @@ COMPARE_TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
-    """One tracker and one agent on key 'cpu' for this module."""
+    """One tracker and one agent on key 'cpu' for this module; key 'stock' is open to stock TVM servers."""
     base = tmp_path_factory.mktemp("cmpfarm")
     port = free_port(HOST)
-    tracker = start_tracker(port, base / "tracker.log")
+    tracker = start_tracker(port, base / "tracker.log", open_keys=("stock",))
     agent = spawn_agent(HOST, port, "cpu", base / "agent.log")
     try:
         wait_listed(agent, HOST, port, "cpu", base / "agent.log")

@@ -1,16 +1,17 @@
 """Device summaries (tunefarm.tracker.client.devices_from_summary): a tracker SUMMARY grouped by key.
 
-Pure logic on the SUMMARY's JSON, as the stock tracker returns it: no processes."""
+Pure logic on the SUMMARY's JSON, as the farm's tracker returns it: no processes."""
 from __future__ import annotations
 
-from tunefarm.core.wire import DeviceInfo
+from tunefarm.core.wire import VERIFIED_FIELD, DeviceInfo
 from tunefarm.tracker.client import devices_from_summary, devices_to_json
 
 
 def _server(key: str, port: int, info: dict | None = None) -> dict:
     entry = {"key": f"server:{key}", "addr": ["10.0.0.7", port]}
-    if info is not None:
+    if info is not None:  # an agent that proved the farm key: the tracker marks it verified
         entry["tunefarm"] = info
+        entry[VERIFIED_FIELD] = True
     return entry
 
 
@@ -36,7 +37,8 @@ def test_keys_with_nobody_are_left_out_but_waiting_requests_are_shown():
     summary = {"queue_info": {"old": {"free": 0, "pending": 0}, "wanted": {"free": 0, "pending": 3}},
                "server_info": [{"key": "client:whatever", "addr": ["1.2.3.4", 1]}]}
     (wanted,) = devices_from_summary(summary)  # "old": a queue the tracker keeps for a key it once saw
-    assert wanted == {"key": "wanted", "agents": [], "addrs": [], "total": 0, "free": 0, "busy": 0, "pending": 3}
+    assert wanted == {"key": "wanted", "agents": [], "addrs": [], "total": 0, "free": 0, "busy": 0, "pending": 3,
+                      "refused": []}
     assert devices_from_summary({}) == []
     assert devices_from_summary({"queue_info": None, "server_info": None}) == []
 
@@ -49,3 +51,13 @@ def test_an_agent_info_that_is_not_a_device_info_counts_as_a_plain_server():
     assert entry["agents"][0] == "10.0.0.7:1"  # unreadable info: shown as an address, not dropped
     assert entry["agents"][1] == DeviceInfo(key="k")  # fields this version does not know are ignored
     assert (entry["total"], entry["free"], entry["busy"]) == (2, 2, 0)
+
+
+def test_unverified_agents_and_refused_servers():
+    """A DeviceInfo from a connection that did not prove the farm key is not believed; servers the tracker
+    refused are listed under their key."""
+    unverified = {"key": "server:k", "addr": ["10.0.0.7", 3], "tunefarm": DeviceInfo(key="k", agent_id="a:1").to_json()}
+    refused = {"key": "k", "addr": "10.0.0.8:9090", "time": 1.0, "reason": "no farm key (a stock or foreign server)"}
+    (entry,) = devices_from_summary({"queue_info": {"k": {"free": 1}}, "server_info": [unverified],
+                                     "tunefarm_refused": [refused, "junk"]})
+    assert entry["agents"] == ["10.0.0.7:3"] and entry["refused"] == [refused]

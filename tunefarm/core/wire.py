@@ -148,6 +148,8 @@ class DeviceInfo:
                 raise ValueError(f"DeviceInfo field {name!r} must be {want.__name__}, got {type(value).__name__}")
             _check_bounded(value, name)
             kept[name] = value
+        if not kept.get("key"):
+            raise ValueError("DeviceInfo needs its 'key'")
         if not all(isinstance(d, dict) for d in kept.get("cuda", [])):
             raise ValueError("DeviceInfo field 'cuda' must be a list of objects")
         if not all(isinstance(r, str) for r in kept.get("runners", [])):

@@ -21,25 +21,20 @@ from pathlib import Path
 from typing import Sequence
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.tracker.client import tracker_answers
 from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
 
 HOST = "127.0.0.1"
 
 
-def tracker_answers(host: str, port: int) -> bool:
-    """Whether ``host:port`` completes the tracker handshake now."""
-    from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
-
-    try:
-        check_tracker(host, port, timeout=2.0)
-        return True
-    except TrackerUnreachable:
-        return False
-
-
-def start_tracker(port: int, log_path: str | Path, host: str = HOST, wait_s: float = 60.0) -> subprocess.Popen:
-    """``tunefarm tracker`` on ``host:port``, returned once it answers the tracker handshake."""
-    proc = start_tunefarm(["tracker", "--host", host, "--port", port], log_path)
+def start_tracker(port: int, log_path: str | Path, host: str = HOST, wait_s: float = 60.0,
+                  open_keys: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``tunefarm tracker`` on ``host:port`` (``open_keys``: admitting stock TVM servers), returned once it
+    answers the tracker handshake."""
+    args = ["tracker", "--host", host, "--port", port]
+    for key in open_keys:
+        args += ["--open-key", key]
+    proc = start_tunefarm(args, log_path)
     try:
         wait_until(lambda: proc.poll() is not None or tracker_answers(host, port), wait_s, what="the tracker")
     except TimeoutError:

@@ -48,6 +48,15 @@ def check_tracker(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> N
             raise TrackerUnreachable(f"{addr} is not a TVM RPC tracker (no tracker handshake within {timeout:g} s)")
 
 
+def tracker_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether ``host:port`` completes the tracker handshake now."""
+    try:
+        check_tracker(host, port, timeout=timeout)
+        return True
+    except TrackerUnreachable:
+        return False
+
+
 def _connect_session(host: str, port: int, timeout: float):
     """``tvm.rpc.connect_tracker`` with a deadline, its socket bounded for later calls."""
     from tvm import rpc  # pylint: disable=import-outside-toplevel

@@ -12,7 +12,8 @@ from typing import Any
 
 import psutil
 
-from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.errors import TunefarmError
+from tunefarm.tracker.client import tracker_answers
 from tunefarm.core.procs import start_tunefarm
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.service.config import FarmConfig
@@ -21,16 +22,6 @@ from tunefarm.host.service.log import log
 from tunefarm.host.service.pids import kill_group_leftovers, process_alive, stop_group
 
 TRACKER_START_S = 60.0
-
-
-def tracker_answers(host: str, port: int) -> bool:
-    from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
-
-    try:
-        check_tracker(host, port, timeout=2.0)
-        return True
-    except TrackerUnreachable:
-        return False
 
 
 class HostTracker:
