@@ -223,7 +223,7 @@ class HeartbeatHandler(ApiHandler):
 
 def _valid_field(name: str, value: Any) -> bool:
     try:
-        DeviceInfo.from_json({"key": "", name: value})
+        DeviceInfo.from_json({"key": "k", name: value})  # one field at a time; the key is required
         return True
     except ValueError:
         return False
