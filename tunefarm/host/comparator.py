@@ -230,7 +230,9 @@ class FarmAgents:
         self.seen: dict[str, list[dict[str, Any]]] = {}
 
     def _print_wait(self, key: str, waited: float, limit: float) -> None:
-        self.console.print(f"[yellow]waiting for an agent on key '{key}': {waited:.0f}/{limit:.0f} s[/]")
+        from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
+        self.console.print(f"[yellow]waiting for an agent on key '{escape(key)}': {waited:.0f}/{limit:.0f} s[/]")
 
     def agents(self, key: str) -> list[DeviceInfo]:
         """DeviceInfo of the tunefarm agents on ``key`` (stock servers: none); NoDeviceError (remembered) if no

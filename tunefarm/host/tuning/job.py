@@ -90,6 +90,10 @@ class TuneResult:
 
 
 def _waiting_message(console, key: str, host: str, port: int):
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
+    key = escape(key)  # the job's text: printed, never read as markup
+
     def on_wait(waited, limit):
         console.print(f"[yellow]waiting for an agent on key '{key}' at {host}:{port}: "
                       f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
