@@ -46,7 +46,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "cache_hits": tuned.cache_hits, "resumed": tuned.resumed, "stopped_early": tuned.stopped,
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
                    "agents_lost": tuned.agents_lost, "failures": tuned.failures,
-                   "built_on_agents": tuned.built_on_agents},
+                   "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
                       "untuned_functions": unscheduled,
                       "tasks_without_record": [r["task"] for r in per_task if not r["tuned"]]},
@@ -104,7 +104,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
 
 def _agents_section(tuning: dict[str, Any]) -> list[str]:
     """Where this run's candidates were measured (and built), and the agents lost on the way."""
-    if not tuning["per_agent"] and not tuning["failures"]:
+    if not tuning["per_agent"] and not tuning["failures"] and not tuning.get("build_failures"):
         return []
     md = ["", "## Agents (this run)", "", "| agent | measured | built | note |", "| --- | --- | --- | --- |"]
     built = tuning["built_on_agents"]
@@ -115,4 +115,7 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
     failed = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning["failures"].items()))
     if failed:
         md += ["", f"Candidates that failed to measure: {failed}."]
+    unbuilt = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning.get("build_failures", {}).items()))
+    if unbuilt:
+        md += ["", f"Candidates that failed to build: {unbuilt}."]
     return md

@@ -180,6 +180,7 @@ class FarmBuilder(PyBuilder):
         super().__init__()
         self.builder = builder
         self.cache = cache
+        self.build_failures: dict[str, int] = {}  # "timeout" / "no agent" / "error" -> candidates
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         results: list[BuilderResult | None] = [None] * len(build_inputs)
@@ -193,12 +194,25 @@ class FarmBuilder(PyBuilder):
         if todo:
             for i, res in zip(todo, self.builder.build([build_inputs[i] for i in todo])):
                 results[i] = res
-                if self.cache is not None and res.artifact_path is not None:
+                if res.artifact_path is None:
+                    kind = _failure_kind(res.error_msg or "")
+                    self.build_failures[kind] = self.build_failures.get(kind, 0) + 1
+                elif self.cache is not None:
                     self.cache.note_artifact(res.artifact_path, keys[i])
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
         self.builder.shutdown()
+
+
+def _failure_kind(message: str) -> str:
+    """The report's word for why a candidate did not build."""
+    first = message.splitlines()[0] if message else ""
+    if "timeout" in first:
+        return "timeout"
+    if "no agent on key" in first:
+        return "no agent"
+    return "error"
 
 
 def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=None) -> FarmBuilder:

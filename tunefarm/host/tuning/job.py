@@ -51,6 +51,7 @@ class TuneResult:
     per_agent: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> candidates measured
     failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
+    build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
     time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -219,6 +220,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.per_agent = dict(runner.per_agent)
     result.failures = dict(runner.failures)
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
+    result.build_failures = dict(builder.build_failures)
     result.agents_lost = dict(runner.lost)
     for line in run_summary(result):
         console.print(line)
