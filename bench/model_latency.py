@@ -5,9 +5,10 @@
 Each JOB_DIR is a tunefarm job directory (its job.yaml, job_state.json and MetaSchedule database:
 what `tunefarm tune` or `tunefarm pull` leaves); default: logs/resnet18-cpu and logs/resnet50-cpu.
 For each job the model is rebuilt exactly as it was tuned (same source, random weights of the same
-seed, same fusion), the job's records are applied to that module, compiled for the job's target,
-checked against PyTorch on the same input, and timed here against PyTorch (eager, no_grad) and ONNX
-Runtime (CPUExecutionProvider, default graph optimisations) with the same threads as cores.
+seed, the graph pipeline its directory records), the job's records are applied to that module, compiled
+for the job's target, checked against the reference on the same input, and timed here against PyTorch
+(eager, no_grad; torch models only) and ONNX Runtime (CPUExecutionProvider, default graph optimisations)
+with the same threads. ONNX jobs work too: their reference and peer is ONNX Runtime on the job's file.
 
 Method: every backend gets a warm-up, then the rounds alternate backends (TVM, PyTorch, ORT, TVM, ...)
 so that drift in the machine hits all of them; per round ``--repeat`` timed runs of one inference each;
@@ -28,15 +29,15 @@ from bench import common  # sets TVM_NUM_THREADS before TVM's pool starts
 
 
 def load_tuned(job_dir: Path):
-    """(model, compiled VM callable, tuned/total functions, trials) for one job directory."""
+    """The model of one job directory and its tuned build: a dict with model, vm, args, tuned_functions,
+    trials, target, state, pipeline."""
     import tvm
     from tvm import relax
 
     from tunefarm.core.jobspec import load_job
-    from tunefarm.host.tuning.evaluate import apply_database
     from tunefarm.host.models import load_model, to_relax
-    from tunefarm.host.tuning.plan import fuse_for_tuning
     from tunefarm.host.tuning.jobdir import SPEC, JobDir
+    from tunefarm.host.tuning.pipeline import apply_records
 
     job_dir = JobDir(job_dir)
     job = load_job(job_dir.file(SPEC))
@@ -44,22 +45,130 @@ def load_tuned(job_dir: Path):
     target = tvm.target.Target(state["target"])
     model = load_model(job.model)
     if state.get("model_fingerprint") not in (None, model.fingerprint):
-        raise SystemExit(f"{job_dir}: the model rebuilt here differs from the one tuned (fingerprint)")
-    mod = fuse_for_tuning(to_relax(model), target)
+        raise SystemExit(f"{job_dir.path}: the model rebuilt here differs from the one tuned (fingerprint)")
+    pipeline = job_dir.pipeline()  # the pipeline it was tuned with
+    mod = pipeline.fuse(to_relax(model), target)
     database = job_dir.open_database()
-    applied, scheduled, unscheduled = apply_database(mod, target, database)
+    applied, scheduled, unscheduled = apply_records(mod, target, database)
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
     args = [tvm.runtime.tensor(x, tvm.cpu()) for x in model.inputs]
     trials = sum(1 for r in database.get_all_tuning_records() if r.run_secs is not None)
-    return model, vm, args, f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}", trials, str(target), state
+    return {"model": model, "vm": vm, "args": args, "executable_mod": applied,
+            "tuned_functions": f"{len(scheduled)}/{len(scheduled) + len(unscheduled)}", "trials": trials,
+            "target": str(target), "state": state, "pipeline": pipeline}
 
 
-def main():
+def measure_jobs(job_dirs: list[Path], rounds: int = 5, repeat: int = 40, warmup: int = 10,
+                 log=print) -> dict:
+    """Each job's tuned build against its peers in this process, rounds alternating backends.
+    Returns {job name: {model, target, tuned_functions, trials_in_database, pipeline, numerics, latency}}."""
     import onnxruntime as ort
     import torch
 
     from tunefarm.core.stats import compare_outputs, latency_stats
     from tunefarm.host.models import export_onnx
+
+    cores = common.threads()  # TVM's threads; the peers get the same count
+    torch.set_num_threads(cores)
+    ort_options = ort.SessionOptions()
+    ort_options.intra_op_num_threads = cores
+    work = Path(tempfile.mkdtemp(prefix="model-latency-"))
+    jobs = {}
+    for job_dir in job_dirs:
+        job_dir = Path(job_dir)
+        tuned = load_tuned(job_dir)
+        model = tuned["model"]
+        reference = model.reference_outputs()
+        sess = ort.InferenceSession(export_onnx(model, work / f"{job_dir.name}.onnx"), sess_options=ort_options,
+                                    providers=["CPUExecutionProvider"])
+        feed = dict(zip([i.name for i in sess.get_inputs()], model.inputs))
+
+        def run_tvm(vm=tuned["vm"], vm_args=tuned["args"]):
+            return vm["main"](*vm_args)
+
+        def run_ort(sess=sess, feed=feed):
+            return sess.run(None, feed)
+
+        fns = {"tvm-tuned": run_tvm}
+        if model.kind == "torch":
+            xs = [torch.from_numpy(x) for x in model.inputs]
+
+            def run_torch(module=model.torch_module, xs=xs):
+                with torch.no_grad():
+                    return module(*xs)
+
+            fns["pytorch"] = run_torch
+        fns["onnxruntime"] = run_ort
+        tvm_out = run_tvm()
+        tvm_outs = [tvm_out.numpy()] if hasattr(tvm_out, "numpy") else [o.numpy() for o in tvm_out]
+        numerics = {"tvm-tuned": compare_outputs(tvm_outs, reference, 1e-3, 1e-3)}
+        if model.kind == "torch":
+            numerics["onnxruntime"] = compare_outputs(run_ort(), reference, 1e-3, 1e-3)
+        jobs[job_dir.name] = {"job_dir": str(job_dir), "model": model.name, "kind": model.kind,
+                              "target": tuned["target"], "tuned_functions": tuned["tuned_functions"],
+                              "trials_in_database": tuned["trials"], "pipeline": tuned["pipeline"].to_json(),
+                              "warm_start": tuned["state"].get("warm_start", {}).get("records", 0),
+                              "reference": "pytorch" if model.kind == "torch" else "onnxruntime",
+                              "fns": fns, "samples": {b: [] for b in fns}, "numerics": numerics}
+        log(f"{job_dir.name}: {tuned['tuned_functions']} functions tuned, {tuned['trials']} records; numerics "
+            + ", ".join(f"{k} max abs err {v['max_abs_err']:.2e}" for k, v in numerics.items()))
+
+    for m in jobs.values():
+        for fn in m["fns"].values():
+            for _ in range(warmup):
+                fn()
+    for rnd in range(rounds):
+        for m in jobs.values():
+            for backend, fn in m["fns"].items():
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    fn()
+                    m["samples"][backend].append(time.perf_counter() - t0)
+        log(f"round {rnd + 1}/{rounds} done")
+    results = {}
+    for name, m in jobs.items():
+        results[name] = {k: v for k, v in m.items() if k not in ("fns", "samples")}
+        results[name]["latency"] = {b: latency_stats(s, warmup=warmup) for b, s in m["samples"].items()}
+    return results
+
+
+def method_text(meta: dict) -> str:
+    return (f"TVM, PyTorch {meta['torch']} and ONNX Runtime {meta['onnxruntime']} {meta['threads']} threads each. "
+            f"Method: {meta['warmup']} warm-up runs per backend, then {meta['rounds']} rounds alternating backends, "
+            f"{meta['repeat']} timed runs each (perf_counter around one inference); statistics over all rounds' "
+            "samples. Batch 1, fp32 everywhere (precision class fp32; TVM llvm, PyTorch eager, ONNX Runtime "
+            "CPUExecutionProvider), random weights (seed 0).")
+
+
+def latency_table(results: dict) -> list[str]:
+    lines = ["| job | model | backend | threads | precision | median ms | p90 ms | p99 ms | std ms | numerics |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    threads = common.threads()
+    for name, r in results.items():
+        for backend, lat in r["latency"].items():
+            num = r["numerics"].get(backend)
+            num_txt = ("reference" if num is None else
+                       f"{'ok' if num['ok'] else 'MISMATCH'} (max abs {num['max_abs_err']:.1e})")
+            lines.append(f"| {name} | {r['model']} | {backend} | {threads} | fp32 | {lat['median_ms']:.2f} | "
+                         f"{lat['p90_ms']:.2f} | {lat['p99_ms']:.2f} | {lat['std_ms']:.2f} | {num_txt} |")
+    return lines
+
+
+def ratios(results: dict) -> list[str]:
+    lines = []
+    for name, r in results.items():
+        lat = r["latency"]
+        t = lat["tvm-tuned"]["median_ms"]
+        peers = [f"/ ONNX Runtime {t / lat['onnxruntime']['median_ms']:.2f}"]
+        if "pytorch" in lat:
+            peers.append(f"/ PyTorch {t / lat['pytorch']['median_ms']:.2f}")
+        lines.append(f"- {name}: " + ", ".join(peers))
+    return lines
+
+
+def main():
+    import onnxruntime as ort
+    import torch
 
     parser = argparse.ArgumentParser(prog="python -m bench.model_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,93 +180,25 @@ def main():
     parser.add_argument("--name", default=common.default_name())
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
+    for job in args.jobs:
+        if not (Path(job) / "job_state.json").is_file():
+            parser.error(f"{job} is not a tunefarm job directory (no job_state.json)")
 
     machine = common.machine()
-    cores = common.threads()  # TVM's threads; the peers get the same count
-    torch.set_num_threads(cores)
-    ort_options = ort.SessionOptions()
-    ort_options.intra_op_num_threads = cores
-    work = Path(tempfile.mkdtemp(prefix="model-latency-"))
-    models = {}
-    for job in args.jobs:
-        job_dir = Path(job)
-        model, vm, vm_args, tuned_fns, trials, target, state = load_tuned(job_dir)
-        reference = model.reference_outputs()
-        sess = ort.InferenceSession(export_onnx(model, work / f"{model.name}.onnx"), sess_options=ort_options,
-                                    providers=["CPUExecutionProvider"])
-        feed = dict(zip([i.name for i in sess.get_inputs()], model.inputs))
-        xs = [torch.from_numpy(x) for x in model.inputs]
-
-        def run_tvm(vm=vm, vm_args=vm_args):
-            out = vm["main"](*vm_args)
-            return out
-
-        def run_torch(module=model.torch_module, xs=xs):
-            with torch.no_grad():
-                return module(*xs)
-
-        def run_ort(sess=sess, feed=feed):
-            return sess.run(None, feed)
-
-        tvm_out = run_tvm()
-        tvm_outs = [tvm_out.numpy()] if hasattr(tvm_out, "numpy") else [o.numpy() for o in tvm_out]
-        numerics = {"tvm-tuned": compare_outputs(tvm_outs, reference, 1e-3, 1e-3),
-                    "onnxruntime": compare_outputs(run_ort(), reference, 1e-3, 1e-3)}
-        models[model.name] = {"job_dir": str(job_dir), "target": target, "tuned_functions": tuned_fns,
-                              "trials_in_database": trials, "warm_start": state.get("warm_start", {}).get("records", 0),
-                              "fns": {"tvm-tuned": run_tvm, "pytorch": run_torch, "onnxruntime": run_ort},
-                              "samples": {"tvm-tuned": [], "pytorch": [], "onnxruntime": []}, "numerics": numerics}
-        print(f"{model.name}: {tuned_fns} functions tuned, {trials} records; numerics "
-              + ", ".join(f"{k} max abs err {v['max_abs_err']:.2e}" for k, v in numerics.items()), flush=True)
-
-    for name, m in models.items():
-        for fn in m["fns"].values():
-            for _ in range(args.warmup):
-                fn()
-    for rnd in range(args.rounds):
-        for name, m in models.items():
-            for backend, fn in m["fns"].items():
-                for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    fn()
-                    m["samples"][backend].append(time.perf_counter() - t0)
-        print(f"round {rnd + 1}/{args.rounds} done", flush=True)
-
-    results = {}
-    for name, m in models.items():
-        results[name] = {k: v for k, v in m.items() if k not in ("fns", "samples")}
-        results[name]["latency"] = {b: latency_stats(s, warmup=args.warmup) for b, s in m["samples"].items()}
+    results = measure_jobs([Path(j) for j in args.jobs], args.rounds, args.repeat, args.warmup,
+                           log=lambda line: print(line, flush=True))
     meta = common.finish({**machine, "rounds": args.rounds, "repeat": args.repeat, "warmup": args.warmup,
                           "torch": torch.__version__, "onnxruntime": ort.__version__})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"model_latency-{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-
     lines = [f"# Model latency on this CPU: tuned TVM vs PyTorch vs ONNX Runtime ({meta['date']})", "",
-             f"{common.describe(meta)} "
-             f"TVM, PyTorch {meta['torch']} and ONNX Runtime {meta['onnxruntime']} {cores} threads each. Method: {args.warmup} "
-             f"warm-up runs per backend, then {args.rounds} rounds alternating backends, {args.repeat} timed runs "
-             "each; statistics over all rounds' samples. Batch 1, fp32, random weights (seed 0).", "",
-             "| model | backend | median ms | p90 ms | p99 ms | std ms | numerics vs PyTorch |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{common.describe(meta)} {method_text(meta)}", "", *latency_table(results), ""]
     for name, r in results.items():
-        for backend, lat in r["latency"].items():
-            num = r["numerics"].get(backend)
-            num_txt = ("reference" if num is None else
-                       f"{'ok' if num['ok'] else 'MISMATCH'} (max abs {num['max_abs_err']:.1e})")
-            lines.append(f"| {name} | {backend} | {lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['p99_ms']:.2f} | "
-                         f"{lat['std_ms']:.2f} | {num_txt} |")
-    lines += [""]
-    for name, r in results.items():
-        lines.append(f"- {name}: job `{Path(r['job_dir']).name}`, {r['trials_in_database']} records in its database "
+        lines.append(f"- {name}: {r['model']}, {r['trials_in_database']} records in its database "
                      f"({r['warm_start']} seeded by a warm start), {r['tuned_functions']} TIR functions tuned; "
-                     f"target `{r['target']}`.")
-    lines += ["", "Ratios (TVM tuned / peer, median; below 1 = TVM faster):"]
-    for name, r in results.items():
-        lat = r["latency"]
-        t = lat["tvm-tuned"]["median_ms"]
-        lines.append(f"- {name}: / ONNX Runtime {t / lat['onnxruntime']['median_ms']:.2f}, "
-                     f"/ PyTorch {t / lat['pytorch']['median_ms']:.2f}")
+                     f"pipeline {r['pipeline']}; target `{r['target']}`.")
+    lines += ["", "Ratios (TVM tuned / peer, median; below 1 = TVM faster):", *ratios(results)]
     text = "\n".join(lines) + "\n"
     (out / f"model_latency-{args.name}.md").write_text(text)
     print(text)

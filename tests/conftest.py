@@ -108,9 +108,10 @@ def start_agent():
             stop_process(proc)
 
 
-def apply_best_with_plain_tvm(best_dir: Path, target_json: dict) -> None:
+def apply_best_with_plain_tvm(best_dir: Path, state: dict) -> None:
     """The README's recipe, in plain TVM: no tunefarm code. Applies the records in ``best_dir`` to the
-    builtin 'matmul' model (same seed), checks every TIR function is scheduled and numerics vs PyTorch."""
+    builtin 'matmul' model (same seed) fused the way ``state`` (the job's job_state.json: target and
+    pipeline) says it was tuned, checks every TIR function is scheduled and numerics vs PyTorch."""
     import numpy as np
     import torch
     import tvm
@@ -126,16 +127,32 @@ def apply_best_with_plain_tvm(best_dir: Path, target_json: dict) -> None:
     mod, params = relax.frontend.detach_params(mod)
     names = [p.name for p in mod["main"].params[1:]]
     mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    target = tvm.target.Target(target_json)
+    target = tvm.target.Target(state["target"])
+    fold, prepack = state["pipeline"]["fold_batchnorm"], state["pipeline"]["weight_prepack"]
     with target:
+        if fold:
+            mod = relax.transform.FoldBatchnormToConv2D()(mod)
+            mod = relax.transform.FoldConstant()(mod)
         mod = relax.transform.DecomposeOpsForInference()(mod)
+        if prepack:
+            mod = relax.transform.CanonicalizeBindings()(mod)
         mod = relax.pipeline.zero_pipeline()(mod)
+        if prepack:
+            mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
     db = ms.database.JSONDatabase(work_dir=str(best_dir))
     assert len(db.get_all_tuning_records()) >= 1
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(mod)
     prims = [f for _, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert prims and all(f.attrs is not None and "tirx.is_scheduled" in f.attrs for f in prims)
+    if prepack:
+        with target:
+            applied = relax.transform.SplitLayoutRewritePreproc()(applied)
+            applied = relax.transform.LiftTransformParams()(applied)
+            applied = relax.transform.FoldConstant()(applied)
+    for gvar, func in list(applied.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            applied[gvar] = func.with_attr("op_pattern", 8)  # keep tvm.compile from fusing them again
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)

@@ -55,6 +55,10 @@ def test_onnx_path_is_relative_to_the_job_file(tmp_path):
     (GOOD.replace("name: ok-job", 'name: "ok-job\\n"'), "'name' must be"),
     (GOOD.replace("name: ok-job", "name: farm"), "the name 'farm' is reserved"),
     (GOOD + "target: " + "x" * 2000 + "\n", "target is longer than 1024 characters"),
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, weight_prepack: 'yes'"),
+     "tuning.weight_prepack must be true or false"),
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, fold_batchnorm: 1"),
+     "tuning.fold_batchnorm must be true or false"),
 ])
 def test_bad_job_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "job.yaml"
@@ -126,3 +130,20 @@ def test_every_example_job_parses_and_the_readme_names_every_field():
         for field in dataclasses.fields(cls):
             assert f"`{section}.{field.name}`" in readme, f"README does not name {section}.{field.name}"
     assert "`name`" in readme and "`target`" in readme
+
+
+def test_pipeline_defaults_by_target_and_prepack_refused_off_cpu():
+    import tvm
+
+    from tunefarm.host.tuning.pipeline import DEFAULT_CPU, DEFAULT_OTHER, LEGACY, Pipeline, resolve_pipeline
+
+    cpu = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    cuda = tvm.target.Target("nvidia/nvidia-h100")
+    assert resolve_pipeline(cpu) == DEFAULT_CPU and resolve_pipeline(cuda) == DEFAULT_OTHER
+    assert resolve_pipeline(cpu, fold_batchnorm=False) == Pipeline(False, DEFAULT_CPU.weight_prepack)
+    assert resolve_pipeline(cuda, weight_prepack=False) == DEFAULT_OTHER
+    with pytest.raises(TunefarmError) as err:
+        resolve_pipeline(cuda, weight_prepack=True)
+    assert "tuning.weight_prepack is a CPU option" in str(err.value) and "'cuda'" in str(err.value)
+    # A job directory from before the options (no "pipeline" in its state) was tuned with both off.
+    assert Pipeline.from_json(None) == LEGACY and Pipeline.from_json({"fold_batchnorm": True}) == Pipeline(True, False)

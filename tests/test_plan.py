@@ -22,17 +22,25 @@ def _job(name: str, **tuning):
 
 
 def _measure(plan, secs: list[float]) -> None:
-    """Records in the plan's database for its one task, as if measured (the task's unscheduled trace)."""
+    """Records in the plan's database for its one task, as if measured (the task's unscheduled trace) and
+    verified by the farm (verified.jsonl), then the run marked as ended."""
     import tvm
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.tuning.jobdir import VERIFIED, append_event
+    from tunefarm.host.tuning.verify import trace_hash
 
     database = plan.job_dir.database()
     mod = plan.extracted[0].dispatched[0]
     workload = database.commit_workload(mod)
     for sec in secs:
-        database.commit_tuning_record(ms.database.TuningRecord(Schedule(mod).trace, workload,
+        trace = Schedule(mod).trace
+        database.commit_tuning_record(ms.database.TuningRecord(trace, workload,
                                                                [tvm.tirx.FloatImm("float32", sec)], plan.target))
+        append_event(plan.job_dir.file(VERIFIED), {"workload": plan.tasks[0].key, "trace": trace_hash(trace),
+                                                   "status": "verified"})
+    plan.job_dir.mark_run_ended("finished")
 
 
 def test_a_resumed_job_plans_what_its_task_has_left(tmp_path):

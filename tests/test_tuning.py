@@ -130,7 +130,47 @@ def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
     assert code == 0 and "estimated end-to-end" in shown, shown
 
     # Plain TVM from here on: no tunefarm code.
-    apply_best_with_plain_tvm(tmp_path / "best", json.loads((logs / "mm" / "job_state.json").read_text())["target"])
+    apply_best_with_plain_tvm(tmp_path / "best", json.loads((logs / "mm" / "job_state.json").read_text()))
+
+
+def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
+    """The CPU default pipeline on a ResNet block: BatchNorm folded into the conv (no BatchNorm arithmetic left
+    in any task), each kernel's weights prepacked at compile time, numerics checked; a resumed run keeps the
+    pipeline its directory was tuned with and refuses a job file that asks for another."""
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.tuning.jobdir import JobDir
+    from tunefarm.host.tuning.pipeline import apply_records
+
+    logs = tmp_path / "logs"
+    job = write_job(tmp_path / "job.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
+                    trials=8, per_iter=4, evaluate={"baselines": []})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    report = json.loads((logs / "block" / "report.json").read_text())
+    assert report["ok"], report["problems"]
+    assert report["tuning"]["pipeline"] == {"fold_batchnorm": True, "weight_prepack": True}
+    names = [t["task"] for t in report["tasks"]]
+    assert len(names) == 2 and all("conv2d" in n and "divide" not in n and "subtract" not in n for n in names), names
+    assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] == 2
+    tuned = report["results"]["tvm-tuned"]
+    assert tuned["numerics"]["ok"] and tuned["numerics"]["max_abs_err"] < 1e-3, tuned
+    # What the evaluation compiled: each tuned kernel takes weights packed once, on the constants.
+    job_dir = JobDir(logs / "block")
+    import tvm
+    target = tvm.target.Target(job_dir.read_state()["target"])
+    mod = job_dir.pipeline().fuse(to_relax(load_model(ModelSpec(source="builtin", name="resblock"))), target)
+    applied, scheduled, _ = apply_records(mod, target, job_dir.open_database())
+    kernels = sorted(gv.name_hint for gv, f in applied.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert len(scheduled) == 2 and sum(n.endswith("_prepacked") for n in kernels) == 2, kernels
+    main_text = applied["main"].script()
+    assert "_weight_prepack" not in main_text and main_text.count("_prepacked") == 2, main_text
+
+    # Resume: the directory's pipeline wins; a job file that asks for another one is refused in one line.
+    other = write_job(tmp_path / "job2.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
+                      trials=12, per_iter=4, evaluate={"baselines": []}, tuning={"fold_batchnorm": False})
+    code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
+    assert code != 0 and "was tuned with tuning.fold_batchnorm: true" in out, out
 
 
 def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
@@ -166,6 +206,15 @@ def test_bad_model_is_one_line_error(farm, tmp_path, model, message):
     assert len(errors) == 1 and message in errors[0], out
     assert "Traceback" not in out
     assert not (tmp_path / "logs" / "bad").exists()  # a failed job leaves no empty job directory
+
+
+def test_missing_model_file_is_said_before_waiting_for_an_agent(farm, tmp_path):
+    """Issue 12: a missing ONNX file on a key no agent serves fails at once, not after the device wait."""
+    job = write_job(tmp_path / "job.yaml", "nofile", farm["port"], "nobody-here",
+                    {"source": "onnx", "path": "missing.onnx"}, runner={"device_wait_sec": 600})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 300)
+    assert code == 2 and "ONNX model file not found" in out, out
+    assert "waiting for an agent" not in out, out
 
 
 def test_no_agent_for_key_waits_visibly_then_fails(farm, tmp_path):

@@ -34,6 +34,11 @@ def _record(plan, database, secs: float, split: int) -> None:
     sch.split(loops[0], factors=[None, split])  # a trace of its own per record
     database.commit_tuning_record(ms.database.TuningRecord(sch.trace, database.commit_workload(mod),
                                                            [tvm.tirx.FloatImm("float32", secs)], plan.target))
+    from tunefarm.host.tuning.jobdir import VERIFIED, append_event  # as the farm's timing verifier logs it
+    from tunefarm.host.tuning.verify import trace_hash
+
+    append_event(plan.job_dir.file(VERIFIED), {"workload": plan.tasks[0].key, "trace": trace_hash(sch.trace),
+                                               "status": "verified"})
 
 
 def _row(ms: float) -> dict:
@@ -50,6 +55,7 @@ def test_measured_seeded_and_cache_hits_are_reported_apart(tmp_path):
     database = commit_plan(earlier)
     for i, secs in enumerate([0.004, 0.003, 0.002]):
         _record(earlier, database, secs, 2 ** (i + 1))
+    earlier.job_dir.mark_run_ended("finished")
     plan = _plan(tmp_path, "warm", warm_start_top_k=3)
     database = commit_plan(plan)  # seeds the three records of the earlier job
     for i, secs in enumerate([0.005, 0.001, 0.006, 0.007]):  # this job's trials: its whole cap of 4

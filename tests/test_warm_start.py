@@ -29,19 +29,32 @@ def _trace(mod, factor: int):
     return sch.trace
 
 
-def _job_dir(logs, name: str, target: dict, records) -> JobDir:
-    """A job directory tuned for ``target`` holding ``records``: (module, split factor, run seconds)."""
+def _job_dir(logs, name: str, target: dict, records, last_run: str = "finished", verify=lambda secs: True) -> JobDir:
+    """A job directory tuned for ``target`` holding ``records``: (module, split factor, run seconds); its last
+    run ended as ``last_run``; the records ``verify(secs)`` picks are in its verified.jsonl, as the timing
+    verifier leaves them."""
+    import json
+
     import tvm
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
+    from tunefarm.host.tuning.jobdir import VERIFIED
+    from tunefarm.host.tuning.verify import trace_hash
+
     job_dir = JobDir(logs / name)
-    job_dir.write_state({"model_fingerprint": name, "target": target})
+    job_dir.write_state({"model_fingerprint": name, "target": target, "last_run": last_run})
     db = job_dir.database()
-    for mod, factor, secs in records:
-        workload = db.commit_workload(mod)
-        db.commit_tuning_record(ms.database.TuningRecord(_trace(mod, factor), workload,
-                                                         [tvm.tirx.FloatImm("float32", s) for s in secs],
-                                                         tvm.target.Target(target)))
+    with open(job_dir.file(VERIFIED), "a") as log:
+        for mod, factor, secs in records:
+            workload = db.commit_workload(mod)
+            trace = _trace(mod, factor)
+            db.commit_tuning_record(ms.database.TuningRecord(trace, workload,
+                                                             [tvm.tirx.FloatImm("float32", s) for s in secs],
+                                                             tvm.target.Target(target)))
+            if verify(secs):
+                log.write(json.dumps({"workload": str(tvm_ffi.structural_hash(mod)), "trace": trace_hash(trace),
+                                      "status": "verified"}) + "\n")
     return job_dir
 
 
@@ -81,6 +94,22 @@ def test_the_best_valid_records_of_the_same_target_top_k_once_each(tmp_path, ker
     assert none.records == 0 and none.sources == []
 
 
+def test_only_verified_records_of_runs_that_ended_are_taken(tmp_path, kernels):
+    """Issue 12: warm start never imports a record that was not measured twice, nor one of a failed run."""
+    from tunefarm.host.tuning.warm_start import find_warm_start
+
+    mods, keys = kernels
+    wanted = mods["wanted"]
+    _job_dir(tmp_path, "a-fake", TARGET, [(wanted, 2, [1e-6]), (wanted, 4, [0.004])],
+             verify=lambda secs: secs[0] > 1e-3)  # the fast one was never verified
+    _job_dir(tmp_path, "b-failed", TARGET, [(wanted, 8, [0.0001])], last_run="running")  # killed or failed
+    _job_dir(tmp_path, "c-stopped", TARGET, [(wanted, 16, [0.002])], last_run="stopped")
+    warm = find_warm_start(JobDir(tmp_path / "new"), tmp_path, TARGET, [keys["wanted"]], top_k=8)
+    assert warm.sources == ["a-fake", "c-stopped"]
+    best = sorted(min(float(x) for x in r.run_secs) for r in warm.chosen[keys["wanted"]])
+    assert best == pytest.approx([0.002, 0.004])
+
+
 def test_the_chosen_records_are_seeded_under_the_new_jobs_workload(tmp_path, kernels):
     from tunefarm.host.tuning.warm_start import find_warm_start, seed_database
 
@@ -89,6 +118,10 @@ def test_the_chosen_records_are_seeded_under_the_new_jobs_workload(tmp_path, ker
     new = JobDir(tmp_path / "new")
     warm = find_warm_start(new, tmp_path, TARGET, [keys["wanted"]], top_k=1)
     database = new.database()
-    seed_database(database, warm, {keys["wanted"]: mods["wanted"]})
+    from tunefarm.host.tuning.jobdir import VERIFIED
+
+    seed_database(database, warm, {keys["wanted"]: mods["wanted"]}, new.file(VERIFIED))
     counts = workload_counts(database)
     assert counts == {keys["wanted"]: {"records": 1, "failed": 0, "best_s": pytest.approx(0.001)}}
+    # The seeded record was verified in its source: the new job's log says so, so its export keeps it.
+    assert list(new.verified()) == [keys["wanted"]] and len(new.verified()[keys["wanted"]]) == 1

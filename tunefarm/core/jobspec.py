@@ -70,6 +70,9 @@ class TuningSpec:
     seed: int | None = 0
     warm_start: bool = True  # seed a new job from earlier jobs' records for the same target
     warm_start_top_k: int = 8  # records taken per shared workload
+    # The graph pipeline (tunefarm.host.tuning.pipeline); None: the default for the target's kind.
+    fold_batchnorm: bool | None = None  # fold inference BatchNorm into the conv weights before tuning
+    weight_prepack: bool | None = None  # CPU: let each kernel pick a packed weight layout (layout rewrite)
 
 
 @dataclasses.dataclass
@@ -200,6 +203,9 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     if not device.key:
         raise TunefarmError(f"{where}: device.key is required (the key agents registered under)")
     tuning = _section(TuningSpec, data.get("tuning"), f"{where}: tuning")
+    for option in ("fold_batchnorm", "weight_prepack"):
+        if getattr(tuning, option) is not None and not isinstance(getattr(tuning, option), bool):
+            raise TunefarmError(f"{where}: tuning.{option} must be true or false (got {getattr(tuning, option)!r})")
     if tuning.cost_model not in ("xgb", "random"):
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb or random (got {tuning.cost_model!r})")
     target = data.get("target", "from-agent")

@@ -126,6 +126,7 @@ class DeviceInfo:
     opencl: dict[str, Any] = dataclasses.field(default_factory=dict)
     runners: list[str] = dataclasses.field(default_factory=list)  # backends this agent can run
     tvm_version: str = ""
+    peak_gflops: float = 0.0  # fp32 peak (CPU: a measured sgemm; GPU: tensor-core peak from its attributes); 0: unknown
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +145,11 @@ class DeviceInfo:
             want = type(defaults[name])
             if want is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"DeviceInfo field {name!r} must be an integer")
+            if want is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e9:
+                    raise ValueError(f"DeviceInfo field {name!r} must be a number between 0 and 1e9")
+                kept[name] = float(value)
+                continue
             if not isinstance(value, want):
                 raise ValueError(f"DeviceInfo field {name!r} must be {want.__name__}, got {type(value).__name__}")
             _check_bounded(value, name)

@@ -55,6 +55,9 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
         f"  target   {json.dumps(info.target, sort_keys=True)}",
         f"  cpu      {info.cpu_model} ({info.num_cores} cores)",
         f"  threads  {info.threads} ({threads_from}; TVM, PyTorch and ONNX Runtime runs here use this many)",
+        f"  peak     {info.peak_gflops:g} GFLOP/s (" + ("measured sgemm" if info.target.get("kind") == "llvm" else
+                                                      "from the device's attributes") + "; a candidate faster "
+        "than its FLOPs allow at four times this is rejected)",
         f"  cc       {'yes (' + compiler + ')' if info.has_cc else 'NO'}",
         f"  cuda     {cuda}",
         f"  opencl   {', '.join(opencl_devices) or 'none'} (TVM runtime OpenCL: "
@@ -236,6 +239,9 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
         info.threads, threads_from = resolve_threads(threads, info.target)
     except ValueError as err:
         raise TunefarmError(str(err)) from None
+    from tunefarm.device_agents.probe import peak_gflops  # pylint: disable=import-outside-toplevel
+
+    info.peak_gflops = peak_gflops(info.target, info)
     _print_summary(info, f"{tracker_host}:{tracker_port}", find_c_compiler() or "", threads_from)
     if not info.has_cc:
         _warn(f"no working C compiler on this machine ({check_c_compiler()[1]}): MetaSchedule's .tar "

@@ -155,6 +155,7 @@ def probe_cuda(max_devices: int = 16) -> list[dict[str, Any]]:
                 "max_shared_memory_per_block": int(dev.max_shared_memory_per_block or 0),
                 "thread_warp_size": int(dev.warp_size or 0),
                 "multi_processor_count": int(dev.multi_processor_count or 0),
+                "max_clock_khz": int(dev.max_clock_rate or 0),
             }
         except Exception:  # pylint: disable=broad-except  # no driver, broken driver: no CUDA here
             break
@@ -275,6 +276,54 @@ def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
         runners=available_runners(),
         tvm_version=str(tvm.__version__),
     )
+
+
+# ---------------------------------------------------------------- peak throughput (the timing floor)
+
+# Dense fp16 tensor-core FLOPs per SM per clock by compute capability major version (A100: 108 SMs x
+# 1.41 GHz x 2048 = 312 TFLOP/s; H100 SXM: 132 x 1.83 GHz x 4096 = 989 TFLOP/s); older GPUs: fp32 FMA.
+_TC_FLOPS_PER_SM_CLOCK = {7: 1024, 8: 2048, 9: 4096, 10: 8192, 12: 4096}
+_FP32_FLOPS_PER_SM_CLOCK = 256
+
+
+def cuda_peak_gflops(entry: dict[str, Any]) -> float:
+    """A CUDA device's highest dense peak (GFLOP/s): the farm's floor must hold for fp16 tensor-core kernels."""
+    try:
+        major = int(str(entry.get("compute_capability", "0")).split(".")[0])
+    except ValueError:
+        major = 0
+    per_clock = _TC_FLOPS_PER_SM_CLOCK.get(major, _FP32_FLOPS_PER_SM_CLOCK)
+    return entry.get("multi_processor_count", 0) * entry.get("max_clock_khz", 0) * 1e3 * per_clock / 1e9
+
+
+def cpu_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
+    """This CPU's fp32 throughput on an sgemm (NumPy's BLAS, best of ``repeat``): a measured peak."""
+    import time  # pylint: disable=import-outside-toplevel
+
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # pylint: disable=pointless-statement
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b  # pylint: disable=pointless-statement
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def peak_gflops(target: dict[str, Any], info: DeviceInfo) -> float:
+    """The peak of the device ``target`` runs on (0.0 when unknown)."""
+    kind = target.get("kind") or ""
+    if "tag" in target and not kind:
+        kind = "cuda" if str(target["tag"]).startswith("nvidia/") else ""
+    if kind == "llvm":
+        return cpu_peak_gflops()
+    if kind == "cuda" and info.cuda:
+        return round(cuda_peak_gflops(info.cuda[0]), 1)
+    return 0.0
 
 
 # ---------------------------------------------------------------- targets

@@ -52,13 +52,15 @@ class CompareArtifacts(ModelArtifacts):
                 self._relax = to_relax(self.model)
         return self._relax
 
-    def fused(self, target):
+    def fused(self, target, pipeline=None):
+        """The fused module for ``target`` through ``pipeline`` (None: the target's default), made once."""
         from tunefarm.core.targets import target_to_json  # pylint: disable=import-outside-toplevel
-        from tunefarm.host.tuning.job import fuse_for_tuning  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.pipeline import resolve_pipeline  # pylint: disable=import-outside-toplevel
 
-        key = json.dumps(target_to_json(target), sort_keys=True)
+        pipeline = pipeline or resolve_pipeline(target)
+        key = (json.dumps(target_to_json(target), sort_keys=True), pipeline)
         if key not in self._fused:
-            self._fused[key] = fuse_for_tuning(self.relax(), target)
+            self._fused[key] = pipeline.fuse(self.relax(), target)
         return self._fused[key]
 
     def library(self, target, logs: Path | None) -> dict[str, Any]:
@@ -68,12 +70,14 @@ class CompareArtifacts(ModelArtifacts):
 
         from tunefarm.core.targets import target_to_json
         from tunefarm.host.tuning.evaluate import apply_database
+        from tunefarm.host.tuning.jobdir import JobDir
         from tunefarm.host.tuning.logs import open_database
 
         cache_key = (json.dumps(target_to_json(target), sort_keys=True), str(logs) if logs else None)
         if cache_key in self._libs:
             return self._libs[cache_key]
-        mod = self.fused(target)
+        # a job's records apply to the module it tuned: the pipeline its directory was tuned with
+        mod = self.fused(target, JobDir(logs).pipeline() if logs is not None else None)
         info: dict[str, Any] = {}
         if logs is not None:
             mod, scheduled, unscheduled = apply_database(mod, target, open_database(logs))

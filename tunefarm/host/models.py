@@ -56,9 +56,37 @@ def _builtin_matmul():
     return MatMul()
 
 
+def _builtin_resblock():
+    import torch
+
+    class ResBlock(torch.nn.Module):
+        """A ResNet basic block (conv-BN-ReLU, conv-BN, residual add, ReLU) with non-trivial BatchNorm
+        statistics: the smallest model on which folding BatchNorm and prepacking conv weights show."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(16)
+            self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+            self.bn2 = torch.nn.BatchNorm2d(16)
+            gen = torch.Generator().manual_seed(1)
+            for bn in (self.bn1, self.bn2):  # the stock init (mean 0, var 1, identity affine) would hide a bad fold
+                bn.running_mean.copy_(torch.rand(16, generator=gen) * 2 - 1)
+                bn.running_var.copy_(torch.rand(16, generator=gen) * 1.5 + 0.5)
+                bn.weight.data.copy_(torch.rand(16, generator=gen) * 1.5 + 0.5)
+                bn.bias.data.copy_(torch.rand(16, generator=gen) * 2 - 1)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + x)
+
+    return ResBlock()
+
+
 BUILTIN_MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...]]] = {
     "convnet": (_builtin_convnet, (1, 3, 32, 32)),
     "matmul": (_builtin_matmul, (16, 64)),
+    "resblock": (_builtin_resblock, (1, 16, 16, 16)),
 }
 
 
@@ -87,6 +115,25 @@ class LoadedModel:
 
         sess = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
         return sess.run(None, dict(zip(self.input_names, self.inputs)))
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """The cheap checks of ``load_model``, made before anything waits (for an agent, for the tracker): an ONNX
+    file that exists, a builtin or torchvision name that exists. A one-line TunefarmError otherwise."""
+    if spec.source == "onnx":
+        if not spec.path or not Path(spec.path).is_file():
+            raise TunefarmError(f"ONNX model file not found: {spec.path}")
+    elif spec.source == "builtin":
+        if spec.name not in BUILTIN_MODELS:
+            raise TunefarmError(f"unknown builtin model {spec.name!r}; known: {', '.join(sorted(BUILTIN_MODELS))}")
+    elif spec.source == "torchvision":
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if spec.name not in known:
+            close = [m for m in known if spec.name.lower()[:4] in m][:6]
+            hint = f"; did you mean: {', '.join(close)}" if close else ""
+            raise TunefarmError(f"unknown torchvision model {spec.name!r}{hint}")
 
 
 def load_model(spec: ModelSpec, seed: int = 0) -> LoadedModel:

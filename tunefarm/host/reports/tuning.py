@@ -39,6 +39,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "max_trials_per_task": job.tuning.max_trials_per_task,
                    "num_trials_per_iter": job.tuning.num_trials_per_iter, "cost_model": job.tuning.cost_model,
                    "population_size": job.tuning.population_size,
+                   "pipeline": tuned.plan.pipeline.to_json(),
                    # measured trials of this job (all runs), seeded records and cache hits: three apart
                    "trials_measured_total": sum(r["trials"] for r in per_task),
                    "trials_before_this_run": tuned.measured_before, "trials_this_run": tuned.measured,
@@ -46,7 +47,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "cache_hits": tuned.cache_hits, "resumed": tuned.resumed, "stopped_early": tuned.stopped,
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
                    "agents_lost": tuned.agents_lost, "failures": tuned.failures,
-                   "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures},
+                   "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures,
+                   "verification": tuned.verification},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
                       "untuned_functions": unscheduled,
                       "tasks_without_record": [r["task"] for r in per_task if not r["tuned"]]},
@@ -65,6 +67,9 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
           f"{job.tuning.max_trials_global}, at most {job.tuning.max_trials_per_task or job.tuning.max_trials_global} "
           f"per task, {job.tuning.num_trials_per_iter} per round, cost model {job.tuning.cost_model}); this run "
           f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s" + (" (stopped early)" if tuned.stopped else ""),
+          f"- pipeline: {tuned.plan.pipeline.describe()}",
+          "- timings checked: " + (_verification_text(tuned.verification) if tuned.verification else
+                                   "nothing measured in this run"),
           f"- not trials: {tn['seeded_records']} record(s) seeded from earlier jobs (warm start); "
           f"{tn['cache_hits']} cache hit(s) this run (candidates the database already answered: not built, "
           "measured or recorded again)",
@@ -100,6 +105,15 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
     report["markdown"] = "\n".join(md) + "\n"
     job_dir.write_report({k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
     return report
+
+
+def _verification_text(ver: dict[str, Any]) -> str:
+    text = (f"{ver['verified']} new best(s) measured a second time before they counted ({ver['disputed']} not "
+            f"reproduced: the slower time kept); {ver['below_floor']} result(s) below the physical floor and "
+            f"{ver['from_flagged']} from flagged agents committed as failed")
+    if ver["flagged"]:
+        text += "; FLAGGED: " + ", ".join(f"{a} ({w})" for a, w in ver["flagged"].items())
+    return text
 
 
 def _agents_section(tuning: dict[str, Any]) -> list[str]:

@@ -23,23 +23,11 @@ TVM_ROWS = ("tvm-tuned", "tvm-untuned")
 
 
 def apply_database(mod, target, database):
-    """Records applied to exactly ``mod`` (the tuned module): (module, scheduled names, unscheduled names)."""
-    # pylint: disable=import-outside-toplevel
-    import tvm
-    from tvm import relax
+    """Records applied to exactly ``mod`` (the tuned module): (module, scheduled names, unscheduled names);
+    see :func:`tunefarm.host.tuning.pipeline.apply_records`."""
+    from tunefarm.host.tuning.pipeline import apply_records  # pylint: disable=import-outside-toplevel
 
-    with target, database:
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    scheduled, unscheduled = [], []
-    for gvar, func in list(applied.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc):
-            is_sched = func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
-            (scheduled if is_sched else unscheduled).append(gvar.name_hint)
-            # tvm.compile's default pipeline would fuse the tuned functions again (24 -> 19 on ResNet-18)
-            # and the merged functions no longer carry their schedule mark; opaque functions stay as
-            # tuned, so the compiled module is the module the report counts.
-            applied[gvar] = func.with_attr("op_pattern", 8)
-    return applied, sorted(scheduled), sorted(unscheduled)
+    return apply_records(mod, target, database)
 
 
 def device_type_of(target) -> str:
@@ -108,6 +96,8 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
             num = rows[name]["numerics"]
             problems.append(f"{name} output differs from the reference (max abs err {num['max_abs_err']:.3g}, "
                             f"rtol {ev.rtol}, atol {ev.atol})")
+    for agent, why in (tuned.verification or {}).get("flagged", {}).items():
+        problems.append(f"agent {agent} was flagged during tuning ({why}); its results were discarded")
     if ev.require_speedup and tuned_ms >= untuned_ms:
         problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
     report = write_report(tuned, rows, scheduled, unscheduled, reference, problems,

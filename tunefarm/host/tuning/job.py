@@ -53,6 +53,7 @@ class TuneResult:
     built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
     build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
+    verification: dict[str, Any] = dataclasses.field(default_factory=dict)  # TimingVerifier.summary()
     time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -119,6 +120,9 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
     host, port = parse_hostport(job.device.tracker)
     on_wait = _waiting_message(console, job.device.key, host, port)
     job_dir = Path(logs_dir) / job.name
+    from tunefarm.host.models import check_model_spec  # pylint: disable=import-outside-toplevel
+
+    check_model_spec(job.model)  # a missing model file is said now, not after the wait for an agent
     created = not job_dir.exists()
     try:
         with TrackerClient(host, port) as tracker:  # a one-line TrackerUnreachable at once if it is not there
@@ -189,6 +193,12 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                             number=job.runner.number, repeat=job.runner.repeat,
                             min_repeat_ms=job.runner.min_repeat_ms,
                             enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
+    from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.verify import TimingVerifier  # pylint: disable=import-outside-toplevel
+
+    verifier = TimingVerifier(runner, job_dir.file(VERIFIED), console)
+    job_dir.mark_run_started()
+    committed: list = []
     limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
     t0 = time.time()
     profiler = ms.Profiler()
@@ -198,7 +208,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                           max_trials_global=limit_global, max_trials_per_task=limit_task,
                           num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
                           database=database, cost_model=tn.cost_model,
-                          measure_callbacks=measure_callbacks(make_progress_callback(progress, should_stop, stop)),
+                          measure_callbacks=measure_callbacks(
+                              make_progress_callback(progress, should_stop, stop, committed), verifier, committed),
                           task_scheduler="gradient")
         runner.check_agents()
     except Exception as err:  # pylint: disable=broad-except
@@ -222,8 +233,12 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
     result.build_failures = dict(builder.build_failures)
     result.agents_lost = dict(runner.lost)
+    result.verification = verifier.summary()
+    job_dir.mark_run_ended("stopped" if result.stopped else "finished")
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
     for line in run_summary(result):
-        console.print(line)
+        console.print(escape(line))  # agent ids are the agents' own text
     if result.measured and progress.run_ok == 0:
         # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
         first = (progress.first_error or "").splitlines()
@@ -238,6 +253,13 @@ def run_summary(result: TuneResult) -> list[str]:
              f"{result.measured_before + result.measured} measured by this job in all; "
              f"{result.cache_hits} cache hit(s) (answered from the database: not built, measured, recorded or "
              f"counted); {result.seeded} record(s) seeded by the warm start (not counted)"]
+    ver = result.verification
+    if ver:
+        lines.append(f"timings checked: {ver['verified']} new best(s) measured again and verified"
+                     f" ({ver['disputed']} not reproduced: the slower time kept), {ver['below_floor']} below the "
+                     f"physical floor, {ver['from_flagged']} from flagged agents (all committed as failed)")
+        for agent, why in ver["flagged"].items():
+            lines.append(f"FLAGGED agent {agent}: {why}")
     if result.per_agent:
         lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
                                                  for a, n in sorted(result.per_agent.items())))

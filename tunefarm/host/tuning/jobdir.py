@@ -10,6 +10,7 @@ A job directory is a MetaSchedule ``JSONDatabase`` work_dir plus tunefarm's own 
     progress.jsonl                one JSON line per measured batch (tunefarm follow, the dashboard's chart)
     profile.json                  where the tuning time went (MetaSchedule's profiler scopes, grouped)
     report.json, report.md        the evaluation (tuned vs untuned vs peers)
+    verified.jsonl                every new best measured again before it counted (tuning/verify.py)
 
 Everything else (the tuning engine, the reports, the compare, the host service, the benchmarks) reaches
 these files through here, and every "is this record a valid measurement" question goes through
@@ -33,9 +34,10 @@ PROGRESS = "progress.jsonl"
 PROFILE = "profile.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+VERIFIED = "verified.jsonl"  # the timing verifier's log: which records were measured twice (tuning/verify.py)
 DATABASE_FILES = (DB_WORKLOAD, DB_RECORDS)
 # What a laptop may download from a job (besides plots): the reports, the progress log, the database.
-SHARED_FILES = (REPORT_MD, REPORT_JSON, PROGRESS, DB_WORKLOAD, DB_RECORDS, TASKS, STATE, SPEC)
+SHARED_FILES = (REPORT_MD, REPORT_JSON, PROGRESS, DB_WORKLOAD, DB_RECORDS, TASKS, STATE, SPEC, VERIFIED)
 
 # MetaSchedule stores a candidate that failed to build or run with run seconds of 1e10.
 _FAILED_RUN_S = 1e9
@@ -152,6 +154,39 @@ class JobDir:
 
     def read_state(self) -> dict[str, Any]:
         return self.read_json(STATE, {})
+
+    def pipeline(self):
+        """The graph pipeline this directory was tuned with (tunefarm.host.tuning.pipeline)."""
+        from tunefarm.host.tuning.pipeline import job_dir_pipeline  # pylint: disable=import-outside-toplevel
+
+        return job_dir_pipeline(self.read_state())
+
+    def mark_run_ended(self, how: str) -> None:
+        """Note in job_state.json how the last tuning run ended ("finished", "stopped"); a run that fails
+        or is killed leaves "running" (warm start takes records only from runs that ended)."""
+        state = self.read_state()
+        state["last_run"] = how
+        self.write_state(state)
+
+    def mark_run_started(self) -> None:
+        state = self.read_state()
+        state["last_run"] = "running"
+        self.write_state(state)
+
+    def run_ended(self) -> bool:
+        return self.read_state().get("last_run") in ("finished", "stopped")
+
+    def verified(self) -> dict[str, set[str]] | None:
+        """Workload hash -> trace hashes of its verified records, from verified.jsonl (the timing verifier's
+        log, tuning/verify.py); None when the directory has none (tuned before timings were verified)."""
+        path = self.file(VERIFIED)
+        if not path.is_file():
+            return None
+        out: dict[str, set[str]] = {}
+        for entry in read_events(path):
+            if entry.get("status") == "verified" and isinstance(entry.get("trace"), str):
+                out.setdefault(str(entry.get("workload")), set()).add(entry["trace"])
+        return out
 
     def write_state(self, state: dict[str, Any]) -> None:
         self.write_json(STATE, state)

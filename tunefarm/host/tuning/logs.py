@@ -64,17 +64,23 @@ def show(job_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def export_best(job_dir: str | Path, output: str | Path) -> int:
-    """Write the best record of every workload into a fresh JSONDatabase at ``output``; returns count."""
+    """Write the best *verified* record of every workload (measured a second time before it counted:
+    tuning/verify.py) into a fresh JSONDatabase at ``output``; returns the count. A directory tuned before
+    timings were verified (no verified.jsonl) exports its best records as they are, and says so."""
     import tvm_ffi  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
-    src = open_database(job_dir)
+    from tunefarm.host.tuning.verify import trace_hash  # pylint: disable=import-outside-toplevel
+
+    job = JobDir(job_dir)
+    src = job.open_database()
+    verified = job.verified()
     output = Path(output)
     if (output / DB_RECORDS).exists():
         raise TunefarmError(f"{output} already holds a database; choose an empty directory")
     output.mkdir(parents=True, exist_ok=True)
     dst = ms.database.JSONDatabase(work_dir=str(output))
-    count = 0
+    count = skipped = 0
     seen = set()
     for rec in src.get_all_tuning_records():
         wl = rec.workload
@@ -82,12 +88,17 @@ def export_best(job_dir: str | Path, output: str | Path) -> int:
         if key in seen:
             continue
         seen.add(key)
-        best = src.get_top_k(wl, 1)
-        if not best:
+        ranked = src.get_top_k(wl, 1 if verified is None else 1 << 20)
+        if verified is not None:
+            ranked = [r for r in ranked if trace_hash(r.trace) in verified.get(key, set())]
+        if not ranked:
+            skipped += 1
             continue
         new_wl = dst.commit_workload(wl.mod)
-        top = best[0]
+        top = ranked[0]
         dst.commit_tuning_record(ms.database.TuningRecord(top.trace, new_wl, top.run_secs, top.target, top.args_info))
         count += 1
-    print(f"wrote the best record of {count} workload(s) to {output}")
+    note = ("; tuned before timings were verified: records exported as measured" if verified is None
+            else f"; {skipped} workload(s) without a verified record left out" if skipped else "")
+    print(f"wrote the best verified record of {count} workload(s) to {output}{note}")
     return count

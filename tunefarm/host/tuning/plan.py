@@ -18,17 +18,14 @@ from tunefarm.core.jobspec import TuningJob
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.tuning.budget import Budget, plan_budget
 from tunefarm.host.tuning.jobdir import JobDir, workload_counts
+from tunefarm.host.tuning.pipeline import Pipeline, job_dir_pipeline, resolve_pipeline
 from tunefarm.host.tuning.warm_start import WarmStart, find_warm_start, seed_database
 
 
-def fuse_for_tuning(mod, target):
-    """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
-    from tvm import relax  # pylint: disable=import-outside-toplevel
-
-    with target:
-        mod = relax.transform.DecomposeOpsForInference()(mod)
-        mod = relax.pipeline.zero_pipeline()(mod)
-    return mod
+def fuse_for_tuning(mod, target, pipeline: Pipeline | None = None):
+    """Legalize and fuse once: the module whose TIR functions become the tuning tasks (``pipeline``: the
+    job's; None: the default for the target's kind)."""
+    return (pipeline or resolve_pipeline(target)).fuse(mod, target)
 
 
 def resolve_job_target(job: TuningJob, tracker_client):
@@ -72,6 +69,21 @@ def _continues(job_dir: JobDir, state: dict[str, Any]) -> bool:
     return True
 
 
+def _job_pipeline(job: TuningJob, target, old_state: dict[str, Any] | None, job_dir: JobDir) -> Pipeline:
+    """A new run: the job's options, else the target's defaults. A resumed run keeps the pipeline its
+    directory was tuned with; an option set in the job file that says otherwise is refused."""
+    tn = job.tuning
+    if old_state is None:
+        return resolve_pipeline(target, tn.fold_batchnorm, tn.weight_prepack)
+    kept = job_dir_pipeline(old_state)
+    for name in ("fold_batchnorm", "weight_prepack"):
+        asked = getattr(tn, name)
+        if asked is not None and asked != getattr(kept, name):
+            raise TunefarmError(f"{job_dir.path} was tuned with tuning.{name}: {str(getattr(kept, name)).lower()}; "
+                                "a run that resumes it keeps that (leave the option out, or give the job a new name)")
+    return kept
+
+
 @dataclasses.dataclass
 class PlannedTask:
     """One tuning task and what the job's database already holds for it."""
@@ -104,6 +116,7 @@ class TuningPlan:
     budget: Budget
     resumed: bool
     warm: WarmStart | None  # what a new job's warm start seeds (None: resumed, or warm start off)
+    pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)  # the graph pipeline the tasks come from
 
     @property
     def target_json(self) -> dict[str, Any]:
@@ -112,7 +125,8 @@ class TuningPlan:
     @property
     def state(self) -> dict[str, Any]:
         """What job_state.json says the directory was tuned for."""
-        return {"model_fingerprint": self.model.fingerprint, "target": self.target_json}
+        return {"model_fingerprint": self.model.fingerprint, "target": self.target_json,
+                "pipeline": self.pipeline.to_json()}
 
     @property
     def seeded(self) -> int:
@@ -140,8 +154,10 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     job_dir = JobDir(Path(logs_dir) / job.name)
     state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
     resumed = _continues(job_dir, state)
+    pipeline = _job_pipeline(job, target, job_dir.read_state() if resumed else None, job_dir)
+    state["pipeline"] = pipeline.to_json()
     with console.status("importing the model into Relax and fusing") if console is not None else nullcontext():
-        mod = fuse_for_tuning(to_relax(model), target)
+        mod = fuse_for_tuning(to_relax(model), target, pipeline)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     if not extracted:
         raise TunefarmError("no tunable tasks found in the model")
@@ -167,7 +183,8 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     budget = plan_budget(tn.max_trials_global, tn.max_trials_per_task, tn.num_trials_per_iter,
                          [t.measured for t in tasks], [t.best_s is not None for t in tasks])
     return TuningPlan(job=job, job_dir=job_dir, logs_dir=Path(logs_dir), target=target, model=model, mod=mod,
-                      extracted=list(extracted), tasks=tasks, budget=budget, resumed=resumed, warm=warm)
+                      extracted=list(extracted), tasks=tasks, budget=budget, resumed=resumed, warm=warm,
+                      pipeline=pipeline)
 
 
 def commit_plan(plan: TuningPlan):
@@ -183,14 +200,18 @@ def commit_plan(plan: TuningPlan):
     job_dir.write_tasks([t.to_json() for t in plan.tasks])
     database = job_dir.database()
     if plan.warm is not None and plan.warm.records:
-        seed_database(database, plan.warm, {t.key: e.dispatched[0] for t, e in zip(plan.tasks, plan.extracted)})
+        from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
+
+        seed_database(database, plan.warm, {t.key: e.dispatched[0] for t, e in zip(plan.tasks, plan.extracted)},
+                      job_dir.file(VERIFIED))
     return database
 
 
 def describe_plan(plan: TuningPlan) -> list[str]:
     """The plan in a few console lines: tasks, budget, what earlier runs and the warm start bring."""
     b, tn = plan.budget, plan.job.tuning
-    lines = [f"{len(plan.tasks)} tasks; budget {tn.max_trials_global} trials, at most {b.per_task_cap} per task, "
+    lines = [f"pipeline: {plan.pipeline.describe()}",
+             f"{len(plan.tasks)} tasks; budget {tn.max_trials_global} trials, at most {b.per_task_cap} per task, "
              f"{tn.num_trials_per_iter} per round"]
     if plan.resumed:
         lines.append(f"resuming: {b.measured_before} already measured (kept, not measured again); "

@@ -79,9 +79,11 @@ class JobProgress:
 
 
 def make_progress_callback(progress: JobProgress, should_stop: Callable[[JobProgress], bool] | None = None,
-                           on_stop: Callable[[], None] | None = None):
+                           on_stop: Callable[[], None] | None = None, committed: list | None = None):
     """The measure callback that feeds ``progress``; after each batch, ``should_stop(progress)`` True calls
-    ``on_stop()`` (once): the run then sends no new batch and ends once the batches in flight are in."""
+    ``on_stop()`` (once): the run then sends no new batch and ends once the batches in flight are in.
+    ``committed``: the list the database callback fills with what it committed for the batch (the
+    verifier's decisions: a rejected time counts as failed); without it the runner's results count."""
     from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback  # pylint: disable=import-outside-toplevel
 
@@ -93,16 +95,21 @@ def make_progress_callback(progress: JobProgress, should_stop: Callable[[JobProg
     class ProgressCallback(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             costs, errors, hits = [], 0, 0
+            decided = iter(list(committed)) if committed is not None else None
             for bres, res in zip(builder_results, runner_results):
                 if MeasuredCache.is_placeholder(bres.artifact_path):
                     hits += 1
-                elif res.error_msg or not res.run_secs:
+                    continue
+                secs = next(decided, None) if decided is not None else (
+                    None if res.error_msg or not res.run_secs else [float(x) for x in res.run_secs])
+                if secs is None:
                     costs.append(None)
                     errors += 1
                     if progress.first_error is None:
-                        progress.first_error = str(bres.error_msg or res.error_msg or "no run time").strip()
+                        progress.first_error = str(bres.error_msg or res.error_msg or
+                                                   "rejected by the timing check (see verified.jsonl)").strip()
                 else:
-                    costs.append(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+                    costs.append(sum(secs) / len(secs))
             progress.on_batch(task_id, costs, errors, hits)
             if should_stop is not None and not stopped and should_stop(progress):
                 stopped.append(True)

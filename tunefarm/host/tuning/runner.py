@@ -245,6 +245,8 @@ class FarmRunner(PyRunner):
         self.failures = collections.Counter()  # "timeout" / "error" -> count
         self.on_agent_lost = on_agent_lost  # (agent id, candidates it measured, agents left on the key)
         self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
+        self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
+        self._inputs: dict[str, tuple[str, tuple]] = {}  # artifact path -> (device type, args info)
 
     def agents_available(self) -> int:
         """Agents on the key now; waits (bounded) while there are none."""
@@ -297,6 +299,7 @@ class FarmRunner(PyRunner):
             path = str(inp.artifact_path)
             cand = _Candidate(path, str(inp.device_type), tuple(a.as_json() for a in inp.args_info),
                               f"cand-{batch_id}-{n}{_suffix(path)}")
+            self._inputs[path] = (cand.device_type, cand.args_info)
             cands.append(cand)
             futures[i] = FarmRunnerFuture(cand.future, self.timeout_sec, self._recorder(path))
         _Batch(self, cands, agents)
@@ -305,9 +308,62 @@ class FarmRunner(PyRunner):
     def _recorder(self, artifact_path: str):
         def record(agent_id, status, costs=None):
             self._record(agent_id, status)
+            if agent_id is not None:
+                self.measured_by[artifact_path] = agent_id
             if costs is not None and self.cache is not None:
                 self.cache.add_result(artifact_path, costs)
         return record
+
+    def remeasure(self, artifact_path: str, measured_by: str = "",
+                  shunned: frozenset[str] = frozenset()) -> tuple[list[float], str] | None:
+        """Measure one candidate of this runner's batches again, on an agent of the key other than
+        ``measured_by`` and not in ``shunned`` where the key has one (sessions on the others are held
+        meanwhile, so the tracker hands out the next), else on ``measured_by`` itself in a fresh session
+        (unless it is shunned). (costs, agent id), or None when it could not be measured."""
+        # pylint: disable=import-outside-toplevel
+        from tunefarm.core.wire import AGENT_ID_FUNC
+        from tunefarm.tracker.client import request_session
+
+        if artifact_path not in self._inputs:
+            return None
+        device_type, args_info = self._inputs[artifact_path]
+        held: list[tuple[object, str]] = []
+        try:
+            servers = max(1, self.tracker.servers_for_key(self.key))
+            chosen = None
+            for _ in range(servers):
+                session = request_session(self.tracker_addr, self.key, self.device_wait_sec,
+                                          int(self.timeout_sec) + 60, priority=1)
+                try:
+                    agent_id = str(session.get_function(AGENT_ID_FUNC)())
+                except Exception:  # pylint: disable=broad-except
+                    agent_id = "unknown (not a tunefarm agent)"
+                if agent_id != measured_by and agent_id not in shunned:
+                    chosen = (session, agent_id)
+                    break
+                held.append((session, agent_id))  # keep it busy: the next request goes to another server
+            if chosen is None:  # no other agent: the one that measured it, in a fresh session
+                chosen = next(((sess, a) for sess, a in held if a == measured_by and a not in shunned), None)
+            if chosen is None:
+                return None
+            session, agent_id = chosen
+            cand = _Candidate(artifact_path, device_type, args_info,
+                              f"verify-{uuid.uuid4().hex[:8]}{_suffix(artifact_path)}")
+            return _measure_on(session, session.device(device_type, 0), cand, self.evaluator_config, 1), agent_id
+        except Exception:  # pylint: disable=broad-except
+            return None
+        finally:
+            held.clear()
+
+    def peak_floor_gflops(self) -> float:
+        """The lowest positive peak the key's agents report: agents of one key are one kind of device, and a
+        process that reports a huge peak to lower the floor for itself does not change the minimum."""
+        try:
+            peaks = [float(i.peak_gflops or 0.0) for i in self.tracker.agent_infos(self.key)]
+        except TrackerUnreachable:
+            return 0.0
+        positive = [p for p in peaks if p > 0]
+        return min(positive) if positive else 0.0
 
     def shutdown(self) -> None:
         self.tracker.close()

@@ -64,33 +64,60 @@ class BudgetedSearch(PySearchStrategy):
 
 @derived_object
 class AddMeasuredToDatabase(PyMeasureCallback):
-    """MetaSchedule's AddToDatabase, except for cache hits: a candidate the database already answered is not
-    committed again (stock commits it once more, as an identical line, every time the search proposes it)."""
+    """MetaSchedule's AddToDatabase, except for cache hits (a candidate the database already answered is not
+    committed again; stock commits it once more, as an identical line, every time the search proposes it),
+    and with the job's :class:`~tunefarm.host.tuning.verify.TimingVerifier` deciding what each measured
+    candidate is committed with (below the physical floor or from a flagged agent: failed; a new best: only
+    once measured again). ``committed`` (a list shared with the progress callback, which runs after this
+    one) gets the last batch's committed run seconds (None: failed), cache hits left out."""
+
+    def __init__(self, verifier=None, committed: list | None = None):
+        super().__init__()
+        self.verifier = verifier
+        self.committed = committed if committed is not None else []
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         # pylint: disable=import-outside-toplevel
         import tvm
+        import tvm_ffi
         from tvm.s_tir import meta_schedule as ms
 
+        from tunefarm.host.tuning.jobdir import mean_run_s
+
         database = task_scheduler.database_
+        self.committed.clear()
         if database is None:
             return
         with ms.Profiler.timeit("MeasureCallback/AddToDatabase"):
             ctx = task_scheduler.tasks_[task_id].ctx
             workload = database.commit_workload(ctx.mod)
+            items, cands = [], []
             for cand, built, res in zip(measure_candidates, builder_results, runner_results):
                 if MeasuredCache.is_placeholder(built.artifact_path):
                     continue
-                run_secs = res.run_secs if res.run_secs is not None else [tvm.tirx.FloatImm("float32", 1e10)]
+                secs = [float(x) for x in res.run_secs] if res.run_secs is not None and not res.error_msg else None
+                items.append((str(built.artifact_path), cand.sch.trace, secs))
+                cands.append(cand)
+            if self.verifier is not None and items:
+                top = database.get_top_k(workload, 1)
+                best = mean_run_s(top[0].run_secs) if top else None
+                commit = self.verifier.run_secs_to_commit(str(tvm_ffi.structural_hash(ctx.mod)), ctx.mod, best, items)
+            else:
+                commit = [secs for _, _, secs in items]
+            self.committed.extend(commit)
+            for cand, secs in zip(cands, commit):
+                run_secs = ([tvm.tirx.FloatImm("float32", s) for s in secs] if secs is not None
+                            else [tvm.tirx.FloatImm("float32", 1e10)])
                 database.commit_tuning_record(ms.database.TuningRecord(cand.sch.trace, workload, run_secs,
                                                                        ctx.target, cand.args_info))
 
 
-def measure_callbacks(progress_callback) -> list:
-    """MetaSchedule's default callbacks with AddToDatabase replaced, then the job's progress callback."""
+def measure_callbacks(progress_callback, verifier=None, committed: list | None = None) -> list:
+    """MetaSchedule's default callbacks with AddToDatabase replaced, then the job's progress callback
+    (``committed``: the list through which it reads what the database callback committed)."""
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
-    return [AddMeasuredToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+    return [AddMeasuredToDatabase(verifier, committed), ms.measure_callback.RemoveBuildArtifact(),
             ms.measure_callback.UpdateCostModel(), progress_callback]
 
 

@@ -1,6 +1,7 @@
 """Warm start: a new job's database seeded with the best earlier records of its workloads (same target).
 
-Sources are the other job directories under the logs directory that were tuned for the same target.
+Sources are the other job directories under the logs directory that were tuned for the same target and
+whose last run ended (finished or stopped); only their verified records are taken (tuning/verify.py).
 Workloads shared across models (ResNet-18 and ResNet-50 share layers) are found by structural hash. The
 seeded records become part of the evolutionary search's first population and are never measured again
 (MeasuredCache); they do not count against the new job's trial budget. Choosing the records
@@ -43,8 +44,12 @@ class WarmStart:
 
 def find_warm_start(job_dir: JobDir, logs_dir: str | Path, target: dict, task_keys, top_k: int) -> WarmStart:
     """The best ``top_k`` valid records of each of ``task_keys`` in the other job directories under
-    ``logs_dir`` tuned for ``target``; records with the same trace count once."""
+    ``logs_dir`` tuned for ``target``; records with the same trace count once. Only verified records
+    (measured a second time before they counted: tuning/verify.py) of directories whose last run ended
+    (finished or stopped: not failed, not killed) are taken."""
     import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.tuning.verify import trace_hash  # pylint: disable=import-outside-toplevel
 
     wanted = set(task_keys)
     found: dict[str, list] = {}
@@ -53,8 +58,11 @@ def find_warm_start(job_dir: JobDir, logs_dir: str | Path, target: dict, task_ke
         if other.path.resolve() == job_dir.path.resolve():
             continue
         try:
-            if other.read_state().get("target") != target:
+            if other.read_state().get("target") != target or not other.run_ended():
                 continue
+            verified = other.verified()
+            if not verified:
+                continue  # nothing verified (or tuned before timings were verified): no source
             records = other.open_database().get_all_tuning_records()
         except Exception:  # pylint: disable=broad-except
             continue  # an unreadable or foreign directory is no source
@@ -62,7 +70,7 @@ def find_warm_start(job_dir: JobDir, logs_dir: str | Path, target: dict, task_ke
         for rec in records:
             key = str(tvm_ffi.structural_hash(rec.workload.mod))
             mean = mean_run_s(rec.run_secs)
-            if key not in wanted or mean is None:
+            if key not in wanted or mean is None or trace_hash(rec.trace) not in verified.get(key, ()):
                 continue
             found.setdefault(key, []).append((mean, rec))
             used = True
@@ -82,12 +90,23 @@ def find_warm_start(job_dir: JobDir, logs_dir: str | Path, target: dict, task_ke
     return WarmStart(sources=sources, chosen=chosen)
 
 
-def seed_database(database, warm: WarmStart, task_mods: dict[str, Any]) -> None:
-    """Commit the chosen records into ``database``, each under its workload (``task_mods``: key -> module)."""
+def seed_database(database, warm: WarmStart, task_mods: dict[str, Any], verified_log=None) -> None:
+    """Commit the chosen records into ``database``, each under its workload (``task_mods``: key -> module);
+    ``verified_log``: the new job's verified.jsonl, which notes each seeded record as verified (in its source)."""
+    import json  # pylint: disable=import-outside-toplevel
+
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
+    from tunefarm.host.tuning.verify import trace_hash  # pylint: disable=import-outside-toplevel
+
+    lines = []
     for key, recs in warm.chosen.items():
         workload = database.commit_workload(task_mods[key])
         for rec in recs:
             database.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
                                                                    rec.args_info))
+            lines.append({"workload": key, "trace": trace_hash(rec.trace), "status": "verified",
+                          "run_s": mean_run_s(rec.run_secs), "seeded_from": warm.sources})
+    if verified_log is not None and lines:
+        with open(verified_log, "a") as fh:
+            fh.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
