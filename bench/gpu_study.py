@@ -38,8 +38,9 @@ from bench import common
 
 KEY = "gpu"
 RTOL = ATOL = 1e-3
-PEERS = ("pytorch-eager", "pytorch-eager-strict-fp32", "torch-compile", "tensorrt")
-ORDER = (*PEERS, "tvm-untuned", "tvm-tuned")
+PEERS = ("pytorch-eager", "pytorch-eager-strict-fp32", "pytorch-eager-fp16", "torch-compile",
+         "torch-compile-ro-fp32", "torch-compile-ro-tf32", "torch-compile-ro-fp16", "tensorrt", "tensorrt-fp16")
+ORDER = (*PEERS, "tvm-untuned", "tvm-tuned", "tvm-tuned-cudagraph")
 
 
 def slug(text: str) -> str:
@@ -73,9 +74,11 @@ class Study:
         for res in results:
             row = res.to_dict()
             if res.ok:
-                row["numerics_vs_torch_cpu_fp64"] = compare_outputs(res.outputs, refs["cpu_fp64"], RTOL, ATOL)
+                prec = res.precision or "fp32"
+                row["numerics_vs_torch_cpu_fp64"] = compare_outputs(res.outputs, refs["cpu_fp64"], RTOL, ATOL, prec)
                 if refs.get("gpu_eager") is not None:
-                    row["numerics_vs_torch_gpu_eager"] = compare_outputs(res.outputs, refs["gpu_eager"], RTOL, ATOL)
+                    row["numerics_vs_torch_gpu_eager"] = compare_outputs(res.outputs, refs["gpu_eager"], RTOL, ATOL,
+                                                                         prec)
                 log(f"{res.label}: {res.latency['median_ms']:.3f} ms, {res.precision}, "
                     f"max abs err {number(res.numerics['max_abs_err'])}")
             else:
@@ -92,7 +95,9 @@ class Study:
 # ----------------------------------------------------------------------------- rows
 
 def peer_rows(device: str, skip_torch_compile: bool):
-    """PyTorch (eager as it comes, eager in strict fp32, torch.compile) and TensorRT fp32, on the agent's runners."""
+    """The peers, on the agent's runners: PyTorch eager as it comes (TF32 convs), in strict fp32 and in fp16;
+    torch.compile default; torch.compile ``mode="reduce-overhead"`` (CUDA graphs) with cudnn.benchmark at
+    strict fp32, TF32 and fp16 (the strongest PyTorch a TensorRT user would run); TensorRT fp32 and fp16."""
     from tunefarm.host.comparator import NOT_RUN, Row, result
 
     eager = Row("torch", KEY, label="pytorch-eager", options={"device": device}, rtol=RTOL, atol=ATOL)
@@ -100,24 +105,36 @@ def peer_rows(device: str, skip_torch_compile: bool):
     if device == "cuda":
         rows.append(Row("torch", KEY, label="pytorch-eager-strict-fp32", options={"device": device, "allow_tf32": False},
                         rtol=RTOL, atol=ATOL))
-    compiled = Row("torch-compile", KEY, label="torch-compile", options={"device": device}, rtol=RTOL, atol=ATOL)
-    rows.append(result(compiled, NOT_RUN, "skipped (--skip-torch-compile)") if skip_torch_compile else compiled)
+        rows.append(Row("torch", KEY, label="pytorch-eager-fp16", options={"device": device, "precision": "fp16",
+                                                                           "cudnn_benchmark": True},
+                        rtol=RTOL, atol=ATOL))
+    compiled = [Row("torch-compile", KEY, label="torch-compile", options={"device": device}, rtol=RTOL, atol=ATOL)]
+    if device == "cuda":
+        for label, extra in (("torch-compile-ro-fp32", {"allow_tf32": False}), ("torch-compile-ro-tf32", {"allow_tf32": True}),
+                             ("torch-compile-ro-fp16", {"precision": "fp16"})):
+            compiled.append(Row("torch-compile", KEY, label=label,
+                                options={"device": device, "mode": "reduce-overhead", "cudnn_benchmark": True, **extra},
+                                rtol=RTOL, atol=ATOL))
+    rows += [result(r, NOT_RUN, "skipped (--skip-torch-compile)") if skip_torch_compile else r for r in compiled]
     rows.append(Row("tensorrt", KEY, label="tensorrt", options={"precision": "fp32"}, rtol=RTOL, atol=ATOL))
+    rows.append(Row("tensorrt", KEY, label="tensorrt-fp16", options={"precision": "fp16"}, rtol=RTOL, atol=ATOL))
     return rows
 
 
-def tvm_build_row(name: str, module, target, build_dir: Path, label: str):
-    """``module`` compiled here for ``target`` and exported: a row for the agent's TVM runner."""
-    import tvm
-
+def tvm_build_row(name: str, module, target, build_dir: Path, label: str, precision: str = "fp32",
+                  cuda_graph: bool = False):
+    """``module`` compiled here for ``target`` (``cuda_graph``: Relax's CUDA-graph rewriting) and exported: a
+    row for the agent's TVM runner, of the precision class the pipeline compiled it in."""
     from tunefarm.host.comparator import Row
     from tunefarm.host.tuning.evaluate import device_type_of
+    from tunefarm.host.tuning.pipeline import compile_module
 
     t0 = time.perf_counter()
     lib = build_dir / f"{name}.so"
-    tvm.compile(module, target).export_library(str(lib))
-    return Row(name, KEY, label=name, options={"device": device_type_of(target)}, rtol=RTOL, atol=ATOL,
-               model_file=str(lib), details={"compile_s": round(time.perf_counter() - t0, 1), "build": label})
+    compile_module(module, target, cuda_graph=cuda_graph).export_library(str(lib))
+    return Row(name, KEY, label=name, options={"device": device_type_of(target), "precision": precision},
+               rtol=RTOL, atol=ATOL, model_file=str(lib),
+               details={"compile_s": round(time.perf_counter() - t0, 1), "build": label, "cuda_graph": cuda_graph})
 
 
 def scheduled_kept_by_pipeline(applied, target, scheduled: list[str]) -> dict[str, Any]:
@@ -264,16 +281,31 @@ def pipeline_line(pc: dict[str, Any]) -> str:
     return text + "."
 
 
+PRECISION_RANK = {"fp32": 3, "tf32": 2, "fp16": 1, "bf16": 1}
+
+
 def summary_lines(rows: dict[str, Any]) -> list[str]:
-    med = {n: r["latency"]["median_ms"] for n, r in rows.items() if r.get("status") == "ok"}
-    if "tvm-tuned" not in med:
+    ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
+    med = {n: r["latency"]["median_ms"] for n, r in ok.items()}
+    tvm_rows = [n for n in ("tvm-tuned", "tvm-tuned-cudagraph") if n in med]
+    if not tvm_rows:
         return []
-    out = ["## Summary", ""]
-    for name in ("tvm-untuned", "pytorch-eager", "pytorch-eager-strict-fp32", "torch-compile", "tensorrt"):
-        if name in med:
-            ratio = (f"{med[name] / med['tvm-tuned']:.2f}x faster" if med["tvm-tuned"] < med[name]
-                     else f"{med['tvm-tuned'] / med[name]:.2f}x slower")
-            out.append(f"- tuned TVM vs {name}: {med['tvm-tuned']:.3f} ms vs {med[name]:.3f} ms ({ratio}).")
+    best = min(tvm_rows, key=lambda n: med[n])
+    prec = ok[best].get("precision") or "fp32"
+    out = ["## Summary", "", f"Fastest tuned TVM row: {best} ({prec}), {med[best]:.3f} ms.", ""]
+    for name in [n for n in ORDER if n in med and not n.startswith("tvm-tuned")]:
+        ratio = (f"{med[name] / med[best]:.2f}x faster" if med[best] < med[name]
+                 else f"{med[best] / med[name]:.2f}x slower")
+        out.append(f"- {best} vs {name} ({ok[name].get('precision')}): {med[best]:.3f} ms vs {med[name]:.3f} ms "
+                   f"({ratio}).")
+    # The goal's yardstick: the fastest PyTorch row of the same or a lower precision class than TVM's.
+    peers = [n for n in med if n.startswith(("pytorch", "torch-compile"))
+             and PRECISION_RANK.get(ok[n].get("precision") or "fp32", 3) <= PRECISION_RANK.get(prec, 3)]
+    if peers:
+        fastest = min(peers, key=lambda n: med[n])
+        out.append(f"- against the fastest PyTorch row of the same or lower precision ({fastest}, "
+                   f"{ok[fastest].get('precision')}, {med[fastest]:.3f} ms): **{med[best] / med[fastest]:.2f}x** "
+                   "(goal: at or below 0.9x).")
     return out + [""]
 
 
@@ -292,7 +324,9 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"- Software: TVM {meta.get('tvm')}, tvm-ffi {meta.get('tvm_ffi')}, PyTorch {meta.get('torch')}, "
              f"torchvision {meta.get('torchvision')}, Triton {meta.get('triton', '-')}, xgboost {meta.get('xgboost', '-')}, "
              f"Python {meta.get('python')}.",
-             f"- Model: {meta.get('model')}, random weights (weights=None), input {meta.get('input_shape')}, fp32.",
+             f"- Model: {meta.get('model')}, random weights (weights=None), input {meta.get('input_shape')}; TVM "
+             f"pipeline: {meta.get('pipeline', 'fp32')}. Numerics: fp32 rows allclose 1e-3 against PyTorch CPU fp32; "
+             "TF32 and fp16 rows relative L2 <= 1e-2 and top-1 agreement.",
              f"- Farm: `tunefarm tracker` + one `tunefarm agent --key {KEY} --target {meta.get('agent_target_arg', '?')}` "
              f"on loopback ({meta.get('agent_target_why', '')}); target `{meta.get('target', '?')}`.", ""]
     lines += ["## Latency and numerics", "",
@@ -320,6 +354,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         if row["status"] == "ok" and det.get("compile_s") is not None:
             where = "on the host" if name.startswith("tvm") else "on the agent (first calls)"
             lines.append(f"- {name}: compile time {det['compile_s']} s {where}.")
+        if row["status"] == "ok" and (det.get("cuda_graphs") or det.get("cuda_graph")):
+            lines.append(f"- {name}: CUDA graphs on.")
         if det.get("tf32_allowed"):
             lines.append(f"- {name}: TF32 allowed {json.dumps(det['tf32_allowed'])} (TF32 convolutions are cuDNN's "
                          "default; the strict row turns TF32 off).")
@@ -403,6 +439,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=120.0,
                         help="per row: a slower row gets fewer samples (never under 5)")
     parser.add_argument("--skip-torch-compile", action="store_true")
+    parser.add_argument("--peers", default="", help="comma-separated peer rows to run (default: all of "
+                        + ", ".join(PEERS) + ")")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="the job's tuning.precision (fp16: ToMixedPrecision, the tensor-core space on CUDA)")
+    parser.add_argument("--fold-batchnorm", choices=("on", "off"), default="on",
+                        help="the job's tuning.fold_batchnorm (the fp16 tensor-core probe measured it off)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="do not also time the tuned build compiled with Relax's CUDA-graph rewriting")
     parser.add_argument("--skip-tuning", action="store_true", help="evaluate what the job's database holds")
     parser.add_argument("--cpu", action="store_true", help="dry run on the CPU (no GPU needed)")
     parser.add_argument("--out", default=str(common.RESULTS))
@@ -432,7 +476,7 @@ def main(argv=None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
     name_slug = slug(meta["gpu_name"]) if device == "cuda" else "cpu-" + slug(meta["cpu"])
-    stem = Path(args.out) / (f"gpu-{name_slug}" if device == "cuda" else name_slug)
+    stem = Path(args.out) / (f"{'gpu-' if device == 'cuda' else ''}{name_slug}-{slug(args.model)}-{args.precision}")
     shape = [int(d) for d in args.input_shape.split(",")]
     source, _, mname = args.model.rpartition(":")
     spec = ModelSpec(source or "torchvision", mname, None, shape)
@@ -462,18 +506,24 @@ def main(argv=None) -> int:
 
         model = load_model(spec)
         job = job_from_dict({
-            "name": f"{slug(mname)}-{device}", "model": {"source": spec.source, "name": mname, "input_shape": shape},
+            "name": f"{slug(mname)}-{device}" + ("" if args.precision == "fp32" else f"-{args.precision}"), "model": {"source": spec.source, "name": mname, "input_shape": shape},
             "device": {"key": KEY, "tracker": farm.addr}, "target": "from-agent",
             "tuning": {"max_trials_global": 1, "max_trials_per_task": args.trials_per_task,
                        "num_trials_per_iter": args.per_iter, "cost_model": "xgb",
-                       "population_size": args.population, "seed": 0},
+                       "population_size": args.population, "seed": 0, "precision": args.precision,
+                       "fold_batchnorm": args.fold_batchnorm == "on"},
             "builder": {"workers": 0, "timeout_sec": args.builder_timeout_s},
             "runner": {"timeout_sec": 60.0, "number": 3, "repeat": 1, "min_repeat_ms": 50, "device_wait_sec": 120.0},
             "evaluate": {"warmup": args.warmup, "repeat": args.samples, "baselines": []}})
         target = resolve_job_target(job, farm.client)
         meta["target"] = json.dumps(target_to_json(target))
         t0 = time.perf_counter()
-        mod = fuse_for_tuning(to_relax(model), target)
+        from tunefarm.host.tuning.pipeline import resolve_pipeline
+
+        # what the job's plan resolves too
+        pipeline = resolve_pipeline(target, fold_batchnorm=args.fold_batchnorm == "on", precision=args.precision)
+        meta["pipeline"] = pipeline.describe()
+        mod = fuse_for_tuning(to_relax(model), target, pipeline)
         import tvm_ffi
         from tvm.s_tir import meta_schedule as ms
 
@@ -503,16 +553,20 @@ def main(argv=None) -> int:
         build_dir = work_dir / "builds"
         build_dir.mkdir(exist_ok=True)
 
-        def tvm_row(name: str, module, label: str):
+        def tvm_row(name: str, module, label: str, cuda_graph: bool = False):
             try:
-                return tvm_build_row(name, module, target, build_dir, label)
+                return tvm_build_row(name, module, target, build_dir, label, pipeline.precision, cuda_graph)
             except Exception as err:  # pylint: disable=broad-except
                 traceback.print_exc()
                 return result(Row(name, KEY, label=name), FAILED, f"the TVM build failed: {str(err).strip()[-300:]}")
 
         untuned = tvm_row("tvm-untuned", mod, "untuned (tvm.compile: default GPU schedules)" if device == "cuda"
                           else "untuned (tvm.compile)")
-        first = comparator.run_and_compare(art, [*peer_rows(device, args.skip_torch_compile), untuned])
+        peers = peer_rows(device, args.skip_torch_compile)
+        if args.peers:
+            wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
+            peers = [r for r in peers if r.label in wanted]
+        first = comparator.run_and_compare(art, [*peers, untuned])
         eager = first[0]
         refs["gpu_eager"] = eager.outputs if device == "cuda" and eager.ok else None
         study.rows(first, refs)
@@ -531,9 +585,11 @@ def main(argv=None) -> int:
                                    "pipeline_check": scheduled_kept_by_pipeline(applied, target, scheduled)}
         study.save()
         log(f"tuned schedules: {len(scheduled)}/{len(scheduled) + len(unscheduled)} TIR functions")
-        tuned = tvm_row("tvm-tuned", applied, f"tuned ({len(scheduled)}/{len(scheduled) + len(unscheduled)} "
-                                              "functions scheduled)")
-        study.rows(comparator.run_and_compare(art, [tuned]), refs)
+        label = f"tuned ({len(scheduled)}/{len(scheduled) + len(unscheduled)} functions scheduled)"
+        tuned_rows = [tvm_row("tvm-tuned", applied, label)]
+        if device == "cuda" and not args.no_cuda_graph:
+            tuned_rows.append(tvm_row("tvm-tuned-cudagraph", applied, label + ", CUDA graphs", cuda_graph=True))
+        study.rows(comparator.run_and_compare(art, tuned_rows), refs)
 
         rows = study.data["rows"]
         ran = {name: row for name, row in rows.items() if row["status"] == "ok"}

@@ -75,3 +75,19 @@ def test_method_text_states_counts_budget_timers_threads_and_precision():
     assert f"never under {MIN_SAMPLES}" in text
     assert all(desc in text for desc in TIMERS.values())
     assert "runtime.NumThreads" in text and "fp32" in text and "\n" not in text
+
+
+def test_reduced_precision_rows_are_checked_by_relative_l2_and_top1():
+    from tunefarm.core.stats import REDUCED_REL_L2
+
+    want = [np.array([[0.1, 2.0, -1.0], [3.0, 0.5, 0.2]])]
+    close = [want[0] * (1 + REDUCED_REL_L2 / 4)]  # fp16-like error: not allclose at 1e-3, well within L2
+    assert not compare_outputs(close, want, rtol=1e-3, atol=1e-3)["ok"]
+    num = compare_outputs(close, want, rtol=1e-3, atol=1e-3, precision="fp16")
+    assert num["ok"] and num["top1_agreement"] == 1.0 and "relative L2" in num["check"]
+    swapped = [np.array([[0.1, 2.0, 2.01], [3.0, 0.5, 0.2]])]  # the first sample's class changes
+    bad = compare_outputs(swapped, want, rtol=1e-3, atol=1e-3, precision="fp16")
+    assert not bad["ok"] and bad["top1_agreement"] == 0.5
+    far = [want[0] * 1.1]
+    assert not compare_outputs(far, want, rtol=1e-3, atol=1e-3, precision="tf32")["ok"]
+    assert compare_outputs(want, want, 1e-3, 1e-3)["check"] == "allclose(rtol=0.001, atol=0.001)"

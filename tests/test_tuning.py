@@ -134,9 +134,9 @@ def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
 
 
 def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
-    """The CPU default pipeline on a ResNet block: BatchNorm folded into the conv (no BatchNorm arithmetic left
-    in any task), each kernel's weights prepacked at compile time, numerics checked; a resumed run keeps the
-    pipeline its directory was tuned with and refuses a job file that asks for another."""
+    """Both layout options on a ResNet block: BatchNorm folded into the conv (no BatchNorm arithmetic left in any
+    task), each kernel's weights prepacked at compile time, numerics checked; a resumed run keeps the pipeline
+    its directory was tuned with and refuses a job file that asks for another."""
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.host.tuning.jobdir import JobDir
@@ -144,12 +144,12 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
 
     logs = tmp_path / "logs"
     job = write_job(tmp_path / "job.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
-                    trials=8, per_iter=4, evaluate={"baselines": []})
+                    trials=8, per_iter=4, evaluate={"baselines": []}, tuning={"weight_prepack": True})
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
     assert code == 0, out
     report = json.loads((logs / "block" / "report.json").read_text())
     assert report["ok"], report["problems"]
-    assert report["tuning"]["pipeline"] == {"fold_batchnorm": True, "weight_prepack": True}
+    assert report["tuning"]["pipeline"] == {"fold_batchnorm": True, "weight_prepack": True, "precision": "fp32"}
     names = [t["task"] for t in report["tasks"]]
     assert len(names) == 2 and all("conv2d" in n and "divide" not in n and "subtract" not in n for n in names), names
     assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] == 2
@@ -168,7 +168,8 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
 
     # Resume: the directory's pipeline wins; a job file that asks for another one is refused in one line.
     other = write_job(tmp_path / "job2.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
-                      trials=12, per_iter=4, evaluate={"baselines": []}, tuning={"fold_batchnorm": False})
+                      trials=12, per_iter=4, evaluate={"baselines": []},
+                      tuning={"fold_batchnorm": False, "weight_prepack": True})
     code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
     assert code != 0 and "was tuned with tuning.fold_batchnorm: true" in out, out
 

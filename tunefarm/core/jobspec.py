@@ -73,6 +73,7 @@ class TuningSpec:
     # The graph pipeline (tunefarm.host.tuning.pipeline); None: the default for the target's kind.
     fold_batchnorm: bool | None = None  # fold inference BatchNorm into the conv weights before tuning
     weight_prepack: bool | None = None  # CPU: let each kernel pick a packed weight layout (layout rewrite)
+    precision: str = "fp32"  # fp32 | fp16 (ToMixedPrecision; on CUDA the tensor-core space)
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ class EvaluateSpec:
     atol: float = 1e-3
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["torch", "onnxruntime"])
     require_speedup: bool = True  # fail the job when the tuned build is not faster than untuned
+    cuda_graph: bool = False  # CUDA targets: compile the TVM builds with Relax's CUDA-graph rewriting
 
 
 @dataclasses.dataclass
@@ -206,6 +208,8 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     for option in ("fold_batchnorm", "weight_prepack"):
         if getattr(tuning, option) is not None and not isinstance(getattr(tuning, option), bool):
             raise TunefarmError(f"{where}: tuning.{option} must be true or false (got {getattr(tuning, option)!r})")
+    if tuning.precision not in ("fp32", "fp16"):
+        raise TunefarmError(f"{where}: tuning.precision must be fp32 or fp16 (got {tuning.precision!r})")
     if tuning.cost_model not in ("xgb", "random"):
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb or random (got {tuning.cost_model!r})")
     target = data.get("target", "from-agent")

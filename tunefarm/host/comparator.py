@@ -156,7 +156,7 @@ def compare_results(results: list[RowResult], reference: list[np.ndarray]) -> li
     """Set the numerics of every row that ran (its outputs against ``reference``, its own tolerances)."""
     for res in results:
         if res.ok and res.outputs is not None:
-            res.numerics = compare_outputs(res.outputs, reference, res.rtol, res.atol)
+            res.numerics = compare_outputs(res.outputs, reference, res.rtol, res.atol, res.precision or "fp32")
     return results
 
 

@@ -11,7 +11,10 @@ The model arrives in one of two files, neither of which holds Python code to unp
 calls and is reported apart from the timed runs.
 Options: ``device`` (``cpu`` | ``cuda``), ``threads`` (CPU intra-op threads; default: the agent's threads),
 ``allow_tf32`` (CUDA: let cuDNN convolutions and matmuls use TF32; default: PyTorch's own, which allows it
-for cuDNN). The precision class reported is ``tf32`` when TF32 is allowed on a GPU, else ``fp32``.
+for cuDNN), ``precision`` (``fp16``: the module and its inputs in half precision, outputs back in fp32;
+CUDA only), ``cudnn_benchmark`` (CUDA: let cuDNN pick its fastest algorithms), ``mode`` (torch.compile's
+mode; ``reduce-overhead`` records CUDA graphs). The precision class reported is ``fp16`` for a half module,
+``tf32`` when TF32 is allowed on a GPU, else ``fp32``; ``cuda_graphs`` says whether CUDA graphs replay it.
 """
 from __future__ import annotations
 
@@ -53,6 +56,13 @@ class TorchRunner(BaseRunner):
         device = str(options.get("device", "cpu"))
         if device not in ("cpu", "cuda"):
             return f"unknown device {device!r} for the PyTorch runner (cpu or cuda)"
+        if str(options.get("precision", "fp32")) not in ("fp32", "fp16"):
+            return f"unknown precision {options.get('precision')!r} for the PyTorch runner (fp32 or fp16)"
+        if str(options.get("precision", "fp32")) == "fp16" and device != "cuda":
+            return "precision fp16 is for the PyTorch runner on a CUDA GPU"
+        if str(options.get("mode", "default")) not in ("default", "reduce-overhead", "max-autotune",
+                                                       "max-autotune-no-cudagraphs"):
+            return f"unknown torch.compile mode {options.get('mode')!r}"
         if device == "cuda" and cuda_device_count() == 0:
             return "no CUDA GPU on this device"
         return None
@@ -74,13 +84,20 @@ class TorchRunner(BaseRunner):
             allow = bool(self.options["allow_tf32"])
             torch.backends.cudnn.allow_tf32 = allow
             torch.backends.cuda.matmul.allow_tf32 = allow
+        if self.device.type == "cuda" and "cudnn_benchmark" in self.options:
+            torch.backends.cudnn.benchmark = bool(self.options["cudnn_benchmark"])
+        self.half = str(self.options.get("precision", "fp32")) == "fp16"
+        self.mode = str(self.options.get("mode", "default"))
         if str(self.model_path).endswith(".pt2"):
             module = torch.export.load(self.model_path).module()
             self.form = "torch.export graph module"
         else:
             module = self._torchvision_module(torch)
         self.module = module.to(self.device)
-        self.fn = torch.compile(self.module) if self.compiled else self.module
+        if self.half:
+            self.module = self.module.half()
+        self.fn = (torch.compile(self.module, mode=None if self.mode == "default" else self.mode) if self.compiled
+                   else self.module)
         self.compile_s = None
 
     def _torchvision_module(self, torch):
@@ -104,10 +121,14 @@ class TorchRunner(BaseRunner):
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            xs = [torch.from_numpy(x).to(self.device) for x in feed.values()]
+            xs = [self._input(torch.from_numpy(x)) for x in feed.values()]
             out = self.fn(*xs)
         outs = out if isinstance(out, (tuple, list)) else [out]
-        return [o.detach().cpu().numpy() for o in outs]
+        return [o.detach().float().cpu().numpy() for o in outs]
+
+    def _input(self, tensor):
+        tensor = tensor.to(self.device)
+        return tensor.half() if self.half and tensor.is_floating_point() else tensor
 
     def first_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         t0 = time.perf_counter()
@@ -119,7 +140,7 @@ class TorchRunner(BaseRunner):
     def measure(self, feed, warmup, repeat):
         # Inputs stay on the device for the timed runs: the figure is the model, as for TVM's time_evaluator.
         torch = self.torch
-        xs = [torch.from_numpy(x).to(self.device) for x in feed.values()]
+        xs = [self._input(torch.from_numpy(x)) for x in feed.values()]
 
         def run():
             with torch.inference_mode():
@@ -145,12 +166,15 @@ class TorchRunner(BaseRunner):
             tf32 = {"cudnn": bool(torch.backends.cudnn.allow_tf32),
                     "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
             info["tf32_allowed"] = tf32
-            info["precision"] = "tf32" if any(tf32.values()) else "fp32"
+            info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+            info["precision"] = "fp16" if self.half else "tf32" if any(tf32.values()) else "fp32"
+            info["cuda_graphs"] = bool(self.compiled and self.mode in ("reduce-overhead", "max-autotune"))
         else:
             info["threads"] = torch.get_num_threads()
             info["precision"] = "fp32"
         if self.compiled:
             info["compile_s"] = None if self.compile_s is None else round(self.compile_s, 3)
+            info["compile_mode"] = self.mode
         return info
 
 

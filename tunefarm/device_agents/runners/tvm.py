@@ -32,6 +32,8 @@ class TVMRunner(BaseRunner):
     @classmethod
     def unavailable_reason(cls, options=None):
         options = options or {}
+        if str(options.get("precision", "fp32")) not in ("fp32", "fp16", "bf16", "tf32"):
+            return f"unknown precision {options.get('precision')!r} for a TVM build (fp32, fp16, bf16 or tf32)"
         device = str(options.get("device", "cpu"))
         if device not in DEVICES:
             return f"unknown device {device!r} for the TVM runner ({', '.join(DEVICES)})"
@@ -81,8 +83,9 @@ class TVMRunner(BaseRunner):
     def describe(self) -> dict[str, Any]:
         import tvm_ffi  # pylint: disable=import-outside-toplevel
 
-        # The host compiles fp32 modules (the farm runs no mixed-precision pass), so the class is fp32.
-        info: dict[str, Any] = {"version": str(self.tvm.__version__), "device": str(self.dev), "precision": "fp32"}
+        # The host compiled the module; the class it compiled it in comes with the row (a job's tuning.precision).
+        info: dict[str, Any] = {"version": str(self.tvm.__version__), "device": str(self.dev),
+                                "precision": str(self.options.get("precision", "fp32"))}
         if self.device_type == "cpu":
             info["threads"] = int(tvm_ffi.get_global_func("runtime.NumThreads")())
         return info

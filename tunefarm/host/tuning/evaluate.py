@@ -36,12 +36,13 @@ def device_type_of(target) -> str:
     return "cpu" if kind in ("llvm", "c") else kind
 
 
-def evaluation_rows(job, libs: dict[str, str], device_type: str) -> list[Row]:
-    """The rows of a job's evaluation: both TVM builds (``libs``: backend -> exported library), then the
-    job's baselines, all on the job's key with its tolerances."""
+def evaluation_rows(job, libs: dict[str, str], device_type: str, precision: str = "fp32") -> list[Row]:
+    """The rows of a job's evaluation: both TVM builds (``libs``: backend -> exported library; ``precision``:
+    the class the job's pipeline compiles them in), then the job's baselines, all on the job's key with its
+    tolerances."""
     ev = job.evaluate
-    rows = [Row(name, job.device.key, label=name, options={"device": device_type}, rtol=ev.rtol, atol=ev.atol,
-                model_file=libs[name]) for name in TVM_ROWS]
+    rows = [Row(name, job.device.key, label=name, options={"device": device_type, "precision": precision},
+                rtol=ev.rtol, atol=ev.atol, model_file=libs[name]) for name in TVM_ROWS]
     return rows + [Row(base, job.device.key, label=base, rtol=ev.rtol, atol=ev.atol) for base in ev.baselines]
 
 
@@ -55,10 +56,7 @@ def report_row(res: RowResult) -> dict[str, Any]:
 
 def evaluate_job(tuned, console) -> dict[str, Any]:
     """Compile, run, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
-    # pylint: disable=import-outside-toplevel
-    import tvm
-
-    from tunefarm.host.reports.tuning import write_report
+    from tunefarm.host.reports.tuning import write_report  # pylint: disable=import-outside-toplevel
 
     job, target, mod, database = tuned.job, tuned.target, tuned.mod, tuned.database
     ev = job.evaluate
@@ -69,8 +67,10 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
     with console.status("compiling the tuned and the untuned builds"):
         applied, scheduled, unscheduled = apply_database(mod, target, database)
         libs = {}
+        from tunefarm.host.tuning.pipeline import compile_module  # pylint: disable=import-outside-toplevel
+
         for name, module in (("tvm-tuned", applied), ("tvm-untuned", mod)):
-            ex = tvm.compile(module, target)
+            ex = compile_module(module, target, cuda_graph=ev.cuda_graph)
             libs[name] = str(build_dir / f"{name}.so")
             ex.export_library(libs[name])
     artifacts = ModelArtifacts(model, job.model, build_dir, console)
@@ -80,7 +80,8 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
                         on_wait=lambda _key, waited, limit: on_wait(waited, limit))
     try:
         comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, EVAL_BUDGET_S), console)
-        results = comparator.run_and_compare(artifacts, evaluation_rows(job, libs, device_type_of(target)))
+        results = comparator.run_and_compare(artifacts, evaluation_rows(job, libs, device_type_of(target),
+                                                                        tuned.plan.pipeline.precision))
     finally:
         agents.close()
     for res in results:

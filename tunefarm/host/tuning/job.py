@@ -171,8 +171,10 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     cached = cache.load_database(database)
     counter = TrialCounter(budget, [t.key for t in plan.tasks])
     search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
+    space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed)
+        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
+        **({"space": space} if space is not None else {}))
     progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
                            budget.measured_before + budget.remaining, console,
                            {t.index: t.best_s for t in plan.tasks if t.best_s is not None},

@@ -14,7 +14,15 @@ tuned with, in ``job_state.json``, and every later step reads it from there):
   ``SplitLayoutRewritePreproc`` + ``LiftTransformParams`` + ``FoldConstant`` pack the weights once, at
   compile time (the farm binds weights as constants, so there is no ``transform_params`` call at run time).
 
-The defaults are the measured winner on CPU (bench/results/layouts-*.md). A job directory from before
+A third, ``precision`` (``fp32`` | ``fp16``), runs ``relax.transform.ToMixedPrecision(out_dtype="float16")``
+after DecomposeOpsForInference: convs and matmuls take fp16 inputs and accumulate in fp16 (the measured path
+on which MetaSchedule's tensor-core space builds: bench/results/gpu_fp16_probe-nvidia-h200.md; with fp32
+accumulation the fused cast epilogue made 28-32 of 32 tensor-core candidates fail to build). On a CUDA target
+an fp16 job tunes in the ``cuda-tensorcore`` space (:meth:`Pipeline.space`). Its rows are checked as a
+reduced precision (relative L2 error and top-1 agreement against the fp32 reference: core/stats.py).
+
+The defaults are the measured winner on CPU (bench/results/layouts-*.md): BatchNorm folded, weights not
+prepacked. A job directory from before
 these options has no ``pipeline`` in its state: it was tuned with both off (:data:`LEGACY`).
 """
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 class Pipeline:
     fold_batchnorm: bool = False
     weight_prepack: bool = False
+    precision: str = "fp32"  # fp32 | fp16
 
     def to_json(self) -> dict[str, bool]:
         return dataclasses.asdict(self)
@@ -36,12 +45,25 @@ class Pipeline:
         """A job directory's recorded pipeline; LEGACY when it has none (tuned before the options existed)."""
         if not isinstance(data, dict):
             return LEGACY
-        return cls(fold_batchnorm=data.get("fold_batchnorm") is True, weight_prepack=data.get("weight_prepack") is True)
+        return cls(fold_batchnorm=data.get("fold_batchnorm") is True, weight_prepack=data.get("weight_prepack") is True,
+                   precision="fp16" if data.get("precision") == "fp16" else "fp32")
 
     def describe(self) -> str:
         parts = [("BatchNorm folded into conv weights" if self.fold_batchnorm else "BatchNorm kept"),
-                 ("weights prepacked (layout rewrite)" if self.weight_prepack else "weights in the model's layout")]
+                 ("weights prepacked (layout rewrite)" if self.weight_prepack else "weights in the model's layout"),
+                 ("fp16 (ToMixedPrecision, fp16 accumulation)" if self.precision == "fp16" else "fp32")]
         return ", ".join(parts)
+
+    def space(self, target):
+        """The MetaSchedule design space for ``target``: the tensor-core rules for an fp16 job on CUDA (their
+        intrinsics registered here), else the target's default (None)."""
+        if self.precision != "fp16" or target.kind.name != "cuda":
+            return None
+        import tvm.s_tir.tensor_intrin  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+        from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+        kind = "cuda-tensorcore"
+        return ms.space_generator.PostOrderApply(sch_rules=kind, postprocs=kind, mutator_probs=kind)
 
     def fuse(self, mod, target):
         """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
@@ -52,6 +74,8 @@ class Pipeline:
                 mod = relax.transform.FoldBatchnormToConv2D()(mod)
                 mod = relax.transform.FoldConstant()(mod)
             mod = relax.transform.DecomposeOpsForInference()(mod)
+            if self.precision == "fp16":
+                mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
             if self.weight_prepack:
                 mod = relax.transform.CanonicalizeBindings()(mod)
             mod = relax.pipeline.zero_pipeline()(mod)
@@ -60,15 +84,20 @@ class Pipeline:
         return mod
 
 LEGACY = Pipeline(fold_batchnorm=False, weight_prepack=False)
-DEFAULT_CPU = Pipeline(fold_batchnorm=True, weight_prepack=True)
-DEFAULT_OTHER = Pipeline(fold_batchnorm=True, weight_prepack=False)
+# Measured (bench/results/layouts-resnet18-vm-2c.md, ResNet-18, 480 trials each, one 2-core run): legacy 30.41 ms,
+# fold 27.50 ms, fold+prepack 27.90 ms with 32% more tuning wall time (its candidates build slower). Folding wins;
+# prepacking stays an option until a longer budget shows it paying for itself.
+DEFAULT_CPU = Pipeline(fold_batchnorm=True, weight_prepack=False)
+# Not measured on a GPU yet (the H200 results were tuned without folding): other targets keep the earlier pipeline.
+DEFAULT_OTHER = Pipeline(fold_batchnorm=False, weight_prepack=False)
 
 
 def is_cpu_target(target) -> bool:
     return target.kind.name in ("llvm", "c")
 
 
-def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack: bool | None = None) -> Pipeline:
+def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack: bool | None = None,
+                     precision: str | None = None) -> Pipeline:
     """The pipeline of a new tuning run: the job's options where set, else the default for the target's kind.
     Weight prepacking is a CPU layout rewrite; asked for on another target it is refused with a one-line error."""
     from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
@@ -78,7 +107,8 @@ def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack:
         raise TunefarmError(f"tuning.weight_prepack is a CPU option (layout rewrite of llvm kernels); the target "
                             f"is '{target.kind.name}'")
     return Pipeline(fold_batchnorm=default.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
-                    weight_prepack=default.weight_prepack if weight_prepack is None else weight_prepack)
+                    weight_prepack=default.weight_prepack if weight_prepack is None else weight_prepack,
+                    precision=precision or "fp32")
 
 
 def apply_records(mod, target, database):
@@ -116,3 +146,14 @@ def apply_records(mod, target, database):
 def job_dir_pipeline(state: dict[str, Any]) -> Pipeline:
     """The pipeline a job directory was tuned with (its ``job_state.json``)."""
     return Pipeline.from_json(state.get("pipeline"))
+
+
+def compile_module(mod, target, cuda_graph: bool = False):
+    """``tvm.compile`` of a module the records were applied to; ``cuda_graph`` (CUDA targets): Relax's
+    CUDA-graph rewriting (``relax.backend.use_cuda_graph``), which captures the static parts of the model
+    once and replays them. Returns the executable."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    config = {"relax.backend.use_cuda_graph": True} if cuda_graph and target.kind.name == "cuda" else {}
+    with tvm.transform.PassContext(opt_level=3, config=config):
+        return tvm.compile(mod, target)

@@ -1,0 +1,66 @@
+"""The graph pipeline's options (tunefarm.host.tuning.pipeline) on real TVM, without tuning: what each does to
+the tuned module, and that the untuned builds still compute the model."""
+from __future__ import annotations
+
+import pytest
+
+from tunefarm.core.errors import TunefarmError
+from tunefarm.core.jobspec import ModelSpec, job_from_dict
+
+TARGET = {"kind": "llvm", "num-cores": 2}
+
+
+def _build(name: str, pipeline):
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.pipeline import apply_records
+
+    model = load_model(ModelSpec("builtin", name))
+    target = tvm.target.Target(TARGET)
+    fused = pipeline.fuse(to_relax(model), target)
+    tasks = [t.task_name for t in ms.relax_integration.extract_tasks(fused, target)]
+    applied, _, _ = apply_records(fused, target, ms.database.MemoryDatabase())
+    vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x) for x in model.inputs]).numpy()
+    return model, fused, tasks, out
+
+
+def test_fp16_converts_the_model_and_is_checked_as_a_reduced_precision():
+    import numpy as np
+
+    from tunefarm.core.stats import compare_outputs
+    from tunefarm.host.tuning.pipeline import Pipeline
+
+    model, fused, tasks, out = _build("convnet", Pipeline(fold_batchnorm=True, precision="fp16"))
+    assert out.dtype == np.float32  # the model's output keeps its dtype: the cast back is part of the module
+    text = fused.script()
+    assert 'dtype="float16"' in text and any("cast" in t for t in tasks), tasks
+    num = compare_outputs([out], model.reference_outputs(), 1e-3, 1e-3, "fp16")
+    assert num["ok"] and num["check"].startswith("fp16: relative L2") and num["rel_l2_err"] > 0, num
+    _, _, fp32_tasks, fp32_out = _build("convnet", Pipeline(fold_batchnorm=True))
+    assert not any("cast" in t for t in fp32_tasks)
+    assert compare_outputs([fp32_out], model.reference_outputs(), 1e-5, 1e-5)["ok"]
+
+
+def test_folding_batchnorm_removes_it_from_every_task():
+    from tunefarm.core.stats import compare_outputs
+    from tunefarm.host.tuning.pipeline import Pipeline
+
+    model, _, kept, _ = _build("resblock", Pipeline())
+    assert any("divide" in t for t in kept), kept  # BatchNorm's arithmetic in the conv epilogue
+    model, _, folded, out = _build("resblock", Pipeline(fold_batchnorm=True))
+    assert folded and not any("divide" in t or "subtract" in t for t in folded), folded
+    assert compare_outputs([out], model.reference_outputs(), 1e-4, 1e-4)["ok"]
+
+
+@pytest.mark.parametrize("value, message", [("fp8", "tuning.precision must be fp32 or fp16"),
+                                            ("FP16", "tuning.precision must be fp32 or fp16")])
+def test_precision_option_parses(value, message):
+    base = {"name": "p", "model": {"source": "builtin", "name": "convnet"}, "device": {"key": "cpu"}}
+    assert job_from_dict(base).tuning.precision == "fp32"
+    assert job_from_dict({**base, "tuning": {"precision": "fp16"}}).tuning.precision == "fp16"
+    with pytest.raises(TunefarmError, match=message):
+        job_from_dict({**base, "tuning": {"precision": value}})
