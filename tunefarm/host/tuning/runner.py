@@ -38,6 +38,7 @@ from tvm.s_tir.meta_schedule.runner.runner import PyRunner, PyRunnerFuture
 from tunefarm.core.errors import TrackerUnreachable
 
 _WATCH_INTERVAL_S = 0.1
+REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for a session
 
 
 class _Candidate:
@@ -329,10 +330,13 @@ class FarmRunner(PyRunner):
         device_type, args_info = self._inputs[artifact_path]
         held: list[tuple[object, str]] = []
         try:
-            servers = max(1, self.tracker.servers_for_key(self.key))
+            servers = self.tracker.servers_for_key(self.key)
+            if servers == 0:
+                return None  # no agent now: the next batch waits for one, visibly; this one is not verified
             chosen = None
             for _ in range(servers):
-                session = request_session(self.tracker_addr, self.key, self.device_wait_sec,
+                # A short wait: the key's agents are free between batches; one that is gone is not waited for.
+                session = request_session(self.tracker_addr, self.key, min(self.device_wait_sec, REMEASURE_WAIT_S),
                                           int(self.timeout_sec) + 60, priority=1)
                 try:
                     agent_id = str(session.get_function(AGENT_ID_FUNC)())
