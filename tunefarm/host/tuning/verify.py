@@ -34,7 +34,6 @@ from typing import Any
 FLOOR_MARGIN = 4.0
 AGREE_FACTOR = 1.5  # two agents of one key (the same kind of device) agree within this factor
 STRIKES_TO_FLAG = 3
-FAILED_RUN_S = 1e10  # MetaSchedule's marker of a failed run
 
 
 def trace_hash(trace) -> str:
@@ -93,7 +92,7 @@ class TimingVerifier:
                 self.counts["from_flagged"] += 1
                 out.append(None)
                 continue
-            floor = self._floor_s(agent, flops)
+            floor = self._floor_s(flops)
             if floor is not None and _mean(secs) < floor:
                 self.counts["below_floor"] += 1
                 self._strike(agent, f"{_mean(secs) * 1e6:.3g} us for {flops / 1e6:.3g} MFLOP is faster than its "
@@ -116,7 +115,7 @@ class TimingVerifier:
                 best_s = _mean(committed) if best_s is None else min(best_s, _mean(committed))
         return out
 
-    def _floor_s(self, agent: str, flops: float) -> float | None:  # pylint: disable=unused-argument
+    def _floor_s(self, flops: float) -> float | None:
         if self._peak is None:
             self._peak = self.runner.peak_floor_gflops()
         peak = self._peak
