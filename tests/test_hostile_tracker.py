@@ -72,9 +72,12 @@ GOOD_INFO = {"key": "k", "agent_id": "h:1", "target": {"kind": "llvm"}, "cuda": 
 
 def test_device_info_from_the_network_is_checked():
     assert DeviceInfo.from_json(GOOD_INFO).agent_id == "h:1"
+    assert DeviceInfo.from_json({**GOOD_INFO, "peak_gflops": 250}).peak_gflops == 250.0  # JSON ints are numbers
     for bad in ({"cuda": "abc"}, {"target": 7}, {"num_cores": "2"}, {"num_cores": True}, {"runners": [1]},
                 {"cuda": [1]}, {"hostname": "x" * 5000}, {"opencl": {"a": [[[[[[[[1]]]]]]]]}},
-                {"threads": 10 ** 9}, {"runners": ["r"] * 1000}):
+                {"threads": 10 ** 9}, {"runners": ["r"] * 1000}, {"peak_gflops": "fast"},
+                {"peak_gflops": True}, {"peak_gflops": float("nan")}, {"peak_gflops": float("inf")},
+                {"peak_gflops": -1.0}, {"peak_gflops": 1e12}):
         with pytest.raises(ValueError, match="DeviceInfo"):
             DeviceInfo.from_json({**GOOD_INFO, **bad})
     with pytest.raises(ValueError):
