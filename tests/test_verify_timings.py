@@ -94,3 +94,16 @@ def test_a_rogue_with_the_farm_key_cannot_fake_timings(tmp_path):
         for proc in (rogue, honest, tracker):
             if proc is not None:
                 stop_process(proc)
+
+
+def test_two_measurements_are_judged_by_the_slower_and_only_a_lie_is_a_strike():
+    """The verdict on a record measured twice (what the farm did to an honest agent on CI: 17.8 us against
+    34.1 us, both agents sharing two loaded cores, was a strike; three of them flagged it)."""
+    from tunefarm.host.tuning.verify import STRIKE_MIN_GAP_S, judge
+
+    assert judge(20e-6, 25e-6) == (25e-6, "verified")
+    assert judge(25e-6, 20e-6) == (25e-6, "verified")  # the second faster: still the slower one counts
+    assert judge(17.8e-6, 34.1e-6) == (34.1e-6, "disputed")  # honest noise on shared cores: no strike
+    assert judge(1e-9, 300e-6) == (300e-6, "strike")  # the rogue's 1 ns against a real conv
+    # Far apart in ratio but not in time (a tiny kernel near the timer's resolution): disputed, no strike.
+    assert judge(1e-9, STRIKE_MIN_GAP_S / 2) == (STRIKE_MIN_GAP_S / 2, "disputed")
