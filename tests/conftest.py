@@ -65,10 +65,11 @@ def wait_listed(proc: subprocess.Popen, host: str, port: int, key: str, log_path
         raise AssertionError(f"{err}; agent log:\n{_tail(log_path)}") from None
 
 
-def run_cli(args: Sequence, log_path: str | Path, timeout: float = 60.0) -> tuple[int, str, float]:
+def run_cli(args: Sequence, log_path: str | Path, timeout: float = 60.0,
+            env: dict[str, str] | None = None) -> tuple[int, str, float]:
     """Run one ``tunefarm`` command to completion: ``(exit code, stdout+stderr, seconds)``."""
     start = time.monotonic()
-    proc = start_tunefarm(list(args), log_path=log_path)
+    proc = start_tunefarm(list(args), log_path=log_path, env=env)
     try:
         code = proc.wait(timeout)
     finally:

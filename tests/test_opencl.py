@@ -1,5 +1,6 @@
-"""OpenCL: agents detect a real OpenCL platform (PoCL in CI), say their TVM runtime cannot run it, and the
-host cross-compiles OpenCL kernels for the Intel iGPU preset.
+"""OpenCL without the backend: agents detect a real OpenCL platform (PoCL in CI), say their TVM runtime cannot
+run it until started with --opencl, and the host cross-compiles OpenCL kernels for the Intel iGPU preset.
+(With the backend: tests/test_opencl_runtime.py.)
 
 .ci/run installs PoCL (``pocl-opencl-icd``) and ``clinfo``; the detection test skips where clinfo is absent.
 The cross-compilation test needs no OpenCL at all: TVM's compiler emits OpenCL C on any host.
@@ -40,12 +41,13 @@ def test_agent_lists_the_opencl_platform_and_says_tvm_cannot_run_it(tracker, sta
     names = [p["name"] for p in opencl["platforms"]]
     assert names == _clinfo_platforms() and names, opencl
     assert all(p["devices"] and all(d["name"] for d in p["devices"]) for p in opencl["platforms"]), opencl
-    # The PyPI wheel is built with USE_OPENCL=OFF: it sees the platform through clinfo, not through TVM.
+    # The PyPI wheel is built with USE_OPENCL=OFF and this agent was not started with --opencl: it sees the
+    # platform through clinfo, not through TVM, and says what to do.
     assert opencl["tvm_built_with_opencl"] is False and opencl["tvm_runtime_opencl"] is False
-    assert "USE_OPENCL=ON" in opencl["note"]
+    assert opencl["tvm_opencl_backend"] is False and "--opencl" in opencl["note"], opencl
     assert info.target["kind"] == "opencl"
     log = (tmp_path / "agent.log").read_text()
-    assert "TVM runtime OpenCL: no" in log and "USE_OPENCL=ON" in log, log
+    assert "TVM runtime OpenCL: no" in log and "--opencl" in log, log
 
     code, out, _ = run_cli(["devices", "--tracker", f"{host}:{port}", "--json"], tmp_path / "devices.log")
     assert code == 0, out
@@ -60,7 +62,7 @@ def test_agent_lists_the_opencl_platform_and_says_tvm_cannot_run_it(tracker, sta
     code, out, _ = run_cli(["tune", tmp_path / "job.yaml", "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", 300)
     errors = [l for l in out.splitlines() if l.startswith("tunefarm: error:")]
     assert code == 2 and len(errors) == 1, out
-    assert "cannot run OpenCL kernels" in errors[0] and "USE_OPENCL=ON" in errors[0], errors[0]
+    assert "cannot run OpenCL kernels" in errors[0] and "tunefarm agent --opencl" in errors[0], errors[0]
     assert names[0] in errors[0] or info.opencl["platforms"][0]["devices"][0]["name"] in errors[0]
 
 
@@ -92,5 +94,5 @@ def test_opencl_kernels_are_cross_compiled_and_exported(tmp_path):
     assert not str(tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() in ("ON", "1")
     info = DeviceInfo(key="nuc", agent_id="nuc:1", opencl={"platforms": [], "tvm_runtime_opencl": False})
     problem = runtime_problem(target_to_json(target), info)
-    assert problem and OPENCL_RUNTIME_HINT in problem and "USE_OPENCL=ON" in problem
+    assert problem and OPENCL_RUNTIME_HINT in problem and "--opencl" in problem
     assert runtime_problem(target_to_json(target), DeviceInfo(key="nuc", opencl={"tvm_runtime_opencl": True})) is None

@@ -93,8 +93,16 @@ def tracker(host, port, open_keys, farm_key_file):
 @click.option("--farm-key-file", default=None, metavar="PATH",
               help="The farm key, a copy of the tracker host's (default: $TUNEFARM_FARM_KEY, "
                    "$TUNEFARM_FARM_KEY_FILE, ~/.config/tunefarm/farm.key).")
+@click.option("--opencl", is_flag=True,
+              help="Serve this machine's OpenCL device: build TVM's OpenCL backend for the installed wheel (once, "
+                   "cached; see `tunefarm runtime opencl`), check it, and default the target to the device's own "
+                   "limits.")
+@click.option("--tvm-source", default=None, metavar="PATH",
+              help="With --opencl: the TVM source tree to build the backend from (default: $TUNEFARM_TVM_SOURCE; "
+                   "needed only the first time).")
 @_one_line_errors
-def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads, farm_key_file):
+def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads, farm_key_file, opencl,
+          tvm_source):
     """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
 
     The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
@@ -115,8 +123,52 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
             tracker_addr = tracker_from_farm(farm_url, token)
     if tracker_addr is None:
         raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
+    if tvm_source and not opencl:
+        raise TunefarmError("--tvm-source is for --opencl (the source of TVM's OpenCL backend)")
     run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
-              farm_url=farm_url, token=token, threads=threads, farm_key_file=farm_key_file)
+              farm_url=farm_url, token=token, threads=threads, farm_key_file=farm_key_file,
+              opencl=opencl, tvm_source=tvm_source)
+
+
+@main.group()
+def runtime():
+    """Device runtimes the PyPI TVM wheel lacks, built for it on this machine."""
+
+
+@runtime.command("opencl")
+@click.option("--tvm-source", default=None, metavar="PATH",
+              help="A TVM source tree (a checkout of the installed TVM's release tag; default: "
+                   "$TUNEFARM_TVM_SOURCE). Needed unless the backend is already cached.")
+@click.option("--rebuild", is_flag=True, help="Build again even if a cached backend exists.")
+@_one_line_errors
+def runtime_opencl(tvm_source, rebuild):
+    """Build TVM's OpenCL backend for the installed wheel, cache it, and check it on this machine's device.
+
+    \b
+    The PyPI wheel is built with USE_OPENCL=OFF but loads libtvm_runtime_opencl.so from LD_LIBRARY_PATH.
+    This compiles that library from TVM's source (two files, against the wheel's own runtime headers and
+    the system's OpenCL headers; ~15 s), caches it under ~/.cache/tunefarm/opencl/ per TVM version, and
+    checks that it loads, sees an OpenCL device and runs a kernel. Needs: a C++ compiler, opencl-headers,
+    the ICD loader (ocl-icd-libopencl1) and a driver (intel-opencl-icd on an Intel iGPU, pocl-opencl-icd
+    on any CPU). `tunefarm agent --opencl` does this itself.
+    \b
+    Get the source on a machine with internet (then copy it):
+      git clone --depth 1 --branch v<installed TVM release> https://github.com/apache/tvm tvm-src
+    """
+    import json
+
+    from tunefarm.device_agents.opencl_runtime import ensure_runtime, opencl_target
+    from tunefarm.device_agents.probe import llvm_target, physical_cores
+
+    rt = ensure_runtime(tvm_source, rebuild=rebuild, log=click.echo)
+    dev = rt.device
+    click.echo(f"OpenCL device: {dev.get('name')} (OpenCL {dev.get('compute_version')}, "
+               f"{dev.get('multi_processor_count')} compute units, {dev.get('max_threads_per_block')} work-items "
+               f"per work-group, {dev.get('max_shared_memory_per_block')} bytes local memory, warp size "
+               f"{dev.get('warp_size')}); a test kernel ran with exact results")
+    click.echo(f"library: {rt.lib_path}")
+    click.echo("target: " + json.dumps(opencl_target(dev, llvm_target(physical_cores())), sort_keys=True))
+    click.echo(f"use it: LD_LIBRARY_PATH={rt.lib_dir} python ...  (or: tunefarm agent --opencl ...)")
 
 
 @main.command()

@@ -93,8 +93,9 @@ def describe_target(target: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-OPENCL_RUNTIME_HINT = ("serving an OpenCL target needs a TVM runtime built with USE_OPENCL=ON on the device "
-                       "(the PyPI wheel is built with USE_OPENCL=OFF); see the README, 'OpenCL devices'")
+OPENCL_RUNTIME_HINT = ("serving an OpenCL target needs TVM's OpenCL backend on the device (the PyPI wheel is built "
+                       "without it): start the agent there with `tunefarm agent --opencl`; see the README, "
+                       "'OpenCL devices'")
 
 
 def runtime_problem(target: dict[str, Any], info) -> str | None:

@@ -55,13 +55,17 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
         f"  target   {json.dumps(info.target, sort_keys=True)}",
         f"  cpu      {info.cpu_model} ({info.num_cores} cores)",
         f"  threads  {info.threads} ({threads_from}; TVM, PyTorch and ONNX Runtime runs here use this many)",
-        f"  peak     {info.peak_gflops:g} GFLOP/s (" + ("measured sgemm" if info.target.get("kind") == "llvm" else
-                                                      "from the device's attributes") + "; a candidate faster "
-        "than its FLOPs allow at four times this is rejected)",
+        (f"  peak     {info.peak_gflops:g} GFLOP/s (" + ("measured sgemm" if info.target.get("kind") == "llvm" else
+                                                       "from the device's attributes") + "; a candidate faster "
+         "than its FLOPs allow at four times this is rejected)") if info.peak_gflops else
+        "  peak     unknown for this device (no timing floor; every new best is still measured twice)",
         f"  cc       {'yes (' + compiler + ')' if info.has_cc else 'NO'}",
         f"  cuda     {cuda}",
         f"  opencl   {', '.join(opencl_devices) or 'none'} (TVM runtime OpenCL: "
-        f"{'yes' if info.opencl.get('tvm_runtime_opencl') else 'no'})",
+        f"{'yes' if info.opencl.get('tvm_runtime_opencl') else 'no'}" + (
+            f"; {ocl['name']}: {ocl.get('max_threads_per_block')} work-items per work-group, "
+            f"{ocl.get('max_shared_memory_per_block')} bytes local memory, warp size {ocl.get('warp_size')}"
+            if (ocl := info.opencl.get("device") or {}).get("name") else "") + ")",
         f"  runners  {', '.join(info.runners)}",
         f"  tvm      {info.tvm_version}",
     ]
@@ -224,17 +228,31 @@ class _RPCServerSupervisor:
 
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
               custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
-              threads: int | None = None, farm_key_file: str | None = None) -> None:
-    """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM."""
+              threads: int | None = None, farm_key_file: str | None = None, opencl: bool = False,
+              tvm_source: str | None = None) -> None:
+    """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM.
+
+    ``opencl``: first make sure TVM's OpenCL backend is built for this wheel and works here
+    (:func:`tunefarm.device_agents.opencl_runtime.ensure_runtime`, from ``tvm_source`` if it must be
+    built), load it, and serve the OpenCL device (``target`` 'auto': the device's own limits)."""
     from tunefarm.device_agents.probe import (check_c_compiler, find_c_compiler, probe,  # pylint: disable=import-outside-toplevel
                                               resolve_target, target_warnings)
     from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
 
     tracker_host, tracker_port = parse_hostport(tracker_addr)
     agent_id = f"{socket.gethostname()}:{os.getpid()}"
+    runtime = None
+    if opencl:
+        from tunefarm.device_agents import opencl_runtime  # pylint: disable=import-outside-toplevel
+
+        runtime = opencl_runtime.ensure_runtime(tvm_source, log=_log)
+        # This process and the RPC server it starts (LD_LIBRARY_PATH, read at `import tvm`) load it.
+        opencl_runtime.load_in_process(runtime.lib_dir)
     info = probe(key=key, agent_id=agent_id)
     try:
         explicit = resolve_threads(threads)[0] if threads is not None or os.environ.get(THREADS_ENV) else None
+        if runtime is not None and (target or "auto").strip() == "auto":
+            target = json.dumps(opencl_runtime.opencl_target(runtime.device, info.target))
         info.target = resolve_target(target, info, threads=explicit)
         info.threads, threads_from = resolve_threads(threads, info.target)
     except ValueError as err:
@@ -252,6 +270,9 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
     if host in ("0.0.0.0", "::", ""):
         _warn("TVM RPC has no authentication: anyone who can reach this agent's port can run code on it; "
               "keep it on a trusted network")
+    if runtime is not None:
+        for line in opencl_runtime.target_problems(info.target, runtime.device):
+            _warn(line)
     check_tracker(tracker_host, tracker_port)
     from tunefarm.core.credential import KEY_ENV, load_farm_key  # pylint: disable=import-outside-toplevel
 

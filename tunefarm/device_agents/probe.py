@@ -227,22 +227,31 @@ def probe_opencl() -> dict[str, Any]:
     if platforms is None:
         platforms, source = [], "none (neither clinfo nor pyopencl is installed)"
     built_with = str(tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in ("OFF", "", "0", "NOTFOUND")
+    from tvm.base import _LOADED_LIBS  # pylint: disable=import-outside-toplevel
+
+    backend = built_with or "tvm_runtime_opencl" in _LOADED_LIBS  # built in, or the wheel's loadable backend
+    device: dict[str, Any] = {}
     try:
-        sees_device = bool(built_with and tvm.opencl(0).exist)
-    except Exception:  # pylint: disable=broad-except
+        sees_device = bool(backend and tvm.opencl(0).exist)
+        if sees_device:
+            dev = tvm.opencl(0)
+            device = {"name": str(dev.device_name), "max_threads_per_block": int(dev.max_threads_per_block),
+                      "max_shared_memory_per_block": int(dev.max_shared_memory_per_block),
+                      "warp_size": int(dev.warp_size), "compute_version": str(dev.compute_version)}
+    except Exception:  # pylint: disable=broad-except  # no ICD loader, no platform
         sees_device = False
     n_devices = sum(len(p["devices"]) for p in platforms)
     if sees_device:
         note = "TVM's runtime can run OpenCL kernels here"
-    elif not built_with and n_devices:
-        note = ("OpenCL devices are present but this TVM runtime is built with USE_OPENCL=OFF: "
-                "serving an OpenCL target needs a TVM runtime built with USE_OPENCL=ON")
-    elif not built_with:
-        note = "this TVM runtime is built with USE_OPENCL=OFF"
+    elif not backend and n_devices:
+        note = ("OpenCL devices are present but this TVM runtime has no OpenCL backend (the PyPI wheel is built "
+                "without it): start the agent with --opencl, which builds it (`tunefarm runtime opencl`)")
+    elif not backend:
+        note = "this TVM runtime has no OpenCL backend"
     else:
         note = "TVM's runtime has OpenCL but sees no OpenCL device"
     return {"platforms": platforms, "tvm_runtime_opencl": sees_device, "tvm_built_with_opencl": built_with,
-            "source": source, "note": note}
+            "tvm_opencl_backend": bool(backend), "device": device, "source": source, "note": note}
 
 
 # ---------------------------------------------------------------- runners

@@ -314,7 +314,17 @@ def _describe_opencl(opencl: dict[str, Any]) -> str:
     devices = [d for p in platforms if isinstance(p, dict) and isinstance(p.get("devices"), list)
                for d in p["devices"]]
     runtime = "runtime yes" if opencl.get("tvm_runtime_opencl") else "runtime no"
-    return f"{len(devices)} device(s), {runtime}" if devices else f"none, {runtime}"
+    dev = opencl.get("device") if isinstance(opencl.get("device"), dict) else {}
+    limits = ""
+    if opencl.get("tvm_runtime_opencl") and isinstance(dev.get("max_threads_per_block"), int):
+        # Agent-supplied numbers: shown only when they are integers (the table escapes all text).
+        limits = f" ({dev['max_threads_per_block']} work-items/group"
+        if isinstance(dev.get("max_shared_memory_per_block"), int):
+            limits += f", {dev['max_shared_memory_per_block'] // 1024} KiB local"
+        if isinstance(dev.get("warp_size"), int):
+            limits += f", warp {dev['warp_size']}"
+        limits += ")"
+    return (f"{len(devices)} device(s), {runtime}{limits}" if devices else f"none, {runtime}{limits}")
 
 
 def print_devices(tracker_addr: str, as_json: bool = False) -> None:

@@ -52,9 +52,11 @@ class TVMRunner(BaseRunner):
         self.dev = tvm.device(self.device_type, int(self.options.get("device_index", 0)))
         if not self.dev.exist:
             hint = ""
-            if self.device_type == "opencl" and str(tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in (
-                    "ON", "1"):
-                hint = " (this TVM runtime is built with USE_OPENCL=OFF)"
+            from tvm.base import _LOADED_LIBS  # pylint: disable=import-outside-toplevel
+
+            if self.device_type == "opencl" and "tvm_runtime_opencl" not in _LOADED_LIBS and str(
+                    tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in ("ON", "1"):
+                hint = " (this TVM runtime has no OpenCL backend: start the agent with --opencl)"
             raise RunnerUnavailable(f"TVM's runtime on this device sees no {self.dev}{hint}")
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(self.model_path), self.dev)
 
