@@ -46,6 +46,7 @@ def main():
       tunefarm host serve   the host as a service: queue, workers, API, dashboard
       tunefarm submit JOB   from a laptop: queue a job on the farm (then jobs, follow, pull)
       tunefarm compare CFG  compare TVM tuned/untuned, PyTorch, ONNX Runtime, TensorRT rows (host)
+      tunefarm models       the farm's cost models (one per target, trained on every trusted job)
     \b
     Start here:
       tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
@@ -228,6 +229,47 @@ def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only):
         plan_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir)
         return
     run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
+
+
+@main.command()
+@click.option("--logs-dir", default="logs", show_default=True, help="The logs directory the jobs tuned into.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_one_line_errors
+def models(logs_dir, as_json):
+    """The farm's cost models: one per target (and TVM version), each trained on every trusted job's records.
+
+    A model is rebuilt when a job for its target finishes, from the measured records of every job directory
+    tuned for that target whose last run ended, whose timings were checked and in which no agent was caught
+    faking one. New jobs for the target start from it (tuning.cost_model: xgb-farm, the default when one
+    exists; xgb starts cold). Kept under LOGS_DIR/.cost_models/ as NumPy arrays and XGBoost's JSON model
+    (nothing pickled).
+    """
+    import json
+
+    from tunefarm.host.tuning.farm_model import list_models, models_root
+
+    found = list_models(logs_dir)
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    if not found:
+        click.echo(f"no farm cost models under {models_root(logs_dir)} (one is built when a tuning job finishes)")
+        return
+    from tunefarm.core.targets import describe_target
+
+    def plain(value) -> str:  # files on disk, printed: no control characters reach the terminal
+        return "".join(c if c.isprintable() else "?" for c in str(value))
+
+    for meta in found:
+        jobs = meta.get("jobs") if isinstance(meta.get("jobs"), dict) else {}
+        click.echo(plain(meta.get("key")))
+        click.echo(f"  target    {plain(describe_target(meta.get('target') or {}))} (TVM {plain(meta.get('tvm'))})")
+        click.echo(f"  trained   {plain(meta.get('records'))} records of {plain(meta.get('workloads'))} workloads, from "
+                   + plain(", ".join(f"{k} ({v})" for k, v in sorted(jobs.items()))))
+        click.echo(f"  took      training {plain(meta.get('train_s'))} s, features {plain(meta.get('extract_s'))} s; "
+                   f"at {plain(meta.get('trained_at'))}")
+        for name, why in sorted((meta.get("skipped") or {}).items()):
+            click.echo(f"  not from  {plain(name)}: {plain(why)}")
 
 
 @main.group()

@@ -6,7 +6,7 @@ A job file (see configs/jobs/) looks like::
     model: {source: torchvision, name: resnet18, input_shape: [1, 3, 224, 224]}
     device: {key: nuc, tracker: 127.0.0.1:9190}
     target: from-agent            # or a preset name, or a TVM target JSON dict
-    tuning: {max_trials_global: 2000, max_trials_per_task: 128, num_trials_per_iter: 16, cost_model: xgb}
+    tuning: {max_trials_global: 2000, max_trials_per_task: 128, num_trials_per_iter: 16, cost_model: xgb-farm}
     builder: {workers: 2, timeout_sec: 60}   # or {key: build}: agents on key 'build' compile
     runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
     evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
@@ -62,7 +62,9 @@ class TuningSpec:
     max_trials_global: int = 64
     max_trials_per_task: int | None = None
     num_trials_per_iter: int = 16
-    cost_model: str = "xgb"  # xgb | random
+    # "" (auto): xgb-farm where the farm has a cost model for the target, else xgb; xgb: cold; xgb-farm: the
+    # farm's model (tuning/farm_model.py), an error where there is none; random: for comparison.
+    cost_model: str = ""
     # Evolutionary search population per round: stock's 512. On ResNet-18 with one round of 8 per task,
     # 128 ended at 134 ms and 512 at 68.5 ms (bench/results/tuning_speed-resnet18.md): a smaller population
     # searches faster but picks worse candidates, and on a real farm the trials are the expensive part.
@@ -210,8 +212,10 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
             raise TunefarmError(f"{where}: tuning.{option} must be true or false (got {getattr(tuning, option)!r})")
     if tuning.precision not in ("fp32", "fp16"):
         raise TunefarmError(f"{where}: tuning.precision must be fp32 or fp16 (got {tuning.precision!r})")
-    if tuning.cost_model not in ("xgb", "random"):
-        raise TunefarmError(f"{where}: tuning.cost_model must be xgb or random (got {tuning.cost_model!r})")
+    if tuning.cost_model not in ("", "auto", "xgb", "xgb-farm", "random"):
+        raise TunefarmError(f"{where}: tuning.cost_model must be xgb, xgb-farm or random (got {tuning.cost_model!r})")
+    if tuning.cost_model == "auto":
+        tuning.cost_model = ""
     target = data.get("target", "from-agent")
     if not isinstance(target, (str, dict)):
         raise TunefarmError(f"{where}: target must be 'from-agent', a preset name or a JSON mapping")

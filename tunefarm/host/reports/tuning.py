@@ -37,7 +37,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
         "host": {"hostname": platform.node(), "python": platform.python_version(), "tvm": tvm.__version__},
         "tuning": {"max_trials_global": job.tuning.max_trials_global,
                    "max_trials_per_task": job.tuning.max_trials_per_task,
-                   "num_trials_per_iter": job.tuning.num_trials_per_iter, "cost_model": job.tuning.cost_model,
+                   "num_trials_per_iter": job.tuning.num_trials_per_iter, "cost_model": tuned.cost_model or {"kind": tuned.plan.cost_model},
+                   "farm_model_update": tuned.farm_model_update,
                    "population_size": job.tuning.population_size,
                    "pipeline": tuned.plan.pipeline.to_json(),
                    # measured trials of this job (all runs), seeded records and cache hits: three apart
@@ -65,9 +66,10 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
           f"- device key: `{job.device.key}`; target: `{json.dumps(report['target'])}`",
           f"- tuning: {tn['trials_measured_total']} trials measured by this job (budget "
           f"{job.tuning.max_trials_global}, at most {job.tuning.max_trials_per_task or job.tuning.max_trials_global} "
-          f"per task, {job.tuning.num_trials_per_iter} per round, cost model {job.tuning.cost_model}); this run "
+          f"per task, {job.tuning.num_trials_per_iter} per round, cost model {_cost_model_text(tuned.cost_model)}); this run "
           f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s" + (" (stopped early)" if tuned.stopped else ""),
           f"- pipeline: {tuned.plan.pipeline.describe()}",
+          "- farm cost model after this run: " + _farm_update_text(tuned.farm_model_update),
           "- timings checked: " + (_verification_text(tuned.verification) if tuned.verification else
                                    "nothing measured in this run"),
           f"- not trials: {tn['seeded_records']} record(s) seeded from earlier jobs (warm start); "
@@ -105,6 +107,28 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
     report["markdown"] = "\n".join(md) + "\n"
     job_dir.write_report({k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
     return report
+
+
+def _cost_model_text(info: dict) -> str:
+    kind = (info or {}).get("kind", "xgb")
+    if kind == "xgb-farm":
+        return (f"the farm's XGBoost model, trained on {info.get('records')} records of "
+                f"{len(info.get('jobs') or {})} earlier job(s) ({', '.join(sorted(info.get('jobs') or {}))}; training "
+                f"{info.get('train_s')} s, loaded in {info.get('load_s')} s)")
+    if info.get("farm_model_error"):
+        return f"xgb, cold (the farm's model could not be loaded: {info['farm_model_error']})"
+    return {"xgb": "xgb, cold", "random": "random"}.get(kind, str(kind))
+
+
+def _farm_update_text(update: dict) -> str:
+    if not update:
+        return "not updated (nothing measured in this run)"
+    if update.get("error"):
+        return f"not updated ({update['error']})"
+    if not update.get("records"):
+        return "none yet (no trusted job for this target has valid records)"
+    return (f"rebuilt from {update['records']} records of {len(update.get('jobs') or {})} trusted job(s) "
+            f"(features {update.get('extract_s')} s, training {update.get('train_s')} s); `tunefarm models` lists it")
 
 
 def _verification_text(ver: dict[str, Any]) -> str:

@@ -54,6 +54,8 @@ class TuneResult:
     build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
     verification: dict[str, Any] = dataclasses.field(default_factory=dict)  # TimingVerifier.summary()
+    cost_model: dict[str, Any] = dataclasses.field(default_factory=dict)  # which model this run used, load time
+    farm_model_update: dict[str, Any] = dataclasses.field(default_factory=dict)  # the farm model rebuilt after it
     time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -199,6 +201,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     from tunefarm.host.tuning.verify import TimingVerifier  # pylint: disable=import-outside-toplevel
 
     verifier = TimingVerifier(runner, job_dir.file(VERIFIED), console)
+    cost_model, result.cost_model = _cost_model(plan, console)
     job_dir.mark_run_started()
     committed: list = []
     limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
@@ -209,7 +212,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir.path),
                           max_trials_global=limit_global, max_trials_per_task=limit_task,
                           num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
-                          database=database, cost_model=tn.cost_model,
+                          database=database, cost_model=cost_model,
                           measure_callbacks=measure_callbacks(
                               make_progress_callback(progress, should_stop, stop, committed), verifier, committed),
                           task_scheduler="gradient")
@@ -237,6 +240,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.agents_lost = dict(runner.lost)
     result.verification = verifier.summary()
     job_dir.mark_run_ended("stopped" if result.stopped else "finished")
+    if result.measured:
+        result.farm_model_update = _update_farm_model(plan, console)
     from rich.markup import escape  # pylint: disable=import-outside-toplevel
 
     for line in run_summary(result):
@@ -247,6 +252,47 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         raise TuningFailed(f"no candidate of this run was measured successfully ({result.measured} failed); "
                            f"first error: {first[-1] if first else 'unknown'} (see {job_dir.path / 'logs'})")
     return result
+
+
+def _cost_model(plan: TuningPlan, console):
+    """The cost model object (or MetaSchedule's name of one) for ``tune_tasks``, and what the report says of it."""
+    if plan.cost_model != "xgb-farm":
+        return plan.cost_model, {"kind": plan.cost_model}
+    from tunefarm.host.tuning import farm_model  # pylint: disable=import-outside-toplevel
+
+    try:
+        model, meta, load_s = farm_model.load(plan.logs_dir, plan.target_json)
+    except Exception as err:  # pylint: disable=broad-except  # a damaged model must not stop the job
+        why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if plan.job.tuning.cost_model == "xgb-farm":
+            raise TunefarmError(f"the farm's cost model cannot be loaded ({why})") from None
+        console.print(f"[yellow]warning[/]: the farm's cost model cannot be loaded ({why}); starting cold (xgb)")
+        return "xgb", {"kind": "xgb", "farm_model_error": why}
+    console.print(f"cost model: the farm's, {meta['records']} records of {len(meta['jobs'])} job(s) "
+                  f"(loaded in {load_s:.2f} s)")
+    return model, {"kind": "xgb-farm", "key": meta["key"], "records": meta["records"],
+                   "workloads": meta.get("workloads"), "jobs": meta["jobs"], "trained_at": meta.get("trained_at"),
+                   "train_s": meta.get("train_s"), "load_s": round(load_s, 3)}
+
+
+def _update_farm_model(plan: TuningPlan, console) -> dict[str, Any]:
+    """Rebuild the farm's cost model of the job's target now that a run ended; never fails the job."""
+    from tunefarm.host.tuning import farm_model  # pylint: disable=import-outside-toplevel
+
+    t0 = time.monotonic()
+    try:
+        with console.status("updating the farm's cost model for this target"):
+            meta = farm_model.rebuild(plan.logs_dir, plan.target_json)
+    except Exception as err:  # pylint: disable=broad-except
+        why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        console.print(f"[yellow]warning[/]: the farm's cost model was not updated: {why}")
+        return {"error": why}
+    if meta is None:
+        return {"records": 0, "wall_s": round(time.monotonic() - t0, 2)}
+    console.print(f"farm cost model updated: {meta['records']} records of {len(meta['jobs'])} job(s), features "
+                  f"{meta['extract_s']:.1f} s, training {meta['train_s']:.1f} s")
+    return {"key": meta["key"], "records": meta["records"], "jobs": meta["jobs"], "extract_s": meta["extract_s"],
+            "train_s": meta["train_s"], "wall_s": round(time.monotonic() - t0, 2)}
 
 
 def run_summary(result: TuneResult) -> list[str]:

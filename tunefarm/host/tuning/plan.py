@@ -120,6 +120,8 @@ class TuningPlan:
     resumed: bool
     warm: WarmStart | None  # what a new job's warm start seeds (None: resumed, or warm start off)
     pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)  # the graph pipeline the tasks come from
+    cost_model: str = "xgb"  # resolved: xgb (cold), xgb-farm or random
+    farm_model: dict[str, Any] | None = None  # the farm model's model.json when cost_model is xgb-farm
 
     @property
     def target_json(self) -> dict[str, Any]:
@@ -185,9 +187,25 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     tn = job.tuning
     budget = plan_budget(tn.max_trials_global, tn.max_trials_per_task, tn.num_trials_per_iter,
                          [t.measured for t in tasks], [t.best_s is not None for t in tasks])
+    cost_model, farm_model = resolve_cost_model(tn.cost_model, logs_dir, state["target"])
     return TuningPlan(job=job, job_dir=job_dir, logs_dir=Path(logs_dir), target=target, model=model, mod=mod,
                       extracted=list(extracted), tasks=tasks, budget=budget, resumed=resumed, warm=warm,
-                      pipeline=pipeline)
+                      pipeline=pipeline, cost_model=cost_model, farm_model=farm_model)
+
+
+def resolve_cost_model(asked: str, logs_dir: str | Path, target: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The cost model a run uses: ``tuning.cost_model`` as asked, "" (auto) meaning the farm's model of the
+    target where one exists, else a cold xgb; ``xgb-farm`` without a farm model is a one-line error."""
+    from tunefarm.host.tuning import farm_model  # pylint: disable=import-outside-toplevel
+
+    if asked in ("xgb", "random"):
+        return asked, None
+    meta = farm_model.available(logs_dir, target)
+    if meta is None and asked == "xgb-farm":
+        raise TunefarmError(f"tuning.cost_model is xgb-farm but the farm has no cost model for this target under "
+                            f"{farm_model.models_root(logs_dir)} (one is built when a job for the target finishes); "
+                            "use xgb, or leave cost_model unset")
+    return ("xgb-farm", meta) if meta is not None else ("xgb", None)
 
 
 def commit_plan(plan: TuningPlan):
@@ -219,6 +237,14 @@ def describe_plan(plan: TuningPlan) -> list[str]:
     if plan.resumed:
         lines.append(f"resuming: {b.measured_before} already measured (kept, not measured again); "
                      f"{b.remaining} trials left")
+    if plan.farm_model is not None:
+        fm = plan.farm_model
+        lines.append(f"cost model: the farm's ({fm.get('records')} measured records of {len(fm.get('jobs', {}))} "
+                     f"job(s): {', '.join(sorted(fm.get('jobs', {})))}; {fm.get('key')})")
+    else:
+        lines.append(f"cost model: {plan.cost_model}" + (" (cold: the farm has no model for this target yet)"
+                                                         if plan.cost_model == "xgb" and not plan.job.tuning.cost_model
+                                                         else ""))
     if plan.warm is not None and plan.warm.records:
         lines.append(f"warm start: {plan.warm.records} record(s) for {len(plan.warm.per_workload)} task(s) from "
                      f"{', '.join(plan.warm.sources)} (not counted as trials of this job)")
