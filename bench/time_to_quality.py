@@ -2,6 +2,7 @@
 
     python -m bench.time_to_quality --model resnet18 --minutes 90 [--checkpoint-minutes 15] [--dir DIR]
     python -m bench.time_to_quality --dir DIR --report-only      # redraw / profile from what DIR holds
+    python -m bench.time_to_quality --dir DIR --report-only --retime   # and time every checkpoint again, in one run
 
 One job (the farm's default pipeline, cold: no warm start, seed 0) is tuned through a LocalFarm (tracker +
 one agent on this machine, TVM with the agent's threads) in segments of ``--checkpoint-minutes`` of tuning.
@@ -214,7 +215,54 @@ def ort_profile(run_dir: Path, runs: int = 20, top: int = 12) -> list[dict]:
     return {"top_nodes": ordered[:top], "per_op_us": {k: round(v, 1) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
 
 
-def plot(points: list[dict], title: str, path: Path) -> None:
+def prefix_dir(run_dir: Path, trials: int, work: Path) -> Path:
+    """A copy of the job directory holding its database as it stood at ``trials`` records (MetaSchedule's
+    JSON database appends one line per record in commit order: the first ``trials`` lines)."""
+    import shutil
+
+    src = run_dir / JOB
+    dst = work / f"{JOB}-at-{trials}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name != "database_tuning_record.json":
+            shutil.copy2(item, dst / item.name)
+    with open(src / "database_tuning_record.json") as fh, open(dst / "database_tuning_record.json", "w") as out:
+        for i, line in enumerate(fh):
+            if i >= trials:
+                break
+            out.write(line)
+    return dst
+
+
+def retime(run_dir: Path, rounds: int, repeat: int) -> list[dict]:
+    """Every checkpoint's best records (the database as it stood then) timed again, all in this one process
+    side by side with ONNX Runtime and PyTorch, rounds alternating: one machine state for the whole curve."""
+    import tempfile
+
+    from bench.model_latency import measure_jobs
+
+    points = read_checkpoints(run_dir)
+    work = Path(tempfile.mkdtemp(prefix="ttq-retime-"))
+    dirs = [prefix_dir(run_dir, p["trials"], work) for p in points]
+    load_start = common.load_avg()
+    res = measure_jobs(dirs, rounds, repeat, 10, log=lambda line: print(line, flush=True))
+    out = []
+    for p, d in zip(points, dirs):
+        r = res[d.name]
+        lat = r["latency"]
+        out.append({"checkpoint": p["checkpoint"], "trials": p["trials"], "tuning_wall_s": p["tuning_wall_s"],
+                    "tuned_functions": r["tuned_functions"], "numerics_ok": r["numerics"]["tvm-tuned"]["ok"],
+                    "tvm_ms": lat["tvm-tuned"]["median_ms"], "tvm_p90_ms": lat["tvm-tuned"]["p90_ms"],
+                    "onnxruntime_ms": lat["onnxruntime"]["median_ms"],
+                    "pytorch_ms": lat.get("pytorch", {}).get("median_ms"),
+                    "ratio_ort": round(lat["tvm-tuned"]["median_ms"] / lat["onnxruntime"]["median_ms"], 3)})
+    return {"load_avg_start": load_start, "load_avg_end": common.load_avg(), "rounds": rounds, "repeat": repeat,
+            "points": out}
+
+
+def plot(points: list[dict], title: str, path: Path, retimed: list[dict] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,7 +272,12 @@ def plot(points: list[dict], title: str, path: Path) -> None:
     trials = [p["trials"] for p in points]
     ratio = [p["ratio_ort"] for p in points]
     for ax, xs, label in ((ax1, mins, "tuning wall time (min)"), (ax2, trials, "trials measured")):
-        ax.plot(xs, ratio, marker="o", label="TVM tuned / ONNX Runtime")
+        if retimed:
+            ax.plot(xs, [r["ratio_ort"] for r in retimed], marker="o",
+                    label="TVM tuned / ONNX Runtime (all checkpoints re-timed in one run)")
+            ax.plot(xs, ratio, marker="x", linestyle=":", alpha=0.5, label="as timed at each checkpoint")
+        else:
+            ax.plot(xs, ratio, marker="o", label="TVM tuned / ONNX Runtime")
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="ONNX Runtime")
         ax.axhline(0.9, color="green", linestyle=":", linewidth=1, label="goal 0.9x")
         ax.set_xlabel(label)
@@ -245,7 +298,9 @@ def write_results(run_dir: Path, model: str, name: str, out: Path, final: dict |
     meta = common.finish(common.machine(model=model, run_dir=str(run_dir)))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "checkpoints": points, "final": final}, indent=2))
     last = points[-1]
-    plot(points, f"{model} on {last['cpu']} ({last['threads']} threads): tuned TVM / ONNX Runtime", stem.with_suffix(".png"))
+    retimed = (final or {}).get("retimed")
+    plot(points, f"{model} on {last['cpu']} ({last['threads']} threads): tuned TVM / ONNX Runtime",
+         stem.with_suffix(".png"), retimed["points"] if retimed else None)
     lines = [f"# Time to quality: {model}, farm tuning on this CPU ({meta['date']})", "",
              f"{common.describe(meta)} One job, the farm's default pipeline ({last['segment']['pipeline']}), cold "
              "(no warm start), seed 0, tuned through a LocalFarm (one agent) in segments; after each segment the "
@@ -261,6 +316,21 @@ def write_results(run_dir: Path, model: str, name: str, out: Path, final: dict |
                      f"{p['tvm_ms']:.2f} ({p['tvm_p90_ms']:.2f}) | {p['onnxruntime_ms']:.2f} "
                      f"({p['onnxruntime_p90_ms']:.2f}) | {p['pytorch_ms']:.2f} | **{p['ratio_ort']:.2f}** | "
                      f"{'ok' if p['numerics']['ok'] else 'MISMATCH'} ({p['numerics']['max_abs_err']:.1e}) |")
+    if retimed:
+        lines += ["", "## The curve re-timed in one run", "",
+                  "Every checkpoint's records (the database's first *trials* records: what it held then) compiled and "
+                  "timed again side by side in this one process, rounds alternating builds and peers "
+                  f"({retimed['rounds']} rounds of {retimed['repeat']} samples; load average "
+                  f"{retimed['load_avg_start'][0] if retimed['load_avg_start'] else '-'} at the start, "
+                  f"{retimed['load_avg_end'][0] if retimed['load_avg_end'] else '-'} at the end). The timings taken "
+                  "at each checkpoint above are kept as they were.", "",
+                  "| # | tuning wall min | trials | tuned fns | TVM median ms (p90) | ONNX Runtime ms | PyTorch ms | "
+                  "TVM / ORT | numerics |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in retimed["points"]:
+            lines.append(f"| {r['checkpoint']} | {r['tuning_wall_s'] / 60:.1f} | {r['trials']} | {r['tuned_functions']} | "
+                         f"{r['tvm_ms']:.2f} ({r['tvm_p90_ms']:.2f}) | {r['onnxruntime_ms']:.2f} | "
+                         f"{r['pytorch_ms'] or 0:.2f} | **{r['ratio_ort']:.2f}** | "
+                         f"{'ok' if r['numerics_ok'] else 'MISMATCH'} |")
     if final:
         peak = final["peak"]
         lines += ["", f"## Where the time goes (after checkpoint {last['checkpoint']})", "",
@@ -298,6 +368,8 @@ def main():
     parser.add_argument("--name", default=common.default_name())
     parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--report-only", action="store_true", help="tune nothing: profile and write the results")
+    parser.add_argument("--retime", action="store_true",
+                        help="with the final report: time every checkpoint's records again, all in one process")
     args = parser.parse_args()
     if args.minutes <= 0 or args.checkpoint_minutes <= 0:
         parser.error("--minutes and --checkpoint-minutes must be positive")
@@ -332,6 +404,8 @@ def main():
     if args.report_only or done_s >= args.minutes * 60 - 30:
         final = {"peak": measured_peak_gflops(common.threads()), "tasks": task_gflops(run_dir),
                  "tvm_profile": tvm_profile(run_dir), "ort_profile": ort_profile(run_dir)}
+        if args.retime:
+            final["retimed"] = retime(run_dir, args.rounds, args.repeat)
     write_results(run_dir, args.model, args.name, Path(args.out), final)
 
 

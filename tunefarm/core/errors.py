@@ -19,6 +19,15 @@ class TrackerUnreachable(TunefarmError):
     """The tracker address does not answer with the TVM tracker protocol."""
 
 
+class AgentUnreachable(TunefarmError):
+    """The tracker handed out an agent whose address this host cannot connect to (NAT, firewall, wrong
+    advertised address)."""
+
+    def __init__(self, message: str, host: str = "", port: int = 0):
+        super().__init__(message)
+        self.host, self.port = host, port
+
+
 class NoDeviceError(TunefarmError):
     """No agent serves the requested key (after waiting)."""
 

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from tunefarm.core.errors import NoDeviceError, TrackerUnreachable, TunefarmError, last_line
+from tunefarm.core.errors import AgentUnreachable, NoDeviceError, TrackerUnreachable, TunefarmError, last_line
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD, REFUSED_FIELD, VERIFIED_FIELD, DeviceInfo, no_delay, parse_hostport
 
@@ -87,10 +87,32 @@ def _connect_session(host: str, port: int, timeout: float):
     return session
 
 
-def request_rpc_session(host: str, port: int, key: str, priority: int, session_timeout: int):
-    """``tvm.rpc.connect_tracker(host, port).request(key, ...)``, the tracker socket without Nagle's delay.
+AGENT_CONNECT_TIMEOUT_S = 5.0  # how long a plain TCP connect to an agent the tracker handed out may take
 
-    Blocks until the tracker hands out a server of ``key`` (callers bound the wait).
+
+def agent_reachable(host: str, port: int, timeout: float = AGENT_CONNECT_TIMEOUT_S) -> str | None:
+    """None if a TCP connection to ``host:port`` opens from here, else why not (one line)."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}" if getattr(err, "strerror", None) else str(err) or "timed out"
+
+
+def unreachable_message(key: str, url: str, port: int, why: str) -> str:
+    return (f"the agent registered on key '{key}' at {url}:{port} cannot be reached from this host ({why}): an "
+            "agent behind NAT or a firewall, or one advertising an address other machines cannot reach; start it "
+            "with --custom-addr ADDRESS (an address of its machine that this host can reach) and open its RPC "
+            "ports (9090-9190 by default)")
+
+
+def request_rpc_session(host: str, port: int, key: str, priority: int, session_timeout: int):
+    """An RPC session on a server of ``key`` handed out by the tracker at ``host:port``, the tracker socket
+    without Nagle's delay. Blocks until the tracker hands one out (callers bound the wait).
+
+    Stock ``TrackerSession.request`` retries five times whatever the failure; here a server the tracker
+    hands out that this host cannot even open a TCP connection to (the NAT case) is an
+    :class:`AgentUnreachable` at once, naming its address and the fix.
     """
     from tvm import rpc  # pylint: disable=import-outside-toplevel
     from tvm.rpc import base  # pylint: disable=import-outside-toplevel
@@ -100,10 +122,27 @@ def request_rpc_session(host: str, port: int, key: str, priority: int, session_t
     tracker = rpc.connect_tracker(host, port)
     sock = getattr(tracker, "_sock", None)
     no_delay(sock)
+    last_err: Exception | None = None
     try:
         # The farm's tracker hands out sessions only to holders of the farm key (keys left open excepted).
         authenticate(sock, load_farm_key(), "host", base.sendjson, base.recvjson)
-        return tracker.request(key, priority=priority, session_timeout=session_timeout)
+        for _ in range(3):
+            base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
+            value = base.recvjson(sock)
+            if not isinstance(value, list) or len(value) != 2 or value[0] != base.TrackerCode.SUCCESS \
+                    or not isinstance(value[1], list) or len(value[1]) != 3:
+                raise RuntimeError(f"the tracker answered a session request with {str(value)[:200]}")
+            url, srv_port, matchkey = value[1]
+            if not isinstance(url, str) or not isinstance(srv_port, int) or not isinstance(matchkey, str):
+                raise RuntimeError(f"the tracker handed out a malformed server entry {str(value[1])[:200]}")
+            try:
+                return rpc.connect(url, srv_port, matchkey, session_timeout)
+            except Exception as err:  # pylint: disable=broad-except
+                why = agent_reachable(url, srv_port)
+                if why is not None:
+                    raise AgentUnreachable(unreachable_message(key, url, srv_port, why), url, srv_port) from None
+                last_err = err  # reachable, but the session did not open (its server was busy): ask again
+        raise RuntimeError(f"cannot open a session on key '{key}': {last_line(last_err) if last_err else '?'}")
     finally:
         tracker.close()
 
@@ -131,6 +170,8 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
     if "sess" in box:
         return box["sess"]
     if "err" in box:
+        if isinstance(box["err"], AgentUnreachable):
+            raise box["err"]
         raise TunefarmError(f"no session on key '{key}': {last_line(box['err'])}")
     raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
 

@@ -47,7 +47,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "failed_this_run": tuned.failed, "seeded_records": sum(r["seeded"] for r in per_task),
                    "cache_hits": tuned.cache_hits, "resumed": tuned.resumed, "stopped_early": tuned.stopped,
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
-                   "agents_lost": tuned.agents_lost, "failures": tuned.failures,
+                   "agents_lost": tuned.agents_lost, "requeued": tuned.requeued, "unreachable": tuned.unreachable, "failures": tuned.failures,
                    "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures,
                    "verification": tuned.verification},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
@@ -156,4 +156,10 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
     unbuilt = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning.get("build_failures", {}).items()))
     if unbuilt:
         md += ["", f"Candidates that failed to build: {unbuilt}."]
+    if tuning.get("requeued"):
+        md += ["", f"Candidates measured again because their session died under them (an agent killed, frozen or "
+                   f"cut off): {tuning['requeued']}."]
+    for addr in sorted(tuning.get("unreachable") or {}):
+        md += ["", f"**Unreachable agent** at `{addr}`: the tracker handed it out, but this host cannot connect to "
+                   "it (NAT, a firewall, or a wrong advertised address: start that agent with `--custom-addr`)."]
     return md

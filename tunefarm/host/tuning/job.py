@@ -53,6 +53,8 @@ class TuneResult:
     built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
     build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
+    requeued: int = 0  # candidates measured again because their session died under them (agent lost, unplugged)
+    unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # agent address -> why it cannot be reached
     verification: dict[str, Any] = dataclasses.field(default_factory=dict)  # TimingVerifier.summary()
     cost_model: dict[str, Any] = dataclasses.field(default_factory=dict)  # which model this run used, load time
     farm_model_update: dict[str, Any] = dataclasses.field(default_factory=dict)  # the farm model rebuilt after it
@@ -197,6 +199,10 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                             number=job.runner.number, repeat=job.runner.repeat,
                             min_repeat_ms=job.runner.min_repeat_ms,
                             enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
+    from rich.markup import escape as _escape  # pylint: disable=import-outside-toplevel
+
+    # An address the agent registered (its own word): escaped before printing.
+    runner.on_unreachable = lambda message: console.print(f"[bold red]unreachable agent[/]: {_escape(message)}")
     from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
     from tunefarm.host.tuning.verify import TimingVerifier  # pylint: disable=import-outside-toplevel
 
@@ -238,6 +244,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
     result.build_failures = dict(builder.build_failures)
     result.agents_lost = dict(runner.lost)
+    result.requeued = runner.requeued
+    result.unreachable = dict(runner.unreachable)
     result.verification = verifier.summary()
     job_dir.mark_run_ended("stopped" if result.stopped else "finished")
     if result.measured:
@@ -308,6 +316,12 @@ def run_summary(result: TuneResult) -> list[str]:
                      f"physical floor, {ver['from_flagged']} from flagged agents (all committed as failed)")
         for agent, why in ver["flagged"].items():
             lines.append(f"FLAGGED agent {agent}: {why}")
+    for addr in sorted(result.unreachable):
+        lines.append(f"UNREACHABLE agent at {addr}: the tracker handed it out but this host cannot connect to it "
+                     "(NAT, firewall or a wrong advertised address: start it with --custom-addr)")
+    if result.requeued:
+        lines.append(f"{result.requeued} candidate(s) measured again: their session died under them (an agent "
+                     "killed, frozen or cut off)")
     if result.per_agent:
         lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
                                                  for a, n in sorted(result.per_agent.items())))

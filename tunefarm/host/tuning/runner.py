@@ -12,8 +12,11 @@ so that candidates sharing a session never share a library path. What a farm add
     overruns is reported failed at once and its thread is abandoned; a new thread asks the tracker for
     a session (another agent, or this one once its server has ended the stuck session at the batch's
     ``session_timeout``);
-  * an agent that dies costs only its candidate in flight: its thread asks for a new session, and when
-    no agent serves the key any more the candidates left fail at once (the next batch then waits
+  * an agent that dies, freezes or drops off the network costs no candidate: the one it had in flight
+    (its session failed, or it overran its deadline) goes back to the queue and is measured again on
+    the next session, another agent's or this one's once it is back (at most :data:`MAX_ATTEMPTS` times:
+    a candidate that kills every session it runs on fails then); its thread asks for a new session, and
+    when no agent serves the key any more the candidates left fail at once (the next batch then waits
     visibly for an agent, as above);
   * each measurement records which agent ran it (``tunefarm.agent.id`` on the agent), and an agent that
     measured for this runner and is no longer listed at the tracker is reported (``on_agent_lost``) once.
@@ -35,16 +38,30 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.runner import PyRunner, PyRunnerFuture
 
-from tunefarm.core.errors import TrackerUnreachable
+from tunefarm.core.errors import AgentUnreachable, TrackerUnreachable
 
 _WATCH_INTERVAL_S = 0.1
 REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for a session
+MAX_ATTEMPTS = 2  # a candidate whose session dies under it is measured once more, on the next session
+# What an RPC session that died under a candidate raises (the agent killed, frozen past its deadline,
+# unplugged, its session crashed), as against a candidate's own error reported through a live session.
+_SESSION_LOST = ("socket", "connection", "broken pipe", "timed out", "timeout", "reset by peer", "eof",
+                 "rpcsession", "rpc session", "closed", "errno")
+
+
+def session_lost(err: BaseException) -> bool:
+    """Whether ``err`` says the session died (rather than that the candidate failed on a live one)."""
+    if isinstance(err, (OSError, EOFError, TimeoutError, ConnectionError)):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _SESSION_LOST)
 
 
 class _Candidate:
     """One candidate of a batch: what to measure, and the future its result goes to."""
 
-    __slots__ = ("artifact_path", "device_type", "args_info", "remote_name", "future", "started", "worker")
+    __slots__ = ("artifact_path", "device_type", "args_info", "remote_name", "future", "started", "worker",
+                 "attempts", "remeasured")
 
     def __init__(self, artifact_path: str, device_type: str, args_info: tuple, remote_name: str):
         self.artifact_path = artifact_path
@@ -54,6 +71,8 @@ class _Candidate:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.started: float | None = None
         self.worker: int | None = None
+        self.attempts = 0  # sessions it was started on
+        self.remeasured = False  # handed back to the queue once: its first session died under it
 
     def settle(self, value=None, error: BaseException | None = None) -> bool:
         """Set the result once; False when it was already settled (e.g. timed out meanwhile)."""
@@ -132,6 +151,8 @@ class _Batch:
         try:
             while True:
                 with self.lock:
+                    while self.queue and self.queue[0].future.done():
+                        self.queue.popleft()  # settled by a late result of an earlier attempt
                     if wid in self.abandoned or not self.queue:
                         return
                     cand = self.queue.popleft()
@@ -142,6 +163,8 @@ class _Batch:
                         with self.lock:
                             self.queue.appendleft(cand)  # for a worker that has a session
                         self.runner.last_session_error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                        if isinstance(err, AgentUnreachable):
+                            self.runner.note_unreachable(err)
                         return
                     device_type = None
                 if device_type != cand.device_type:
@@ -153,16 +176,35 @@ class _Batch:
                         return
                     cand.started = time.monotonic()
                     cand.worker = wid
+                    cand.attempts += 1
+                    attempt = cand.attempts
                 try:
                     costs = _measure_on(session, device, cand, self.runner.evaluator_config, 1)
                 except Exception as err:  # pylint: disable=broad-except
-                    cand.settle(error=err)
                     session = None  # the session may be dead (agent gone, session crashed): a fresh one next
+                    with self.lock:
+                        if (cand.attempts != attempt or cand.worker != wid or cand.future.done()
+                                or cand.started is None):
+                            continue  # taken back meanwhile (its deadline passed): queued again already
+                        if session_lost(err) and cand.attempts < MAX_ATTEMPTS:
+                            self._requeue(cand)
+                            continue
+                    cand.settle(error=err)
                     continue
-                cand.settle((costs, agent_id))
+                with self.lock:
+                    stale = cand.attempts != attempt or cand.worker != wid
+                if not stale:
+                    cand.settle((costs, agent_id))
         finally:
             with self.lock:
                 self.live.discard(wid)
+
+    def _requeue(self, cand: _Candidate) -> None:
+        """Hand a candidate whose session died under it back to the queue (caller holds the lock)."""
+        cand.started = None
+        cand.remeasured = True
+        self.runner.requeued += 1
+        self.queue.appendleft(cand)
 
     def _watch(self) -> None:
         """Enforce per-candidate deadlines; fail what is left once no worker can take it."""
@@ -176,7 +218,10 @@ class _Batch:
                 now = time.monotonic()
                 for cand in self.cands:
                     if cand.started is not None and not cand.future.done() and now - cand.started > timeout:
-                        cand.settle(error=TimeoutError())
+                        if cand.attempts < MAX_ATTEMPTS:
+                            self._requeue(cand)  # its agent froze or dropped off: the next session measures it
+                        else:
+                            cand.settle(error=TimeoutError())
                         if cand.worker not in self.abandoned:
                             self.abandoned.add(cand.worker)
                             self.live.discard(cand.worker)
@@ -246,6 +291,9 @@ class FarmRunner(PyRunner):
         self.failures = collections.Counter()  # "timeout" / "error" -> count
         self.on_agent_lost = on_agent_lost  # (agent id, candidates it measured, agents left on the key)
         self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
+        self.requeued = 0  # candidates handed back to the queue because their session died under them
+        self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
+        self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
         self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
         self._inputs: dict[str, tuple[str, tuple]] = {}  # artifact path -> (device type, args info)
 
@@ -255,6 +303,16 @@ class FarmRunner(PyRunner):
             return self.tracker.wait_for_key(self.key, self.device_wait_sec, on_wait=self.on_wait)
         except TrackerUnreachable as err:
             raise TrackerUnreachable(f"lost the tracker during tuning: {err}") from None
+
+    def note_unreachable(self, err: AgentUnreachable) -> None:
+        """An agent the tracker handed out cannot be reached from here: said once per address."""
+        # The address is the agent's own word (its registration): only address characters are kept.
+        addr = "".join(c if c.isalnum() or c in ".:-[]" else "?" for c in f"{err.host}:{err.port}")[:120]
+        with self._lock:
+            new = addr not in self.unreachable
+            self.unreachable[addr] = str(err)
+        if new and self.on_unreachable is not None:
+            self.on_unreachable(str(err))
 
     def check_agents(self) -> None:
         """Note every agent that measured here and is no longer listed on the key (killed, crashed, unplugged)."""
