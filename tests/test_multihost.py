@@ -186,3 +186,36 @@ def test_an_agent_that_advertises_an_unreachable_address_is_named_not_waited_for
         assert got.returncode != 0 and len(errors) == 1, got.stdout + got.stderr
         assert nowhere in errors[0] and "--custom-addr" in errors[0], errors[0]
         assert took < 300, f"took {took:.0f} s to say it"
+
+
+def test_eight_agent_machines_on_one_key_share_every_batch(tmp_path):
+    """Eight agent machines on one key: each batch is spread over all of them, and the report counts what
+    each measured."""
+    nodes = [f"a{i}" for i in range(8)]
+    with netns.Lab(["host", *nodes]) as lab:
+        lab.check_isolated()
+        host = lab.addr("host")
+        tracker = f"{host}:{TRACKER_PORT}"
+        lab.tunefarm("host", ["tracker", "--host", host, "--port", TRACKER_PORT], tmp_path / "tracker.log")
+        lab.wait_port("host", host, TRACKER_PORT, 60)
+        agents = [lab.tunefarm(n, ["agent", "--tracker", tracker, "--key", "eight", "--host", lab.addr(n),
+                                   "--port", AGENT_PORT, "--threads", "1"], tmp_path / f"{n}.log") for n in nodes]
+        _wait_listed(lab, "host", tracker, "eight", 8, 240)
+        job = {"name": "eight", "model": {"source": "builtin", "name": "convnet"},
+               "device": {"key": "eight", "tracker": tracker}, "target": "from-agent",
+               "tuning": {"max_trials_global": 32, "num_trials_per_iter": 16, "population_size": 64,
+                          "cost_model": "xgb"},
+               "evaluate": {"baselines": [], "repeat": 5, "warmup": 1, "require_speedup": False}}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        logs = tmp_path / "logs"
+        got = lab.run("host", [sys.executable, "-m", "tunefarm", "tune", tmp_path / "job.yaml", "--logs-dir", logs],
+                      timeout=900)
+        assert got.returncode == 0, got.stdout + got.stderr
+        report = json.loads((logs / "eight" / "report.json").read_text())
+        per_agent = report["tuning"]["per_agent"]
+        import socket
+
+        ids = {f"{socket.gethostname()}:{p.pid}" for p in agents}
+        assert set(per_agent) == ids and all(n > 0 for n in per_agent.values()), per_agent
+        md = (logs / "eight" / "report.md").read_text()
+        assert all(f"| {agent} | {n} |" in md for agent, n in per_agent.items()), md

@@ -45,6 +45,9 @@ RUNNER_RUN_FUNC = "tunefarm.runner.run"  # (backend, model_file, inputs_file, wa
 RUNNER_AVAILABLE_FUNC = "tunefarm.runner.available"  # (options_json) -> {backend: None | why not}
 BUILDER_BUILD_FUNC = "tunefarm.builder.build"  # (mod_file, target_json, out_name)
 BUILDER_BUILD_MANY_FUNC = "tunefarm.builder.build_many"  # (names_json, target_json) -> errors JSON
+# (artifact bytes, file name, args_info JSON, evaluator JSON, device type) -> run seconds JSON: one candidate
+# measured in one RPC round trip (tunefarm/device_agents/measure_service.py)
+MEASURE_FUNC = "tunefarm.measure.candidate"
 BUILDER_PARALLELISM_FUNC = "tunefarm.builder.parallelism"  # () -> candidates built at once
 
 

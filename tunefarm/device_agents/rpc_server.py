@@ -115,9 +115,10 @@ def _register_globals(info: dict) -> None:
     from tunefarm.device_agents.runners import register_rpc_functions  # pylint: disable=import-outside-toplevel
 
     register_rpc_functions()  # tunefarm.runner.run / .available: TVM, PyTorch, ONNX Runtime, TensorRT runners
-    from tunefarm.device_agents import build_service  # pylint: disable=import-outside-toplevel
+    from tunefarm.device_agents import build_service, measure_service  # pylint: disable=import-outside-toplevel
 
     build_service.register()
+    measure_service.register()
 
 
 def _die_with_parent(parent_pid: int | None) -> None:

@@ -86,8 +86,32 @@ class _Candidate:
             return False
 
 
-def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repeat: int) -> list[float]:
-    """One candidate on an open session, with stock RPCRunner's own upload/alloc/run functions."""
+def _agent_measure(session):
+    """The agent's one-round-trip measuring function (tunefarm.measure.candidate), or None (a stock server)."""
+    from tunefarm.core.wire import MEASURE_FUNC  # pylint: disable=import-outside-toplevel
+
+    try:
+        return session.get_function(MEASURE_FUNC)
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repeat: int,
+                agent_measure=None) -> list[float]:
+    """One candidate on an open session. With ``agent_measure`` (a tunefarm agent): one RPC call carrying the
+    artifact, measured on the agent with stock MetaSchedule's local alloc/evaluator functions
+    (device_agents/measure_service.py); else stock RPCRunner's own upload/alloc/run functions."""
+    if agent_measure is not None and alloc_repeat == 1:
+        import json  # pylint: disable=import-outside-toplevel
+
+        with open(cand.artifact_path, "rb") as fh:
+            blob = fh.read()
+        config = {"number": evaluator_config.number, "repeat": evaluator_config.repeat,
+                  "min_repeat_ms": evaluator_config.min_repeat_ms,
+                  "enable_cpu_cache_flush": evaluator_config.enable_cpu_cache_flush}
+        out = agent_measure(bytearray(blob), cand.remote_name,
+                            json.dumps(list(cand.args_info)), json.dumps(config), cand.device_type)
+        return [float(c) for c in json.loads(str(out))]
     from tvm.s_tir.meta_schedule.runner import rpc_runner as stock  # pylint: disable=import-outside-toplevel
 
     remote = cand.remote_name
@@ -116,6 +140,8 @@ class _Batch:
         self.live: set[int] = set()  # worker ids still taking candidates
         self.abandoned: set[int] = set()
         self.next_worker = 0
+        self.sessions_opened = 0
+        self.open_failures = 0
         # The server ends a session at this timeout: enough for one agent to measure the whole batch.
         self.session_timeout = int(runner.timeout_sec * len(cands)) + 60
         for _ in range(max(1, min(agents, len(cands)))):
@@ -146,7 +172,7 @@ class _Batch:
         return session, agent_id
 
     def _work(self, wid: int) -> None:
-        session = device = agent_id = None
+        session = device = agent_id = agent_measure = None
         device_type = None
         try:
             while True:
@@ -159,13 +185,23 @@ class _Batch:
                 if session is None:
                     try:
                         session, agent_id = self._open()
+                        agent_measure = _agent_measure(session)
                     except Exception as err:  # pylint: disable=broad-except
-                        with self.lock:
-                            self.queue.appendleft(cand)  # for a worker that has a session
                         self.runner.last_session_error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
                         if isinstance(err, AgentUnreachable):
                             self.runner.note_unreachable(err)
+                        with self.lock:
+                            self.queue.appendleft(cand)  # for a worker that has a session
+                            self.open_failures += 1
+                            # The others may have left while this one held the last candidate: if any agent
+                            # opened a session in this batch, another worker asks again (bounded).
+                            retry = (not (self.live - {wid}) and self.sessions_opened > 0
+                                     and self.open_failures <= 2 * len(self.cands) + 4)
+                        if retry:
+                            self._start_worker()
                         return
+                    with self.lock:
+                        self.sessions_opened += 1
                     device_type = None
                 if device_type != cand.device_type:
                     device = session.device(cand.device_type, 0)
@@ -179,7 +215,7 @@ class _Batch:
                     cand.attempts += 1
                     attempt = cand.attempts
                 try:
-                    costs = _measure_on(session, device, cand, self.runner.evaluator_config, 1)
+                    costs = _measure_on(session, device, cand, self.runner.evaluator_config, 1, agent_measure)
                 except Exception as err:  # pylint: disable=broad-except
                     session = None  # the session may be dead (agent gone, session crashed): a fresh one next
                     with self.lock:
@@ -202,6 +238,7 @@ class _Batch:
     def _requeue(self, cand: _Candidate) -> None:
         """Hand a candidate whose session died under it back to the queue (caller holds the lock)."""
         cand.started = None
+        cand.worker = None  # a late answer of the attempt that lost it is stale: past its deadline, or dead
         cand.remeasured = True
         self.runner.requeued += 1
         self.queue.appendleft(cand)
@@ -218,13 +255,14 @@ class _Batch:
                 now = time.monotonic()
                 for cand in self.cands:
                     if cand.started is not None and not cand.future.done() and now - cand.started > timeout:
+                        worker = cand.worker
                         if cand.attempts < MAX_ATTEMPTS:
                             self._requeue(cand)  # its agent froze or dropped off: the next session measures it
                         else:
                             cand.settle(error=TimeoutError())
-                        if cand.worker not in self.abandoned:
-                            self.abandoned.add(cand.worker)
-                            self.live.discard(cand.worker)
+                        if worker not in self.abandoned:
+                            self.abandoned.add(worker)
+                            self.live.discard(worker)
                             restart += 1
                 if not self.live and not restart and self.queue:
                     orphaned = list(self.queue)
@@ -394,8 +432,12 @@ class FarmRunner(PyRunner):
             chosen = None
             for _ in range(servers):
                 # A short wait: the key's agents are free between batches; one that is gone is not waited for.
-                session = request_session(self.tracker_addr, self.key, min(self.device_wait_sec, REMEASURE_WAIT_S),
-                                          int(self.timeout_sec) + 60, priority=1)
+                try:
+                    session = request_session(self.tracker_addr, self.key, min(self.device_wait_sec, REMEASURE_WAIT_S),
+                                              int(self.timeout_sec) + 60, priority=1)
+                except AgentUnreachable as err:
+                    self.note_unreachable(err)  # not a verifier: the agents this host reaches are asked
+                    continue
                 try:
                     agent_id = str(session.get_function(AGENT_ID_FUNC)())
                 except Exception:  # pylint: disable=broad-except
@@ -411,7 +453,8 @@ class FarmRunner(PyRunner):
             session, agent_id = chosen
             cand = _Candidate(artifact_path, device_type, args_info,
                               f"verify-{uuid.uuid4().hex[:8]}{_suffix(artifact_path)}")
-            return _measure_on(session, session.device(device_type, 0), cand, self.evaluator_config, 1), agent_id
+            return (_measure_on(session, session.device(device_type, 0), cand, self.evaluator_config, 1,
+                                _agent_measure(session)), agent_id)
         except Exception:  # pylint: disable=broad-except
             return None
         finally:
