@@ -49,7 +49,7 @@ def main():
     import onnxruntime as ort
     import torch
 
-    from bench.model_latency import latency_table, measure_jobs, method_text, ratios
+    from bench.model_latency import measure_jobs, method_text, tvm_ort_cells, write_markdown
 
     parser = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,14 +96,9 @@ def main():
         r = results[run["job"]]
         lat = r["latency"]
         lines.append(f"| {name} | {run['job']} | {run['tasks']} | {run['measured']} ({run['failed']}) | "
-                     f"{run['tuning_wall_s']} | {lat['tvm-tuned']['median_ms']:.2f} | "
-                     f"{lat['onnxruntime']['median_ms']:.2f} | "
-                     f"{lat['tvm-tuned']['median_ms'] / lat['onnxruntime']['median_ms']:.2f} | "
+                     f"{run['tuning_wall_s']} | {tvm_ort_cells(lat)} | "
                      f"max abs {r['numerics']['tvm-tuned']['max_abs_err']:.1e} |")
-    lines += ["", "All rows:", "", *latency_table(results), "", "Ratios (TVM tuned / peer, median):", *ratios(results)]
-    text = "\n".join(lines) + "\n"
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(stem, lines, results)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,22 @@ def method_text(meta: dict) -> str:
             "CPUExecutionProvider), random weights (seed 0).")
 
 
+def tvm_ort_cells(lat: dict) -> str:
+    """``TVM median | ORT median | TVM / ORT`` table cells of one job's latency dict."""
+    tvm_ms, ort_ms = lat["tvm-tuned"]["median_ms"], lat["onnxruntime"]["median_ms"]
+    return f"{tvm_ms:.2f} | {ort_ms:.2f} | {tvm_ms / ort_ms:.2f}"
+
+
+def write_markdown(stem: Path, lines: list[str], results: dict) -> str:
+    """``lines`` plus every job's rows and ratios, written to ``stem``.md and printed."""
+    lines = lines + ["", "All rows:", "", *latency_table(results), "", "Ratios (TVM tuned / peer, median):",
+                     *ratios(results)]
+    text = "\n".join(lines) + "\n"
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return text
+
+
 def latency_table(results: dict) -> list[str]:
     lines = ["| job | model | backend | threads | precision | median ms | p90 ms | p99 ms | std ms | numerics |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -42,7 +42,7 @@ def copy_sources(sources: list[Path], logs: Path) -> None:
 def main():
     import tvm
 
-    from bench.model_latency import latency_table, measure_jobs, method_text, ratios
+    from bench.model_latency import measure_jobs, method_text, tvm_ort_cells, write_markdown
     from bench.workloads import bench_job
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.host.tuning import farm_model
@@ -131,13 +131,8 @@ def main():
     for name, run in runs.items():
         lat = results[Path(run["dir"]).name]["latency"]
         lines.append(f"| {run['budget']} | {run['mode']} | {run['measured']} ({run['failed']}) | {run['seeded']} | "
-                     f"{run['tuning_wall_s']} | {lat['tvm-tuned']['median_ms']:.2f} | "
-                     f"{lat['onnxruntime']['median_ms']:.2f} | "
-                     f"{lat['tvm-tuned']['median_ms'] / lat['onnxruntime']['median_ms']:.2f} |")
-    lines += ["", "All rows:", "", *latency_table(results), "", "Ratios (TVM tuned / peer, median):", *ratios(results)]
-    text = "\n".join(lines) + "\n"
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+                     f"{run['tuning_wall_s']} | {tvm_ort_cells(lat)} |")
+    write_markdown(stem, lines, results)
 
 
 if __name__ == "__main__":
