@@ -37,9 +37,13 @@ LIB_NAME = "libtvm_runtime_opencl.so"
 SOURCE_ENV = "TUNEFARM_TVM_SOURCE"
 RUNTIME_DIR = "src/backend/opencl/runtime"
 COMPILE_UNITS = ("opencl_module.cc", "opencl_device_api.cc")
-REQUIRED_FILES = tuple(f"{RUNTIME_DIR}/{name}" for name in
-                       (*COMPILE_UNITS, "opencl_common.h", "source_utils.h", "texture.h")) + (
-    "include/tvm/support/io.h", "include/tvm/support/serializer.h", "src/support/bytes_io.h", "src/support/env.h")
+# The source tree's files the build takes: the backend's runtime directory (copied whole) and the four
+# support headers the wheel does not ship (copied one by one).
+RUNTIME_FILES = tuple(f"{RUNTIME_DIR}/{name}" for name in
+                      (*COMPILE_UNITS, "opencl_common.h", "source_utils.h", "texture.h"))
+SUPPORT_FILES = ("include/tvm/support/io.h", "include/tvm/support/serializer.h", "src/support/bytes_io.h",
+                 "src/support/env.h")
+REQUIRED_FILES = RUNTIME_FILES + SUPPORT_FILES
 COMPILE_TIMEOUT_S = 600
 CHECK_TIMEOUT_S = 180
 DEFINES = ("-DNDEBUG=1", "-DTVM_FFI_CMAKE_LITTLE_ENDIAN=1", "-DTVM_INDEX_DEFAULT_I64=1", "-DTVM_KALLOC_ALIGNMENT=64",
@@ -251,7 +255,7 @@ def build(tree: str | Path, out_dir: Path | None = None, log: Callable[[str], No
     # headers and sources (the backend must match the runtime it is loaded into, not the checkout's).
     tree_dir = work / "tree"
     shutil.copytree(path / RUNTIME_DIR, tree_dir / RUNTIME_DIR)
-    for name in REQUIRED_FILES[len(COMPILE_UNITS) + 3:]:
+    for name in SUPPORT_FILES:
         (tree_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path / name, tree_dir / name)
     (tree_dir / "include" / "tvm" / "runtime").symlink_to(parts["include"], target_is_directory=True)
@@ -291,7 +295,7 @@ def build(tree: str | Path, out_dir: Path | None = None, log: Callable[[str], No
         raise TunefarmError(f"linking {LIB_NAME} failed ({_first_error(build_log.read_text())}); full log: {build_log}")
     seconds = time.monotonic() - t0
     meta = {"tvm": tvm_release(), "source": str(path), "source_version": stated,
-            "source_digest": _digest([path / n for n in REQUIRED_FILES]), "cxx": cxx, "icd_loader": str(loader),
+            "source_digest": _source_digest(path), "cxx": cxx, "icd_loader": str(loader),
             "build_s": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     final = work / "final"
     final.mkdir()
@@ -395,7 +399,7 @@ def ensure_runtime(source: str | Path | None = None, rebuild: bool = False,
             meta = {}
         same_source = source is None or (
             Path(source).expanduser().is_dir()
-            and meta.get("source_digest") == _safe_digest(Path(source).expanduser().resolve()))
+            and meta.get("source_digest") == _source_digest(Path(source).expanduser().resolve()))
         if same_source:
             log(f"using {target_dir / LIB_NAME} (built {meta.get('built_at', '?')} from {meta.get('source', '?')})")
             return OpenCLRuntime(target_dir, check(target_dir), built=False, source=str(meta.get("source", "")))
@@ -408,7 +412,8 @@ def ensure_runtime(source: str | Path | None = None, rebuild: bool = False,
     return OpenCLRuntime(lib_dir, device, built=True, source=str(source), build_s=seconds)
 
 
-def _safe_digest(tree: Path) -> str | None:
+def _source_digest(tree: Path) -> str | None:
+    """The digest of the files the build takes from ``tree`` (None: some are missing or unreadable)."""
     try:
         return _digest([tree / n for n in REQUIRED_FILES])
     except OSError:
