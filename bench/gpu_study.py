@@ -8,15 +8,18 @@ Steps, in this order, each written to the report as soon as it is done (a run cu
 a report with every step it finished):
   1. start ``tunefarm tracker`` and ``tunefarm agent --key gpu --target T`` on loopback ports (T: the
      ``nvidia-h100`` preset on an H100, else the target the agent's own CUDA probe gives);
-  2. the peers, through the farm's one Comparator (``tunefarm.host.comparator``): PyTorch eager (TF32
-     convolutions allowed, PyTorch's default), eager in strict fp32, ``torch.compile`` (default mode) and
-     TensorRT fp32 ("not available" where it is not installed), each run by the agent's runner;
-  3. untuned TVM: the fused module compiled with ``tvm.compile`` (unscheduled kernels get TVM's default
-     GPU schedules), run by the agent's TVM runner (Relax VM, ``time_evaluator``);
-  4. tuning through the farm with ``tunefarm.host.tuning.job.tune_job`` (FarmBuilder, FarmRunner, xgb),
-     ended by its ``should_stop`` hook at a wall budget (records kept; a rerun with the same --work-dir
-     resumes);
-  5. tuned TVM: the job's database applied to exactly the tuned module, ``tvm.compile``, run the same way.
+  2. tuning through the farm with ``tunefarm.host.tuning.job.tune_job`` (FarmBuilder, FarmRunner, xgb),
+     ended by its ``should_stop`` hook at a wall budget or a wall-clock time (records kept; a rerun with the
+     same --work-dir resumes);
+  3. the TVM builds compiled: untuned (``tvm.compile``; unscheduled kernels get TVM's default GPU
+     schedules), tuned (the job's database applied to exactly the tuned module) and tuned with Relax's
+     CUDA-graph rewriting;
+  4. timing, on the GPU alone (``--barrier``: studies run side by side wait until all have stopped
+     tuning, and time one at a time): the peers, through the farm's one Comparator (``tunefarm.host.comparator``) —
+     PyTorch eager (TF32 convolutions, PyTorch's default), strict fp32 and fp16, ``torch.compile`` default and
+     ``mode="reduce-overhead"`` (CUDA graphs) at fp32, TF32 and fp16, TensorRT fp32 and fp16 ("not
+     available" where it is not installed), each run by the agent's runner — then the TVM builds, run by the
+     agent's TVM runner (Relax VM, ``time_evaluator``).
 Every row is compared (``core.stats.compare_outputs``) with PyTorch on the CPU in fp32 (the farm's
 reference), and also with PyTorch on the CPU in fp64 (relative L2 error) and with PyTorch eager on the GPU.
 Timing and the method text are ``core.stats``'s, as in ``tunefarm tune`` and ``tunefarm compare``.
@@ -25,6 +28,7 @@ Writes <out>/gpu-<gpu-name>.json and .md (``--cpu``: cpu-<cpu-name>.*).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import re
@@ -132,7 +136,8 @@ def tvm_build_row(name: str, module, target, build_dir: Path, label: str, precis
     t0 = time.perf_counter()
     lib = build_dir / f"{name}.so"
     compile_module(module, target, cuda_graph=cuda_graph).export_library(str(lib))
-    return Row(name, KEY, label=name, options={"device": device_type_of(target), "precision": precision},
+    backend = "tvm-tuned" if name.startswith("tvm-tuned") else "tvm-untuned"  # the agent's TVM runner either way
+    return Row(backend, KEY, label=name, options={"device": device_type_of(target), "precision": precision},
                rtol=RTOL, atol=ATOL, model_file=str(lib),
                details={"compile_s": round(time.perf_counter() - t0, 1), "build": label, "cuda_graph": cuda_graph})
 
@@ -174,6 +179,45 @@ def scheduled_kept_by_pipeline(applied, target, scheduled: list[str]) -> dict[st
             "kept": len(kept), "merged_by_refusion": merged, "new_functions": new,
             "new_functions_changed_by_default_schedules": changed_new if target.kind.name == "cuda" else None,
             "changed_or_gone": sorted(set(scheduled) - set(kept))}
+
+
+def mark_tuned(barrier: str, name: str, note: str = "") -> None:
+    """Say (``<barrier>/<name>.tuned``) that this study's tuning is over, or that it will not tune."""
+    if barrier:
+        Path(barrier).mkdir(parents=True, exist_ok=True)
+        (Path(barrier) / f"{name}.tuned").write_text(f"{now()} {note}".strip())
+
+
+@contextlib.contextmanager
+def timing_alone(barrier: str, group: int, study: Study, wait_s: float = 1800.0):
+    """Time rows only once every study of the group has stopped tuning, and one study at a time.
+
+    Studies run side by side on one GPU (to fit a lent machine's half hour) tune together; a row timed while
+    another study tunes or times would share the GPU with it. Each study marks ``<barrier>/<name>.tuned``
+    when its tuning is over (:func:`mark_tuned`, also on an error); this waits for ``group`` marks (at most
+    ``wait_s``; the report says if it stopped waiting) and then holds an exclusive lock on
+    ``<barrier>/timing.lock`` while the rows are timed. Compiling needs no GPU and is not serialised. Without
+    ``barrier`` this is a no-op."""
+    if not barrier:
+        yield
+        return
+    import fcntl
+
+    root = Path(barrier)
+    deadline = time.time() + wait_s
+    while len(list(root.glob("*.tuned"))) < group and time.time() < deadline:
+        time.sleep(2.0)
+    ready = len(list(root.glob("*.tuned")))
+    if ready < group:
+        study.data["problems"].append(f"timed while {group - ready} of {group} side-by-side studies may still "
+                                      f"have been tuning (waited {wait_s:.0f} s)")
+    with open(root / "timing.lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        study.step("timing (the GPU to this study alone)", studies_done_tuning=ready, group=group)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- farm
@@ -234,7 +278,7 @@ def tune(study: Study, job, work_dir: Path, args, task_keys, task_names) -> Any:
     from tunefarm.core.errors import TunefarmError
     from tunefarm.host.tuning.job import tune_job
 
-    stop_at = time.time() + args.tune_wall_s
+    stop_at = args.tune_until or time.time() + args.tune_wall_s
     stopped_at: list[int] = []
 
     def should_stop(progress) -> bool:
@@ -248,8 +292,9 @@ def tune(study: Study, job, work_dir: Path, args, task_keys, task_names) -> Any:
     try:
         tune_job(job, work_dir / "logs", should_stop=should_stop)
         if stopped_at:
-            outcome = (f"stopped at the wall budget ({args.tune_wall_s:.0f} s) after {stopped_at[0]} trials; "
-                       "records kept")
+            # MetaSchedule calls the hook when it joins a batch: the first round over every task can end well
+            # past the deadline (its candidates are all measured by then; the summary counts them).
+            outcome = f"stopped at the wall budget ({time.time() - t0:.0f} s wall); records kept"
     except TunefarmError as err:
         outcome = f"stopped: {err}"
     log(f"tuning {outcome}")
@@ -284,15 +329,16 @@ def pipeline_line(pc: dict[str, Any]) -> str:
 PRECISION_RANK = {"fp32": 3, "tf32": 2, "fp16": 1, "bf16": 1}
 
 
-def summary_lines(rows: dict[str, Any]) -> list[str]:
+def summary_lines(rows: dict[str, Any], tvm_names=("tvm-tuned", "tvm-tuned-cudagraph"),
+                  heading: str = "## Summary") -> list[str]:
     ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
     med = {n: r["latency"]["median_ms"] for n, r in ok.items()}
-    tvm_rows = [n for n in ("tvm-tuned", "tvm-tuned-cudagraph") if n in med]
+    tvm_rows = [n for n in tvm_names if n in med]
     if not tvm_rows:
         return []
     best = min(tvm_rows, key=lambda n: med[n])
     prec = ok[best].get("precision") or "fp32"
-    out = ["## Summary", "", f"Fastest tuned TVM row: {best} ({prec}), {med[best]:.3f} ms.", ""]
+    out = [heading, "", f"Fastest tuned TVM row: {best} ({prec}), {med[best]:.3f} ms.", ""]
     for name in [n for n in ORDER if n in med and not n.startswith("tvm-tuned")]:
         ratio = (f"{med[name] / med[best]:.2f}x faster" if med[best] < med[name]
                  else f"{med[best] / med[name]:.2f}x slower")
@@ -309,9 +355,32 @@ def summary_lines(rows: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def table_lines(rows: dict[str, Any], order: list[str]) -> list[str]:
+    """The latency and numerics table of ``rows`` in ``order``."""
+    from tunefarm.host.comparator import STATUS_TEXT
+    from tunefarm.host.reports.markdown import number
+
+    lines = [
+        "| row | where | threads | precision | median ms | p90 | p99 | mean | std | min | samples | max abs err vs PyTorch CPU fp32 (allclose 1e-3) | rel. L2 err vs CPU fp64 | max abs err vs PyTorch GPU eager |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in order:
+        row = rows[name]
+        if row["status"] != "ok":
+            lines.append(f"| {name} | {STATUS_TEXT.get(row['status'], row['status'])}: {row['reason']} | | | | | | | | | | | | |")
+            continue
+        lat, num = row["latency"], row["numerics"]
+        fp64 = row.get("numerics_vs_torch_cpu_fp64") or {}
+        gpu = row.get("numerics_vs_torch_gpu_eager")
+        lines.append(
+            f"| {name} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision')} | **{lat['median_ms']:.3f}** | "
+            f"{lat['p90_ms']:.3f} | {lat['p99_ms']:.3f} | {lat['mean_ms']:.3f} | {lat['std_ms']:.3f} | {lat['min_ms']:.3f} | "
+            f"{lat['samples']} | {number(num['max_abs_err'])} ({'ok' if num['ok'] else 'NOT within'}) | "
+            f"{number(fp64.get('rel_l2_err'))} | {number(gpu['max_abs_err']) if gpu else '-'} |")
+    return lines
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     from tunefarm.core.stats import method_text
-    from tunefarm.host.comparator import STATUS_TEXT
     from tunefarm.host.reports.markdown import number
 
     meta, rows, tn = data["meta"], data["rows"], data.get("tuning", {})
@@ -329,23 +398,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              "TF32 and fp16 rows relative L2 <= 1e-2 and top-1 agreement.",
              f"- Farm: `tunefarm tracker` + one `tunefarm agent --key {KEY} --target {meta.get('agent_target_arg', '?')}` "
              f"on loopback ({meta.get('agent_target_why', '')}); target `{meta.get('target', '?')}`.", ""]
-    lines += ["## Latency and numerics", "",
-              "| row | where | threads | precision | median ms | p90 | p99 | mean | std | min | samples | max abs err vs PyTorch CPU fp32 (allclose 1e-3) | rel. L2 err vs CPU fp64 | max abs err vs PyTorch GPU eager |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]:
-        row = rows[name]
-        if row["status"] != "ok":
-            lines.append(f"| {name} | {STATUS_TEXT.get(row['status'], row['status'])}: {row['reason']} | | | | | | | | | | | | |")
-            continue
-        lat, num = row["latency"], row["numerics"]
-        fp64 = row.get("numerics_vs_torch_cpu_fp64") or {}
-        gpu = row.get("numerics_vs_torch_gpu_eager")
-        lines.append(
-            f"| {name} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision')} | **{lat['median_ms']:.3f}** | "
-            f"{lat['p90_ms']:.3f} | {lat['p99_ms']:.3f} | {lat['mean_ms']:.3f} | {lat['std_ms']:.3f} | {lat['min_ms']:.3f} | "
-            f"{lat['samples']} | {number(num['max_abs_err'])} ({'ok' if num['ok'] else 'NOT within'}) | "
-            f"{number(fp64.get('rel_l2_err'))} | {number(gpu['max_abs_err']) if gpu else '-'} |")
-    lines.append("")
+    lines += ["## Latency and numerics", ""] + table_lines(rows, [n for n in ORDER if n in rows]
+                                                       + [n for n in rows if n not in ORDER]) + [""]
     lines += summary_lines(rows)
     args = meta.get("args", {})
     lines += ["Method: " + method_text(args.get("warmup", 0), args.get("samples", 0), args.get("budget_s", 0.0)), ""]
@@ -433,6 +487,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-iter", type=int, default=16, help="trials per round")
     parser.add_argument("--population", type=int, default=256)
     parser.add_argument("--tune-wall-s", type=float, default=780.0, help="stop tuning (records kept) after this")
+    parser.add_argument("--tune-until", type=float, default=0.0,
+                        help="stop tuning at this Unix time instead (studies run side by side end together)")
+    parser.add_argument("--barrier", default="",
+                        help="a directory shared by --group studies run side by side: each times its rows only "
+                             "once all of them have stopped tuning, and one study at a time")
+    parser.add_argument("--group", type=int, default=1, help="how many studies share --barrier")
     parser.add_argument("--builder-timeout-s", type=float, default=180.0)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--samples", type=int, default=200)
@@ -447,6 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the job's tuning.fold_batchnorm (the fp16 tensor-core probe measured it off)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="do not also time the tuned build compiled with Relax's CUDA-graph rewriting")
+    parser.add_argument("--no-untuned", action="store_true", help="do not compile and time the untuned build")
     parser.add_argument("--skip-tuning", action="store_true", help="evaluate what the job's database holds")
     parser.add_argument("--cpu", action="store_true", help="dry run on the CPU (no GPU needed)")
     parser.add_argument("--out", default=str(common.RESULTS))
@@ -560,25 +621,19 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 return result(Row(name, KEY, label=name), FAILED, f"the TVM build failed: {str(err).strip()[-300:]}")
 
-        untuned = tvm_row("tvm-untuned", mod, "untuned (tvm.compile: default GPU schedules)" if device == "cuda"
-                          else "untuned (tvm.compile)")
-        peers = peer_rows(device, args.skip_torch_compile)
-        if args.peers:
-            wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
-            peers = [r for r in peers if r.label in wanted]
-        first = comparator.run_and_compare(art, [*peers, untuned])
-        eager = first[0]
-        refs["gpu_eager"] = eager.outputs if device == "cuda" and eager.ok else None
-        study.rows(first, refs)
-        study.step("peers and untuned TVM done")
-
         if args.skip_tuning:
             database = tuning_summary(work_dir / "logs" / job.name, task_keys, task_names)[1]
         else:
             log(f"tuning: {job.tuning.max_trials_global} trials ({len(extracted)} tasks x {args.trials_per_task}), "
                 f"wall budget {args.tune_wall_s:.0f} s")
             database = tune(study, job, work_dir, args, task_keys, task_names)
+        mark_tuned(args.barrier, stem.name)
 
+        # Builds are compiled before anything is timed; studies run side by side (--barrier) time their rows
+        # one study at a time, after every study's tuning has ended.
+        untuned = [] if args.no_untuned else [
+            tvm_row("tvm-untuned", mod, "untuned (tvm.compile: default GPU schedules)" if device == "cuda"
+                    else "untuned (tvm.compile)")]
         applied, scheduled, unscheduled = apply_database(mod, target, database)
         study.data["scheduled"] = {"count": len(scheduled), "total": len(scheduled) + len(unscheduled),
                                    "unscheduled": unscheduled,
@@ -589,7 +644,18 @@ def main(argv=None) -> int:
         tuned_rows = [tvm_row("tvm-tuned", applied, label)]
         if device == "cuda" and not args.no_cuda_graph:
             tuned_rows.append(tvm_row("tvm-tuned-cudagraph", applied, label + ", CUDA graphs", cuda_graph=True))
-        study.rows(comparator.run_and_compare(art, tuned_rows), refs)
+        study.step("builds compiled")
+        peers = peer_rows(device, args.skip_torch_compile)
+        if args.peers:
+            wanted = {p.strip() for p in args.peers.split(",") if p.strip()}
+            peers = [r for r in peers if r.label in wanted]
+        with timing_alone(args.barrier, args.group, study):
+            first = comparator.run_and_compare(art, peers)
+            eager = next((r for r in first if r.label == "pytorch-eager"), None)
+            refs["gpu_eager"] = eager.outputs if device == "cuda" and eager is not None and eager.ok else None
+            study.rows(first, refs)
+            study.rows(comparator.run_and_compare(art, [*untuned, *tuned_rows]), refs)
+        study.step("rows timed")
 
         rows = study.data["rows"]
         ran = {name: row for name, row in rows.items() if row["status"] == "ok"}
@@ -611,6 +677,7 @@ def main(argv=None) -> int:
         study.data["problems"].append(f"study stopped: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
         study.step("stopped by an error")
         traceback.print_exc()
+        mark_tuned(args.barrier, stem.name, "stopped by an error")  # the others need not wait for it
         return 1
     finally:
         if agents is not None:
