@@ -21,7 +21,7 @@ quickstart: $(STAMP)
 
 # The default suite: real trackers, agents and tiny models on loopback (under ~20 min on 2 cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # Also the slow tests (marked `slow`), e.g. a real ResNet tuning run.
 test-all: $(STAMP)

@@ -219,3 +219,68 @@ def test_eight_agent_machines_on_one_key_share_every_batch(tmp_path):
         assert set(per_agent) == ids and all(n > 0 for n in per_agent.values()), per_agent
         md = (logs / "eight" / "report.md").read_text()
         assert all(f"| {agent} | {n} |" in md for agent, n in per_agent.items()), md
+
+
+def test_the_laptops_link_drops_while_following_and_follow_resumes(tmp_path):
+    """A laptop follows a job on the host service; its cable is pulled mid-job for 15 s and plugged back.
+    ``tunefarm follow`` goes on where it was: every measured batch printed once, in order, then the done line,
+    exit 0 (the job itself never noticed)."""
+    http_port = 9180
+    with netns.Lab(["host", "agent1", "laptop"]) as lab:
+        lab.check_isolated()
+        host = lab.addr("host")
+        (tmp_path / "farm.yaml").write_text(yaml.safe_dump({"bind": host, "tracker_bind": host,
+                                                            "device_offline_after_s": 6}))
+        logs = tmp_path / "logs"
+        lab.tunefarm("host", ["host", "serve", "--config", tmp_path / "farm.yaml", "--logs-dir", logs,
+                              "--port", http_port, "--tracker-port", TRACKER_PORT], tmp_path / "host.log")
+        lab.wait_port("laptop", host, http_port, 120)
+        env = {"TUNEFARM_FARM": f"http://{host}:{http_port}",
+               "TUNEFARM_TOKEN": (logs / "farm" / "token").read_text().strip(),
+               "TUNEFARM_CLIENT_CONFIG": str(tmp_path / "no-client-config.yaml")}
+        # The agent learns the tracker's address from the farm (as it reaches the host), on its own machine.
+        lab.tunefarm("agent1", ["agent", "--key", "cpu", "--host", lab.addr("agent1"), "--port", AGENT_PORT],
+                     tmp_path / "agent1.log", env=env)
+        _wait_listed(lab, "host", f"{host}:{TRACKER_PORT}", "cpu", 1, 120)
+
+        job = {"name": "followed", "model": {"source": "builtin", "name": "convnet"}, "device": {"key": "cpu"},
+               "tuning": {"max_trials_global": 40, "num_trials_per_iter": 4, "population_size": 64,
+                          "cost_model": "xgb"},
+               "builder": {"workers": 1, "timeout_sec": 60},
+               "runner": {"timeout_sec": 30, "device_wait_sec": 60}}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        got = lab.run("laptop", [sys.executable, "-m", "tunefarm", "submit", tmp_path / "job.yaml", "--skip-eval"],
+                      timeout=120, env=env)
+        assert got.returncode == 0 and "submitted followed" in got.stdout, got.stdout + got.stderr
+        follow_log = tmp_path / "follow.log"
+        follow = lab.tunefarm("laptop", ["follow", "followed"], follow_log, env={**env, "COLUMNS": "200"})
+
+        def batches() -> list[str]:
+            text = follow_log.read_text(errors="replace") if follow_log.exists() else ""
+            return [l for l in text.splitlines() if " batch of " in l]
+
+        deadline = time.monotonic() + 600
+        while len(batches()) < 2 and follow.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(batches()) >= 2 and follow.poll() is None, follow_log.read_text()
+        progress = logs / "followed" / "progress.jsonl"
+
+        def measured() -> int:
+            return sum(1 for l in progress.read_text().splitlines() if '"batch"' in l)
+
+        before = measured()
+        lab.link("laptop", False)  # at least 15 s, and until the job has measured another batch without it
+        t_down = time.monotonic()
+        while (time.monotonic() - t_down < 15 or measured() == before) and time.monotonic() - t_down < 120:
+            time.sleep(0.5)
+        away = measured() - before
+        lab.link("laptop", True)
+        code = follow.wait(600)
+        text = follow_log.read_text(errors="replace")
+        assert code == 0, text
+        assert away > 0, "the job measured nothing while the laptop was away"
+        events = [json.loads(l) for l in progress.read_text().splitlines() if l.strip()]
+        expected = [e["trials"] for e in events if e.get("batch")]
+        printed = [int(l[l.index("trials "):].split()[1].split("/")[0]) for l in batches()]
+        assert printed == expected, (printed, expected)  # every batch once, in order, across the drop
+        assert "job followed done: 40 trials" in " ".join(text.split()), text

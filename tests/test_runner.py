@@ -136,3 +136,83 @@ def test_a_dead_session_is_told_from_a_failing_candidate():
     for err in (RuntimeError("InternalError: Check failed: (n == 3) is false: Memory verification failed"),
                 ValueError("Invalid argument to kernel")):
         assert not session_lost(err), err
+
+
+def test_over_a_slow_link_a_worker_sends_several_candidates_per_call(tracker, start_agent, tmp_path):
+    """An agent reached through the farm's delay proxy (25 ms each way: a 50 ms round trip, advertised with
+    --custom-addr): after its first candidate the worker sends the rest in chunks, one round trip each, and
+    every candidate still gets its own valid result on the one session."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.core.procs import free_port
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.tuning.runner import FarmRunner
+    from tunefarm.testing import delayproxy
+    from tunefarm.tracker.client import TrackerClient
+
+    host, port = tracker
+    rpc_port = free_port("127.0.0.1")
+    log = tmp_path / "agent.log"
+    start_agent(host, port, "slow", log, extra_args=("--port", str(rpc_port), "--custom-addr", "127.0.0.2"))
+    with TrackerClient(host, port) as client:
+        (item,) = [i for i in client.devices() if i["key"] == "slow"]
+    assert item["addrs"] == [f"127.0.0.2:{rpc_port}"]  # what the host is told to connect to: the proxy
+    proxy = delayproxy.start(f"127.0.0.2:{rpc_port}", f"127.0.0.1:{rpc_port}", 25)
+    try:
+        target = tvm.target.Target(llvm_target())
+        inputs = _runner_inputs(_kernels(target, **{f"add{i}": 16 * (i + 1) for i in range(12)}), target)
+        runner = FarmRunner(host, port, "slow", timeout_sec=60,
+                            evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=2, min_repeat_ms=0))
+        before = _sessions_started(log)
+        results = [f.result() for f in runner.run(inputs)]
+        runner.shutdown()
+    finally:
+        proxy.kill()
+        proxy.wait(10)
+    assert [r.error_msg for r in results] == [None] * 12
+    assert all(len(r.run_secs) == 2 and all(float(x) > 0 for x in r.run_secs) for r in results)
+    assert sum(size * calls for size, calls in runner.chunks.items()) == 12  # each measured once
+    assert runner.chunks[1] == 1 and max(runner.chunks) > 1, dict(runner.chunks)  # first alone, then chunks
+    assert _sessions_started(log) - before == 1
+
+
+def test_the_batch_call_refuses_malformed_input_and_the_agent_goes_on(tracker, start_agent, tmp_path):
+    """tunefarm.measure.batch as a hostile host could call it: a header that is not JSON, sizes that do not
+    add up, too many candidates, a path for a name. Each is refused (or that candidate fails and the rest are
+    not run); nothing crashes the agent, and a good call on the same agent then measures."""
+    import json
+
+    import tvm
+
+    from tunefarm.core.wire import MEASURE_BATCH_FUNC
+    from tunefarm.device_agents.measure_service import MAX_BATCH, NOT_RUN
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.testing.localfarm import listed_agents
+    from tunefarm.tracker.client import request_session
+
+    host, port = tracker
+    agent = start_agent(host, port, "cpu", tmp_path / "agent.log")
+    target = tvm.target.Target(llvm_target())
+    (inp,) = _runner_inputs(_kernels(target, add=64), target)
+    blob = Path(inp.artifact_path).read_bytes()
+    item = {"name": "good.tar", "size": len(blob), "args_info": [a.as_json() for a in inp.args_info],
+            "device_type": "cpu"}
+    evaluator = json.dumps({"number": 1, "repeat": 1, "min_repeat_ms": 0, "enable_cpu_cache_flush": False})
+
+    def call(data: bytes, header) -> str:
+        session = request_session((host, port), "cpu", 60, 120)
+        return str(session.get_function(MEASURE_BATCH_FUNC)(bytearray(data), header, evaluator))
+
+    for data, header, says in ((blob, "{not json", "Expecting"),
+                               (blob + b"x", json.dumps([item]), "sizes add up to"),
+                               (blob * (MAX_BATCH + 1), json.dumps([item] * (MAX_BATCH + 1)), "a list of 1 to"),
+                               (blob, json.dumps([{**item, "size": "7"}]), "needs name, size")):
+        with pytest.raises(Exception, match=says):
+            call(data, header)
+    bad = [{**item, "name": "../../outside.tar"}, item]
+    answer = json.loads(call(blob * 2, json.dumps(bad)))
+    assert "must be a plain .tar or .so file name" in answer[0]["error"] and answer[1] == {"error": NOT_RUN}
+    assert agent.poll() is None and len(listed_agents(host, port, "cpu")) == 1
+    (good,) = json.loads(call(blob, json.dumps([item])))
+    assert len(good["costs"]) == 1 and good["costs"][0] > 0

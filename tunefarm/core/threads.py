@@ -14,6 +14,15 @@ from pathlib import Path
 THREADS_ENV = "TVM_NUM_THREADS"
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask: ``taskset`` and containers count), for
+    process pools such as the builder's; ``os.cpu_count()`` counts the machine's, pinned or not."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def usable_cores() -> int:
     """Physical cores among the CPUs this process may run on (its affinity mask).
 

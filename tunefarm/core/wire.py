@@ -48,6 +48,9 @@ BUILDER_BUILD_MANY_FUNC = "tunefarm.builder.build_many"  # (names_json, target_j
 # (artifact bytes, file name, args_info JSON, evaluator JSON, device type) -> run seconds JSON: one candidate
 # measured in one RPC round trip (tunefarm/device_agents/measure_service.py)
 MEASURE_FUNC = "tunefarm.measure.candidate"
+# (artifacts' bytes back to back, header JSON, evaluator JSON) -> per-candidate results JSON: several candidates
+# in one round trip, for slow links (the same file)
+MEASURE_BATCH_FUNC = "tunefarm.measure.batch"
 BUILDER_PARALLELISM_FUNC = "tunefarm.builder.parallelism"  # () -> candidates built at once
 
 

@@ -9,6 +9,13 @@ and fills the arguments and times it with **stock MetaSchedule's own local funct
 (``local_runner.default_alloc_argument`` / ``default_run_evaluator``: the same ``time_evaluator`` the RPC path
 calls remotely), removes the file and answers the run seconds. The host falls back to the stock RPC path for
 a server without this function (a stock ``tvm.rpc`` server on an open key).
+
+Over a slow link one round trip per candidate is still one round trip too many (50 ms of RTT against ~60 ms of
+device time): ``tunefarm.measure.batch`` takes several candidates in one call (their bytes concatenated, a JSON
+header saying where each one ends) and measures them in turn, each as above. It stops at the first candidate
+that fails (a GPU fault can leave the device unusable for the rest): the rest come back "not run", for the
+host to measure on a fresh session. The host decides how many to send per call from the round trip it
+measured (tunefarm/host/tuning/runner.py).
 """
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ import json
 import os
 
 MAX_ARTIFACT_BYTES = 1 << 30
+MAX_BATCH = 64  # candidates in one tunefarm.measure.batch call
+MAX_HEADER_BYTES = 1 << 20
+NOT_RUN = "not run: an earlier candidate of the call failed"
 
 
 def _measure(blob, name: str, args_info_json: str, evaluator_json: str, device_type: str) -> str:
@@ -50,9 +60,45 @@ def _measure(blob, name: str, args_info_json: str, evaluator_json: str, device_t
                 pass
 
 
+def _measure_batch(blob, header_json: str, evaluator_json: str) -> str:
+    """``blob``: the candidates' artifacts back to back; ``header_json``: ``[{"name", "size", "args_info",
+    "device_type"}, ...]`` in that order. Answers ``[{"costs": [...]} | {"error": "..."}, ...]``, one per
+    candidate. Everything about the header is checked before anything is written or loaded."""
+    data = bytes(blob)
+    header_text = str(header_json)
+    if len(header_text) > MAX_HEADER_BYTES:
+        raise ValueError(f"batch header of {len(header_text)} bytes is over the {MAX_HEADER_BYTES} limit")
+    items = json.loads(header_text)
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise ValueError(f"a batch is a list of 1 to {MAX_BATCH} candidates")
+    sizes = []
+    for item in items:
+        if (not isinstance(item, dict) or not isinstance(item.get("size"), int) or item["size"] < 0
+                or not isinstance(item.get("name"), str) or not isinstance(item.get("device_type"), str)
+                or not isinstance(item.get("args_info"), list)):
+            raise ValueError("each candidate of a batch needs name, size, args_info and device_type")
+        sizes.append(item["size"])
+    if sum(sizes) != len(data):
+        raise ValueError(f"the batch's sizes add up to {sum(sizes)} bytes; {len(data)} were sent")
+    out, offset, failed = [], 0, False
+    for item, size in zip(items, sizes):
+        chunk, offset = data[offset:offset + size], offset + size
+        if failed:
+            out.append({"error": NOT_RUN})
+            continue
+        try:
+            costs = _measure(chunk, item["name"], json.dumps(item["args_info"]), evaluator_json, item["device_type"])
+            out.append({"costs": json.loads(costs)})
+        except Exception as err:  # pylint: disable=broad-except  # reported per candidate, as the one-call path does
+            out.append({"error": f"{type(err).__name__}: {str(err).strip()[-2000:]}"})
+            failed = True
+    return json.dumps(out)
+
+
 def register() -> None:
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
-    from tunefarm.core.wire import MEASURE_FUNC  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.wire import MEASURE_BATCH_FUNC, MEASURE_FUNC  # pylint: disable=import-outside-toplevel
 
-    tvm_ffi.register_global_func(MEASURE_FUNC, _measure, override=True)
+    tvm_ffi.register_global_func(MEASURE_FUNC, lambda *a: _measure(*a), override=True)  # _measure looked up per call
+    tvm_ffi.register_global_func(MEASURE_BATCH_FUNC, _measure_batch, override=True)

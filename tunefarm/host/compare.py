@@ -25,6 +25,7 @@ from typing import Any
 
 from tunefarm.core.comparespec import TVM_BACKENDS, CompareConfig, CompareRow, load_compare
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
+from tunefarm.core.threads import usable_cpus
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.reports.markdown import number
 from tunefarm.host.comparator import (FAILED, NO_AGENT, NOT_AVAILABLE, NOT_RUN, OK, Comparator, FarmAgents,
@@ -223,7 +224,7 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
     # Other work on a shared machine skews every figure: the report says how busy it was.
     report = write_compare_report(cfg, models_out, out_dir, wall_s=time.time() - t_start,
                                   load_avg={"load_avg_start": load_start, "load_avg_end": _load_avg(),
-                                            "cpus": os.cpu_count()}, agents=agents.seen)
+                                            "cpus": usable_cpus()}, agents=agents.seen)
     console.print(f"report: {out_dir / 'report.md'}")
     bad = [f"{m['name']}/{r['label']}" for m in models_out for r in m["rows"]
            if r["status"] == OK and not r["numerics"]["ok"]]

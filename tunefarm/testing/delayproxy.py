@@ -67,6 +67,27 @@ async def serve(listen: tuple[str, int], target: tuple[str, int], delay_ms: floa
         await server.serve_forever()
 
 
+def start(listen: str, target: str, delay_ms: float, wait_s: float = 30.0):
+    """This proxy in a process of its own (``listen`` and ``target`` as HOST:PORT), returned once it accepts
+    connections; the caller kills it."""
+    # pylint: disable=import-outside-toplevel
+    import socket
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "tunefarm.testing.delayproxy", listen, target, str(delay_ms)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection(_hostport(listen), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the delay proxy on {listen} did not start") from None
+            time.sleep(0.1)
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)

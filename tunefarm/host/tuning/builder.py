@@ -22,6 +22,8 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
+from tunefarm.core.threads import usable_cpus
+
 
 def _warm_worker():
     # Import the build path once per worker instead of once per candidate.
@@ -46,7 +48,7 @@ class WarmBuilder(PyBuilder):
 
     def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512):
         super().__init__()
-        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.workers = workers or usable_cpus()
         self.timeout_sec = timeout_sec
         self.recycle_after = recycle_after
         self._pool = None

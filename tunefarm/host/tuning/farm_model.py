@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tunefarm.core.threads import usable_cpus
 from tunefarm.host.tuning.jobdir import VERIFIED, JobDir, job_dirs, mean_run_s
 
 MODELS_DIR = ".cost_models"
@@ -195,7 +196,7 @@ def _farm_model_class():
 
 def new_model(num_tuning_cores: int | None = None):
     """A cold model configured as ``tune_tasks`` configures ``"xgb"``."""
-    return _farm_model_class()(num_tuning_cores=num_tuning_cores or max(1, os.cpu_count() or 1))
+    return _farm_model_class()(num_tuning_cores=num_tuning_cores or usable_cpus())
 
 
 def _groups_from(sets: list[dict[str, np.ndarray]]):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
+from tunefarm.core.threads import usable_cores
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
@@ -178,6 +179,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
+        num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
         **({"space": space} if space is not None else {}))
     progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
                            budget.measured_before + budget.remaining, console,

@@ -24,6 +24,14 @@ so that candidates sharing a session never share a library path. What a farm add
 Why not stock's session per candidate: opening one costs a tracker round trip, a request and a
 handshake (~200 ms measured, Nagle's delayed ACKs included) against ~60 ms of device time for a typical
 ResNet-18 candidate; bench/farm_overhead.py measures both ways.
+
+A candidate is one RPC call to a tunefarm agent (``tunefarm.measure.candidate``: the artifact's bytes, its
+arguments and the evaluator settings; measured on the agent by stock MetaSchedule's local functions). Over a
+slow link a worker sends several candidates per call (``tunefarm.measure.batch``): as many as keep the
+session's measured round trip under :data:`CHUNK_RTT_SHARE` of their measuring time (:func:`chunk_size`;
+one at a time on a LAN). Each candidate of a chunk keeps its own deadline (its place in the chunk times
+``timeout_sec``), its own result or error, and the ones the agent did not start after a failure go back to
+the queue without costing an attempt.
 """
 from __future__ import annotations
 
@@ -61,7 +69,7 @@ class _Candidate:
     """One candidate of a batch: what to measure, and the future its result goes to."""
 
     __slots__ = ("artifact_path", "device_type", "args_info", "remote_name", "future", "started", "worker",
-                 "attempts", "remeasured")
+                 "attempts", "remeasured", "allowance")
 
     def __init__(self, artifact_path: str, device_type: str, args_info: tuple, remote_name: str):
         self.artifact_path = artifact_path
@@ -73,6 +81,7 @@ class _Candidate:
         self.worker: int | None = None
         self.attempts = 0  # sessions it was started on
         self.remeasured = False  # handed back to the queue once: its first session died under it
+        self.allowance = 0.0  # seconds from ``started`` to its deadline (later places of a chunk get more)
 
     def settle(self, value=None, error: BaseException | None = None) -> bool:
         """Set the result once; False when it was already settled (e.g. timed out meanwhile)."""
@@ -96,6 +105,76 @@ def _agent_measure(session):
         return None
 
 
+def _agent_measure_batch(session):
+    """The agent's several-candidates-per-round-trip function (tunefarm.measure.batch), or None."""
+    from tunefarm.core.wire import MEASURE_BATCH_FUNC  # pylint: disable=import-outside-toplevel
+
+    try:
+        return session.get_function(MEASURE_BATCH_FUNC)
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def _evaluator_json(evaluator_config) -> str:
+    import json  # pylint: disable=import-outside-toplevel
+
+    return json.dumps({"number": evaluator_config.number, "repeat": evaluator_config.repeat,
+                       "min_repeat_ms": evaluator_config.min_repeat_ms,
+                       "enable_cpu_cache_flush": evaluator_config.enable_cpu_cache_flush})
+
+
+class CandidateNotRun(Exception):
+    """The agent did not measure this candidate of a chunk (an earlier one failed): measure it again."""
+
+
+def _measure_chunk(measure_batch, cands: list[_Candidate], evaluator_config) -> list:
+    """Several candidates in one RPC call: per candidate, its costs or the exception to settle it with
+    (:class:`CandidateNotRun` for the ones the agent skipped after a failure)."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.device_agents.measure_service import NOT_RUN  # pylint: disable=import-outside-toplevel
+
+    blobs, header = [], []
+    for cand in cands:
+        with open(cand.artifact_path, "rb") as fh:
+            blob = fh.read()
+        blobs.append(blob)
+        header.append({"name": cand.remote_name, "size": len(blob), "args_info": list(cand.args_info),
+                       "device_type": cand.device_type})
+    answer = json.loads(str(measure_batch(bytearray(b"".join(blobs)), json.dumps(header),
+                                          _evaluator_json(evaluator_config))))
+    if not isinstance(answer, list) or len(answer) != len(cands):
+        raise RuntimeError(f"the agent answered {type(answer).__name__} for a chunk of {len(cands)} candidates")
+    out: list = []
+    for item in answer:
+        if isinstance(item, dict) and isinstance(item.get("costs"), list):
+            out.append([float(c) for c in item["costs"]])
+        elif isinstance(item, dict) and item.get("error") == NOT_RUN:
+            out.append(CandidateNotRun(NOT_RUN))
+        else:
+            error = item.get("error") if isinstance(item, dict) else None
+            out.append(RuntimeError(str(error)[-2000:] if error else f"malformed answer {str(item)[:80]!r}"))
+    return out
+
+
+# A chunk pays one network round trip for all its candidates: it holds as many as keep that round trip under
+# this share of their measuring time (1 where the round trip is negligible, as on a LAN: one at a time keeps
+# the load spread over the agents and the fault handling per candidate).
+CHUNK_RTT_SHARE = 0.05
+MAX_CHUNK = 16
+
+
+def chunk_size(rtt_s: float, per_candidate_s: float | None, queued: int, workers: int) -> int:
+    """How many candidates a worker sends in its next call: enough that ``rtt_s`` is at most
+    :data:`CHUNK_RTT_SHARE` of their measuring time (``per_candidate_s``, unknown before the first one), never
+    more than :data:`MAX_CHUNK` nor than its share of the ``queued`` candidates among ``workers``."""
+    if not per_candidate_s or per_candidate_s <= 0 or rtt_s <= 0:
+        return 1
+    want = -(-rtt_s // (CHUNK_RTT_SHARE * per_candidate_s))
+    share = -(-queued // max(1, workers))
+    return int(max(1, min(want, MAX_CHUNK, share)))
+
+
 def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repeat: int,
                 agent_measure=None) -> list[float]:
     """One candidate on an open session. With ``agent_measure`` (a tunefarm agent): one RPC call carrying the
@@ -106,11 +185,8 @@ def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repea
 
         with open(cand.artifact_path, "rb") as fh:
             blob = fh.read()
-        config = {"number": evaluator_config.number, "repeat": evaluator_config.repeat,
-                  "min_repeat_ms": evaluator_config.min_repeat_ms,
-                  "enable_cpu_cache_flush": evaluator_config.enable_cpu_cache_flush}
         out = agent_measure(bytearray(blob), cand.remote_name,
-                            json.dumps(list(cand.args_info)), json.dumps(config), cand.device_type)
+                            json.dumps(list(cand.args_info)), _evaluator_json(evaluator_config), cand.device_type)
         return [float(c) for c in json.loads(str(out))]
     from tvm.s_tir.meta_schedule.runner import rpc_runner as stock  # pylint: disable=import-outside-toplevel
 
@@ -166,14 +242,18 @@ class _Batch:
         session = request_session(runner.tracker_addr, runner.key, runner.device_wait_sec, self.session_timeout,
                                   priority=1)
         try:
-            agent_id = str(session.get_function(AGENT_ID_FUNC)())
+            get_id = session.get_function(AGENT_ID_FUNC)
+            t0 = time.perf_counter()
+            agent_id = str(get_id())
+            rtt = time.perf_counter() - t0  # one round trip, nearly nothing done on the agent
         except Exception:  # pylint: disable=broad-except
-            agent_id = "unknown (not a tunefarm agent)"
-        return session, agent_id
+            agent_id, rtt = "unknown (not a tunefarm agent)", 0.0
+        return session, agent_id, rtt
 
     def _work(self, wid: int) -> None:
-        session = device = agent_id = agent_measure = None
+        session = device = agent_id = agent_measure = measure_batch = None
         device_type = None
+        rtt, per_candidate = 0.0, None  # this session's round trip; measuring time per candidate seen on it
         try:
             while True:
                 with self.lock:
@@ -184,8 +264,9 @@ class _Batch:
                     cand = self.queue.popleft()
                 if session is None:
                     try:
-                        session, agent_id = self._open()
+                        session, agent_id, rtt = self._open()
                         agent_measure = _agent_measure(session)
+                        measure_batch = _agent_measure_batch(session) if agent_measure is not None else None
                     except Exception as err:  # pylint: disable=broad-except
                         self.runner.last_session_error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
                         if isinstance(err, AgentUnreachable):
@@ -193,7 +274,7 @@ class _Batch:
                         with self.lock:
                             self.queue.appendleft(cand)  # for a worker that has a session
                             self.open_failures += 1
-                            # The others may have left while this one held the last candidate: if any agent
+                            # The others may have left while this one held the last candidates: if any agent
                             # opened a session in this batch, another worker asks again (bounded).
                             retry = (not (self.live - {wid}) and self.sessions_opened > 0
                                      and self.open_failures <= 2 * len(self.cands) + 4)
@@ -210,27 +291,61 @@ class _Batch:
                     if wid in self.abandoned:
                         self.queue.appendleft(cand)
                         return
-                    cand.started = time.monotonic()
-                    cand.worker = wid
-                    cand.attempts += 1
-                    attempt = cand.attempts
+                    size = (chunk_size(rtt, per_candidate, len(self.queue) + 1, len(self.live))
+                            if measure_batch is not None else 1)
+                    chunk = [cand]
+                    while len(chunk) < size and self.queue:
+                        if self.queue[0].future.done():
+                            self.queue.popleft()
+                        elif self.queue[0].device_type != cand.device_type:
+                            break
+                        else:
+                            chunk.append(self.queue.popleft())
+                    now = time.monotonic()
+                    attempts = []
+                    for place, member in enumerate(chunk):
+                        member.started = now
+                        member.worker = wid
+                        member.attempts += 1
+                        member.allowance = self.runner.timeout_sec * (place + 1)  # measured in turn
+                        attempts.append(member.attempts)
+                    self.runner.chunks[len(chunk)] += 1
+                t0 = time.perf_counter()
                 try:
-                    costs = _measure_on(session, device, cand, self.runner.evaluator_config, 1, agent_measure)
+                    if len(chunk) == 1:
+                        results: list = [_measure_on(session, device, cand, self.runner.evaluator_config, 1,
+                                                     agent_measure)]
+                    else:
+                        results = _measure_chunk(measure_batch, chunk, self.runner.evaluator_config)
                 except Exception as err:  # pylint: disable=broad-except
                     session = None  # the session may be dead (agent gone, session crashed): a fresh one next
-                    with self.lock:
-                        if (cand.attempts != attempt or cand.worker != wid or cand.future.done()
-                                or cand.started is None):
-                            continue  # taken back meanwhile (its deadline passed): queued again already
-                        if session_lost(err) and cand.attempts < MAX_ATTEMPTS:
-                            self._requeue(cand)
-                            continue
-                    cand.settle(error=err)
+                    for member, attempt in zip(chunk, attempts):
+                        with self.lock:
+                            if (member.attempts != attempt or member.worker != wid or member.future.done()
+                                    or member.started is None):
+                                continue  # taken back meanwhile (its deadline passed): queued again already
+                            if session_lost(err) and member.attempts < MAX_ATTEMPTS:
+                                self._requeue(member)
+                                continue
+                        member.settle(error=err)
                     continue
-                with self.lock:
-                    stale = cand.attempts != attempt or cand.worker != wid
-                if not stale:
-                    cand.settle((costs, agent_id))
+                ran = [r for r in results if not isinstance(r, CandidateNotRun)]
+                per_candidate = max(time.perf_counter() - t0 - rtt, 1e-4) / max(1, len(ran))
+                if len(chunk) > 1 and len(ran) < len(chunk) or any(isinstance(r, Exception) for r in ran):
+                    session = None  # a candidate failed: the rest on a fresh session (a GPU fault can stick)
+                for member, attempt, res in zip(chunk, attempts, results):
+                    with self.lock:
+                        if member.attempts != attempt or member.worker != wid:
+                            continue  # stale: taken back meanwhile
+                        if isinstance(res, CandidateNotRun):  # not started on the agent: not an attempt
+                            member.attempts -= 1
+                            member.started = member.worker = None
+                            self.queue.appendleft(member)
+                            continue
+                    if isinstance(res, Exception):
+                        member.settle(error=res)
+                    else:
+                        member.settle((res, agent_id))
         finally:
             with self.lock:
                 self.live.discard(wid)
@@ -254,7 +369,8 @@ class _Batch:
                     return
                 now = time.monotonic()
                 for cand in self.cands:
-                    if cand.started is not None and not cand.future.done() and now - cand.started > timeout:
+                    if (cand.started is not None and not cand.future.done()
+                            and now - cand.started > (cand.allowance or timeout)):
                         worker = cand.worker
                         if cand.attempts < MAX_ATTEMPTS:
                             self._requeue(cand)  # its agent froze or dropped off: the next session measures it
@@ -330,6 +446,7 @@ class FarmRunner(PyRunner):
         self.on_agent_lost = on_agent_lost  # (agent id, candidates it measured, agents left on the key)
         self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
         self.requeued = 0  # candidates handed back to the queue because their session died under them
+        self.chunks = collections.Counter()  # candidates per measuring call -> calls (several: a slow link)
         self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
         self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
         self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
