@@ -274,26 +274,17 @@ def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -
 
 
 def tune(study: Study, job, work_dir: Path, args, task_keys, task_names) -> Any:
-    """tune_job, ended cleanly by its should_stop hook once the wall budget is spent (records kept)."""
+    """tune_job, ended cleanly at the wall budget or --tune-until (its stop_at: no new candidates from then
+    on, even inside MetaSchedule's first round over every task; the batches in flight finish; records kept)."""
     from tunefarm.core.errors import TunefarmError
     from tunefarm.host.tuning.job import tune_job
 
     stop_at = args.tune_until or time.time() + args.tune_wall_s
-    stopped_at: list[int] = []
-
-    def should_stop(progress) -> bool:
-        if time.time() > stop_at:
-            stopped_at.append(progress.trials)
-            return True
-        return False
-
     t0 = time.time()
     outcome = "finished"
     try:
-        tune_job(job, work_dir / "logs", should_stop=should_stop)
-        if stopped_at:
-            # MetaSchedule calls the hook when it joins a batch: the first round over every task can end well
-            # past the deadline (its candidates are all measured by then; the summary counts them).
+        tuned = tune_job(job, work_dir / "logs", stop_at=stop_at)
+        if tuned.stopped:
             outcome = f"stopped at the wall budget ({time.time() - t0:.0f} s wall); records kept"
     except TunefarmError as err:
         outcome = f"stopped: {err}"

@@ -216,3 +216,33 @@ def test_the_batch_call_refuses_malformed_input_and_the_agent_goes_on(tracker, s
     assert agent.poll() is None and len(listed_agents(host, port, "cpu")) == 1
     (good,) = json.loads(call(blob, json.dumps([item])))
     assert len(good["costs"]) == 1 and good["costs"][0] > 0
+
+
+def test_a_session_serves_the_next_batch_and_batches_side_by_side_do_not_wait_for_it(tracker, start_agent,
+                                                                                     tmp_path):
+    """One agent: the second batch measures on the session the first one opened (kept between batches).
+    Two batches at once (MetaSchedule's first round sends every task's batch before joining any): the one that
+    finishes first gives its session back to the tracker, not to the idle list, so the other gets the agent."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.tuning.runner import FarmRunner
+
+    host, port = tracker
+    log = tmp_path / "agent.log"
+    start_agent(host, port, "cpu", log)
+    target = tvm.target.Target(llvm_target())
+    inputs = _runner_inputs(_kernels(target, add1=16, add2=32, add3=64, add4=128), target)
+    runner = FarmRunner(host, port, "cpu", timeout_sec=60, device_wait_sec=60,
+                        evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0))
+    try:
+        before = _sessions_started(log)
+        results = [f.result() for f in runner.run(inputs[:2])] + [f.result() for f in runner.run(inputs[2:])]
+        assert [r.error_msg for r in results] == [None] * 4
+        assert _sessions_started(log) - before == 1 and runner.sessions_reused == 1
+        side_by_side = runner.run(inputs[:2]) + runner.run(inputs[2:])
+        results = [f.result() for f in side_by_side]
+        assert [r.error_msg for r in results] == [None] * 4, [r.error_msg for r in results]
+    finally:
+        runner.shutdown()

@@ -402,6 +402,24 @@ def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(farm, tmp_path)
     assert "stopping: the caller's stop hook ended tuning after 4 trials" in (tmp_path / "console.txt").read_text()
 
 
+def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(farm, tmp_path):
+    """tune_job(..., stop_at=T): from T no new candidates are made, whether or not MetaSchedule has joined a
+    batch (it joins none before its first round over every task is out). A deadline already past ends the run
+    after what was in flight; nothing measured is lost and the run is not an error."""
+    from rich.console import Console
+
+    from tunefarm.core.jobspec import load_job
+    from tunefarm.host.tuning.job import tune_job
+
+    job = load_job(write_job(tmp_path / "job.yaml", "deadline", farm["port"], "cpu",
+                             {"source": "builtin", "name": "convnet"}, trials=64, per_iter=4))
+    with (tmp_path / "console.txt").open("w") as out:
+        result = tune_job(job, tmp_path / "logs", console=Console(file=out), stop_at=time.time())
+    text = (tmp_path / "console.txt").read_text()
+    assert result.stopped and "stopping: the deadline ended tuning" in text, text
+    assert result.measured < 64 and len(records(tmp_path / "logs" / "deadline")) == result.measured
+
+
 def test_tune_started_with_sigint_ignored_still_stops_on_ctrl_c(farm, tmp_path):
     """A background job of a non-interactive shell starts with SIGINT ignored; tune takes it back."""
     import signal

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -116,9 +117,12 @@ def _agent_lost_message(console, key: str):
 
 
 def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
-             should_stop: StopHook | None = None) -> TuneResult:
+             should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune (or resume tuning) ``job``. ``should_stop(progress)`` (a :class:`JobProgress`: ``trials``,
-    ``best``, ``t0``) is asked after each measured batch; True ends tuning cleanly, records kept."""
+    ``best``, ``t0``) is asked after each measured batch; True ends tuning cleanly, records kept.
+    ``stop_at`` (a Unix time) ends it then, whether or not a batch has been joined: MetaSchedule joins none
+    before its first round over every task is out, which on a large model can run long past a deadline
+    checked only after batches. No new candidates are made from then on; those in flight finish."""
     from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
     console = console or _console()
@@ -142,7 +146,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
                           f"{len(b.untouched)} untuned task(s) x {b.round_size} trials per round = {b.need}; some "
                           f"tasks will get no tuned schedule and run as naive loops (raise max_trials_global to "
                           f"at least {b.minimum_global})")
-        return run_plan(plan, database, (host, port), console, on_wait, should_stop)
+        return run_plan(plan, database, (host, port), console, on_wait, should_stop, stop_at)
     except BaseException:
         if created:
             remove_unmeasured(JobDir(job_dir))
@@ -150,7 +154,7 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
 
 
 def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_wait=None,
-             should_stop: StopHook | None = None) -> TuneResult:
+             should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune what ``plan`` leaves to do (its job directory committed, ``database`` open)."""
     # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms
@@ -186,11 +190,19 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                            {t.index: t.best_s for t in plan.tasks if t.best_s is not None},
                            budget.measured_before, run_tasks=order)
 
-    def stop():
+    def stop(why: str = "the caller's stop hook"):
+        if result.stopped:
+            return
         counter.stop()
         result.stopped = True
-        console.print(f"stopping: the caller's stop hook ended tuning after {progress.trials} trials "
+        console.print(f"stopping: {why} ended tuning after {progress.trials} trials "
                       "(records kept; the batches in flight finish first)")
+
+    timer = None
+    if stop_at is not None:
+        timer = threading.Timer(max(0.0, stop_at - time.time()), stop, args=("the deadline",))
+        timer.daemon = True
+        timer.start()
 
     host, port = tracker
     builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache)
@@ -233,6 +245,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                  else "nothing was measured")
         raise TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4) from None
     finally:
+        if timer is not None:
+            timer.cancel()
         builder.shutdown()
         runner.shutdown()
     result.wall_s = time.time() - t0

@@ -32,6 +32,12 @@ session's measured round trip under :data:`CHUNK_RTT_SHARE` of their measuring t
 one at a time on a LAN). Each candidate of a chunk keeps its own deadline (its place in the chunk times
 ``timeout_sec``), its own result or error, and the ones the agent did not start after a failure go back to
 the queue without costing an attempt.
+
+Between batches a worker's session stays open for the next batch (:data:`SESSION_IDLE_S`; the round trips of
+opening one are paid once per job rather than per batch), unless a worker of a batch running beside it is
+waiting for a session (MetaSchedule's first round sends every task's batch at once): then it is closed so that
+the tracker hands the agent on. A kept session that turns out dead costs its candidates no attempt. A second
+measurement (the timing verifier) uses a kept session on another agent, or frees them all and asks the tracker.
 """
 from __future__ import annotations
 
@@ -205,6 +211,36 @@ def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repea
                 pass
 
 
+# A session stays open between batches for this long (the search and builds of the next batch run meanwhile):
+# over a slow link opening one costs several round trips (the reachability probe, TCP and RPC handshakes, the
+# agent's id and functions). The agent is held for this job meanwhile; the runner's shutdown, and a second
+# measurement that needs the agent, give it back at once.
+SESSION_IDLE_S = 30.0
+POOLED_SESSION_TIMEOUT_S = 900  # what the server is asked to allow a session that may serve several batches
+
+
+class _Held:
+    """An open session on one agent, with what the runner learnt about it."""
+
+    __slots__ = ("session", "agent_id", "rtt", "agent_measure", "measure_batch", "per_candidate", "opened",
+                 "timeout", "idle_since")
+
+    def __init__(self, session, agent_id: str, rtt: float, timeout: float):
+        self.session = session
+        self.agent_id = agent_id
+        self.rtt = rtt
+        self.agent_measure = _agent_measure(session)
+        self.measure_batch = _agent_measure_batch(session) if self.agent_measure is not None else None
+        self.per_candidate: float | None = None
+        self.opened = time.monotonic()
+        self.timeout = timeout
+        self.idle_since = 0.0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether the server's session timeout leaves ``seconds`` more (with a margin)."""
+        return time.monotonic() - self.opened + seconds < self.timeout - 30
+
+
 class _Batch:
     """Measures a list of candidates with one thread (one RPC session) per agent."""
 
@@ -218,8 +254,9 @@ class _Batch:
         self.next_worker = 0
         self.sessions_opened = 0
         self.open_failures = 0
-        # The server ends a session at this timeout: enough for one agent to measure the whole batch.
-        self.session_timeout = int(runner.timeout_sec * len(cands)) + 60
+        # The server ends a session at this timeout: enough for one agent to measure the whole batch, and for
+        # the session to serve the next batches too (SESSION_IDLE_S).
+        self.session_timeout = max(int(runner.timeout_sec * len(cands)) + 60, POOLED_SESSION_TIMEOUT_S)
         for _ in range(max(1, min(agents, len(cands)))):
             self._start_worker()
         threading.Thread(target=self._watch, name="farm-runner-watch", daemon=True).start()
@@ -248,12 +285,12 @@ class _Batch:
             rtt = time.perf_counter() - t0  # one round trip, nearly nothing done on the agent
         except Exception:  # pylint: disable=broad-except
             agent_id, rtt = "unknown (not a tunefarm agent)", 0.0
-        return session, agent_id, rtt
+        return _Held(session, agent_id, rtt, self.session_timeout)
 
     def _work(self, wid: int) -> None:
-        session = device = agent_id = agent_measure = measure_batch = None
-        device_type = None
-        rtt, per_candidate = 0.0, None  # this session's round trip; measuring time per candidate seen on it
+        held: _Held | None = None  # the session this worker measures on
+        reused = False  # held came from the runner's idle sessions and has not answered in this batch yet
+        device = device_type = None
         try:
             while True:
                 with self.lock:
@@ -262,11 +299,18 @@ class _Batch:
                     if wid in self.abandoned or not self.queue:
                         return
                     cand = self.queue.popleft()
-                if session is None:
+                if held is None:
+                    held = self.runner.take_idle(len(self.cands))  # else counted as opening one
+                    reused = held is not None
+                    if reused:
+                        with self.lock:
+                            self.sessions_opened += 1  # a session of this batch, for the retry rule below
+                if held is None:
                     try:
-                        session, agent_id, rtt = self._open()
-                        agent_measure = _agent_measure(session)
-                        measure_batch = _agent_measure_batch(session) if agent_measure is not None else None
+                        try:
+                            held = self._open()
+                        finally:
+                            self.runner.opened()
                     except Exception as err:  # pylint: disable=broad-except
                         self.runner.last_session_error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
                         if isinstance(err, AgentUnreachable):
@@ -285,14 +329,14 @@ class _Batch:
                         self.sessions_opened += 1
                     device_type = None
                 if device_type != cand.device_type:
-                    device = session.device(cand.device_type, 0)
+                    device = held.session.device(cand.device_type, 0)
                     device_type = cand.device_type
                 with self.lock:
                     if wid in self.abandoned:
                         self.queue.appendleft(cand)
                         return
-                    size = (chunk_size(rtt, per_candidate, len(self.queue) + 1, len(self.live))
-                            if measure_batch is not None else 1)
+                    size = (chunk_size(held.rtt, held.per_candidate, len(self.queue) + 1, len(self.live))
+                            if held.measure_batch is not None else 1)
                     chunk = [cand]
                     while len(chunk) < size and self.queue:
                         if self.queue[0].future.done():
@@ -313,26 +357,36 @@ class _Batch:
                 t0 = time.perf_counter()
                 try:
                     if len(chunk) == 1:
-                        results: list = [_measure_on(session, device, cand, self.runner.evaluator_config, 1,
-                                                     agent_measure)]
+                        results: list = [_measure_on(held.session, device, cand, self.runner.evaluator_config, 1,
+                                                     held.agent_measure)]
                     else:
-                        results = _measure_chunk(measure_batch, chunk, self.runner.evaluator_config)
+                        results = _measure_chunk(held.measure_batch, chunk, self.runner.evaluator_config)
                 except Exception as err:  # pylint: disable=broad-except
-                    session = None  # the session may be dead (agent gone, session crashed): a fresh one next
+                    held = None  # the session may be dead (agent gone, session crashed): a fresh one next
+                    was_idle, reused = reused, False
                     for member, attempt in zip(chunk, attempts):
                         with self.lock:
                             if (member.attempts != attempt or member.worker != wid or member.future.done()
                                     or member.started is None):
                                 continue  # taken back meanwhile (its deadline passed): queued again already
+                            if session_lost(err) and was_idle:
+                                # a session kept from an earlier batch died while idle (its agent went, or the
+                                # server ended it): not the candidate's attempt
+                                member.attempts -= 1
+                                member.started = member.worker = None
+                                self.queue.appendleft(member)
+                                continue
                             if session_lost(err) and member.attempts < MAX_ATTEMPTS:
                                 self._requeue(member)
                                 continue
                         member.settle(error=err)
                     continue
+                reused = False
                 ran = [r for r in results if not isinstance(r, CandidateNotRun)]
-                per_candidate = max(time.perf_counter() - t0 - rtt, 1e-4) / max(1, len(ran))
+                held.per_candidate = max(time.perf_counter() - t0 - held.rtt, 1e-4) / max(1, len(ran))
+                agent_id = held.agent_id
                 if len(chunk) > 1 and len(ran) < len(chunk) or any(isinstance(r, Exception) for r in ran):
-                    session = None  # a candidate failed: the rest on a fresh session (a GPU fault can stick)
+                    held = None  # a candidate failed: the rest on a fresh session (a GPU fault can stick)
                 for member, attempt, res in zip(chunk, attempts, results):
                     with self.lock:
                         if member.attempts != attempt or member.worker != wid:
@@ -349,6 +403,9 @@ class _Batch:
         finally:
             with self.lock:
                 self.live.discard(wid)
+                keep = wid not in self.abandoned
+            if held is not None and keep:
+                self.runner.give_idle(held)  # for the next batch
 
     def _requeue(self, cand: _Candidate) -> None:
         """Hand a candidate whose session died under it back to the queue (caller holds the lock)."""
@@ -447,6 +504,9 @@ class FarmRunner(PyRunner):
         self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
         self.requeued = 0  # candidates handed back to the queue because their session died under them
         self.chunks = collections.Counter()  # candidates per measuring call -> calls (several: a slow link)
+        self.sessions_reused = 0  # batches' sessions that were kept open from an earlier batch
+        self._idle: list[_Held] = []  # open sessions between batches (SESSION_IDLE_S)
+        self._opening = 0  # workers asking the tracker for a session now
         self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
         self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
         self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
@@ -482,6 +542,43 @@ class FarmRunner(PyRunner):
         for agent_id, measured in gone:
             if self.on_agent_lost is not None:
                 self.on_agent_lost(agent_id, measured, len(listed))
+
+    def take_idle(self, batch_size: int) -> _Held | None:
+        """A session kept open from an earlier batch, if one is fresh enough for ``batch_size`` candidates; else
+        None, and the caller is counted as opening a session (it calls :meth:`opened` when done)."""
+        now = time.monotonic()
+        with self._lock:
+            keep, found = [], None
+            for held in self._idle:
+                expected = 2 * (held.per_candidate or self.timeout_sec) * batch_size + 60
+                if found is None and now - held.idle_since < SESSION_IDLE_S and held.fits(expected):
+                    found = held
+                elif now - held.idle_since < SESSION_IDLE_S:
+                    keep.append(held)
+            self._idle = keep  # the rest are closed (dropped)
+            if found is not None:
+                self.sessions_reused += 1
+            else:
+                self._opening += 1
+            return found
+
+    def opened(self) -> None:
+        with self._lock:
+            self._opening -= 1
+
+    def give_idle(self, held: _Held) -> None:
+        """Keep ``held`` open for the next batch — unless a worker (of a batch running beside this one, as in
+        MetaSchedule's first round over every task) is asking the tracker for a session meanwhile: then it is
+        closed, so that the tracker hands its agent to that worker."""
+        held.idle_since = time.monotonic()
+        with self._lock:
+            if self._opening == 0:
+                self._idle.append(held)
+
+    def drop_idle(self, agent_id: str | None = None) -> None:
+        """Close the sessions kept between batches (those on ``agent_id`` only, if given): their agents are free."""
+        with self._lock:
+            self._idle = [h for h in self._idle if agent_id is not None and h.agent_id != agent_id]
 
     def _record(self, agent_id, status):
         with self._lock:
@@ -541,6 +638,22 @@ class FarmRunner(PyRunner):
         if artifact_path not in self._inputs:
             return None
         device_type, args_info = self._inputs[artifact_path]
+        with self._lock:
+            other = next((h for h in self._idle if h.agent_id not in (measured_by, *shunned)
+                          and not h.agent_id.startswith("unknown")), None)
+            if other is not None:
+                self._idle.remove(other)  # this thread's alone while it measures
+        if other is not None:  # an agent kept open between batches, not the one that measured it
+            try:
+                cand = _Candidate(artifact_path, device_type, args_info,
+                                  f"verify-{uuid.uuid4().hex[:8]}{_suffix(artifact_path)}")
+                costs = _measure_on(other.session, other.session.device(device_type, 0), cand,
+                                    self.evaluator_config, 1, other.agent_measure)
+                self.give_idle(other)
+                return costs, other.agent_id
+            except Exception:  # pylint: disable=broad-except
+                pass  # dropped; asked for below like any other
+        self.drop_idle()  # the tracker can hand those agents out now (the one that measured it: a fresh session)
         held: list[tuple[object, str]] = []
         try:
             servers = self.tracker.servers_for_key(self.key)
@@ -588,6 +701,7 @@ class FarmRunner(PyRunner):
         return min(positive) if positive else 0.0
 
     def shutdown(self) -> None:
+        self.drop_idle()
         self.tracker.close()
 
 
