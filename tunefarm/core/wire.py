@@ -51,6 +51,7 @@ MEASURE_FUNC = "tunefarm.measure.candidate"
 # (artifacts' bytes back to back, header JSON, evaluator JSON) -> per-candidate results JSON: several candidates
 # in one round trip, for slow links (the same file)
 MEASURE_BATCH_FUNC = "tunefarm.measure.batch"
+MEASURE_NOT_RUN = "not run: an earlier candidate of the call failed"  # its answer for the ones after a failure
 BUILDER_PARALLELISM_FUNC = "tunefarm.builder.parallelism"  # () -> candidates built at once
 
 

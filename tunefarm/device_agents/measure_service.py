@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 
+from tunefarm.core.wire import MEASURE_NOT_RUN as NOT_RUN
+
 MAX_ARTIFACT_BYTES = 1 << 30
 MAX_BATCH = 64  # candidates in one tunefarm.measure.batch call
 MAX_HEADER_BYTES = 1 << 20
-NOT_RUN = "not run: an earlier candidate of the call failed"
 
 
 def _measure(blob, name: str, args_info_json: str, evaluator_json: str, device_type: str) -> str:

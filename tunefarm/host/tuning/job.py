@@ -173,7 +173,13 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         result.time_split = job_dir.read_profile()
         return result
 
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console quiet; files keep DEBUG
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)  # console quiet; files keep DEBUG
+    # MetaSchedule's logging set-up names its logger's handlers in a dictConfig and fails on one without a name
+    # (pytest's log capture, a caller's own handler): its set-up replaces that logger's handlers anyway.
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
     quiet_pool_rule(plan.target)
     tn = job.tuning
     cache = MeasuredCache()

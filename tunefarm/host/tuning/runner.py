@@ -138,7 +138,7 @@ def _measure_chunk(measure_batch, cands: list[_Candidate], evaluator_config) -> 
     (:class:`CandidateNotRun` for the ones the agent skipped after a failure)."""
     import json  # pylint: disable=import-outside-toplevel
 
-    from tunefarm.device_agents.measure_service import NOT_RUN  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.wire import MEASURE_NOT_RUN as NOT_RUN  # pylint: disable=import-outside-toplevel
 
     blobs, header = [], []
     for cand in cands:
@@ -653,6 +653,8 @@ class FarmRunner(PyRunner):
                 return costs, other.agent_id
             except Exception:  # pylint: disable=broad-except
                 pass  # dropped; asked for below like any other
+        with self._lock:
+            self._opening += 1  # batches ending meanwhile give their sessions back to the tracker, not the idle list
         self.drop_idle()  # the tracker can hand those agents out now (the one that measured it: a fresh session)
         held: list[tuple[object, str]] = []
         try:
@@ -689,6 +691,7 @@ class FarmRunner(PyRunner):
             return None
         finally:
             held.clear()
+            self.opened()
 
     def peak_floor_gflops(self) -> float:
         """The lowest positive peak the key's agents report: agents of one key are one kind of device, and a
