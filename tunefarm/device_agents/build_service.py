@@ -30,9 +30,9 @@ def _build(mod_file: str, target_json: str, out_name: str) -> str:
 
 
 def _parallelism() -> int:
-    import os  # pylint: disable=import-outside-toplevel
+    from tunefarm.core.threads import usable_cpus  # pylint: disable=import-outside-toplevel
 
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus()
 
 
 def _build_in_child(args):
