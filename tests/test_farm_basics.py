@@ -157,8 +157,10 @@ def test_agents_reregister_after_tracker_restart(tmp_path):
         second = start_tracker(port, tmp_path / "tracker2.log")
         back = time.monotonic()
         ids = {name: agent_id_of(agent) for name, agent in agents.items()}
-        wait_until(lambda: set(ids.values()) <= {a.agent_id for a in listed_agents(HOST, port, "phoenix")},
-                   30, interval=0.5, what="both agents on the restarted tracker")
+        # Back means: the frozen agent's rpc server replaced (a new one started) and both listed.
+        wait_until(lambda: _rpc_server_pid(tmp_path / "frozen.log") != frozen_server
+                   and set(ids.values()) <= {a.agent_id for a in listed_agents(HOST, port, "phoenix")},
+                   30, interval=0.5, what="both agents on the restarted tracker, the frozen one's server replaced")
         assert time.monotonic() - back < 30
         assert all(agent.poll() is None for agent in agents.values())
         assert _rpc_server_pid(tmp_path / "healthy.log") == healthy_server

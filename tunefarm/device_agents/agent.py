@@ -75,6 +75,15 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
     print("\n".join(lines), flush=True)
 
 
+def _stopped(pid: int) -> bool:
+    import psutil  # pylint: disable=import-outside-toplevel
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
 class _RPCServerSupervisor:
     """Runs the rpc_server child and restarts it when it dies or drops off the tracker."""
 
@@ -127,7 +136,12 @@ class _RPCServerSupervisor:
         if child is None:
             return None
         if child.poll() is None:
-            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+            signals = ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S))
+            if _stopped(child.pid):
+                # Frozen (SIGSTOP): woken for a graceful stop it would first re-register with the tracker and be
+                # handed out while dying; it has nothing to clean up that its process group's kill does not.
+                signals = signals[1:]
+            for sig, wait in signals:
                 try:
                     os.killpg(child.pid, sig)
                     os.killpg(child.pid, signal.SIGCONT)  # a stopped (SIGSTOP) child handles SIGTERM only after this

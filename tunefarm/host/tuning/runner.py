@@ -263,9 +263,18 @@ class _Batch:
 
     def _start_worker(self) -> None:
         with self.lock:
-            wid = self.next_worker
-            self.next_worker += 1
-            self.live.add(wid)
+            wid = self._new_worker()
+        self._run_worker(wid)
+
+    def _new_worker(self) -> int:
+        """A worker id counted live at once (caller holds the lock): the watcher never sees the batch without
+        workers while a worker hands over to its replacement."""
+        wid = self.next_worker
+        self.next_worker += 1
+        self.live.add(wid)
+        return wid
+
+    def _run_worker(self, wid: int) -> None:
         threading.Thread(target=self._work, args=(wid,), name=f"farm-runner-{wid}", daemon=True).start()
 
     def _open(self):
@@ -297,6 +306,9 @@ class _Batch:
                     while self.queue and self.queue[0].future.done():
                         self.queue.popleft()  # settled by a late result of an earlier attempt
                     if wid in self.abandoned or not self.queue:
+                        # Leaving is decided and counted at once: a worker that hands a candidate back
+                        # meanwhile sees this one gone and starts another instead of leaving it orphaned.
+                        self.live.discard(wid)
                         return
                     cand = self.queue.popleft()
                 if held is None:
@@ -318,12 +330,14 @@ class _Batch:
                         with self.lock:
                             self.queue.appendleft(cand)  # for a worker that has a session
                             self.open_failures += 1
+                            self.live.discard(wid)
                             # The others may have left while this one held the last candidates: if any agent
                             # opened a session in this batch, another worker asks again (bounded).
-                            retry = (not (self.live - {wid}) and self.sessions_opened > 0
+                            retry = (not self.live and self.sessions_opened > 0
                                      and self.open_failures <= 2 * len(self.cands) + 4)
-                        if retry:
-                            self._start_worker()
+                            successor = self._new_worker() if retry else None
+                        if successor is not None:
+                            self._run_worker(successor)
                         return
                     with self.lock:
                         self.sessions_opened += 1
