@@ -131,6 +131,31 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
               opencl=opencl, tvm_source=tvm_source)
 
 
+@main.command("search-worker")
+@click.option("--tracker", "tracker_addr", required=True, metavar="HOST:PORT", help="The farm's tracker.")
+@click.option("--key", default="search", show_default=True,
+              help="Key to register under (a job's search.key; its search.workers asks for that many).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the RPC server listens on.")
+@click.option("--port", default=9290, show_default=True, type=int, help="First RPC port to try.")
+@click.option("--custom-addr", default=None, help="Address to advertise to the tracker (default: as seen by it).")
+@click.option("--farm-key-file", default=None, metavar="PATH",
+              help="The farm key, a copy of the tracker host's (default: $TUNEFARM_FARM_KEY, "
+                   "$TUNEFARM_FARM_KEY_FILE, ~/.config/tunefarm/farm.key).")
+@_one_line_errors
+def search_worker(tracker_addr, key, host, port, custom_addr, farm_key_file):
+    """Lend this machine's cores to the farm's search: a job with `search: {workers: N}` deals its tasks to N
+    search workers, each running MetaSchedule's search and builds for its share on this machine's cores
+    (pin it with taskset to give it fewer) and measuring on the job's device key; the host merges the records.
+
+    A search worker is a farm agent on KEY whose RPC server also serves the search (tunefarm.host.tuning.spread);
+    it needs this package's host dependencies (TVM, xgboost) and must reach the tracker and the device agents.
+    """
+    from tunefarm.device_agents.agent import run_agent
+
+    run_agent(tracker_addr, key, target="auto", host=host, port=port, custom_addr=custom_addr,
+              farm_key_file=farm_key_file, serve=("tunefarm.host.tuning.spread",))
+
+
 @main.group()
 def runtime():
     """Device runtimes the PyPI TVM wheel lacks, built for it on this machine."""

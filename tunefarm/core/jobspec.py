@@ -8,6 +8,7 @@ A job file (see configs/jobs/) looks like::
     target: from-agent            # or a preset name, or a TVM target JSON dict
     tuning: {max_trials_global: 2000, max_trials_per_task: 128, num_trials_per_iter: 16, cost_model: xgb-farm}
     builder: {workers: 2, timeout_sec: 60}   # or {key: build}: agents on key 'build' compile
+    search: {workers: 0}          # N: the tasks searched by N `tunefarm search-worker`s on key 'search'
     runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
     evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
 """
@@ -34,7 +35,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("tuning", "max_trials_global"): (1, 10_000_000), ("tuning", "max_trials_per_task"): (1, 10_000_000),
     ("tuning", "num_trials_per_iter"): (1, 4096), ("tuning", "population_size"): (1, 65536),
     ("tuning", "seed"): (0, 2 ** 31 - 1), ("tuning", "warm_start_top_k"): (0, 1024),
-    ("builder", "workers"): (0, 1024), ("builder", "timeout_sec"): (1, 86400),
+    ("builder", "workers"): (0, 1024), ("search", "workers"): (0, 256), ("builder", "timeout_sec"): (1, 86400),
     ("runner", "timeout_sec"): (1, 86400), ("runner", "number"): (1, 10_000), ("runner", "repeat"): (1, 10_000),
     ("runner", "min_repeat_ms"): (0, 1_000_000), ("runner", "device_wait_sec"): (0, 7 * 86400),
     ("evaluate", "warmup"): (0, 100_000), ("evaluate", "repeat"): (1, 100_000),
@@ -79,6 +80,15 @@ class TuningSpec:
 
 
 @dataclasses.dataclass
+class SearchSpec:
+    # 0: MetaSchedule's search runs in this process. N: the job's tasks are dealt to N search workers
+    # (`tunefarm search-worker`, registered under `key`), each searching and building its share and measuring
+    # on the job's device key; their records come back into the job's one database.
+    workers: int = 0
+    key: str = "search"
+
+
+@dataclasses.dataclass
 class BuilderSpec:
     workers: int = 0  # 0: one per host core
     timeout_sec: float = 60.0
@@ -114,6 +124,7 @@ class TuningJob:
     device: DeviceSpec
     target: Any = "from-agent"  # "from-agent", a preset name, or a target JSON dict
     tuning: TuningSpec = dataclasses.field(default_factory=TuningSpec)
+    search: SearchSpec = dataclasses.field(default_factory=SearchSpec)
     builder: BuilderSpec = dataclasses.field(default_factory=BuilderSpec)
     runner: RunnerSpec = dataclasses.field(default_factory=RunnerSpec)
     evaluate: EvaluateSpec = dataclasses.field(default_factory=EvaluateSpec)
@@ -216,6 +227,9 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb, xgb-farm or random (got {tuning.cost_model!r})")
     if tuning.cost_model == "auto":
         tuning.cost_model = ""
+    search = _section(SearchSpec, data.get("search"), f"{where}: search")
+    if search.workers and not search.key:
+        raise TunefarmError(f"{where}: search.key is required with search.workers (the key search workers registered under)")
     target = data.get("target", "from-agent")
     if not isinstance(target, (str, dict)):
         raise TunefarmError(f"{where}: target must be 'from-agent', a preset name or a JSON mapping")
@@ -223,6 +237,7 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: target is longer than {MAX_TEXT} characters")
     return TuningJob(
         name=name, model=model, device=device, target=target, tuning=tuning,
+        search=search,
         builder=_section(BuilderSpec, data.get("builder"), f"{where}: builder"),
         runner=_section(RunnerSpec, data.get("runner"), f"{where}: runner"),
         evaluate=_section(EvaluateSpec, data.get("evaluate"), f"{where}: evaluate"),

@@ -88,8 +88,9 @@ class _RPCServerSupervisor:
     """Runs the rpc_server child and restarts it when it dies or drops off the tracker."""
 
     def __init__(self, info: DeviceInfo, tracker_host: str, tracker_port: int, host: str, port: int,
-                 custom_addr: str | None, child_env: dict[str, str] | None = None):
+                 custom_addr: str | None, child_env: dict[str, str] | None = None, serve: tuple[str, ...] = ()):
         self.info = info
+        self.serve = tuple(serve)  # modules whose RPC functions the server registers besides the agent's
         self.child_env = dict(child_env or {})
         self.tracker_host = tracker_host
         self.tracker_port = tracker_port
@@ -116,6 +117,8 @@ class _RPCServerSupervisor:
                "--info-json", self.info.dumps(), "--parent-pid", str(os.getpid())]
         if self.custom_addr:
             cmd += ["--custom-addr", self.custom_addr]
+        for module in self.serve:
+            cmd += ["--serve", module]
         return cmd
 
     def start_child(self) -> None:
@@ -243,8 +246,10 @@ class _RPCServerSupervisor:
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
               custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
               threads: int | None = None, farm_key_file: str | None = None, opencl: bool = False,
-              tvm_source: str | None = None) -> None:
+              tvm_source: str | None = None, serve: tuple[str, ...] = ()) -> None:
     """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM.
+    ``serve``: modules whose ``register()`` adds RPC functions to the server (the caller's choice: the CLI's
+    search worker serves the host's search this way).
 
     ``opencl``: first make sure TVM's OpenCL backend is built for this wheel and works here
     (:func:`tunefarm.device_agents.opencl_runtime.ensure_runtime`, from ``tvm_source`` if it must be
@@ -294,7 +299,7 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
     farm_key = load_farm_key(farm_key_file, create=False).decode()
 
     supervisor = _RPCServerSupervisor(info, tracker_host, tracker_port, host, port, custom_addr,
-                                      child_env={KEY_ENV: farm_key})
+                                      child_env={KEY_ENV: farm_key}, serve=serve)
 
     def on_signal(signum, _frame):
         _log(f"stopping (signal {signum})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import struct
 import sys
@@ -121,6 +122,21 @@ def _register_globals(info: dict) -> None:
     measure_service.register()
 
 
+SERVE_RE = re.compile(r"^tunefarm(\.[a-z_][a-z0-9_]*)+\Z")
+
+
+def _register_served(modules: list[str]) -> None:
+    """Import each module (a tunefarm module the CLI names, e.g. the host's search worker for ``tunefarm
+    search-worker``) and call its ``register()``: its global functions join the agent's own in every session.
+    The agent's package does not depend on them; the process that starts the agent chooses them."""
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    for name in modules:
+        if not SERVE_RE.match(name):
+            raise ValueError(f"--serve: not a tunefarm module name: {name!r}")
+        importlib.import_module(name).register()
+
+
 def _die_with_parent(parent_pid: int | None) -> None:
     """Get SIGTERM when the agent dies (Linux), and give up now if it is already gone."""
     if sys.platform.startswith("linux"):
@@ -179,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--custom-addr", default=None, help="address to advertise to the tracker")
     parser.add_argument("--info-json", default="{}", help="the agent's DeviceInfo as JSON")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the agent) dies")
+    parser.add_argument("--serve", action="append", default=[], metavar="MODULE",
+                        help="also register MODULE's RPC functions (its register()); repeatable")
     args = parser.parse_args(argv)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -199,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     _publish_info(info, load_farm_key(create=False))
     _log_sessions()
     _register_globals(info)
+    _register_served(args.serve)
     threading.excepthook = _record_loop_error
     port_end = args.port_end or args.port + 100
     try:

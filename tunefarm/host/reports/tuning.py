@@ -49,7 +49,9 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
                    "agents_lost": tuned.agents_lost, "requeued": tuned.requeued, "unreachable": tuned.unreachable, "failures": tuned.failures,
                    "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures,
-                   "verification": tuned.verification},
+                   "verification": tuned.verification,
+                   "search": {"workers": job.search.workers, "key": job.search.key,
+                              "per_worker": tuned.search_workers, "shares": tuned.search_shares}},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
                       "untuned_functions": unscheduled,
                       "tasks_without_record": [r["task"] for r in per_task if not r["tuned"]]},
@@ -140,6 +142,11 @@ def _verification_text(ver: dict[str, Any]) -> str:
     return text
 
 
+def _md(text: Any) -> str:
+    """Text a worker or agent reported, safe in a markdown table cell (no cell breaks, code spans or HTML)."""
+    return "".join("?" if c in "|`<>" or not c.isprintable() else c for c in str(text))[:300]
+
+
 def _agents_section(tuning: dict[str, Any]) -> list[str]:
     """Where this run's candidates were measured (and built), and the agents lost on the way."""
     if not tuning["per_agent"] and not tuning["failures"] and not tuning.get("build_failures"):
@@ -159,6 +166,13 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
     if tuning.get("requeued"):
         md += ["", f"Candidates measured again because their session died under them (an agent killed, frozen or "
                    f"cut off): {tuning['requeued']}."]
+    search = tuning.get("search") or {}
+    if search.get("workers"):
+        md += ["", f"Search spread over {search['workers']} search worker(s) on key `{_md(search['key'])}`:", "",
+               "| tasks | trials merged / share | search worker(s) | refused |", "| --- | --- | --- | --- |"]
+        for share in search.get("shares", []):
+            md.append(f"| {len(share['tasks'])} | {share['received']} / {share['trials']} | "
+                      f"{_md(', '.join(share['workers'])) or '-'} | {share['rejected']} |")
     for addr in sorted(tuning.get("unreachable") or {}):
         md += ["", f"**Unreachable agent** at `{addr}`: the tracker handed it out, but this host cannot connect to "
                    "it (NAT, a firewall, or a wrong advertised address: start that agent with `--custom-addr`)."]

@@ -102,6 +102,13 @@ class TrialCounter:
         self.sent = 0  # measured candidates sent this run
         self.stopped = False
 
+    @classmethod
+    def of(cls, left_global: int, left: dict[str, int]) -> "TrialCounter":
+        """A counter for a share of a run (a search worker's): ``left_global`` trials, ``left`` per task key."""
+        counter = cls.__new__(cls)
+        counter.left_global, counter.left, counter.sent, counter.stopped = int(left_global), dict(left), 0, False
+        return counter
+
     def allowed(self, key: str) -> int:
         """Measured candidates the task ``key`` may still send."""
         if self.stopped:

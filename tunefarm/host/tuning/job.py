@@ -61,6 +61,9 @@ class TuneResult:
     cost_model: dict[str, Any] = dataclasses.field(default_factory=dict)  # which model this run used, load time
     farm_model_update: dict[str, Any] = dataclasses.field(default_factory=dict)  # the farm model rebuilt after it
     time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search_workers: dict[str, int] = dataclasses.field(default_factory=dict)  # search worker id -> records merged
+    search_shares: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the spread search's shares
+    search_shunned: list[str] = dataclasses.field(default_factory=list)  # search workers whose records were refused
 
     @property
     def job(self) -> TuningJob:
@@ -210,6 +213,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         timer.daemon = True
         timer.start()
 
+    if job.search.workers:
+        return _run_spread(plan, database, tracker, console, result, progress, counter, should_stop, stop, timer)
     host, port = tracker
     builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache)
     runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
@@ -257,10 +262,6 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         runner.shutdown()
     result.wall_s = time.time() - t0
     result.time_split = time_split({str(k): float(v) for k, v in profiler.get().items()}, result.wall_s)
-    job_dir.write_profile(result.time_split)
-    result.measured = progress.trials - budget.measured_before
-    result.failed = progress.run_failed
-    result.cache_hits = progress.cache_hits
     result.per_agent = dict(runner.per_agent)
     result.failures = dict(runner.failures)
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
@@ -269,6 +270,16 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.requeued = runner.requeued
     result.unreachable = dict(runner.unreachable)
     result.verification = verifier.summary()
+    return _finish_run(plan, result, progress, console)
+
+
+def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, console) -> TuneResult:
+    """What every run does once its tuning loop is over: the profile, the counts, the farm model, the summary."""
+    job_dir, budget = plan.job_dir, plan.budget
+    job_dir.write_profile(result.time_split)
+    result.measured = progress.trials - budget.measured_before
+    result.failed = progress.run_failed
+    result.cache_hits = progress.cache_hits
     job_dir.mark_run_ended("stopped" if result.stopped else "finished")
     if result.measured:
         result.farm_model_update = _update_farm_model(plan, console)
@@ -282,6 +293,42 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         raise TuningFailed(f"no candidate of this run was measured successfully ({result.measured} failed); "
                            f"first error: {first[-1] if first else 'unknown'} (see {job_dir.path / 'logs'})")
     return result
+
+
+def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult, progress: JobProgress, counter,
+                should_stop, stop, timer) -> TuneResult:
+    """The run with its search spread over search workers (tuning/spread.py): the same budget, progress,
+    database and summary as a run searched here."""
+    from tunefarm.host.tuning.spread import run_spread  # pylint: disable=import-outside-toplevel
+
+    job_dir = plan.job_dir
+    job_dir.mark_run_started()
+    result.cost_model = {"kind": "xgb" if plan.cost_model == "xgb-farm" else plan.cost_model,
+                         "note": "on the search workers (the farm model stays on this host)"}
+
+    def after_batch():
+        if should_stop is not None and not result.stopped and should_stop(progress):
+            stop()
+
+    t0 = time.time()
+    try:
+        with progress.progress:
+            run_spread(plan, database, tracker, console, progress, counter, result, after_batch)
+    except TunefarmError:
+        raise
+    except Exception as err:  # pylint: disable=broad-except
+        if "KeyboardInterrupt" in str(err):
+            raise KeyboardInterrupt from None
+        kept = len(database)
+        where = (f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept
+                 else "nothing was measured")
+        raise TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4) from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    result.wall_s = time.time() - t0
+    result.time_split = time_split({}, result.wall_s)
+    return _finish_run(plan, result, progress, console)
 
 
 def _cost_model(plan: TuningPlan, console):
@@ -344,6 +391,13 @@ def run_summary(result: TuneResult) -> list[str]:
     if result.requeued:
         lines.append(f"{result.requeued} candidate(s) measured again: their session died under them (an agent "
                      "killed, frozen or cut off)")
+    for share in result.search_shares:
+        lines.append(f"search share: {len(share['tasks'])} task(s), {share['received']}/{share['trials']} trials merged"
+                     + (f" from {', '.join(share['workers'])}" if share["workers"] else " (no search worker took it)")
+                     + (f"; {share['rejected']} record(s) refused" if share["rejected"] else "")
+                     + (f"; {share['error']}" if share["error"] else ""))
+    for worker in result.search_shunned:
+        lines.append(f"SHUNNED search worker {worker}: it sent records this host refused (see above)")
     if result.per_agent:
         lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
                                                  for a, n in sorted(result.per_agent.items())))

@@ -1,0 +1,126 @@
+"""Whole tuning runs with the search spread out (issue 16): trials per minute with 0, 1, 2, 4 search workers.
+
+    python -m bench.search_scaling [--workers 0,1,2,4] [--cores 2] [--measure-agents 2] [--trials 384]
+
+Every configuration runs the same cold `tunefarm tune` job (a torchvision model, this CPU's llvm target, seed 0,
+the same budget) through a real tracker, with the machine's cores split by taskset, C = --cores each:
+  host      this process: the first C cores (with 0 workers it searches and builds there, as a job does today);
+  measure   --measure-agents agents on key "measure" that run every candidate: C cores each;
+  search-i  `tunefarm search-worker`s on key "search" (search.workers: N): C cores each, searching and building
+            their share of the tasks there.
+Per row: wall time of the tuning (tune_job), trials, trials/minute, best estimated latency, trials per search
+worker, candidates per measuring agent. Writes bench/results/search_scaling-<name>.{json,md} after every row;
+ratios vs workers-0. Needs C x (1 + measure agents + the largest N) cores: 14 for the defaults (the lent
+16-core machine; see DEVELOPERS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from bench import common
+from bench.workloads import bench_job
+
+
+def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"search_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    base = rows.get("workers-0") or next(iter(rows.values()))
+    lines = [f"# Tuning throughput with search workers: {meta['model']}, {meta['trials']} trials "
+             f"({meta['per_iter']} per round), {meta['date']}", "",
+             f"{common.describe(common.finish(meta))} "
+             f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
+             f"{meta['cores']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
+             f"{meta['population']}, target `{meta['target']}`.", "",
+             "| configuration | search on | tuning wall s | trials | trials/min | vs workers-0 | best estimated ms | "
+             "trials per search worker | measured per agent |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, r in rows.items():
+        est = r.get("best_estimated_ms")
+        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} | {r['per_min']:.1f} | "
+                     f"{r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
+                     f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
+                     f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
+    text = "\n".join(lines) + "\n"
+    (out / f"search_scaling-{stem}.md").write_text(text)
+    return text
+
+
+def main():
+    import tvm
+
+    from tunefarm.core.procs import start_tunefarm, stop_process, wait_until
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.tuning.job import tune_job
+    from tunefarm.host.tuning.jobdir import JobDir
+    from tunefarm.core.procs import free_port
+    from tunefarm.testing.localfarm import HOST, LocalFarm
+
+    parser = argparse.ArgumentParser(prog="python -m bench.search_scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="0,1,2,4")
+    parser.add_argument("--cores", type=int, default=2, help="cores of the host, each measuring agent and each worker")
+    parser.add_argument("--measure-agents", type=int, default=2)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--trials", type=int, default=384)
+    parser.add_argument("--per-iter", type=int, default=16)
+    parser.add_argument("--population", type=int, default=128)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--out", default=str(common.RESULTS))
+    args = parser.parse_args()
+
+    cores = sorted(os.sched_getaffinity(0))
+    c, m = args.cores, args.measure_agents
+    counts = [int(x) for x in args.workers.split(",") if x != ""]
+    need = c * (1 + m + max(counts))
+    if len(cores) < need:
+        raise SystemExit(f"needs {need} cores (host, {m} measuring agent(s), {max(counts)} search worker(s), "
+                         f"{c} each); this machine has {len(cores)}")
+    host_cores = cores[:c]
+    measure_cores = [cores[c * (1 + i):c * (2 + i)] for i in range(m)]
+    search_cores = cores[c * (1 + m):]
+    target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
+    stem = args.name or common.default_name()
+    meta = common.machine(cores=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
+                          population=args.population, target=str(target))
+    rows: dict = {}
+    work = Path(tempfile.mkdtemp(prefix="search-scaling-"))
+    os.sched_setaffinity(0, host_cores)  # this process and the workers it starts (the host builder's pool)
+    with LocalFarm(work / "farm") as farm:
+        for i, cpus in enumerate(measure_cores):
+            farm.add_agent("measure", cpus=cpus, name=f"measure-{i}", wait=False)
+        farm.wait_for_agents("measure", m)
+        for n in counts:
+            workers = []
+            try:
+                for i in range(n):
+                    workers.append(start_tunefarm(
+                        ["search-worker", "--tracker", farm.addr, "--host", HOST, "--port", free_port(HOST)],
+                        work / "farm" / f"search-{n}-{i}.log", cpus=search_cores[i * c:(i + 1) * c]))
+                if n:
+                    farm.wait_for_agents("search", n)
+                job = bench_job(f"workers-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_iter,
+                                args.per_iter, args.population, builder_workers=c, search_workers=n)
+                tuned = tune_job(job, logs_dir=str(work / "logs"))
+                curve = JobDir(work / "logs" / job.name).events()
+                ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
+                trials = curve[-1]["trials"] if curve else 0
+                wall = tuned.wall_s
+                rows[f"workers-{n}"] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
+                                        "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
+                                        "best_estimated_ms": min(ests) if ests else None,
+                                        "search_workers": tuned.search_workers, "measured_on": tuned.per_agent,
+                                        "shares": tuned.search_shares}
+                print(write(Path(args.out), stem, meta, rows), flush=True)
+            finally:
+                for proc in workers:
+                    stop_process(proc)
+                if n:  # the next row starts with none left over
+                    wait_until(lambda: farm.client.servers_for_key("search") == 0, 60, what="search workers to leave")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The search spread over search workers (issue 16, item 3), for real: a tracker, a device agent and
+``tunefarm search-worker`` processes on loopback, a tiny model tuned by ``tunefarm tune`` with ``search.workers``.
+
+The merged database is the job's one database (budget, resume and report as for a job searched on the host);
+a rogue worker holding the farm key is refused record by record and shunned, and its share goes to an honest one.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import HOST, agent_id_of, run_cli, spawn_agent, start_tracker, wait_listed
+from test_tuning import records, write_job
+from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
+
+TUNE_TIMEOUT_S = 900
+
+
+def _search_worker(port: int, log: Path, cpus=None) -> subprocess.Popen:
+    return start_tunefarm(["search-worker", "--tracker", f"{HOST}:{port}", "--host", HOST, "--port", free_port(HOST)],
+                          log, cpus=cpus)
+
+
+def _flat(out: str) -> str:
+    """The console's text with its line wrapping undone."""
+    return " ".join(out.split())
+
+
+def _shares(out: str) -> list[tuple[int, int, str]]:
+    """(merged, share trials, its search workers) of each 'search share:' line of the run's summary."""
+    return [(int(m), int(t), who) for m, t, who in
+            re.findall(r"search share: \d+ task\(s\), (\d+)/(\d+) trials merged from ([^;]*?)(?=; | search share| measured on|$)",
+                       _flat(out))]
+
+
+def _replay_all(job_dir: Path) -> int:
+    """Every record of the job's database replays on its workload's module (the host's own modules)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(str(job_dir / "database_workload.json"),
+                                        str(job_dir / "database_tuning_record.json"), allow_missing=False)
+    recs = database.get_all_tuning_records()
+    for rec in recs:
+        rec.trace.apply_to_schedule(tvm.s_tir.Schedule(rec.workload.mod), remove_postproc=False)
+    return len(recs)
+
+
+def test_two_search_workers_share_one_job_budget_database_and_resume(tmp_path):
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    procs = []
+    try:
+        agent = spawn_agent(HOST, port, "cpu", tmp_path / "agent.log")
+        procs.append(agent)
+        workers = [_search_worker(port, tmp_path / f"search{n}.log", cpus=[n]) for n in range(2)]
+        procs += workers
+        wait_listed(agent, HOST, port, "cpu", tmp_path / "agent.log")
+        for n, worker in enumerate(workers):
+            wait_listed(worker, HOST, port, "search", tmp_path / f"search{n}.log")
+        logs = tmp_path / "logs"
+        job = write_job(tmp_path / "job.yaml", "spread", port, "cpu", {"source": "builtin", "name": "convnet"},
+                        trials=24, per_iter=4, search={"workers": 2})
+        code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
+        assert code == 0, out
+        out = _flat(out)
+        assert "search spread over 2 search worker(s) on key 'search'" in out, out
+        assert "this run: 24 trial(s) measured" in out, out
+        shares = _shares(out)
+        assert len(shares) == 2 and sum(m for m, _, _ in shares) == sum(t for _, t, _ in shares) == 24, out
+        # each share searched by one of the two workers, and both worked
+        assert {agent_id_of(w) for w in workers} == {who for _, _, who in shares}, out
+        job_dir = logs / "spread"
+        first = records(job_dir)
+        assert len(first) == 24 and _replay_all(job_dir) == 24
+        report = json.loads((job_dir / "report.json").read_text())
+        assert report["ok"], report["problems"]
+        # the merged records are the job's schedules: every task tuned, the tuned build checked and faster
+        assert report["schedules"]["tasks_without_record"] == []
+        assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] > 0
+        res = report["results"]
+        assert res["tvm-tuned"]["numerics"]["ok"]
+        assert res["tvm-tuned"]["latency"]["median_ms"] < res["tvm-untuned"]["latency"]["median_ms"]
+        assert report["tuning"]["search"]["workers"] == 2
+        assert sum(report["tuning"]["search"]["per_worker"].values()) == 24
+        # measured on the job's device agent (the workers' FarmRunners), the valid ones counted
+        assert set(report["tuning"]["per_agent"]) == {agent_id_of(agent)}
+        assert 0 < report["tuning"]["per_agent"][agent_id_of(agent)] <= 24
+        assert len((job_dir / "progress.jsonl").read_text().splitlines()) >= 2
+
+        # A larger budget resumes from the merged database: earlier records kept, only the new trials measured.
+        write_job(tmp_path / "job.yaml", "spread", port, "cpu", {"source": "builtin", "name": "convnet"},
+                  trials=32, per_iter=4, search={"workers": 2})
+        code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
+        assert code == 0, out
+        out = _flat(out)
+        assert "this run: 8 trial(s) measured" in out and "32 measured by this job in all" in out, out
+        now = records(job_dir)
+        assert now[:24] == first and len(now) == 32 and _replay_all(job_dir) == 32
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        stop_process(tracker)
+
+
+def test_a_rogue_search_worker_is_refused_and_shunned_and_its_share_goes_on(tmp_path):
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    procs = []
+    try:
+        agent = spawn_agent(HOST, port, "cpu", tmp_path / "agent.log")
+        honest = _search_worker(port, tmp_path / "honest.log")
+        procs += [agent, honest]
+        first = free_port(HOST)
+        with open(tmp_path / "rogue.log", "ab") as log:
+            rogue = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("rogue_search_worker.py")), "--tracker",
+                 f"{HOST}:{port}", "--key", "search", "--host", HOST, "--port", str(first), "--port-end",
+                 str(first + 50), "--info-json", json.dumps({"agent_id": "rogue:1", "key": "search"})],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        procs.append(rogue)
+        wait_listed(agent, HOST, port, "cpu", tmp_path / "agent.log")
+        wait_listed(honest, HOST, port, "search", tmp_path / "honest.log")
+        from tunefarm.tracker.client import TrackerClient
+
+        with TrackerClient(HOST, port) as client:
+            wait_until(lambda: client.servers_for_key("search") == 2, 60, what="the rogue to register")
+        logs = tmp_path / "logs"
+        job = write_job(tmp_path / "job.yaml", "victim", port, "cpu", {"source": "builtin", "name": "convnet"},
+                        trials=16, per_iter=4, search={"workers": 2})
+        code, raw, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+        assert code == 0, raw
+        out = _flat(raw)
+        assert "search worker rogue:1 shunned" in out and "SHUNNED search worker rogue:1" in out, out
+        assert "search worker record refused" in out, out
+        # Its text is printed as text: the markup shows literally, the control character does not reach the terminal.
+        assert "[bold red]pwned[/]" in out and "\x1b" not in raw, out
+        # Both shares were measured in full by the honest worker; nothing the rogue sent entered the database.
+        assert "this run: 16 trial(s) measured" in out, out
+        shares = _shares(out)
+        assert sum(m for m, _, _ in shares) == 16 and all(agent_id_of(honest) in rest for _, _, rest in shares), out
+        job_dir = logs / "victim"
+        assert len(records(job_dir)) == 16 and _replay_all(job_dir) == 16
+        measured_on = out.rsplit("measured on:", 1)[1]
+        assert "fake-agent" not in measured_on and agent_id_of(agent) in measured_on, measured_on
+        assert rogue.poll() is None and honest.poll() is None  # nobody crashed
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        stop_process(tracker)
+
+
+def test_shares_deal_costly_tasks_apart_and_split_the_budget_exactly():
+    from tunefarm.host.tuning.spread import deal, split_trials
+
+    shares = deal({0: 100.0, 1: 90.0, 2: 10.0, 3: 5.0, 4: 1.0}, 2)
+    assert shares == [[0, 3], [1, 2, 4]]  # 105 against 101
+    assert deal({0: 1.0, 1: 1.0}, 4) == [[0], [1]]  # never more shares than tasks
+    assert split_trials(24, [3, 2]) == [14, 10] and sum(split_trials(7, [1, 1, 1])) == 7
+
+
+def test_a_poll_answer_that_does_not_add_up_is_refused():
+    import pytest
+
+    from tunefarm.host.tuning.spread import WorkerLied, check_reply
+
+    good = {"records": [{"task": 0}], "next": 5, "done": False, "per_agent": {"a": 1}}
+    assert check_reply(json.dumps(good), 4)["next"] == 5
+    for bad in ("not json", json.dumps([1]), json.dumps({**good, "next": 9}), json.dumps({**good, "next": True}),
+                json.dumps({**good, "records": [{}] * 300, "next": 304}),
+                json.dumps({**good, "per_agent": {"a": -1}}), json.dumps({**good, "per_agent": {"a": "x"}})):
+        with pytest.raises(WorkerLied):
+            check_reply(bad, 4)
+    with pytest.raises(WorkerLied):
+        check_reply("x" * ((64 << 20) + 1), 0)

@@ -1,0 +1,517 @@
+"""The search spread over machines: a job's tasks dealt to search workers, their records merged into its database.
+
+MetaSchedule's task scheduler searches serially in one process, and on a farm with many build and measure
+agents that search bounds the whole run (issue 16: 4 build agents made runs only 1.28x faster). With
+``search: {workers: N}`` a job deals its tasks to N **search workers** (``tunefarm search-worker``: a farm
+agent on its own key, default ``search``, whose RPC server also serves this module's functions). Each worker
+runs stock ``ms.tune_tasks`` for its share (the job's search settings, the farm's builder on its own cores,
+the :class:`~tunefarm.host.tuning.runner.FarmRunner` on the job's device key, the timing verifier), and the
+host merges what each one measured into the job's one database as it comes, so the job's budget, progress,
+resume and report stay one job's. Workers are reached the way agents are: an RPC session from the tracker
+(the farm key at registration), one session per share for as long as the share runs.
+
+The RPC functions (in the worker's session process, which ends with the session, its search with it):
+
+* ``tunefarm.search.start(share_json)``: the share (tasks as ``tvm.ir.save_json`` text, each with its trials
+  left and the job's best records so far, the target, the job's search/builder/runner settings, the tracker
+  and device key, the seed); starts the search in a thread;
+* ``tunefarm.search.poll(since)``: JSON ``{records, next, done, error, trials, per_agent, ...}``, the records
+  measured from ``since`` on (at most :data:`MAX_POLL_RECORDS` per call);
+* ``tunefarm.search.stop()``: no new candidates (the job's deadline or stop hook).
+
+A worker's reply is the network's word: the host bounds its size, takes only records of the tasks it sent
+(the workload is the host's own module, never the worker's), replays every trace on the task's module before
+committing it, keeps run times finite and positive, and counts no more records than the share's trials.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+import time
+from typing import Any
+
+START_FUNC = "tunefarm.search.start"
+POLL_FUNC = "tunefarm.search.poll"
+STOP_FUNC = "tunefarm.search.stop"
+MAX_SHARE_BYTES = 256 << 20  # a share: its tasks' modules and best records
+MAX_REPLY_BYTES = 64 << 20  # one poll's answer
+MAX_POLL_RECORDS = 256
+MAX_RUN_SECS = 1024  # samples in one record
+FAILED_RUN_S = 1e10  # what MetaSchedule commits for a failed candidate
+SEED_RECORDS = 32  # the job's best records per task handed to a share (its search starts from them)
+POLL_INTERVAL_S = 1.0
+SHARE_ATTEMPTS = 3  # sessions a share may use (a worker lost: the next one goes on from the records so far)
+
+_session: dict[str, Any] = {}  # the share this session searches (a session is its own forked process)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def register() -> None:
+    """Register the search functions (``tunefarm search-worker`` names this module to its RPC server)."""
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    tvm_ffi.register_global_func(START_FUNC, _start, override=True)
+    tvm_ffi.register_global_func(POLL_FUNC, _poll, override=True)
+    tvm_ffi.register_global_func(STOP_FUNC, _stop, override=True)
+
+
+def _start(share_json: str) -> str:
+    if "share" in _session:
+        raise RuntimeError("this session already searches a share")
+    if not isinstance(share_json, str) or len(share_json) > MAX_SHARE_BYTES:
+        raise ValueError("a share must be JSON text of at most 256 MiB")
+    share = _Share(json.loads(share_json))
+    _session["share"] = share
+    share.thread.start()
+    return "started"
+
+
+def _poll(since: int) -> str:
+    share = _session.get("share")
+    if share is None:
+        raise RuntimeError("no share started in this session")
+    return json.dumps(share.snapshot(int(since)))
+
+
+def _stop() -> str:
+    share = _session.get("share")
+    if share is not None:
+        share.stop()
+    return "stopping"
+
+
+class _Share:
+    """One share of a job, searched in this process: stock ``ms.tune_tasks`` with the farm's parts."""
+
+    def __init__(self, spec: dict[str, Any]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
+            raise ValueError("a share needs a list of tasks")
+        self.spec = spec
+        self.lock = threading.Lock()
+        self.records: list[dict[str, Any]] = []
+        self.done = False
+        self.error = ""
+        self.counter = None
+        self.runner = None
+        self.verifier = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="tunefarm-search-share", daemon=True)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            if self.counter is not None:
+                self.counter.stop()
+
+    def snapshot(self, since: int) -> dict[str, Any]:
+        with self.lock:
+            since = max(0, min(since, len(self.records)))
+            part = self.records[since:since + MAX_POLL_RECORDS]
+            done = self.done and since + len(part) == len(self.records)
+            runner = self.runner
+            return {"records": part, "next": since + len(part), "done": done, "error": self.error,
+                    "per_agent": dict(runner.per_agent) if runner is not None else {},
+                    "requeued": runner.requeued if runner is not None else 0,
+                    "unreachable": dict(runner.unreachable) if runner is not None else {},
+                    "verification": self.verifier.summary() if self.verifier is not None else {}}
+
+    def _add(self, task: int, record: Any, error: str) -> None:
+        with self.lock:
+            self.records.append({"task": task, "record": record, "error": error[:2000]})
+
+    def _run(self) -> None:
+        try:
+            self._tune()
+        except Exception as err:  # pylint: disable=broad-except  # said to the host, which decides
+            with self.lock:
+                self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        finally:
+            with self.lock:
+                self.done = True
+
+    def _tune(self) -> None:
+        # pylint: disable=import-outside-toplevel
+        import tempfile
+        from pathlib import Path
+
+        import tvm
+        import tvm_ffi
+        from rich.console import Console
+        from tvm.s_tir import meta_schedule as ms
+
+        from tunefarm.core.jobspec import BuilderSpec
+        from tunefarm.core.threads import usable_cores
+        from tunefarm.core.wire import parse_hostport
+        from tunefarm.host.tuning.budget import TrialCounter
+        from tunefarm.host.tuning.builder import job_builder
+        from tunefarm.host.tuning.measured_cache import MeasuredCache
+        from tunefarm.host.tuning.pipeline import Pipeline
+        from tunefarm.host.tuning.runner import FarmRunner
+        from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule
+        from tunefarm.host.tuning.verify import TimingVerifier
+
+        spec = self.spec
+        target = tvm.target.Target(spec["target"])
+        quiet_pool_rule(target)
+        work = tempfile.mkdtemp(prefix="tunefarm-search-")
+        database = ms.database.JSONDatabase(work_dir=work)
+        mods, keys = [], []
+        for task in spec["tasks"]:
+            mod = tvm.ir.load_json(task["mod"])
+            workload = database.commit_workload(mod)
+            for rec in task.get("records", [])[:SEED_RECORDS]:
+                database.commit_tuning_record(ms.database.TuningRecord.from_json(rec, workload))
+            mods.append(mod)
+            keys.append(str(tvm_ffi.structural_hash(mod)))
+        cache = MeasuredCache()
+        cached = cache.load_database(database)
+        tuning, runner_spec = spec["tuning"], spec["runner"]
+        with self.lock:
+            self.counter = TrialCounter.of(spec["trials"], {k: int(t["left"]) for k, t in zip(keys, spec["tasks"])})
+            if self.stopped:
+                self.counter.stop()
+        search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=int(tuning["population_size"])),
+                                self.counter, cache)
+        extracted = [ms.ExtractedTask(task_name=str(t["name"])[:200], mod=mod, target=target, dispatched=[mod],
+                                      weight=max(1, int(t["weight"]))) for t, mod in zip(spec["tasks"], mods)]
+        space = Pipeline.from_json(spec.get("pipeline")).space(target)
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted, work_dir=work, strategy=search, seed=spec.get("seed"), num_threads=usable_cores(),
+            **({"space": space} if space is not None else {}))
+        host, port = parse_hostport(spec["tracker"])
+        builder = job_builder(BuilderSpec(**spec["builder"]), (host, port), float(runner_spec["device_wait_sec"]),
+                              cache=cache)
+        runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
+                            device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
+                            evaluator_config=ms.runner.EvaluatorConfig(
+                                number=int(runner_spec["number"]), repeat=int(runner_spec["repeat"]),
+                                min_repeat_ms=int(runner_spec["min_repeat_ms"]),
+                                enable_cpu_cache_flush=bool(runner_spec["enable_cpu_cache_flush"])))
+        verifier = TimingVerifier(runner, Path(work) / "verified.jsonl", Console(stderr=True, highlight=False))
+        with self.lock:
+            self.runner, self.verifier = runner, verifier
+        committed: list = []
+        per_task_cap = max(int(t["left"]) for t in spec["tasks"])
+        try:
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
+                          max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
+                          num_trials_per_iter=int(tuning["num_trials_per_iter"]), builder=builder, runner=runner,
+                          database=database, cost_model=str(spec.get("cost_model") or "xgb"),
+                          measure_callbacks=measure_callbacks(_collector(self, committed), verifier, committed),
+                          task_scheduler="gradient")
+        finally:
+            builder.shutdown()
+            runner.shutdown()
+
+
+def _collector(share: _Share, committed: list):
+    """The measure callback that keeps each committed record (the verifier's decision) for the host's polls."""
+    # pylint: disable=import-outside-toplevel
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    from tunefarm.host.tuning.measured_cache import MeasuredCache
+
+    @derived_object
+    class Collect(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            import tvm  # pylint: disable=import-outside-toplevel
+
+            ctx = task_scheduler.tasks_[task_id].ctx
+            workload = task_scheduler.database_.commit_workload(ctx.mod)
+            decided = iter(list(committed))
+            for cand, built, res in zip(measure_candidates, builder_results, runner_results):
+                if MeasuredCache.is_placeholder(built.artifact_path):
+                    continue  # a cache hit: already in the host's database
+                secs = next(decided, None)
+                run_secs = [tvm.tirx.FloatImm("float32", s) for s in (secs or [FAILED_RUN_S])]
+                record = ms.database.TuningRecord(cand.sch.trace, workload, run_secs, ctx.target, cand.args_info)
+                error = "" if secs is not None else str(built.error_msg or res.error_msg or "rejected by the timing check")
+                share._add(int(task_id), record.as_json(), error.strip())  # pylint: disable=protected-access
+
+    return Collect()
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+@dataclasses.dataclass
+class ShareState:
+    """One share of the job on the host: its tasks (the job's indices) and what came back."""
+
+    tasks: list[int]
+    trials: int  # this share's part of the run's budget
+    received: int = 0
+    workers: list[str] = dataclasses.field(default_factory=list)  # the search workers that served it
+    per_agent: dict[str, int] = dataclasses.field(default_factory=dict)
+    rejected: int = 0  # worker records refused (malformed, foreign task, over the share's trials)
+    error: str = ""
+
+
+def deal(task_costs: dict[int, float], workers: int) -> list[list[int]]:
+    """The tasks (index -> cost: weight x flops) dealt into at most ``workers`` shares of near-equal cost,
+    the costliest first to the lightest share (LPT); each share keeps the run's order of its tasks."""
+    shares: list[list[int]] = [[] for _ in range(max(1, min(workers, len(task_costs))))]
+    load = [0.0] * len(shares)
+    for index in sorted(task_costs, key=lambda i: (-task_costs[i], i)):
+        lightest = min(range(len(shares)), key=lambda s: (load[s], len(shares[s]), s))
+        shares[lightest].append(index)
+        load[lightest] += task_costs[index]
+    return [share for share in shares if share]
+
+
+def split_trials(total: int, sizes: list[int]) -> list[int]:
+    """``total`` trials over shares of ``sizes`` tasks, in proportion (sums to ``total``)."""
+    count = sum(sizes)
+    out = [total * n // count for n in sizes]
+    for i in sorted(range(len(sizes)), key=lambda i: -(total * sizes[i] % count))[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+class WorkerLied(ValueError):
+    """A search worker's answer that is not what the protocol allows."""
+
+
+def check_reply(text: Any, since: int) -> dict[str, Any]:
+    """A worker's poll answer, shape-checked (ValueError otherwise): records is a list, next moves forward by
+    at most their count, the counters are small dicts of ints."""
+    if not isinstance(text, str) or len(text) > MAX_REPLY_BYTES:
+        raise WorkerLied("a poll answer must be JSON text of at most 64 MiB")
+    try:
+        reply = json.loads(text)
+    except ValueError:
+        raise WorkerLied("a poll answer that is not JSON") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("records"), list):
+        raise WorkerLied("a poll answer must be a JSON object with a list of records")
+    records = reply["records"]
+    nxt = reply.get("next")
+    if (len(records) > MAX_POLL_RECORDS or not isinstance(nxt, int) or isinstance(nxt, bool)
+            or nxt != since + len(records)):
+        raise WorkerLied("a poll answer's record count and position do not add up")
+    per_agent = reply.get("per_agent", {})
+    if not (isinstance(per_agent, dict) and len(per_agent) <= 1024
+            and all(isinstance(k, str) and len(k) <= 256 and isinstance(v, int) and not isinstance(v, bool)
+                    and 0 <= v <= 10 ** 9 for k, v in per_agent.items())):
+        raise WorkerLied("a poll answer's per-agent counts are malformed")
+    return {"records": records, "next": nxt, "done": reply.get("done") is True,
+            "error": _clean(str(reply.get("error") or ""))[:500], "per_agent": per_agent}
+
+
+def record_from_worker(item: Any, mods: list, workloads: list, target) -> tuple[int, Any, list[float] | None]:
+    """(task position in the share, the TuningRecord to commit, run seconds or None if failed) from one record
+    a worker sent; ValueError for anything else. The workload and target are the host's own; the trace must
+    replay on the task's module."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    if not isinstance(item, dict) or not isinstance(item.get("task"), int) or isinstance(item.get("task"), bool):
+        raise ValueError("a record must name its task")
+    task = item["task"]
+    if not 0 <= task < len(mods):
+        raise ValueError(f"a record for task {task}, which the share does not have")
+    record = item.get("record")
+    if not isinstance(record, list) or len(record) != 4:
+        raise ValueError("a record must be MetaSchedule's [trace, run_secs, target, args_info]")
+    secs = record[1]
+    if (not isinstance(secs, list) or not 1 <= len(secs) <= MAX_RUN_SECS
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 < s <= FAILED_RUN_S
+                       for s in secs)):
+        raise ValueError("a record's run_secs must be 1 to 1024 finite positive numbers")
+    try:
+        parsed = ms.database.TuningRecord.from_json(record, workloads[task])
+        sch = tvm.s_tir.Schedule(mods[task])
+        parsed.trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception as err:  # pylint: disable=broad-except
+        raise ValueError(f"a record whose trace does not replay on its task: {str(err).strip()[:200]}") from None
+    failed = any(s >= FAILED_RUN_S for s in secs)
+    run_secs = [tvm.tirx.FloatImm("float32", float(s)) for s in ([FAILED_RUN_S] if failed else secs)]
+    return task, ms.database.TuningRecord(parsed.trace, workloads[task], run_secs, target, parsed.args_info), (
+        None if failed else [float(s) for s in secs])
+
+
+def run_spread(plan, database, tracker: tuple[str, int], console, progress, counter, result, after_batch=None) -> None:
+    """Tune ``plan``'s tasks on ``plan.job.search.workers`` search workers (blocks until every share ends).
+    ``counter`` (the run's TrialCounter) stopped ends them early (``after_batch()`` is called after each merge, the
+    job's stop hook); ``result`` gets the per-agent counts, the
+    workers' shares and what was refused."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+
+    from tunefarm.core.jobspec import RunnerSpec
+
+    job, budget = plan.job, plan.budget
+    order = list(budget.order)
+    position = {index: pos for pos, index in enumerate(order)}  # job task -> MetaSchedule's id in progress
+    costs = {i: float(plan.tasks[i].weight) * _flops(plan.extracted[i].dispatched[0]) for i in order}
+    shares = [ShareState(tasks=t, trials=0) for t in deal(costs, job.search.workers)]
+    for share, trials in zip(shares, split_trials(budget.remaining, [len(s.tasks) for s in shares])):
+        share.trials = trials
+    lock = threading.Lock()
+    workloads = {i: database.commit_workload(plan.extracted[i].dispatched[0]) for i in order}
+    mod_json = {i: tvm.ir.save_json(plan.extracted[i].dispatched[0]) for i in order}
+    runner_spec = dataclasses.asdict(job.runner) if isinstance(job.runner, RunnerSpec) else dict(job.runner)
+    console.print(f"search spread over {len(shares)} search worker(s) on key '{job.search.key}': "
+                  + "; ".join(f"{len(s.tasks)} task(s), {s.trials} trials" for s in shares))
+
+    measured_per_task: dict[int, int] = {}  # job task -> records merged in this run
+    shunned: set[str] = set()  # workers whose records were refused
+    aside: list = []  # sessions on shunned workers, held until the run ends
+
+    def share_spec(share: ShareState) -> dict[str, Any]:
+        left = share.trials - share.received
+        tasks = []
+        for i in share.tasks:
+            top = [r.as_json() for r in database.get_top_k(workloads[i], SEED_RECORDS)]
+            tasks.append({"name": plan.tasks[i].name, "mod": mod_json[i], "weight": plan.tasks[i].weight,
+                          "left": budget.task_left[i] - measured_per_task.get(i, 0), "records": top})
+        return {"tasks": tasks, "trials": left, "target": plan.target_json, "pipeline": plan.pipeline.to_json(),
+                "tuning": {"population_size": job.tuning.population_size,
+                           "num_trials_per_iter": job.tuning.num_trials_per_iter},
+                "seed": job.tuning.seed, "cost_model": "xgb" if plan.cost_model == "xgb-farm" else plan.cost_model,
+                "builder": dataclasses.asdict(job.builder), "runner": runner_spec,
+                "tracker": f"{tracker[0]}:{tracker[1]}", "device_key": job.device.key}
+
+    def commit(share: ShareState, items: list) -> None:
+        batches: dict[int, list] = {}
+        for item in items:
+            if share.received >= share.trials:
+                share.rejected += 1  # more than the share was given: not counted, not kept
+                continue
+            try:
+                pos, record, secs = record_from_worker(item, [plan.extracted[i].dispatched[0] for i in share.tasks],
+                                                       [workloads[i] for i in share.tasks], plan.target)
+            except ValueError as err:
+                share.rejected += 1
+                if share.rejected == 1:
+                    console.print(f"[yellow]search worker record refused[/]: {_escape(str(err))}")
+                continue
+            index = share.tasks[pos]
+            with lock:
+                database.commit_tuning_record(record)
+                share.received += 1
+                measured_per_task[index] = measured_per_task.get(index, 0) + 1
+            cost = sum(secs) / len(secs) if secs is not None else None
+            batches.setdefault(index, []).append(cost)
+            if secs is None and progress.first_error is None:
+                progress.first_error = str(item.get("error") or "failed on the search worker")[:2000]
+        with lock:
+            for index, costs_ in batches.items():
+                progress.on_batch(position[index], costs_, sum(1 for c in costs_ if c is None))
+            if batches and after_batch is not None:
+                after_batch()
+
+    def drive(share: ShareState) -> None:
+        from tunefarm.core.wire import AGENT_ID_FUNC
+        from tunefarm.tracker.client import request_session
+
+        attempts = 0
+        while attempts < SHARE_ATTEMPTS:
+            if share.received >= share.trials or counter.stopped:
+                return
+            try:
+                session = request_session(tracker, job.search.key, job.runner.device_wait_sec, 0, priority=1)
+            except Exception as err:  # pylint: disable=broad-except
+                share.error = _line(err)
+                return
+            rejected_before = share.rejected
+            worker, counted = "unknown", False
+            try:
+                worker = _clean(str(session.get_function(AGENT_ID_FUNC)()))
+                with lock:
+                    if worker in shunned:
+                        # held open, so that the tracker hands out another worker next
+                        aside.append(session)  # (each held one is off the tracker's list: no loop)
+                        continue
+                attempts, counted = attempts + 1, True
+                share.workers.append(worker)
+                session.get_function(START_FUNC)(json.dumps(share_spec(share)))
+                poll, since, stop_sent = session.get_function(POLL_FUNC), 0, False
+                session_agents: dict[str, int] = {}
+                while True:
+                    if counter.stopped and not stop_sent:
+                        session.get_function(STOP_FUNC)()
+                        stop_sent = True
+                    reply = check_reply(poll(since), since)
+                    commit(share, reply["records"])
+                    since = reply["next"]
+                    session_agents = {_clean(a): n for a, n in reply["per_agent"].items()}  # this session's so far
+                    if reply["done"]:
+                        break
+                    if not reply["records"]:
+                        time.sleep(POLL_INTERVAL_S)
+                if reply["error"]:
+                    share.error = reply["error"]
+                    console.print(f"[yellow]search worker {_escape(worker)} stopped[/]: {_escape(reply['error'])}")
+                if share.rejected > rejected_before:
+                    with lock:
+                        shunned.add(worker)  # sent records the host refused: none of its sessions again this run
+                    console.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
+                                  f"{share.rejected - rejected_before} of its records refused")
+                else:
+                    for agent, n in session_agents.items():  # a shunned worker's word on them is not kept
+                        share.per_agent[agent] = share.per_agent.get(agent, 0) + n
+                    if not reply["error"]:
+                        share.error = ""  # an earlier worker's failure, made good
+                        return  # its search ended (the share's trials spent, or its space exhausted)
+            except Exception as err:  # pylint: disable=broad-except  # the worker lost or lying: the next one
+                attempts += 0 if counted else 1
+                share.error = _line(err)
+                if isinstance(err, WorkerLied):
+                    with lock:
+                        shunned.add(worker)
+                    console.print(f"[bold red]search worker {_escape(worker)} shunned[/]: {_escape(share.error)}")
+                    continue
+                console.print(f"[yellow]search worker lost[/] ({_escape(share.error)}); "
+                              f"{share.trials - share.received} trial(s) of its share go to the next one")
+
+    threads = [threading.Thread(target=drive, args=(s,), name=f"tunefarm-share-{n}", daemon=True)
+               for n, s in enumerate(shares)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    aside.clear()
+    result.search_shunned = sorted(shunned)
+    for share in shares:
+        for agent, n in share.per_agent.items():
+            result.per_agent[agent] = result.per_agent.get(agent, 0) + n
+        for worker in share.workers:
+            result.search_workers[worker] = result.search_workers.get(worker, 0) + share.received
+    result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
+                             "received": s.received, "workers": s.workers, "rejected": s.rejected,
+                             "error": s.error} for s in shares]
+    if not any(s.received for s in shares):
+        errors = "; ".join(sorted({s.error for s in shares if s.error})) or "no search worker measured anything"
+        from tunefarm.core.errors import TunefarmError
+
+        raise TunefarmError(f"the spread search measured nothing: {errors}")
+
+
+def _flops(mod) -> float:
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops  # pylint: disable=import-outside-toplevel
+
+        return max(1.0, float(estimate_tir_flops(mod)))
+    except Exception:  # pylint: disable=broad-except
+        return 1.0
+
+
+def _clean(text: str) -> str:
+    """An id a worker or agent reported (its own word): printable, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[-1] if text else type(err).__name__)[:300]
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
+    return escape(text)
