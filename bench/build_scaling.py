@@ -19,7 +19,6 @@ against the first row. The search itself is not timed here: only building.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from bench.workloads import draw_candidates
 
 
 def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"build_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     base = next(iter(rows.values()))
     lines = [f"# Build throughput: {meta['candidates']} candidates of ResNet-18 {meta['task']} ({meta['date']})", "",
              common.describe(common.finish(meta))
@@ -41,9 +38,7 @@ def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
     for label, row in rows.items():
         lines.append(f"| {label} | {row['wall_s']:.1f} | {row['built']} | {row['failed']} | {row['per_min']:.1f} | "
                      f"{row['per_min'] / base['per_min']:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    (out / f"build_scaling-{stem}.md").write_text(text)
-    return text
+    return common.write_rows(out, f"build_scaling-{stem}", meta, rows, lines)
 
 
 def timed_build(builder, inputs) -> dict:

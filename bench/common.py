@@ -6,6 +6,7 @@ workers inherit the environment. Import it before TVM.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -65,3 +66,12 @@ def describe(meta: dict[str, Any]) -> str:
     return (f"Machine: {meta['host']}, {meta['cores']} cores ({meta['cpu']}), TVM {meta['tvm']} with "
             f"{meta['threads']} threads, Python {meta['python']}; load average (1 min) {start[0]:.1f} at the start, "
             f"{end[0]:.1f} at the end.")
+
+
+def write_rows(out: Path, name: str, meta: dict[str, Any], rows: dict[str, Any], lines: list[str]) -> str:
+    """``out/NAME.json`` (meta and rows) and ``out/NAME.md`` (``lines``); the markdown text."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text

@@ -16,7 +16,6 @@ ratios vs workers-0. Needs C x (1 + measure agents + the largest N) cores: 14 fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,14 +25,12 @@ from bench.workloads import bench_job
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"search_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     base = rows.get("workers-0") or next(iter(rows.values()))
     lines = [f"# Tuning throughput with search workers: {meta['model']}, {meta['trials']} trials "
              f"({meta['per_iter']} per round), {meta['date']}", "",
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
-             f"{meta['cores']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
+             f"{meta['cores_per_role']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
              f"{meta['population']}, target `{meta['target']}`.", "",
              "| configuration | search on | tuning wall s | trials | trials/min | vs workers-0 | best estimated ms | "
              "trials per search worker | measured per agent |",
@@ -44,9 +41,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
                      f"{r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
-    text = "\n".join(lines) + "\n"
-    (out / f"search_scaling-{stem}.md").write_text(text)
-    return text
+    return common.write_rows(out, f"search_scaling-{stem}", meta, rows, lines)
 
 
 def main():
@@ -84,7 +79,7 @@ def main():
     search_cores = cores[c * (1 + m):]
     target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
     stem = args.name or common.default_name()
-    meta = common.machine(cores=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
+    meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           population=args.population, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="search-scaling-"))

@@ -18,7 +18,6 @@ trials/minute until the host's own search, which stays serial, bounds the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +27,6 @@ from bench.workloads import bench_job
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"tuning_scaling-{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     base = rows.get("agents-0") or next(iter(rows.values()))
     lines = [f"# Tuning throughput with build agents: {meta['model']}, {meta['trials']} trials "
              f"({meta['per_iter']} per round), {meta['date']}", "",
@@ -44,9 +41,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
         lines.append(f"| {label} | {r['builds_on']} | {r['wall_s']:.0f} | {r['trials']} | {r['per_min']:.1f} | "
                      f"{r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['built_on_agents'].values())) or '-'} |")
-    text = "\n".join(lines) + "\n"
-    (out / f"tuning_scaling-{stem}.md").write_text(text)
-    return text
+    return common.write_rows(out, f"tuning_scaling-{stem}", meta, rows, lines)
 
 
 def main():

@@ -249,12 +249,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                           task_scheduler="gradient")
         runner.check_agents()
     except Exception as err:  # pylint: disable=broad-except
-        if "KeyboardInterrupt" in str(err):
-            raise KeyboardInterrupt from None  # Ctrl-C inside a callback, carried through TVM's C++ loop
-        kept = len(database)
-        where = (f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept
-                 else "nothing was measured")
-        raise TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4) from None
+        raise _tuning_stopped(err, database, job_dir) from None
     finally:
         if timer is not None:
             timer.cancel()
@@ -271,6 +266,16 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.unreachable = dict(runner.unreachable)
     result.verification = verifier.summary()
     return _finish_run(plan, result, progress, console)
+
+
+def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
+    """What a tuning loop's error is raised as: Ctrl-C (carried through TVM's C++ loop from a callback), else one
+    line saying what stopped it and what was kept."""
+    if "KeyboardInterrupt" in str(err):
+        return KeyboardInterrupt()
+    kept = len(database)
+    where = f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept else "nothing was measured"
+    return TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4)
 
 
 def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, console) -> TuneResult:
@@ -317,12 +322,7 @@ def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult
     except TunefarmError:
         raise
     except Exception as err:  # pylint: disable=broad-except
-        if "KeyboardInterrupt" in str(err):
-            raise KeyboardInterrupt from None
-        kept = len(database)
-        where = (f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept
-                 else "nothing was measured")
-        raise TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4) from None
+        raise _tuning_stopped(err, database, job_dir) from None
     finally:
         if timer is not None:
             timer.cancel()
