@@ -129,8 +129,10 @@ def test_a_rogue_search_worker_is_refused_and_shunned_and_its_share_goes_on(tmp_
         with TrackerClient(HOST, port) as client:
             wait_until(lambda: client.servers_for_key("search") == 2, 60, what="the rogue to register")
         logs = tmp_path / "logs"
+        # A short wait for a free worker: the rogue's share, shunned, waits past it for the honest worker to finish
+        # the other share (the run's workers are all busy, not gone).
         job = write_job(tmp_path / "job.yaml", "victim", port, "cpu", {"source": "builtin", "name": "convnet"},
-                        trials=16, per_iter=4, search={"workers": 2})
+                        trials=16, per_iter=4, search={"workers": 2}, runner={"device_wait_sec": 5})
         code, raw, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
         assert code == 0, raw
         out = _flat(raw)

@@ -405,7 +405,16 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
             if batches and after_batch is not None:
                 after_batch()
 
+    active = [len(shares)]  # shares still being driven
+
     def drive(share: ShareState) -> None:
+        try:
+            drive_share(share)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    def drive_share(share: ShareState) -> None:
         from tunefarm.core.wire import AGENT_ID_FUNC
         from tunefarm.tracker.client import request_session
 
@@ -417,6 +426,10 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 session = request_session(tracker, job.search.key, job.runner.device_wait_sec, 0, priority=1)
             except Exception as err:  # pylint: disable=broad-except
                 share.error = _line(err)
+                with lock:
+                    others = active[0] - 1
+                if others > 0:
+                    continue  # the workers are busy with other shares: one is free once its share ends
                 return
             rejected_before = share.rejected
             worker, counted = "unknown", False
