@@ -247,6 +247,7 @@ class ShareState:
     received: int = 0
     workers: list[str] = dataclasses.field(default_factory=list)  # the search workers that served it
     per_agent: dict[str, int] = dataclasses.field(default_factory=dict)
+    by_worker: dict[str, int] = dataclasses.field(default_factory=dict)  # records merged from each worker
     rejected: int = 0  # worker records refused (malformed, foreign task, over the share's trials)
     error: str = ""
 
@@ -337,8 +338,7 @@ def record_from_worker(item: Any, mods: list, workloads: list, target) -> tuple[
 def run_spread(plan, database, tracker: tuple[str, int], console, progress, counter, result, after_batch=None) -> None:
     """Tune ``plan``'s tasks on ``plan.job.search.workers`` search workers (blocks until every share ends).
     ``counter`` (the run's TrialCounter) stopped ends them early (``after_batch()`` is called after each merge, the
-    job's stop hook); ``result`` gets the per-agent counts, the
-    workers' shares and what was refused."""
+    job's stop hook); ``result`` gets the per-agent counts, the workers' shares and what was refused."""
     # pylint: disable=import-outside-toplevel
     import tvm
 
@@ -429,9 +429,10 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 with lock:
                     others = active[0] - 1
                 if others > 0:
+                    time.sleep(POLL_INTERVAL_S)
                     continue  # the workers are busy with other shares: one is free once its share ends
                 return
-            rejected_before = share.rejected
+            rejected_before, received_before = share.rejected, share.received
             worker, counted = "unknown", False
             try:
                 worker = _clean(str(session.get_function(AGENT_ID_FUNC)()))
@@ -457,6 +458,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                         break
                     if not reply["records"]:
                         time.sleep(POLL_INTERVAL_S)
+                share.by_worker[worker] = share.by_worker.get(worker, 0) + share.received - received_before
                 if reply["error"]:
                     share.error = reply["error"]
                     console.print(f"[yellow]search worker {_escape(worker)} stopped[/]: {_escape(reply['error'])}")
@@ -473,6 +475,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                         return  # its search ended (the share's trials spent, or its space exhausted)
             except Exception as err:  # pylint: disable=broad-except  # the worker lost or lying: the next one
                 attempts += 0 if counted else 1
+                share.by_worker[worker] = share.by_worker.get(worker, 0) + share.received - received_before
                 share.error = _line(err)
                 if isinstance(err, WorkerLied):
                     with lock:
@@ -493,8 +496,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     for share in shares:
         for agent, n in share.per_agent.items():
             result.per_agent[agent] = result.per_agent.get(agent, 0) + n
-        for worker in share.workers:
-            result.search_workers[worker] = result.search_workers.get(worker, 0) + share.received
+        for worker, n in share.by_worker.items():
+            result.search_workers[worker] = result.search_workers.get(worker, 0) + n
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
                              "error": s.error} for s in shares]
