@@ -188,12 +188,6 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     cache = MeasuredCache()
     cached = cache.load_database(database)
     counter = TrialCounter(budget, [t.key for t in plan.tasks])
-    search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
-    space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
-        num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
-        **({"space": space} if space is not None else {}))
     progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
                            budget.measured_before + budget.remaining, console,
                            {t.index: t.best_s for t in plan.tasks if t.best_s is not None},
@@ -215,6 +209,13 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
 
     if job.search.workers:
         return _run_spread(plan, database, tracker, console, result, progress, counter, should_stop, stop, timer)
+    # The design spaces and search of a run searched here (the search workers make their own).
+    search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
+    space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
+        num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
+        **({"space": space} if space is not None else {}))
     host, port = tracker
     builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache)
     runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,

@@ -342,8 +342,6 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     # pylint: disable=import-outside-toplevel
     import tvm
 
-    from tunefarm.core.jobspec import RunnerSpec
-
     job, budget = plan.job, plan.budget
     order = list(budget.order)
     position = {index: pos for pos, index in enumerate(order)}  # job task -> MetaSchedule's id in progress
@@ -354,7 +352,9 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     lock = threading.Lock()
     workloads = {i: database.commit_workload(plan.extracted[i].dispatched[0]) for i in order}
     mod_json = {i: tvm.ir.save_json(plan.extracted[i].dispatched[0]) for i in order}
-    runner_spec = dataclasses.asdict(job.runner) if isinstance(job.runner, RunnerSpec) else dict(job.runner)
+    share_mods = {id(s): [plan.extracted[i].dispatched[0] for i in s.tasks] for s in shares}  # record checks
+    share_workloads = {id(s): [workloads[i] for i in s.tasks] for s in shares}
+    runner_spec = dataclasses.asdict(job.runner)
     console.print(f"search spread over {len(shares)} search worker(s) on key '{job.search.key}': "
                   + "; ".join(f"{len(s.tasks)} task(s), {s.trials} trials" for s in shares))
 
@@ -383,8 +383,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 share.rejected += 1  # more than the share was given: not counted, not kept
                 continue
             try:
-                pos, record, secs = record_from_worker(item, [plan.extracted[i].dispatched[0] for i in share.tasks],
-                                                       [workloads[i] for i in share.tasks], plan.target)
+                pos, record, secs = record_from_worker(item, share_mods[id(share)], share_workloads[id(share)],
+                                                       plan.target)
             except ValueError as err:
                 share.rejected += 1
                 if share.rejected == 1:
