@@ -183,3 +183,76 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
             check_reply(bad, 4)
     with pytest.raises(WorkerLied):
         check_reply("x" * ((64 << 20) + 1), 0)
+
+
+def _share(**changes):
+    """A well-formed share (what the host sends), with ``changes`` applied; a value of None deletes a field."""
+    share = {"tasks": [{"name": "t0", "mod": "{}", "weight": 1, "left": 4, "records": []}], "trials": 4,
+             "target": {"kind": "llvm"}, "pipeline": None,
+             "tuning": {"population_size": 16, "num_trials_per_iter": 4}, "seed": 0, "cost_model": "xgb",
+             "builder": {"workers": 1, "timeout_sec": 30.0, "key": ""},
+             "runner": {"timeout_sec": 30.0, "number": 1, "repeat": 1, "min_repeat_ms": 0,
+                        "enable_cpu_cache_flush": False, "device_wait_sec": 5.0},
+             "tracker": "127.0.0.1:9190", "device_key": "cpu"}
+    for name, value in changes.items():
+        if value is None:
+            share.pop(name)
+        else:
+            share[name] = value
+    return share
+
+
+MALFORMED_SHARES = {
+    "not an object": [1, 2],
+    "a field missing": _share(runner=None),
+    "an unknown field": {**_share(), "exec": "rm -rf /"},
+    "no tasks": _share(tasks=[]),
+    "a task of the wrong shape": _share(tasks=[{"name": "t0", "mod": "{}"}]),
+    "a negative budget": _share(trials=-1),
+    "a boolean weight": _share(tasks=[{"name": "t0", "mod": "{}", "weight": True, "left": 4, "records": []}]),
+    "too many seed records": _share(tasks=[{"name": "t0", "mod": "{}", "weight": 1, "left": 4,
+                                             "records": [[]] * 33}]),
+    "a million builder processes": _share(builder={"workers": 1_000_000}),
+    "an unknown builder field": _share(builder={"workers": 1, "command": "sh"}),
+    "a string where a number goes": _share(runner={"number": "3"}),
+    "a population of 10**9": _share(tuning={"population_size": 10 ** 9, "num_trials_per_iter": 4}),
+    "a cost model to unpickle": _share(cost_model="/tmp/model.tar"),
+    "a tracker that is no address": _share(tracker="no port:x"),
+    "a control character in the key": _share(device_key="cpu\x1b[2J"),
+}
+
+
+def test_a_malformed_share_is_refused_by_the_worker_which_goes_on_serving(tmp_path):
+    """Whoever gets a session on the search key may call the worker's functions: every malformed share is
+    refused with a one-line error before anything runs, and the worker stays up and answers the next call."""
+    import pytest
+    import tvm
+
+    from tunefarm.host.tuning.spread import POLL_FUNC, START_FUNC, check_share
+    from tunefarm.tracker.client import request_session
+
+    assert check_share(_share()) == _share()  # the host's shape passes
+    assert check_share(_share(runner={}))["runner"]["number"] == 3  # what is left out: the job file's defaults
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    worker = None
+    try:
+        worker = _search_worker(port, tmp_path / "search.log")
+        wait_listed(worker, HOST, port, "search", tmp_path / "search.log")
+        session = request_session((HOST, port), "search", 30, 0)
+        start = session.get_function(START_FUNC)
+        for what, share in MALFORMED_SHARES.items():
+            with pytest.raises(ValueError, match="share"):
+                check_share(share)
+            with pytest.raises(tvm.error.RPCError, match="share") as err:
+                start(json.dumps(share))
+            assert "Traceback" not in str(err.value).splitlines()[-1], what
+        with pytest.raises(tvm.error.RPCError, match="not JSON"):
+            start("{")
+        with pytest.raises(tvm.error.RPCError, match="no share started"):  # none was taken
+            session.get_function(POLL_FUNC)(0)
+        assert worker.poll() is None
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        stop_process(tracker)

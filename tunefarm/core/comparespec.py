@@ -26,7 +26,7 @@ from typing import Any
 
 
 from .errors import TunefarmError
-from .jobspec import JOB_NAME_RE, ModelSpec, _section, read_yaml
+from .jobspec import JOB_NAME_RE, ModelSpec, read_yaml, section
 
 BACKENDS = ("tvm-tuned", "tvm-untuned", "torch", "torch-compile", "onnxruntime", "tensorrt")
 TVM_BACKENDS = ("tvm-tuned", "tvm-untuned")
@@ -98,7 +98,7 @@ def compare_from_dict(data: Any, source_path: str | None = None) -> CompareConfi
         raise TunefarmError(f"{where}: 'models' must be a non-empty list of model mappings")
     models = []
     for i, item in enumerate(models_data):
-        model = _section(ModelSpec, item, f"{where}: models[{i}]")
+        model = section(ModelSpec, item, f"{where}: models[{i}]")
         if model.source not in ("torchvision", "onnx", "builtin"):
             raise TunefarmError(f"{where}: models[{i}].source must be torchvision, onnx or builtin")
         if model.source == "onnx":
@@ -114,7 +114,7 @@ def compare_from_dict(data: Any, source_path: str | None = None) -> CompareConfi
         raise TunefarmError(f"{where}: 'rows' must be a non-empty list of {{backend, key}} mappings")
     rows = []
     for i, item in enumerate(rows_data):
-        row = _section(CompareRow, item, f"{where}: rows[{i}]")
+        row = section(CompareRow, item, f"{where}: rows[{i}]")
         if row.backend not in BACKENDS:
             raise TunefarmError(f"{where}: rows[{i}].backend must be one of {', '.join(BACKENDS)} (got {row.backend!r})")
         if not row.key:
@@ -138,7 +138,7 @@ def compare_from_dict(data: Any, source_path: str | None = None) -> CompareConfi
     tracker = data.get("tracker", "127.0.0.1:9190")
     if not isinstance(tracker, str):
         raise TunefarmError(f"{where}: tracker must be HOST:PORT")
-    evaluate = _section(CompareEvaluate, data.get("evaluate"), f"{where}: evaluate")
+    evaluate = section(CompareEvaluate, data.get("evaluate"), f"{where}: evaluate")
     if evaluate.repeat < 1 or evaluate.warmup < 0:
         raise TunefarmError(f"{where}: evaluate.repeat must be >= 1 and warmup >= 0")
     return CompareConfig(name=name, models=models, rows=rows, baseline=baseline, tracker=tracker,

@@ -154,7 +154,9 @@ def _check_ranges(section: str, obj, where: str) -> None:
             raise TunefarmError(f"{where}.{field.name}: {value!r} is out of range [{low}, {high}]")
 
 
-def _section(cls, data: Any, where: str):
+def section(cls, data: Any, where: str):
+    """``data`` (a mapping, or None for the defaults) as the dataclass ``cls``: known fields only, each of its
+    default's type and within RANGES (``where``'s last part names the section); TunefarmError otherwise."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -196,7 +198,7 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: 'name' must be letters, digits, '.', '_' or '-' (got {name!r})")
     if name in RESERVED_NAMES:
         raise TunefarmError(f"{where}: the name {name!r} is reserved (the host service's own directory)")
-    model = _section(ModelSpec, data.get("model"), f"{where}: model")
+    model = section(ModelSpec, data.get("model"), f"{where}: model")
     if model.source not in ("torchvision", "onnx", "builtin"):
         raise TunefarmError(f"{where}: model.source must be torchvision, onnx or builtin (got {model.source!r})")
     if model.source == "onnx":
@@ -214,10 +216,10 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     if model.input_shape is not None and math.prod(model.input_shape) > MAX_INPUT_ELEMENTS:
         raise TunefarmError(f"{where}: model.input_shape {model.input_shape} has over {MAX_INPUT_ELEMENTS} "
                             "elements")
-    device = _section(DeviceSpec, data.get("device"), f"{where}: device")
+    device = section(DeviceSpec, data.get("device"), f"{where}: device")
     if not device.key:
         raise TunefarmError(f"{where}: device.key is required (the key agents registered under)")
-    tuning = _section(TuningSpec, data.get("tuning"), f"{where}: tuning")
+    tuning = section(TuningSpec, data.get("tuning"), f"{where}: tuning")
     for option in ("fold_batchnorm", "weight_prepack"):
         if getattr(tuning, option) is not None and not isinstance(getattr(tuning, option), bool):
             raise TunefarmError(f"{where}: tuning.{option} must be true or false (got {getattr(tuning, option)!r})")
@@ -227,7 +229,7 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb, xgb-farm or random (got {tuning.cost_model!r})")
     if tuning.cost_model == "auto":
         tuning.cost_model = ""
-    search = _section(SearchSpec, data.get("search"), f"{where}: search")
+    search = section(SearchSpec, data.get("search"), f"{where}: search")
     if search.workers and not search.key:
         raise TunefarmError(f"{where}: search.key is required with search.workers (the key search workers registered under)")
     target = data.get("target", "from-agent")
@@ -238,9 +240,9 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
     return TuningJob(
         name=name, model=model, device=device, target=target, tuning=tuning,
         search=search,
-        builder=_section(BuilderSpec, data.get("builder"), f"{where}: builder"),
-        runner=_section(RunnerSpec, data.get("runner"), f"{where}: runner"),
-        evaluate=_section(EvaluateSpec, data.get("evaluate"), f"{where}: evaluate"),
+        builder=section(BuilderSpec, data.get("builder"), f"{where}: builder"),
+        runner=section(RunnerSpec, data.get("runner"), f"{where}: runner"),
+        evaluate=section(EvaluateSpec, data.get("evaluate"), f"{where}: evaluate"),
         source_path=source_path,
     )
 

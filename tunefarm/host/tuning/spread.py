@@ -63,7 +63,11 @@ def _start(share_json: str) -> str:
         raise RuntimeError("this session already searches a share")
     if not isinstance(share_json, str) or len(share_json) > MAX_SHARE_BYTES:
         raise ValueError("a share must be JSON text of at most 256 MiB")
-    share = _Share(json.loads(share_json))
+    try:
+        spec = json.loads(share_json)
+    except ValueError:
+        raise ValueError("a share that is not JSON") from None
+    share = _Share(check_share(spec))
     _session["share"] = share
     share.thread.start()
     return "started"
@@ -83,13 +87,83 @@ def _stop() -> str:
     return "stopping"
 
 
+SHARE_FIELDS = {"tasks", "trials", "target", "pipeline", "tuning", "seed", "cost_model", "builder", "runner",
+                "tracker", "device_key"}
+MAX_SHARE_TASKS = 4096
+SHARE_COST_MODELS = ("xgb", "random")
+
+
+def _int_in(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"a share's {what} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _text(value: Any, what: str, limit: int = 1024) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise ValueError(f"a share's {what} must be printable text of 1-{limit} characters")
+    return value
+
+
+def check_share(spec: Any) -> dict[str, Any]:
+    """A share as the worker takes it (ValueError, one line, otherwise): the session's caller is whoever got
+    a session on the worker's key, so every field is typed and bounded before anything runs — the job
+    file's own ranges for the search, builder and runner settings (core.jobspec), at most
+    :data:`MAX_SHARE_TASKS` tasks of at most :data:`SEED_RECORDS` seed records, a tracker address, a key.
+    What TVM parses (the tasks' modules, the target, the records) is parsed in the share's thread, and its
+    error is the share's ``error``."""
+    # pylint: disable=import-outside-toplevel
+    from tunefarm.core.errors import TunefarmError
+    from tunefarm.core.jobspec import BuilderSpec, RunnerSpec, TuningSpec, section
+    from tunefarm.core.wire import parse_hostport
+
+    if not isinstance(spec, dict) or set(spec) != SHARE_FIELDS:
+        raise ValueError(f"a share must be a JSON object of exactly the fields {', '.join(sorted(SHARE_FIELDS))}")
+    tasks = spec["tasks"]
+    if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_SHARE_TASKS:
+        raise ValueError(f"a share needs a list of 1-{MAX_SHARE_TASKS} tasks")
+    for task in tasks:
+        if not isinstance(task, dict) or set(task) != {"name", "mod", "weight", "left", "records"}:
+            raise ValueError("a share's task must be an object of name, mod, weight, left and records")
+        _text(task["name"], "task name", 200)
+        if not isinstance(task["mod"], str) or not task["mod"]:
+            raise ValueError("a share's task module must be TVM's JSON text")
+        _int_in(task["weight"], 1, 10 ** 9, "task weight")
+        _int_in(task["left"], 0, 10_000_000, "trials left of a task")
+        recs = task["records"]
+        if not isinstance(recs, list) or len(recs) > SEED_RECORDS:
+            raise ValueError(f"a share's task carries at most {SEED_RECORDS} seed records")
+    _int_in(spec["trials"], 0, 10_000_000, "trials")
+    if not isinstance(spec["target"], dict):
+        raise ValueError("a share's target must be a JSON object")
+    if spec["pipeline"] is not None and not isinstance(spec["pipeline"], dict):
+        raise ValueError("a share's pipeline must be a JSON object")
+    if spec["seed"] is not None:
+        _int_in(spec["seed"], 0, 2 ** 31 - 1, "seed")
+    if spec["cost_model"] not in SHARE_COST_MODELS:
+        raise ValueError(f"a share's cost model must be one of {', '.join(SHARE_COST_MODELS)}")
+    tuning = spec["tuning"]
+    if not isinstance(tuning, dict) or set(tuning) != {"population_size", "num_trials_per_iter"}:
+        raise ValueError("a share's tuning settings must be population_size and num_trials_per_iter")
+    try:
+        section(TuningSpec, tuning, "share: tuning")
+        spec = {**spec, "builder": dataclasses.asdict(section(BuilderSpec, spec["builder"], "share: builder")),
+                "runner": dataclasses.asdict(section(RunnerSpec, spec["runner"], "share: runner"))}
+    except (TunefarmError, TypeError) as err:
+        raise ValueError(str(err)) from None
+    try:
+        parse_hostport(_text(spec["tracker"], "tracker address"))
+    except TunefarmError as err:
+        raise ValueError(f"a share's tracker address: {err}") from None
+    _text(spec["device_key"], "device key", 256)
+    return spec
+
+
 class _Share:
     """One share of a job, searched in this process: stock ``ms.tune_tasks`` with the farm's parts."""
 
     def __init__(self, spec: dict[str, Any]):
-        if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
-            raise ValueError("a share needs a list of tasks")
-        self.spec = spec
+        self.spec = spec  # check_share's
         self.lock = threading.Lock()
         self.records: list[dict[str, Any]] = []
         self.done = False
@@ -182,8 +256,10 @@ class _Share:
             extracted, work_dir=work, strategy=search, seed=spec.get("seed"), num_threads=usable_cores(),
             **({"space": space} if space is not None else {}))
         host, port = parse_hostport(spec["tracker"])
-        builder = job_builder(BuilderSpec(**spec["builder"]), (host, port), float(runner_spec["device_wait_sec"]),
-                              cache=cache)
+        # The worker's own cores build (or the job's build agents): never more processes than it has cores.
+        build = BuilderSpec(**spec["builder"])
+        build.workers = min(build.workers or usable_cores(), usable_cores())
+        builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache)
         runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
                             device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
