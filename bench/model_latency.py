@@ -74,8 +74,11 @@ def measure_jobs(job_dirs: list[Path], rounds: int = 5, repeat: int = 40, warmup
     ort_options.intra_op_num_threads = cores
     work = Path(tempfile.mkdtemp(prefix="model-latency-"))
     jobs = {}
+    names = [Path(d).name for d in job_dirs]
     for job_dir in job_dirs:
         job_dir = Path(job_dir)
+        # a job's label: its directory's name, with the parent's where two jobs share a name (bench/ttq/*/ttq)
+        label = job_dir.name if names.count(job_dir.name) == 1 else f"{job_dir.parent.name}/{job_dir.name}"
         tuned = load_tuned(job_dir)
         model = tuned["model"]
         reference = model.reference_outputs()
@@ -104,13 +107,13 @@ def measure_jobs(job_dirs: list[Path], rounds: int = 5, repeat: int = 40, warmup
         numerics = {"tvm-tuned": compare_outputs(tvm_outs, reference, 1e-3, 1e-3)}
         if model.kind == "torch":
             numerics["onnxruntime"] = compare_outputs(run_ort(), reference, 1e-3, 1e-3)
-        jobs[job_dir.name] = {"job_dir": str(job_dir), "model": model.name, "kind": model.kind,
+        jobs[label] = {"job_dir": str(job_dir), "model": model.name, "kind": model.kind,
                               "target": tuned["target"], "tuned_functions": tuned["tuned_functions"],
                               "trials_in_database": tuned["trials"], "pipeline": tuned["pipeline"].to_json(),
                               "warm_start": tuned["state"].get("warm_start", {}).get("records", 0),
                               "reference": "pytorch" if model.kind == "torch" else "onnxruntime",
                               "fns": fns, "samples": {b: [] for b in fns}, "numerics": numerics}
-        log(f"{job_dir.name}: {tuned['tuned_functions']} functions tuned, {tuned['trials']} records; numerics "
+        log(f"{label}: {tuned['tuned_functions']} functions tuned, {tuned['trials']} records; numerics "
             + ", ".join(f"{k} max abs err {v['max_abs_err']:.2e}" for k, v in numerics.items()))
 
     for m in jobs.values():
