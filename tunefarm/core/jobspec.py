@@ -67,8 +67,9 @@ class TuningSpec:
     # farm's model (tuning/farm_model.py), an error where there is none; random: for comparison.
     cost_model: str = ""
     # Evolutionary search population per round: stock's 512. On ResNet-18 with one round of 8 per task,
-    # 128 ended at 134 ms and 512 at 68.5 ms (bench/results/tuning_speed-resnet18.md): a smaller population
-    # searches faster but picks worse candidates, and on a real farm the trials are the expensive part.
+    # 128 ended at 134 ms and 512 at 68.5 ms on one thread (2026-11-25); with threads fixed (2026-12-02,
+    # bench/results/tuning_speed-resnet18.md) both gave 50.8-50.9 ms, 512 searching 3.7x longer. The default
+    # stays stock's: on a real farm the trials, not the search, are the expensive part.
     population_size: int = 512
     seed: int | None = 0
     warm_start: bool = True  # seed a new job from earlier jobs' records for the same target
