@@ -187,7 +187,7 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
 
 def _share(**changes):
     """A well-formed share (what the host sends), with ``changes`` applied; a value of None deletes a field."""
-    share = {"tasks": [{"name": "t0", "mod": "{}", "weight": 1, "left": 4, "records": []}], "trials": 4,
+    share = {"tasks": [{"name": "t0", "mod": "{}", "weight": 2.0, "left": 4, "records": []}], "trials": 4,
              "target": {"kind": "llvm"}, "pipeline": None,
              "tuning": {"population_size": 16, "num_trials_per_iter": 4}, "seed": 0, "cost_model": "xgb",
              "builder": {"workers": 1, "timeout_sec": 30.0, "key": ""},

@@ -128,7 +128,10 @@ def check_share(spec: Any) -> dict[str, Any]:
         _text(task["name"], "task name", 200)
         if not isinstance(task["mod"], str) or not task["mod"]:
             raise ValueError("a share's task module must be TVM's JSON text")
-        _int_in(task["weight"], 1, 10 ** 9, "task weight")
+        weight = task["weight"]  # MetaSchedule's task weights are floats (1.0, 2.0, ...)
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight)
+                or not 1 <= weight <= 10 ** 9):
+            raise ValueError("a share's task weight must be a number in [1, 1000000000]")
         _int_in(task["left"], 0, 10_000_000, "trials left of a task")
         recs = task["records"]
         if not isinstance(recs, list) or len(recs) > SEED_RECORDS:
@@ -516,7 +519,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     continue  # the workers are busy with other shares: one is free once its share ends
                 return
             rejected_before, received_before = share.rejected, share.received
-            worker, counted = "unknown", False
+            worker, counted, poll = "unknown", False, None
             try:
                 worker = _clean(str(session.get_function(AGENT_ID_FUNC)()))
                 with lock:
@@ -567,6 +570,12 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     continue
                 console.print(f"[yellow]search worker lost[/] ({_escape(share.error)}); "
                               f"{share.trials - share.received} trial(s) of its share go to the next one")
+            finally:
+                # Drop the session now (its functions hold it too): a worker whose start failed is free for
+                # the next request at once, never held by this thread while it asks the tracker again (two
+                # shares whose workers refused them each kept the other's only free worker: a deadlock).
+                if not any(held is session for held in aside):
+                    session = poll = None
 
     threads = [threading.Thread(target=drive, args=(s,), name=f"tunefarm-share-{n}", daemon=True)
                for n, s in enumerate(shares)]
