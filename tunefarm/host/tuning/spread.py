@@ -141,15 +141,13 @@ def check_share(spec: Any) -> dict[str, Any]:
         raise ValueError("a share's target must be a JSON object")
     if spec["pipeline"] is not None and not isinstance(spec["pipeline"], dict):
         raise ValueError("a share's pipeline must be a JSON object")
-    if spec["seed"] is not None:
-        _int_in(spec["seed"], 0, 2 ** 31 - 1, "seed")
     if spec["cost_model"] not in SHARE_COST_MODELS:
         raise ValueError(f"a share's cost model must be one of {', '.join(SHARE_COST_MODELS)}")
     tuning = spec["tuning"]
     if not isinstance(tuning, dict) or set(tuning) != {"population_size", "num_trials_per_iter"}:
         raise ValueError("a share's tuning settings must be population_size and num_trials_per_iter")
     try:
-        section(TuningSpec, tuning, "share: tuning")
+        section(TuningSpec, {**tuning, "seed": spec["seed"]}, "share: tuning")  # the job file's ranges
         spec = {**spec, "builder": dataclasses.asdict(section(BuilderSpec, spec["builder"], "share: builder")),
                 "runner": dataclasses.asdict(section(RunnerSpec, spec["runner"], "share: runner"))}
     except (TunefarmError, TypeError) as err:
@@ -574,8 +572,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 # Drop the session now (its functions hold it too): a worker whose start failed is free for
                 # the next request at once, never held by this thread while it asks the tracker again (two
                 # shares whose workers refused them each kept the other's only free worker: a deadlock).
-                if not any(held is session for held in aside):
-                    session = poll = None
+                session = poll = None  # (one set aside stays open: the list holds it)
 
     threads = [threading.Thread(target=drive, args=(s,), name=f"tunefarm-share-{n}", daemon=True)
                for n, s in enumerate(shares)]
