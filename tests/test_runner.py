@@ -5,6 +5,7 @@ same: a built artifact plus its arguments' shapes), so each test controls how lo
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,42 @@ def test_a_session_serves_the_next_batch_and_batches_side_by_side_do_not_wait_fo
         assert [r.error_msg for r in results] == [None] * 4, [r.error_msg for r in results]
     finally:
         runner.shutdown()
+
+
+def test_a_kept_session_goes_to_another_runner_waiting_at_the_tracker(tracker, start_agent, tmp_path,
+                                                                       monkeypatch):
+    """Two runners on one agent (two search workers of a job, or two jobs): a session kept between batches is
+    handed back as soon as the other runner's request waits at the tracker, however long sessions may be kept
+    (here 600 s, past the other's device_wait_sec of 20 s: without the hand-back its batch failed)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.device_agents.probe import llvm_target
+    from tunefarm.host.tuning import runner as runner_mod
+    from tunefarm.host.tuning.runner import FarmRunner
+
+    def kept(runner):  # the batch's thread gives its session to the idle list just after the last result
+        deadline = time.monotonic() + 10
+        while not runner._idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(runner._idle) == 1
+
+    monkeypatch.setattr(runner_mod, "SESSION_IDLE_S", 600.0)
+    host, port = tracker
+    start_agent(host, port, "cpu", tmp_path / "agent.log")
+    target = tvm.target.Target(llvm_target())
+    inputs = _runner_inputs(_kernels(target, add1=16, add2=32, add3=64), target)
+    config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0)
+    first = FarmRunner(host, port, "cpu", timeout_sec=60, device_wait_sec=20, evaluator_config=config)
+    second = FarmRunner(host, port, "cpu", timeout_sec=60, device_wait_sec=20, evaluator_config=config)
+    try:
+        assert [f.result().error_msg for f in first.run(inputs[:1])] == [None]
+        kept(first)  # for its next batch
+        assert [f.result().error_msg for f in second.run(inputs[1:2])] == [None]
+        assert first._idle == []
+        kept(second)
+        assert [f.result().error_msg for f in first.run(inputs[2:])] == [None]  # and back again
+        assert second._idle == [] and first.per_agent.total() == 2 and second.per_agent.total() == 1
+    finally:
+        first.shutdown()
+        second.shutdown()

@@ -35,8 +35,9 @@ the queue without costing an attempt.
 
 Between batches a worker's session stays open for the next batch (:data:`SESSION_IDLE_S`; the round trips of
 opening one are paid once per job rather than per batch), unless a worker of a batch running beside it is
-waiting for a session (MetaSchedule's first round sends every task's batch at once): then it is closed so that
-the tracker hands the agent on. A kept session that turns out dead costs its candidates no attempt. A second
+waiting for a session (MetaSchedule's first round sends every task's batch at once) or the tracker has a
+request from anyone else waiting on the key (another search worker's runner, another job): then it is closed
+so that the tracker hands the agent on. A kept session that turns out dead costs its candidates no attempt. A second
 measurement (the timing verifier) uses a kept session on another agent, or frees them all and asks the tracker.
 """
 from __future__ import annotations
@@ -216,6 +217,7 @@ def _measure_on(session, device, cand: _Candidate, evaluator_config, alloc_repea
 # agent's id and functions). The agent is held for this job meanwhile; the runner's shutdown, and a second
 # measurement that needs the agent, give it back at once.
 SESSION_IDLE_S = 30.0
+IDLE_CHECK_S = 0.25  # how often kept sessions look at the tracker for someone else waiting for their agents
 POOLED_SESSION_TIMEOUT_S = 900  # what the server is asked to allow a session that may serve several batches
 
 
@@ -520,6 +522,8 @@ class FarmRunner(PyRunner):
         self.chunks = collections.Counter()  # candidates per measuring call -> calls (several: a slow link)
         self.sessions_reused = 0  # batches' sessions that were kept open from an earlier batch
         self._idle: list[_Held] = []  # open sessions between batches (SESSION_IDLE_S)
+        self._idle_watch: threading.Thread | None = None  # hands kept sessions back (see _watch_idle)
+        self._closed = False
         self._opening = 0  # workers asking the tracker for a session now
         self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
         self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
@@ -586,8 +590,44 @@ class FarmRunner(PyRunner):
         closed, so that the tracker hands its agent to that worker."""
         held.idle_since = time.monotonic()
         with self._lock:
-            if self._opening == 0:
-                self._idle.append(held)
+            if self._opening != 0:
+                return
+            self._idle.append(held)
+            watch = self._idle_watch is None
+            if watch:
+                self._idle_watch = threading.Thread(target=self._watch_idle, name="farm-runner-idle", daemon=True)
+        if watch:
+            self._idle_watch.start()
+
+    def _watch_idle(self) -> None:
+        """While sessions are kept between batches: close one for each request the tracker has waiting on the
+        key (another runner's: a search worker of the same job, another job on the same agents — this runner's
+        own ``_opening`` is only what this process asks), and each one kept past :data:`SESSION_IDLE_S`.
+        Without it a runner whose batches come faster than SESSION_IDLE_S kept every agent of the key to itself
+        and the other runners' batches waited out ``device_wait_sec`` and failed (issue 16's spread search)."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._idle = [h for h in self._idle if now - h.idle_since < SESSION_IDLE_S]
+                if not self._idle or self._closed:
+                    self._idle, self._idle_watch = [], None
+                    return
+            waiting = self._waiting()
+            if waiting:
+                with self._lock:
+                    self._idle.sort(key=lambda h: h.idle_since)
+                    del self._idle[:waiting]  # the oldest first: closed, the tracker hands their agents on
+            time.sleep(IDLE_CHECK_S)
+
+    def _waiting(self) -> int:
+        """Requests the tracker has waiting on this runner's key (0 when it cannot say)."""
+        try:
+            for entry in self.tracker.devices():
+                if entry["key"] == self.key:
+                    return max(0, int(entry["pending"]))
+        except Exception:  # pylint: disable=broad-except  # the tracker lost or its answer malformed: keep them
+            pass
+        return 0
 
     def drop_idle(self, agent_id: str | None = None) -> None:
         """Close the sessions kept between batches (those on ``agent_id`` only, if given): their agents are free."""
@@ -718,6 +758,7 @@ class FarmRunner(PyRunner):
         return min(positive) if positive else 0.0
 
     def shutdown(self) -> None:
+        self._closed = True  # the idle watcher asks the tracker no more
         self.drop_idle()
         self.tracker.close()
 
