@@ -8,8 +8,10 @@ the same budget) through a real tracker, with the machine's cores split by tasks
   measure   --measure-agents agents on key "measure" that run every candidate: C cores each;
   search-i  `tunefarm search-worker`s on key "search" (search.workers: N): C cores each, searching and building
             their share of the tasks there.
-Per row: wall time of the tuning (tune_job), trials, trials/minute, best estimated latency, trials per search
-worker, candidates per measuring agent. Writes bench/results/search_scaling-<name>.{json,md} after every row;
+Per row: wall time of the tuning (tune_job), trials (failed ones among them), trials/minute, best estimated
+latency, trials per search worker, each share's wall time (the slowest bounds the run), candidates per measuring
+agent. The budget is spent past one round of every task (``--per-task`` above ``--per-iter``), so the cost
+model's rounds are part of every row. Writes bench/results/search_scaling-<name>.{json,md} after every row;
 ratios vs workers-0. Needs C x (1 + measure agents + the largest N) cores: 14 for the defaults (the lent
 16-core machine; see DEVELOPERS.md).
 """
@@ -27,19 +29,21 @@ from bench.workloads import bench_job
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     base = rows.get("workers-0") or next(iter(rows.values()))
     lines = [f"# Tuning throughput with search workers: {meta['model']}, {meta['trials']} trials "
-             f"({meta['per_iter']} per round), {meta['date']}", "",
+             f"({meta['per_iter']} per round, at most {meta.get('per_task', meta['per_iter'])} per task), {meta['date']}", "",
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
              f"{meta['cores_per_role']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
              f"{meta['population']}, target `{meta['target']}`.", "",
-             "| configuration | search on | tuning wall s | trials | trials/min | vs workers-0 | best estimated ms | "
-             "trials per search worker | measured per agent |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| configuration | search on | tuning wall s | trials (failed) | trials/min | vs workers-0 | "
+             "best estimated ms | trials per search worker | share wall s | measured per agent |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in rows.items():
         est = r.get("best_estimated_ms")
-        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} | {r['per_min']:.1f} | "
-                     f"{r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
+        walls = sorted(s.get("wall_s", 0) for s in r.get("shares") or [])
+        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r.get('failed', '?')}) | "
+                     f"{r['per_min']:.1f} | {r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
+                     f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
     return common.write_rows(out, f"search_scaling-{stem}", meta, rows, lines)
 
@@ -62,6 +66,9 @@ def main():
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--trials", type=int, default=384)
     parser.add_argument("--per-iter", type=int, default=16)
+    parser.add_argument("--per-task", type=int, default=64,
+                        help="max trials per task (above --per-iter, so that the budget is spent past one round "
+                             "of every task and the cost model's rounds are part of the run)")
     parser.add_argument("--population", type=int, default=128)
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=str(common.RESULTS))
@@ -80,6 +87,7 @@ def main():
     target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
     stem = args.name or common.default_name()
     meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
+                          per_task=args.per_task,
                           population=args.population, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="search-scaling-"))
@@ -97,7 +105,7 @@ def main():
                         work / "farm" / f"search-{n}-{i}.log", cpus=search_cores[i * c:(i + 1) * c]))
                 if n:
                     farm.wait_for_agents("search", n)
-                job = bench_job(f"workers-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_iter,
+                job = bench_job(f"workers-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_task,
                                 args.per_iter, args.population, builder_workers=c, search_workers=n)
                 tuned = tune_job(job, logs_dir=str(work / "logs"))
                 curve = JobDir(work / "logs" / job.name).events()
@@ -106,6 +114,8 @@ def main():
                 wall = tuned.wall_s
                 rows[f"workers-{n}"] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
                                         "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
+                                        "failed": tuned.failed, "failures": tuned.failures,
+                                        "time_split": tuned.time_split,
                                         "best_estimated_ms": min(ests) if ests else None,
                                         "search_workers": tuned.search_workers, "measured_on": tuned.per_agent,
                                         "shares": tuned.search_shares}

@@ -327,6 +327,7 @@ class ShareState:
     by_worker: dict[str, int] = dataclasses.field(default_factory=dict)  # records merged from each worker
     rejected: int = 0  # worker records refused (malformed, foreign task, over the share's trials)
     error: str = ""
+    wall_s: float = 0.0  # from the run's start to the share's end (the slowest share bounds the run)
 
 
 def deal(task_costs: dict[int, float], workers: int) -> list[list[int]]:
@@ -490,11 +491,13 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 after_batch()
 
     active = [len(shares)]  # shares still being driven
+    started = time.monotonic()
 
     def drive(share: ShareState) -> None:
         try:
             drive_share(share)
         finally:
+            share.wall_s = time.monotonic() - started
             with lock:
                 active[0] -= 1
 
@@ -589,7 +592,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
             result.search_workers[worker] = result.search_workers.get(worker, 0) + n
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
-                             "error": s.error} for s in shares]
+                             "error": s.error, "wall_s": round(s.wall_s, 1)} for s in shares]
     if not any(s.received for s in shares):
         errors = "; ".join(sorted({s.error for s in shares if s.error})) or "no search worker measured anything"
         from tunefarm.core.errors import TunefarmError

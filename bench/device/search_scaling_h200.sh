@@ -1,0 +1,41 @@
+#!/bin/bash
+# On the lent 16-core GPU machine's host (see DEVELOPERS.md): bench.search_scaling under setsid (it outlives
+# the call), its report copied out after every follow.
+#
+#   bash bench/device/search_scaling_h200.sh start ARGS...  # install the carried wheels, copy the project, start
+#   bash bench/device/search_scaling_h200.sh follow S       # wait up to S seconds (or until it ends), copy out
+set -u
+cd "$(dirname "$0")/../.."
+SITE=/tmp/site
+RES=/root/ss-results
+case "${1:-}" in
+start)
+  shift
+  if [ ! -d "$SITE/tvm" ]; then
+    cat /root/stash/tvm.part.aa .whl/b/tvm.part.ab > /tmp/apache_tvm-0.27.0.post1-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+    pip install -q --no-index --no-deps --target "$SITE" /tmp/apache_tvm-*.whl .whl/b/apache_tvm_ffi-*.whl \
+        .whl/b/tornado-*.whl .whl/b/xgboost_cpu-*.whl 2>&1 | tail -3
+  fi
+  rm -rf /root/p2 "$RES" && mkdir -p /root/p2 "$RES" && cp -r tunefarm bench configs /root/p2/
+  cd /root/p2
+  export PYTHONPATH="$SITE:/root/p2"
+  setsid python -m bench.search_scaling --out "$RES" "$@" > "$RES/search_scaling.log" 2>&1 < /dev/null &
+  sleep 20
+  tail -5 "$RES/search_scaling.log"
+  ;;
+follow)
+  end=$(( $(date +%s) + ${2:-500} ))
+  while [ "$(date +%s)" -lt "$end" ] && pgrep -f bench.search_scaling > /dev/null; do sleep 10; done
+  mkdir -p "$OUT/results"
+  cp "$RES"/* "$OUT/results/" 2>/dev/null
+  # each row's events and the farm's logs (the search workers', the agents'), for reading a slow row
+  tar czf "$OUT/results/work.tgz" -C /tmp --exclude='*.so' --exclude='*.tar' --exclude='*.npz' \
+      $(cd /tmp && ls -d search-scaling-*/logs/*/progress.jsonl search-scaling-*/farm/*.log 2>/dev/null) 2>/dev/null
+  tail -5 "$RES/search_scaling.log"
+  pgrep -f bench.search_scaling > /dev/null && echo "still running" || echo "ended"
+  ;;
+*)
+  echo "usage: $0 start ARGS... | follow SECONDS" >&2
+  exit 2
+  ;;
+esac
