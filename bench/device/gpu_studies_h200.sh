@@ -10,15 +10,10 @@
 # Env: TUNE_S (tuning wall time, one deadline for both; default 660), TPT (trials per task; default 32).
 set -u
 cd "$(dirname "$0")/../.."
-SITE=/tmp/site
 RES=/root/gs-results
 case "${1:-}" in
 start)
-  if [ ! -d "$SITE/tvm" ]; then
-    cat /root/stash/tvm.part.aa .whl/b/tvm.part.ab > /tmp/apache_tvm-0.27.0.post1-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
-    pip install -q --no-index --no-deps --target "$SITE" /tmp/apache_tvm-*.whl .whl/b/apache_tvm_ffi-*.whl \
-        .whl/b/tornado-*.whl .whl/b/xgboost_cpu-*.whl 2>&1 | tail -3
-  fi
+  . bench/device/wheels.sh
   rm -rf /root/proj /root/gs-barrier "$RES" && mkdir -p /root/proj "$RES" && cp -r tunefarm bench configs /root/proj/
   cd /root/proj
   export PYTHONPATH="$SITE:/root/proj"

@@ -3,12 +3,7 @@
 # bench.gpu_study with the arguments given, its report written under $OUT/results as it goes.
 set -u
 cd "$(dirname "$0")/../.."
-SITE=/tmp/site
-if [ ! -d "$SITE/tvm" ]; then
-  cat /root/stash/tvm.part.aa .whl/b/tvm.part.ab > /tmp/apache_tvm-0.27.0.post1-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
-  pip install -q --no-index --no-deps --target "$SITE" /tmp/apache_tvm-*.whl .whl/b/apache_tvm_ffi-*.whl \
-      .whl/b/tornado-*.whl .whl/b/xgboost_cpu-*.whl 2>&1 | tail -3
-fi
+. bench/device/wheels.sh
 rm -rf /root/proj && mkdir -p /root/proj && cp -r tunefarm bench configs /root/proj/
 mkdir -p "$OUT/results"
 cd /root/proj

@@ -6,16 +6,11 @@
 #   bash bench/device/search_scaling_h200.sh follow S       # wait up to S seconds (or until it ends), copy out
 set -u
 cd "$(dirname "$0")/../.."
-SITE=/tmp/site
 RES=/root/ss-results
 case "${1:-}" in
 start)
   shift
-  if [ ! -d "$SITE/tvm" ]; then
-    cat /root/stash/tvm.part.aa .whl/b/tvm.part.ab > /tmp/apache_tvm-0.27.0.post1-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
-    pip install -q --no-index --no-deps --target "$SITE" /tmp/apache_tvm-*.whl .whl/b/apache_tvm_ffi-*.whl \
-        .whl/b/tornado-*.whl .whl/b/xgboost_cpu-*.whl 2>&1 | tail -3
-  fi
+  . bench/device/wheels.sh
   rm -rf /root/p2 "$RES" && mkdir -p /root/p2 "$RES" && cp -r tunefarm bench configs /root/p2/
   cd /root/p2
   export PYTHONPATH="$SITE:/root/p2"
