@@ -29,7 +29,7 @@ from bench.workloads import bench_job
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     base = rows.get("workers-0") or next(iter(rows.values()))
     lines = [f"# Tuning throughput with search workers: {meta['model']}, {meta['trials']} trials "
-             f"({meta['per_iter']} per round, at most {meta.get('per_task', meta['per_iter'])} per task), {meta['date']}", "",
+             f"({meta['per_iter']} per round, at most {meta['per_task']} per task), {meta['date']}", "",
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
              f"{meta['cores_per_role']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
@@ -39,8 +39,8 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in rows.items():
         est = r.get("best_estimated_ms")
-        walls = sorted(s.get("wall_s", 0) for s in r.get("shares") or [])
-        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r.get('failed', '?')}) | "
+        walls = sorted(s["wall_s"] for s in r["shares"])
+        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}) | "
                      f"{r['per_min']:.1f} | {r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
                      f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
