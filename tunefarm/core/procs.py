@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from tunefarm.core.threads import THREADS_ENV
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
@@ -27,11 +29,15 @@ def start_tunefarm(args: Sequence[str], log_path: str | os.PathLike | None = Non
                    cpus: Sequence[int] | None = None) -> subprocess.Popen:
     """Start ``tunefarm ARGS...`` (this interpreter, this package) in a new process group.
 
-    Output goes to ``log_path`` (appended) or is discarded. ``cpus`` pins the process (taskset).
+    Output goes to ``log_path`` (appended) or is discarded. ``cpus`` pins the process (taskset) and, unless
+    ``env`` says otherwise, sizes its TVM thread pool to them (``TVM_NUM_THREADS``): a count inherited from
+    this process (a benchmark on 16 cores sets 16) would run 16 threads on the 2 cores a measuring agent has.
     """
     cmd = [sys.executable, "-m", "tunefarm", *map(str, args)]
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if cpus:
+        full_env[THREADS_ENV] = str(len(set(cpus)))
     if env:
         full_env.update(env)
     if log_path is not None:
