@@ -175,6 +175,21 @@ def test_agents_reregister_after_tracker_restart(tmp_path):
             stop_process(second)
 
 
+def test_a_slow_starting_server_is_not_restarted_for_being_unlisted(tracker, tmp_path):
+    """The supervisor's "not listed for a while" clock starts when its rpc server listens: a server still
+    importing (TVM here takes longer than the 1 s allowed below) is let finish starting and register, not
+    restarted over and over (it was, before: the clock ran from the child's start)."""
+    host, port = tracker
+    log = tmp_path / "slow.log"
+    agent = spawn_agent(host, port, "slowstart", log, env={"TUNEFARM_AGENT_UNLISTED_RESTART_S": "1"})
+    try:
+        wait_listed(agent, host, port, "slowstart", log)
+        text = log.read_text()
+        assert "restarting the rpc server" not in text and text.count("started rpc server") == 1
+    finally:
+        assert stop_process(agent) == 0
+
+
 def test_devices_fails_fast_without_a_tracker(tmp_path):
     closed = free_port(HOST)
     code, output, seconds = run_cli(["devices", "--tracker", f"{HOST}:{closed}"], tmp_path / "closed.log")

@@ -28,6 +28,9 @@ CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
 # Reachable tracker, not listed for this long: restart the child. The stock server needs up to
 # ~7 s to re-register after a tracker restart (2 s ping + 5 s retry), so stay well above that.
 UNLISTED_RESTART_S = 15.0
+# ... counted from when the child listens: before that it is still importing (TVM, a search worker's
+# MetaSchedule), which takes longer than that on a small board. A child not listening after this long is stuck.
+STARTUP_LIMIT_S = 300.0
 UNLISTED_RESTART_ENV = "TUNEFARM_AGENT_UNLISTED_RESTART_S"
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 10.0
@@ -100,6 +103,7 @@ class _RPCServerSupervisor:
         self.stop = threading.Event()
         self.child: subprocess.Popen | None = None
         self.child_started = 0.0
+        self.child_listening: float | None = None  # when the child was first seen listening
         self.backoff = BACKOFF_START_S
         self.listed = False
         self.tracker_down = False
@@ -130,6 +134,7 @@ class _RPCServerSupervisor:
         self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         self.child_started = time.monotonic()
+        self.child_listening = None
         self.listed = False
         self.unlisted_since = None
         _log(f"started rpc server (pid {self.child.pid}), ports [{self.port}, {self.port + PORT_RANGE})")
@@ -184,6 +189,18 @@ class _RPCServerSupervisor:
         except psutil.Error:
             return False
 
+    def _listening_since(self, now: float) -> float | None:
+        """When the child was first seen with a listening TCP socket (its RPC server up), or None yet."""
+        if self.child_listening is None and self.child is not None:
+            import psutil  # pylint: disable=import-outside-toplevel
+
+            try:
+                if any(c.status == psutil.CONN_LISTEN for c in psutil.Process(self.child.pid).net_connections("tcp")):
+                    self.child_listening = now
+            except psutil.Error:
+                pass
+        return self.child_listening
+
     def check_registration(self) -> None:
         now = time.monotonic()
         listed = self._tracker_lists_us()
@@ -211,7 +228,13 @@ class _RPCServerSupervisor:
             # meanwhile lists it again once the session ends. Never kill a session for this.
             self.unlisted_since = now
             return
-        if now - self.unlisted_since > self.unlisted_restart_s and now - self.child_started > self.unlisted_restart_s:
+        listening = self._listening_since(now)
+        if listening is None:
+            if now - self.child_started > STARTUP_LIMIT_S:
+                _log(f"rpc server not listening {now - self.child_started:.0f} s after it started; restarting it")
+                self.stop_child()
+            return  # still starting (imports): the unlisted clock starts when it listens
+        if now - self.unlisted_since > self.unlisted_restart_s and now - listening > self.unlisted_restart_s:
             _log(f"tracker {self.tracker_addr} has not listed this agent for {now - self.unlisted_since:.0f} s "
                  "although it is reachable; restarting the rpc server")
             self.stop_child()

@@ -125,6 +125,9 @@ def extract_job(job_dir: JobDir, target: dict[str, Any]) -> dict[str, np.ndarray
 
     extractor = _extractor()
     tvm_target = tvm.target.Target(target)
+    from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
+
+    load_for(tvm_target)  # TuneContext imports every architecture's intrinsics otherwise
     by_workload: dict[str, list] = OrderedDict()
     for rec in job_dir.open_database().get_all_tuning_records():
         if mean_run_s(rec.run_secs) is None:

@@ -209,7 +209,12 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
 
     if job.search.workers:
         return _run_spread(plan, database, tracker, console, result, progress, counter, should_stop, stop, timer)
-    # The design spaces and search of a run searched here (the search workers make their own).
+    # The design spaces and search of a run searched here (the search workers make their own). The run's clock
+    # starts here, as a spread run's does before its workers set up: both include the set-up of the search.
+    t0 = time.time()
+    from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
+
+    load_for(plan.target)
     search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
     space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -237,7 +242,6 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     job_dir.mark_run_started()
     committed: list = []
     limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
-    t0 = time.time()
     profiler = ms.Profiler()
     try:
         with progress.progress, profiler:

@@ -59,8 +59,11 @@ class Pipeline:
         intrinsics registered here), else the target's default (None)."""
         if self.precision != "fp16" or target.kind.name != "cuda":
             return None
-        import tvm.s_tir.tensor_intrin  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
         from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+        from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
+
+        load_for(target)  # the wmma/mma intrinsics the tensor-core rules name
 
         kind = "cuda-tensorcore"
         return ms.space_generator.PostOrderApply(sch_rules=kind, postprocs=kind, mutator_probs=kind)

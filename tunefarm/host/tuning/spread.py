@@ -50,8 +50,18 @@ _session: dict[str, Any] = {}  # the share this session searches (a session is i
 # ---------------------------------------------------------------------------------------------- worker side
 
 def register() -> None:
-    """Register the search functions (``tunefarm search-worker`` names this module to its RPC server)."""
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
+    """Register the search functions (``tunefarm search-worker`` names this module to its RPC server), and load
+    what every share's search imports — MetaSchedule and this machine's tensor intrinsics (intrinsics.py) — once,
+    here in the server before it listens, so that the session processes it forks start with them loaded
+    (stock, each session's ``TuneContext`` imported every architecture's intrinsics: 20-85 s per share)."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule  # noqa: F401  # pylint: disable=unused-import
+
+    from tunefarm.host.tuning.intrinsics import load_for
+
+    load_for(tvm.target.Target("llvm"))  # a share for another target adds its own (load_for in _tune)
 
     tvm_ffi.register_global_func(START_FUNC, _start, override=True)
     tvm_ffi.register_global_func(POLL_FUNC, _poll, override=True)
@@ -228,8 +238,11 @@ class _Share:
         from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule
         from tunefarm.host.tuning.verify import TimingVerifier
 
+        from tunefarm.host.tuning.intrinsics import load_for
+
         spec = self.spec
         target = tvm.target.Target(spec["target"])
+        load_for(target)
         quiet_pool_rule(target)
         work = tempfile.mkdtemp(prefix="tunefarm-search-")
         database = ms.database.JSONDatabase(work_dir=work)
