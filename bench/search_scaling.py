@@ -40,7 +40,10 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     for label, r in rows.items():
         est = r.get("best_estimated_ms")
         walls = sorted(s["wall_s"] for s in r["shares"])
-        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}) | "
+        kinds = [f"{n} build {k}" for k, n in sorted(r["build_failures"].items())] + [
+            f"{n} run {k}" for k, n in sorted(r["failures"].items())]
+        lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}"
+                     f"{': ' + ', '.join(kinds) if kinds else ''}) | "
                      f"{r['per_min']:.1f} | {r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
                      f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
@@ -115,6 +118,7 @@ def main():
                 rows[f"workers-{n}"] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
                                         "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
                                         "failed": tuned.failed, "failures": tuned.failures,
+                                        "build_failures": tuned.build_failures,
                                         "time_split": tuned.time_split,
                                         "best_estimated_ms": min(ests) if ests else None,
                                         "search_workers": tuned.search_workers, "measured_on": tuned.per_agent,

@@ -174,11 +174,17 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
 
     from tunefarm.host.tuning.spread import WorkerLied, check_reply
 
-    good = {"records": [{"task": 0}], "next": 5, "done": False, "per_agent": {"a": 1}}
-    assert check_reply(json.dumps(good), 4)["next"] == 5
+    good = {"records": [{"task": 0}], "next": 5, "done": False, "per_agent": {"a": 1},
+            "failures": {"timeout": 2, "error": 1}, "build_failures": {"timeout": 1}}
+    checked = check_reply(json.dumps(good), 4)
+    assert checked["next"] == 5 and checked["failures"] == {"timeout": 2, "error": 1}
+    assert checked["build_failures"] == {"timeout": 1}
+    assert check_reply(json.dumps({"records": [], "next": 4}), 4)["failures"] == {}  # counts are optional
     for bad in ("not json", json.dumps([1]), json.dumps({**good, "next": 9}), json.dumps({**good, "next": True}),
                 json.dumps({**good, "records": [{}] * 300, "next": 304}),
-                json.dumps({**good, "per_agent": {"a": -1}}), json.dumps({**good, "per_agent": {"a": "x"}})):
+                json.dumps({**good, "per_agent": {"a": -1}}), json.dumps({**good, "per_agent": {"a": "x"}}),
+                json.dumps({**good, "failures": {"[red]made up[/]": 1}}), json.dumps({**good, "failures": [1]}),
+                json.dumps({**good, "build_failures": {"timeout": 10 ** 12}})):
         with pytest.raises(WorkerLied):
             check_reply(bad, 4)
     with pytest.raises(WorkerLied):

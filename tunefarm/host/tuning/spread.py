@@ -38,6 +38,7 @@ STOP_FUNC = "tunefarm.search.stop"
 MAX_SHARE_BYTES = 256 << 20  # a share: its tasks' modules and best records
 MAX_REPLY_BYTES = 64 << 20  # one poll's answer
 MAX_POLL_RECORDS = 256
+FAILURE_KINDS = ("timeout", "error", "no agent")  # the runner's and the builder's words for a failed candidate
 MAX_RUN_SECS = 1024  # samples in one record
 FAILED_RUN_S = 1e10  # what MetaSchedule commits for a failed candidate
 SEED_RECORDS = 32  # the job's best records per task handed to a share (its search starts from them)
@@ -181,6 +182,7 @@ class _Share:
         self.error = ""
         self.counter = None
         self.runner = None
+        self.builder = None
         self.verifier = None
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="tunefarm-search-share", daemon=True)
@@ -196,9 +198,11 @@ class _Share:
             since = max(0, min(since, len(self.records)))
             part = self.records[since:since + MAX_POLL_RECORDS]
             done = self.done and since + len(part) == len(self.records)
-            runner = self.runner
+            runner, builder = self.runner, self.builder
             return {"records": part, "next": since + len(part), "done": done, "error": self.error,
                     "per_agent": dict(runner.per_agent) if runner is not None else {},
+                    "failures": dict(runner.failures) if runner is not None else {},
+                    "build_failures": dict(builder.build_failures) if builder is not None else {},
                     "requeued": runner.requeued if runner is not None else 0,
                     "unreachable": dict(runner.unreachable) if runner is not None else {},
                     "verification": self.verifier.summary() if self.verifier is not None else {}}
@@ -282,7 +286,7 @@ class _Share:
                                 enable_cpu_cache_flush=bool(runner_spec["enable_cpu_cache_flush"])))
         verifier = TimingVerifier(runner, Path(work) / "verified.jsonl", Console(stderr=True, highlight=False))
         with self.lock:
-            self.runner, self.verifier = runner, verifier
+            self.runner, self.builder, self.verifier = runner, builder, verifier
         committed: list = []
         per_task_cap = max(int(t["left"]) for t in spec["tasks"])
         try:
@@ -337,6 +341,8 @@ class ShareState:
     received: int = 0
     workers: list[str] = dataclasses.field(default_factory=list)  # the search workers that served it
     per_agent: dict[str, int] = dataclasses.field(default_factory=dict)
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # candidates not measured, by kind
+    build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # candidates not built, by kind
     by_worker: dict[str, int] = dataclasses.field(default_factory=dict)  # records merged from each worker
     rejected: int = 0  # worker records refused (malformed, foreign task, over the share's trials)
     error: str = ""
@@ -391,13 +397,18 @@ def check_reply(text: Any, since: int) -> dict[str, Any]:
     if (len(records) > MAX_POLL_RECORDS or not isinstance(nxt, int) or isinstance(nxt, bool)
             or nxt != since + len(records)):
         raise WorkerLied("a poll answer's record count and position do not add up")
-    per_agent = reply.get("per_agent", {})
-    if not (isinstance(per_agent, dict) and len(per_agent) <= 1024
-            and all(isinstance(k, str) and len(k) <= 256 and isinstance(v, int) and not isinstance(v, bool)
-                    and 0 <= v <= 10 ** 9 for k, v in per_agent.items())):
-        raise WorkerLied("a poll answer's per-agent counts are malformed")
+    counts = {}
+    for field, what, keys in (("per_agent", "per-agent counts", None), ("failures", "failure counts", FAILURE_KINDS),
+                              ("build_failures", "build failure counts", FAILURE_KINDS)):
+        value = reply.get(field, {})
+        if not (isinstance(value, dict) and len(value) <= 1024
+                and all(isinstance(k, str) and len(k) <= 256 and (keys is None or k in keys)
+                        and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10 ** 9
+                        for k, v in value.items())):
+            raise WorkerLied(f"a poll answer's {what} are malformed")
+        counts[field] = value
     return {"records": records, "next": nxt, "done": reply.get("done") is True,
-            "error": _clean(str(reply.get("error") or ""))[:500], "per_agent": per_agent}
+            "error": _clean(str(reply.get("error") or ""))[:500], **counts}
 
 
 def record_from_worker(item: Any, mods: list, workloads: list, target) -> tuple[int, Any, list[float] | None]:
@@ -546,6 +557,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 session.get_function(START_FUNC)(json.dumps(share_spec(share)))
                 poll, since, stop_sent = session.get_function(POLL_FUNC), 0, False
                 session_agents: dict[str, int] = {}
+                session_failed: dict[str, dict[str, int]] = {}
                 while True:
                     if counter.stopped and not stop_sent:
                         session.get_function(STOP_FUNC)()
@@ -554,6 +566,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     commit(share, reply["records"])
                     since = reply["next"]
                     session_agents = {_clean(a): n for a, n in reply["per_agent"].items()}  # this session's so far
+                    session_failed = {"failures": reply["failures"], "build_failures": reply["build_failures"]}
                     if reply["done"]:
                         break
                     if not reply["records"]:
@@ -570,6 +583,10 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 else:
                     for agent, n in session_agents.items():  # a shunned worker's word on them is not kept
                         share.per_agent[agent] = share.per_agent.get(agent, 0) + n
+                    for kind, n in session_failed.get("failures", {}).items():
+                        share.failures[kind] = share.failures.get(kind, 0) + n
+                    for kind, n in session_failed.get("build_failures", {}).items():
+                        share.build_failures[kind] = share.build_failures.get(kind, 0) + n
                     if not reply["error"]:
                         share.error = ""  # an earlier worker's failure, made good
                         return  # its search ended (the share's trials spent, or its space exhausted)
@@ -603,6 +620,10 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
             result.per_agent[agent] = result.per_agent.get(agent, 0) + n
         for worker, n in share.by_worker.items():
             result.search_workers[worker] = result.search_workers.get(worker, 0) + n
+        for kind, n in share.failures.items():
+            result.failures[kind] = result.failures.get(kind, 0) + n
+        for kind, n in share.build_failures.items():
+            result.build_failures[kind] = result.build_failures.get(kind, 0) + n
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
                              "error": s.error, "wall_s": round(s.wall_s, 1)} for s in shares]
