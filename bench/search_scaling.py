@@ -33,7 +33,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
              f"{meta['cores_per_role']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
-             f"{meta['population']}, target `{meta['target']}`.", "",
+             f"{meta['population']}, build timeout {meta['build_timeout_s']:g} s, target `{meta['target']}`.", "",
              "| configuration | search on | tuning wall s | trials (failed) | trials/min | vs workers-0 | "
              "best estimated ms | trials per search worker | share wall s | measured per agent |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -73,6 +73,9 @@ def main():
                         help="max trials per task (above --per-iter, so that the budget is spent past one round "
                              "of every task and the cost model's rounds are part of the run)")
     parser.add_argument("--population", type=int, default=128)
+    parser.add_argument("--build-timeout", type=float, default=120.0,
+                        help="seconds before a candidate's build is killed (a slower one holds its whole batch: "
+                             "MetaSchedule's builder returns when every candidate is done; stock LocalBuilder: 30)")
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
@@ -91,7 +94,7 @@ def main():
     stem = args.name or common.default_name()
     meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           per_task=args.per_task,
-                          population=args.population, target=str(target))
+                          population=args.population, build_timeout_s=args.build_timeout, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="search-scaling-"))
     os.sched_setaffinity(0, host_cores)  # this process and the workers it starts (the host builder's pool)
@@ -109,7 +112,8 @@ def main():
                 if n:
                     farm.wait_for_agents("search", n)
                 job = bench_job(f"workers-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_task,
-                                args.per_iter, args.population, builder_workers=c, search_workers=n)
+                                args.per_iter, args.population, builder_workers=c, search_workers=n,
+                                build_timeout_s=args.build_timeout)
                 tuned = tune_job(job, logs_dir=str(work / "logs"))
                 curve = JobDir(work / "logs" / job.name).events()
                 ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
