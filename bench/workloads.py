@@ -3,20 +3,30 @@ here, and when a curve reached a latency."""
 from __future__ import annotations
 
 
-def draw_candidates(n: int, seed: int = 0):
+def draw_candidates(n: int, seed: int = 0, task_name: str = ""):
+    """``(task name, target, BuilderInputs)``: ``n`` random traces (ReplayTrace, ``seed``) of ResNet-18's task
+    ``task_name`` (default: its heaviest conv) for this machine's llvm target."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.core.jobspec import ModelSpec
     from tunefarm.device_agents.probe import llvm_target
     from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.intrinsics import load_for
     from tunefarm.host.tuning.plan import fuse_for_tuning
 
     target = tvm.target.Target(llvm_target())
+    load_for(target)
     model = load_model(ModelSpec("torchvision", "resnet18", None, [1, 3, 224, 224]))
     mod = fuse_for_tuning(to_relax(model), target)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv2d" in t.task_name]
-    task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
+    if task_name:
+        named = [t for t in tasks if t.task_name == task_name]
+        if not named:
+            raise SystemExit(f"no conv task {task_name!r}; ResNet-18's are: {', '.join(t.task_name for t in tasks)}")
+        task = named[0]
+    else:
+        task = max(tasks, key=lambda t: t.weight * len(str(t.dispatched[0])))
     ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
                          search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name, rand_state=seed)
     ctx.pre_tuning(max_trials=n, num_trials_per_iter=n, design_spaces=ctx.generate_design_space())
