@@ -286,3 +286,30 @@ def test_a_kept_session_goes_to_another_runner_waiting_at_the_tracker(tracker, s
     finally:
         first.shutdown()
         second.shutdown()
+
+
+def test_a_candidate_whose_build_times_out_is_kept_to_rebuild(tmp_path):
+    """FarmBuilder keeps the scheduled module of a candidate killed at the build timeout (it held its batch),
+    and it loads back and builds: a real WarmBuilder pool whose timeout no build can meet."""
+    import tvm
+    import tvm_ffi
+
+    from tunefarm.core.building import build_candidate
+    from tunefarm.core.targets import target_to_json
+    from tunefarm.host.tuning.builder import KEEP_TIMEOUTS, FarmBuilder, WarmBuilder, load_kept
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    kernels = _kernels(target, matmul=64, add=1024)
+    keep = tmp_path / "build-timeouts"
+    builder = FarmBuilder(WarmBuilder(workers=1, timeout_sec=0.001), keep_dir=keep)
+    try:
+        results = builder.build(list(kernels.values()))
+    finally:
+        builder.shutdown()
+    assert all(r.artifact_path is None and "timeout" in r.error_msg for r in results), [r.error_msg for r in results]
+    assert builder.build_failures == {"timeout": 2} and len(builder.kept) == 2 <= KEEP_TIMEOUTS
+    assert sorted(p.name for p in keep.iterdir()) == sorted(Path(p).name for p in builder.kept)
+    for path, kernel in zip(builder.kept, kernels.values()):
+        mod, kept_target = load_kept(path)
+        assert tvm_ffi.structural_equal(mod, kernel.mod) and target_to_json(kept_target) == target_to_json(target)
+    assert Path(build_candidate(mod, kept_target, str(tmp_path / "again.tar"))).stat().st_size > 0

@@ -15,6 +15,7 @@ long-lived workers) and builds exactly as stock does otherwise (``tunefarm.core.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -23,6 +24,8 @@ from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuild
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from tunefarm.core.threads import usable_cpus
+
+KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
 
 
 def _warm_worker():
@@ -178,11 +181,15 @@ class FarmBuilder(PyBuilder):
     gets a placeholder artifact from ``cache`` instead of a build (FarmRunner answers it from the cache);
     the others are built by ``builder`` (a :class:`WarmBuilder` or an :class:`AgentBuilder`)."""
 
-    def __init__(self, builder, cache=None):
+    def __init__(self, builder, cache=None, keep_dir: str | os.PathLike | None = None):
         super().__init__()
         self.builder = builder
         self.cache = cache
         self.build_failures: dict[str, int] = {}  # "timeout" / "no agent" / "error" -> candidates
+        # A candidate whose build ran into the timeout holds its whole batch (the builder returns when every
+        # candidate is done): its scheduled module is kept here (at most KEEP_TIMEOUTS) to rebuild and look at.
+        self.keep_dir = keep_dir
+        self.kept: list[str] = []
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         results: list[BuilderResult | None] = [None] * len(build_inputs)
@@ -199,12 +206,42 @@ class FarmBuilder(PyBuilder):
                 if res.artifact_path is None:
                     kind = _failure_kind(res.error_msg or "")
                     self.build_failures[kind] = self.build_failures.get(kind, 0) + 1
+                    if kind == "timeout":
+                        self._keep(build_inputs[i])
                 elif self.cache is not None:
                     self.cache.note_artifact(res.artifact_path, keys[i])
         return results  # type: ignore[return-value]
 
+    def _keep(self, build_input: BuilderInput) -> None:
+        if self.keep_dir is None or len(self.kept) >= KEEP_TIMEOUTS:
+            return
+        # pylint: disable=import-outside-toplevel
+        import tvm
+        import tvm_ffi
+
+        from tunefarm.core.targets import target_to_json
+
+        try:
+            os.makedirs(self.keep_dir, exist_ok=True)
+            name = f"timeout-{len(self.kept):02d}-{tvm_ffi.structural_hash(build_input.mod) & 0xFFFFFFFF:08x}.json"
+            path = os.path.join(self.keep_dir, name)
+            with open(path, "w", encoding="utf-8") as out:
+                json.dump({"target": target_to_json(build_input.target), "mod": tvm.ir.save_json(build_input.mod)}, out)
+        except (OSError, ValueError, TypeError):  # diagnostics only: never the run's failure
+            return
+        self.kept.append(path)
+
     def shutdown(self) -> None:
         self.builder.shutdown()
+
+
+def load_kept(path: str | os.PathLike):
+    """``(mod, target)`` of a candidate :class:`FarmBuilder` kept (to rebuild it: ``tunefarm.core.building``)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as src:
+        data = json.load(src)
+    return tvm.ir.load_json(data["mod"]), tvm.target.Target(data["target"])
 
 
 def _failure_kind(message: str) -> str:
@@ -217,10 +254,12 @@ def _failure_kind(message: str) -> str:
     return "error"
 
 
-def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=None) -> FarmBuilder:
-    """The builder a job's ``builder:`` section asks for (``key`` set: its agents build), behind the cache."""
+def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=None,
+                keep_dir: str | os.PathLike | None = None) -> FarmBuilder:
+    """The builder a job's ``builder:`` section asks for (``key`` set: its agents build), behind the cache;
+    candidates whose builds time out are kept in ``keep_dir``."""
     if spec.key:
         inner = AgentBuilder(tracker, spec.key, timeout_sec=spec.timeout_sec, device_wait_sec=device_wait_sec)
     else:
         inner = WarmBuilder(workers=spec.workers, timeout_sec=spec.timeout_sec)
-    return FarmBuilder(inner, cache=cache)
+    return FarmBuilder(inner, cache=cache, keep_dir=keep_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from tunefarm.core.jobspec import TuningJob, load_job
 from tunefarm.core.threads import usable_cores
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
+
+BUILD_TIMEOUTS_DIR = "build-timeouts"  # under the job's logs/: candidates whose builds timed out (FarmBuilder)
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
 from tunefarm.host.tuning.plan import (TuningPlan, commit_plan, describe_plan, fuse_for_tuning,  # noqa: F401
                                        plan_job, resolve_job_target)
@@ -54,6 +57,7 @@ class TuneResult:
     failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
     built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
     build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
+    kept_builds: list[str] = dataclasses.field(default_factory=list)  # timed-out candidates kept (FarmBuilder)
     agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
     requeued: int = 0  # candidates measured again because their session died under them (agent lost, unplugged)
     unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # agent address -> why it cannot be reached
@@ -222,7 +226,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
         **({"space": space} if space is not None else {}))
     host, port = tracker
-    builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache)
+    builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache,
+                          keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR)
     runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
                         device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
                         on_agent_lost=_agent_lost_message(console, job.device.key),
@@ -266,6 +271,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.failures = dict(runner.failures)
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
     result.build_failures = dict(builder.build_failures)
+    result.kept_builds = list(builder.kept)
     result.agents_lost = dict(runner.lost)
     result.requeued = runner.requeued
     result.unreachable = dict(runner.unreachable)
@@ -396,6 +402,9 @@ def run_summary(result: TuneResult) -> list[str]:
     if result.requeued:
         lines.append(f"{result.requeued} candidate(s) measured again: their session died under them (an agent "
                      "killed, frozen or cut off)")
+    if result.kept_builds:
+        lines.append(f"{len(result.kept_builds)} candidate(s) whose build ran into the builder's timeout (each held "
+                     f"its batch) kept in {os.path.dirname(result.kept_builds[0])}")
     for share in result.search_shares:
         lines.append(f"search share: {len(share['tasks'])} task(s), {share['received']}/{share['trials']} trials merged"
                      + (f" from {', '.join(share['workers'])}" if share["workers"] else " (no search worker took it)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -277,7 +278,8 @@ class _Share:
         # The worker's own cores build (or the job's build agents): never more processes than it has cores.
         build = BuilderSpec(**spec["builder"])
         build.workers = min(build.workers or usable_cores(), usable_cores())
-        builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache)
+        builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache,
+                              keep_dir=Path(work) / "build-timeouts")
         runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
                             device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
@@ -299,6 +301,9 @@ class _Share:
         finally:
             builder.shutdown()
             runner.shutdown()
+            for path in builder.kept:  # the worker's log: where to find a candidate that held its batch
+                print(f"tunefarm search worker: a candidate's build timed out; kept at {path}", file=sys.stderr,
+                      flush=True)
 
 
 def _collector(share: _Share, committed: list):
