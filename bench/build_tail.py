@@ -17,6 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench import common
 from bench.workloads import draw_candidates
 
@@ -31,11 +33,6 @@ def _timed_build(mod, target):
     return time.perf_counter() - t0
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
-
-
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     lines = [f"# Build time of single candidates: ResNet-18 conv tasks, {meta['candidates']} random traces each, "
              f"{meta['date']}", "", common.describe(common.finish(meta))
@@ -46,8 +43,9 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, r in rows.items():
         t = r["seconds"] or [float("nan")]  # every candidate timed out or failed: no times
-        lines.append(f"| {task} | {len(t)} | {r['timeouts']} | {r['errors']} | {_pct(t, .5):.2f} | {_pct(t, .9):.2f} | "
-                     f"{_pct(t, .99):.2f} | {max(t):.1f} | {sum(x > 10 for x in t)} | {sum(x > 30 for x in t)} | "
+        p50, p90, p99 = np.percentile(t, [50, 90, 99])  # as tunefarm.core.stats.latency_stats takes them
+        lines.append(f"| {task} | {len(r['seconds'])} | {r['timeouts']} | {r['errors']} | {p50:.2f} | {p90:.2f} | "
+                     f"{p99:.2f} | {max(t):.1f} | {sum(x > 10 for x in t)} | {sum(x > 30 for x in t)} | "
                      f"{sum(x > 60 for x in t)} | {r['slow_share']:.0%} |")
     return common.write_rows(out, f"build_tail-{stem}", meta, rows, lines)
 

@@ -32,8 +32,10 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              f"({meta['per_iter']} per round, at most {meta['per_task']} per task), {meta['date']}", "",
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
-             f"{meta['cores_per_role']} cores of their own (taskset). Cold jobs (no warm start), seed 0, population "
-             f"{meta['population']}, build timeout {meta['build_timeout_s']:g} s, target `{meta['target']}`.", "",
+             f"{meta['cores_per_role']} cores of their own (taskset), each running TVM with that many threads "
+             f"(start_tunefarm sets TVM_NUM_THREADS to a pinned process's cores). Pipeline of every row: "
+             f"{'; '.join(sorted({r['pipeline'] for r in rows.values()}))}. Cold jobs (no warm start), seed 0, "
+             f"population {meta['population']}, build timeout {meta['build_timeout_s']:g} s, target `{meta['target']}`.", "",
              "| configuration | search on | tuning wall s | trials (failed) | trials/min | vs workers-0 | "
              "best estimated ms | trials per search worker | share wall s | measured per agent |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -123,6 +125,7 @@ def main():
                                         "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
                                         "failed": tuned.failed, "failures": tuned.failures,
                                         "build_failures": tuned.build_failures,
+                                        "pipeline": tuned.plan.pipeline.describe(),  # its precision class
                                         "time_split": tuned.time_split,
                                         "best_estimated_ms": min(ests) if ests else None,
                                         "search_workers": tuned.search_workers, "measured_on": tuned.per_agent,

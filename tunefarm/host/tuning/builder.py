@@ -26,6 +26,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from tunefarm.core.threads import usable_cpus
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
+BUILD_TIMEOUTS_DIR = "build-timeouts"  # where a job (under its logs/) or a share (its work dir) keeps them
 
 
 def _warm_worker():

@@ -4,8 +4,8 @@ MetaSchedule's ``TuneContext`` runs ``import tvm.s_tir.tensor_intrin``, whose pa
 every architecture TVM knows (CUDA, ROCm, Arm, x86, Hexagon, RISC-V): each one a TVMScript function parsed at
 import. In this wheel that import takes 20 s (a 16-core Xeon host) to 55-85 s (a 2-core AMD EPYC), measured
 with ``python -X importtime`` on 2026-12-02: ``cuda`` 31.5 s, ``rocm`` 8.3, ``arm_cpu`` 4.6, ``hexagon`` 2.7,
-``x86`` 0.8 (after the shared ``dot_product_common``'s 2.1) of 54 s. Every fresh process that tunes pays it: a
-search worker's session, the host service, a test.
+``x86`` 0.8 of 54 s (``arm_cpu``'s includes the 2.1 s of the ``dot_product_common`` it imports). Every fresh
+process that tunes pays it: a search worker's session, the host service, a test.
 
 :func:`load_for` imports the submodules a target's design spaces can name (its schedule rules find
 intrinsics by name in TVM's registry) and marks the package imported, so that the stock import in

@@ -24,8 +24,6 @@ from tunefarm.core.jobspec import TuningJob, load_job
 from tunefarm.core.threads import usable_cores
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
-
-BUILD_TIMEOUTS_DIR = "build-timeouts"  # under the job's logs/: candidates whose builds timed out (FarmBuilder)
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
 from tunefarm.host.tuning.plan import (TuningPlan, commit_plan, describe_plan, fuse_for_tuning,  # noqa: F401
                                        plan_job, resolve_job_target)
@@ -167,7 +165,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.host.tuning.budget import TrialCounter
-    from tunefarm.host.tuning.builder import job_builder
+    from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
     from tunefarm.host.tuning.measured_cache import MeasuredCache
     from tunefarm.host.tuning.runner import FarmRunner
     from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule

@@ -236,7 +236,7 @@ class _Share:
         from tunefarm.core.threads import usable_cores
         from tunefarm.core.wire import parse_hostport
         from tunefarm.host.tuning.budget import TrialCounter
-        from tunefarm.host.tuning.builder import job_builder
+        from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
         from tunefarm.host.tuning.measured_cache import MeasuredCache
         from tunefarm.host.tuning.pipeline import Pipeline
         from tunefarm.host.tuning.runner import FarmRunner
@@ -279,7 +279,7 @@ class _Share:
         build = BuilderSpec(**spec["builder"])
         build.workers = min(build.workers or usable_cores(), usable_cores())
         builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache,
-                              keep_dir=Path(work) / "build-timeouts")
+                              keep_dir=Path(work) / BUILD_TIMEOUTS_DIR)
         runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
                             device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
@@ -561,8 +561,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 share.workers.append(worker)
                 session.get_function(START_FUNC)(json.dumps(share_spec(share)))
                 poll, since, stop_sent = session.get_function(POLL_FUNC), 0, False
-                session_agents: dict[str, int] = {}
-                session_failed: dict[str, dict[str, int]] = {}
+                session_counts: dict[str, dict[str, int]] = {}  # this session's so far, by ShareState field
                 while True:
                     if counter.stopped and not stop_sent:
                         session.get_function(STOP_FUNC)()
@@ -570,8 +569,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     reply = check_reply(poll(since), since)
                     commit(share, reply["records"])
                     since = reply["next"]
-                    session_agents = {_clean(a): n for a, n in reply["per_agent"].items()}  # this session's so far
-                    session_failed = {"failures": reply["failures"], "build_failures": reply["build_failures"]}
+                    session_counts = {"per_agent": {_clean(a): n for a, n in reply["per_agent"].items()},
+                                      "failures": reply["failures"], "build_failures": reply["build_failures"]}
                     if reply["done"]:
                         break
                     if not reply["records"]:
@@ -586,12 +585,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     console.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
                                   f"{share.rejected - rejected_before} of its records refused")
                 else:
-                    for agent, n in session_agents.items():  # a shunned worker's word on them is not kept
-                        share.per_agent[agent] = share.per_agent.get(agent, 0) + n
-                    for kind, n in session_failed.get("failures", {}).items():
-                        share.failures[kind] = share.failures.get(kind, 0) + n
-                    for kind, n in session_failed.get("build_failures", {}).items():
-                        share.build_failures[kind] = share.build_failures.get(kind, 0) + n
+                    for field, counts in session_counts.items():  # a shunned worker's word on them is not kept
+                        _add_counts(getattr(share, field), counts)
                     if not reply["error"]:
                         share.error = ""  # an earlier worker's failure, made good
                         return  # its search ended (the share's trials spent, or its space exhausted)
@@ -621,14 +616,10 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     aside.clear()
     result.search_shunned = sorted(shunned)
     for share in shares:
-        for agent, n in share.per_agent.items():
-            result.per_agent[agent] = result.per_agent.get(agent, 0) + n
-        for worker, n in share.by_worker.items():
-            result.search_workers[worker] = result.search_workers.get(worker, 0) + n
-        for kind, n in share.failures.items():
-            result.failures[kind] = result.failures.get(kind, 0) + n
-        for kind, n in share.build_failures.items():
-            result.build_failures[kind] = result.build_failures.get(kind, 0) + n
+        _add_counts(result.per_agent, share.per_agent)
+        _add_counts(result.search_workers, share.by_worker)
+        _add_counts(result.failures, share.failures)
+        _add_counts(result.build_failures, share.build_failures)
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
                              "error": s.error, "wall_s": round(s.wall_s, 1)} for s in shares]
@@ -637,6 +628,11 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
         from tunefarm.core.errors import TunefarmError
 
         raise TunefarmError(f"the spread search measured nothing: {errors}")
+
+
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
 
 
 def _flops(mod) -> float:
