@@ -166,7 +166,43 @@ def test_shares_deal_costly_tasks_apart_and_split_the_budget_exactly():
     assert [len(s) for s in shares] == [5, 5] and shares[0][:2] == [9, 0], shares
     assert sorted(len(s) for s in deal({i: float(i * i) for i in range(19)}, 4)) == [4, 5, 5, 5]
     assert deal({0: 1.0, 1: 1.0}, 4) == [[0], [1]]  # never more shares than tasks
-    assert split_trials(24, [3, 2]) == [14, 10] and sum(split_trials(7, [1, 1, 1])) == 7
+    # A light task (fewer candidates than a round) is not counted: dealt after the others, where fewest are.
+    assert deal({0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0}, 2, {4}) == [[0, 3, 4], [1, 2]]
+    assert deal({0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0}, 2, {0}) == [[0, 1, 4], [2, 3]]
+
+
+def test_the_budget_evens_out_the_shares_rounds_after_each_tasks_first():
+    from tunefarm.host.tuning.spread import split_trials
+
+    # ResNet-18 on 4 workers (the lent machine's run): 18 conv-like tasks and reshape (one candidate), 16 a
+    # round, 64 a task: even shares, so the 4-task shares run as many rounds as the 5-task ones.
+    assert split_trials(320, [80, 80, 65, 64], [320, 320, 257, 256]) == [80, 80, 80, 80]
+    assert split_trials(300, [80, 80, 80, 48]) == [80, 80, 80, 60]  # nobody below its first round
+    assert split_trials(7, [1, 1, 1]) == [3, 2, 2]
+    # Too few for a round each: in proportion to the needs, summing to the budget exactly.
+    assert split_trials(60, [80, 40]) == [40, 20] and split_trials(5, [2, 1]) == [3, 2]
+    # Never beyond what a share's tasks may measure (the budget is then not all spent).
+    assert split_trials(1000, [16, 16], [64, 500]) == [64, 500]
+    assert split_trials(400, [16, 16], [64, 500]) == [64, 336]
+    assert split_trials(0, [16, 16]) == [0, 0] and split_trials(10, [0, 0], [0, 0]) == [0, 0]
+
+
+def test_a_task_without_choices_has_as_many_candidates_as_design_spaces():
+    import tvm
+    from tvm import te
+
+    from tunefarm.host.tuning.intrinsics import load_for
+    from tunefarm.host.tuning.spread import task_capacity
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    load_for(target)
+    a = te.placeholder((4, 6), name="a")
+    flat = te.compute((24,), lambda i: a[i // 6, i % 6], name="flat")  # a reshape: nothing to decide
+    b = te.placeholder((6, 8), name="b")
+    k = te.reduce_axis((0, 6), name="k")
+    mm = te.compute((4, 8), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="mm")
+    assert task_capacity(tvm.IRModule({"main": te.create_prim_func([a, flat])}), target) == 1
+    assert task_capacity(tvm.IRModule({"main": te.create_prim_func([a, b, mm])}), target) is None  # tiles
 
 
 def test_a_poll_answer_that_does_not_add_up_is_refused():
