@@ -92,14 +92,14 @@ def main():
     record("farm-host", timed_build(farm, inputs))
     farm.shutdown()
     if 0 < host_workers < len(cores):
-        os.sched_setaffinity(0, cores[:host_workers])  # the pool's workers inherit it; so does the timing
+        common.pin(cores[:host_workers])  # the pool's workers inherit it; so does the timing
         try:
             farm = WarmBuilder(workers=host_workers, timeout_sec=300)
             farm.build(inputs[:host_workers])
             record(f"farm-host-{host_workers}c", timed_build(farm, inputs))
             farm.shutdown()
         finally:
-            os.sched_setaffinity(0, cores)
+            common.pin(cores)
 
     work = Path(args.logs) if args.logs else out / ".build_scaling_logs"
     with LocalFarm(work) as farm:

@@ -13,9 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunefarm.core.threads import THREADS_ENV, usable_cores
+from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, usable_cores
 
 os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+
+
+def pin(cpus) -> None:
+    """Pin this process (and what it starts from now on) to ``cpus``: TVM with as many threads, kept inside
+    them (TVM binds its pool's threads to CPUs of the whole machine otherwise: tunefarm.core.threads).
+    Call it before TVM's pool starts."""
+    os.sched_setaffinity(0, set(cpus))
+    os.environ[THREADS_ENV] = str(usable_cores())
+    keep_tvm_threads_inside(os.environ)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

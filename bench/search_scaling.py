@@ -33,7 +33,8 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              f"{common.describe(common.finish(meta))} "
              f"Host process, {meta['measure_agents']} measuring agent(s) and each search worker pinned to "
              f"{meta['cores_per_role']} cores of their own (taskset), each running TVM with that many threads "
-             f"(start_tunefarm sets TVM_NUM_THREADS to a pinned process's cores). Pipeline of every row: "
+             f"(start_tunefarm sets TVM_NUM_THREADS to a pinned process's cores, and TVM_BIND_THREADS=0 so that TVM "
+             f"keeps them inside those cores). Pipeline of every row: "
              f"{'; '.join(sorted({r['pipeline'] for r in rows.values()}))}. Cold jobs (no warm start), seed 0, "
              f"population {meta['population']}, build timeout {meta['build_timeout_s']:g} s, target `{meta['target']}`.", "",
              "| configuration | search on | tuning wall s | trials (failed) | trials/min | vs workers-0 | "
@@ -93,13 +94,13 @@ def main():
     measure_cores = [cores[c * (1 + i):c * (2 + i)] for i in range(m)]
     search_cores = cores[c * (1 + m):]
     target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
+    common.pin(host_cores)  # this process and what it starts (the host builder's pool), before TVM's pool starts
     stem = args.name or common.default_name()
     meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           per_task=args.per_task,
                           population=args.population, build_timeout_s=args.build_timeout, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="search-scaling-"))
-    os.sched_setaffinity(0, host_cores)  # this process and the workers it starts (the host builder's pool)
     with LocalFarm(work / "farm") as farm:
         for i, cpus in enumerate(measure_cores):
             farm.add_agent("measure", cpus=cpus, name=f"measure-{i}", wait=False)

@@ -71,12 +71,12 @@ def main():
     if len(cores) < 2 * c:
         raise SystemExit(f"needs at least {2 * c} cores (host + measuring agent); this machine has {len(cores)}")
     target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
+    common.pin(host_cores)  # this process and what it starts (the host builder's pool), before TVM's pool starts
     stem = args.name or common.default_name()
     meta = common.machine(cores_per_agent=c, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           population=args.population, target=str(target))
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="tuning-scaling-"))
-    os.sched_setaffinity(0, host_cores)  # this process and the workers it starts (the host builder's pool)
     with LocalFarm(work / "farm") as farm:
         farm.add_agent("measure", cpus=measure_cores, name="measure")
         for n in counts:

@@ -80,3 +80,44 @@ def test_agents_set_report_and_use_their_threads(tracker, start_agent, tmp_path,
     assert code != 0
     assert [l for l in output.splitlines() if l.strip()] == [
         "tunefarm: error: --threads must be between 1 and 4096, got 0"]
+
+
+_THREAD_MASKS = r'''
+import os, numpy as np, tvm
+from tvm import te
+a = te.placeholder((1 << 20,), name="a")
+b = te.compute(a.shape, lambda i: a[i] * 2.0, name="b")
+sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+sch.parallel(sch.get_loops(sch.get_sblock("b"))[0])
+lib = tvm.compile(sch.mod, target="llvm")
+x = tvm.runtime.tensor(np.ones(1 << 20, "float32")); y = tvm.runtime.tensor(np.zeros(1 << 20, "float32"))
+lib["main"](x, y)
+assert float(y.numpy()[0]) == 2.0
+for tid in os.listdir("/proc/self/task"):
+    status = open(f"/proc/self/task/{tid}/status").read()
+    print(next(l.split(":", 1)[1].strip() for l in status.splitlines() if l.startswith("Cpus_allowed_list")))
+'''
+
+
+def test_a_pinned_tvm_process_keeps_its_threads_on_its_cpus():
+    """TVM binds its pool's threads to CPUs of its own choosing, outside the process's mask (with 2 threads
+    under ``taskset -c 0``: the main thread widened to every CPU, the pool's bound to CPU 1); the environment
+    the farm gives a pinned process keeps them inside."""
+    import subprocess
+    import sys
+
+    from tunefarm.core.threads import BIND_ENV, confined, keep_tvm_threads_inside
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or len(cpus) < (os.cpu_count() or 0):
+        pytest.skip("needs a process that may run on every CPU of a machine of 2 or more")
+    assert not confined() and confined({cpus[0]})
+    assert BIND_ENV not in keep_tvm_threads_inside({}, set(cpus))  # the whole machine: TVM's own binding
+    assert keep_tvm_threads_inside({BIND_ENV: "1"}, {cpus[0]})[BIND_ENV] == "1"  # the user's word stands
+    pinned = cpus[0]
+    env = keep_tvm_threads_inside(dict(os.environ, **{THREADS_ENV: "2"}), {pinned})
+    out = subprocess.run([sys.executable, "-c", _THREAD_MASKS], env=env, capture_output=True, text=True,
+                         timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {pinned}), check=True).stdout
+    masks = out.split()
+    assert len(masks) >= 2, out  # the main thread and TVM's pool thread at least
+    assert set(masks) == {str(pinned)}, masks

@@ -51,6 +51,9 @@ def main():
     Start here:
       tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
     """
+    from tunefarm.core.threads import keep_tvm_threads_inside  # pylint: disable=import-outside-toplevel
+
+    keep_tvm_threads_inside(os.environ)  # pinned (taskset): TVM would bind its threads outside the mask
 
 
 @main.command()

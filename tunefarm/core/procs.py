@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from tunefarm.core.threads import THREADS_ENV
+from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,6 +40,7 @@ def start_tunefarm(args: Sequence[str], log_path: str | os.PathLike | None = Non
         full_env[THREADS_ENV] = str(len(set(cpus)))
     if env:
         full_env.update(env)
+    keep_tvm_threads_inside(full_env, cpus)  # else TVM binds its threads outside the pinned CPUs
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "ab")  # pylint: disable=consider-using-with

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 THREADS_ENV = "TVM_NUM_THREADS"
+BIND_ENV = "TVM_BIND_THREADS"
 
 
 def usable_cpus() -> int:
@@ -21,6 +22,29 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def confined(cpus=None) -> bool:
+    """Whether ``cpus`` (default: this process's affinity mask) are fewer than the machine's CPUs."""
+    try:
+        mask = set(cpus) if cpus is not None else os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return False
+    return 0 < len(mask) < (os.cpu_count() or 0)
+
+
+def keep_tvm_threads_inside(env, cpus=None):
+    """``env`` (a mapping, changed in place and returned) for a TVM process confined to ``cpus`` (default:
+    this process's mask): ``TVM_BIND_THREADS=0`` where they are fewer than the machine's, unless set.
+
+    TVM's thread pool binds its threads to CPUs it picks from the whole machine, not from the process's
+    affinity mask: a process under ``taskset -c 0`` with 2 threads has its main thread widened to every CPU
+    and its pool thread bound to CPU 1 (checked here, TVM 0.27; tests/test_threads.py). On the lent 16-core
+    host every pinned 2-thread measuring agent then ran half of each kernel on the same CPU, and honest
+    agents disagreed by 10x and were flagged. Unbound, the threads stay inside the mask."""
+    if confined(cpus):
+        env.setdefault(BIND_ENV, "0")
+    return env
 
 
 def usable_cores() -> int:

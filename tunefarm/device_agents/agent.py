@@ -21,7 +21,7 @@ import time
 import click
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
-from tunefarm.core.threads import THREADS_ENV, resolve_threads
+from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, resolve_threads
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
 CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
@@ -129,6 +129,7 @@ class _RPCServerSupervisor:
         # TVM sizes its CPU thread pool once, from TVM_NUM_THREADS, when the pool first starts (in the
         # sessions forked from the child); without it TVM takes hardware_concurrency()/2 on x86-64.
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(self.info.threads)}, **self.child_env)
+        keep_tvm_threads_inside(env)  # a pinned agent (taskset): TVM would bind its threads outside the mask
         # Its own session (and process group): stopping the child takes its forked RPC sessions
         # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.
         self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,

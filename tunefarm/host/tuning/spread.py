@@ -516,6 +516,9 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     order = list(budget.order)
     position = {index: pos for pos, index in enumerate(order)}  # job task -> MetaSchedule's id in progress
     costs = {i: float(plan.tasks[i].weight) * _flops(plan.extracted[i].dispatched[0]) for i in order}
+    from tunefarm.host.tuning.intrinsics import load_for
+
+    load_for(plan.target)  # before any TuneContext here: its stock import of every architecture's takes 20-80 s
     space = plan.pipeline.space(plan.target)
     can_take = {i: budget.task_left[i] for i in order}
     for i in order:  # a task of a few candidates can measure no more than those
