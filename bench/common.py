@@ -53,7 +53,8 @@ def machine(**extra: Any) -> dict[str, Any]:
     import tvm  # pylint: disable=import-outside-toplevel
 
     return {"host": platform.node(), "cpu": cpu_model(), "cores": usable_cores(),
-            "logical_cpus": len(os.sched_getaffinity(0)), "threads": threads(), "load_avg_start": load_avg(),
+            "logical_cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(), "threads": threads(),
+            "load_avg_start": load_avg(),
             "python": platform.python_version(), "tvm": str(tvm.__version__),
             "date": time.strftime("%Y-%m-%d %H:%M"), **extra}
 
@@ -72,7 +73,10 @@ def finish(meta: dict[str, Any]) -> dict[str, Any]:
 def describe(meta: dict[str, Any]) -> str:
     """The machine record as the sentence every results file opens with."""
     start, end = meta.get("load_avg_start") or [float("nan")], meta.get("load_avg_end") or [float("nan")]
-    return (f"Machine: {meta['host']}, {meta['cores']} cores ({meta['cpu']}), TVM {meta['tvm']} with "
+    whole = meta.get("machine_cpus")
+    where = (f"{whole} CPUs, this benchmark's process pinned to {meta['cores']} cores" if whole and whole > meta.get(
+        "logical_cpus", whole) else f"{meta['cores']} cores")
+    return (f"Machine: {meta['host']}, {where} ({meta['cpu']}), TVM {meta['tvm']} with "
             f"{meta['threads']} threads, Python {meta['python']}; load average (1 min) {start[0]:.1f} at the start, "
             f"{end[0]:.1f} at the end.")
 

@@ -313,3 +313,27 @@ def test_a_candidate_whose_build_times_out_is_kept_to_rebuild(tmp_path):
         mod, kept_target = load_kept(path)
         assert tvm_ffi.structural_equal(mod, kernel.mod) and target_to_json(kept_target) == target_to_json(target)
     assert Path(build_candidate(mod, kept_target, str(tmp_path / "again.tar"))).stat().st_size > 0
+
+
+def test_a_warmed_pool_starts_its_workers_before_the_first_batch_and_builds_on_them():
+    """WarmBuilder.warm() starts every worker in the background (a search worker's first batch then does not
+    wait for Python and TVM to start); the batch that follows runs on those same processes."""
+    import psutil
+    import tvm
+
+    from tunefarm.host.tuning.builder import FarmBuilder, WarmBuilder
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    kernels = _kernels(target, matmul=32, add=512)
+    builder = FarmBuilder(WarmBuilder(workers=2, timeout_sec=120))
+    try:
+        pids = {f.result(timeout=120) for f in builder.warm()}
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids), pids
+        workers = {c.pid for c in psutil.Process().children()}
+        assert pids <= workers, (pids, workers)
+        results = builder.build(list(kernels.values()))
+        assert all(r.error_msg is None and Path(r.artifact_path).stat().st_size > 0 for r in results), results
+        assert {c.pid for c in psutil.Process().children()} == workers  # no worker started again
+    finally:
+        builder.shutdown()
+    assert FarmBuilder(object()).warm() == []  # an inner builder without a pool (agents build): nothing to start

@@ -226,6 +226,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     host, port = tracker
     builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache,
                           keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR)
+    builder.warm()  # its workers start while the first task's search runs
     runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
                         device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
                         on_agent_lost=_agent_lost_message(console, job.device.key),

@@ -280,6 +280,7 @@ class _Share:
         build.workers = min(build.workers or usable_cores(), usable_cores())
         builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache,
                               keep_dir=Path(work) / BUILD_TIMEOUTS_DIR)
+        builder.warm()  # its workers start while the first task's search runs
         runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
                             device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
                             evaluator_config=ms.runner.EvaluatorConfig(
