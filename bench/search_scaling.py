@@ -27,7 +27,7 @@ from bench.workloads import bench_job
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
-    base = rows.get("workers-0") or next(iter(rows.values()))
+    base = rows.get("workers-0")  # the host searching alone; a run without it has no ratio
     lines = [f"# Tuning throughput with search workers: {meta['model']}, {meta['trials']} trials "
              f"({meta['per_iter']} per round, at most {meta['per_task']} per task), {meta['date']}", "",
              f"{common.describe(common.finish(meta))} "
@@ -45,9 +45,11 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
         walls = sorted(s["wall_s"] for s in r["shares"])
         kinds = [f"{n} build {k}" for k, n in sorted(r["build_failures"].items())] + [
             f"{n} run {k}" for k, n in sorted(r["failures"].items())]
+        ratio = f"{r['per_min'] / base['per_min']:.2f}x" if base else "-"
         lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}"
                      f"{': ' + ', '.join(kinds) if kinds else ''}) | "
-                     f"{r['per_min']:.1f} | {r['per_min'] / base['per_min']:.2f}x | {f'{est:.2f}' if est else '-'} | "
+                     f"{r['per_min']:.1f} | {ratio} | "
+                     f"{f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
                      f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
