@@ -12,7 +12,8 @@ Per row: wall time of the tuning (tune_job), trials (failed ones among them), tr
 latency, trials per search worker, each share's wall time (the slowest bounds the run), candidates per measuring
 agent. The budget is spent past one round of every task (``--per-task`` above ``--per-iter``), so the cost
 model's rounds are part of every row. Writes bench/results/search_scaling-<name>.{json,md} after every row;
-ratios vs workers-0. Needs C x (1 + measure agents + the largest N) cores: 14 for the defaults (the lent
+ratios vs workers-0 (the first host row). A count given twice (``--workers 4,0,4``) is a repeat: its own row
+("workers-4 #2") and job. Needs C x (1 + measure agents + the largest N) cores: 14 for the defaults (the lent
 16-core machine; see DEVELOPERS.md).
 """
 from __future__ import annotations
@@ -107,16 +108,19 @@ def main():
         for i, cpus in enumerate(measure_cores):
             farm.add_agent("measure", cpus=cpus, name=f"measure-{i}", wait=False)
         farm.wait_for_agents("measure", m)
-        for n in counts:
+        for k, n in enumerate(counts):
+            # a count given again is a repeat of that row: its own label and job (a reused job name would resume)
+            again = counts[:k].count(n)
+            label = f"workers-{n}" + (f" #{again + 1}" if again else "")
             workers = []
             try:
                 for i in range(n):
                     workers.append(start_tunefarm(
                         ["search-worker", "--tracker", farm.addr, "--host", HOST, "--port", free_port(HOST)],
-                        work / "farm" / f"search-{n}-{i}.log", cpus=search_cores[i * c:(i + 1) * c]))
+                        work / "farm" / f"search-{n}{f'-{again + 1}' if again else ''}-{i}.log", cpus=search_cores[i * c:(i + 1) * c]))
                 if n:
                     farm.wait_for_agents("search", n)
-                job = bench_job(f"workers-{n}", args.model, farm.addr, "measure", target, args.trials, args.per_task,
+                job = bench_job(f"workers-{n}" + (f"-{again + 1}" if again else ""), args.model, farm.addr, "measure", target, args.trials, args.per_task,
                                 args.per_iter, args.population, builder_workers=c, search_workers=n,
                                 build_timeout_s=args.build_timeout)
                 tuned = tune_job(job, logs_dir=str(work / "logs"))
@@ -124,7 +128,7 @@ def main():
                 ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
                 trials = curve[-1]["trials"] if curve else 0
                 wall = tuned.wall_s
-                rows[f"workers-{n}"] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
+                rows[label] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
                                         "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
                                         "failed": tuned.failed, "failures": tuned.failures,
                                         "build_failures": tuned.build_failures,
