@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import common
 from bench.workloads import draw_candidates
+from tunefarm.core.threads import core_order
 
 
 def write_results(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -68,7 +69,7 @@ def main():
     parser.add_argument("--host-workers", type=int, default=-1,
                         help="also time WarmBuilder on this many cores alone (default: --cores-per-agent; 0: skip)")
     args = parser.parse_args()
-    cores = sorted(os.sched_getaffinity(0))
+    cores = core_order(os.sched_getaffinity(0))  # slices of whole cores where cores have SMT
     host_workers = args.cores_per_agent if args.host_workers < 0 else args.host_workers
     task_name, target, inputs = draw_candidates(args.candidates)
     print(f"{len(inputs)} candidates of {task_name}; host cores {len(cores)}", flush=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, usable_cores
+from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, threads_per_core, usable_cores
 
 os.environ.setdefault(THREADS_ENV, str(usable_cores()))
 
@@ -53,7 +53,8 @@ def machine(**extra: Any) -> dict[str, Any]:
     import tvm  # pylint: disable=import-outside-toplevel
 
     return {"host": platform.node(), "cpu": cpu_model(), "cores": usable_cores(),
-            "logical_cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(), "threads": threads(),
+            "logical_cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(),
+            "threads_per_core": threads_per_core(range(os.cpu_count() or 1)), "threads": threads(),
             "load_avg_start": load_avg(),
             "python": platform.python_version(), "tvm": str(tvm.__version__),
             "date": time.strftime("%Y-%m-%d %H:%M"), **extra}
@@ -76,6 +77,8 @@ def describe(meta: dict[str, Any]) -> str:
     whole = meta.get("machine_cpus")
     where = (f"{whole} CPUs, this benchmark's process pinned to {meta['cores']} cores" if whole and whole > meta.get(
         "logical_cpus", whole) else f"{meta['cores']} cores")
+    smt = meta.get("threads_per_core", 1)
+    where += f", {smt} hardware threads per core" if smt > 1 else ""
     return (f"Machine: {meta['host']}, {where} ({meta['cpu']}), TVM {meta['tvm']} with "
             f"{meta['threads']} threads, Python {meta['python']}; load average (1 min) {start[0]:.1f} at the start, "
             f"{end[0]:.1f} at the end.")

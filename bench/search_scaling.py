@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import common
 from bench.workloads import bench_job
+from tunefarm.core.threads import core_of, core_order
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -86,7 +87,7 @@ def main():
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
-    cores = sorted(os.sched_getaffinity(0))
+    cores = core_order(os.sched_getaffinity(0))  # a role's slice holds whole cores where cores have SMT
     c, m = args.cores, args.measure_agents
     counts = [int(x) for x in args.workers.split(",") if x != ""]
     need = c * (1 + m + max(counts))
@@ -96,12 +97,15 @@ def main():
     host_cores = cores[:c]
     measure_cores = [cores[c * (1 + i):c * (2 + i)] for i in range(m)]
     search_cores = cores[c * (1 + m):]
-    target = tvm.target.Target(llvm_target(num_cores=c))  # each machine of the farm has C cores
+    # each machine of the farm has C CPUs: as many cores as they make (fewer where cores have SMT)
+    target = tvm.target.Target(llvm_target(num_cores=len({core_of(cpu) for cpu in host_cores})))
     common.pin(host_cores)  # this process and what it starts (the host builder's pool), before TVM's pool starts
     stem = args.name or common.default_name()
     meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           per_task=args.per_task,
-                          population=args.population, build_timeout_s=args.build_timeout, target=str(target))
+                          population=args.population, build_timeout_s=args.build_timeout, target=str(target),
+                          cpus={"host": host_cores, **{f"measure-{i}": m_cpus for i, m_cpus in enumerate(measure_cores)},
+                                **{f"search-{i}": search_cores[i * c:(i + 1) * c] for i in range(max(counts))}})
     rows: dict = {}
     work = Path(tempfile.mkdtemp(prefix="search-scaling-"))
     with LocalFarm(work / "farm") as farm:

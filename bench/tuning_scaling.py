@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import common
 from bench.workloads import bench_job
+from tunefarm.core.threads import core_order
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -64,7 +65,7 @@ def main():
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
 
-    cores = sorted(os.sched_getaffinity(0))
+    cores = core_order(os.sched_getaffinity(0))  # slices of whole cores where cores have SMT
     c = args.cores_per_agent
     host_cores, measure_cores, build_cores = cores[:c], cores[c:2 * c], cores[2 * c:]
     counts = [int(x) for x in args.agents.split(",") if x != ""]

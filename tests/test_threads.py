@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import HOST, listed_agents, run_cli
-from tunefarm.core.threads import THREADS_ENV, parse_threads, resolve_threads, usable_cores
+from tunefarm.core import threads
+from tunefarm.core.threads import THREADS_ENV, core_order, parse_threads, resolve_threads, threads_per_core, usable_cores
 
 
 def test_usable_cores_counts_the_affinity_mask():
@@ -20,6 +21,20 @@ def test_usable_cores_counts_the_affinity_mask():
         assert usable_cores() == 1
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_core_order_keeps_a_cores_hardware_threads_side_by_side(monkeypatch):
+    # this machine's own topology: a permutation in which each physical core's CPUs are contiguous
+    cpus = sorted(os.sched_getaffinity(0))
+    order = core_order(cpus)
+    assert sorted(order) == cpus
+    cores = [threads.core_of(cpu) for cpu in order]
+    assert all(cores.index(c) + cores.count(c) - 1 == len(cores) - 1 - cores[::-1].index(c) for c in cores)
+    # SMT numbered as Linux often does (siblings N and N + 4 on 4 cores): slices of two are whole cores
+    monkeypatch.setattr(threads, "core_of", lambda cpu: ("0", str(cpu % 4)))
+    assert core_order(range(8)) == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert core_order([5, 1, 2]) == [1, 5, 2]
+    assert threads_per_core(range(8)) == 2 and threads_per_core([0, 1]) == 1
 
 
 def test_resolve_threads_order(monkeypatch):

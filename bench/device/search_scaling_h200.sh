@@ -11,6 +11,9 @@ case "${1:-}" in
 start)
   shift
   . bench/device/wheels.sh
+  # the machine's topology (which CPUs are one core's hardware threads), for reading the pinning
+  lscpu | grep -iE '^(model name|thread|core|socket|numa)'
+  echo "siblings: $(cat /sys/devices/system/cpu/cpu*/topology/thread_siblings_list | sort -u | tr '\n' ' ')"
   rm -rf /root/p2 "$RES" && mkdir -p /root/p2 "$RES" && cp -r tunefarm bench configs /root/p2/
   cd /root/p2
   export PYTHONPATH="$SITE:/root/p2"

@@ -47,6 +47,35 @@ def keep_tvm_threads_inside(env, cpus=None):
     return env
 
 
+def core_of(cpu: int) -> tuple[str, str]:
+    """The physical core CPU ``cpu`` is a hardware thread of: (package, core_id), or ("cpu", N) where the
+    kernel gives no topology (not Linux, odd kernel: one core per CPU)."""
+    topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return (topo.joinpath("physical_package_id").read_text().strip(),
+                topo.joinpath("core_id").read_text().strip())
+    except OSError:
+        return ("cpu", str(cpu))
+
+
+def core_order(cpus) -> list[int]:
+    """``cpus`` ordered by physical core, a core's hardware threads side by side: slices of it a whole number of
+    cores long share no core (SMT siblings are often numbered N and N + cores/2, so the plain order would give
+    two slices the halves of one core)."""
+    firsts: dict[tuple[str, str], int] = {}
+    for cpu in sorted(cpus):
+        firsts.setdefault(core_of(cpu), cpu)
+    return sorted(cpus, key=lambda cpu: (firsts[core_of(cpu)], cpu))
+
+
+def threads_per_core(cpus) -> int:
+    """The most hardware threads one physical core has among ``cpus`` (1 without SMT)."""
+    counts: dict[tuple[str, str], int] = {}
+    for cpu in cpus:
+        counts[core_of(cpu)] = counts.get(core_of(cpu), 0) + 1
+    return max(counts.values(), default=1)
+
+
 def usable_cores() -> int:
     """Physical cores among the CPUs this process may run on (its affinity mask).
 
@@ -58,15 +87,7 @@ def usable_cores() -> int:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
-                       topo.joinpath("core_id").read_text().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))  # no topology (not Linux, odd kernel): one core per CPU
-    return max(1, len(cores))
+    return max(1, len({core_of(cpu) for cpu in cpus}))
 
 
 def parse_threads(value, what: str) -> int:
