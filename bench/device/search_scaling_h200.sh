@@ -4,6 +4,7 @@
 #
 #   bash bench/device/search_scaling_h200.sh start ARGS...  # install the carried wheels, copy the project, start
 #   bash bench/device/search_scaling_h200.sh follow S       # wait up to S seconds (or until it ends), copy out
+#   bash bench/device/search_scaling_h200.sh ceiling ARGS... # bench.cpu_ceiling here, its report in $OUT/results
 set -u
 cd "$(dirname "$0")/../.."
 RES=/root/ss-results
@@ -34,8 +35,14 @@ follow)
   tail -5 "$RES/search_scaling.log"
   pgrep -f bench.search_scaling > /dev/null && echo "still running" || echo "ended"
   ;;
+ceiling)
+  shift
+  . bench/device/wheels.sh
+  mkdir -p "$OUT/results"
+  PYTHONPATH="$SITE:$PWD" python -m bench.cpu_ceiling --out "$OUT/results" "$@" | tail -12
+  ;;
 *)
-  echo "usage: $0 start ARGS... | follow SECONDS" >&2
+  echo "usage: $0 start ARGS... | follow SECONDS | ceiling ARGS..." >&2
   exit 2
   ;;
 esac
