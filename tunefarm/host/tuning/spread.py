@@ -53,12 +53,14 @@ _session: dict[str, Any] = {}  # the share this session searches (a session is i
 
 def register() -> None:
     """Register the search functions (``tunefarm search-worker`` names this module to its RPC server), and load
-    what every share's search imports — MetaSchedule and this machine's tensor intrinsics (intrinsics.py) — once,
+    what every share's search imports — MetaSchedule, XGBoost (0.5 s on the 2-core development machine) and this
+    machine's tensor intrinsics (intrinsics.py) — once,
     here in the server before it listens, so that the session processes it forks start with them loaded
     (stock, each session's ``TuneContext`` imported every architecture's intrinsics: 20-85 s per share)."""
     # pylint: disable=import-outside-toplevel
     import tvm
     import tvm_ffi
+    import xgboost  # noqa: F401  # pylint: disable=unused-import  # the cost model's, imported at its first use
     from tvm.s_tir import meta_schedule  # noqa: F401  # pylint: disable=unused-import
 
     from tunefarm.host.tuning.intrinsics import load_for
