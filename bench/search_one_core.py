@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common
-from bench.workloads import bench_job
+from bench.workloads import bench_job, run_row
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -28,7 +28,8 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              f"{meta['date']}", "",
              f"{common.describe(common.finish(meta))} One measuring agent on CPU 0; the searching process (the host "
              f"in a 0-worker row, the search worker in a 1-worker row) on CPU 1 with TVM on 1 thread and 1 build "
-             f"process; in a 1-worker row the host shares CPU 0 with the agent. Cold jobs, seed 0, 16 per round, "
+             f"process; in a 1-worker row the host shares CPU 0 with the agent. Pipeline of every row: "
+             f"{'; '.join(sorted({r['pipeline'] for r in rows.values()}))}. Cold jobs, seed 0, 16 per round, "
              f"population 128, build timeout 30 s, target `{meta['target']}`.", "",
              "| row | search on | tuning wall s | trials (failed) | trials/min | vs first host row | best estimated ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -53,12 +54,10 @@ def main():
     args = parser.parse_args()
     if sorted(os.sched_getaffinity(0))[:2] != [0, 1]:
         raise SystemExit("needs CPUs 0 and 1 (this process may not use both)")
-    try:
-        order = [int(x) for x in args.rows.split(",")]
-    except ValueError:
-        raise SystemExit(f"--rows must be 0s and 1s separated by commas, not {args.rows!r}") from None
-    if not order or any(n not in (0, 1) for n in order):
+    order = [n.strip() for n in args.rows.split(",")]
+    if any(n not in ("0", "1") for n in order):
         raise SystemExit(f"--rows must be 0s and 1s separated by commas, not {args.rows!r}")
+    order = [int(n) for n in order]
     if args.trials < 1:
         raise SystemExit("--trials must be at least 1")
     # pylint: disable=import-outside-toplevel
@@ -66,8 +65,6 @@ def main():
 
     from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.tuning.job import tune_job
-    from tunefarm.host.tuning.jobdir import JobDir
     from tunefarm.testing.localfarm import HOST, LocalFarm
 
     stem = args.name or common.default_name()  # the machine's CPUs, before this process is pinned to one
@@ -92,15 +89,7 @@ def main():
                     farm.wait_for_agents("search", 1)
                 job = bench_job(f"row-{k + 1}-workers-{n}", args.model, farm.addr, "measure", target, args.trials,
                                 64, 16, 128, builder_workers=1, search_workers=n, build_timeout_s=30)
-                tuned = tune_job(job, logs_dir=str(work / "logs"))
-                curve = JobDir(work / "logs" / job.name).events()
-                ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
-                trials = curve[-1]["trials"] if curve else 0
-                rows[label] = {"workers": n, "wall_s": tuned.wall_s, "trials": trials,
-                               "per_min": trials / (tuned.wall_s / 60), "failed": tuned.failed,
-                               "failures": tuned.failures, "build_failures": tuned.build_failures,
-                               "best_estimated_ms": min(ests) if ests else None, "time_split": tuned.time_split,
-                               "shares": tuned.search_shares}
+                rows[label] = {"workers": n, **run_row(job, work / "logs")}
                 print(write(Path(args.out), stem, meta, rows), flush=True)
             finally:
                 for proc in workers:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common
-from bench.workloads import bench_job
+from bench.workloads import bench_job, run_row
 from tunefarm.core.threads import core_of, core_order
 
 
@@ -63,8 +63,6 @@ def main():
 
     from tunefarm.core.procs import start_tunefarm, stop_process, wait_until
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.tuning.job import tune_job
-    from tunefarm.host.tuning.jobdir import JobDir
     from tunefarm.core.procs import free_port
     from tunefarm.testing.localfarm import HOST, LocalFarm
 
@@ -127,20 +125,8 @@ def main():
                 job = bench_job(f"workers-{n}" + (f"-{again + 1}" if again else ""), args.model, farm.addr, "measure", target, args.trials, args.per_task,
                                 args.per_iter, args.population, builder_workers=c, search_workers=n,
                                 build_timeout_s=args.build_timeout)
-                tuned = tune_job(job, logs_dir=str(work / "logs"))
-                curve = JobDir(work / "logs" / job.name).events()
-                ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
-                trials = curve[-1]["trials"] if curve else 0
-                wall = tuned.wall_s
                 rows[label] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
-                                        "wall_s": wall, "trials": trials, "per_min": trials / (wall / 60),
-                                        "failed": tuned.failed, "failures": tuned.failures,
-                                        "build_failures": tuned.build_failures,
-                                        "pipeline": tuned.plan.pipeline.describe(),  # its precision class
-                                        "time_split": tuned.time_split,
-                                        "best_estimated_ms": min(ests) if ests else None,
-                                        "search_workers": tuned.search_workers, "measured_on": tuned.per_agent,
-                                        "shares": tuned.search_shares}
+                               **run_row(job, work / "logs")}
                 print(write(Path(args.out), stem, meta, rows), flush=True)
             finally:
                 for proc in workers:

@@ -73,6 +73,27 @@ def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int
         "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
 
 
+def run_row(job, logs_dir) -> dict:
+    """Tune ``job`` (``tune_job``, logs under ``logs_dir``) and return what a whole-run scaling row records: its
+    tuning wall time, trials (from its progress events), trials/minute, failures by kind, the pipeline (its
+    precision class), where the time went, the best estimated latency, and the search workers, shares and
+    measuring agents that served it."""
+    from pathlib import Path
+
+    from tunefarm.host.tuning.job import tune_job
+    from tunefarm.host.tuning.jobdir import JobDir
+
+    tuned = tune_job(job, logs_dir=str(logs_dir))
+    curve = JobDir(Path(logs_dir) / job.name).events()
+    ests = [e["estimated_ms"] for e in curve if e.get("estimated_ms")]
+    trials = curve[-1]["trials"] if curve else 0
+    return {"wall_s": tuned.wall_s, "trials": trials, "per_min": trials / (tuned.wall_s / 60),
+            "failed": tuned.failed, "failures": tuned.failures, "build_failures": tuned.build_failures,
+            "pipeline": tuned.plan.pipeline.describe(), "time_split": tuned.time_split,
+            "best_estimated_ms": min(ests) if ests else None, "search_workers": tuned.search_workers,
+            "measured_on": tuned.per_agent, "shares": tuned.search_shares}
+
+
 def time_to_reach(curve: list, target_ms: float | None) -> float | None:
     """First wall time at which the best estimated latency is at or below ``target_ms``."""
     if target_ms is None:
