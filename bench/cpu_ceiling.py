@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -66,11 +67,18 @@ def run_busy(cpus: list[int], compiles: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(cpu, compiles, barrier, results)) for cpu in cpus]
     for proc in procs:
         proc.start()
-    got = [results.get(timeout=600) for _ in procs]
+    got = []
+    while len(got) < len(procs):  # a process that dies (before the barrier too) ends the row, not a wait
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode]
+            if dead:
+                for proc in procs:
+                    proc.terminate()
+                raise SystemExit(f"a compiling process exited with {dead[0]}") from None
     for proc in procs:
         proc.join()
-        if proc.exitcode:
-            raise SystemExit(f"a compiling process exited with {proc.exitcode}")
     times = sorted(t for _, ts in got for t in ts)
     per_proc = [len(ts) / sum(ts) for _, ts in got]
     return {"cpus": sorted(cpus), "median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))],
