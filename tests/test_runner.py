@@ -337,3 +337,37 @@ def test_a_warmed_pool_starts_its_workers_before_the_first_batch_and_builds_on_t
     finally:
         builder.shutdown()
     assert FarmBuilder(object()).warm() == []  # an inner builder without a pool (agents build): nothing to start
+
+
+def test_build_workers_start_without_pytorch_and_still_build():
+    """A WarmBuilder worker is TVM's popen worker with ``import torch`` refused (tvm_ffi's package init tries
+    it wherever PyTorch is installed, and it was two thirds of a worker's start): torch is installed here,
+    the worker has no torch module and builds, and the worker that replaces one killed at the timeout is the
+    same kind."""
+    import importlib.util
+
+    import tvm
+
+    from tunefarm.host.tuning.builder import WarmBuilder
+
+    assert importlib.util.find_spec("torch") is not None  # the check below means something only with PyTorch
+
+    def torch_there():
+        return repr(__import__("sys").modules.get("torch", "absent"))
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    kernels = _kernels(target, matmul=32, add=512)
+    builder = WarmBuilder(workers=1, timeout_sec=120)
+    quick = WarmBuilder(workers=1, timeout_sec=1)
+    try:
+        assert builder._get_pool().submit(torch_there).result(120) == "None"  # pylint: disable=protected-access
+        results = builder.build(list(kernels.values()))
+        assert all(r.error_msg is None and Path(r.artifact_path).stat().st_size > 0 for r in results), results
+        pool = quick._get_pool()  # pylint: disable=protected-access
+        assert pool.submit(torch_there).result(120) == "None"
+        slept = list(pool.map_with_error_catching(lambda s: __import__("time").sleep(s), [10]))
+        assert [r.status.name for r in slept] == ["TIMEOUT"]
+        assert pool.submit(torch_there).result(120) == "None"  # a fresh worker, started the same way
+    finally:
+        builder.shutdown()
+        quick.shutdown()

@@ -161,14 +161,15 @@ def test_shares_deal_costly_tasks_apart_and_split_the_budget_exactly():
     shares = deal({0: 100.0, 1: 90.0, 2: 10.0, 3: 5.0, 4: 1.0}, 2)
     assert shares == [[0, 3], [1, 2, 4]]  # 105 against 101
     # One huge task and nine small ones: the counts stay even (a share's wall time is its trials, not its
-    # FLOPs), and each share is in the run's order (the dict's, not the indices').
+    # FLOPs); each share starts with its costliest task (its search covers the build pool's start), the rest
+    # in the run's order (the dict's, not the indices').
     shares = deal({9: 1.0, 0: 1000.0, **{i: 1.0 for i in range(1, 9)}}, 2)
-    assert [len(s) for s in shares] == [5, 5] and shares[0][:2] == [9, 0], shares
+    assert [len(s) for s in shares] == [5, 5] and shares == [[0, 9, 3, 5, 7], [1, 2, 4, 6, 8]], shares
     assert sorted(len(s) for s in deal({i: float(i * i) for i in range(19)}, 4)) == [4, 5, 5, 5]
     assert deal({0: 1.0, 1: 1.0}, 4) == [[0], [1]]  # never more shares than tasks
     # A light task (fewer candidates than a round) is not counted: dealt after the others, where fewest are.
     assert deal({0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0}, 2, {4}) == [[0, 3, 4], [1, 2]]
-    assert deal({0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0}, 2, {0}) == [[0, 1, 4], [2, 3]]
+    assert deal({0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 1.0}, 2, {0}) == [[1, 0, 4], [2, 3]]  # a light one never first
 
 
 def test_the_budget_evens_out_the_shares_rounds_after_each_tasks_first():

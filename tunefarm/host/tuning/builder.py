@@ -17,16 +17,54 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
-from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+from tvm.support.popen_pool import PopenPoolExecutor, PopenWorker, StatusKind
 
 from tunefarm.core.threads import usable_cpus
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
 BUILD_TIMEOUTS_DIR = "build-timeouts"  # where a job (under its logs/) or a share (its work dir) keeps them
+
+
+class _TorchlessWorker(PopenWorker):
+    """TVM's PopenWorker started as ``tunefarm.core.popen_worker`` (TVM's worker without importing PyTorch:
+    a third of the start-up time, see that module). Its ``_start`` is TVM 0.27's POSIX branch with that
+    module name; elsewhere TVM's own."""
+
+    def _start(self):
+        if self._proc is not None or sys.platform == "win32":
+            super()._start()
+            return
+        main_read, worker_write = os.pipe()
+        worker_read, main_write = os.pipe()
+        cmd = [sys.executable, "-m", "tunefarm.core.popen_worker", str(worker_read), str(worker_write)]
+        self._proc = subprocess.Popen(cmd, pass_fds=(worker_read, worker_write), stdout=self._stdout,
+                                      stderr=self._stderr)
+        os.close(worker_read)
+        os.close(worker_write)
+        self._reader = os.fdopen(main_read, "rb")
+        self._writer = os.fdopen(main_write, "wb")
+
+
+class _BuildPool(PopenPoolExecutor):
+    """PopenPoolExecutor whose workers are :class:`_TorchlessWorker` (its ``_worker_run`` is TVM 0.27's with
+    that class)."""
+
+    def _worker_run(self, fn, args, kwargs):
+        with self._lock:
+            tid = threading.get_ident()
+            proc = self._worker_map.get(tid)
+            if proc is None:
+                proc = self._worker_map[tid] = _TorchlessWorker(
+                    self._initializer, self._initargs, self._maximum_process_uses, self._stdout, self._stderr)
+        proc.send(fn, args, kwargs, self._timeout)
+        return proc.recv()
 
 
 def _warm_worker():
@@ -63,12 +101,11 @@ class WarmBuilder(PyBuilder):
         self._pool = None
         self._built = 0
 
-    def _get_pool(self) -> PopenPoolExecutor:
+    def _get_pool(self) -> _BuildPool:
         if self._pool is None or self._built >= self.recycle_after:
             if self._pool is not None:
                 self._pool.shutdown()
-            self._pool = PopenPoolExecutor(max_workers=self.workers, timeout=self.timeout_sec,
-                                           initializer=_warm_worker)
+            self._pool = _BuildPool(max_workers=self.workers, timeout=self.timeout_sec, initializer=_warm_worker)
             self._built = 0
         return self._pool
 

@@ -360,7 +360,7 @@ class ShareState:
 def deal(task_costs: dict[int, float], workers: int, light: frozenset[int] | set[int] = frozenset()) -> list[list[int]]:
     """The tasks (index -> cost: weight x flops, in the run's order) dealt into at most ``workers`` shares of equal task counts
     (one apart at most), the costliest first to the share with the fewest tasks, then the lightest (so the
-    costly tasks land apart); each share keeps the run's order of its tasks.
+    costly tasks land apart).
 
     Counts come first because a share's wall time is its trials, and a trial costs about the same on any
     task (a search step, a build, a measurement padded to the runner's min_repeat_ms): dealt by cost alone,
@@ -368,7 +368,11 @@ def deal(task_costs: dict[int, float], workers: int, light: frozenset[int] | set
     worker on the lent 16-core machine, bench/results/search_scaling-h200vm-16c).
 
     ``light`` tasks (a space of fewer candidates than one round, like ResNet-18's ``reshape``: one) are not
-    counted: they are dealt after the others, one by one to the share with the fewest of them."""
+    counted: they are dealt after the others, one by one to the share with the fewest of them.
+
+    Each share starts with its costliest task (a long search: the share's build pool starts meanwhile, ~3 s of
+    a 2-core worker; after a ``mean`` or ``reshape`` first, whose search takes 0-2 s, the first build waited
+    ~5 s for it on the lent 16-core host), then the run's order."""
     shares: list[list[int]] = [[] for _ in range(max(1, min(workers, len(task_costs))))]
     load = [0.0] * len(shares)
     heavy = [i for i in task_costs if i not in light]
@@ -382,7 +386,12 @@ def deal(task_costs: dict[int, float], workers: int, light: frozenset[int] | set
         shares[pick].append(index)
         lights[pick] += 1
     rank = {index: n for n, index in enumerate(task_costs)}  # the run's order: the dict's
-    return [sorted(share, key=rank.__getitem__) for share in shares if share]
+    out = []
+    for share in (s for s in shares if s):
+        costly = [i for i in share if i not in light] or share
+        first = min(costly, key=lambda i: (-task_costs[i], rank[i]))
+        out.append(sorted(share, key=lambda i: (i != first, rank[i])))
+    return out
 
 
 def split_trials(total: int, needs: list[int], capacity: list[int] | None = None) -> list[int]:
