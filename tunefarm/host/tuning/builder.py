@@ -111,8 +111,8 @@ class WarmBuilder(PyBuilder):
 
     def warm(self) -> list:
         """Start the pool's workers now, in the background (futures of their pids), so the first batch does
-        not wait for them: a fresh worker starts Python, TVM and the build path (3-5 s on the lent 16-core
-        host's 2-core search workers, each of whose shares made 5 batches)."""
+        not wait for them: a fresh worker starts Python, TVM and the build path (a 2-worker pool, started
+        without PyTorch: 2.6-2.8 s on the 2-core development machine; with it 6-8 s)."""
         pool = self._get_pool()
         return [pool.submit(_ready) for _ in range(self.workers)]
 
