@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common
-from bench.workloads import bench_job, run_row
+from bench.workloads import bench_job, failure_kinds, run_row
 
 
 def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
@@ -34,7 +34,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              "| row | search on | tuning wall s | trials (failed) | trials/min | vs first host row | best estimated ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, row in rows.items():
-        fails = ", ".join(f"{n} {kind}" for kind, n in {**row["failures"], **row["build_failures"]}.items())
+        fails = failure_kinds(row)
         ratio = f"{row['per_min'] / base['per_min']:.2f}x" if base else "-"
         best = f"{row['best_estimated_ms']:.2f}" if row["best_estimated_ms"] else "-"
         lines.append(f"| {label} | {'1 search worker, CPU 1' if row['workers'] else 'host, CPU 1'} | "

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common
-from bench.workloads import bench_job, run_row
+from bench.workloads import bench_job, failure_kinds, run_row
 from tunefarm.core.threads import core_of, core_order
 
 
@@ -45,11 +45,10 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
     for label, r in rows.items():
         est = r.get("best_estimated_ms")
         walls = sorted(s["wall_s"] for s in r["shares"])
-        kinds = [f"{n} build {k}" for k, n in sorted(r["build_failures"].items())] + [
-            f"{n} run {k}" for k, n in sorted(r["failures"].items())]
+        kinds = failure_kinds(r)
         ratio = f"{r['per_min'] / base['per_min']:.2f}x" if base else "-"
         lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}"
-                     f"{': ' + ', '.join(kinds) if kinds else ''}) | "
+                     f"{': ' + kinds if kinds else ''}) | "
                      f"{r['per_min']:.1f} | {ratio} | "
                      f"{f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "

@@ -94,6 +94,12 @@ def run_row(job, logs_dir) -> dict:
             "measured_on": tuned.per_agent, "shares": tuned.search_shares}
 
 
+def failure_kinds(row: dict) -> str:
+    """A ``run_row`` row's failures by kind for a table cell: ``1 build timeout, 2 run error``."""
+    return ", ".join([f"{n} build {k}" for k, n in sorted(row["build_failures"].items())]
+                     + [f"{n} run {k}" for k, n in sorted(row["failures"].items())])
+
+
 def time_to_reach(curve: list, target_ms: float | None) -> float | None:
     """First wall time at which the best estimated latency is at or below ``target_ms``."""
     if target_ms is None:
