@@ -60,3 +60,23 @@ def test_stop_ends_every_task():
     assert counter.admit("a", [False] * 4) == [0, 1, 2, 3]
     counter.stop()
     assert counter.stopped and counter.allowed("a") == 0 and counter.allowed("b") == 0
+
+
+def test_a_share_releases_its_last_tasks_not_begun_with_their_even_part_of_the_trials_left():
+    counter = TrialCounter.of(80, {k: 64 for k in "abcde"})
+    keys = list("abcde")
+    assert counter.begin("a") and counter.admit("a", [False] * 16) == list(range(16))
+    assert counter.unstarted(keys) == list("bcde")
+    # 64 left over 4 tasks not begun: 16 each; the last two go
+    assert counter.release(keys, 2) == [("d", 16), ("e", 16)]
+    assert counter.left_global == 32 and counter.left["d"] == counter.left["e"] == 0
+    assert not counter.begin("d") and counter.unstarted(keys) == list("bc")
+    # a task begun is never released; what is left is still the share's
+    assert counter.begin("b") and counter.release(keys, 5) == [("c", 32)]
+    assert counter.left_global == 0 and counter.unstarted(keys) == [] and counter.release(keys, 1) == []
+    # rounded up, never beyond a task's own cap or what is left
+    odd = TrialCounter.of(10, {"x": 2, "y": 64, "z": 64})
+    assert odd.release(["x", "y", "z"], 3) == [("x", 2), ("y", 4), ("z", 4)] and odd.left_global == 0
+    stopped = TrialCounter.of(10, {"x": 5})
+    stopped.stop()
+    assert stopped.release(["x"], 1) == [] and stopped.unstarted(["x"]) == []

@@ -24,6 +24,17 @@ def _search_worker(port: int, log: Path, cpus=None) -> subprocess.Popen:
                           log, cpus=cpus)
 
 
+def _slow_search_worker(port: int, log: Path, agent_id: str) -> subprocess.Popen:
+    """tests/slow_search_worker.py: a search worker whose share's search waits until the host takes tasks from it."""
+    first = free_port(HOST)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("slow_search_worker.py")), "--tracker", f"{HOST}:{port}",
+             "--key", "search", "--host", HOST, "--port", str(first), "--port-end", str(first + 50),
+             "--info-json", json.dumps({"agent_id": agent_id, "key": "search"})],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 def _flat(out: str) -> str:
     """The console's text with its line wrapping undone."""
     return " ".join(out.split())
@@ -34,6 +45,14 @@ def _shares(out: str) -> list[tuple[int, int, str]]:
     return [(int(m), int(t), who) for m, t, who in
             re.findall(r"search share: \d+ task\(s\), (\d+)/(\d+) trials merged from ([^;]*?)(?=; | search share| measured on|$)",
                        _flat(out))]
+
+
+def _stolen(out: str) -> list[tuple[int, int, str, int]]:
+    """(tasks, merged, its search workers, the share it came from) of each share taken over from another."""
+    lines = _flat(out).split(" measured on:")[0].split("search share: ")[1:]
+    return [(int(n), int(m), who, int(src)) for line in lines for n, m, who, src in
+            re.findall(r"^(\d+) task\(s\), (\d+)/\d+ trials merged from ([^;]*?); "
+                       r"tasks not begun taken over from share (\d+)", line)]
 
 
 def _replay_all(job_dir: Path) -> int:
@@ -50,17 +69,23 @@ def _replay_all(job_dir: Path) -> int:
 
 
 def test_two_search_workers_share_one_job_budget_database_and_resume(tmp_path):
+    """One worker is slow (each share it takes waits until the host takes tasks from it): the other's share
+    ends first, and its worker is handed the slow share's tasks not begun (work stealing)."""
     port = free_port(HOST)
     tracker = start_tracker(port, tmp_path / "tracker.log")
     procs = []
     try:
         agent = spawn_agent(HOST, port, "cpu", tmp_path / "agent.log")
         procs.append(agent)
-        workers = [_search_worker(port, tmp_path / f"search{n}.log", cpus=[n]) for n in range(2)]
-        procs += workers
+        fast = _search_worker(port, tmp_path / "search0.log", cpus=[0])
+        slow = _slow_search_worker(port, tmp_path / "search1.log", "slow:1")
+        procs += [fast, slow]
         wait_listed(agent, HOST, port, "cpu", tmp_path / "agent.log")
-        for n, worker in enumerate(workers):
-            wait_listed(worker, HOST, port, "search", tmp_path / f"search{n}.log")
+        wait_listed(fast, HOST, port, "search", tmp_path / "search0.log")
+        from tunefarm.tracker.client import TrackerClient
+
+        with TrackerClient(HOST, port) as client:
+            wait_until(lambda: client.servers_for_key("search") == 2, 60, what="the slow worker to register")
         logs = tmp_path / "logs"
         job = write_job(tmp_path / "job.yaml", "spread", port, "cpu", {"source": "builtin", "name": "convnet"},
                         trials=24, per_iter=4, search={"workers": 2})
@@ -70,9 +95,12 @@ def test_two_search_workers_share_one_job_budget_database_and_resume(tmp_path):
         assert "search spread over 2 search worker(s) on key 'search'" in out, out
         assert "this run: 24 trial(s) measured" in out, out
         shares = _shares(out)
-        assert len(shares) == 2 and sum(m for m, _, _ in shares) == sum(t for _, t, _ in shares) == 24, out
-        # each share searched by one of the two workers, and both worked
-        assert {agent_id_of(w) for w in workers} == {who for _, _, who in shares}, out
+        assert len(shares) == 3 and sum(m for m, _, _ in shares) == sum(t for _, t, _ in shares) == 24, out
+        # each share searched by one worker, and both worked: the slow one's tasks not begun went to the fast one
+        assert {agent_id_of(fast), "slow:1"} == {who for _, _, who in shares}, out
+        stolen = _stolen(out)
+        assert len(stolen) == 1 and stolen[0][0] >= 1 and stolen[0][1] > 0, out
+        assert stolen[0][2] == agent_id_of(fast) and shares[stolen[0][3] - 1][2] == "slow:1", out
         job_dir = logs / "spread"
         first = records(job_dir)
         assert len(first) == 24 and _replay_all(job_dir) == 24
@@ -85,7 +113,11 @@ def test_two_search_workers_share_one_job_budget_database_and_resume(tmp_path):
         assert res["tvm-tuned"]["numerics"]["ok"]
         assert res["tvm-tuned"]["latency"]["median_ms"] < res["tvm-untuned"]["latency"]["median_ms"]
         assert report["tuning"]["search"]["workers"] == 2
-        assert sum(report["tuning"]["search"]["per_worker"].values()) == 24
+        per_worker = report["tuning"]["search"]["per_worker"]
+        assert sum(per_worker.values()) == 24 and per_worker[agent_id_of(fast)] > per_worker["slow:1"] > 0, per_worker
+        taken = [s for s in report["tuning"]["search"]["shares"] if s["stolen_from"] is not None]
+        assert len(taken) == 1 and set(taken[0]["tasks"]).isdisjoint(report["tuning"]["search"]["shares"][
+            taken[0]["stolen_from"]]["tasks"]), report["tuning"]["search"]["shares"]
         # measured on the job's device agent (the workers' FarmRunners), the valid ones counted
         assert set(report["tuning"]["per_agent"]) == {agent_id_of(agent)}
         assert 0 < report["tuning"]["per_agent"][agent_id_of(agent)] <= 24
@@ -226,6 +258,30 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
             check_reply(bad, 4)
     with pytest.raises(WorkerLied):
         check_reply("x" * ((64 << 20) + 1), 0)
+    assert check_reply(json.dumps({**good, "unstarted": 3}), 4)["unstarted"] == 3
+    assert checked["unstarted"] == 0  # optional
+    for bad in (-1, True, "2", 10 ** 6):
+        with pytest.raises(WorkerLied):
+            check_reply(json.dumps({**good, "unstarted": bad}), 4)
+
+
+def test_a_release_answer_gives_back_only_tasks_and_trials_the_share_still_had():
+    import pytest
+
+    from tunefarm.host.tuning.spread import WorkerLied, check_release
+
+    # 5 tasks sent, position 1 released earlier, asked for 2, 40 trials left in the share
+    assert check_release(json.dumps({"released": [3, 4], "trials": 32}), 5, {1}, 2, 40) == ([3, 4], 32)
+    assert check_release(json.dumps({"released": [], "trials": 0}), 5, {1}, 2, 40) == ([], 0)
+    for bad in ("not json", json.dumps([3]), json.dumps({"released": [3, 4, 2], "trials": 8}),  # more than asked
+                json.dumps({"released": [1], "trials": 8}),  # released before
+                json.dumps({"released": [5], "trials": 8}), json.dumps({"released": [-1], "trials": 8}),
+                json.dumps({"released": [3, 3], "trials": 8}), json.dumps({"released": [True], "trials": 8}),
+                json.dumps({"released": [3], "trials": 41}), json.dumps({"released": [3], "trials": -1}),
+                json.dumps({"released": [], "trials": 5}), json.dumps({"released": [3], "trials": 2.5}),
+                json.dumps({"released": "3", "trials": 8}), "x" * ((1 << 20) + 1)):
+        with pytest.raises(WorkerLied):
+            check_release(bad, 5, {1}, 2, 40)
 
 
 def _share(**changes):

@@ -169,10 +169,13 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
     search = tuning.get("search") or {}
     if search.get("workers"):
         md += ["", f"Search spread over {search['workers']} search worker(s) on key `{_md(search['key'])}`:", "",
-               "| tasks | trials merged / share | search worker(s) | refused |", "| --- | --- | --- | --- |"]
-        for share in search.get("shares", []):
-            md.append(f"| {len(share['tasks'])} | {share['received']} / {share['trials']} | "
-                      f"{_md(', '.join(share['workers'])) or '-'} | {share['rejected']} |")
+               "| share | tasks | trials merged / share | search worker(s) | refused | tasks taken over from |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for n, share in enumerate(search.get("shares", []), 1):
+            src = share.get("stolen_from")
+            md.append(f"| {n} | {len(share['tasks'])} | {share['received']} / {share['trials']} | "
+                      f"{_md(', '.join(share['workers'])) or '-'} | {share['rejected']} | "
+                      f"{'-' if src is None else f'share {src + 1} (not begun there)'} |")
     for addr in sorted(tuning.get("unreachable") or {}):
         md += ["", f"**Unreachable agent** at `{addr}`: the tracker handed it out, but this host cannot connect to "
                    "it (NAT, a firewall, or a wrong advertised address: start that agent with `--custom-addr`)."]

@@ -18,6 +18,7 @@ what its task and the run have left (:meth:`TrialCounter.admit`), hits let throu
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Sequence
 
 
@@ -101,13 +102,47 @@ class TrialCounter:
         self.left = dict(zip(task_keys, budget.task_left))
         self.sent = 0  # measured candidates sent this run
         self.stopped = False
+        self.begun: set[str] = set()  # tasks whose search has started (:meth:`begin`)
+        self.lock = threading.Lock()  # a search worker's host may take tasks away (:meth:`release`) mid-run
 
     @classmethod
     def of(cls, left_global: int, left: dict[str, int]) -> "TrialCounter":
         """A counter for a share of a run (a search worker's): ``left_global`` trials, ``left`` per task key."""
         counter = cls.__new__(cls)
         counter.left_global, counter.left, counter.sent, counter.stopped = int(left_global), dict(left), 0, False
+        counter.begun, counter.lock = set(), threading.Lock()
         return counter
+
+    def begin(self, key: str) -> bool:
+        """Whether the task ``key`` may search now (its first search marks it begun: it can no longer be
+        released)."""
+        with self.lock:
+            if self.allowed(key) <= 0:
+                return False
+            self.begun.add(key)
+            return True
+
+    def unstarted(self, keys: Sequence[str]) -> list[str]:
+        """Of ``keys`` (in the order the scheduler visits them), those not begun that still have trials."""
+        with self.lock:
+            return [k for k in keys if k not in self.begun and self.allowed(k) > 0]
+
+    def release(self, keys: Sequence[str], count: int) -> list[tuple[str, int]]:
+        """Give up the last ``count`` of ``keys`` not begun: each leaves with its even part of the trials left
+        (the trials left over the tasks not begun, rounded up, at most its own cap), which this counter no longer
+        spends. ``(key, trials)`` of each released task, in ``keys``' order."""
+        with self.lock:
+            free = [k for k in keys if k not in self.begun and self.allowed(k) > 0]
+            if count <= 0 or not free:
+                return []
+            each = -(-self.left_global // len(free))
+            out = []
+            for key in free[max(0, len(free) - count):]:
+                moved = min(self.left[key], each, self.left_global)
+                self.left[key] = 0
+                self.left_global -= moved
+                out.append((key, moved))
+            return out
 
     def allowed(self, key: str) -> int:
         """Measured candidates the task ``key`` may still send."""
@@ -118,19 +153,20 @@ class TrialCounter:
     def admit(self, key: str, is_hit: Sequence[bool]) -> list[int]:
         """Indices of a batch's candidates that may go, counted against the budget: every cache hit (free)
         and the others while the task and the run have trials left."""
-        room = self.allowed(key)
-        keep = []
-        for i, hit in enumerate(is_hit):
-            if hit:
-                keep.append(i)
-            elif room > 0:
-                keep.append(i)
-                room -= 1
-        fresh = sum(1 for i in keep if not is_hit[i])
-        self.left_global -= fresh
-        self.left[key] = self.left.get(key, 0) - fresh
-        self.sent += fresh
-        return keep
+        with self.lock:
+            room = self.allowed(key)
+            keep = []
+            for i, hit in enumerate(is_hit):
+                if hit:
+                    keep.append(i)
+                elif room > 0:
+                    keep.append(i)
+                    room -= 1
+            fresh = sum(1 for i in keep if not is_hit[i])
+            self.left_global -= fresh
+            self.left[key] = self.left.get(key, 0) - fresh
+            self.sent += fresh
+            return keep
 
     def stop(self) -> None:
         self.stopped = True

@@ -408,6 +408,8 @@ def run_summary(result: TuneResult) -> list[str]:
         lines.append(f"search share: {len(share['tasks'])} task(s), {share['received']}/{share['trials']} trials merged"
                      + (f" from {', '.join(share['workers'])}" if share["workers"] else " (no search worker took it)")
                      + (f"; {share['rejected']} record(s) refused" if share["rejected"] else "")
+                     + (f"; tasks not begun taken over from share {share['stolen_from'] + 1}"
+                        if share.get("stolen_from") is not None else "")
                      + (f"; {share['error']}" if share["error"] else ""))
     for worker in result.search_shunned:
         lines.append(f"SHUNNED search worker {worker}: it sent records this host refused (see above)")

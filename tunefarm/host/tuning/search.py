@@ -46,8 +46,8 @@ class BudgetedSearch(PySearchStrategy):
         self.inner.post_tuning()
 
     def generate_measure_candidates(self):
-        if self.counter.allowed(self.key) <= 0:
-            return None  # the task (or the run) has spent its budget, or the run was stopped: no search
+        if not self.counter.begin(self.key):
+            return None  # the task (or the run) has spent its budget, the run was stopped or the task released
         candidates = self.inner.generate_measure_candidates()
         if candidates is None:
             return None

@@ -17,7 +17,12 @@ The RPC functions (in the worker's session process, which ends with the session,
   and device key, the seed); starts the search in a thread;
 * ``tunefarm.search.poll(since)``: JSON ``{records, next, done, error, trials, per_agent, ...}``, the records
   measured from ``since`` on (at most :data:`MAX_POLL_RECORDS` per call);
-* ``tunefarm.search.stop()``: no new candidates (the job's deadline or stop hook).
+* ``tunefarm.search.stop()``: no new candidates (the job's deadline or stop hook);
+* ``tunefarm.search.release(count)``: JSON ``{released, trials}``: the share gives up at most ``count`` of its
+  tasks whose search has not begun (the last ones in its order) and the trials they take with them (their even
+  part of the share's trials left): the host hands them to a search worker whose own share has ended (work
+  stealing, :func:`run_spread`), so that one slow share — a batch held by a slow build, a slower machine — does
+  not hold the run while other workers idle.
 
 A worker's reply is the network's word: the host bounds its size, takes only records of the tasks it sent
 (the workload is the host's own module, never the worker's), replays every trace on the task's module before
@@ -25,6 +30,7 @@ committing it, keeps run times finite and positive, and counts no more records t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -36,6 +42,7 @@ from typing import Any
 START_FUNC = "tunefarm.search.start"
 POLL_FUNC = "tunefarm.search.poll"
 STOP_FUNC = "tunefarm.search.stop"
+RELEASE_FUNC = "tunefarm.search.release"
 MAX_SHARE_BYTES = 256 << 20  # a share: its tasks' modules and best records
 MAX_REPLY_BYTES = 64 << 20  # one poll's answer
 MAX_POLL_RECORDS = 256
@@ -45,6 +52,7 @@ FAILED_RUN_S = 1e10  # what MetaSchedule commits for a failed candidate
 SEED_RECORDS = 32  # the job's best records per task handed to a share (its search starts from them)
 POLL_INTERVAL_S = 1.0
 SHARE_ATTEMPTS = 3  # sessions a share may use (a worker lost: the next one goes on from the records so far)
+STEAL_WAIT_S = 30.0  # how long a free worker's thread waits for a busy share to answer its request for tasks
 
 _session: dict[str, Any] = {}  # the share this session searches (a session is its own forked process)
 
@@ -70,6 +78,7 @@ def register() -> None:
     tvm_ffi.register_global_func(START_FUNC, _start, override=True)
     tvm_ffi.register_global_func(POLL_FUNC, _poll, override=True)
     tvm_ffi.register_global_func(STOP_FUNC, _stop, override=True)
+    tvm_ffi.register_global_func(RELEASE_FUNC, _release, override=True)
 
 
 def _start(share_json: str) -> str:
@@ -99,6 +108,13 @@ def _stop() -> str:
     if share is not None:
         share.stop()
     return "stopping"
+
+
+def _release(count: int) -> str:
+    share = _session.get("share")
+    if share is None:
+        raise RuntimeError("no share started in this session")
+    return json.dumps(share.release(max(0, min(int(count), MAX_SHARE_TASKS))))
 
 
 SHARE_FIELDS = {"tasks", "trials", "target", "pipeline", "tuning", "seed", "cost_model", "builder", "runner",
@@ -184,6 +200,7 @@ class _Share:
         self.done = False
         self.error = ""
         self.counter = None
+        self.keys: list[str] = []  # the tasks' workload keys, in the share's order (the counter's)
         self.runner = None
         self.builder = None
         self.verifier = None
@@ -196,13 +213,28 @@ class _Share:
             if self.counter is not None:
                 self.counter.stop()
 
+    def release(self, count: int) -> dict[str, Any]:
+        """Give up at most ``count`` tasks not begun (:meth:`TrialCounter.release`): their positions in the
+        share and the trials they take. Nothing before the search has its counter, or once it is done."""
+        with self.lock:
+            counter, keys, done = self.counter, list(self.keys), self.done
+        if counter is None or done:
+            return {"released": [], "trials": 0}
+        gone = counter.release(keys, count)
+        position = {k: n for n, k in enumerate(keys)}
+        return {"released": [position[k] for k, _ in gone], "trials": sum(t for _, t in gone)}
+
     def snapshot(self, since: int) -> dict[str, Any]:
+        with self.lock:
+            counter, keys = self.counter, list(self.keys)
+        unstarted = len(counter.unstarted(keys)) if counter is not None and not self.done else 0
         with self.lock:
             since = max(0, min(since, len(self.records)))
             part = self.records[since:since + MAX_POLL_RECORDS]
             done = self.done and since + len(part) == len(self.records)
             runner, builder = self.runner, self.builder
             return {"records": part, "next": since + len(part), "done": done, "error": self.error,
+                    "unstarted": unstarted,
                     "per_agent": dict(runner.per_agent) if runner is not None else {},
                     "failures": dict(runner.failures) if runner is not None else {},
                     "build_failures": dict(builder.build_failures) if builder is not None else {},
@@ -266,6 +298,7 @@ class _Share:
         tuning, runner_spec = spec["tuning"], spec["runner"]
         with self.lock:
             self.counter = TrialCounter.of(spec["trials"], {k: int(t["left"]) for k, t in zip(keys, spec["tasks"])})
+            self.keys = keys
             if self.stopped:
                 self.counter.stop()
         search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=int(tuning["population_size"])),
@@ -355,6 +388,10 @@ class ShareState:
     rejected: int = 0  # worker records refused (malformed, foreign task, over the share's trials)
     error: str = ""
     wall_s: float = 0.0  # from the run's start to the share's end (the slowest share bounds the run)
+    stolen_from: int | None = None  # the share (its index in the run's list) whose tasks not begun these were
+    unstarted: int = 0  # its worker's last word: tasks whose search has not begun
+    live: bool = False  # a session searches it now (its tasks not begun may be released to a free worker)
+    steal: Any = None  # a free worker's pending request: (count, Future of the new share or None)
 
 
 def deal(task_costs: dict[int, float], workers: int, light: frozenset[int] | set[int] = frozenset()) -> list[list[int]]:
@@ -480,8 +517,32 @@ def check_reply(text: Any, since: int) -> dict[str, Any]:
                         for k, v in value.items())):
             raise WorkerLied(f"a poll answer's {what} are malformed")
         counts[field] = value
-    return {"records": records, "next": nxt, "done": reply.get("done") is True,
+    unstarted = reply.get("unstarted", 0)
+    if not isinstance(unstarted, int) or isinstance(unstarted, bool) or not 0 <= unstarted <= MAX_SHARE_TASKS:
+        raise WorkerLied("a poll answer's count of tasks not begun is malformed")
+    return {"records": records, "next": nxt, "done": reply.get("done") is True, "unstarted": unstarted,
             "error": _clean(str(reply.get("error") or ""))[:500], **counts}
+
+
+def check_release(text: Any, tasks: int, gone: set[int], count: int, trials_left: int) -> tuple[list[int], int]:
+    """A worker's answer to ``release(count)`` (WorkerLied otherwise): at most ``count`` distinct positions of
+    the session's ``tasks`` not released before (``gone``), and the trials they take, at most the share's
+    ``trials_left`` (none without a task)."""
+    if not isinstance(text, str) or len(text) > 1 << 20:
+        raise WorkerLied("a release answer must be JSON text of at most 1 MiB")
+    try:
+        reply = json.loads(text)
+    except ValueError:
+        raise WorkerLied("a release answer that is not JSON") from None
+    released, trials = (reply.get("released"), reply.get("trials")) if isinstance(reply, dict) else (None, None)
+    if (not isinstance(released, list) or len(released) > count
+            or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < tasks and p not in gone
+                       for p in released) or len(set(released)) != len(released)):
+        raise WorkerLied("a release answer's tasks are not tasks of its share it still had")
+    if (not isinstance(trials, int) or isinstance(trials, bool) or not 0 <= trials <= trials_left
+            or (trials and not released)):
+        raise WorkerLied("a release answer's trials are more than its share has left")
+    return released, trials
 
 
 def record_from_worker(item: Any, mods: list, workloads: list, target) -> tuple[int, Any, list[float] | None]:
@@ -546,8 +607,6 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     lock = threading.Lock()
     workloads = {i: database.commit_workload(plan.extracted[i].dispatched[0]) for i in order}
     mod_json = {i: tvm.ir.save_json(plan.extracted[i].dispatched[0]) for i in order}
-    share_mods = {id(s): [plan.extracted[i].dispatched[0] for i in s.tasks] for s in shares}  # record checks
-    share_workloads = {id(s): [workloads[i] for i in s.tasks] for s in shares}
     runner_spec = dataclasses.asdict(job.runner)
     console.print(f"search spread over {len(shares)} search worker(s) on key '{job.search.key}': "
                   + "; ".join(f"{len(s.tasks)} task(s), {s.trials} trials" for s in shares))
@@ -570,21 +629,25 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 "builder": dataclasses.asdict(job.builder), "runner": runner_spec,
                 "tracker": f"{tracker[0]}:{tracker[1]}", "device_key": job.device.key}
 
-    def commit(share: ShareState, items: list) -> None:
+    def commit(share: ShareState, items: list, sent: list[int], gone: set[int]) -> None:
+        """Merge a poll's records; ``sent`` the job's task indices in the order this session's share listed
+        them (a record's ``task`` is a position in it), ``gone`` the positions it released since."""
         batches: dict[int, list] = {}
         for item in items:
             if share.received >= share.trials:
                 share.rejected += 1  # more than the share was given: not counted, not kept
                 continue
             try:
-                pos, record, secs = record_from_worker(item, share_mods[id(share)], share_workloads[id(share)],
-                                                       plan.target)
+                pos, record, secs = record_from_worker(item, [plan.extracted[i].dispatched[0] for i in sent],
+                                                       [workloads[i] for i in sent], plan.target)
+                if pos in gone:
+                    raise ValueError(f"a record for task {pos}, which the worker released")
             except ValueError as err:
                 share.rejected += 1
                 if share.rejected == 1:
                     console.print(f"[yellow]search worker record refused[/]: {_escape(str(err))}")
                 continue
-            index = share.tasks[pos]
+            index = sent[pos]
             with lock:
                 database.commit_tuning_record(record)
                 share.received += 1
@@ -604,11 +667,63 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
 
     def drive(share: ShareState) -> None:
         try:
-            drive_share(share)
+            while share is not None:
+                try:
+                    drive_share(share)
+                finally:
+                    share.wall_s = time.monotonic() - started
+                # this thread's worker is free now (a share that failed steals nothing: its trials would wait)
+                share = None if counter.stopped or share.error else steal_for(share)
         finally:
-            share.wall_s = time.monotonic() - started
             with lock:
                 active[0] -= 1
+
+    def steal_for(thief: ShareState) -> ShareState | None:
+        """Work stealing: ask the share with the most tasks not begun (that a session searches now) to release
+        half of them (rounded up); the new share of those tasks, or None when none is left to take. Shares are
+        dealt even, but one batch held by a slow build, or a slower machine, makes one share end well after the
+        others (bench/results/search_scaling-h200vm-16c-torchless: 76 s against 49 s), and the run waits for it."""
+        with lock:
+            victims = [s for s in shares if s is not thief and s.live and s.steal is None and s.unstarted > 0]
+            if not victims:
+                return None
+            victim = max(victims, key=lambda s: (s.unstarted, s.trials - s.received))
+            request = (-(-victim.unstarted // 2), concurrent.futures.Future())
+            victim.steal, asked = request, time.monotonic()
+        while True:
+            try:
+                return request[1].result(timeout=POLL_INTERVAL_S)
+            except concurrent.futures.TimeoutError:
+                pass
+            with lock:  # not taken up (its session ended, or hangs): withdrawn; taken up, it is answered
+                if victim.steal is request and (not victim.live or time.monotonic() - asked > STEAL_WAIT_S):
+                    victim.steal = None
+                    return None
+
+    def answer_steal(share: ShareState, session, sent: list[int], gone: set[int]) -> None:
+        """In the share's own thread (its session's one caller): a free worker's pending request, if any."""
+        with lock:
+            request, share.steal = share.steal, None
+        if request is None:
+            return
+        count, future = request
+        try:
+            released, trials = check_release(session.get_function(RELEASE_FUNC)(int(count)), len(sent), gone,
+                                              count, share.trials - share.received)
+            if not released:
+                return
+            moved = [sent[p] for p in released]
+            with lock:
+                gone.update(released)
+                share.tasks = [i for i in share.tasks if i not in moved]
+                share.trials -= trials
+                share.unstarted = max(0, share.unstarted - len(released))
+                new = ShareState(tasks=moved, trials=trials, stolen_from=shares.index(share))
+                shares.append(new)
+            future.set_result(new)
+        finally:
+            if not future.done():
+                future.set_result(None)
 
     def drive_share(share: ShareState) -> None:
         from tunefarm.core.wire import AGENT_ID_FUNC
@@ -639,16 +754,22 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                         continue
                 attempts, counted = attempts + 1, True
                 share.workers.append(worker)
-                session.get_function(START_FUNC)(json.dumps(share_spec(share)))
+                with lock:
+                    sent, gone = list(share.tasks), set()  # this session's tasks; positions it released
+                    spec = share_spec(share)
+                session.get_function(START_FUNC)(json.dumps(spec))
                 poll, since, stop_sent = session.get_function(POLL_FUNC), 0, False
+                share.live = True
                 session_counts: dict[str, dict[str, int]] = {}  # this session's so far, by ShareState field
                 while True:
                     if counter.stopped and not stop_sent:
                         session.get_function(STOP_FUNC)()
                         stop_sent = True
+                    answer_steal(share, session, sent, gone)
                     reply = check_reply(poll(since), since)
-                    commit(share, reply["records"])
+                    commit(share, reply["records"], sent, gone)
                     since = reply["next"]
+                    share.unstarted = min(reply["unstarted"], len(sent) - len(gone))
                     session_counts = {"per_agent": {_clean(a): n for a, n in reply["per_agent"].items()},
                                       "failures": reply["failures"], "build_failures": reply["build_failures"]}
                     if reply["done"]:
@@ -682,13 +803,18 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 console.print(f"[yellow]search worker lost[/] ({_escape(share.error)}); "
                               f"{share.trials - share.received} trial(s) of its share go to the next one")
             finally:
+                share.live = False
+                with lock:
+                    request, share.steal = share.steal, None
+                if request is not None:
+                    request[1].set_result(None)
                 # Drop the session now (its functions hold it too): a worker whose start failed is free for
                 # the next request at once, never held by this thread while it asks the tracker again (two
                 # shares whose workers refused them each kept the other's only free worker: a deadlock).
                 session = poll = None  # (one set aside stays open: the list holds it)
 
     threads = [threading.Thread(target=drive, args=(s,), name=f"tunefarm-share-{n}", daemon=True)
-               for n, s in enumerate(shares)]
+               for n, s in enumerate(list(shares))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -702,7 +828,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
         _add_counts(result.build_failures, share.build_failures)
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
-                             "error": s.error, "wall_s": round(s.wall_s, 1)} for s in shares]
+                             "error": s.error, "wall_s": round(s.wall_s, 1), "stolen_from": s.stolen_from}
+                            for s in shares]
     if not any(s.received for s in shares):
         errors = "; ".join(sorted({s.error for s in shares if s.error})) or "no search worker measured anything"
         from tunefarm.core.errors import TunefarmError
