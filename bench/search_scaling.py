@@ -9,7 +9,8 @@ the same budget) through a real tracker, with the machine's cores split by tasks
   search-i  `tunefarm search-worker`s on key "search" (search.workers: N): C cores each, searching and building
             their share of the tasks there.
 Per row: wall time of the tuning (tune_job), trials (failed ones among them), trials/minute, best estimated
-latency, trials per search worker, each share's wall time (the slowest bounds the run), candidates per measuring
+latency, trials per search worker, each share's wall time (the slowest bounds the run), the trials of shares taken over
+from another share's tasks not begun (work stealing), candidates per measuring
 agent. The budget is spent past one round of every task (``--per-task`` above ``--per-iter``), so the cost
 model's rounds are part of every row. Writes bench/results/search_scaling-<name>.{json,md} after every row;
 ratios vs workers-0 (the first host row). A count given twice (``--workers 4,0,4``) is a repeat: its own row
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from bench import common
 from bench.workloads import bench_job, failure_kinds, run_row
+from tunefarm.core.jobspec import BuilderSpec
 from tunefarm.core.threads import core_of, core_order
 
 
@@ -38,13 +40,17 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
              f"(start_tunefarm sets TVM_NUM_THREADS to a pinned process's cores, and TVM_BIND_THREADS=0 so that TVM "
              f"keeps them inside those cores). Pipeline of every row: "
              f"{'; '.join(sorted({r['pipeline'] for r in rows.values()}))}. Cold jobs (no warm start), seed 0, "
-             f"population {meta['population']}, build timeout {meta['build_timeout_s']:g} s, target `{meta['target']}`.", "",
+             f"population {meta['population']}, build timeout {meta['build_timeout_s']:g} s, straggler factor "
+             f"{meta.get('straggler_factor', 'none (before it existed)')}, target `{meta['target']}`.", "",
              "| configuration | search on | tuning wall s | trials (failed) | trials/min | vs workers-0 | "
-             "best estimated ms | trials per search worker | share wall s | measured per agent |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "best estimated ms | trials per search worker | share wall s | shares taken over (trials) | "
+             "measured per agent |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in rows.items():
         est = r.get("best_estimated_ms")
         walls = sorted(s["wall_s"] for s in r["shares"])
+        # work stealing: the shares made of another share's tasks not begun (their trials)
+        taken = [s["trials"] for s in r["shares"] if s.get("stolen_from") is not None]
         kinds = failure_kinds(r)
         ratio = f"{r['per_min'] / base['per_min']:.2f}x" if base else "-"
         lines.append(f"| {label} | {r['search_on']} | {r['wall_s']:.0f} | {r['trials']} ({r['failed']}"
@@ -53,6 +59,7 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
                      f"{f'{est:.2f}' if est else '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['search_workers'].values())) or '-'} | "
                      f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
+                     f"{', '.join(str(t) for t in taken) or '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
     return common.write_rows(out, f"search_scaling-{stem}", meta, rows, lines)
 
@@ -80,6 +87,9 @@ def main():
     parser.add_argument("--build-timeout", type=float, default=120.0,
                         help="seconds before a candidate's build is killed (a slower one holds its whole batch: "
                              "MetaSchedule's builder returns when every candidate is done; stock LocalBuilder: 30)")
+    parser.add_argument("--straggler-factor", type=float, default=None,
+                        help="the jobs' builder.straggler_factor (default the job file's: 4; 0: off): once 7/8 of a "
+                             "batch has built, a candidate still building at this many times that moment is cut")
     parser.add_argument("--name", default="")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args()
@@ -101,6 +111,8 @@ def main():
     meta = common.machine(cores_per_role=c, measure_agents=m, model=args.model, trials=args.trials, per_iter=args.per_iter,
                           per_task=args.per_task,
                           population=args.population, build_timeout_s=args.build_timeout, target=str(target),
+                          straggler_factor=args.straggler_factor if args.straggler_factor is not None
+                          else BuilderSpec().straggler_factor,
                           cpus={"host": host_cores, **{f"measure-{i}": m_cpus for i, m_cpus in enumerate(measure_cores)},
                                 **{f"search-{i}": search_cores[i * c:(i + 1) * c] for i in range(max(counts))}})
     rows: dict = {}
@@ -123,7 +135,7 @@ def main():
                     farm.wait_for_agents("search", n)
                 job = bench_job(f"workers-{n}" + (f"-{again + 1}" if again else ""), args.model, farm.addr, "measure", target, args.trials, args.per_task,
                                 args.per_iter, args.population, builder_workers=c, search_workers=n,
-                                build_timeout_s=args.build_timeout)
+                                build_timeout_s=args.build_timeout, straggler_factor=args.straggler_factor)
                 rows[label] = {"search_on": f"{n} worker(s) x {c} cores" if n else f"host, {c} cores",
                                **run_row(job, work / "logs")}
                 print(write(Path(args.out), stem, meta, rows), flush=True)

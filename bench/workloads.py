@@ -55,11 +55,13 @@ def measure_local(mod, target, database, repeat=30) -> dict:
 
 def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int, per_task: int, per_iter: int,
               population: int, warm_start: bool = False, build_key: str = "", builder_workers: int = 0,
-              cost_model: str = "xgb", search_workers: int = 0, build_timeout_s: float | None = None):
+              cost_model: str = "xgb", search_workers: int = 0, build_timeout_s: float | None = None,
+              straggler_factor: float | None = None):
     """The tuning job every benchmark runs: a torchvision model at batch 1, the same runner settings as stock's
     (number=2, min_repeat_ms=20), seed 0, a cold cost model unless ``cost_model`` says otherwise (jobs of one
     benchmark share a logs directory: the farm's model of the first would teach the next). A candidate's build is
-    killed after ``build_timeout_s`` (default 120 s on this host, 300 s on build agents; stock LocalBuilder: 30)."""
+    killed after ``build_timeout_s`` (default 120 s on this host, 300 s on build agents; stock LocalBuilder: 30), and
+    cut as a straggler as the job's ``builder.straggler_factor`` says (``straggler_factor``; default the job's)."""
     from tunefarm.core.jobspec import job_from_dict
     from tunefarm.core.targets import target_to_json
 
@@ -69,7 +71,8 @@ def bench_job(name: str, model: str, tracker: str, key: str, target, trials: int
         "tuning": {"max_trials_global": trials, "max_trials_per_task": per_task, "num_trials_per_iter": per_iter,
                    "population_size": population, "seed": 0, "warm_start": warm_start, "cost_model": cost_model},
         "search": {"workers": search_workers},
-        "builder": {"workers": builder_workers, "timeout_sec": build_timeout_s or (300 if build_key else 120), "key": build_key},
+        "builder": {"workers": builder_workers, "timeout_sec": build_timeout_s or (300 if build_key else 120), "key": build_key,
+                    **({} if straggler_factor is None else {"straggler_factor": straggler_factor})},
         "runner": {"timeout_sec": 60, "number": 2, "repeat": 1, "min_repeat_ms": 20}})
 
 

@@ -371,3 +371,38 @@ def test_build_workers_start_without_pytorch_and_still_build():
     finally:
         builder.shutdown()
         quick.shutdown()
+
+
+def test_a_straggler_is_cut_once_the_rest_of_its_batch_is_done_and_the_pool_goes_on():
+    """run_batch (WarmBuilder.build's loop) on a real 2-process pool: seven quick calls and one that would sleep
+    ten minutes. Once seven of the eight are done (STRAGGLER_SHARE) the sleeper is cut at factor x that moment
+    (min_s 1 s here, 10 s in a job): its worker process is killed, the others' results stand, and the pool's next
+    batch — real builds — runs on a fresh worker. The rule itself: nothing before 7/8 of a batch of at least 8
+    is done, never with factor 0."""
+    import psutil
+    import tvm
+
+    from tunefarm.host.tuning.builder import WarmBuilder, run_batch, straggler_cut
+
+    builder = WarmBuilder(workers=2, timeout_sec=900)
+    pool = builder._get_pool()  # pylint: disable=protected-access
+    try:
+        before = {c.pid for c in psutil.Process().children()}
+        done, cut = run_batch(pool, time.sleep, [(0.01,)] * 7 + [(600,)], 4.0, min_s=1.0)
+        assert list(cut) == [7] and 1.0 <= cut[7] < 600, cut
+        assert [r.status.name for r in done] == ["COMPLETE"] * 7 + ["EXCEPTION"], done
+        target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+        results = builder.build(list(_kernels(target, matmul=32, add=512).values()))
+        assert all(r.error_msg is None and Path(r.artifact_path).stat().st_size > 0 for r in results), results
+        assert {c.pid for c in psutil.Process().children()} != before  # the cut worker was replaced
+    finally:
+        builder.shutdown()
+    finished: list[float] = []
+    cut_at = straggler_cut(finished, 8, 4.0, 10.0)
+    finished += [0.5] * 6
+    assert cut_at() is None
+    finished.append(3.0)
+    assert cut_at() == 12.0  # 4 x the moment the 7th of 8 finished
+    assert straggler_cut([0.1] * 7, 8, 4.0, 10.0)() == 10.0  # never before min_s
+    assert straggler_cut([0.1] * 7, 7, 4.0, 10.0)() is None  # a batch under 8 waits for every candidate
+    assert straggler_cut([0.1] * 7, 8, 0.0, 10.0)() is None  # factor 0: off

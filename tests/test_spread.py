@@ -289,7 +289,7 @@ def _share(**changes):
     share = {"tasks": [{"name": "t0", "mod": "{}", "weight": 2.0, "left": 4, "records": []}], "trials": 4,
              "target": {"kind": "llvm"}, "pipeline": None,
              "tuning": {"population_size": 16, "num_trials_per_iter": 4}, "seed": 0, "cost_model": "xgb",
-             "builder": {"workers": 1, "timeout_sec": 30.0, "key": ""},
+             "builder": {"workers": 1, "timeout_sec": 30.0, "key": "", "straggler_factor": 4.0},
              "runner": {"timeout_sec": 30.0, "number": 1, "repeat": 1, "min_repeat_ms": 0,
                         "enable_cpu_cache_flush": False, "device_wait_sec": 5.0},
              "tracker": "127.0.0.1:9190", "device_key": "cpu"}

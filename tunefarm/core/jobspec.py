@@ -36,6 +36,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("tuning", "num_trials_per_iter"): (1, 4096), ("tuning", "population_size"): (1, 65536),
     ("tuning", "seed"): (0, 2 ** 31 - 1), ("tuning", "warm_start_top_k"): (0, 1024),
     ("builder", "workers"): (0, 1024), ("search", "workers"): (0, 256), ("builder", "timeout_sec"): (1, 86400),
+    ("builder", "straggler_factor"): (0, 1000),
     ("runner", "timeout_sec"): (1, 86400), ("runner", "number"): (1, 10_000), ("runner", "repeat"): (1, 10_000),
     ("runner", "min_repeat_ms"): (0, 1_000_000), ("runner", "device_wait_sec"): (0, 7 * 86400),
     ("evaluate", "warmup"): (0, 100_000), ("evaluate", "repeat"): (1, 100_000),
@@ -94,6 +95,9 @@ class BuilderSpec:
     workers: int = 0  # 0: one per host core
     timeout_sec: float = 60.0
     key: str = ""  # build on the agents registered under this key instead of on the host
+    # host builds: once 7/8 of a batch has built, a candidate still building at this many times that moment
+    # (and past STRAGGLER_MIN_S) is cut as a build timeout; 0: only timeout_sec (builder.py, WarmBuilder)
+    straggler_factor: float = 4.0
 
 
 @dataclasses.dataclass

@@ -15,20 +15,33 @@ long-lived workers) and builds exactly as stock does otherwise (``tunefarm.core.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
-from tvm.support.popen_pool import PopenPoolExecutor, PopenWorker, StatusKind
+from tvm.support.popen_pool import MapResult, PopenPoolExecutor, PopenWorker, StatusKind, kill_child_processes
 
 from tunefarm.core.threads import usable_cpus
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
+# Stragglers: MetaSchedule's builder returns when every candidate of a batch is done, so one candidate that
+# builds for 30 s holds the batch — and on a spread search the share, and the run, while the other workers idle
+# (bench/results/search_scaling-h200vm-16c-steal: 14 of a batch's 16 built in a few seconds, two ran into the
+# 30 s timeout, and that share ended 25 s after the others). Once STRAGGLER_SHARE of a batch (of at least 8) has
+# built, a candidate still building at straggler_factor x that moment, and past STRAGGLER_MIN_S, is cut: the
+# search sees a build timeout, as it would at builder.timeout_sec.
+STRAGGLER_SHARE = 0.875
+STRAGGLER_MIN_S = 10.0
+STRAGGLER_BATCH = 8  # smaller batches wait for every candidate (up to builder.timeout_sec)
 BUILD_TIMEOUTS_DIR = "build-timeouts"  # where a job (under its logs/) or a share (its work dir) keeps them
 
 
@@ -54,9 +67,15 @@ class _TorchlessWorker(PopenWorker):
 
 class _BuildPool(PopenPoolExecutor):
     """PopenPoolExecutor whose workers are :class:`_TorchlessWorker` (its ``_worker_run`` is TVM 0.27's with
-    that class)."""
+    that class), and whose calls submitted with a token can be cut (:meth:`cut`: the worker process running
+    it killed; the call answers as an exception and its worker starts afresh at its next call, as after TVM's
+    own timeout)."""
 
-    def _worker_run(self, fn, args, kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._running: dict[int, PopenWorker] = {}  # token -> the worker process running it
+
+    def _worker_run(self, fn, args, kwargs, token=None):
         with self._lock:
             tid = threading.get_ident()
             proc = self._worker_map.get(tid)
@@ -64,7 +83,49 @@ class _BuildPool(PopenPoolExecutor):
                 proc = self._worker_map[tid] = _TorchlessWorker(
                     self._initializer, self._initargs, self._maximum_process_uses, self._stdout, self._stderr)
         proc.send(fn, args, kwargs, self._timeout)
-        return proc.recv()
+        if token is not None:
+            with self._lock:
+                self._running[token] = proc
+        try:
+            return proc.recv()
+        finally:
+            if token is not None:
+                with self._lock:
+                    self._running.pop(token, None)
+                    was_cut, proc.tunefarm_cut = getattr(proc, "tunefarm_cut", False), False
+                if was_cut and proc._proc is not None:  # pylint: disable=protected-access
+                    proc.kill()  # cut as it answered: its next call must start a new process, not write to a dead one
+
+    def _run_tracked(self, token, fn, args) -> MapResult:
+        try:
+            return MapResult(status=StatusKind.COMPLETE, value=self._worker_run(fn, args, {}, token))
+        except TimeoutError as err:
+            return MapResult(status=StatusKind.TIMEOUT, value=err)
+        except Exception as err:  # pylint: disable=broad-except  # as map_with_error_catching
+            return MapResult(status=StatusKind.EXCEPTION, value=err)
+
+    def submit_tracked(self, token: int, fn, *args) -> concurrent.futures.Future:
+        """``fn(*args)`` in a worker; the future's result is a MapResult (as map_with_error_catching's)."""
+        return self._threadpool.submit(self._run_tracked, token, fn, args)
+
+    def cut(self, token: int) -> bool:
+        """Kill the worker process running ``token``'s call, if it is running (its thread, reading the reply,
+        sees the process gone and cleans up)."""
+        with self._lock:
+            proc = self._running.get(token)
+            child = getattr(proc, "_proc", None)
+            if child is None:
+                return False
+            proc.tunefarm_cut = True
+            try:
+                kill_child_processes(child.pid)  # what the build started (TVM's kill does the same)
+            except Exception:  # pylint: disable=broad-except  # psutil missing, or they are gone
+                pass
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except OSError:
+                return False
+            return True
 
 
 def _warm_worker():
@@ -93,11 +154,13 @@ def _build_one(mod, target):
 class WarmBuilder(PyBuilder):
     """Builds candidates on this host in ``workers`` processes that stay warm across batches."""
 
-    def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512):
+    def __init__(self, workers: int = 0, timeout_sec: float = 60.0, recycle_after: int = 512,
+                 straggler_factor: float = 4.0):
         super().__init__()
         self.workers = workers or usable_cpus()
         self.timeout_sec = timeout_sec
         self.recycle_after = recycle_after
+        self.straggler_factor = straggler_factor
         self._pool = None
         self._built = 0
 
@@ -119,13 +182,17 @@ class WarmBuilder(PyBuilder):
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         pool = self._get_pool()
         self._built += len(build_inputs)
+        done, cut = run_batch(pool, _build_one, [(b.mod, b.target) for b in build_inputs], self.straggler_factor)
         results = []
-        for res in pool.map_with_error_catching(lambda x: _build_one(*x),
-                                                [(b.mod, b.target) for b in build_inputs]):
+        for n, res in enumerate(done):
             if res.status == StatusKind.COMPLETE:
                 results.append(BuilderResult(res.value, None))
             elif res.status == StatusKind.TIMEOUT:
                 results.append(BuilderResult(None, f"FarmBuilder: timeout, killed after {self.timeout_sec} s"))
+            elif n in cut:
+                results.append(BuilderResult(None, f"FarmBuilder: timeout (straggler), killed after {cut[n]:.1f} s: "
+                                                   f"still building at {self.straggler_factor:g}x the time "
+                                                   f"{STRAGGLER_SHARE:.1%} of its batch took"))
             else:
                 results.append(BuilderResult(None, "FarmBuilder: an exception occurred\n" + str(res.value)))
         return results
@@ -134,6 +201,53 @@ class WarmBuilder(PyBuilder):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def run_batch(pool: _BuildPool, fn, arg_lists: list[tuple], factor: float,
+              min_s: float | None = None) -> tuple[list[MapResult], dict[int, float]]:
+    """``fn(*args)`` for each of ``arg_lists`` in ``pool``: each one's MapResult, in order, and the calls cut as
+    stragglers (:func:`straggler_cut`; index -> seconds into the batch when cut)."""
+    started = time.monotonic()
+    finished: list[float] = []
+    lock = threading.Lock()
+
+    def note(_future):
+        with lock:
+            finished.append(time.monotonic() - started)
+
+    futures = [pool.submit_tracked(n, fn, *args) for n, args in enumerate(arg_lists)]
+    for future in futures:
+        future.add_done_callback(note)
+    cut_at = straggler_cut(finished, len(futures), factor, STRAGGLER_MIN_S if min_s is None else min_s)
+    cut: dict[int, float] = {}
+    pending = set(range(len(futures)))
+    while pending:
+        waited = concurrent.futures.wait([futures[n] for n in pending], timeout=0.2,
+                                         return_when=concurrent.futures.FIRST_COMPLETED)[0]
+        pending = {n for n in pending if futures[n] not in waited}
+        with lock:
+            limit = cut_at()
+        now = time.monotonic() - started
+        if pending and limit is not None and now >= limit:
+            for n in sorted(pending):
+                if n not in cut and pool.cut(n):
+                    cut[n] = round(now, 1)
+    return [f.result() for f in futures], cut
+
+
+def straggler_cut(finished: list[float], batch: int, factor: float, min_s: float = STRAGGLER_MIN_S):
+    """A function giving the second (from the batch's start) at which the candidates of a ``batch`` still
+    building are cut, or None while no cut applies: once ``STRAGGLER_SHARE`` of it has finished (``finished``,
+    filled as candidates finish, in seconds), ``factor`` x that moment, at least ``min_s``. Never for a
+    batch under ``STRAGGLER_BATCH`` or ``factor`` 0."""
+    need = math.ceil(STRAGGLER_SHARE * batch)
+
+    def cut_at() -> float | None:
+        if factor <= 0 or batch < STRAGGLER_BATCH or len(finished) < need:
+            return None
+        return max(min_s, factor * sorted(finished)[need - 1])
+
+    return cut_at
 
 
 @derived_object
@@ -315,5 +429,6 @@ def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=No
     if spec.key:
         inner = AgentBuilder(tracker, spec.key, timeout_sec=spec.timeout_sec, device_wait_sec=device_wait_sec)
     else:
-        inner = WarmBuilder(workers=spec.workers, timeout_sec=spec.timeout_sec)
+        inner = WarmBuilder(workers=spec.workers, timeout_sec=spec.timeout_sec,
+                            straggler_factor=spec.straggler_factor)
     return FarmBuilder(inner, cache=cache, keep_dir=keep_dir)
