@@ -395,6 +395,14 @@ def test_a_straggler_is_cut_once_the_rest_of_its_batch_is_done_and_the_pool_goes
         results = builder.build(list(_kernels(target, matmul=32, add=512).values()))
         assert all(r.error_msg is None and Path(r.artifact_path).stat().st_size > 0 for r in results), results
         assert {c.pid for c in psutil.Process().children()} != before  # the cut worker was replaced
+        # a call is cut only once it has run as long as asked (one queued behind stragglers gets its own time)
+        future = pool.submit_tracked(99, time.sleep, 600)
+        deadline = time.monotonic() + 60
+        while 99 not in pool._running and time.monotonic() < deadline:  # pylint: disable=protected-access
+            time.sleep(0.05)
+        assert 99 in pool._running and not pool.cut(99, 3600)  # pylint: disable=protected-access
+        assert pool.cut(99, 0.0) and future.result(timeout=60).status.name == "EXCEPTION"
+        assert not pool.cut(99, 0.0)  # done: nothing to cut
     finally:
         builder.shutdown()
     finished: list[float] = []

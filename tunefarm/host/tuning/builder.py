@@ -73,7 +73,7 @@ class _BuildPool(PopenPoolExecutor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._running: dict[int, PopenWorker] = {}  # token -> the worker process running it
+        self._running: dict[int, tuple[PopenWorker, float]] = {}  # token -> the worker running it, since when
 
     def _worker_run(self, fn, args, kwargs, token=None):
         with self._lock:
@@ -85,7 +85,7 @@ class _BuildPool(PopenPoolExecutor):
         proc.send(fn, args, kwargs, self._timeout)
         if token is not None:
             with self._lock:
-                self._running[token] = proc
+                self._running[token] = (proc, time.monotonic())
         try:
             return proc.recv()
         finally:
@@ -108,13 +108,13 @@ class _BuildPool(PopenPoolExecutor):
         """``fn(*args)`` in a worker; the future's result is a MapResult (as map_with_error_catching's)."""
         return self._threadpool.submit(self._run_tracked, token, fn, args)
 
-    def cut(self, token: int) -> bool:
-        """Kill the worker process running ``token``'s call, if it is running (its thread, reading the reply,
-        sees the process gone and cleans up)."""
+    def cut(self, token: int, ran_s: float = 0.0) -> bool:
+        """Kill the worker process running ``token``'s call, if it has been running for ``ran_s`` seconds (its
+        thread, reading the reply, sees the process gone and cleans up); False if it is not (queued, or done)."""
         with self._lock:
-            proc = self._running.get(token)
+            proc, since = self._running.get(token, (None, 0.0))
             child = getattr(proc, "_proc", None)
-            if child is None:
+            if child is None or time.monotonic() - since < ran_s:
                 return False
             proc.tunefarm_cut = True
             try:
@@ -190,7 +190,7 @@ class WarmBuilder(PyBuilder):
             elif res.status == StatusKind.TIMEOUT:
                 results.append(BuilderResult(None, f"FarmBuilder: timeout, killed after {self.timeout_sec} s"))
             elif n in cut:
-                results.append(BuilderResult(None, f"FarmBuilder: timeout (straggler), killed after {cut[n]:.1f} s: "
+                results.append(BuilderResult(None, f"FarmBuilder: timeout (straggler), killed {cut[n]:.1f} s into its batch: "
                                                    f"still building at {self.straggler_factor:g}x the time "
                                                    f"{STRAGGLER_SHARE:.1%} of its batch took"))
             else:
@@ -229,8 +229,8 @@ def run_batch(pool: _BuildPool, fn, arg_lists: list[tuple], factor: float,
             limit = cut_at()
         now = time.monotonic() - started
         if pending and limit is not None and now >= limit:
-            for n in sorted(pending):
-                if n not in cut and pool.cut(n):
+            for n in sorted(pending):  # one queued behind the stragglers gets as long once it runs
+                if n not in cut and pool.cut(n, limit):
                     cut[n] = round(now, 1)
     return [f.result() for f in futures], cut
 
