@@ -19,7 +19,7 @@ $(STAMP): setup.py
 quickstart: $(STAMP)
 	$(BIN)/tunefarm quickstart
 
-# The default suite: real trackers, agents and tiny models on loopback (under ~20 min on 2 cores).
+# The default suite: real trackers, agents and tiny models on loopback (27-42 min on 2 cores in recent sessions).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
