@@ -125,14 +125,17 @@ class TrialCounter:
     def unstarted(self, keys: Sequence[str]) -> list[str]:
         """Of ``keys`` (in the order the scheduler visits them), those not begun that still have trials."""
         with self.lock:
-            return [k for k in keys if k not in self.begun and self.allowed(k) > 0]
+            return self._unstarted(keys)
+
+    def _unstarted(self, keys: Sequence[str]) -> list[str]:  # under self.lock
+        return [k for k in keys if k not in self.begun and self.allowed(k) > 0]
 
     def release(self, keys: Sequence[str], count: int) -> list[tuple[str, int]]:
         """Give up the last ``count`` of ``keys`` not begun: each leaves with its even part of the trials left
         (the trials left over the tasks not begun, rounded up, at most its own cap), which this counter no longer
         spends. ``(key, trials)`` of each released task, in ``keys``' order."""
         with self.lock:
-            free = [k for k in keys if k not in self.begun and self.allowed(k) > 0]
+            free = self._unstarted(keys)
             if count <= 0 or not free:
                 return []
             each = -(-self.left_global // len(free))

@@ -74,8 +74,10 @@ class _BuildPool(PopenPoolExecutor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._running: dict[int, tuple[PopenWorker, float]] = {}  # token -> the worker running it, since when
+        self._token = threading.local()  # the token of the call this pool thread runs (submit_tracked)
 
-    def _worker_run(self, fn, args, kwargs, token=None):
+    def _worker_run(self, fn, args, kwargs):
+        token = getattr(self._token, "value", None)
         with self._lock:
             tid = threading.get_ident()
             proc = self._worker_map.get(tid)
@@ -97,12 +99,11 @@ class _BuildPool(PopenPoolExecutor):
                     proc.kill()  # cut as it answered: its next call must start a new process, not write to a dead one
 
     def _run_tracked(self, token, fn, args) -> MapResult:
+        self._token.value = token
         try:
-            return MapResult(status=StatusKind.COMPLETE, value=self._worker_run(fn, args, {}, token))
-        except TimeoutError as err:
-            return MapResult(status=StatusKind.TIMEOUT, value=err)
-        except Exception as err:  # pylint: disable=broad-except  # as map_with_error_catching
-            return MapResult(status=StatusKind.EXCEPTION, value=err)
+            return self._worker_run_with_error_catching(fn, args, {})  # TVM's: the MapResult of the call
+        finally:
+            self._token.value = None
 
     def submit_tracked(self, token: int, fn, *args) -> concurrent.futures.Future:
         """``fn(*args)`` in a worker; the future's result is a MapResult (as map_with_error_catching's)."""
@@ -245,7 +246,7 @@ def straggler_cut(finished: list[float], batch: int, factor: float, min_s: float
     def cut_at() -> float | None:
         if factor <= 0 or batch < STRAGGLER_BATCH or len(finished) < need:
             return None
-        return max(min_s, factor * sorted(finished)[need - 1])
+        return max(min_s, factor * finished[need - 1])  # appended in time order, under run_batch's lock
 
     return cut_at
 

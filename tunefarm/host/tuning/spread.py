@@ -225,10 +225,8 @@ class _Share:
         return {"released": [position[k] for k, _ in gone], "trials": sum(t for _, t in gone)}
 
     def snapshot(self, since: int) -> dict[str, Any]:
-        with self.lock:
-            counter, keys = self.counter, list(self.keys)
-        unstarted = len(counter.unstarted(keys)) if counter is not None and not self.done else 0
-        with self.lock:
+        with self.lock:  # (the counter's own lock is never held while this one is taken: no lock-order cycle)
+            unstarted = len(self.counter.unstarted(self.keys)) if self.counter is not None and not self.done else 0
             since = max(0, min(since, len(self.records)))
             part = self.records[since:since + MAX_POLL_RECORDS]
             done = self.done and since + len(part) == len(self.records)
@@ -629,17 +627,17 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 "builder": dataclasses.asdict(job.builder), "runner": runner_spec,
                 "tracker": f"{tracker[0]}:{tracker[1]}", "device_key": job.device.key}
 
-    def commit(share: ShareState, items: list, sent: list[int], gone: set[int]) -> None:
+    def commit(share: ShareState, items: list, sent: list[int], checks: tuple[list, list], gone: set[int]) -> None:
         """Merge a poll's records; ``sent`` the job's task indices in the order this session's share listed
-        them (a record's ``task`` is a position in it), ``gone`` the positions it released since."""
+        them (a record's ``task`` is a position in it), ``checks`` their modules and workloads (the record
+        checks'), ``gone`` the positions it released since."""
         batches: dict[int, list] = {}
         for item in items:
             if share.received >= share.trials:
                 share.rejected += 1  # more than the share was given: not counted, not kept
                 continue
             try:
-                pos, record, secs = record_from_worker(item, [plan.extracted[i].dispatched[0] for i in sent],
-                                                       [workloads[i] for i in sent], plan.target)
+                pos, record, secs = record_from_worker(item, *checks, plan.target)
                 if pos in gone:
                     raise ValueError(f"a record for task {pos}, which the worker released")
             except ValueError as err:
@@ -757,6 +755,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                 with lock:
                     sent, gone = list(share.tasks), set()  # this session's tasks; positions it released
                     spec = share_spec(share)
+                checks = ([plan.extracted[i].dispatched[0] for i in sent], [workloads[i] for i in sent])
                 session.get_function(START_FUNC)(json.dumps(spec))
                 poll, since, stop_sent = session.get_function(POLL_FUNC), 0, False
                 share.live = True
@@ -767,7 +766,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                         stop_sent = True
                     answer_steal(share, session, sent, gone)
                     reply = check_reply(poll(since), since)
-                    commit(share, reply["records"], sent, gone)
+                    commit(share, reply["records"], sent, checks, gone)
                     since = reply["next"]
                     share.unstarted = min(reply["unstarted"], len(sent) - len(gone))
                     session_counts = {"per_agent": {_clean(a): n for a, n in reply["per_agent"].items()},
