@@ -53,7 +53,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.runner import PyRunner, PyRunnerFuture
 
-from tunefarm.core.errors import AgentUnreachable, TrackerUnreachable
+from tunefarm.core.errors import AgentUnreachable, TrackerUnreachable, TunefarmError
 
 _WATCH_INTERVAL_S = 0.1
 REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for a session
@@ -724,6 +724,10 @@ class FarmRunner(PyRunner):
                 except AgentUnreachable as err:
                     self.note_unreachable(err)  # not a verifier: the agents this host reaches are asked
                     continue
+                except TunefarmError:
+                    # none other free within the wait (one the host could not reach is not back on the
+                    # tracker's free list yet): the sessions held so far are what there is, measured_by's too
+                    break
                 try:
                     agent_id = str(session.get_function(AGENT_ID_FUNC)())
                 except Exception:  # pylint: disable=broad-except
