@@ -28,10 +28,13 @@ follow)
   mkdir -p "$OUT/results"
   cp "$RES"/* "$OUT/results/" 2>/dev/null
   # each row's events, the farm's logs (the search workers', the agents') and the candidates whose builds timed
-  # out (the host's and the workers' FarmBuilders keep them), for reading a slow row
+  # out (the host's and the workers' FarmBuilders keep them), and MetaSchedule's own per-task logs of the host and
+  # of every share (timestamped: when each batch's search began and went to the builder and the runner), for
+  # reading a slow row
   tar czf "$OUT/results/work.tgz" -C /tmp --exclude='*.so' --exclude='*.tar' --exclude='*.npz' \
       $(cd /tmp && ls -d search-scaling-*/logs/*/progress.jsonl search-scaling-*/farm/*.log \
-        search-scaling-*/logs/*/logs/build-timeouts tunefarm-search-*/build-timeouts 2>/dev/null) 2>/dev/null
+        search-scaling-*/logs/*/logs/build-timeouts tunefarm-search-*/build-timeouts \
+        search-scaling-*/logs/*/logs/*.log tunefarm-search-*/logs/*.log 2>/dev/null) 2>/dev/null
   tail -5 "$RES/search_scaling.log"
   pgrep -f bench.search_scaling > /dev/null && echo "still running" || echo "ended"
   ;;
