@@ -61,7 +61,34 @@ def write(out: Path, stem: str, meta: dict, rows: dict) -> str:
                      f"{', '.join(f'{w:.0f}' for w in walls) or '-'} | "
                      f"{', '.join(str(t) for t in taken) or '-'} | "
                      f"{', '.join(str(v) for v in sorted(r['measured_on'].values())) or '-'} |")
+    lines += split_table(rows)
     return common.write_rows(out, f"search_scaling-{stem}", meta, rows, lines)
+
+
+SPLIT = (("search_s", "search"), ("build_s", "build"), ("measure_s", "measure wait"),
+         ("model_update_s", "model update"), ("other_s", "other"))
+
+
+def split_table(rows: dict) -> list[str]:
+    """Where each row's time went: the host's tuning loop (workers-0), or each share's on its search worker, in
+    MetaSchedule's profiler scopes (tunefarm.host.tuning.progress.time_split); a share's 'setup' is its start on
+    the worker before its tuning loop, its 'other' the rest of its wall time (setup, the wait for a session, the
+    host's last poll). Rows stored before shares reported their profile have none to show."""
+    out = []
+    for label, r in rows.items():
+        parts = [("host", None, r.get("time_split") or {})] if not r["shares"] else [
+            (f"share {n}" + (f" (from share {s['stolen_from']})" if s.get("stolen_from") is not None else ""),
+             s.get("setup_s"), s.get("time_split") or {}) for n, s in enumerate(r["shares"])]
+        for who, setup, t in parts:
+            if not t.get("scopes"):
+                continue
+            out.append(f"| {label} | {who} | {t['wall_s']:.1f} | {'-' if setup is None else f'{setup:.1f}'} | "
+                       + " | ".join(f"{t[k]:.1f}" for k, _ in SPLIT) + " |")
+    if not out:
+        return []
+    return ["", "Where the time went (seconds; MetaSchedule's profiler on the host, or on each share's search worker):",
+            "", "| configuration | part | wall s | setup | " + " | ".join(name for _, name in SPLIT) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in SPLIT) + " |", *out]
 
 
 def main():

@@ -115,6 +115,11 @@ def test_two_search_workers_share_one_job_budget_database_and_resume(tmp_path):
         assert report["tuning"]["search"]["workers"] == 2
         per_worker = report["tuning"]["search"]["per_worker"]
         assert sum(per_worker.values()) == 24 and per_worker[agent_id_of(fast)] > per_worker["slow:1"] > 0, per_worker
+        # each share's worker said where its time went: its start-up and its tuning loop's profile
+        for share in report["tuning"]["search"]["shares"]:
+            split = share["time_split"]
+            assert share["setup_s"] > 0 and split["search_s"] > 0 and split["build_s"] > 0, share
+            assert split["wall_s"] >= split["search_s"] + split["build_s"] + split["model_update_s"], share
         taken = [s for s in report["tuning"]["search"]["shares"] if s["stolen_from"] is not None]
         assert len(taken) == 1 and set(taken[0]["tasks"]).isdisjoint(report["tuning"]["search"]["shares"][
             taken[0]["stolen_from"]]["tasks"]), report["tuning"]["search"]["shares"]
@@ -263,6 +268,16 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
     for bad in (-1, True, "2", 10 ** 6):
         with pytest.raises(WorkerLied):
             check_reply(json.dumps({**good, "unstarted": bad}), 4)
+    # where the share's time went (the report's breakdown): seconds, finite, not negative, few printable scopes
+    timed = check_reply(json.dumps({**good, "setup_s": 1.5, "profile": {"SendToBuilder": 3.25, "Total": 9}}), 4)
+    assert timed["setup_s"] == 1.5 and timed["profile"] == {"SendToBuilder": 3.25, "Total": 9.0}
+    assert checked["setup_s"] is None and checked["profile"] == {}  # optional
+    for bad in ({"setup_s": -1}, {"setup_s": float("nan")}, {"setup_s": "1"}, {"setup_s": True},
+                {"setup_s": 1e9}, {"profile": [1]}, {"profile": {"Total": float("inf")}},
+                {"profile": {"Total": -0.5}}, {"profile": {"": 1}}, {"profile": {"a\x1b[2J": 1}},
+                {"profile": {f"s{i}": 1 for i in range(65)}}, {"profile": {"x" * 101: 1}}):
+        with pytest.raises(WorkerLied):
+            check_reply(json.dumps({**good, **bad}), 4)
 
 
 def test_a_release_answer_gives_back_only_tasks_and_trials_the_share_still_had():

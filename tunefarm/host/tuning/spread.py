@@ -48,6 +48,7 @@ MAX_REPLY_BYTES = 64 << 20  # one poll's answer
 MAX_POLL_RECORDS = 256
 FAILURE_KINDS = ("timeout", "error", "no agent")  # the runner's and the builder's words for a failed candidate
 MAX_RUN_SECS = 1024  # samples in one record
+MAX_PROFILE_SCOPES = 64  # MetaSchedule profiler scopes a share reports (about 20 in a CPU tuning loop)
 FAILED_RUN_S = 1e10  # what MetaSchedule commits for a failed candidate
 SEED_RECORDS = 32  # the job's best records per task handed to a share (its search starts from them)
 POLL_INTERVAL_S = 1.0
@@ -205,6 +206,9 @@ class _Share:
         self.builder = None
         self.verifier = None
         self.stopped = False
+        self.began = time.monotonic()  # the share's start (its _start call)
+        self.setup_s: float | None = None  # from its start to its tuning loop's (the share's fixed cost)
+        self.profile: dict[str, float] = {}  # MetaSchedule's profiler scopes of its tuning loop, once it ended
         self.thread = threading.Thread(target=self._run, name="tunefarm-search-share", daemon=True)
 
     def stop(self) -> None:
@@ -238,7 +242,8 @@ class _Share:
                     "build_failures": dict(builder.build_failures) if builder is not None else {},
                     "requeued": runner.requeued if runner is not None else 0,
                     "unreachable": dict(runner.unreachable) if runner is not None else {},
-                    "verification": self.verifier.summary() if self.verifier is not None else {}}
+                    "verification": self.verifier.summary() if self.verifier is not None else {},
+                    "setup_s": self.setup_s, "profile": dict(self.profile) if self.done else {}}
 
     def _add(self, task: int, record: Any, error: str) -> None:
         with self.lock:
@@ -325,14 +330,20 @@ class _Share:
             self.runner, self.builder, self.verifier = runner, builder, verifier
         committed: list = []
         per_task_cap = max(int(t["left"]) for t in spec["tasks"])
+        profiler = ms.Profiler()  # where the share's time goes (the host's report; thread-local in TVM)
+        with self.lock:
+            self.setup_s = time.monotonic() - self.began
         try:
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
-                          max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
-                          num_trials_per_iter=int(tuning["num_trials_per_iter"]), builder=builder, runner=runner,
-                          database=database, cost_model=str(spec.get("cost_model") or "xgb"),
-                          measure_callbacks=measure_callbacks(_collector(self, committed), verifier, committed),
-                          task_scheduler="gradient")
+            with profiler:
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
+                              max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
+                              num_trials_per_iter=int(tuning["num_trials_per_iter"]), builder=builder, runner=runner,
+                              database=database, cost_model=str(spec.get("cost_model") or "xgb"),
+                              measure_callbacks=measure_callbacks(_collector(self, committed), verifier, committed),
+                              task_scheduler="gradient")
         finally:
+            with self.lock:
+                self.profile = {str(k): float(v) for k, v in profiler.get().items()}
             builder.shutdown()
             runner.shutdown()
             for path in builder.kept:  # the worker's log: where to find a candidate that held its batch
@@ -390,6 +401,8 @@ class ShareState:
     unstarted: int = 0  # its worker's last word: tasks whose search has not begun
     live: bool = False  # a session searches it now (its tasks not begun may be released to a free worker)
     steal: Any = None  # a free worker's pending request: (count, Future of the new share or None)
+    setup_s: float = 0.0  # its sessions' start-up: from a share's start on the worker to its tuning loop's
+    profile: dict[str, float] = dataclasses.field(default_factory=dict)  # its tuning loops' profiler scopes (s)
 
 
 def deal(task_costs: dict[int, float], workers: int, light: frozenset[int] | set[int] = frozenset()) -> list[list[int]]:
@@ -518,8 +531,22 @@ def check_reply(text: Any, since: int) -> dict[str, Any]:
     unstarted = reply.get("unstarted", 0)
     if not isinstance(unstarted, int) or isinstance(unstarted, bool) or not 0 <= unstarted <= MAX_SHARE_TASKS:
         raise WorkerLied("a poll answer's count of tasks not begun is malformed")
+    setup_s, profile = reply.get("setup_s"), reply.get("profile", {})
+    if setup_s is not None and not _seconds(setup_s):
+        raise WorkerLied("a poll answer's setup time is malformed")
+    if not (isinstance(profile, dict) and len(profile) <= MAX_PROFILE_SCOPES
+            and all(isinstance(k, str) and 0 < len(k) <= 100 and k.isprintable() and _seconds(v)
+                    for k, v in profile.items())):
+        raise WorkerLied("a poll answer's profile is malformed")
     return {"records": records, "next": nxt, "done": reply.get("done") is True, "unstarted": unstarted,
-            "error": _clean(str(reply.get("error") or ""))[:500], **counts}
+            "error": _clean(str(reply.get("error") or ""))[:500], "setup_s": setup_s,
+            "profile": {k: float(v) for k, v in profile.items()}, **counts}
+
+
+def _seconds(value: Any) -> bool:
+    """A time a worker reports: a finite number of seconds, not negative, under a week."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value < 7 * 86400)
 
 
 def check_release(text: Any, tasks: int, gone: set[int], count: int, trials_left: int) -> tuple[list[int], int]:
@@ -582,6 +609,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
     job's stop hook); ``result`` gets the per-agent counts, the workers' shares and what was refused."""
     # pylint: disable=import-outside-toplevel
     import tvm
+
+    from tunefarm.host.tuning.progress import time_split
 
     job, budget = plan.job, plan.budget
     order = list(budget.order)
@@ -772,6 +801,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
                     session_counts = {"per_agent": {_clean(a): n for a, n in reply["per_agent"].items()},
                                       "failures": reply["failures"], "build_failures": reply["build_failures"]}
                     if reply["done"]:
+                        share.setup_s += reply["setup_s"] or 0.0
+                        _add_counts(share.profile, reply["profile"])
                         break
                     if not reply["records"]:
                         time.sleep(POLL_INTERVAL_S)
@@ -827,7 +858,8 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
         _add_counts(result.build_failures, share.build_failures)
     result.search_shares = [{"tasks": [plan.tasks[i].name for i in s.tasks], "trials": s.trials,
                              "received": s.received, "workers": s.workers, "rejected": s.rejected,
-                             "error": s.error, "wall_s": round(s.wall_s, 1), "stolen_from": s.stolen_from}
+                             "error": s.error, "wall_s": round(s.wall_s, 1), "stolen_from": s.stolen_from,
+                             "setup_s": round(s.setup_s, 2), "time_split": time_split(s.profile, s.wall_s)}
                             for s in shares]
     if not any(s.received for s in shares):
         errors = "; ".join(sorted({s.error for s in shares if s.error})) or "no search worker measured anything"
@@ -836,7 +868,7 @@ def run_spread(plan, database, tracker: tuple[str, int], console, progress, coun
         raise TunefarmError(f"the spread search measured nothing: {errors}")
 
 
-def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+def _add_counts(into: dict[str, Any], counts: dict[str, Any]) -> None:
     for key, n in counts.items():
         into[key] = into.get(key, 0) + n
 
