@@ -414,3 +414,76 @@ def test_a_straggler_is_cut_once_the_rest_of_its_batch_is_done_and_the_pool_goes
     assert straggler_cut([0.1] * 7, 8, 4.0, 10.0)() == 10.0  # never before min_s
     assert straggler_cut([0.1] * 7, 7, 4.0, 10.0)() is None  # a batch under 8 waits for every candidate
     assert straggler_cut([0.1] * 7, 8, 0.0, 10.0)() is None  # factor 0: off
+
+
+def _unrolled(n: int, target):
+    """A BuilderInput whose build is slow for real: an elementwise kernel of ``n`` elements, fully unrolled
+    (LLVM compiles n statements: 20,000 took 18 s on the 2-core development machine)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((n,), name="a")
+    b = te.compute((n,), lambda i: a[i] * 1.5 + 1.0, name="b")
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([a, b])}))
+    sch.unroll(sch.get_loops(sch.get_sblock("b"))[0])
+    return ms.builder.BuilderInput(sch.mod, target)
+
+
+def test_a_build_agent_kills_a_candidate_past_the_build_timeout_and_builds_the_rest(tracker, start_agent, tmp_path):
+    """builder.timeout_sec holds on build agents too: a real agent on key 'build' kills the build of a candidate
+    that compiles far longer than the timeout (its answer a build timeout, kept to rebuild), builds the others,
+    and the batch returns at the timeout, not when that compile would have ended."""
+    import tvm
+
+    from tunefarm.host.tuning.builder import AgentBuilder, FarmBuilder
+
+    host, port = tracker
+    agent = start_agent(host, port, "build", tmp_path / "build.log")
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    kernels = list(_kernels(target, add1=64, add2=128, matmul=32).values())
+    builder = FarmBuilder(AgentBuilder((host, port), "build", timeout_sec=3, device_wait_sec=30),
+                          keep_dir=tmp_path / "build-timeouts")
+    started = time.monotonic()
+    results = list(builder.build(kernels[:2] + [_unrolled(60000, target)] + kernels[2:]))
+    took = time.monotonic() - started
+    slow = results.pop(2)
+    assert all(r.error_msg is None and Path(r.artifact_path).stat().st_size > 0 for r in results), results
+    assert slow.artifact_path is None and "timeout, killed after 3 s on the agent" in slow.error_msg, slow.error_msg
+    assert slow.error_msg.startswith(f"FarmBuilder: timeout on agent {agent_id_of(agent)}"), slow.error_msg
+    assert builder.build_failures == {"timeout": 1} and len(builder.kept) == 1
+    assert builder.builder.remote_builds == {agent_id_of(agent): 3}
+    assert took < 30, took  # the unrolled kernel alone compiles for minutes here
+    # the agent is free again at once (its build process killed): the next batch builds
+    assert all(r.error_msg is None for r in builder.build(kernels[:1])), "the agent did not serve the next batch"
+
+
+def test_a_build_agent_cuts_stragglers_of_its_call_and_answers_what_failed_or_died():
+    """run_builds (a build agent's loop over one call's candidates, each in a forked process) on real processes:
+    eight jobs, seven quick and one that would sleep ten minutes; once seven are done the eighth is killed at
+    the straggler factor x that moment (at least min_s), and its answer says so. A job that raises answers its
+    error; one whose process dies answers its exit code; with no limits every job is waited for."""
+    import os
+
+    from tunefarm.device_agents.build_service import run_builds
+
+    def job(seconds):
+        if seconds == "raise":
+            raise RuntimeError("no such target")
+        if seconds == "die":
+            os._exit(3)
+        time.sleep(seconds)
+        return ""
+
+    started = time.monotonic()
+    answers = run_builds([0.01] * 7 + [600], 8, 0.0, 4.0, fn=job, min_s=1.0)
+    took = time.monotonic() - started
+    assert answers[:7] == [""] * 7 and answers[7].startswith("timeout (straggler), killed on the agent"), answers
+    assert 1.0 <= took < 20, took
+    answers = run_builds([0.01, "raise", "die", 0.5], 2, 0.0, 0.0, fn=job)
+    assert answers[0] == answers[3] == "", answers
+    assert answers[1] == "RuntimeError: no such target", answers
+    assert "ended without an answer (exit code 3)" in answers[2], answers
+    # the per-candidate timeout, with the straggler rule off (a call of fewer than 8 candidates never cuts)
+    answers = run_builds([0.01, 600], 2, 1.0, 4.0, fn=job)
+    assert answers == ["", "timeout, killed after 1 s on the agent"], answers

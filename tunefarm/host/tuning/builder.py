@@ -30,18 +30,10 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.support.popen_pool import MapResult, PopenPoolExecutor, PopenWorker, StatusKind, kill_child_processes
 
+from tunefarm.core.building import STRAGGLER_MIN_S, STRAGGLER_SHARE, straggler_cut  # noqa: F401  (re-exported)
 from tunefarm.core.threads import usable_cpus
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
-# Stragglers: MetaSchedule's builder returns when every candidate of a batch is done, so one candidate that
-# builds for 30 s holds the batch — and on a spread search the share, and the run, while the other workers idle
-# (bench/results/search_scaling-h200vm-16c-steal: 14 of a batch's 16 built in a few seconds, two ran into the
-# 30 s timeout, and that share ended 25 s after the others). Once STRAGGLER_SHARE of a batch (of at least 8) has
-# built, a candidate still building at straggler_factor x that moment, and past STRAGGLER_MIN_S, is cut: the
-# search sees a build timeout, as it would at builder.timeout_sec.
-STRAGGLER_SHARE = 0.875
-STRAGGLER_MIN_S = 10.0
-STRAGGLER_BATCH = 8  # smaller batches wait for every candidate (up to builder.timeout_sec)
 BUILD_TIMEOUTS_DIR = "build-timeouts"  # where a job (under its logs/) or a share (its work dir) keeps them
 
 
@@ -236,35 +228,28 @@ def run_batch(pool: _BuildPool, fn, arg_lists: list[tuple], factor: float,
     return [f.result() for f in futures], cut
 
 
-def straggler_cut(finished: list[float], batch: int, factor: float, min_s: float = STRAGGLER_MIN_S):
-    """A function giving the second (from the batch's start) at which the candidates of a ``batch`` still
-    building are cut, or None while no cut applies: once ``STRAGGLER_SHARE`` of it has finished (``finished``,
-    filled as candidates finish, in seconds), ``factor`` x that moment, at least ``min_s``. Never for a
-    batch under ``STRAGGLER_BATCH`` or ``factor`` 0."""
-    need = math.ceil(STRAGGLER_SHARE * batch)
-
-    def cut_at() -> float | None:
-        if factor <= 0 or batch < STRAGGLER_BATCH or len(finished) < need:
-            return None
-        return max(min_s, factor * finished[need - 1])  # appended in time order, under run_batch's lock
-
-    return cut_at
-
-
 @derived_object
 class AgentBuilder(PyBuilder):
-    """Builds candidates on the agents registered under ``key`` (``tunefarm.builder.build_many`` in their
-    RPC server): one RPC session per agent for the batch, one candidate per core of that agent at a time,
-    the candidates shared out as the agents finish them. Artifacts come back to the host, so any agent of
-    the measuring key can run them. ``remote_builds`` counts the candidates each agent built."""
+    """Builds candidates on the agents registered under ``key`` (``tunefarm.builder.build_many_timed`` in their
+    RPC server, ``build_many`` on agents older than it): one RPC session per agent for the batch, one candidate
+    per core of that agent at a time, the candidates shared out as the agents finish them. Artifacts come back
+    to the host, so any agent of the measuring key can run them. ``remote_builds`` counts the candidates each
+    agent built.
+
+    The agent kills a candidate's build past ``timeout_sec``, and cuts stragglers among the candidates of one
+    call as the host does in a batch (:func:`straggler_cut`, ``straggler_factor``: so on agents with 8 cores or
+    more; the host hears a call's answers together, so it cannot tell a straggler from the rest of its call).
+    The batch returns once every candidate has its answer: a thread still waiting for a busy agent's session is
+    not waited for."""
 
     def __init__(self, tracker: tuple[str, int], key: str, timeout_sec: float = 60.0,
-                 device_wait_sec: float = 120.0):
+                 device_wait_sec: float = 120.0, straggler_factor: float = 4.0):
         super().__init__()
         self.tracker = tracker
         self.key = key
         self.timeout_sec = timeout_sec
         self.device_wait_sec = device_wait_sec
+        self.straggler_factor = straggler_factor
         self.remote_builds: dict[str, int] = {}  # agent id -> candidates built there
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
@@ -277,7 +262,8 @@ class AgentBuilder(PyBuilder):
         import tvm
 
         from tunefarm.core.targets import target_to_json
-        from tunefarm.core.wire import AGENT_ID_FUNC, BUILDER_BUILD_MANY_FUNC, BUILDER_PARALLELISM_FUNC
+        from tunefarm.core.wire import (AGENT_ID_FUNC, BUILD_TIMEOUT_WORD, BUILDER_BUILD_MANY_FUNC,
+                                        BUILDER_BUILD_TIMED_FUNC, BUILDER_PARALLELISM_FUNC)
         from tunefarm.tracker.client import TrackerClient, request_session
 
         with TrackerClient(*self.tracker) as client:
@@ -287,14 +273,27 @@ class AgentBuilder(PyBuilder):
             todo.put((i, inp))
         results: list[BuilderResult | None] = [None] * len(build_inputs)
         lock = threading.Lock()
+        answered = threading.Condition(lock)  # notified as each candidate gets its answer
         batch = uuid.uuid4().hex[:8]
+        options = json.dumps({"timeout_s": float(self.timeout_sec), "straggler_factor": float(self.straggler_factor)})
+
+        def answer(i: int, result: BuilderResult) -> None:
+            with answered:
+                results[i] = result
+                answered.notify_all()
 
         def work():
             try:
                 sess = request_session(self.tracker, self.key, self.device_wait_sec,
                                        session_timeout=int(self.timeout_sec * len(build_inputs)) + 60)
                 agent_id = str(sess.get_function(AGENT_ID_FUNC)())
-                build_many = sess.get_function(BUILDER_BUILD_MANY_FUNC)
+                try:
+                    timed = sess.get_function(BUILDER_BUILD_TIMED_FUNC)
+
+                    def build_many(names, target):
+                        return timed(names, target, options)
+                except Exception:  # pylint: disable=broad-except  # an agent older than it
+                    build_many = sess.get_function(BUILDER_BUILD_MANY_FUNC)
                 width = int(sess.get_function(BUILDER_PARALLELISM_FUNC)())
             except Exception:  # pylint: disable=broad-except
                 return  # this agent is gone or busy; the others take its share
@@ -314,25 +313,30 @@ class AgentBuilder(PyBuilder):
                         sess.upload(bytearray(tvm.ir.save_json(inp.mod).encode()), name + ".json")
                     errors = json.loads(build_many(json.dumps(names), target_json))
                     for name, (i, _), error in zip(names, chunk, errors):
-                        if error:
-                            results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{error}")
-                            continue
-                        path = _artifact_path()
-                        with open(path, "wb") as fh:
-                            fh.write(sess.download(name + ".tar"))
-                        results[i] = BuilderResult(path, None)
-                        with lock:
-                            self.remote_builds[agent_id] = self.remote_builds.get(agent_id, 0) + 1
+                        error = str(error)[:4000]  # the agent's word
+                        if error.startswith(BUILD_TIMEOUT_WORD):
+                            answer(i, BuilderResult(None, f"FarmBuilder: timeout on agent {agent_id}: {error}"))
+                        elif error:
+                            answer(i, BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{error}"))
+                        else:
+                            path = _artifact_path()
+                            with open(path, "wb") as fh:
+                                fh.write(sess.download(name + ".tar"))
+                            with lock:
+                                self.remote_builds[agent_id] = self.remote_builds.get(agent_id, 0) + 1
+                            answer(i, BuilderResult(path, None))
                 except Exception as err:  # pylint: disable=broad-except
                     for i, _ in chunk:
-                        results[i] = BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{err}")
+                        answer(i, BuilderResult(None, f"FarmBuilder: build on agent {agent_id} failed\n{err}"))
 
         threads = [threading.Thread(target=work, daemon=True) for _ in range(min(agents, len(build_inputs)))]
         for thread in threads:
             thread.start()
-        deadline = self.timeout_sec * len(build_inputs) + self.device_wait_sec
-        for thread in threads:
-            thread.join(deadline)
+        deadline = time.monotonic() + self.timeout_sec * len(build_inputs) + self.device_wait_sec
+        with answered:  # until every candidate has its answer (not until every thread ends), or the deadline
+            while (any(r is None for r in results) and any(t.is_alive() for t in threads)
+                   and time.monotonic() < deadline):
+                answered.wait(0.2)
         return [r if r is not None else BuilderResult(None, f"FarmBuilder: no agent on key '{self.key}' "
                                                             "built this candidate") for r in results]
 
@@ -428,7 +432,8 @@ def job_builder(spec, tracker: tuple[str, int], device_wait_sec: float, cache=No
     """The builder a job's ``builder:`` section asks for (``key`` set: its agents build), behind the cache;
     candidates whose builds time out are kept in ``keep_dir``."""
     if spec.key:
-        inner = AgentBuilder(tracker, spec.key, timeout_sec=spec.timeout_sec, device_wait_sec=device_wait_sec)
+        inner = AgentBuilder(tracker, spec.key, timeout_sec=spec.timeout_sec, device_wait_sec=device_wait_sec,
+                             straggler_factor=spec.straggler_factor)
     else:
         inner = WarmBuilder(workers=spec.workers, timeout_sec=spec.timeout_sec,
                             straggler_factor=spec.straggler_factor)
