@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import math
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.support.popen_pool import MapResult, PopenPoolExecutor, PopenWorker, StatusKind, kill_child_processes
 
-from tunefarm.core.building import STRAGGLER_MIN_S, STRAGGLER_SHARE, straggler_cut  # noqa: F401  (re-exported)
+from tunefarm.core.building import STRAGGLER_MIN_S, STRAGGLER_SHARE, straggler_cut
 from tunefarm.core.threads import usable_cpus
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
