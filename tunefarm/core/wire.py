@@ -45,8 +45,9 @@ RUNNER_RUN_FUNC = "tunefarm.runner.run"  # (backend, model_file, inputs_file, wa
 RUNNER_AVAILABLE_FUNC = "tunefarm.runner.available"  # (options_json) -> {backend: None | why not}
 BUILDER_BUILD_FUNC = "tunefarm.builder.build"  # (mod_file, target_json, out_name)
 BUILDER_BUILD_MANY_FUNC = "tunefarm.builder.build_many"  # (names_json, target_json) -> errors JSON
-# (names_json, target_json, timeout_s) -> errors JSON: build_many with each candidate's build killed past timeout_s
-# on the agent (its error then starts with BUILD_TIMEOUT_WORD); hosts fall back to build_many on older agents
+# (names_json, target_json, options_json: {"timeout_s", "straggler_factor"}) -> errors JSON: build_many with each
+# candidate's build killed on the agent past timeout_s or cut as a straggler (its error then starts with
+# BUILD_TIMEOUT_WORD); hosts fall back to build_many on older agents
 BUILDER_BUILD_TIMED_FUNC = "tunefarm.builder.build_many_timed"
 BUILD_TIMEOUT_WORD = "timeout"
 # (artifact bytes, file name, args_info JSON, evaluator JSON, device type) -> run seconds JSON: one candidate

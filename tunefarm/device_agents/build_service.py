@@ -164,12 +164,11 @@ def _child(fn, job, write) -> None:
 
 
 def _kill(proc) -> None:
-    """Kill a build process and what it started (a compiler, a linker)."""
-    try:
-        import psutil  # pylint: disable=import-outside-toplevel
+    """Kill a build process and what it started (a compiler, a linker), as the host's build pool does."""
+    from tvm.support.popen_pool import kill_child_processes  # pylint: disable=import-outside-toplevel
 
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
+    try:
+        kill_child_processes(proc.pid)
     except Exception:  # pylint: disable=broad-except  # psutil missing, or they are gone
         pass
     proc.kill()
