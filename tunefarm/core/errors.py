@@ -32,6 +32,10 @@ class NoDeviceError(TunefarmError):
     """No agent serves the requested key (after waiting)."""
 
 
+class AgentsBusy(TunefarmError):
+    """Agents serve the key, but none became free for this request within its wait (the request is withdrawn)."""
+
+
 class TuningFailed(TunefarmError):
     """The job ran but its result is not acceptable (numerics, tuned slower than untuned, ...)."""
 

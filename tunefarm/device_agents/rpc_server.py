@@ -36,6 +36,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _MAIN_PID = os.getpid()
 _loop_error: list[str] = []
 _stopping = threading.Event()
+_listen_sock: list = []  # the listen loop's socket, closed first when this process stops
 
 
 def _log(message: str) -> None:
@@ -151,6 +152,24 @@ def _die_with_parent(parent_pid: int | None) -> None:
         sys.exit(EXIT_PARENT_GONE)
 
 
+def _session_dies_with_server() -> None:
+    """In each process forked from this one (an RPC session, and what a session forks): SIGKILL when its parent
+    dies (Linux), and exit now if the parent is already gone. A session inherits the server's tracker socket:
+    one that outlived its server kept the agent listed at the tracker, free to be handed out, for the session's
+    whole timeout (issue 36: a killed agent's session, forked in the instant between the stop signal and the exit,
+    kept it listed and went on measuring)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # pylint: disable=import-outside-toplevel
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent or parent == 1:
+        os._exit(EXIT_PARENT_GONE)  # pylint: disable=protected-access
+
+
 def _kill_sessions() -> None:
     """End the session processes this server forked (they hold devices and sockets)."""
     try:
@@ -175,6 +194,11 @@ def _on_stop_signal(signum, _frame) -> None:
         return
     _stopping.set()
     _log(f"stopping (signal {signum})")
+    if _listen_sock:
+        try:
+            _listen_sock[0].close()  # no session is accepted from now on
+        except OSError:
+            pass
     _kill_sessions()
     os._exit(0)  # pylint: disable=protected-access  # the listen thread is blocked in select/accept
 
@@ -227,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"cannot listen on {args.host} ports [{args.port}, {port_end}): {err}")
         return EXIT_LOOP_ENDED
     no_delay(state.sock)  # the handshake's three small writes otherwise wait for a delayed ACK
+    _listen_sock.append(state.sock)
+    os.register_at_fork(after_in_child=_session_dies_with_server)
     _log(f"agent {info.get('agent_id', '?')} serving key '{args.key}' on {args.host}:{state.port}, "
          f"registering with tracker {tracker_addr[0]}:{tracker_addr[1]}")
     while state.thread.is_alive():

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from tunefarm.core.errors import AgentUnreachable, NoDeviceError, TrackerUnreachable, TunefarmError, last_line
+from tunefarm.core.errors import AgentsBusy, AgentUnreachable, NoDeviceError, TrackerUnreachable, TunefarmError, last_line
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD, REFUSED_FIELD, VERIFIED_FIELD, DeviceInfo, no_delay, parse_hostport
 
@@ -106,9 +106,12 @@ def unreachable_message(key: str, url: str, port: int, why: str) -> str:
             "ports (9090-9190 by default)")
 
 
-def request_rpc_session(host: str, port: int, key: str, priority: int, session_timeout: int):
+def request_rpc_session(host: str, port: int, key: str, priority: int, session_timeout: int,
+                        on_tracker_socket: Callable[[Any], None] | None = None):
     """An RPC session on a server of ``key`` handed out by the tracker at ``host:port``, the tracker socket
-    without Nagle's delay. Blocks until the tracker hands one out (callers bound the wait).
+    without Nagle's delay. Blocks until the tracker hands one out (callers bound the wait:
+    ``on_tracker_socket`` is given the tracker socket the request waits on, so that a caller that stops
+    waiting can shut it down, which withdraws the request at the tracker).
 
     Stock ``TrackerSession.request`` retries five times whatever the failure; here a server the tracker
     hands out that this host cannot even open a TCP connection to (the NAT case) is an
@@ -122,6 +125,8 @@ def request_rpc_session(host: str, port: int, key: str, priority: int, session_t
     tracker = rpc.connect_tracker(host, port)
     sock = getattr(tracker, "_sock", None)
     no_delay(sock)
+    if on_tracker_socket is not None and sock is not None:
+        on_tracker_socket(sock)
     last_err: Exception | None = None
     try:
         # The farm's tracker hands out sessions only to holders of the farm key (keys left open excepted).
@@ -151,29 +156,64 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
     """An RPC session on an agent of ``key``: waits visibly for one, and never longer than ``wait_s``.
 
     The tracker answers a request only when a server is free, and a stale listing can keep it from
-    ever answering: the request runs in a thread and is abandoned after the deadline.
+    ever answering: the request runs in a thread and is given up after the deadline. Giving up withdraws
+    it: the tracker socket it waits on is shut down (TVM's tracker then hands that request no server), and
+    a session that opened all the same, in the moment between the tracker's answer and the shutdown, is
+    closed at once. Without this an abandoned request stayed queued at the tracker and, once an agent
+    was free, opened a session that nobody used and that held the agent for the whole session timeout
+    (issue 36: the one agent left on a key held idle for 760 s).
     """
     t0 = time.monotonic()
     with TrackerClient(*tracker_addr) as client:
         client.wait_for_key(key, wait_s, on_wait=on_wait)
     box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def keep_socket(sock) -> None:
+        with lock:
+            box["sock"] = sock
+            abandoned = box.get("abandoned", False)
+        if abandoned:
+            _shutdown(sock)
 
     def ask():
         try:
-            box["sess"] = request_rpc_session(*tracker_addr, key, priority=priority, session_timeout=session_timeout)
+            sess = request_rpc_session(*tracker_addr, key, priority=priority, session_timeout=session_timeout,
+                                       on_tracker_socket=keep_socket)
         except Exception as err:  # pylint: disable=broad-except
-            box["err"] = err
+            with lock:
+                box["err"] = err
+            return
+        with lock:
+            if not box.get("abandoned"):
+                box["sess"] = sess
+                return
+        del sess  # the caller gave up meanwhile: the last reference, so the connection closes now
 
-    thread = threading.Thread(target=ask, daemon=True)
+    thread = threading.Thread(target=ask, name="tracker-request", daemon=True)
     thread.start()
     thread.join(max(1.0, wait_s - (time.monotonic() - t0)))
-    if "sess" in box:
-        return box["sess"]
-    if "err" in box:
-        if isinstance(box["err"], AgentUnreachable):
-            raise box["err"]
-        raise TunefarmError(f"no session on key '{key}': {last_line(box['err'])}")
-    raise TunefarmError(f"no agent on key '{key}' became free within {wait_s:.0f} s")
+    with lock:
+        if "sess" in box:
+            return box["sess"]
+        box["abandoned"] = True
+        sock = box.get("sock")
+        err = box.get("err")
+    if sock is not None:
+        _shutdown(sock)
+    if err is not None:
+        if isinstance(err, AgentUnreachable):
+            raise err
+        raise TunefarmError(f"no session on key '{key}': {last_line(err)}")
+    raise AgentsBusy(f"no agent on key '{key}' became free within {wait_s:.0f} s")
+
+
+def _shutdown(sock) -> None:
+    """Shut a socket down for both directions (the thread blocked on it wakes); never raises."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def server_key(info: dict[str, Any]) -> str | None:

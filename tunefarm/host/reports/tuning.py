@@ -8,6 +8,7 @@ from typing import Any
 
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.reports.markdown import number
+from tunefarm.host.tuning.job import failed_text, failure_breakdown
 from tunefarm.host.tuning.jobdir import JobDir
 from tunefarm.host.tuning.logs import task_rows
 
@@ -44,7 +45,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    # measured trials of this job (all runs), seeded records and cache hits: three apart
                    "trials_measured_total": sum(r["trials"] for r in per_task),
                    "trials_before_this_run": tuned.measured_before, "trials_this_run": tuned.measured,
-                   "failed_this_run": tuned.failed, "seeded_records": sum(r["seeded"] for r in per_task),
+                   "failed_this_run": tuned.failed, "failed_this_run_by_kind": tuned.failed_kinds or failure_breakdown(tuned),
+                   "seeded_records": sum(r["seeded"] for r in per_task),
                    "cache_hits": tuned.cache_hits, "resumed": tuned.resumed, "stopped_early": tuned.stopped,
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
                    "agents_lost": tuned.agents_lost, "requeued": tuned.requeued, "unreachable": tuned.unreachable, "failures": tuned.failures,
@@ -69,7 +71,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
           f"- tuning: {tn['trials_measured_total']} trials measured by this job (budget "
           f"{job.tuning.max_trials_global}, at most {job.tuning.max_trials_per_task or job.tuning.max_trials_global} "
           f"per task, {job.tuning.num_trials_per_iter} per round, cost model {_cost_model_text(tuned.cost_model)}); this run "
-          f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s" + (" (stopped early)" if tuned.stopped else ""),
+          f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s, {failed_text(tuned)}"
+          + (" (stopped early)" if tuned.stopped else ""),
           f"- pipeline: {tuned.plan.pipeline.describe()}",
           "- farm cost model after this run: " + _farm_update_text(tuned.farm_model_update),
           "- timings checked: " + (_verification_text(tuned.verification) if tuned.verification else
@@ -135,8 +138,9 @@ def _farm_update_text(update: dict) -> str:
 
 def _verification_text(ver: dict[str, Any]) -> str:
     text = (f"{ver['verified']} new best(s) measured a second time before they counted ({ver['disputed']} not "
-            f"reproduced: the slower time kept); {ver['below_floor']} result(s) below the physical floor and "
-            f"{ver['from_flagged']} from flagged agents committed as failed")
+            f"reproduced: the slower time kept); {ver['below_floor']} result(s) below the physical floor, "
+            f"{ver['from_flagged']} from flagged agents and {ver.get('unverifiable', 0)} new best(s) that could not be "
+            "measured a second time (no agent free) committed as failed")
     if ver["flagged"]:
         text += "; FLAGGED: " + ", ".join(f"{a} ({w})" for a, w in ver["flagged"].items())
     return text
@@ -157,12 +161,13 @@ def _agents_section(tuning: dict[str, Any]) -> list[str]:
         note = ("lost during the run" if agent in tuning["agents_lost"]
                 else "build agent" if agent not in tuning["per_agent"] else "-")
         md.append(f"| {agent} | {tuning['per_agent'].get(agent, 0)} | {built.get(agent, '-')} | {note} |")
-    failed = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning["failures"].items()))
-    if failed:
-        md += ["", f"Candidates that failed to measure: {failed}."]
-    unbuilt = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning.get("build_failures", {}).items()))
-    if unbuilt:
-        md += ["", f"Candidates that failed to build: {unbuilt}."]
+    failed = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning["failures"].items()) if n)
+    unbuilt = ", ".join(f"{n} {kind}" for kind, n in sorted(tuning.get("build_failures", {}).items()) if n)
+    # The table's sum, those that failed to measure and those that failed to build are this run's trials.
+    md += ["", f"This run's {tuning['trials_this_run']} trial(s): {sum(tuning['per_agent'].values())} measured on the "
+               f"agents above, {sum(tuning['failures'].values())} failed to measure" + (f" ({failed})" if failed else "")
+           + f", {sum(tuning.get('build_failures', {}).values())} failed to build" + (f" ({unbuilt})" if unbuilt else "")
+           + "."]
     if tuning.get("requeued"):
         md += ["", f"Candidates measured again because their session died under them (an agent killed, frozen or "
                    f"cut off): {tuning['requeued']}."]

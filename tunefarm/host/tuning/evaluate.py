@@ -54,6 +54,12 @@ def report_row(res: RowResult) -> dict[str, Any]:
             "precision": res.precision, "numerics": res.numerics, "version": res.version}
 
 
+def _plain(text, limit: int = 120) -> str:
+    """An agent's own text (its id, a reason about it) safe in a problem line of report.md and the console:
+    letters, digits, spaces and a few punctuation marks kept, the rest shown as '?'."""
+    return "".join(c if c.isalnum() or c in " .,:;=@_-+/()" else "?" for c in str(text))[:limit]
+
+
 def evaluate_job(tuned, console) -> dict[str, Any]:
     """Compile, run, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
     from tunefarm.host.reports.tuning import write_report  # pylint: disable=import-outside-toplevel
@@ -98,7 +104,20 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
             problems.append(f"{name} output differs from the reference (max abs err {num['max_abs_err']:.3g}, "
                             f"rtol {ev.rtol}, atol {ev.atol})")
     for agent, why in (tuned.verification or {}).get("flagged", {}).items():
-        problems.append(f"agent {agent} was flagged during tuning ({why}); its results were discarded")
+        problems.append(f"agent {_plain(agent)} was flagged during tuning ({_plain(why, 300)}); its results were "
+                        "discarded")
+    # Candidates that failed for want of an agent (none took them, their sessions died under them on every try,
+    # or a new best found none free to measure it again): the farm's failures, not the candidates'.
+    from tunefarm.host.tuning.runner import FARM_FAILURES  # pylint: disable=import-outside-toplevel
+
+    farm_failed = {k: n for k, n in tuned.failures.items() if k in FARM_FAILURES and n}
+    unverifiable = int((tuned.verification or {}).get("unverifiable", 0))
+    if farm_failed or unverifiable:
+        kinds = [f"{n} {k}" for k, n in sorted(farm_failed.items())]
+        kinds += [f"{unverifiable} new best(s) not measured a second time"] if unverifiable else []
+        problems.append(f"{sum(farm_failed.values()) + unverifiable} candidate(s) of this run failed for want of an "
+                        f"agent ({', '.join(kinds)}; lost agents: {', '.join(map(_plain, tuned.agents_lost)) or 'none'}): they "
+                        "count as failed, and tasks they were the best of may be slower than they could be")
     if ev.require_speedup and tuned_ms >= untuned_ms:
         problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
     report = write_report(tuned, rows, scheduled, unscheduled, reference, problems,

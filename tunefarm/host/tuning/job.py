@@ -48,7 +48,8 @@ class TuneResult:
     on_wait: Callable[[float, float], Any] | None = None  # prints "waiting for an agent ..."
     wall_s: float = 0.0  # MetaSchedule's loop in this run
     measured: int = 0  # trials measured in this run, failed ones included
-    failed: int = 0  # of those, the candidates that failed to build or run
+    failed: int = 0  # of those, the candidates that failed to build or run, or that the timing check rejected
+    failed_kinds: dict[str, int] = dataclasses.field(default_factory=dict)  # failed, by where (failure_breakdown)
     cache_hits: int = 0  # candidates the database answered: not built, measured, recorded or counted
     stopped: bool = False  # ended early by should_stop
     per_agent: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> candidates measured
@@ -115,9 +116,14 @@ def _waiting_message(console, key: str, host: str, port: int):
 
 
 def _agent_lost_message(console, key: str):
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
+    key = escape(key)  # the job's text, and the agent's id its own word: printed, never read as markup
+
     def on_agent_lost(agent_id: str, measured: int, left: int):
-        console.print(f"[yellow]agent {agent_id} on key '{key}' is gone[/] (it measured {measured} candidate(s) "
-                      f"this run; {left} agent(s) left on the key); its candidates in flight count as failed")
+        console.print(f"[yellow]agent {escape(agent_id)} on key '{key}' is gone[/] (it measured {measured} candidate(s) "
+                      f"this run; {left} agent(s) left on the key); its candidates in flight are measured again on "
+                      "the others")
     return on_agent_lost
 
 
@@ -168,7 +174,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
     from tunefarm.host.tuning.measured_cache import MeasuredCache
     from tunefarm.host.tuning.runner import FarmRunner
-    from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule
+    from tunefarm.host.tuning.search import BudgetedSearch, committing_as_measured, measure_callbacks, quiet_pool_rule
 
     job, budget, job_dir = plan.job, plan.budget, plan.job_dir
     result = TuneResult(plan=plan, database=database, tracker=tracker, on_wait=on_wait)
@@ -248,14 +254,14 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
     profiler = ms.Profiler()
     try:
-        with progress.progress, profiler:
+        with progress.progress, profiler, committing_as_measured(search) as scheduler:
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir.path),
                           max_trials_global=limit_global, max_trials_per_task=limit_task,
                           num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
                           database=database, cost_model=cost_model,
                           measure_callbacks=measure_callbacks(
                               make_progress_callback(progress, should_stop, stop, committed), verifier, committed),
-                          task_scheduler="gradient")
+                          task_scheduler=scheduler)
         runner.check_agents()
     except Exception as err:  # pylint: disable=broad-except
         raise _tuning_stopped(err, database, job_dir) from None
@@ -294,6 +300,7 @@ def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, con
     job_dir.write_profile(result.time_split)
     result.measured = progress.trials - budget.measured_before
     result.failed = progress.run_failed
+    result.failed_kinds = failure_breakdown(result)
     result.cache_hits = progress.cache_hits
     job_dir.mark_run_ended("stopped" if result.stopped else "finished")
     if result.measured:
@@ -382,9 +389,42 @@ def _update_farm_model(plan: TuningPlan, console) -> dict[str, Any]:
             "train_s": meta["train_s"], "wall_s": round(time.monotonic() - t0, 2)}
 
 
+def failure_breakdown(result: TuneResult) -> dict[str, int]:
+    """``result.failed`` by where each candidate failed: ``build`` (the builder's failures), ``measure`` (the
+    runner's: timeouts, errors, and the farm's own — not measured, session lost), ``rejected`` (measured, but the
+    timing check committed it as failed: below the floor, from a flagged agent, a new best not measured a second
+    time); ``other`` only if those do not add up to ``result.failed`` (then said, not hidden)."""
+    ver = result.verification or {}
+    out = {"build": sum(result.build_failures.values()), "measure": sum(result.failures.values()),
+           "rejected": sum(int(ver.get(k, 0)) for k in ("below_floor", "from_flagged", "unverifiable"))}
+    other = result.failed - sum(out.values())
+    if other:
+        out["other"] = other
+    return out
+
+
+def failed_text(result: TuneResult) -> str:
+    """``12 failed: 3 to build, 8 to measure (5 error, 3 not measured), 1 rejected by the timing check``."""
+    kinds = result.failed_kinds or failure_breakdown(result)
+    parts = []
+    if kinds.get("build"):
+        parts.append(f"{kinds['build']} to build")
+    if kinds.get("measure"):
+        parts.append(f"{kinds['measure']} to measure ("
+                     + ", ".join(f"{n} {k}" for k, n in sorted(result.failures.items()) if n) + ")")
+    if kinds.get("rejected"):
+        ver = result.verification or {}
+        parts.append(f"{kinds['rejected']} rejected by the timing check ("
+                     + ", ".join(f"{ver.get(k, 0)} {k.replace('_', ' ')}" for k in
+                                 ("below_floor", "from_flagged", "unverifiable") if ver.get(k)) + ")")
+    if kinds.get("other"):
+        parts.append(f"{kinds['other']} not accounted for above")
+    return f"{result.failed} failed" + (": " + ", ".join(parts) if parts else "")
+
+
 def run_summary(result: TuneResult) -> list[str]:
     """What a run measured, seeded and answered from the database, and where: the console's last lines."""
-    lines = [f"this run: {result.measured} trial(s) measured ({result.failed} failed) in {result.wall_s:.0f} s; "
+    lines = [f"this run: {result.measured} trial(s) measured ({failed_text(result)}) in {result.wall_s:.0f} s; "
              f"{result.measured_before + result.measured} measured by this job in all; "
              f"{result.cache_hits} cache hit(s) (answered from the database: not built, measured, recorded or "
              f"counted); {result.seeded} record(s) seeded by the warm start (not counted)"]
@@ -392,7 +432,8 @@ def run_summary(result: TuneResult) -> list[str]:
     if ver:
         lines.append(f"timings checked: {ver['verified']} new best(s) measured again and verified"
                      f" ({ver['disputed']} not reproduced: the slower time kept), {ver['below_floor']} below the "
-                     f"physical floor, {ver['from_flagged']} from flagged agents (all committed as failed)")
+                     f"physical floor, {ver['from_flagged']} from flagged agents, {ver.get('unverifiable', 0)} new "
+                     "best(s) that could not be measured again (all committed as failed)")
         for agent, why in ver["flagged"].items():
             lines.append(f"FLAGGED agent {agent}: {why}")
     for addr in sorted(result.unreachable):
@@ -415,7 +456,10 @@ def run_summary(result: TuneResult) -> list[str]:
         lines.append(f"SHUNNED search worker {worker}: it sent records this host refused (see above)")
     if result.per_agent:
         lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
-                                                 for a, n in sorted(result.per_agent.items())))
+                                                 for a, n in sorted(result.per_agent.items()))
+                     + "".join(f"; failed to {what}: {n}" for what, n in
+                               (("measure", sum(result.failures.values())),
+                                ("build", sum(result.build_failures.values()))) if n))
     return lines
 
 

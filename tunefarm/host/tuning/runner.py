@@ -53,15 +53,32 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.runner import PyRunner, PyRunnerFuture
 
-from tunefarm.core.errors import AgentUnreachable, TrackerUnreachable, TunefarmError
+from tunefarm.core.errors import AgentsBusy, AgentUnreachable, TrackerUnreachable, TunefarmError
 
 _WATCH_INTERVAL_S = 0.1
-REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for a session
+REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for an agent other than the one it has
+REMEASURE_PRIORITY = 2  # the tracker serves a second measurement before the batches' requests (priority 1)
+LOST_CHECK_DELAY_S = 1.0  # a session died: the tracker is asked this much later whether its agent is gone
 MAX_ATTEMPTS = 2  # a candidate whose session dies under it is measured once more, on the next session
 # What an RPC session that died under a candidate raises (the agent killed, frozen past its deadline,
 # unplugged, its session crashed), as against a candidate's own error reported through a live session.
 _SESSION_LOST = ("socket", "connection", "broken pipe", "timed out", "timeout", "reset by peer", "eof",
-                 "rpcsession", "rpc session", "closed", "errno")
+                 "rpcsession", "rpc session", "closed", "errno",
+                 "kshutdown")  # the session process ended mid-call: "code == RPCCode::kReturn ... code=kShutdown"
+
+
+# A failed candidate's kind (FarmRunner.failures): "timeout" (past its deadline twice), "error" (it failed on a live
+# session: the candidate's own doing), and two that are the farm's: "not measured" (no session took it) and
+# "session lost" (its session died under it on each attempt: its agents were lost, or it kills them).
+FAILURE_KINDS = ("timeout", "error", "not measured", "session lost")
+FARM_FAILURES = ("not measured", "session lost")
+
+
+def failure_kind(err: BaseException) -> str:
+    """The kind of a candidate's measuring failure (see :data:`FAILURE_KINDS`; timeouts are told apart before)."""
+    if isinstance(err, NotMeasured):
+        return "not measured"
+    return "session lost" if session_lost(err) else "error"
 
 
 def session_lost(err: BaseException) -> bool:
@@ -128,6 +145,11 @@ def _evaluator_json(evaluator_config) -> str:
     return json.dumps({"number": evaluator_config.number, "repeat": evaluator_config.repeat,
                        "min_repeat_ms": evaluator_config.min_repeat_ms,
                        "enable_cpu_cache_flush": evaluator_config.enable_cpu_cache_flush})
+
+
+class NotMeasured(RuntimeError):
+    """No session took the candidate (no agent left on the key, or none would open): the farm's failure, not the
+    candidate's."""
 
 
 class CandidateNotRun(Exception):
@@ -280,15 +302,15 @@ class _Batch:
         threading.Thread(target=self._work, args=(wid,), name=f"farm-runner-{wid}", daemon=True).start()
 
     def _open(self):
-        # pylint: disable=import-outside-toplevel
-        from tunefarm.core.wire import AGENT_ID_FUNC
-        from tunefarm.tracker.client import request_session
+        from tunefarm.core.wire import AGENT_ID_FUNC  # pylint: disable=import-outside-toplevel
 
         runner = self.runner
         if runner.tracker.servers_for_key(runner.key) == 0:
             raise RuntimeError(f"no agent serves key '{runner.key}' any more")
-        session = request_session(runner.tracker_addr, runner.key, runner.device_wait_sec, self.session_timeout,
-                                  priority=1)
+        # Every agent of the key may be busy for the whole wait with this runner's own sessions (MetaSchedule's
+        # first round sends every task's batch at once; an agent lost leaves fewer for them): while they measure,
+        # this worker waits its turn instead of failing its candidates as "not measured".
+        session = runner.request_patiently(runner.device_wait_sec, self.session_timeout, 1, patient=True)
         try:
             get_id = session.get_function(AGENT_ID_FUNC)
             t0 = time.perf_counter()
@@ -380,6 +402,8 @@ class _Batch:
                 except Exception as err:  # pylint: disable=broad-except
                     held = None  # the session may be dead (agent gone, session crashed): a fresh one next
                     was_idle, reused = reused, False
+                    if session_lost(err):
+                        self.runner.check_agents_soon()  # its agent may be gone: said within this batch
                     for member, attempt in zip(chunk, attempts):
                         with self.lock:
                             if (member.attempts != attempt or member.worker != wid or member.future.done()
@@ -414,8 +438,9 @@ class _Batch:
                             continue
                     if isinstance(res, Exception):
                         member.settle(error=res)
-                    else:
-                        member.settle((res, agent_id))
+                    elif member.settle((res, agent_id)):
+                        self.runner.count_measured(agent_id)  # now, not when MetaSchedule joins the batch
+                self.runner.note_progress()
         finally:
             with self.lock:
                 self.live.discard(wid)
@@ -460,7 +485,7 @@ class _Batch:
                 self._start_worker()
             reason = self.runner.last_session_error or f"no agent on key '{self.runner.key}' took it"
             for cand in orphaned:
-                cand.settle(error=RuntimeError(f"not measured: {reason}"))
+                cand.settle(error=NotMeasured(f"not measured: {reason}"))
             time.sleep(_WATCH_INTERVAL_S)
 
 
@@ -485,7 +510,7 @@ class FarmRunnerFuture(PyRunnerFuture):
             return RunnerResult(None, f"FarmRunner: no result within {self.timeout_sec:g} s of the agent "
                                       "starting it (agent frozen or candidate too slow); candidate dropped")
         except Exception as err:  # pylint: disable=broad-except
-            self.on_done(None, "error")
+            self.on_done(None, failure_kind(err))
             return RunnerResult(None, f"FarmRunner: measurement failed\n{err}")
         self.on_done(agent_id, "ok", costs)
         return RunnerResult(costs, None)
@@ -515,7 +540,7 @@ class FarmRunner(PyRunner):
         self.last_session_error = ""
         self._lock = threading.Lock()
         self.per_agent = collections.Counter()  # agent id -> candidates measured
-        self.failures = collections.Counter()  # "timeout" / "error" -> count
+        self.failures = collections.Counter()  # FAILURE_KINDS -> count
         self.on_agent_lost = on_agent_lost  # (agent id, candidates it measured, agents left on the key)
         self.lost: dict[str, int] = {}  # agent id -> candidates it measured before it went
         self.requeued = 0  # candidates handed back to the queue because their session died under them
@@ -524,11 +549,41 @@ class FarmRunner(PyRunner):
         self._idle: list[_Held] = []  # open sessions between batches (SESSION_IDLE_S)
         self._idle_watch: threading.Thread | None = None  # hands kept sessions back (see _watch_idle)
         self._closed = False
+        self._last_progress = time.monotonic()  # when a candidate of this runner was last measured
+        self._lost_check: threading.Timer | None = None
         self._opening = 0  # workers asking the tracker for a session now
         self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
         self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
         self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
         self._inputs: dict[str, tuple[str, tuple]] = {}  # artifact path -> (device type, args info)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def note_progress(self) -> None:
+        """A measuring call of this runner came back from an agent."""
+        self._last_progress = time.monotonic()
+
+    def progressed_within(self, seconds: float) -> bool:
+        """Whether this runner's sessions measured anything in the last ``seconds``."""
+        return time.monotonic() - self._last_progress < seconds
+
+    def busy_with_own_work(self) -> bool:
+        """Whether this runner's own sessions are what keeps the key's agents busy: they measured something
+        within the wait for an agent plus one candidate's deadline (an agent measuring finishes a candidate
+        within ``timeout_sec``, or the candidate is taken from it)."""
+        return self.progressed_within(self.device_wait_sec + self.timeout_sec)
+
+    def check_agents_soon(self) -> None:
+        """:meth:`check_agents` in :data:`LOST_CHECK_DELAY_S` (a session just died: the tracker drops a killed
+        agent as its connection closes), once however many sessions died at once."""
+        with self._lock:
+            if self._closed or (self._lost_check is not None and self._lost_check.is_alive()):
+                return
+            self._lost_check = threading.Timer(LOST_CHECK_DELAY_S, self.check_agents)
+            self._lost_check.daemon = True
+            self._lost_check.start()
 
     def agents_available(self) -> int:
         """Agents on the key now; waits (bounded) while there are none."""
@@ -634,11 +689,15 @@ class FarmRunner(PyRunner):
         with self._lock:
             self._idle = [h for h in self._idle if agent_id is not None and h.agent_id != agent_id]
 
-    def _record(self, agent_id, status):
+    def count_measured(self, agent_id: str) -> None:
+        """A candidate measured on ``agent_id``: counted as its result comes (an agent reported lost meanwhile is
+        said with every candidate it measured, not only those MetaSchedule had joined)."""
         with self._lock:
-            if agent_id is not None:
-                self.per_agent[agent_id] += 1
-            else:
+            self.per_agent[agent_id] += 1
+
+    def _record(self, agent_id, status):
+        if agent_id is None:
+            with self._lock:
                 self.failures[status] += 1
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[FarmRunnerFuture]:
@@ -685,9 +744,7 @@ class FarmRunner(PyRunner):
         ``measured_by`` and not in ``shunned`` where the key has one (sessions on the others are held
         meanwhile, so the tracker hands out the next), else on ``measured_by`` itself in a fresh session
         (unless it is shunned). (costs, agent id), or None when it could not be measured."""
-        # pylint: disable=import-outside-toplevel
-        from tunefarm.core.wire import AGENT_ID_FUNC
-        from tunefarm.tracker.client import request_session
+        from tunefarm.core.wire import AGENT_ID_FUNC  # pylint: disable=import-outside-toplevel
 
         if artifact_path not in self._inputs:
             return None
@@ -703,6 +760,7 @@ class FarmRunner(PyRunner):
                                   f"verify-{uuid.uuid4().hex[:8]}{_suffix(artifact_path)}")
                 costs = _measure_on(other.session, other.session.device(device_type, 0), cand,
                                     self.evaluator_config, 1, other.agent_measure)
+                self.note_progress()
                 self.give_idle(other)
                 return costs, other.agent_id
             except Exception:  # pylint: disable=broad-except
@@ -716,11 +774,14 @@ class FarmRunner(PyRunner):
             if servers == 0:
                 return None  # no agent now: the next batch waits for one, visibly; this one is not verified
             chosen = None
-            for _ in range(servers):
-                # A short wait: the key's agents are free between batches; one that is gone is not waited for.
+            for attempt in range(servers):
+                # The first request takes the first agent free, ahead of the batches' requests: it waits for
+                # the batch an agent is measuring as long as this runner's sessions progress. The next ones, for
+                # an agent other than the one that measured it, wait briefly: one that is gone is not waited for.
                 try:
-                    session = request_session(self.tracker_addr, self.key, min(self.device_wait_sec, REMEASURE_WAIT_S),
-                                              int(self.timeout_sec) + 60, priority=1)
+                    session = self.request_patiently(
+                        self.device_wait_sec if attempt == 0 else min(self.device_wait_sec, REMEASURE_WAIT_S),
+                        int(self.timeout_sec) + 60, REMEASURE_PRIORITY, patient=attempt == 0)
                 except AgentUnreachable as err:
                     self.note_unreachable(err)  # not a verifier: the agents this host reaches are asked
                     continue
@@ -743,13 +804,27 @@ class FarmRunner(PyRunner):
             session, agent_id = chosen
             cand = _Candidate(artifact_path, device_type, args_info,
                               f"verify-{uuid.uuid4().hex[:8]}{_suffix(artifact_path)}")
-            return (_measure_on(session, session.device(device_type, 0), cand, self.evaluator_config, 1,
-                                _agent_measure(session)), agent_id)
+            costs = _measure_on(session, session.device(device_type, 0), cand, self.evaluator_config, 1,
+                                _agent_measure(session))
+            self.note_progress()
+            return costs, agent_id
         except Exception:  # pylint: disable=broad-except
             return None
         finally:
             held.clear()
             self.opened()
+
+    def request_patiently(self, wait_s: float, session_timeout: int, priority: int, patient: bool):
+        """A session on an agent of the key within ``wait_s``; ``patient``: asked again while every agent is busy
+        and this runner's own sessions progress (they hold the agents, and end)."""
+        from tunefarm.tracker.client import request_session  # pylint: disable=import-outside-toplevel
+
+        while True:
+            try:
+                return request_session(self.tracker_addr, self.key, wait_s, session_timeout, priority=priority)
+            except AgentsBusy:
+                if not patient or self._closed or not self.busy_with_own_work():
+                    raise
 
     def peak_floor_gflops(self) -> float:
         """The lowest positive peak the key's agents report: agents of one key are one kind of device, and a
@@ -763,6 +838,8 @@ class FarmRunner(PyRunner):
 
     def shutdown(self) -> None:
         self._closed = True  # the idle watcher asks the tracker no more
+        if self._lost_check is not None:
+            self._lost_check.cancel()
         self.drop_idle()
         self.tracker.close()
 

@@ -8,8 +8,18 @@ Both count cache hits, and one per-task limit holds for every task. :class:`Budg
 evolutionary search of one task and trims each batch it hands out to what the task and the run have left
 (:class:`~tunefarm.host.tuning.budget.TrialCounter`), letting cache hits through free; the scheduler's own
 limits are set where they cannot bind first (:meth:`~tunefarm.host.tuning.budget.Budget.scheduler_limits`).
+
+Records reach the database as their batches are measured, in the first pass over the tasks too: MetaSchedule's
+gradient scheduler sends every task's first batch before it joins any (``GradientBasedNode::NextTaskId``), so on
+a model of 51 tasks nothing was committed for the first ~250 candidates, and a crash of the tuning process in
+that window lost all of them. :func:`committing_as_measured` hands the scheduler to the job's search, which,
+before it makes a task's next batch, joins every batch whose measurements are all back (the scheduler's own
+``TouchTask``: the same join, callbacks and cost-model update MetaSchedule runs later; one still measuring is
+left for the scheduler, as before).
 """
 from __future__ import annotations
+
+import contextlib
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -26,11 +36,12 @@ class BudgetedSearch(PySearchStrategy):
     A candidate ``cache`` already answers is a cache hit: it goes out (free: the builder and runner answer
     it from the cache, and the cost model learns from it) and is not counted."""
 
-    def __init__(self, inner, counter: TrialCounter, cache: MeasuredCache):
+    def __init__(self, inner, counter: TrialCounter, cache: MeasuredCache, joiner: "_Joiner | None" = None):
         super().__init__()
         self.inner = inner
         self.counter = counter
         self.cache = cache
+        self.joiner = joiner if joiner is not None else _Joiner()  # shared by every task's clone
         self.key = ""  # the task's workload key, set with its tune context
 
     def _initialize_with_tune_context(self, context) -> None:
@@ -46,6 +57,7 @@ class BudgetedSearch(PySearchStrategy):
         self.inner.post_tuning()
 
     def generate_measure_candidates(self):
+        self.joiner.join_measured()  # earlier tasks' batches measured meanwhile: committed now
         if not self.counter.begin(self.key):
             return None  # the task (or the run) has spent its budget, the run was stopped or the task released
         candidates = self.inner.generate_measure_candidates()
@@ -59,7 +71,37 @@ class BudgetedSearch(PySearchStrategy):
         self.inner.notify_runner_results(measure_candidates, results)
 
     def clone(self):
-        return BudgetedSearch(self.inner.clone(), self.counter, self.cache)
+        return BudgetedSearch(self.inner.clone(), self.counter, self.cache, self.joiner)
+
+
+class _Joiner:
+    """The task scheduler a job's searches join measured batches through (None outside a tuning loop)."""
+
+    def __init__(self):
+        self.scheduler = None
+
+    def join_measured(self) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        for task_id in range(len(scheduler.tasks_)):
+            # TouchTask joins a task not terminated whose batch is out and whose every result is back (the
+            # candidates' futures say so without waiting); it does nothing for the others.
+            scheduler.touch_task(task_id)
+
+
+@contextlib.contextmanager
+def committing_as_measured(search: BudgetedSearch):
+    """MetaSchedule's gradient task scheduler (``tune_tasks(task_scheduler=...)``, as ``"gradient"`` makes it),
+    through which ``search`` and its clones join each batch once measured (see the module doc)."""
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    scheduler = ms.TaskScheduler.create("gradient")
+    search.joiner.scheduler = scheduler
+    try:
+        yield scheduler
+    finally:
+        search.joiner.scheduler = None  # the scheduler holds the tasks, whose strategies hold the joiner
 
 
 @derived_object

@@ -46,7 +46,8 @@ RELEASE_FUNC = "tunefarm.search.release"
 MAX_SHARE_BYTES = 256 << 20  # a share: its tasks' modules and best records
 MAX_REPLY_BYTES = 64 << 20  # one poll's answer
 MAX_POLL_RECORDS = 256
-FAILURE_KINDS = ("timeout", "error", "no agent")  # the runner's and the builder's words for a failed candidate
+# the runner's and the builder's words for a failed candidate (runner.FAILURE_KINDS, and the builder's "no agent")
+FAILURE_KINDS = ("timeout", "error", "no agent", "not measured", "session lost")
 MAX_RUN_SECS = 1024  # samples in one record
 MAX_PROFILE_SCOPES = 64  # MetaSchedule profiler scopes a share reports (about 20 in a CPU tuning loop)
 FAILED_RUN_S = 1e10  # what MetaSchedule commits for a failed candidate
@@ -277,7 +278,8 @@ class _Share:
         from tunefarm.host.tuning.measured_cache import MeasuredCache
         from tunefarm.host.tuning.pipeline import Pipeline
         from tunefarm.host.tuning.runner import FarmRunner
-        from tunefarm.host.tuning.search import BudgetedSearch, measure_callbacks, quiet_pool_rule
+        from tunefarm.host.tuning.search import (BudgetedSearch, committing_as_measured, measure_callbacks,
+                                                 quiet_pool_rule)
         from tunefarm.host.tuning.verify import TimingVerifier
 
         from tunefarm.host.tuning.intrinsics import load_for
@@ -334,13 +336,13 @@ class _Share:
         with self.lock:
             self.setup_s = time.monotonic() - self.began
         try:
-            with profiler:
+            with profiler, committing_as_measured(search) as scheduler:
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
                               max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
                               num_trials_per_iter=int(tuning["num_trials_per_iter"]), builder=builder, runner=runner,
                               database=database, cost_model=str(spec.get("cost_model") or "xgb"),
                               measure_callbacks=measure_callbacks(_collector(self, committed), verifier, committed),
-                              task_scheduler="gradient")
+                              task_scheduler=scheduler)
         finally:
             with self.lock:
                 self.profile = {str(k): float(v) for k, v in profiler.get().items()}

@@ -92,7 +92,8 @@ class TimingVerifier:
         self.strikes: dict[str, int] = {}
         self.flagged: dict[str, str] = {}  # agent id -> why
         self._peak: float | None = None  # the key's lowest reported peak, asked once
-        self.counts = {"verified": 0, "disputed": 0, "below_floor": 0, "from_flagged": 0}
+        # unverifiable: a new best that could not be measured a second time (no agent free): committed as failed
+        self.counts = {"verified": 0, "disputed": 0, "below_floor": 0, "from_flagged": 0, "unverifiable": 0}
 
     # ------------------------------------------------------------------ what the database gets
     def run_secs_to_commit(self, workload_key: str, mod, best_s: float | None, items) -> list[list[float] | None]:
@@ -151,12 +152,14 @@ class TimingVerifier:
         if again is None:
             # Could not measure it again (agents gone or busy): it is not committed as a best.
             entry.update(status="unverifiable")
+            self.counts["unverifiable"] += 1
             self._log(entry)
             return None
         costs, second = again
         entry.update(verified_by=second, verify_s=_mean(costs))
         if second in self.flagged:
             entry.update(status="unverifiable")
+            self.counts["unverifiable"] += 1
             self._log(entry)
             return None
         _, verdict = judge(_mean(secs), _mean(costs))
