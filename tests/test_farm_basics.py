@@ -65,7 +65,7 @@ def test_tracker_refuses_a_taken_port(tracker, tmp_path):
     assert code != 0
     assert f"port {port}" in _one_error_line(output) and "already in use" in output
     # It names who holds the port: the running tracker's TVM worker, which is no orphan (nothing to kill).
-    assert "(python -m tvm.exec.popen_worker" in output and "tunefarm tracker --host" in output, output
+    assert "(python -m tunefarm.core.popen_worker" in output and "tunefarm tracker --host" in output, output
     assert "kill" not in output, output
 
 

@@ -368,16 +368,18 @@ def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True
     """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)``, with ``TCP_NODELAY`` on its connections.
 
     Same process layout as the stock class (a PopenWorker runs the tracker) and the same object back,
-    so ``terminate()`` works as usual; only the function sent to the worker differs, and the worker dies
-    with this process (:func:`_die_with_parent`). Call it from the main thread: Linux sends the parent-death
-    signal when the thread that started the worker ends.
+    so ``terminate()`` works as usual; only the function sent to the worker differs, the worker starts without
+    PyTorch (:class:`~tunefarm.core.torchless.TorchlessWorker`), and it dies with this process
+    (:func:`_die_with_parent`). Call it from the main thread: Linux sends the parent-death signal when the
+    thread that started the worker ends.
     """
     # pylint: disable=import-outside-toplevel
-    from tvm.support.popen_pool import PopenWorker
     from tvm.rpc.tracker import Tracker
 
+    from tunefarm.core.torchless import TorchlessWorker
+
     tracker = Tracker.__new__(Tracker)
-    tracker.proc = PopenWorker()
+    tracker.proc = TorchlessWorker()
     key = (farm_key or load_farm_key()).decode()
     tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent, key, list(open_keys or []), os.getpid()])
     tracker.port, tracker.stop_key = tracker.proc.recv()
@@ -389,6 +391,10 @@ def run_tracker(host: str, port: int, open_keys: list[str] | None = None, farm_k
     """Run the tracker on exactly ``host:port`` until SIGINT/SIGTERM; then stop it and return."""
 
     _check_port_free(host, port)
+    # Neither this process nor the tracker's needs PyTorch, which tvm_ffi imports first when it is installed:
+    # it was two thirds of each one's TVM import, and so of a restarted tracker's start (6-8 s before; the
+    # tracker process's half is TorchlessWorker's). None in sys.modules makes that import fail, as tvm_ffi allows.
+    sys.modules.setdefault("torch", None)  # type: ignore[assignment]
     farm_key = load_farm_key(farm_key_file)
     stop = threading.Event()
 
