@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -61,6 +64,9 @@ def test_tracker_refuses_a_taken_port(tracker, tmp_path):
     code, output, _ = run_cli(["tracker", "--host", host, "--port", port], tmp_path / "second.log")
     assert code != 0
     assert f"port {port}" in _one_error_line(output) and "already in use" in output
+    # It names who holds the port: the running tracker's TVM worker, which is no orphan (nothing to kill).
+    assert "(python -m tunefarm.core.popen_worker" in output and "tunefarm tracker --host" in output, output
+    assert "kill" not in output, output
 
 
 def test_agent_registers_and_devices_shows_it(tracker, start_agent, tmp_path):
@@ -173,6 +179,86 @@ def test_agents_reregister_after_tracker_restart(tmp_path):
         stop_process(tracker)
         if second is not None:
             stop_process(second)
+
+
+AGENT_BACK_S = 3.0  # restarted tracker answering -> its agent listed again (1 s retry + registration)
+
+
+def test_a_tracker_killed_with_kill_9_restarts_on_its_port_and_its_agent_comes_back(tmp_path):
+    """``kill -9`` of ``tunefarm tracker`` alone (its pid, not its group: what a user or a supervisor does): the
+    TVM tracker process it runs dies with it and frees the port, a new ``tunefarm tracker`` starts on that port,
+    and the agent's own rpc server registers with it within a few seconds of it answering (issue 36, item 3).
+    Before, the tracker process lived on serving the port and the restart failed with "already in use"."""
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker1.log")
+    workers = psutil.Process(tracker.pid).children(recursive=True)
+    second = None
+    agent = spawn_agent(HOST, port, "lazarus", tmp_path / "agent.log")
+    try:
+        wait_listed(agent, HOST, port, "lazarus", tmp_path / "agent.log")
+        server = _rpc_server_pid(tmp_path / "agent.log")
+        assert workers, "the stock Tracker runs in a worker process"
+        os.kill(tracker.pid, signal.SIGKILL)
+        tracker.wait(10)
+        restart = time.monotonic()  # at once, as a supervisor would
+        second = start_tracker(port, tmp_path / "tracker2.log")
+        answered = time.monotonic()
+        # The new one serves the port (an orphan of the old one would answer the handshake too).
+        log2 = tmp_path / "tracker2.log"
+        wait_until(lambda: second.poll() is not None or "tracker listening on" in log2.read_text(), 30, interval=0.1,
+                   what="the restarted tracker's first line")
+        assert second.poll() is None, log2.read_text()
+        assert all(_gone(w.pid) for w in workers)
+        me = agent_id_of(agent)
+        wait_until(lambda: me in {a.agent_id for a in listed_agents(HOST, port, "lazarus")}, AGENT_BACK_S,
+                   interval=0.1, what=f"the agent on the restarted tracker within {AGENT_BACK_S:g} s of it answering")
+        print(f"tracker start {answered - restart:.1f} s, agent back {time.monotonic() - answered:.1f} s later "
+              f"({time.monotonic() - restart:.1f} s after the restart)")
+        # The stock server re-registered by itself: its supervisor neither restarted nor replaced it.
+        assert _rpc_server_pid(tmp_path / "agent.log") == server and agent.poll() is None
+        assert "restarting" not in (tmp_path / "agent.log").read_text()
+    finally:
+        stop_process(agent)
+        for proc in (tracker, second):
+            if proc is not None:
+                stop_process(proc)
+        for worker in workers:  # before the fix, the orphan still serving the port
+            try:
+                worker.kill()
+            except psutil.Error:
+                pass
+
+
+def test_a_restart_names_the_orphaned_tracker_process_holding_its_port(tmp_path):
+    """A stock ``python -m tvm.exec.rpc_tracker`` killed with ``kill -9`` leaves its tracker process serving the
+    port (as ``tunefarm tracker`` did before its process died with it): ``tunefarm tracker`` on that port fails
+    in one line that names the orphan and how to stop it, and signals nothing."""
+    port = free_port(HOST)
+    stock = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
+                              "--port-end", str(port + 1), "--silent"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = []
+    try:
+        wait_until(lambda: stock.poll() is not None or tracker_answers(HOST, port), 60, what="the stock tracker")
+        workers = psutil.Process(stock.pid).children(recursive=True)
+        assert len(workers) == 1, workers
+        os.kill(stock.pid, signal.SIGKILL)
+        stock.wait(10)
+        assert tracker_answers(HOST, port) and workers[0].is_running()  # the stock tracker's orphan
+        code, output, _ = run_cli(["tracker", "--host", HOST, "--port", port], tmp_path / "second.log")
+        assert code != 0
+        line = _one_error_line(output)
+        assert line.startswith(f"tunefarm: error: cannot start the tracker: port {port} on {HOST} is already in use "
+                               f"by pid {workers[0].pid} (python -m tvm.exec.popen_worker"), line
+        assert "a TVM worker left behind by its parent" in line and f"stop it with `kill {workers[0].pid}`" in line
+        assert workers[0].is_running() and tracker_answers(HOST, port)  # named, not signalled
+    finally:
+        stop_process(stock)
+        for worker in workers:
+            try:
+                worker.kill()
+            except psutil.Error:
+                pass
 
 
 def test_a_slow_starting_server_is_not_restarted_for_being_unlisted(tracker, tmp_path):

@@ -25,8 +25,9 @@ from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, resolve_
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
 CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
-# Reachable tracker, not listed for this long: restart the child. The stock server needs up to
-# ~7 s to re-register after a tracker restart (2 s ping + 5 s retry), so stay well above that.
+# Reachable tracker, not listed for this long: restart the child. Its stock listen loop needs up to
+# ~3 s to re-register after a tracker restart (2 s ping + the 1 s retry rpc_server sets; stock 5 s), so
+# stay well above that.
 UNLISTED_RESTART_S = 15.0
 # ... counted from when the child listens: before that it is still importing (TVM, a search worker's
 # MetaSchedule), which takes longer than that on a small board. A child not listening after this long is stuck.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 import signal
 import socket
 import sys
@@ -38,9 +39,55 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise TunefarmError(f"cannot start the tracker: port {port} on {host} is already in use "
-                                    f"(another tracker? pick one with --port)") from None
+                raise TunefarmError(f"cannot start the tracker: port {port} on {host} is already in use"
+                                    + _port_holder(port)) from None
             raise TunefarmError(f"cannot start the tracker on {host}:{port}: {err.strerror or err}") from None
+
+
+def _short_cmdline(proc) -> str:
+    words = proc.cmdline()
+    if words and words[0].rsplit("/", 1)[-1].startswith("python"):
+        words = ["python", *words[1:]]
+    text = " ".join(" ".join(words).split())  # one line, whatever the arguments hold
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _port_holder(port: int) -> str:
+    """The end of the error above: who listens on ``port``, as far as this user can see; named, never
+    signalled. A TVM worker whose parent is gone is most likely the tracker process of a tracker killed with
+    ``kill -9`` (a stock ``python -m tvm.exec.rpc_tracker``, or a ``tunefarm tracker`` from before its tracker
+    process died with it, :func:`_die_with_parent`): the error says how to stop it."""
+    # pylint: disable=import-outside-toplevel
+    import psutil
+
+    try:
+        pids = sorted({c.pid for c in psutil.net_connections("inet")
+                       if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port})
+    except psutil.Error:
+        pids = []
+    held, orphans = [], []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            text = f"pid {pid} ({_short_cmdline(proc)}"
+            if set(proc.cmdline()) & {"tvm.exec.popen_worker", "tunefarm.core.popen_worker"}:
+                parent = proc.parent()
+                # TVM's workers are started by Python processes: a worker whose parent is init or some other
+                # program (a subreaper) was left behind by its own.
+                if parent is None or parent.pid == 1 or not any(
+                        word in " ".join(parent.cmdline()) for word in ("python", "tunefarm", "tvm")):
+                    text += ", a TVM worker left behind by its parent: a tracker killed with kill -9?"
+                    orphans.append(pid)
+                else:
+                    text += f", the TVM worker of pid {parent.pid}: {_short_cmdline(parent)}"
+            held.append(text + ")")
+        except psutil.Error:
+            continue
+    if orphans:
+        return (f" by {'; '.join(held)}: stop {'it' if len(orphans) == 1 else 'them'} with "
+                f"`kill {' '.join(map(str, orphans))}` and start again, or pick another port with --port")
+    return f" by {'; '.join(held)}: another tracker? pick another port with --port" if held else \
+        " (another tracker? pick one with --port)"
 
 
 def _local_addr(host: str) -> str:
@@ -196,12 +243,43 @@ REFUSED_KEPT = 64  # refused servers the SUMMARY lists (newest)
 LOG_REFUSALS_EVERY_S = 60.0
 
 
+PARENT_POLL_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the tracker's process: end with ``tunefarm tracker`` (``parent_pid``), however that one ends.
+
+    TVM's worker process notices its parent's exit (its command pipe closes) and returns from its main loop,
+    but the stock tracker's thread is not a daemon, so the process lives on, serving the port: a ``kill -9``
+    of ``tunefarm tracker`` left it holding the port, and the next ``tunefarm tracker`` there failed with
+    "already in use". The kernel's parent-death signal (Linux) kills it at once; a poll of the parent pid is
+    the fallback elsewhere. The tracker process has nothing to clean up that its exit does not."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # pylint: disable=import-outside-toplevel
+
+            # Sent when the thread that started this process exits: run_tracker starts it from the main thread.
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)  # pylint: disable=protected-access  # the tracker's thread would keep the process alive
+
+    watch_thread = threading.Thread(target=watch, name="tracker-parent-watch", daemon=True)
+    watch_thread.start()  # it exits at once if the parent is already gone (before the signal was asked for)
+
+
 def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm_key: str,
-                         open_keys: list[str]):
+                         open_keys: list[str], parent_pid: int):
     """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay, every
     request checked (:func:`tracker_message_problem`) before the stock handler sees it, and PUT / REQUEST
     admitted only from a connection that proved the farm key (:mod:`tunefarm.core.credential`) unless
-    the key is one of ``open_keys``."""
+    the key is one of ``open_keys``; the process ends with its parent ``parent_pid`` (:func:`_die_with_parent`)."""
+    _die_with_parent(parent_pid)
     # pylint: disable=import-outside-toplevel
     from tvm.rpc import tracker as stock
 
@@ -290,16 +368,20 @@ def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True
     """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)``, with ``TCP_NODELAY`` on its connections.
 
     Same process layout as the stock class (a PopenWorker runs the tracker) and the same object back,
-    so ``terminate()`` works as usual; only the function sent to the worker differs.
+    so ``terminate()`` works as usual; only the function sent to the worker differs, the worker starts without
+    PyTorch (:class:`~tunefarm.core.torchless.TorchlessWorker`), and it dies with this process
+    (:func:`_die_with_parent`). Call it from the main thread: Linux sends the parent-death signal when the
+    thread that started the worker ends.
     """
     # pylint: disable=import-outside-toplevel
-    from tvm.support.popen_pool import PopenWorker
     from tvm.rpc.tracker import Tracker
 
+    from tunefarm.core.torchless import TorchlessWorker
+
     tracker = Tracker.__new__(Tracker)
-    tracker.proc = PopenWorker()
+    tracker.proc = TorchlessWorker()
     key = (farm_key or load_farm_key()).decode()
-    tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent, key, list(open_keys or [])])
+    tracker.proc.send(_start_stock_tracker, [host, port, port_end, silent, key, list(open_keys or []), os.getpid()])
     tracker.port, tracker.stop_key = tracker.proc.recv()
     tracker.host = host
     return tracker
@@ -309,6 +391,10 @@ def run_tracker(host: str, port: int, open_keys: list[str] | None = None, farm_k
     """Run the tracker on exactly ``host:port`` until SIGINT/SIGTERM; then stop it and return."""
 
     _check_port_free(host, port)
+    # Neither this process nor the tracker's needs PyTorch, which tvm_ffi imports first when it is installed:
+    # it was two thirds of each one's TVM import, and so of a restarted tracker's start (6-8 s before; the
+    # tracker process's half is TorchlessWorker's). None in sys.modules makes that import fail, as tvm_ffi allows.
+    sys.modules.setdefault("torch", None)  # type: ignore[assignment]
     farm_key = load_farm_key(farm_key_file)
     stop = threading.Event()
 

@@ -19,8 +19,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,29 +29,10 @@ from tvm.support.popen_pool import MapResult, PopenPoolExecutor, PopenWorker, St
 
 from tunefarm.core.building import STRAGGLER_MIN_S, STRAGGLER_SHARE, straggler_cut
 from tunefarm.core.threads import usable_cpus
+from tunefarm.core.torchless import TorchlessWorker as _TorchlessWorker
 
 KEEP_TIMEOUTS = 16  # timed-out candidates a builder keeps
 BUILD_TIMEOUTS_DIR = "build-timeouts"  # where a job (under its logs/) or a share (its work dir) keeps them
-
-
-class _TorchlessWorker(PopenWorker):
-    """TVM's PopenWorker started as ``tunefarm.core.popen_worker`` (TVM's worker without importing PyTorch:
-    a third of the start-up time, see that module). Its ``_start`` is TVM 0.27's POSIX branch with that
-    module name; elsewhere TVM's own."""
-
-    def _start(self):
-        if self._proc is not None or sys.platform == "win32":
-            super()._start()
-            return
-        main_read, worker_write = os.pipe()
-        worker_read, main_write = os.pipe()
-        cmd = [sys.executable, "-m", "tunefarm.core.popen_worker", str(worker_read), str(worker_write)]
-        self._proc = subprocess.Popen(cmd, pass_fds=(worker_read, worker_write), stdout=self._stdout,
-                                      stderr=self._stderr)
-        os.close(worker_read)
-        os.close(worker_write)
-        self._reader = os.fdopen(main_read, "rb")
-        self._writer = os.fdopen(main_write, "wb")
 
 
 class _BuildPool(PopenPoolExecutor):
