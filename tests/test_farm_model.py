@@ -142,7 +142,8 @@ def test_a_job_starts_from_the_farm_model_of_its_target(tmp_path):
         assert "the farm's XGBoost model, trained on 8 records of 1 earlier job(s) (convnet" in md, md
 
         # xgb starts cold whatever the farm has; a damaged model makes a job start cold with a warning.
-        _job(tmp_path / "cold.yaml", "cold", "convnet", port, cost_model="xgb")
+        # (budget 16: one round of each of convnet's 4 tasks, whatever the warm start seeds; a plan on less fails)
+        _job(tmp_path / "cold.yaml", "cold", "convnet", port, cost_model="xgb", max_trials_global=16)
         code, out, _ = run_cli(["tune", tmp_path / "cold.yaml", "--logs-dir", logs, "--plan"], tmp_path / "p2.log", 300)
         assert code == 0 and "cost model: xgb" in out and "the farm's" not in out, out
         from tunefarm.host.tuning import farm_model as fm

@@ -1,5 +1,6 @@
 """Planning a tuning job (tunefarm.host.tuning.plan) against real job directories: what is left per task on
-a resume, what a warm start seeds, and ``tunefarm tune --plan``. The builtin matmul model (one task) and a
+a resume, what a warm start seeds, ``tunefarm tune --plan`` (its exit code on a budget too small) and the task
+table of it and of ``tunefarm logs show`` in an 80-column terminal. The builtin matmul and convnet models and a
 target given in the job: no tracker, no agent, no tuning."""
 from __future__ import annotations
 
@@ -85,20 +86,122 @@ def test_a_new_job_plans_its_warm_start_and_a_resume_keeps_seeded_apart(tmp_path
     assert resumed.budget.remaining == 20
 
 
-def test_tune_plan_prints_tasks_and_the_minimum_budget_and_writes_nothing(tmp_path):
+def _convnet_job(path, trials: int) -> None:
+    path.write_text(json.dumps({"name": "convnet", "model": {"source": "builtin", "name": "convnet"},
+                                "device": {"key": "cpu", "tracker": f"{HOST}:{free_port(HOST)}"},  # nobody there
+                                "target": TARGET, "tuning": {"max_trials_global": trials, "num_trials_per_iter": 4}}))
+
+
+def _task_names(job_file) -> list[str]:
+    from tunefarm.core.jobspec import load_job
+    from tunefarm.host.tuning.plan import plan_job
+
+    return [t.name for t in plan_job(load_job(str(job_file)), job_file.parent / "unused-logs").tasks]
+
+
+def _fits(out: str, width: int) -> None:
+    wide = [line for line in out.splitlines() if len(line) > width]
+    assert not wide, f"lines wider than {width} columns: {wide}"
+
+
+def test_tune_plan_on_a_budget_too_small_prints_the_plan_then_fails_in_one_line(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps({"name": "convnet", "model": {"source": "builtin", "name": "convnet"},
-                               "device": {"key": "cpu", "tracker": f"{HOST}:{free_port(HOST)}"},  # nobody there
-                               "target": TARGET, "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4}}))
-    code, out, _ = run_cli(["tune", job, "--plan", "--logs-dir", tmp_path / "logs"], tmp_path / "plan.log", 120)
-    assert code == 0, out
+    _convnet_job(job, 8)  # 4 tasks x 4 trials a round: 16 needed
+    names = _task_names(job)
+    assert len(names) == 4 and max(map(len, names)) > 16  # a name the old 80-column table cut to fused_…
+    code, out, _ = run_cli(["tune", job, "--plan", "--logs-dir", tmp_path / "logs"], tmp_path / "plan.log", 120,
+                           env={"COLUMNS": "80"})
+    errors = [line for line in out.splitlines() if line.startswith("tunefarm: error:")]
+    assert code == 2 and errors == ["tunefarm: error: the budget is too small: max_trials_global 8, and one round "
+                                    "of every task without a record needs 16 (4 task(s) x 4); a run would leave "
+                                    "tasks with no tuned schedule"], out
+    assert "Traceback" not in out and out.rstrip().endswith(errors[0]), out  # the plan first, the error last
     text = " ".join(out.split())  # rich wraps lines at the terminal's width
-    assert "tasks of convnet" in out and "│ mean" in out and "weight" in out and "may measure" in out
-    assert "4 tasks; budget 8 trials" in text
+    assert "tasks of convnet" in out and "4 tasks; budget 8 trials" in text
     assert "minimum budget (max_trials_global) for one round of every task without a record: 16 trials" in text
-    assert "the budget is too small" in text
+    # 80 columns: each task's index and whole name on a line of their own, its figures on the next one.
+    _fits(out.rstrip()[:-len(errors[0])], 80)  # the plan (the error is one line, as every error of the CLI)
+    lines = out.splitlines()
+    assert lines[lines.index("#  task") + 1].split() == ["weight", "measured", "seeded", "best", "(us)", "may",
+                                                        "measure"], out
+    for i, name in enumerate(names):
+        at = lines.index(f"{i}  {name}")
+        assert lines[at + 1].split() == ["1", "0", "0", "-", "8"], out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_tune_plan_on_a_sensible_budget_exits_0(tmp_path):
+    job = tmp_path / "job.yaml"
+    _convnet_job(job, 16)
+    names = _task_names(job)
+    code, out, _ = run_cli(["tune", job, "--plan", "--logs-dir", tmp_path / "logs"], tmp_path / "plan.log", 120,
+                           env={"COLUMNS": "120"})
+    assert code == 0 and "error" not in out and "too small" not in out, out
+    text = " ".join(out.split())
+    assert "4 tasks; budget 16 trials" in text and "for one round of every task without a record: 16 trials" in text
+    # Room for the table: Rich's, one row per task, names whole.
+    _fits(out, 120)
+    assert "┃ weight ┃ measured ┃ seeded ┃ best (us) ┃ may measure ┃" in out, out
+    for i, name in enumerate(names):
+        assert f"│ {i} │ {name} " in out, out
     assert not (tmp_path / "logs").exists()
     # from-agent needs the tracker: a one-line error, since there is none.
     job.write_text(json.dumps({**json.loads(job.read_text()), "target": "from-agent"}))
     code, out, _ = run_cli(["tune", job, "--plan"], tmp_path / "plan2.log", 60)
     assert code == 2 and "tunefarm: error:" in out and "tracker" in out and "Traceback" not in out
+
+
+def test_logs_show_keeps_task_names_whole_in_80_columns(tmp_path):
+    """`tunefarm logs show` prints the same kind of table, with more columns: in 80 columns each name whole."""
+    from tunefarm.core.jobspec import load_job
+    from tunefarm.host.tuning.plan import commit_plan, plan_job
+
+    job = tmp_path / "job.yaml"
+    _convnet_job(job, 16)
+    plan = plan_job(load_job(str(job)), tmp_path / "logs")
+    commit_plan(plan)
+    code, out, _ = run_cli(["logs", "show", tmp_path / "logs" / "convnet"], tmp_path / "show.log", 120,
+                           env={"COLUMNS": "80"})
+    assert code == 0 and "4 task(s) have no tuned schedule" in out, out
+    _fits(out, 80)
+    lines = out.splitlines()
+    for task in plan.tasks:
+        at = lines.index(f"{task.index}  {task.name}")
+        assert lines[at + 1].split() == ["1", "0", "0", "0", "-", "-", "NO"], out
+
+
+# mobilenet_v3_small's longest task names (TVM 0.27, torchvision): longer than any column an 80-column table has.
+MOBILENET_NAMES = ["reshape", "fused_conv2d39_add47_add48_tir_clip30_tir_clip31_divide15_multiply15",
+                   "fused_matmul1_add52", "fused_conv2d37_add45_add46_tir_clip28_tir_clip29_multiply14_divide14"]
+
+
+def _render(width: int, names: list[str]) -> str:
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from tunefarm.host.tuning.tasktable import print_task_table
+
+    console = Console(file=io.StringIO(), width=width, highlight=False)
+    rows = [[str(i), Text(name), "2", "0", "1", "123.45" if i else "-", "[red]NO[/]"] for i, name in enumerate(names)]
+    print_task_table(console, "tasks of mnv3", ("#", "task", "weight", "measured", "seeded", "best (us)", "tuned"),
+                     rows)
+    return console.file.getvalue()
+
+
+def test_the_task_table_puts_long_names_on_lines_of_their_own_when_it_does_not_fit():
+    out = _render(80, MOBILENET_NAMES)
+    _fits(out, 80)
+    lines = out.splitlines()
+    assert lines[:4] == ["tasks of mnv3", "#  task", "   weight  measured  seeded  best (us)  tuned",
+                         "   " + "─" * 42], out
+    for i, name in enumerate(MOBILENET_NAMES):
+        at = lines.index(f"{i}  {name}")
+        best = "123.45" if i else "     -"
+        assert lines[at + 1] == f"        2         0       1     {best}     NO", out
+    # Where the whole table fits, it is Rich's table, one row a task.
+    out = _render(130, MOBILENET_NAMES)  # 126 columns wide
+    _fits(out, 130)
+    assert "│ 1 │ fused_conv2d39_add47_add48_tir_clip30_tir_clip31_divide15_multiply15 │      2 │" in out, out
+    assert "fused_conv2d37_add45_add46_tir_clip28_tir_clip29_multiply14_divide14 │" in out, out

@@ -236,8 +236,8 @@ def devices(tracker_addr, farm, as_json):
 @click.option("--skip-eval", is_flag=True, help="Tune only; do not compile, verify or time the model.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the tasks, their weights, what the job dir already holds and the minimum budget; tune "
-                   "nothing, write nothing. Needs the tracker (and an agent on the key) only when target is "
-                   "from-agent.")
+                   "nothing, write nothing; exit 2 after the plan if the budget is below that minimum. Needs the "
+                   "tracker (and an agent on the key) only when target is from-agent.")
 @_one_line_errors
 def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only):
     """Tune the model described by JOB_FILE (YAML, see configs/jobs/) on the farm.

@@ -499,9 +499,9 @@ def run_job_file(path: str, tracker_override: str | None = None, logs_dir: str =
 
 def plan_job_file(path: str, tracker_override: str | None = None, logs_dir: str = "logs") -> TuningPlan:
     """``tunefarm tune --plan``: print the tasks, their weights and the minimum budget; tune nothing, write
-    nothing. Asks the tracker only when the target is ``from-agent``."""
-    from rich.table import Table  # pylint: disable=import-outside-toplevel
-
+    nothing; a budget the plan calls too small is a one-line error after the plan. Asks the tracker only when
+    the target is ``from-agent``."""
+    from tunefarm.host.tuning.plan import check_budget, print_plan  # pylint: disable=import-outside-toplevel
     from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
     job = _load(path, tracker_override)
@@ -514,17 +514,6 @@ def plan_job_file(path: str, tracker_override: str | None = None, logs_dir: str 
             plan = plan_job(job, logs_dir, console, tracker)
     else:
         plan = plan_job(job, logs_dir, console)
-    table = Table(title=f"tasks of {job.name}")
-    for col in ("#", "task", "weight", "measured", "seeded", "best (us)", "may measure"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    left = plan.budget.task_left
-    for task in plan.tasks:
-        table.add_row(str(task.index), task.name, f"{task.weight:g}", str(task.measured), str(task.seeded),
-                      f"{task.best_s * 1e6:.2f}" if task.best_s is not None else "-", str(left[task.index]))
-    console.print(table)
-    for line in describe_plan(plan):
-        console.print(line)
-    if plan.budget.too_small:
-        console.print(f"[bold red]the budget is too small:[/] max_trials_global {job.tuning.max_trials_global} < "
-                      f"{plan.budget.minimum_global}")
+    print_plan(plan, console)
+    check_budget(plan)
     return plan

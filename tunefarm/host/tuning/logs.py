@@ -41,25 +41,27 @@ def load_tasks(job_dir: str | Path) -> list[dict[str, Any]]:
 
 def show(job_dir: str | Path) -> list[dict[str, Any]]:
     from rich.console import Console  # pylint: disable=import-outside-toplevel
-    from rich.table import Table  # pylint: disable=import-outside-toplevel
+    from rich.text import Text  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.tuning.tasktable import print_task_table  # pylint: disable=import-outside-toplevel
 
     rows = task_rows(open_database(job_dir), load_tasks(job_dir))
-    table = Table(title=f"tasks of {job_dir}")
-    for col in ("#", "task", "weight", "trials", "failed", "seeded", "best (us)", "weighted (us)", "tuned"):
-        table.add_column(col, justify="right" if col not in ("task",) else "left")
+    cells = []
     for i, row in enumerate(rows):
         best = row["best_us"]
-        table.add_row(str(i), row["task"], f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
+        cells.append([str(i), Text(row["task"]), f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
                       str(row["seeded"]),
                       f"{best:.2f}" if best is not None else "-",
                       f"{best * row['weight']:.2f}" if best is not None else "-",
-                      "yes" if row["tuned"] else "[red]NO[/]")
-    Console().print(table)
+                      "yes" if row["tuned"] else "[red]NO[/]"])
+    console = Console()
+    print_task_table(console, f"tasks of {job_dir}", ("#", "task", "weight", "trials", "failed", "seeded", "best (us)",
+                                                      "weighted (us)", "tuned"), cells)
     total = [r["best_us"] * r["weight"] for r in rows if r["best_us"] is not None]
     if len(total) == len(rows):
-        Console().print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
+        console.print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
     else:
-        Console().print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
+        console.print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
     return rows
 
 

@@ -257,3 +257,34 @@ def describe_plan(plan: TuningPlan) -> list[str]:
     else:
         lines.append("every task has a record already: any budget above what is measured tunes further")
     return lines
+
+
+PLAN_COLUMNS = ("#", "task", "weight", "measured", "seeded", "best (us)", "may measure")
+
+
+def print_plan(plan: TuningPlan, console) -> None:
+    """``tunefarm tune --plan``'s output: the task table (whole names in any console width), then
+    :func:`describe_plan`."""
+    from rich.text import Text  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.tuning.tasktable import print_task_table  # pylint: disable=import-outside-toplevel
+
+    left = plan.budget.task_left
+    rows = [[str(t.index), Text(t.name), f"{t.weight:g}", str(t.measured), str(t.seeded),
+             f"{t.best_s * 1e6:.2f}" if t.best_s is not None else "-", str(left[t.index])] for t in plan.tasks]
+    print_task_table(console, f"tasks of {plan.job.name}", PLAN_COLUMNS, rows)
+    for line in describe_plan(plan):
+        console.print(line)
+
+
+def check_budget(plan: TuningPlan) -> None:
+    """A one-line TunefarmError (exit 2, as any job file the CLI refuses) when the plan's budget leaves a task
+    without a record no round at all: such a task keeps no tuned schedule and runs as naive loops. ``tunefarm
+    tune`` only warns and tunes what it can; ``--plan`` is the check before a run, so it fails."""
+    b = plan.budget
+    if b.too_small:
+        raise TunefarmError(
+            f"the budget is too small: max_trials_global {b.max_trials_global}, and one round of every task "
+            f"without a record needs {b.minimum_global} ({len(b.untouched)} task(s) x {b.round_size}"
+            + (f" + {b.measured_before} already measured" if b.measured_before else "") + "); "
+            "a run would leave tasks with no tuned schedule")

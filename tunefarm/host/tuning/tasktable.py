@@ -1,0 +1,52 @@
+"""A table of a job's tuning tasks on the console (``tunefarm tune --plan``, ``tunefarm logs show``).
+
+Task names are long (mobilenet_v3_small's run to 68 characters: ``fused_conv2d39_add47_add48_tir_clip30_...``),
+and a Rich table squeezed into the terminal cuts the widest column first: the name, to ``fused_…``. So the
+table is printed as a Rich table only where it fits whole; on a narrower console every task takes two lines,
+its index and its whole name on the first, its figures under the column headers on the second.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+Cell = Union[str, Text]  # str: Rich markup (e.g. "[red]NO[/]"); a name is given as Text (never markup)
+
+GAP = "  "
+
+
+def _text(cell: Cell) -> Text:
+    return cell if isinstance(cell, Text) else Text.from_markup(cell)
+
+
+def print_task_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
+    """Print ``rows`` under ``columns``: the first column the task's index, the second its name, the others
+    its figures (right-aligned)."""
+    table = Table(title=Text(title))
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 1 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    if console.measure(table, options=console.options.update_width(1 << 20)).maximum <= console.width:
+        console.print(table)
+        return
+    cells = [[_text(c) for c in row] for row in rows]
+    index_w = max([len(columns[0])] + [row[0].cell_len for row in cells])
+    widths = [max([len(col)] + [row[i].cell_len for row in cells]) for i, col in enumerate(columns) if i > 1]
+    indent = " " * (index_w + len(GAP))
+    figures_header = GAP.join(col.rjust(w) for col, w in zip(columns[2:], widths))
+    console.print(Text(title, style="table.title"))
+    console.print(Text(columns[0].rjust(index_w) + GAP + columns[1], style="table.header"))
+    console.print(Text(indent + figures_header, style="table.header"))
+    console.print(Text(indent + "─" * len(figures_header)))
+    for row in cells:
+        console.print(Text.assemble(" " * (index_w - row[0].cell_len), row[0], GAP, row[1]))
+        figures = Text(indent)
+        for i, (cell, width) in enumerate(zip(row[2:], widths)):
+            figures.append(GAP if i else "")
+            figures.append(" " * (width - cell.cell_len))
+            figures.append_text(cell)
+        console.print(figures)
