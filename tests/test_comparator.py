@@ -1,6 +1,8 @@
 """The Comparator's logic without processes: what an agent's answer makes of a row, and the compare step."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,54 @@ def test_rows_the_caller_could_not_prepare_keep_their_place():
             result(Row("tvm-untuned", "cpu"), FAILED, "compile failed")]
     assert comparator.run(artifacts=None, rows=kept) == kept
     assert all(isinstance(r, RowResult) for r in kept)
+
+
+def test_where_a_comparisons_rows_ran_is_summed_up_per_key():
+    from tunefarm.host.comparator import NO_AGENT, agents_of_rows, agents_text
+
+    same = [result_from_answer(Row("torch", "cpu", label=f"r{i}"), _answer(), "box:1", [np.zeros(1)]) for i in range(2)]
+    gpu = result_from_answer(Row("torch", "gpu"), _answer(), "gpubox:7", [np.zeros(1)])
+    moved = result_from_answer(Row("onnxruntime", "gpu"), _answer(), "gpubox:8", [np.zeros(1)],
+                               agent_note="agent gpubox:7, where this comparison's rows on key 'gpu' ran, is no "
+                                          "longer on the tracker")
+    nowhere = result(Row("tensorrt", "gpu"), NO_AGENT, "no agent on key 'gpu'")
+    assert moved.to_dict()["agent"] == "gpubox:8" and moved.to_dict()["agent_note"] == moved.agent_note
+    assert same[0].to_dict()["agent"] == "box:1" and "agent_note" not in same[0].to_dict()
+    assert "agent" not in nowhere.to_dict()
+    summary = agents_of_rows(same + [gpu, moved, nowhere])
+    assert summary == {
+        "cpu": {"agents": ["box:1"], "rows": {"box:1": ["r0", "r1"]}, "same_agent": True, "why": []},
+        "gpu": {"agents": ["gpubox:7", "gpubox:8"], "rows": {"gpubox:7": ["torch@gpu"], "gpubox:8": ["onnxruntime@gpu"]},
+                "same_agent": False, "why": [f"onnxruntime@gpu: {moved.agent_note}"]}}
+    assert agents_text(summary) == [
+        "every row on key 'cpu' ran on agent box:1",
+        "rows on key 'gpu' ran on 2 agents (torch@gpu on agent gpubox:7; onnxruntime@gpu on agent gpubox:8) because "
+        f"onnxruntime@gpu: {moved.agent_note}"]
+
+
+def test_what_agents_say_is_escaped_in_the_compare_report():
+    """An agent's id and its error text are its own: in report.md they cannot end a table cell, open code,
+    a link, an image or HTML, nor start a new line."""
+    from tunefarm.host.comparator import agents_of_rows
+    from tunefarm.host.reports.compare import _markdown
+    from tunefarm.host.reports.markdown import cell
+
+    evil = "evil|box`<img src=x>`![p](http://t.example/p.png)\n| injected | row |"
+    ran = result_from_answer(Row("onnxruntime", "cpu"), _answer(), evil, [np.zeros(3)], agent_note=f"because {evil}")
+    broke = result_from_answer(Row("torch", "cpu"), {"available": True, "error": evil}, evil, None)
+    compare_results([ran, broke], [np.zeros(3)])
+    agent = {"agent_id": evil, "hostname": evil, "cpu": evil, "cores": 2, "threads": 2, "cuda": [evil],
+             "runners": [evil], "tvm": evil}
+    report = {"name": "x", "host": {"hostname": "h", "tvm": "0.27", "created": "now"}, "tracker": "t:1",
+              "wall_s": 1.0, "baseline": "onnxruntime@cpu", "method": "m", "agents": {"cpu": [agent]}, "plots": {},
+              "models": [{"name": "m", "input_shapes": [[1]], "reference": "PyTorch", "fingerprint": "f",
+                          "rows": [ran.to_dict(), broke.to_dict()], "row_agents": agents_of_rows([ran, broke])}]}
+    md = _markdown(report, None)
+    assert "<img" not in md and "\n| injected" not in md, md
+    # the report's own markup (the key from the compare file, as a code span) set aside
+    hostile = [line.replace("- key `cpu`:", "- key cpu:") for line in md.splitlines() if "evil" in line]
+    assert len(hostile) == 5, hostile  # the agents line, two table rows, the agents summary, the moved note
+    assert not any(re.search(r"(?<!\\)(\]\(|`|\[)", line) for line in hostile), hostile
+    table = [line for line in md.splitlines() if line.startswith("| onnxruntime@cpu") or line.startswith("| torch@cpu")]
+    assert len(table) == 2 and all(line.replace("\\|", "").count("|") == 15 for line in table), table
+    assert cell(evil) == ("evil\\|box\\`&lt;img src=x&gt;\\`!\\[p\\](http://t.example/p.png) \\| injected \\| row \\|")

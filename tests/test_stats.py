@@ -90,4 +90,62 @@ def test_reduced_precision_rows_are_checked_by_relative_l2_and_top1():
     assert not bad["ok"] and bad["top1_agreement"] == 0.5
     far = [want[0] * 1.1]
     assert not compare_outputs(far, want, rtol=1e-3, atol=1e-3, precision="tf32")["ok"]
-    assert compare_outputs(want, want, 1e-3, 1e-3)["check"] == "allclose(rtol=0.001, atol=0.001)"
+    assert compare_outputs(want, want, 1e-3, 1e-3)["check"] == (
+        "fp32: relative L2 error <= rtol=0.001 per output, and every element within atol=0.001 x the output's "
+        "largest reference magnitude + rtol x |reference|, and top-1 agreement")
+    assert compare_outputs(want, want, 1e-3, 1e-3, precision="bf16")["check"] == (
+        "bf16: relative L2 error <= 0.01 per output, and top-1 agreement")
+
+
+def test_fp32_numerics_are_relative_to_the_references_scale():
+    """Issue 36: outputs of at most 1.9e-9 passed allclose(atol=1e-3) whatever they were. The check is the
+    same at every scale: a right output passes, a wrong one fails, at 1e-9 as at 1e6."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((2, 8, 32))  # 3-D: not class scores, so no top-1 check
+    other = rng.standard_normal((2, 8, 32))
+    for scale in (1e-9, 1.0, 1e6):
+        want = [base * scale]
+        wrong = compare_outputs([other * scale], want, rtol=1e-3, atol=1e-3)
+        assert not wrong["ok"] and wrong["rel_l2_err"] > 0.5, (scale, wrong)
+        right = [want[0] * (1 + 1e-6 * rng.standard_normal(want[0].shape))]  # fp32 rounding-sized error
+        num = compare_outputs(right, want, rtol=1e-3, atol=1e-3)
+        assert num["ok"] and num["rel_l2_err"] < 1e-5 and num["top1_agreement"] is None, (scale, num)
+        assert num["ref_max_abs"] == pytest.approx(float(np.max(np.abs(want[0]))))
+    tiny_wrong = compare_outputs([other * 1e-9], [base * 1e-9], rtol=1e-3, atol=1e-3)
+    assert tiny_wrong["max_abs_err"] < 1e-8  # far inside the old absolute atol: that check passed it
+    # rtol bounds the relative L2 error: 5e-4 passes at 1e-3 and fails at 1e-4, at any scale
+    want = [base * 1e-9]
+    off = [want[0] * (1 + 5e-4)]
+    assert compare_outputs(off, want, rtol=1e-3, atol=1e-3)["ok"]
+    assert not compare_outputs(off, want, rtol=1e-4, atol=1e-3)["ok"]
+
+
+def test_fp32_numerics_catch_an_outlier_a_tiny_output_and_a_swapped_class():
+    rng = np.random.default_rng(1)
+    want = rng.standard_normal(10_000)
+    # One element off by 0.05 out of 10,000: a relative L2 error of 5e-4 (within rtol), but that element is
+    # off by more than atol x the largest magnitude + rtol x its own.
+    outlier = want.copy()
+    outlier[1234] += 0.05
+    num = compare_outputs([outlier], [want], rtol=1e-3, atol=1e-3)
+    assert num["rel_l2_err"] < 1e-3 and not num["ok"], num
+    # Two outputs of very different scales: each is held to its own. Concatenated, the large one would hide
+    # that the small one is wrong.
+    big, small = rng.standard_normal(100), rng.standard_normal(100) * 1e-9
+    bad = compare_outputs([big, -small], [big, small], rtol=1e-3, atol=1e-3)
+    assert not bad["ok"] and bad["rel_l2_err"] == pytest.approx(2.0), bad
+    assert bad["rel_l2_per_output"][0] == 0.0 and bad["rel_l2_per_output"][1] == pytest.approx(2.0)
+    ok = compare_outputs([big, small], [big, small * (1 + 1e-7)], rtol=1e-3, atol=1e-3)
+    assert ok["ok"] and len(ok["rel_l2_per_output"]) == 2
+    concatenated = np.linalg.norm(np.concatenate([big - big, 2 * small])) / np.linalg.norm(np.concatenate([big, small]))
+    assert concatenated < 1e-3  # what a single relative L2 over all outputs would have passed
+    # Class scores: a changed top-1 class fails an fp32 row too, even within the error bounds.
+    scores = np.array([[1.0, 1.0004, 0.2], [3.0, 0.5, 0.2]])
+    swapped = np.array([[1.0004, 1.0, 0.2], [3.0, 0.5, 0.2]])
+    num = compare_outputs([swapped], [scores], rtol=1e-3, atol=1e-3)
+    assert num["rel_l2_err"] < 1e-3 and num["top1_agreement"] == 0.5 and not num["ok"], num
+    # An all-zero reference: only all zeros match it; NaN never passes.
+    zeros = np.zeros(8)
+    assert compare_outputs([zeros], [zeros], rtol=1e-3, atol=1e-3)["ok"]
+    assert not compare_outputs([zeros + 1e-20], [zeros], rtol=1e-3, atol=1e-3)["ok"]
+    assert not compare_outputs([np.full(8, np.nan)], [np.ones(8)], rtol=1e-3, atol=1e-3)["ok"]

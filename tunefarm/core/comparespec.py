@@ -16,7 +16,16 @@ A compare file (see configs/compare/) looks like::
       - {backend: tensorrt, key: gpu, options: {precision: fp16}, rtol: 0.05, atol: 0.05}
 
 Every row runs for every model. A row's label defaults to ``backend[-precision][-device]@key``;
-``logs`` may contain ``{model}`` (the model's name) and is relative to the current directory.
+``logs`` may contain ``{model}`` (the model's name) and is relative to the current directory. All rows
+on one key run on the same agent of it (a row that could not says why in the report).
+
+``rtol``/``atol`` (``evaluate``'s, or a row's own) are relative to the reference's scale
+(``core.stats.compare_outputs``): an fp32 row passes when each output's relative L2 error
+``||got - want|| / ||want||`` is at most ``rtol`` and every element is within ``atol`` x that output's
+largest reference magnitude + ``rtol`` x ``|want|``, with the same top-1 class on every sample where the
+output is a batch of class scores. Before, ``atol`` was absolute: a model whose outputs are all around
+1e-9 passed whatever it computed. fp16, bf16 and TF32 rows keep their own check (relative L2 error
+<= 1e-2, top-1 agreement).
 """
 from __future__ import annotations
 
@@ -37,8 +46,8 @@ class CompareEvaluate:
     warmup: int = 10
     repeat: int = 50
     budget_s: float = 60.0  # per row: a slow build gets fewer samples (never under 5) rather than more time
-    rtol: float = 1e-3
-    atol: float = 1e-3
+    rtol: float = 1e-3  # relative L2 error bound per output (and per element, x |reference|)
+    atol: float = 1e-3  # per element, in units of the output's largest reference magnitude (not absolute)
 
 
 @dataclasses.dataclass

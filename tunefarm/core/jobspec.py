@@ -115,8 +115,8 @@ class EvaluateSpec:
     warmup: int = 10
     repeat: int = 50  # timed runs (each one its own sample)
     min_repeat_ms: int = 0  # per sample; 0: one model run per sample
-    rtol: float = 1e-3
-    atol: float = 1e-3
+    rtol: float = 1e-3  # relative to the reference's scale: see core.stats.compare_outputs
+    atol: float = 1e-3  # in units of each output's largest reference magnitude, not absolute
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["torch", "onnxruntime"])
     require_speedup: bool = True  # fail the job when the tuned build is not faster than untuned
     cuda_graph: bool = False  # CUDA targets: compile the TVM builds with Relax's CUDA-graph rewriting

@@ -12,6 +12,13 @@ A row that cannot run keeps its place with a status and the reason, never a numb
 or the server on the key is not a tunefarm agent), ``not run`` (the caller could not prepare it: no
 tuning logs, no model file for the backend), ``failed`` (it ran and broke).
 
+Every row of one comparison (one :class:`Comparator`) on a key runs on the same agent: the first row's
+session pins the key to the agent it got, and later rows ask the tracker for that agent again (the tracker
+hands out any free server of a key, so sessions it hands out on the key's other agents are held, busy,
+until the pinned one's comes, then closed). A row that cannot run there (the agent left the tracker, was
+not free within the wait, could not be reached) runs on another agent of the key with ``agent_note``
+saying why, and the pin moves with it; :func:`agents_of_rows` sums this up per key for the reports.
+
 Used by ``tunefarm tune``'s evaluation (``tuning/evaluate.py``), ``tunefarm compare`` (``compare.py``)
 and ``bench/gpu_study.py``; they prepare the rows (TVM rows: the build, compiled on the host) and read
 the results.
@@ -27,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tunefarm.core.errors import NoDeviceError, TunefarmError, last_line
+from tunefarm.core.errors import AgentUnreachable, NoDeviceError, TunefarmError, last_line
 from tunefarm.core.stats import compare_outputs
 from tunefarm.core.wire import (AGENT_ID_FUNC, MODEL_FORMAT, RUNNER_AVAILABLE_FUNC, RUNNER_RUN_FUNC, DeviceInfo,
                                 runner_name)
@@ -87,6 +94,8 @@ class RowResult:
     status: str
     reason: str = ""
     where: str = ""  # "agent hostname:pid"
+    agent: str = ""  # the agent's id (hostname:pid) where the row reached one
+    agent_note: str = ""  # why the row ran on another agent than its comparison's (its key's pinned agent)
     latency: dict[str, Any] | None = None  # core.stats.latency_stats
     threads: int | None = None  # CPU rows: the threads the backend ran with
     precision: str | None = None  # the precision class: fp32, tf32, fp16
@@ -113,7 +122,7 @@ class RowResult:
         out: dict[str, Any] = {"label": self.label, "backend": self.backend, "key": self.key,
                                "options": self.options, "status": self.status, "reason": self.reason}
         measured = ("where", "latency", "threads", "precision", "numerics", "throughput_per_s", "details", "version")
-        for name in measured + ("target", "wall_s"):
+        for name in measured + ("agent", "agent_note", "target", "wall_s"):
             value = getattr(self, name)
             if (self.ok and name in measured) or value not in (None, "", {}):
                 out[name] = value
@@ -132,24 +141,61 @@ def not_an_agent_reason(key: str) -> str:
     return f"the server on key '{key}' is not a tunefarm agent with runners (a stock tvm.rpc server?)"
 
 
+def clean_agent_id(value: Any) -> str:
+    """An id an agent reported (its own word, hostile until shown otherwise): printable, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))[:200]
+
+
 def result_from_answer(row: Row, answer: dict[str, Any], agent_id: str,
-                       outputs: list[np.ndarray] | None) -> RowResult:
-    """The result of ``row`` from what the agent's ``tunefarm.runner.run`` answered (no I/O)."""
-    where = f"agent {agent_id}"
+                       outputs: list[np.ndarray] | None, agent_note: str = "") -> RowResult:
+    """The result of ``row`` from what the agent's ``tunefarm.runner.run`` answered (no I/O); ``agent_note``:
+    why the row ran on this agent and not on its comparison's."""
+    on = {"where": f"agent {agent_id}", "agent": agent_id, "agent_note": agent_note}
     if answer.get("available") is False:
-        return result(row, NOT_AVAILABLE, str(answer.get("reason", "")), where=where)
+        return result(row, NOT_AVAILABLE, str(answer.get("reason", "")), **on)
     if "error" in answer:
-        return result(row, FAILED, str(answer["error"]), where=where,
+        return result(row, FAILED, str(answer["error"]), **on,
                       details={**row.details, "traceback": answer.get("traceback")})
     if outputs is None or "latency" not in answer:
         return result(row, FAILED, f"the agent's answer has no {'outputs' if outputs is None else 'latency'}",
-                      where=where)
+                      **on)
     details = {k: v for k, v in answer.items() if k not in _ANSWER_FIELDS}
-    return result(row, OK, where=where, latency=answer["latency"], threads=answer.get("threads"),
+    return result(row, OK, **on, latency=answer["latency"], threads=answer.get("threads"),
                   precision=answer.get("precision") or str(row.options.get("precision", "fp32")),
                   version=f"{row.backend} {answer.get('version', '')}".strip(),
                   throughput_per_s=answer.get("throughput_per_s"), details={**row.details, **details},
                   outputs=outputs)
+
+
+def agents_of_rows(results: list[RowResult]) -> dict[str, dict[str, Any]]:
+    """Per key, where a comparison's rows ran: ``{"agents": [ids, first first], "rows": {id: [labels]},
+    "same_agent": bool, "why": ["label: why it ran elsewhere", ...]}`` (rows that reached no agent left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for res in results:
+        if not res.agent:
+            continue
+        entry = out.setdefault(res.key, {"agents": [], "rows": {}, "same_agent": True, "why": []})
+        if res.agent not in entry["agents"]:
+            entry["agents"].append(res.agent)
+        entry["rows"].setdefault(res.agent, []).append(res.label)
+        if res.agent_note:
+            entry["why"].append(f"{res.label}: {res.agent_note}")
+    for entry in out.values():
+        entry["same_agent"] = len(entry["agents"]) == 1
+    return out
+
+
+def agents_text(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """One plain sentence per key of :func:`agents_of_rows` (agent text as reported: escape it to print)."""
+    lines = []
+    for key, entry in summary.items():
+        if entry["same_agent"]:
+            lines.append(f"every row on key '{key}' ran on agent {entry['agents'][0]}")
+            continue
+        spread = "; ".join(f"{', '.join(entry['rows'][a])} on agent {a}" for a in entry["agents"])
+        why = "; ".join(entry["why"]) or "no reason recorded"
+        lines.append(f"rows on key '{key}' ran on {len(entry['agents'])} agents ({spread}) because {why}")
+    return lines
 
 
 def compare_results(results: list[RowResult], reference: list[np.ndarray]) -> list[RowResult]:
@@ -257,12 +303,78 @@ class FarmAgents:
 
         return request_session(self.addr, key, self.wait_s, session_timeout)
 
+    def session_on(self, key: str, session_timeout: int, agent_id: str | None = None) -> tuple[Any, str | None, str]:
+        """``(session, its agent's id, note)``: a session on an agent of ``key`` (the id is None for a server
+        that is not a tunefarm agent), on ``agent_id`` where given.
+
+        The tracker hands out any free server of a key and cannot be asked for one: the sessions it hands
+        out on the key's other agents are held (so the next request goes elsewhere) until ``agent_id``'s
+        comes, then closed. Where ``agent_id`` cannot be had (it left the tracker, was not free within the
+        wait, could not be reached) the session is on another agent of the key and ``note`` says why; with
+        no other agent free either, TunefarmError.
+        """
+        from tunefarm.tracker.client import request_session  # pylint: disable=import-outside-toplevel
+
+        if agent_id is None:
+            sess = self.session(key, session_timeout)
+            return sess, session_agent_id(sess), ""
+        held: list[tuple[Any, str | None]] = []
+        deadline = time.monotonic() + self.wait_s
+        why = ""
+        try:
+            while True:
+                listed = self.client.agent_infos(key)
+                if agent_id not in {clean_agent_id(a.agent_id) for a in listed} and (
+                        listed or not self.client.servers_for_key(key)):
+                    why = "is no longer on the tracker"
+                    break
+                left = deadline - time.monotonic()
+                busy = f"was not free within {self.wait_s:.0f} s" + (f" ({why})" if why else "")
+                if left <= 0:
+                    why = busy
+                    break
+                try:
+                    sess = request_session(self.addr, key, left, session_timeout)
+                except AgentUnreachable as err:
+                    # that server is not handed out again before its session would have ended: ask on
+                    why = f"the tracker handed out an agent this host cannot reach: {err}"
+                    continue
+                except TunefarmError:
+                    why = busy
+                    break
+                got = session_agent_id(sess)
+                if got == agent_id:
+                    return sess, got, ""
+                held.append((sess, got))  # busy while held: the tracker hands out the next free server
+            note = f"agent {agent_id}, where this comparison's rows on key '{key}' ran, {why}"
+            other = next((i for i, (_, got) in enumerate(held) if got is not None), None)
+            if other is not None:
+                sess, got = held.pop(other)
+                return sess, got, note
+            if why.startswith("was not free"):
+                raise TunefarmError(f"no session on key '{key}': {note}, and no other agent of the key was free")
+            sess = self.session(key, session_timeout)
+            return sess, session_agent_id(sess), note
+        finally:
+            held.clear()  # closes them: those agents are free again
+
     def close(self) -> None:
         self.client.close()
 
 
+def session_agent_id(sess) -> str | None:
+    """The id of the agent a session is on (None: the server is not a tunefarm agent)."""
+    try:
+        return clean_agent_id(sess.get_function(AGENT_ID_FUNC)())
+    except Exception:  # pylint: disable=broad-except  # a stock server has no such function
+        return None
+
+
 class Comparator:
-    """Runs rows on the farm's agents (:meth:`run`), then compares their outputs (:meth:`compare`)."""
+    """Runs rows on the farm's agents (:meth:`run`), then compares their outputs (:meth:`compare`).
+
+    One Comparator is one comparison: every row it runs on a key goes to the same agent (``pins``), see the
+    module's text."""
 
     def __init__(self, agents: FarmAgents, settings: MeasureSettings, console,
                  session_timeout: int = SESSION_TIMEOUT_S):
@@ -270,6 +382,7 @@ class Comparator:
         self.settings = settings
         self.console = console
         self.session_timeout = session_timeout
+        self.pins: dict[str, str] = {}  # key -> the agent this comparison's rows on it run on
 
     def run(self, artifacts: ModelArtifacts, rows: list[Row | RowResult]) -> list[RowResult]:
         """Every row, in order, each in its own session; a ``RowResult`` (a row its caller could not
@@ -316,24 +429,30 @@ class Comparator:
                 return result(row, FAILED, f"{row.backend} on key '{row.key}' failed: {last_line(err)}")
 
     def _run_in_session(self, artifacts: ModelArtifacts, row: Row, model_path: str) -> RowResult:
-        sess = self.agents.session(row.key, self.session_timeout)
+        sess, agent_id, note = self.agents.session_on(row.key, self.session_timeout, self.pins.get(row.key))
         try:
-            try:
-                agent_id = str(sess.get_function(AGENT_ID_FUNC)())
-                run = sess.get_function(RUNNER_RUN_FUNC)
-            except Exception:  # pylint: disable=broad-except  # a stock server has neither function
+            if agent_id is None:
                 return result(row, NOT_AVAILABLE, not_an_agent_reason(row.key))
-            remote_model = f"model-{Path(model_path).name}"
-            sess.upload(model_path, remote_model)
-            sess.upload(artifacts.inputs_file(), INPUTS_FILE)
-            options = {"budget_s": self.settings.budget_s, **row.options}
-            answer = json.loads(str(run(row.backend, remote_model, INPUTS_FILE, self.settings.warmup,
-                                        self.settings.repeat, json.dumps(options))))
-            outputs = None
-            if answer.get("outputs_file") and "error" not in answer:
-                with np.load(io.BytesIO(bytes(sess.download(answer["outputs_file"])))) as data:
-                    outputs = [data[name] for name in data.files]
-            return result_from_answer(row, answer, agent_id, outputs)
+            self.pins[row.key] = agent_id  # the first row's agent; a row that had to move takes the pin along
+            on = {"where": f"agent {agent_id}", "agent": agent_id, "agent_note": note}
+            try:
+                run = sess.get_function(RUNNER_RUN_FUNC)
+            except Exception:  # pylint: disable=broad-except  # a server that says it is an agent but is not
+                return result(row, NOT_AVAILABLE, not_an_agent_reason(row.key), **on)
+            try:
+                remote_model = f"model-{Path(model_path).name}"
+                sess.upload(model_path, remote_model)
+                sess.upload(artifacts.inputs_file(), INPUTS_FILE)
+                options = {"budget_s": self.settings.budget_s, **row.options}
+                answer = json.loads(str(run(row.backend, remote_model, INPUTS_FILE, self.settings.warmup,
+                                            self.settings.repeat, json.dumps(options))))
+                outputs = None
+                if answer.get("outputs_file") and "error" not in answer:
+                    with np.load(io.BytesIO(bytes(sess.download(answer["outputs_file"])))) as data:
+                        outputs = [data[name] for name in data.files]
+            except Exception as err:  # pylint: disable=broad-except  # RPC errors come as several types
+                return result(row, FAILED, f"{row.backend} on key '{row.key}' failed: {last_line(err)}", **on)
+            return result_from_answer(row, answer, agent_id, outputs, note)
         finally:
             del sess  # ends the session: the agent is free for the next row
 

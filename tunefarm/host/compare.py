@@ -29,7 +29,8 @@ from tunefarm.core.threads import usable_cpus
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.reports.markdown import number
 from tunefarm.host.comparator import (FAILED, NO_AGENT, NOT_AVAILABLE, NOT_RUN, OK, Comparator, FarmAgents,
-                                      MeasureSettings, ModelArtifacts, Row, RowResult, result)
+                                      MeasureSettings, ModelArtifacts, Row, RowResult, agents_of_rows, agents_text,
+                                      result)
 
 
 class CompareArtifacts(ModelArtifacts):
@@ -177,6 +178,8 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
         from rich.console import Console  # pylint: disable=import-outside-toplevel
 
         console = Console(highlight=False)
+    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+
     cfg = load_compare(config_path)
     if tracker_override:
         cfg.tracker = tracker_override
@@ -192,7 +195,7 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
     try:
         for spec in cfg.models:
             art = CompareArtifacts(spec, work_dir, console)
-            console.print(f"[bold]{art.name}[/]: input {[list(x.shape) for x in art.model.inputs]}, reference "
+            console.print(f"[bold]{escape(art.name)}[/]: input {[list(x.shape) for x in art.model.inputs]}, reference "
                           f"{'PyTorch' if art.model.kind == 'torch' else 'ONNX Runtime'}")
             prepared, prepare_s = [], []
             for row in cfg.rows:
@@ -210,13 +213,17 @@ def run_compare(config_path: str, tracker_override: str | None = None, output: s
             for res, spent in zip(results, prepare_s):
                 res.wall_s = round((res.wall_s or 0.0) + spent, 1)
                 rows.append(res.to_dict())
-                console.print(f"  {res.label:<28} {_one_line_summary(rows[-1])}")
+                # the reason and the agent's id are the agent's own text: never read as markup
+                console.print(escape(f"  {res.label:<28} {_one_line_summary(rows[-1])}"))
             _add_speedups(rows, cfg.baseline)
+            row_agents = agents_of_rows(results)
+            for line in agents_text(row_agents):
+                console.print(escape(f"  {line}"))
             models_out.append({"name": art.name, "source": spec.source,
                                "input_shapes": [list(x.shape) for x in art.model.inputs],
                                "fingerprint": art.model.fingerprint,
                                "reference": "PyTorch" if art.model.kind == "torch" else "ONNX Runtime",
-                               "rows": rows})
+                               "rows": rows, "row_agents": row_agents})
     finally:
         agents.close()
     from tunefarm.host.reports.compare import write_compare_report  # pylint: disable=import-outside-toplevel
@@ -241,12 +248,14 @@ def _load_avg() -> list[float] | None:
 
 
 def _one_line_summary(row: dict[str, Any]) -> str:
+    where = f" ({row['where']})" if row.get("where") else ""
     if row["status"] != OK:
-        return f"{row['status']}: {row['reason']}"
+        return f"{row['status']}: {row['reason']}{where}"
     lat, num = row["latency"], row["numerics"]
     return (f"median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, {lat['samples']} samples, "
             f"{row.get('threads') or '-'} threads, {row.get('precision')}; numerics {'ok' if num['ok'] else 'FAILED'} "
-            f"(max abs err {number(num['max_abs_err'], 2)})")
+            f"(relative L2 err {number(num['rel_l2_err'], 2)}, max abs err {number(num['max_abs_err'], 2)} of "
+            f"reference max {number(num.get('ref_max_abs'), 2)}){where}")
 
 
 def _add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:

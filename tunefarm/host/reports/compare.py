@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.stats import method_text
-from tunefarm.host.comparator import STATUS_TEXT
-from tunefarm.host.reports.markdown import number
+from tunefarm.host.comparator import STATUS_TEXT, agents_text
+from tunefarm.host.reports.markdown import cell, number
 
 BACKEND_COLORS = {"tvm-tuned": "#1b9e77", "tvm-untuned": "#a6d854", "torch": "#d95f02",
                   "torch-compile": "#e6ab02", "onnxruntime": "#7570b3", "tensorrt": "#e7298a"}
@@ -60,35 +60,51 @@ def _markdown(report: dict[str, Any], cfg) -> str:
           f"- baseline for speed-ups: `{report['baseline']}`; weights random (weights=None), seeded",
           f"- method: {report['method']}"]
     for key, agents in report["agents"].items():
-        for agent in agents:
-            gpus = f", GPU {', '.join(agent['cuda'])}" if agent["cuda"] else ""
-            md.append(f"- key `{key}`: agent {agent['agent_id']} ({agent['cpu']}, {agent['cores']} cores, "
-                      f"{agent.get('threads') or '?'} threads{gpus}; "
-                      f"TVM {agent['tvm']}; runners {', '.join(agent['runners'])})")
+        for agent in agents:  # what the agents say about themselves: their own text, escaped
+            gpus = f", GPU {', '.join(str(g) for g in agent['cuda'])}" if agent["cuda"] else ""
+            md.append(f"- key `{key}`: agent " + cell(f"{agent['agent_id']} ({agent['cpu']}, {agent['cores']} "
+                                                          f"cores, {agent.get('threads') or '?'} threads{gpus}; "
+                                                          f"TVM {agent['tvm']}; runners {', '.join(agent['runners'])})"))
     md.append("")
     for model in report["models"]:
         md += [f"## {model['name']}", "",
                f"input {model['input_shapes']}, reference {model['reference']}, fingerprint {model['fingerprint']}",
                "", "| row | where | threads | precision | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | "
-                   "samples | throughput /s | speed-up vs baseline | numerics (max abs err) |",
+                   "samples | throughput /s | speed-up vs baseline | numerics (relative L2 err; max abs err, "
+                   "reference max) |",
                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in model["rows"]:
+            moved = " (moved, see below)" if row.get("agent_note") else ""
             if row["status"] != "ok":
                 text = STATUS_TEXT.get(row["status"], row["status"])
-                md.append(f"| {row['label']} | {text}: {row['reason']} | | | | | | | | | | | | |")
+                where = f" ({row['where']})" if row.get("where") else ""
+                md.append(f"| {cell(row['label'])} | {text}: {cell(row['reason'] + where)}{moved} "
+                          "| | | | | | | | | | | | |")
                 continue
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {row['label']} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision') or '-'} | "
+            md.append(f"| {cell(row['label'])} | {cell(row['where'])}{moved} | {row.get('threads') or '-'} | "
+                      f"{cell(row.get('precision') or '-')} | "
                       f"{number(lat['median_ms'])} | "
                       f"{number(lat['p90_ms'])} | "
                       f"{number(lat['p99_ms'])} | {number(lat['mean_ms'])} | {number(lat['min_ms'])} | "
                       f"{number(lat['std_ms'])} | {lat['samples']} | {number(row['throughput_per_s'], 1)} | {speed} | "
-                      f"{verdict} ({num['max_abs_err']:.2g}, rtol {num['rtol']:g}, atol {num['atol']:g}) |")
+                      f"{verdict} ({number(num.get('rel_l2_err'), 2)}; {number(num.get('max_abs_err'), 2)}, "
+                      f"{number(num.get('ref_max_abs'), 2)}) |")
+        md += [""] + [f"- agents: {cell(line)}" for line in agents_text(model.get("row_agents") or {})]
+        checks: dict[str, list[str]] = {}
+        for row in model["rows"]:
+            num = row.get("numerics") or {}
+            if row["status"] == "ok":
+                checks.setdefault(num.get("check") or num.get("detail") or "?", []).append(row["label"])
+        # the check's words are the farm's own (core.stats.check_text), the labels the compare file's
+        md += [f"- numerics of {cell(', '.join(labels))}: {check}" for check, labels in checks.items()]
         notes = []
         for row in model["rows"]:
             det = row.get("details") or {}
+            if row.get("agent_note"):
+                notes.append(f"- {cell(row['label'])} ran on {cell(row['where'])}: {cell(row['agent_note'])}")
             if row["status"] != "ok":
                 continue
             if row["backend"] == "tvm-tuned":
@@ -97,7 +113,7 @@ def _markdown(report: dict[str, Any], cfg) -> str:
             if row["latency"].get("first_run_ms") is not None:
                 notes.append(f"- `{row['label']}`: first run {row['latency']['first_run_ms']:.1f} ms "
                              f"(median after warm-up {row['latency']['median_ms']:.3f} ms)"
-                             + (f"; model: {det['model_form']}" if det.get("model_form") else "")
+                             + (f"; model: {cell(det['model_form'])}" if det.get("model_form") else "")
                              + (f"; torch.compile took {det['compile_s']} s"
                                 if row["backend"] == "torch-compile" and det.get("compile_s") else "")
                              + (f"; TVM compile on the host {det['compile_s']} s"

@@ -13,3 +13,17 @@ def number(value, digits: int = 3) -> str:
     if value != 0 and abs(value) < 10.0 ** (1 - digits):
         return f"{value:.{digits}g}"
     return f"{value:.{digits}f}"
+
+
+_CELL_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]", "<": "&lt;",
+                               ">": "&gt;"})
+
+
+def cell(value, limit: int = 500) -> str:
+    """Text the farm did not write (an agent's id or its error, a reason built from them) as Markdown: one
+    line, printable, bounded, and nothing in it read as a table border, code, a link, an image or HTML."""
+    text = " ".join(str(value).split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.translate(_CELL_ESCAPES)

@@ -84,7 +84,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
           + (f"; without: {', '.join(unscheduled)}" if unscheduled else ""),
           f"- numerics: every backend checked against {reference_name} on the same inputs and weights",
           "", "| backend | where | threads | precision | median ms | p90 ms | p99 ms | std ms | samples | "
-              "speed-up vs untuned | numerics (max abs err) |",
+              "speed-up vs untuned | numerics (relative L2 err; max abs err, reference max) |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
         lat = row.get("latency")
@@ -97,7 +97,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                   f"{number(lat['median_ms'])} | "
                   f"{number(lat['p90_ms'])} | "
                   f"{number(lat['p99_ms'])} | {number(lat['std_ms'])} | {lat['samples']} | "
-                  f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({num['max_abs_err']:.2g}) |")
+                  f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({number(num.get('rel_l2_err'), 2)}; "
+                  f"{number(num.get('max_abs_err'), 2)}, {number(num.get('ref_max_abs'), 2)}) |")
     md += ["", f"Method: {method or rows['tvm-tuned']['latency']['method']}"]
     md += _agents_section(tn)
     md += ["", "## Tasks", "", "Trials: candidates this job measured (failed ones included); seeded: records of "

@@ -16,7 +16,7 @@ from typing import Any
 from tunefarm.core.errors import TuningFailed, TunefarmError
 from tunefarm.core.stats import method_text
 from tunefarm.host.comparator import (STATUS_TEXT, Comparator, FarmAgents, MeasureSettings, ModelArtifacts, Row,
-                                      RowResult)
+                                      RowResult, agents_of_rows, agents_text)
 
 EVAL_BUDGET_S = 120.0  # per row: a slow build (untuned TVM on a CPU) gets fewer samples, never under 5
 TVM_ROWS = ("tvm-tuned", "tvm-untuned")
@@ -47,11 +47,23 @@ def evaluation_rows(job, libs: dict[str, str], device_type: str, precision: str 
 
 
 def report_row(res: RowResult) -> dict[str, Any]:
-    """A row as the tuning report keeps it (``report.json``'s ``results``)."""
+    """A row as the tuning report keeps it (``report.json``'s ``results``): ``agent_note`` where the row ran
+    on another agent than the evaluation's others, and why."""
+    moved = {"agent_note": res.agent_note} if res.agent_note else {}
     if not res.ok:
-        return {"backend": res.backend, "not_run": f"{STATUS_TEXT.get(res.status, res.status)}: {res.reason}"}
+        where = f" ({res.where})" if res.where else ""
+        return {"backend": res.backend, "not_run": f"{STATUS_TEXT.get(res.status, res.status)}: {res.reason}{where}",
+                **moved}
     return {"backend": res.backend, "where": res.where, "latency": res.latency, "threads": res.threads,
-            "precision": res.precision, "numerics": res.numerics, "version": res.version}
+            "precision": res.precision, "numerics": res.numerics, "version": res.version, **moved}
+
+
+def agents_sentence(results: list[RowResult]) -> str:
+    """Where the evaluation's rows ran, for the report's method line: one agent, or which and why not."""
+    from tunefarm.host.reports.markdown import cell  # pylint: disable=import-outside-toplevel
+
+    lines = agents_text(agents_of_rows(results))  # agents' ids and errors: their own text, escaped
+    return ("Agents: " + cell("; ".join(lines), limit=2000) + ".") if lines else ""
 
 
 def _plain(text, limit: int = 120) -> str:
@@ -94,6 +106,7 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
         if res.backend in TVM_ROWS and not res.ok:
             raise TunefarmError(f"running {res.backend} on key '{job.device.key}': {res.status}: {res.reason}")
     rows = {res.backend: report_row(res) for res in results}
+    where = agents_sentence(results)
 
     tuned_ms = rows["tvm-tuned"]["latency"]["median_ms"]
     untuned_ms = rows["tvm-untuned"]["latency"]["median_ms"]
@@ -101,8 +114,10 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
     for name in ("tvm-tuned", "tvm-untuned"):
         if not rows[name]["numerics"]["ok"]:
             num = rows[name]["numerics"]
-            problems.append(f"{name} output differs from the reference (max abs err {num['max_abs_err']:.3g}, "
-                            f"rtol {ev.rtol}, atol {ev.atol})")
+            problems.append(f"{name} output differs from the reference (" + (
+                num.get("detail") or f"relative L2 err {num['rel_l2_err']:.3g}, max abs err {num['max_abs_err']:.3g} "
+                                     f"against a reference of largest magnitude {num['ref_max_abs']:.3g}; check: "
+                                     f"{num['check']}") + ")")
     for agent, why in (tuned.verification or {}).get("flagged", {}).items():
         problems.append(f"agent {_plain(agent)} was flagged during tuning ({_plain(why, 300)}); its results were "
                         "discarded")
@@ -121,7 +136,7 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
     if ev.require_speedup and tuned_ms >= untuned_ms:
         problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
     report = write_report(tuned, rows, scheduled, unscheduled, reference, problems,
-                          method=method_text(ev.warmup, ev.repeat, EVAL_BUDGET_S))
+                          method=" ".join(filter(None, [method_text(ev.warmup, ev.repeat, EVAL_BUDGET_S), where])))
     from rich.markdown import Markdown  # pylint: disable=import-outside-toplevel
 
     console.print(Markdown(report["markdown"]))
