@@ -59,9 +59,9 @@ def tracker_answers(host: str, port: int, timeout: float = 2.0) -> bool:
 
 def _connect_session(host: str, port: int, timeout: float):
     """``tvm.rpc.connect_tracker`` with a deadline, its socket bounded for later calls."""
+    check_tracker(host, port, timeout)  # before importing TVM (seconds): an absent tracker is said at once
     from tvm import rpc  # pylint: disable=import-outside-toplevel
 
-    check_tracker(host, port, timeout)
     result: dict[str, Any] = {}
 
     def connect():
