@@ -60,6 +60,9 @@ def test_onnx_path_is_relative_to_the_job_file(tmp_path):
      "tuning.weight_prepack must be true or false"),
     (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, fold_batchnorm: 1"),
      "tuning.fold_batchnorm must be true or false"),
+    # bool is an int in Python: a boolean where a number belongs is refused, not taken as 1 (issue 32, item 10)
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, max_trials_per_task: true"),
+     "tuning.max_trials_per_task: expected a number, got True"),
 ])
 def test_bad_job_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "job.yaml"

@@ -7,6 +7,7 @@ The tests share one host and one agent (module fixture); the last one stops the 
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import json
 import os
 import shutil
@@ -500,6 +501,40 @@ def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_the
     assert session.get(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 200
     assert session.delete(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 401
     assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+
+
+# -- hostile input, round two (issue 32): each refused in one line, and the farm keeps serving ------------
+def one_line_error(out: str) -> str:
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+    return lines[0]
+
+
+def still_serving(farm: dict) -> None:
+    assert api(farm, "GET", "/api/info").status_code == 200
+    assert farm["host"].poll() is None
+
+
+def test_booleans_are_not_numbers_nor_strings_true(farm):
+    """A heartbeat's busy/listed/stopping went through bool() ("false" was true); max_trials_per_task: true
+    was taken as 1 (issue 32, item 10)."""
+    info = {"key": "cpu", "agent_id": "bool-probe:1", "hostname": "bool-probe"}
+    for field in ("busy", "listed", "stopping"):
+        for value in ("false", 0, 1, None, [], {}):
+            resp = heartbeat(farm, {"info": info, "interval_s": 2, field: value})
+            assert resp.status_code == 400 and resp.json()["error"] == (
+                f"heartbeat: {field} must be true or false (got {json.dumps(value)})"), (field, value, resp.text)
+    assert device_row(farm, "bool-probe:1") is None  # nothing stored
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "busy": False, "listed": True}).status_code == 200
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "stopping": True}).status_code == 200
+    assert device_row(farm, "bool-probe:1")["status"] == "offline"
+    job = "name: booljob\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    for field, value in (("max_trials_per_task", "true"), ("max_trials_global", "true"), ("seed", "false"),
+                         ("num_trials_per_iter", "true")):
+        resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + f"tuning: {{{field}: {value}}}\n")})
+        assert resp.status_code == 400 and f"tuning.{field}: expected " in resp.json()["error"], (field, resp.text)
+    assert api(farm, "GET", "/api/jobs/booljob").status_code == 404
+    still_serving(farm)
 
 
 def test_the_host_restarts_its_tracker_when_it_dies(farm, request):

@@ -198,7 +198,13 @@ class HeartbeatHandler(ApiHandler):
         tracker = body.get("tracker", "")
         if not isinstance(tracker, str) or len(tracker) > MAX_TRACKER_TEXT:
             raise ApiError(400, f"tracker must be a HOST:PORT string of at most {MAX_TRACKER_TEXT} characters")
-        stopping = bool(body.get("stopping"))
+        flags = {}
+        for name in ("listed", "busy", "stopping"):  # bool("false") is True: JSON true or false, nothing else
+            value = body.get(name, False)
+            if not isinstance(value, bool):
+                raise ApiError(400, f"heartbeat: {name} must be true or false (got {json.dumps(value)[:40]})")
+            flags[name] = value
+        stopping = flags["stopping"]
         if stopping and device.agent_id in await self.tracker_agent_ids():
             # Anyone with the token can send a heartbeat in any agent's name. An agent that stops cleanly
             # stops its RPC server first (it leaves the tracker), then says goodbye; a goodbye for an agent
@@ -207,8 +213,8 @@ class HeartbeatHandler(ApiHandler):
             # on one machine or behind NAT, where every reporter has the same address.)
             raise ApiError(409, f"heartbeat: agent {device.agent_id} is still registered with the tracker; a "
                                 "stopping heartbeat counts only once its server has left the tracker")
-        svc.store.heartbeat(device.agent_id, device.key, device.to_json(), tracker, bool(body.get("listed")),
-                            bool(body.get("busy")), float(interval), stopping)
+        svc.store.heartbeat(device.agent_id, device.key, device.to_json(), tracker, flags["listed"],
+                            flags["busy"], float(interval), stopping)
         self.write_json({"ok": True, "heartbeat_s": HEARTBEAT_S})
 
     async def tracker_agent_ids(self) -> set[str]:
