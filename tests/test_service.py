@@ -515,6 +515,29 @@ def still_serving(farm: dict) -> None:
     assert farm["host"].poll() is None
 
 
+def test_a_refused_token_keeps_the_connection_alive(farm):
+    """A 401 closed a keep-alive connection: the next request on it was reset (issue 32, item 8)."""
+    import http.client
+
+    host, port = farm["url"].rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    good = {"Authorization": f"Bearer {farm['token']}"}
+    try:
+        for method, path, body, headers in (
+                ("GET", "/api/jobs", None, {}), ("GET", "/api/info", None, {"Authorization": "Bearer wrong"}),
+                ("DELETE", "/api/jobs/q-onnx", None, {}),
+                ("POST", "/api/devices/heartbeat", b'{"info": {}}', {"Content-Type": "application/json"})):
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            assert resp.status == 401 and b"missing or wrong token" in resp.read(), (method, path)
+            conn.request("GET", "/api/info", headers=good)  # the same connection
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["service"] == "tunefarm", (method, path)
+    finally:
+        conn.close()
+    assert api(farm, "GET", "/api/jobs/q-onnx").status_code == 200  # the refused DELETE changed nothing
+
+
 def test_booleans_are_not_numbers_nor_strings_true(farm):
     """A heartbeat's busy/listed/stopping went through bool() ("false" was true); max_trials_per_task: true
     was taken as 1 (issue 32, item 10)."""
