@@ -1,8 +1,10 @@
 """The job directory's owner (tunefarm.host.tuning.jobdir): progress lines, the valid-record predicate,
-and the cleanup of a failed job's directory. Pure file logic, no processes, no TVM."""
+the cleanup of a failed job's directory and the directories other jobs may read. Pure file logic, no
+processes, no TVM."""
 from __future__ import annotations
 
 import json
+import os
 
 from tunefarm.host.tuning.jobdir import (DB_RECORDS, PROGRESS, STATE, JobDir, append_event, has_records, is_valid_run,
                                          job_dirs, mean_run_s, read_events, remove_unmeasured)
@@ -47,3 +49,23 @@ def test_job_dirs_are_the_directories_with_a_job_state(tmp_path):
     (tmp_path / "not-a-job" / "report.md").write_text("# hello")
     assert [d.name for d in job_dirs(tmp_path)] == ["a", "b"]
     assert json.loads((tmp_path / "a" / STATE).read_text()) == {"target": {}}
+
+
+def test_job_dirs_leave_out_links_so_warm_start_and_the_cost_model_never_read_through_one(tmp_path):
+    """Warm start and the farm's cost model read the job directories job_dirs lists (issue 32, item 9)."""
+    logs = tmp_path / "logs"
+    for name in ("real", "sym-db", "hard-db", "sym-state"):
+        JobDir(logs / name).write_state({"target": {"kind": "llvm"}})
+        JobDir(logs / name).file(DB_RECORDS).write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    JobDir(elsewhere).write_state({"target": {"kind": "llvm"}})
+    (logs / "linked-dir").symlink_to(elsewhere)
+    secret = tmp_path / "secret.json"
+    secret.write_text("[0, [[], [0.001]]]\n")
+    (logs / "sym-db" / DB_RECORDS).unlink()
+    (logs / "sym-db" / DB_RECORDS).symlink_to(secret)
+    (logs / "hard-db" / DB_RECORDS).unlink()
+    os.link(secret, logs / "hard-db" / DB_RECORDS)
+    (logs / "sym-state" / STATE).rename(tmp_path / "state.json")
+    (logs / "sym-state" / STATE).symlink_to(tmp_path / "state.json")
+    assert [d.name for d in job_dirs(logs)] == ["real"]

@@ -538,6 +538,30 @@ def test_a_refused_token_keeps_the_connection_alive(farm):
     assert api(farm, "GET", "/api/jobs/q-onnx").status_code == 200  # the refused DELETE changed nothing
 
 
+def test_progress_and_files_never_follow_a_link_nor_serve_a_hard_link(farm, tmp_path):
+    """/progress followed a symbolic link; a hard link to the token was served (issue 32, item 9)."""
+    job_dir = farm["base"] / "logs" / "q-onnx"
+    job_dir.mkdir(exist_ok=True)
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(json.dumps({"trials": 4, "estimated_ms": 1.0, "secret": "LINKED-SECRET"}) + "\n")
+    (job_dir / "progress.jsonl").unlink(missing_ok=True)
+    (job_dir / "progress.jsonl").symlink_to(outside)
+    resp = api(farm, "GET", "/api/jobs/q-onnx/progress")
+    assert resp.status_code == 200 and "LINKED-SECRET" not in resp.text, resp.text
+    token_file = farm["base"] / "logs" / "farm" / "token"
+    (job_dir / "report.md").unlink(missing_ok=True)
+    os.link(token_file, job_dir / "report.md")
+    resp = api(farm, "GET", "/api/jobs/q-onnx/files/report.md")
+    assert resp.status_code == 404 and farm["token"] not in resp.text, resp.text
+    detail = api(farm, "GET", "/api/jobs/q-onnx").json()
+    assert "report.md" not in detail["files"] and "progress.jsonl" not in detail["files"], detail["files"]
+    resp = api(farm, "GET", "/api/jobs/q-onnx/bundle")
+    assert resp.status_code == 200 and farm["token"].encode() not in gzip.decompress(resp.content)
+    (job_dir / "report.md").unlink()
+    (job_dir / "progress.jsonl").unlink()
+    still_serving(farm)
+
+
 def test_booleans_are_not_numbers_nor_strings_true(farm):
     """A heartbeat's busy/listed/stopping went through bool() ("false" was true); max_trials_per_task: true
     was taken as 1 (issue 32, item 10)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -226,9 +227,44 @@ class JobDir:
         return not self.path.is_dir() or not any(self.path.iterdir())
 
 
+def unlinked(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies below ``folder`` with no symbolic link on the way (nor is one itself)."""
+    try:
+        where = Path(os.path.realpath(folder)) / Path(path).relative_to(folder)
+        return Path(os.path.realpath(path)) == where
+    except (OSError, ValueError):  # ValueError: not below folder at all
+        return False
+
+
+def plain_file(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is a regular file below ``folder``, reached with no symbolic link, and no hard link
+    either (one name only): a job directory's file must not stand for the farm's token or another's data."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and unlinked(path, folder)
+
+
+# The files a job directory is read from (warm start, the farm's cost model, the service's views).
+READ_FILES = (STATE, DB_WORKLOAD, DB_RECORDS, TASKS, VERIFIED, SPEC, PROGRESS)
+
+
+def own_files(job_dir: JobDir, logs_dir: str | Path) -> bool:
+    """Whether ``job_dir`` is a directory of ``logs_dir`` itself (not a link) and each of its READ_FILES,
+    where present, a plain file of its own (plain_file)."""
+    if not unlinked(job_dir.path, logs_dir) or not job_dir.path.is_dir():
+        return False
+    return all(plain_file(job_dir.file(name), logs_dir) for name in READ_FILES
+               if os.path.lexists(job_dir.file(name)))
+
+
 def job_dirs(logs_dir: str | Path) -> list[JobDir]:
-    """Every job directory under ``logs_dir`` (those with a job state), sorted by name."""
-    return [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]
+    """Every job directory under ``logs_dir`` (those with a job state), sorted by name; a directory that is
+    a link, or holds a job file that is a link (symbolic or hard), is left out: warm start and the farm's
+    cost model would read what it points to."""
+    found = [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]
+    return [d for d in found if own_files(d, logs_dir)]
 
 
 def workload_counts(database) -> dict[str, dict[str, Any]]:
