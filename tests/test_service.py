@@ -515,6 +515,32 @@ def still_serving(farm: dict) -> None:
     assert farm["host"].poll() is None
 
 
+def test_a_target_preset_is_a_name_never_a_path_on_the_host(farm, tmp_path):
+    """`target: /some/dir/evil` read /some/dir/evil.yaml and echoed its target (issue 32, item 2)."""
+    (tmp_path / "evil.yaml").write_text("target: {kind: llvm-EVIL-ECHO}\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"target: {kind: llvm, mcpu: \xe9\xff}\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(bomb + "target: *i\n")
+    job = "name: evil\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    presets = "intel-igpu-opencl, nvidia-h100, x86-avx512"
+    for name in ("evil", "latin1", "bomb"):
+        target = str(tmp_path / name)
+        start = time.monotonic()
+        resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + f"target: '{target}'\n")})
+        assert time.monotonic() - start < 10, name
+        error = resp.json()["error"]
+        assert resp.status_code == 400 and error == (
+            f"job target: unknown target {target!r}: not a preset ({presets}), not a TVM tag, not a JSON dict"), \
+            resp.text[:300]
+        assert "EVIL-ECHO" not in resp.text and len(resp.content) < 1000
+    resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: ../targets/x86-avx512\n")})
+    assert resp.status_code == 400 and "unknown target '../targets/x86-avx512'" in resp.json()["error"], resp.text
+    assert api(farm, "GET", "/api/jobs/evil").status_code == 404
+    still_serving(farm)
+
+
 def test_a_refused_token_keeps_the_connection_alive(farm):
     """A 401 closed a keep-alive connection: the next request on it was reset (issue 32, item 8)."""
     import http.client
