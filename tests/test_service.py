@@ -164,6 +164,43 @@ def test_a_corrupt_queue_file_is_a_one_line_error_at_start(tmp_path):
     assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
 
 
+def test_a_damaged_or_empty_queue_file_is_refused_at_start_and_kept_as_it_is(tmp_path):
+    """Damaged pages gave a traceback; a zero-length file was taken for a new queue and the jobs were gone
+    without a word (issue 32, item 5). `host serve` refuses with one line and changes nothing."""
+    from tunefarm.core.jobspec import job_from_dict
+    from tunefarm.host.service.store import JobStore
+
+    logs = tmp_path / "logs"
+    path = logs / "farm" / "farm.sqlite3"
+    store = JobStore(path)
+    for i in range(60):
+        spec = job_from_dict({"name": f"j{i}", "model": {"source": "builtin", "name": "matmul"}, "device": {"key": "cpu"}})
+        store.add_job(spec, "builtin:matmul " + "m" * 500, False)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[7 * 4096:7 * 4096 + 40] = b"\xab" * 40  # page 8's header: a leaf of the jobs table
+    path.write_bytes(bytes(data))
+
+    def serve(name: str) -> str:
+        code, out, took = run_cli(["host", "serve", "--logs-dir", logs, "--port", free_port(HOST), "--tracker-port",
+                                   free_port(HOST)], tmp_path / f"{name}.log", timeout=60)
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+        assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
+        return lines[0]
+
+    line = serve("damaged")
+    assert f"{path.resolve()} is not a readable farm database (" in line and line.endswith(
+        "restore it from a backup, or move it aside to start with an empty queue (the job directories are kept)"), line
+    assert path.read_bytes() == bytes(data)  # refused as it is: nothing rewritten
+    path.write_bytes(b"")
+    assert serve("empty") == (f"tunefarm: error: {path.resolve()} is empty (0 bytes): the farm's queue is not in it; "
+                              "restore it from a backup, or delete it to start with an empty queue (the job "
+                              "directories are kept)")
+    assert path.stat().st_size == 0
+
+
 def test_a_farm_that_accepts_and_never_answers_is_an_error_within_half_a_minute(tmp_path):
     """`tunefarm submit` to a listener on loopback that accepts connections and never answers."""
     job = write_job(tmp_path / "silent.yaml", "silent", {"source": "builtin", "name": "matmul"}, 8)

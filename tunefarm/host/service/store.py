@@ -72,17 +72,27 @@ class JobStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            # SQLite takes an empty file for a new database: the queue it held would be gone without a word.
+            raise TunefarmError(f"{self.path} is empty (0 bytes): the farm's queue is not in it; restore it from a "
+                                "backup, or delete it to start with an empty queue (the job directories are kept)")
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             self.db.row_factory = sqlite3.Row
+            # Checked before anything is written: a damaged file is refused as it is, never rewritten.
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"damaged: {problems[0]}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
             self.db.execute("SELECT count(*) FROM jobs").fetchone()
         except sqlite3.DatabaseError as err:  # not a database, or a damaged one: one line, not a traceback
             self.db.close()
-            raise TunefarmError(f"{self.path} is not a readable farm database ({err}); move it aside to start "
-                                "with an empty queue (the job directories are kept)") from None
+            detail = " ".join(str(err).split())[:200]
+            raise TunefarmError(f"{self.path} is not a readable farm database ({detail}); restore it from a "
+                                "backup, or move it aside to start with an empty queue (the job directories "
+                                "are kept)") from None
 
     def close(self) -> None:
         self.db.close()
