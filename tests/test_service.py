@@ -578,6 +578,41 @@ def test_a_target_preset_is_a_name_never_a_path_on_the_host(farm, tmp_path):
     still_serving(farm)
 
 
+def test_delete_removes_only_the_directory_the_farm_created_for_the_job(farm, tmp_path):
+    """A directory under logs/ that the farm did not create is never deleted (issue 32, item 3)."""
+    logs = farm["base"] / "logs"
+    local = logs / "localjob"
+    local.mkdir()
+    (local / "results.txt").write_text("a local run's results\n")
+    job_file = write_job(tmp_path / "localjob.yaml", "localjob", {"source": "builtin", "name": "matmul"}, 8)
+    code, out = cli(farm, ["submit", job_file], "submit-localjob")
+    assert code == 2 and one_line_error(out) == (
+        f"tunefarm: error: {local} already exists on the host and is not a job of this farm; give the job "
+        "another name (or move that directory away)"), out
+    code, out = cli(farm, ["delete", "localjob"], "delete-localjob")
+    assert code == 2 and "no job 'localjob' on this farm" in one_line_error(out), out
+    assert (local / "results.txt").read_text() == "a local run's results\n"
+
+    # A job of the farm whose directory was swapped for another: the delete is refused, nothing removed.
+    assert api(farm, "GET", "/api/jobs/q-first").json()["state"] == "cancelled"
+    (logs / "q-first").rename(tmp_path / "q-first-moved")
+    (logs / "q-first").mkdir()
+    (logs / "q-first" / "keep.txt").write_text("not the farm's\n")
+    code, out = cli(farm, ["delete", "q-first"], "delete-swapped")
+    assert code == 2 and one_line_error(out) == (
+        f"tunefarm: error: {logs / 'q-first'} was not created by this farm for job q-first; nothing was deleted "
+        "(move that directory away, then delete the job)"), out
+    assert (logs / "q-first" / "keep.txt").is_file() and api(farm, "GET", "/api/jobs/q-first").status_code == 200
+    assert (farm["base"] / "logs" / "farm" / "specs" / "q-first.yaml").is_file()
+    # Moved back, the farm's own directory is deleted with its job.
+    shutil.rmtree(logs / "q-first")
+    (tmp_path / "q-first-moved").rename(logs / "q-first")
+    code, out = cli(farm, ["delete", "q-first"], "delete-own")
+    assert code == 0 and "deleted q-first" in out, out
+    assert not (logs / "q-first").exists() and (local / "results.txt").is_file()
+    still_serving(farm)
+
+
 def test_a_refused_token_keeps_the_connection_alive(farm):
     """A 401 closed a keep-alive connection: the next request on it was reset (issue 32, item 8)."""
     import http.client

@@ -415,8 +415,7 @@ def test_delete_removes_a_finished_job_and_everything_of_it_and_refuses_a_live_o
     farm.store.update_job("d1", state=CANCELLED)
     farm.dir.spec("d1").write_text("spec")
     farm.dir.run_log("d1").write_text("log")
-    job_dir = farm.views.job_dir("d1").path
-    job_dir.mkdir(parents=True)
+    job_dir = farm.views.job_dir("d1").path  # the farm created it at submission, with its mark
     (job_dir / "database_tuning_record.json").write_text("{}\n")
     removed = farm.queue.delete("d1")
     assert len(removed) == 4

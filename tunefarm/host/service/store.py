@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    history TEXT NOT NULL DEFAULT '[]'
+    history TEXT NOT NULL DEFAULT '[]',
+    dir_mark TEXT                  -- what the farm wrote into the job directory it created (jobs.py)
 );
 CREATE TABLE IF NOT EXISTS devices (
     agent_id TEXT PRIMARY KEY,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS devices (
 
 _JOB_COLUMNS = ("seq", "id", "key", "state", "spec", "model", "budget", "skip_eval", "created", "started",
                 "finished", "attempts", "pid", "pid_started", "exit_code", "error", "cancel_requested",
-                "history")
+                "history", "dir_mark")
 
 
 class JobExists(Exception):
@@ -86,6 +87,9 @@ class JobStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            if "dir_mark" not in columns:  # a queue from before the farm marked the directories it creates
+                self.db.execute("ALTER TABLE jobs ADD COLUMN dir_mark TEXT")
             self.db.execute("SELECT count(*) FROM jobs").fetchone()
         except sqlite3.DatabaseError as err:  # not a database, or a damaged one: one line, not a traceback
             self.db.close()
