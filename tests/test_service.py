@@ -613,6 +613,36 @@ def test_delete_removes_only_the_directory_the_farm_created_for_the_job(farm, tm
     still_serving(farm)
 
 
+def test_a_torn_database_line_is_left_out_said_once_and_kept_aside(farm, tmp_path):
+    """One torn line made `logs show`, the task table and the bundle fail (issue 32, item 4)."""
+    from conftest import tear_line, tiny_database
+
+    job_dir = farm["base"] / "logs" / "q-onnx"
+    assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+    for name in ("database_tuning_record.json", "database_workload.json", "job_state.json", "verified.jsonl"):
+        (job_dir / name).unlink(missing_ok=True)
+    tiny_database(job_dir)
+    records = job_dir / "database_tuning_record.json"
+    torn = tear_line(records, 1)
+    for _ in range(2):
+        resp = api(farm, "GET", "/api/jobs/q-onnx/tasks")
+        assert resp.status_code == 200, resp.text
+        assert [(r["task"], r["trials"]) for r in resp.json()["tasks"]] == [("matmul8", 2), ("matmul16", 3)]
+    assert records.read_bytes() == torn  # the service reads around the damage; it never rewrites a job's file
+    assert (job_dir / "database_tuning_record.json.damaged").read_bytes() == torn
+    warned = [l for l in (farm["base"] / "host.log").read_text().splitlines() if "damaged line" in l]
+    assert warned == [f"tunefarm: warning: {records}: 1 damaged line(s) left out (line 2); the damaged file is "
+                      "kept as database_tuning_record.json.damaged"], warned
+    resp = api(farm, "GET", "/api/jobs/q-onnx/bundle")
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == "application/gzip", resp.text[:300]
+
+    code, out, _ = run_cli(["logs", "show", job_dir], tmp_path / "show.log", timeout=180)
+    assert code == 0 and "Traceback" not in out, out
+    assert [l for l in out.splitlines() if "damaged line" in l] == [warned[0]], out
+    assert "matmul16" in out
+    still_serving(farm)
+
+
 def test_a_refused_token_keeps_the_connection_alive(farm):
     """A 401 closed a keep-alive connection: the next request on it was reset (issue 32, item 8)."""
     import http.client
