@@ -157,3 +157,44 @@ def apply_best_with_plain_tvm(best_dir: Path, state: dict) -> None:
     vm = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def tiny_database(path: Path, workloads: int = 2, records: int = 3) -> list[dict]:
+    """A real MetaSchedule JSONDatabase in ``path`` (``workloads`` small matmuls, ``records`` traces each,
+    written by TVM) and its tasks.json; returns the tasks. Seconds, not a tuning run."""
+    import json
+
+    import tvm
+    import tvm_ffi
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(path))
+    target = tvm.target.Target("llvm")
+    tasks = []
+    for w in range(workloads):
+        n = 8 * (w + 1)
+        a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
+        k = te.reduce_axis((0, n), name="k")
+        c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+        mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+        workload = db.commit_workload(mod)
+        for r in range(records):
+            sch = tvm.s_tir.Schedule(mod)
+            sch.split(sch.get_loops(sch.get_sblock("C"))[0], [None, 2 ** (r % 3)])
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-5 * (r + 1)], target,
+                                                             ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        tasks.append({"name": f"matmul{n}", "weight": 1, "workload_hash": str(tvm_ffi.structural_hash(mod))})
+    (path / "tasks.json").write_text(json.dumps(tasks))
+    return tasks
+
+
+def tear_line(path: Path, index: int) -> bytes:
+    """Cut line ``index`` (0-based) of ``path`` to its first 60 bytes, as a writer killed mid-line leaves it;
+    returns the file's new bytes."""
+    lines = path.read_bytes().split(b"\n")
+    lines[index] = lines[index][:60]
+    data = b"\n".join(lines)
+    path.write_bytes(data)
+    return data

@@ -1,8 +1,10 @@
 """The job directory's owner (tunefarm.host.tuning.jobdir): progress lines, the valid-record predicate,
-and the cleanup of a failed job's directory. Pure file logic, no processes, no TVM."""
+the cleanup of a failed job's directory, the directories other jobs may read, and damaged database lines
+(those with TVM's own JSONDatabase)."""
 from __future__ import annotations
 
 import json
+import os
 
 from tunefarm.host.tuning.jobdir import (DB_RECORDS, PROGRESS, STATE, JobDir, append_event, has_records, is_valid_run,
                                          job_dirs, mean_run_s, read_events, remove_unmeasured)
@@ -47,3 +49,56 @@ def test_job_dirs_are_the_directories_with_a_job_state(tmp_path):
     (tmp_path / "not-a-job" / "report.md").write_text("# hello")
     assert [d.name for d in job_dirs(tmp_path)] == ["a", "b"]
     assert json.loads((tmp_path / "a" / STATE).read_text()) == {"target": {}}
+
+
+def test_job_dirs_leave_out_links_so_warm_start_and_the_cost_model_never_read_through_one(tmp_path):
+    """Warm start and the farm's cost model read the job directories job_dirs lists (issue 32, item 9)."""
+    logs = tmp_path / "logs"
+    for name in ("real", "sym-db", "hard-db", "sym-state"):
+        JobDir(logs / name).write_state({"target": {"kind": "llvm"}})
+        JobDir(logs / name).file(DB_RECORDS).write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    JobDir(elsewhere).write_state({"target": {"kind": "llvm"}})
+    (logs / "linked-dir").symlink_to(elsewhere)
+    secret = tmp_path / "secret.json"
+    secret.write_text("[0, [[], [0.001]]]\n")
+    (logs / "sym-db" / DB_RECORDS).unlink()
+    (logs / "sym-db" / DB_RECORDS).symlink_to(secret)
+    (logs / "hard-db" / DB_RECORDS).unlink()
+    os.link(secret, logs / "hard-db" / DB_RECORDS)
+    (logs / "sym-state" / STATE).rename(tmp_path / "state.json")
+    (logs / "sym-state" / STATE).symlink_to(tmp_path / "state.json")
+    assert [d.name for d in job_dirs(logs)] == ["real"]
+
+
+def test_a_torn_database_line_is_repaired_once_with_the_damaged_file_kept(tmp_path, capfd):
+    """Issue 32, item 4, the writer's side (resume opens JobDir.database()): TVM's own reader failed on one
+    torn line; the whole lines are kept, the damage said once and the damaged file copied aside."""
+    from conftest import tear_line, tiny_database
+
+    from tunefarm.host.tuning.logs import task_rows
+
+    job = JobDir(tmp_path / "job")
+    tiny_database(job.path)
+    torn = tear_line(job.file(DB_RECORDS), 4)  # workload 1's second record
+    capfd.readouterr()
+    assert len(job.database().get_all_tuning_records()) == 5
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"tunefarm: warning: {job.file(DB_RECORDS)}: 1 damaged line(s) left out (line 5); the damaged "
+                   "file is kept as database_tuning_record.json.damaged"], err
+    assert job.file(DB_RECORDS + ".damaged").read_bytes() == torn
+    assert len(job.file(DB_RECORDS).read_bytes().splitlines()) == 5  # repaired in place
+    rows = task_rows(job.open_database(), job.read_tasks())
+    assert [r["trials"] for r in rows] == [3, 2] and capfd.readouterr().err == ""  # said once
+
+    # A torn workload line: its records go with it, the others are renumbered to the workloads kept.
+    other = JobDir(tmp_path / "other")
+    tiny_database(other.path)
+    tear_line(other.file("database_workload.json"), 0)
+    capfd.readouterr()
+    rows = task_rows(other.database(), other.read_tasks())
+    assert [(r["task"], r["trials"]) for r in rows] == [("matmul8", 0), ("matmul16", 3)]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "database_workload.json: 1 damaged line(s) left out (line 1)" in err[0] and \
+        err[0].endswith("; 3 record(s) of a damaged workload left out"), err
+    assert other.file("database_workload.json.damaged").is_file()

@@ -60,6 +60,9 @@ def test_onnx_path_is_relative_to_the_job_file(tmp_path):
      "tuning.weight_prepack must be true or false"),
     (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, fold_batchnorm: 1"),
      "tuning.fold_batchnorm must be true or false"),
+    # bool is an int in Python: a boolean where a number belongs is refused, not taken as 1 (issue 32, item 10)
+    (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, max_trials_per_task: true"),
+     "tuning.max_trials_per_task: expected a number, got True"),
 ])
 def test_bad_job_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "job.yaml"
@@ -148,3 +151,33 @@ def test_pipeline_defaults_by_target_and_prepack_refused_off_cpu():
     assert "tuning.weight_prepack is a CPU option" in str(err.value) and "'cuda'" in str(err.value)
     # A job directory from before the options (no "pipeline" in its state) was tuned with both off.
     assert Pipeline.from_json(None) == LEGACY and Pipeline.from_json({"fold_batchnorm": True}) == Pipeline(True, False)
+
+
+def test_a_preset_is_a_name_from_configs_targets_read_with_the_bounds_of_a_job_file(tmp_path, monkeypatch):
+    """Issue 32, item 2: a path is no preset, and a preset file is parsed as a job file is (size, aliases,
+    UTF-8), each refusal one line."""
+    import time
+
+    from tunefarm.core import targets
+
+    assert targets.load_preset("x86-avx512")  # the shipped presets still load
+    (tmp_path / "evil.yaml").write_text("target: {kind: llvm}\n")
+    for name in (str(tmp_path / "evil"), "../targets/x86-avx512", "x86-avx512/../x86-avx512", ""):
+        assert not targets.is_preset(name)
+        with pytest.raises(TunefarmError, match="unknown target preset"):
+            targets.load_preset(name)
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+    (presets / "bomb.yaml").write_text(bomb + "target: *i\n")
+    (presets / "latin1.yaml").write_bytes(b"target: {kind: llvm, mcpu: \xe9\xff}\n")
+    (presets / "huge.yaml").write_text("target: {kind: llvm}\n" + "# x\n" * 400_000)
+    monkeypatch.setattr(targets, "PRESET_DIR", presets)
+    for name, message in (("bomb", "once its aliases are expanded"), ("latin1", "is not UTF-8 text"),
+                          ("huge", "over 1024 KiB of YAML")):
+        start = time.monotonic()
+        with pytest.raises(TunefarmError) as err:
+            targets.load_preset(name)
+        assert message in str(err.value) and "\n" not in str(err.value), err.value
+        assert time.monotonic() - start < 5, name

@@ -7,6 +7,7 @@ The tests share one host and one agent (module fixture); the last one stops the 
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import json
 import os
 import shutil
@@ -161,6 +162,43 @@ def test_a_corrupt_queue_file_is_a_one_line_error_at_start(tmp_path):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
     assert f"{logs.resolve() / 'farm' / 'farm.sqlite3'} is not a readable farm database" in lines[0], out
     assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
+
+
+def test_a_damaged_or_empty_queue_file_is_refused_at_start_and_kept_as_it_is(tmp_path):
+    """Damaged pages gave a traceback; a zero-length file was taken for a new queue and the jobs were gone
+    without a word (issue 32, item 5). `host serve` refuses with one line and changes nothing."""
+    from tunefarm.core.jobspec import job_from_dict
+    from tunefarm.host.service.store import JobStore
+
+    logs = tmp_path / "logs"
+    path = logs / "farm" / "farm.sqlite3"
+    store = JobStore(path)
+    for i in range(60):
+        spec = job_from_dict({"name": f"j{i}", "model": {"source": "builtin", "name": "matmul"}, "device": {"key": "cpu"}})
+        store.add_job(spec, "builtin:matmul " + "m" * 500, False)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[7 * 4096:7 * 4096 + 40] = b"\xab" * 40  # page 8's header: a leaf of the jobs table
+    path.write_bytes(bytes(data))
+
+    def serve(name: str) -> str:
+        code, out, took = run_cli(["host", "serve", "--logs-dir", logs, "--port", free_port(HOST), "--tracker-port",
+                                   free_port(HOST)], tmp_path / f"{name}.log", timeout=60)
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+        assert not (logs / "farm" / "token").exists() and not (logs / "farm" / "tracker.json").exists()
+        return lines[0]
+
+    line = serve("damaged")
+    assert f"{path.resolve()} is not a readable farm database (" in line and line.endswith(
+        "restore it from a backup, or move it aside to start with an empty queue (the job directories are kept)"), line
+    assert path.read_bytes() == bytes(data)  # refused as it is: nothing rewritten
+    path.write_bytes(b"")
+    assert serve("empty") == (f"tunefarm: error: {path.resolve()} is empty (0 bytes): the farm's queue is not in it; "
+                              "restore it from a backup, or delete it to start with an empty queue (the job "
+                              "directories are kept)")
+    assert path.stat().st_size == 0
 
 
 def test_a_farm_that_accepts_and_never_answers_is_an_error_within_half_a_minute(tmp_path):
@@ -500,6 +538,178 @@ def test_concurrent_submissions_of_one_name_give_one_job_with_its_own_upload_the
     assert session.get(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 200
     assert session.delete(farm["url"] + "/api/jobs/q-onnx", timeout=10).status_code == 401
     assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+
+
+# -- hostile input, round two (issue 32): each refused in one line, and the farm keeps serving ------------
+def one_line_error(out: str) -> str:
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tunefarm: error: "), out
+    return lines[0]
+
+
+def still_serving(farm: dict) -> None:
+    assert api(farm, "GET", "/api/info").status_code == 200
+    assert farm["host"].poll() is None
+
+
+def test_a_target_preset_is_a_name_never_a_path_on_the_host(farm, tmp_path):
+    """`target: /some/dir/evil` read /some/dir/evil.yaml and echoed its target (issue 32, item 2)."""
+    (tmp_path / "evil.yaml").write_text("target: {kind: llvm-EVIL-ECHO}\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"target: {kind: llvm, mcpu: \xe9\xff}\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(bomb + "target: *i\n")
+    job = "name: evil\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    presets = "intel-igpu-opencl, nvidia-h100, x86-avx512"
+    for name in ("evil", "latin1", "bomb"):
+        target = str(tmp_path / name)
+        start = time.monotonic()
+        resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + f"target: '{target}'\n")})
+        assert time.monotonic() - start < 10, name
+        error = resp.json()["error"]
+        assert resp.status_code == 400 and error == (
+            f"job target: unknown target {target!r}: not a preset ({presets}), not a TVM tag, not a JSON dict"), \
+            resp.text[:300]
+        assert "EVIL-ECHO" not in resp.text and len(resp.content) < 1000
+    resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + "target: ../targets/x86-avx512\n")})
+    assert resp.status_code == 400 and "unknown target '../targets/x86-avx512'" in resp.json()["error"], resp.text
+    assert api(farm, "GET", "/api/jobs/evil").status_code == 404
+    still_serving(farm)
+
+
+def test_delete_removes_only_the_directory_the_farm_created_for_the_job(farm, tmp_path):
+    """A directory under logs/ that the farm did not create is never deleted (issue 32, item 3)."""
+    logs = farm["base"] / "logs"
+    local = logs / "localjob"
+    local.mkdir()
+    (local / "results.txt").write_text("a local run's results\n")
+    job_file = write_job(tmp_path / "localjob.yaml", "localjob", {"source": "builtin", "name": "matmul"}, 8)
+    code, out = cli(farm, ["submit", job_file], "submit-localjob")
+    assert code == 2 and one_line_error(out) == (
+        f"tunefarm: error: {local} already exists on the host and is not a job of this farm; give the job "
+        "another name (or move that directory away)"), out
+    code, out = cli(farm, ["delete", "localjob"], "delete-localjob")
+    assert code == 2 and "no job 'localjob' on this farm" in one_line_error(out), out
+    assert (local / "results.txt").read_text() == "a local run's results\n"
+
+    # A job of the farm whose directory was swapped for another: the delete is refused, nothing removed.
+    assert api(farm, "GET", "/api/jobs/q-first").json()["state"] == "cancelled"
+    (logs / "q-first").rename(tmp_path / "q-first-moved")
+    (logs / "q-first").mkdir()
+    (logs / "q-first" / "keep.txt").write_text("not the farm's\n")
+    code, out = cli(farm, ["delete", "q-first"], "delete-swapped")
+    assert code == 2 and one_line_error(out) == (
+        f"tunefarm: error: {logs / 'q-first'} was not created by this farm for job q-first; nothing was deleted "
+        "(move that directory away, then delete the job)"), out
+    assert (logs / "q-first" / "keep.txt").is_file() and api(farm, "GET", "/api/jobs/q-first").status_code == 200
+    assert (farm["base"] / "logs" / "farm" / "specs" / "q-first.yaml").is_file()
+    # Moved back, the farm's own directory is deleted with its job.
+    shutil.rmtree(logs / "q-first")
+    (tmp_path / "q-first-moved").rename(logs / "q-first")
+    code, out = cli(farm, ["delete", "q-first"], "delete-own")
+    assert code == 0 and "deleted q-first" in out, out
+    assert not (logs / "q-first").exists() and (local / "results.txt").is_file()
+    still_serving(farm)
+
+
+def test_a_torn_database_line_is_left_out_said_once_and_kept_aside(farm, tmp_path):
+    """One torn line made `logs show`, the task table and the bundle fail (issue 32, item 4)."""
+    from conftest import tear_line, tiny_database
+
+    job_dir = farm["base"] / "logs" / "q-onnx"
+    assert api(farm, "GET", "/api/jobs/q-onnx").json()["state"] == "cancelled"
+    for name in ("database_tuning_record.json", "database_workload.json", "job_state.json", "verified.jsonl"):
+        (job_dir / name).unlink(missing_ok=True)
+    tiny_database(job_dir)
+    records = job_dir / "database_tuning_record.json"
+    torn = tear_line(records, 1)
+    for _ in range(2):
+        resp = api(farm, "GET", "/api/jobs/q-onnx/tasks")
+        assert resp.status_code == 200, resp.text
+        assert [(r["task"], r["trials"]) for r in resp.json()["tasks"]] == [("matmul8", 2), ("matmul16", 3)]
+    assert records.read_bytes() == torn  # the service reads around the damage; it never rewrites a job's file
+    assert (job_dir / "database_tuning_record.json.damaged").read_bytes() == torn
+    warned = [l for l in (farm["base"] / "host.log").read_text().splitlines() if "damaged line" in l]
+    assert warned == [f"tunefarm: warning: {records}: 1 damaged line(s) left out (line 2); the damaged file is "
+                      "kept as database_tuning_record.json.damaged"], warned
+    resp = api(farm, "GET", "/api/jobs/q-onnx/bundle")
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == "application/gzip", resp.text[:300]
+
+    code, out, _ = run_cli(["logs", "show", job_dir], tmp_path / "show.log", timeout=180)
+    assert code == 0 and "Traceback" not in out, out
+    assert [l for l in out.splitlines() if "damaged line" in l] == [warned[0]], out
+    assert "matmul16" in out
+    still_serving(farm)
+
+
+def test_a_refused_token_keeps_the_connection_alive(farm):
+    """A 401 closed a keep-alive connection: the next request on it was reset (issue 32, item 8)."""
+    import http.client
+
+    host, port = farm["url"].rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    good = {"Authorization": f"Bearer {farm['token']}"}
+    try:
+        for method, path, body, headers in (
+                ("GET", "/api/jobs", None, {}), ("GET", "/api/info", None, {"Authorization": "Bearer wrong"}),
+                ("DELETE", "/api/jobs/q-onnx", None, {}),
+                ("POST", "/api/devices/heartbeat", b'{"info": {}}', {"Content-Type": "application/json"})):
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            assert resp.status == 401 and b"missing or wrong token" in resp.read(), (method, path)
+            conn.request("GET", "/api/info", headers=good)  # the same connection
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["service"] == "tunefarm", (method, path)
+    finally:
+        conn.close()
+    assert api(farm, "GET", "/api/jobs/q-onnx").status_code == 200  # the refused DELETE changed nothing
+
+
+def test_progress_and_files_never_follow_a_link_nor_serve_a_hard_link(farm, tmp_path):
+    """/progress followed a symbolic link; a hard link to the token was served (issue 32, item 9)."""
+    job_dir = farm["base"] / "logs" / "q-onnx"
+    job_dir.mkdir(exist_ok=True)
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(json.dumps({"trials": 4, "estimated_ms": 1.0, "secret": "LINKED-SECRET"}) + "\n")
+    (job_dir / "progress.jsonl").unlink(missing_ok=True)
+    (job_dir / "progress.jsonl").symlink_to(outside)
+    resp = api(farm, "GET", "/api/jobs/q-onnx/progress")
+    assert resp.status_code == 200 and "LINKED-SECRET" not in resp.text, resp.text
+    token_file = farm["base"] / "logs" / "farm" / "token"
+    (job_dir / "report.md").unlink(missing_ok=True)
+    os.link(token_file, job_dir / "report.md")
+    resp = api(farm, "GET", "/api/jobs/q-onnx/files/report.md")
+    assert resp.status_code == 404 and farm["token"] not in resp.text, resp.text
+    detail = api(farm, "GET", "/api/jobs/q-onnx").json()
+    assert "report.md" not in detail["files"] and "progress.jsonl" not in detail["files"], detail["files"]
+    resp = api(farm, "GET", "/api/jobs/q-onnx/bundle")
+    assert resp.status_code == 200 and farm["token"].encode() not in gzip.decompress(resp.content)
+    (job_dir / "report.md").unlink()
+    (job_dir / "progress.jsonl").unlink()
+    still_serving(farm)
+
+
+def test_booleans_are_not_numbers_nor_strings_true(farm):
+    """A heartbeat's busy/listed/stopping went through bool() ("false" was true); max_trials_per_task: true
+    was taken as 1 (issue 32, item 10)."""
+    info = {"key": "cpu", "agent_id": "bool-probe:1", "hostname": "bool-probe"}
+    for field in ("busy", "listed", "stopping"):
+        for value in ("false", 0, 1, None, [], {}):
+            resp = heartbeat(farm, {"info": info, "interval_s": 2, field: value})
+            assert resp.status_code == 400 and resp.json()["error"] == (
+                f"heartbeat: {field} must be true or false (got {json.dumps(value)})"), (field, value, resp.text)
+    assert device_row(farm, "bool-probe:1") is None  # nothing stored
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "busy": False, "listed": True}).status_code == 200
+    assert heartbeat(farm, {"info": info, "interval_s": 2, "stopping": True}).status_code == 200
+    assert device_row(farm, "bool-probe:1")["status"] == "offline"
+    job = "name: booljob\nmodel: {source: builtin, name: matmul}\ndevice: {key: cpu}\n"
+    for field, value in (("max_trials_per_task", "true"), ("max_trials_global", "true"), ("seed", "false"),
+                         ("num_trials_per_iter", "true")):
+        resp = api(farm, "POST", "/api/jobs", files={"job": (None, job + f"tuning: {{{field}: {value}}}\n")})
+        assert resp.status_code == 400 and f"tuning.{field}: expected " in resp.json()["error"], (field, resp.text)
+    assert api(farm, "GET", "/api/jobs/booljob").status_code == 404
+    still_serving(farm)
 
 
 def test_the_host_restarts_its_tracker_when_it_dies(farm, request):

@@ -149,10 +149,11 @@ def _check_ranges(section: str, obj, where: str) -> None:
         if isinstance(value, str) and len(value) > MAX_TEXT:
             raise TunefarmError(f"{where}.{field.name}: longer than {MAX_TEXT} characters")
         bounds = RANGES.get((section, field.name))
-        if bounds is None or value is None or isinstance(value, bool):
+        if bounds is None or value is None:
             continue
         low, high = bounds
-        if not isinstance(value, (int, float)):  # an optional field (default None) of the wrong type
+        # bool is an int in Python: `max_trials_per_task: true` must not pass as 1
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # e.g. an optional field (default None)
             raise TunefarmError(f"{where}.{field.name}: expected a number, got {value!r}")
         if (isinstance(value, float) and not math.isfinite(value)) or (low is not None and value < low) or (
                 high is not None and value > high):

@@ -13,14 +13,31 @@ PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.is_file())
+
+
+def is_preset(name: str) -> bool:
+    """Whether ``name`` is the name of a preset: one of the files in configs/targets/, compared as a name,
+    never made into a path (``/some/dir/evil`` or ``../x`` is no preset)."""
+    return isinstance(name, str) and name in preset_names()
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    """A preset's ``target:``, parsed with the bounds a job file has (jobspec.parse_yaml); one-line errors."""
+    from .jobspec import MAX_YAML_BYTES, parse_yaml  # pylint: disable=import-outside-toplevel
+
+    if not is_preset(name):
         raise TunefarmError(f"unknown target preset {name!r}; presets: {', '.join(preset_names()) or 'none'}")
-    data = yaml.safe_load(path.read_text())
+    path = PRESET_DIR / f"{name}.yaml"
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
+        text = raw.decode("utf-8")
+    except OSError as err:
+        raise TunefarmError(f"target preset {path} is unreadable: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise TunefarmError(f"target preset {path} is not UTF-8 text") from None
+    data = parse_yaml(text, f"target preset {path}")
     target = data.get("target") if isinstance(data, dict) else None
     if not isinstance(target, (dict, str)):
         raise TunefarmError(f"target preset {path} has no 'target:' mapping")
@@ -38,7 +55,7 @@ def target_from_spec(spec: Any):
                 spec = json.loads(text)
             except json.JSONDecodeError as err:
                 raise TunefarmError(f"bad target JSON: {err.msg} at column {err.colno}") from None
-        elif (PRESET_DIR / f"{text}.yaml").is_file():
+        elif is_preset(text):
             spec = load_preset(text)
         elif text in tvm.target.list_tags():
             spec = text

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.errors import TunefarmError, first_line
-from tunefarm.core.targets import PRESET_DIR, load_preset, preset_names
+from tunefarm.core.targets import PRESET_DIR, is_preset, load_preset, preset_names
 from tunefarm.core.wire import DeviceInfo
 
 # ---------------------------------------------------------------- CPU
@@ -390,7 +390,7 @@ def resolve_target(spec: str | dict[str, Any] | None, info: DeviceInfo, threads:
                 raise TunefarmError(f"--target is not valid JSON ({err.msg} at column {err.colno}): {text}") from None
             if not isinstance(target, dict):
                 raise TunefarmError(f"--target must be a JSON object, got {text}")
-        elif (PRESET_DIR / f"{text}.yaml").is_file():
+        elif is_preset(text):
             target = load_preset(text)
             if isinstance(target, str):  # a preset may name a TVM tag alone
                 target = {"tag": target}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -77,6 +78,8 @@ class ApiHandler(BaseHandler):
     def too_big(self, size: int) -> str:
         return f"the request body ({size} bytes) is over this endpoint's limit of {self.body_limit()} bytes"
 
+    refusal: ApiError | None = None  # a 401 that prepare() leaves for the method to raise (keep-alive)
+
     def prepare(self):
         self.chunks: list[bytes] = []
         self.received = 0
@@ -86,16 +89,38 @@ class ApiHandler(BaseHandler):
         if not ok and self.request.method == "GET" and not self.request.headers.get("Authorization"):
             ok = self.has_session()
         if not ok:
-            raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the farm's token "
-                                "is in logs/farm/token on the host; clients read TUNEFARM_TOKEN)")
+            refusal = ApiError(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the farm's token "
+                                    "is in logs/farm/token on the host; clients read TUNEFARM_TOKEN)")
+            if not self._small_body():
+                raise refusal  # answered at once; the connection closes rather than read a stranger's upload
+            # Answered once the (small or empty) body is read: an answer sent during prepare() makes tornado
+            # close the connection, and a 401 must not end a client's keep-alive connection.
+            self.refusal = refusal
+            self.request.connection.set_max_body_size(SMALL_BODY)
+            return
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, self.too_big(int(length)))
 
+    def _small_body(self) -> bool:
+        """Whether the request says it carries at most SMALL_BODY bytes (none, or a Content-Length)."""
+        if self.request.headers.get("Transfer-Encoding"):
+            return False
+        length = self.request.headers.get("Content-Length", "0")
+        return length.isdigit() and int(length) <= SMALL_BODY
+
     def data_received(self, chunk: bytes) -> None:
         self.received += len(chunk)
-        if self.received <= self.body_limit():
+        if self.refusal is None and self.received <= self.body_limit():
             self.chunks.append(chunk)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every HTTP method of an API handler answers a refusal that prepare() deferred, before it runs."""
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "post", "put", "patch", "delete"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_refusal_first", False):
+                setattr(cls, name, _refusal_first(method))
 
     def body(self) -> bytes:
         """The request's body (at most body_limit() bytes: a 413 otherwise)."""
@@ -145,6 +170,17 @@ class ApiHandler(BaseHandler):
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return data
+
+
+def _refusal_first(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.refusal is not None:
+            raise self.refusal
+        return method(self, *args, **kwargs)
+
+    run._refusal_first = True
+    return run
 
 
 class NotFoundHandler(ApiHandler):
@@ -198,7 +234,13 @@ class HeartbeatHandler(ApiHandler):
         tracker = body.get("tracker", "")
         if not isinstance(tracker, str) or len(tracker) > MAX_TRACKER_TEXT:
             raise ApiError(400, f"tracker must be a HOST:PORT string of at most {MAX_TRACKER_TEXT} characters")
-        stopping = bool(body.get("stopping"))
+        flags = {}
+        for name in ("listed", "busy", "stopping"):  # bool("false") is True: JSON true or false, nothing else
+            value = body.get(name, False)
+            if not isinstance(value, bool):
+                raise ApiError(400, f"heartbeat: {name} must be true or false (got {json.dumps(value)[:40]})")
+            flags[name] = value
+        stopping = flags["stopping"]
         if stopping and device.agent_id in await self.tracker_agent_ids():
             # Anyone with the token can send a heartbeat in any agent's name. An agent that stops cleanly
             # stops its RPC server first (it leaves the tracker), then says goodbye; a goodbye for an agent
@@ -207,8 +249,8 @@ class HeartbeatHandler(ApiHandler):
             # on one machine or behind NAT, where every reporter has the same address.)
             raise ApiError(409, f"heartbeat: agent {device.agent_id} is still registered with the tracker; a "
                                 "stopping heartbeat counts only once its server has left the tracker")
-        svc.store.heartbeat(device.agent_id, device.key, device.to_json(), tracker, bool(body.get("listed")),
-                            bool(body.get("busy")), float(interval), stopping)
+        svc.store.heartbeat(device.agent_id, device.key, device.to_json(), tracker, flags["listed"],
+                            flags["busy"], float(interval), stopping)
         self.write_json({"ok": True, "heartbeat_s": HEARTBEAT_S})
 
     async def tracker_agent_ids(self) -> set[str]:

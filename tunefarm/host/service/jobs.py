@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hmac
 import os
+import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -44,6 +47,7 @@ class Upload:
 
 UPLOAD_PREFIX = "upload-"  # a submission's model file in LOGS/farm/tmp/ until its job is stored
 SUBMISSION = "job"  # how a submitted job file is named in its errors
+DIR_MARK = ".tunefarm-farm-job"  # in a job directory the farm created: the mark recorded with the job
 
 
 def upload_too_big(size: int, limit: int) -> str:
@@ -86,6 +90,7 @@ class JobQueue:
         once the job is stored: a refused request removes its own file, never another's.
         """
         self._refuse_taken(job.name, self.store.job(job.name))
+        self._refuse_foreign_dir(job.name)
         if job.model.source == "onnx":
             if upload is None or not upload.body:
                 raise ApiError(400, "model.source is onnx but no model file came with the job "
@@ -136,12 +141,21 @@ class JobQueue:
                 record = self.store.add_job(job, model, skip_eval)
             except JobExists as err:
                 self._refuse_taken(job.name, {"state": str(err)})
+            try:
+                record = self._make_job_dir(job.name)
+            except OSError as err:
+                self.store.delete_job(job.name)
+                if isinstance(err, FileExistsError):  # made since the check above (that awaited)
+                    self._refuse_foreign_dir(job.name)
+                raise ApiError(500, f"could not create the job directory {self.logs_dir / job.name}: "
+                                    f"{err.strerror or err}") from None
             if staged is not None:
                 try:
                     Path(job.model.path).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(staged, job.model.path)
                 except OSError as err:
                     self.store.delete_job(job.name)
+                    shutil.rmtree(self.logs_dir / job.name, ignore_errors=True)  # the one it just created
                     raise ApiError(500, f"could not keep the uploaded model: {err}") from None
                 staged = None
         finally:
@@ -155,6 +169,37 @@ class JobQueue:
         if existing is not None:
             raise ApiError(409, f"a job named '{name}' is already on this farm ({existing['state']}); "
                                 f"resume it (tunefarm resume {name}) or give the job a new name")
+
+    def _refuse_foreign_dir(self, name: str) -> None:
+        """A job's directory is one the farm creates: a name whose LOGS/<name> exists already (another run's,
+        a copy, a link) is refused, or the job would resume from it and a delete would remove it."""
+        if os.path.lexists(self.logs_dir / name):
+            raise ApiError(409, f"{self.logs_dir / name} already exists on the host and is not a job of this farm; "
+                                "give the job another name (or move that directory away)")
+
+    def _make_job_dir(self, name: str) -> dict[str, Any]:
+        """Create LOGS/<name> (it must not exist) with the farm's mark in it, and record the mark: a delete
+        removes only a directory that holds the mark recorded for its job. Returns the stored job."""
+        mark = secrets.token_hex(16)
+        path = self.logs_dir / name
+        os.mkdir(path)
+        fd = os.open(path / DIR_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(mark + "\n")
+        return self.store.update_job(name, dir_mark=mark)
+
+    def _owns_dir(self, job: dict[str, Any]) -> bool:
+        """Whether LOGS/<job> is the directory the farm created for ``job``: a directory (not a link) that
+        holds the mark recorded with the job."""
+        path = self.logs_dir / job["id"]
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode) or not job.get("dir_mark"):
+                return False
+            fd = os.open(path / DIR_MARK, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as fh:
+                return hmac.compare_digest(fh.read(64).strip(), job["dir_mark"])
+        except OSError:
+            return False
 
     def _stage_upload(self, body: bytes) -> Path:
         """``body`` in a new file of its own under the farm's tmp dir (blocking: call from a pool thread)."""
@@ -203,6 +248,8 @@ class JobQueue:
         self.procs.clear()
 
     def _start(self, job: dict[str, Any]) -> None:
+        if not os.path.lexists(self.logs_dir / job["id"]):  # removed by hand since: the farm makes it again
+            self._make_job_dir(job["id"])
         spec_path = self.farm.spec(job["id"])
         spec_path.write_text(job["spec"])
         attempt = job["attempts"] + 1
@@ -332,9 +379,12 @@ class JobQueue:
         if job["state"] not in FINAL_STATES or job_id in self.procs:
             raise ApiError(409, f"job {job_id} is {job['state']}; cancel it first (tunefarm cancel {job_id}), "
                                 "then delete it")
+        job_dir = self.logs_dir / job_id
+        if os.path.lexists(job_dir) and not self._owns_dir(job):
+            raise ApiError(409, f"{job_dir} was not created by this farm for job {job_id}; nothing was deleted "
+                                "(move that directory away, then delete the job)")
         removed = []
-        for path in (self.farm.spec(job_id), self.farm.run_log(job_id), self.farm.uploads(job_id),
-                     self.logs_dir / job_id):
+        for path in (self.farm.spec(job_id), self.farm.run_log(job_id), self.farm.uploads(job_id), job_dir):
             if remove_path(path):
                 removed.append(str(path))
         self.store.delete_job(job_id)

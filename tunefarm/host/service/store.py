@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    history TEXT NOT NULL DEFAULT '[]'
+    history TEXT NOT NULL DEFAULT '[]',
+    dir_mark TEXT                  -- what the farm wrote into the job directory it created (jobs.py)
 );
 CREATE TABLE IF NOT EXISTS devices (
     agent_id TEXT PRIMARY KEY,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS devices (
 
 _JOB_COLUMNS = ("seq", "id", "key", "state", "spec", "model", "budget", "skip_eval", "created", "started",
                 "finished", "attempts", "pid", "pid_started", "exit_code", "error", "cancel_requested",
-                "history")
+                "history", "dir_mark")
 
 
 class JobExists(Exception):
@@ -72,17 +73,30 @@ class JobStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            # SQLite takes an empty file for a new database: the queue it held would be gone without a word.
+            raise TunefarmError(f"{self.path} is empty (0 bytes): the farm's queue is not in it; restore it from a "
+                                "backup, or delete it to start with an empty queue (the job directories are kept)")
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             self.db.row_factory = sqlite3.Row
+            # Checked before anything is written: a damaged file is refused as it is, never rewritten.
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"damaged: {problems[0]}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            if "dir_mark" not in columns:  # a queue from before the farm marked the directories it creates
+                self.db.execute("ALTER TABLE jobs ADD COLUMN dir_mark TEXT")
             self.db.execute("SELECT count(*) FROM jobs").fetchone()
         except sqlite3.DatabaseError as err:  # not a database, or a damaged one: one line, not a traceback
             self.db.close()
-            raise TunefarmError(f"{self.path} is not a readable farm database ({err}); move it aside to start "
-                                "with an empty queue (the job directories are kept)") from None
+            detail = " ".join(str(err).split())[:200]
+            raise TunefarmError(f"{self.path} is not a readable farm database ({detail}); restore it from a "
+                                "backup, or move it aside to start with an empty queue (the job directories "
+                                "are kept)") from None
 
     def close(self) -> None:
         self.db.close()

@@ -65,8 +65,12 @@ class FarmViews:
         self._tasks_cache.pop(job_id, None)
 
     def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
-        """The job's progress lines from line ``start`` on (jobdir.read_events), JSON-safe."""
-        return clean(read_events(self.job_dir(job_id).file(jobdir.PROGRESS), start))
+        """The job's progress lines from line ``start`` on (jobdir.read_events), JSON-safe; none where the
+        file is a link (it would show what the link points to)."""
+        path = self.job_dir(job_id).file(jobdir.PROGRESS)
+        if not self.plain_file(path):
+            return []
+        return clean(read_events(path, start))
 
     def progress_summary(self, job_id: str) -> dict[str, Any]:
         path = self.job_dir(job_id).file(jobdir.PROGRESS)
@@ -98,17 +102,14 @@ class FarmViews:
 
     def plain_file(self, path: Path) -> bool:
         """Whether ``path`` (in a job directory or the farm's run logs) is a regular file reached without a
-        link: a link in a job directory to the farm's token, say, must not serve the token."""
-        return self.unlinked(path, self.logs_dir) and path.is_file()
+        link, nor a hard link (jobdir.plain_file): a link in a job directory to the farm's token, say, must not
+        serve the token."""
+        return jobdir.plain_file(path, self.logs_dir)
 
     @staticmethod
     def unlinked(path: Path, folder: Path) -> bool:
         """Whether ``path`` lies below ``folder`` with no link on the way (nor itself one)."""
-        try:
-            where = Path(os.path.realpath(folder)) / Path(path).relative_to(folder)
-            return Path(os.path.realpath(path)) == where
-        except (OSError, ValueError):  # ValueError: not below folder at all
-            return False
+        return jobdir.unlinked(path, folder)
 
     def file_path(self, job_id: str, name: str) -> Path | None:
         if name not in self.job_files(job_id):
@@ -125,6 +126,8 @@ class FarmViews:
         except OSError:
             return None  # replaced by a link (or removed) since it was checked
         with os.fdopen(fd, "rb") as fh:
+            if os.fstat(fh.fileno()).st_nlink != 1:
+                return None  # replaced by a hard link since it was checked
             return fh.read()
 
     def public_job(self, job: dict[str, Any], detail: bool = False) -> dict[str, Any]:

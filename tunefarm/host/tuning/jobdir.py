@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,6 +69,109 @@ def records_per_workload(database) -> dict[str, list[float]]:
     for rec in database.get_all_tuning_records():
         mean = mean_run_s(rec.run_secs)
         out.setdefault(str(tvm_ffi.structural_hash(rec.workload.mod)), []).extend([] if mean is None else [mean])
+    return out
+
+
+_SAID: set[tuple[str, int, tuple[int, ...]]] = set()  # damage already reported by this process
+
+
+def _good_line(line: bytes, workloads: int | None) -> Any:
+    """A database line's JSON if it has the shape MetaSchedule writes (workloads is None: a workload line
+    ``[hash, module]``; else a record line ``[workload index, [...]]``), else None."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, list) or len(data) != 2:
+        return None
+    if workloads is None:
+        return data if all(isinstance(x, str) for x in data) else None
+    index, body = data
+    ok = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < workloads and isinstance(body, list)
+    return data if ok else None
+
+
+def _keep_aside(path: Path) -> Path:
+    """A copy of ``path`` beside it (``NAME.damaged``, ``NAME.damaged.2``, ...); an identical copy is reused."""
+    data = path.read_bytes()
+    for i in range(1, 1000):
+        copy = path.with_name(path.name + ".damaged" + (f".{i}" if i > 1 else ""))
+        if not os.path.lexists(copy):
+            copy.write_bytes(data)
+            return copy
+        if copy.is_file() and not copy.is_symlink() and copy.stat().st_size == len(data) and copy.read_bytes() == data:
+            return copy
+    raise TunefarmError(f"{path}: too many damaged copies beside it")
+
+
+def check_database(job_dir: "JobDir", live: bool) -> dict[str, bytes] | None:
+    """None if the job's database files are whole (every line has MetaSchedule's shape); else their whole
+    lines, as file name -> bytes (records renumbered where a damaged workload line was left out, the records
+    of that workload left out with it). The damage is said once on stderr (how many lines, which, where the
+    copy is), and each damaged file is copied aside first. ``live``: a last line without its newline is one
+    being written, left out without a word (read side); otherwise it is damage too (the writer's side)."""
+    found: dict[str, bytes] = {}
+    for name in DATABASE_FILES:
+        try:
+            found[name] = job_dir.file(name).read_bytes()
+        except FileNotFoundError:
+            return None  # a new directory: TVM creates the files
+    out: dict[str, bytes] = {}
+    damaged: dict[str, list[int]] = {}
+    tails = False
+    renumber: dict[int, int] = {}
+    orphans = 0
+    for name in DATABASE_FILES:
+        pieces = found[name].split(b"\n")
+        tail = pieces.pop()  # after the last newline: b"" for a whole file
+        bad: list[int] = []
+        kept: list[bytes] = []
+        for number, line in enumerate(pieces, 1):
+            if name == DB_WORKLOAD:
+                if not line.strip():
+                    continue
+                if _good_line(line, None) is None:
+                    bad.append(number)
+                    continue
+                renumber[len(renumber) + len(bad)] = len(kept)  # TVM counts lines: this one's old index
+                kept.append(line)
+            else:
+                if not line.strip():
+                    continue
+                data = _good_line(line, len(renumber) + len(damaged.get(DB_WORKLOAD, [])))
+                if data is None:
+                    bad.append(number)
+                    continue
+                if data[0] not in renumber:
+                    orphans += 1
+                    continue
+                if renumber[data[0]] != data[0]:
+                    line = re.sub(rb"^\s*\[\s*\d+", b"[" + str(renumber[data[0]]).encode(), line, count=1)
+                kept.append(line)
+        if tail.strip():
+            tails = True
+            if not live:
+                bad.append(len(pieces) + 1)
+        if bad:
+            damaged[name] = bad
+        out[name] = b"".join(line + b"\n" for line in kept)
+    if not damaged and not tails and not orphans:
+        return None
+    if damaged or orphans:
+        parts = []
+        for name, bad in damaged.items():
+            path = job_dir.file(name)
+            shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            key = (str(path), len(found[name]), tuple(bad))
+            if key in _SAID:
+                continue
+            _SAID.add(key)
+            copy = _keep_aside(path)
+            parts.append(f"{path}: {len(bad)} damaged line(s) left out (line {shown}); the damaged file is kept "
+                         f"as {copy.name}")
+        if parts:
+            extra = f"; {orphans} record(s) of a damaged workload left out" if orphans else ""
+            print(f"tunefarm: warning: {'; '.join(parts)}{extra}", file=sys.stderr, flush=True)
     return out
 
 
@@ -124,18 +231,35 @@ class JobDir:
         return all((self.path / name).is_file() for name in DATABASE_FILES)
 
     def open_database(self):
-        """The job's database, read-only use; a one-line error if the directory has none."""
+        """The job's database, read-only use; a one-line error if the directory has none.
+
+        Damaged lines (a writer killed mid-line, a torn copy) are left out, said once on stderr, and the
+        damaged file is copied aside (check_database); the files themselves are not changed here (a worker
+        may be appending to them: a last line without its newline is one being written)."""
         from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
         if not self.has_database():
             raise TunefarmError(f"{self.path} is not a tuning job directory (no MetaSchedule database in it)")
-        return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+        whole = check_database(self, live=True)
+        if whole is None:
+            return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
+        with tempfile.TemporaryDirectory(prefix="tunefarm-db-") as work:  # TVM reads it all when it opens
+            for name, data in whole.items():
+                Path(work, name).write_bytes(data)
+            return ms.database.JSONDatabase(work_dir=work, allow_missing=False)
 
     def database(self):
-        """The job's database, created if missing (the tuning engine's)."""
+        """The job's database, created if missing (the tuning engine's). Damaged lines are repaired away
+        first (check_database: said once, the damaged file copied aside), or TVM could not open it."""
         from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
         self.path.mkdir(parents=True, exist_ok=True)
+        whole = check_database(self, live=False)
+        if whole is not None:
+            for name, data in whole.items():
+                tmp = self.file(name + ".repair")
+                tmp.write_bytes(data)
+                os.replace(tmp, self.file(name))
         return ms.database.JSONDatabase(work_dir=str(self.path))
 
     # -- tunefarm's own files
@@ -226,9 +350,44 @@ class JobDir:
         return not self.path.is_dir() or not any(self.path.iterdir())
 
 
+def unlinked(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies below ``folder`` with no symbolic link on the way (nor is one itself)."""
+    try:
+        where = Path(os.path.realpath(folder)) / Path(path).relative_to(folder)
+        return Path(os.path.realpath(path)) == where
+    except (OSError, ValueError):  # ValueError: not below folder at all
+        return False
+
+
+def plain_file(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is a regular file below ``folder``, reached with no symbolic link, and no hard link
+    either (one name only): a job directory's file must not stand for the farm's token or another's data."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and unlinked(path, folder)
+
+
+# The files a job directory is read from (warm start, the farm's cost model, the service's views).
+READ_FILES = (STATE, DB_WORKLOAD, DB_RECORDS, TASKS, VERIFIED, SPEC, PROGRESS)
+
+
+def own_files(job_dir: JobDir, logs_dir: str | Path) -> bool:
+    """Whether ``job_dir`` is a directory of ``logs_dir`` itself (not a link) and each of its READ_FILES,
+    where present, a plain file of its own (plain_file)."""
+    if not unlinked(job_dir.path, logs_dir) or not job_dir.path.is_dir():
+        return False
+    return all(plain_file(job_dir.file(name), logs_dir) for name in READ_FILES
+               if os.path.lexists(job_dir.file(name)))
+
+
 def job_dirs(logs_dir: str | Path) -> list[JobDir]:
-    """Every job directory under ``logs_dir`` (those with a job state), sorted by name."""
-    return [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]
+    """Every job directory under ``logs_dir`` (those with a job state), sorted by name; a directory that is
+    a link, or holds a job file that is a link (symbolic or hard), is left out: warm start and the farm's
+    cost model would read what it points to."""
+    found = [JobDir(p.parent) for p in sorted(Path(logs_dir).glob(f"*/{STATE}"))]
+    return [d for d in found if own_files(d, logs_dir)]
 
 
 def workload_counts(database) -> dict[str, dict[str, Any]]:
