@@ -18,6 +18,7 @@ from typing import Any
 
 from tunefarm.core.credential import AUTH, CHALLENGE, SUCCESS, load_farm_key, new_nonce, proof_ok
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.safe_text import printable
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD
 from tunefarm.tracker.client import TrackerClient, malformed_info, server_addr, server_device_info, server_key
@@ -26,7 +27,9 @@ POLL_INTERVAL_S = 1.0
 
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    """One line of the tracker's log; what peers sent (keys, agent ids, addresses) is in it, so control
+    characters are written as escapes (a key holding ESC[2J otherwise cleared the screen of `tail -f`)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {printable(message)}", flush=True)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -314,8 +317,8 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm
         seen[1] += 1
         if time.monotonic() - seen[0] > LOG_REFUSALS_EVERY_S:
             again = f" ({seen[1]} times since the last line)" if seen[1] > 1 else ""
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {conn.name()}: {problem}; "
-                  f"connection closed{again}", flush=True)
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {printable(conn.name())}: "
+                  f"{printable(problem, 300)}; connection closed{again}", flush=True)
             seen[0], seen[1] = time.monotonic(), 0
         conn.close()
 
