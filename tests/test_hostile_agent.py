@@ -159,3 +159,52 @@ def test_a_flood_of_idle_connections_does_not_keep_a_session_out(tracker, start_
     finally:
         for sock in flood:
             sock.close()
+
+
+def test_a_job_spends_no_trial_on_a_port_under_attack(tracker, start_agent, tmp_path):
+    """While a stranger holds idle connections and sends the 12-byte crashers every half second, a job measures
+    every candidate it builds on the one agent: nothing fails for want of a device, the server never restarts."""
+    import yaml
+
+    from conftest import run_cli
+
+    host, port = tracker
+    log = tmp_path / "agent.log"
+    start_agent(host, port, "k", log)
+    rpc_port = _rpc_port(log)
+    magic = struct.pack("<i", RPC_MAGIC)
+    stop = threading.Event()
+    idle = [socket.create_connection((HOST, rpc_port)) for _ in range(3)]
+
+    def attack():
+        while not stop.wait(0.5):
+            for payload in (magic + struct.pack("<i", 0), magic + struct.pack("<i", -1)):
+                try:
+                    socket.create_connection((HOST, rpc_port)).sendall(payload)
+                except OSError:
+                    pass
+            idle.append(socket.create_connection((HOST, rpc_port)))  # and one more idle connection each time
+
+    thread = threading.Thread(target=attack, daemon=True)
+    thread.start()
+    try:
+        job = {"name": "attacked", "model": {"source": "builtin", "name": "matmul"},
+               "device": {"key": "k", "tracker": f"{host}:{port}"}, "target": {"kind": "llvm", "num-cores": 1},
+               "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64,
+                          "warm_start": False},
+               "builder": {"workers": 1, "timeout_sec": 60},
+               "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5}}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        code, out, _ = run_cli(["tune", tmp_path / "job.yaml", "--logs-dir", tmp_path / "logs", "--skip-eval"],
+                               tmp_path / "tune.log", 600)
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in idle:
+            sock.close()
+    flat = " ".join(out.split())
+    assert code == 0, out
+    assert re.search(r"this run: \d+ trial\(s\) measured \(0 failed\)", flat), out
+    text = log.read_text(errors="replace")
+    assert "key length -1" in text and "restarting" not in text and "listen loop" not in text, text
+    assert len(re.findall(r"serving key 'k'", text)) == 1
