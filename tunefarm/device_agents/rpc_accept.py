@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import selectors
-import socket
 import struct
 import time
 from typing import Callable

@@ -300,8 +300,6 @@ def _cap_connections(stock) -> None:
     most once a minute per address), and messages of at most :data:`MAX_MESSAGE_BYTES`. The stock accept loop
     (``TrackerServerHandler._on_event``, TVM 0.27) takes every connection and retries accept() for ever on an
     error other than EAGAIN (out of file descriptors: a busy loop); this one stops at the first error."""
-    import errno as _errno  # pylint: disable=import-outside-toplevel
-
     stock.MAX_TRACKER_MSG_BYTES = MAX_MESSAGE_BYTES  # read by TCPEventHandler.on_message at each message
     limit = _connection_limit()
     logged: dict[str, list] = {}  # peer -> [last logged, refused since]
@@ -322,7 +320,7 @@ def _cap_connections(stock) -> None:
             try:
                 conn, addr = self._sock.accept()  # pylint: disable=protected-access
             except OSError as err:
-                if err.args and err.args[0] not in (_errno.EAGAIN, _errno.EWOULDBLOCK):
+                if err.args and err.args[0] not in (errno.EAGAIN, errno.EWOULDBLOCK):
                     say("-", f"accept failed: {err}")
                 return
             peer = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
