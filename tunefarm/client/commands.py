@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tunefarm.client.api import FarmClient
 from tunefarm.core.errors import TunefarmError
+from tunefarm.core.safe_text import printable
 from tunefarm.core.farm import FarmUnreachable
 
 FOLLOW_RECONNECT_S = 300.0  # how long `follow` keeps trying while the farm is away (e.g. restarting)
@@ -29,10 +30,11 @@ def _console():
 
 def _text(value) -> str:
     """Agent- or user-supplied text (an agent id, a key, a target, a model, an error) as it reads: rich would
-    take ``[/x]`` in it for markup (and fail on it)."""
+    take ``[/x]`` in it for markup (and fail on it), and a terminal would obey its control characters (written
+    as ``\\xNN`` escapes instead, :func:`tunefarm.core.safe_text.printable`)."""
     from rich.markup import escape  # pylint: disable=import-outside-toplevel
 
-    return escape(str(value))
+    return escape(printable(value))
 
 
 def _ms(value) -> str:
@@ -54,8 +56,8 @@ def submit(job_file: str, farm: str | None, skip_eval: bool, follow_after: bool)
     client = FarmClient.from_settings(farm)
     job = client.submit(job_file, skip_eval=skip_eval)
     where = f"position {job.get('queue_position')} on key '{job['key']}'" if job["state"] == "queued" else job["state"]
-    print(f"submitted {job['id']} to {client.url} ({job['model']}, {job['budget']} trials; {where})")
-    print(f"  follow: tunefarm follow {job['id']}    pull: tunefarm pull {job['id']} -o DIR")
+    print(printable(f"submitted {job['id']} to {client.url} ({job['model']}, {job['budget']} trials; {where})"))
+    print(printable(f"  follow: tunefarm follow {job['id']}    pull: tunefarm pull {job['id']} -o DIR"))
     if follow_after:
         follow(job["id"], farm)
 
@@ -122,7 +124,7 @@ def follow(job_id: str, farm: str | None) -> None:
                                           f" (position {job.get('queue_position')} on key '{_text(job['key'])}')"
                                           if job["state"] == "queued" else "")
                                 progress.console.print(f"{time.strftime('%H:%M:%S')}  job {_text(job_id)}: "
-                                                       f"{job['state']}{detail}")
+                                                       f"{_text(job['state'])}{detail}")
                     if job["state"] in ("done", "failed", "cancelled"):
                         break
                 except FarmUnreachable as err:
@@ -147,13 +149,13 @@ def follow(job_id: str, farm: str | None) -> None:
 
 def cancel(job_id: str, farm: str | None) -> None:
     job = FarmClient.from_settings(farm).cancel(job_id)
-    print(f"{job_id}: {'cancelling (its worker is stopping)' if job['state'] == 'running' else job['state']}; "
-          f"tunefarm resume {job_id} continues it from its database")
+    print(printable(f"{job_id}: {'cancelling (its worker is stopping)' if job['state'] == 'running' else job['state']}; "
+                    f"tunefarm resume {job_id} continues it from its database"))
 
 
 def resume(job_id: str, farm: str | None, trials: int | None) -> None:
     job = FarmClient.from_settings(farm).resume(job_id, trials)
-    print(f"{job_id}: {job['state']} ({job['trials']}/{job['budget']} trials measured; they are kept)")
+    print(printable(f"{job_id}: {job['state']} ({job['trials']}/{job['budget']} trials measured; they are kept)"))
 
 
 def delete(job_id: str, farm: str | None) -> None:

@@ -2,7 +2,7 @@
 
 ``python -m tunefarm.device_agents.rpc_server --tracker H:P --key K --host H --port P --info-json '{...}'``
 
-It runs TVM's own listen loop (``PopenRPCServerState``) in this process and adds three things:
+It runs TVM's own listen loop (``PopenRPCServerState``) in this process and adds these things:
 
 * its tracker registration (``UPDATE_INFO``) carries the agent's ``DeviceInfo`` under ``INFO_FIELD``,
   which the stock tracker stores and returns in SUMMARY;
@@ -10,6 +10,9 @@ It runs TVM's own listen loop (``PopenRPCServerState``) in this process and adds
   (JSON strings), and ``tunefarm.runner.run`` / ``tunefarm.runner.available`` (the model runners of
   :mod:`tunefarm.device_agents.runners`), which RPC clients can call in a session (sessions are forked
   from this process, so they inherit them);
+* a hardened accept step (:mod:`tunefarm.device_agents.rpc_accept`): handshakes are read concurrently, each
+  within a deadline and with every length bounded, and a malformed one is refused with a log line instead of
+  ending the listen loop (anyone who reaches the port could block or crash the stock one);
 * an exit: when the listen loop ends (the tracker stayed away for about 60 s, or a session crashed),
   this process exits non-zero so that the agent restarts it; and when the agent dies, this process
   and its sessions die too, rather than staying registered as an orphan.
@@ -29,6 +32,7 @@ import threading
 import time
 
 from tunefarm.core.wire import AGENT_ID_FUNC, AGENT_INFO_FUNC, AGENT_TARGET_FUNC, INFO_FIELD, no_delay, parse_hostport
+from tunefarm.device_agents import rpc_accept
 
 EXIT_LOOP_ENDED = 3
 REFUSED_RETRY_S = 10.0  # a tracker that refused the farm key is asked again this often
@@ -272,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     _publish_info(info, load_farm_key(create=False))
     _retry_the_tracker_sooner()
     _log_sessions()
+    unhardened = rpc_accept.install(_log)  # before PopenRPCServerState starts the listen thread
+    if unhardened:
+        _log(f"warning: {unhardened}; using TVM's own accept step, which one idle connection blocks")
     _register_globals(info)
     _register_served(args.serve)
     threading.excepthook = _record_loop_error
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"cannot listen on {args.host} ports [{args.port}, {port_end}): {err}")
         return EXIT_LOOP_ENDED
     no_delay(state.sock)  # the handshake's three small writes otherwise wait for a delayed ACK
+    state.sock.listen(rpc_accept.MAX_PENDING)  # the stock backlog is 1; handshakes are read concurrently now
     _listen_sock.append(state.sock)
     os.register_at_fork(after_in_child=_session_dies_with_server)
     _log(f"agent {info.get('agent_id', '?')} serving key '{args.key}' on {args.host}:{state.port}, "

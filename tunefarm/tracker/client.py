@@ -418,8 +418,13 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
         return
 
     from rich.console import Console  # pylint: disable=import-outside-toplevel
-    from rich.markup import escape  # pylint: disable=import-outside-toplevel
+    from rich.markup import escape as escape_markup  # pylint: disable=import-outside-toplevel
     from rich.table import Table  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.core.safe_text import printable  # pylint: disable=import-outside-toplevel
+
+    def escape(text) -> str:  # neither markup nor control characters reach the terminal
+        return escape_markup(printable(text))
 
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns

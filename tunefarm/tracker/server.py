@@ -18,6 +18,7 @@ from typing import Any
 
 from tunefarm.core.credential import AUTH, CHALLENGE, SUCCESS, load_farm_key, new_nonce, proof_ok
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.safe_text import printable
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD
 from tunefarm.tracker.client import TrackerClient, malformed_info, server_addr, server_device_info, server_key
@@ -26,7 +27,9 @@ POLL_INTERVAL_S = 1.0
 
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    """One line of the tracker's log; what peers sent (keys, agent ids, addresses) is in it, so control
+    characters are written as escapes (a key holding ESC[2J otherwise cleared the screen of `tail -f`)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {printable(message)}", flush=True)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -240,6 +243,14 @@ def _info_problem(info: Any) -> str | None:
 
 
 REFUSED_KEPT = 64  # refused servers the SUMMARY lists (newest)
+# Per-peer limits (issue 32, item 11: 100 half-sent 1 MB frames from one address grew the tracker by 120 MB).
+# A farm's own processes on one machine hold one connection per agent, one per waiting session request and
+# the watcher's: far fewer than this. Peers behind one NAT share the cap.
+MAX_CONNECTIONS_PER_PEER = 64
+MAX_CONNECTIONS = 4096  # all peers together; lowered below the process's file descriptor limit
+# The largest message a farm process sends the tracker is an UPDATE_INFO (at most MAX_INFO_BYTES); the stock
+# limit is 1 MB, which a connection may buffer before its message is checked.
+MAX_MESSAGE_BYTES = 4 * MAX_INFO_BYTES
 LOG_REFUSALS_EVERY_S = 60.0
 
 
@@ -273,6 +284,60 @@ def _die_with_parent(parent_pid: int) -> None:
     watch_thread.start()  # it exits at once if the parent is already gone (before the signal was asked for)
 
 
+def _connection_limit() -> int:
+    try:
+        import resource  # pylint: disable=import-outside-toplevel
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_CONNECTIONS
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 64))
+
+
+def _cap_connections(stock) -> None:
+    """In the tracker's process: at most :data:`MAX_CONNECTIONS_PER_PEER` connections from one address and
+    :func:`_connection_limit` in all (a connection over the cap is closed as it is accepted, with a log line at
+    most once a minute per address), and messages of at most :data:`MAX_MESSAGE_BYTES`. The stock accept loop
+    (``TrackerServerHandler._on_event``, TVM 0.27) takes every connection and retries accept() for ever on an
+    error other than EAGAIN (out of file descriptors: a busy loop); this one stops at the first error."""
+    stock.MAX_TRACKER_MSG_BYTES = MAX_MESSAGE_BYTES  # read by TCPEventHandler.on_message at each message
+    limit = _connection_limit()
+    logged: dict[str, list] = {}  # peer -> [last logged, refused since]
+
+    def say(peer: str, problem: str) -> None:
+        seen = logged.setdefault(peer, [0.0, 0])
+        seen[1] += 1
+        if time.monotonic() - seen[0] > LOG_REFUSALS_EVERY_S:
+            again = f" ({seen[1]} times since the last line)" if seen[1] > 1 else ""
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a connection from {printable(peer, 100)}: "
+                  f"{problem}; closed{again}", flush=True)
+            seen[0], seen[1] = time.monotonic(), 0
+            if len(logged) > 4096:
+                logged.clear()
+
+    def on_event(self, _events):
+        while True:
+            try:
+                conn, addr = self._sock.accept()  # pylint: disable=protected-access
+            except OSError as err:
+                if err.args and err.args[0] not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    say("-", f"accept failed: {err}")
+                return
+            peer = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+            connections = self._connections  # pylint: disable=protected-access
+            if len(connections) >= limit:
+                conn.close()
+                say(peer, f"the tracker holds {limit} connections")
+                continue
+            if sum(1 for c in connections if c._addr[0] == peer) >= MAX_CONNECTIONS_PER_PEER:  # pylint: disable=protected-access
+                conn.close()
+                say(peer, f"more than {MAX_CONNECTIONS_PER_PEER} connections from one address")
+                continue
+            stock.TCPEventHandler(self, conn, addr)
+
+    stock.TrackerServerHandler._on_event = on_event  # pylint: disable=protected-access
+
+
 def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm_key: str,
                          open_keys: list[str], parent_pid: int):
     """Runs in the tracker's own process: the stock tracker, its connections without Nagle's delay, every
@@ -295,6 +360,7 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm
         original(self, sock, stop_key)
 
     stock.TrackerServerHandler.__init__ = init
+    _cap_connections(stock)
     summary = stock.TrackerServerHandler.summary
 
     def summary_with_refused(self):
@@ -314,8 +380,8 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm
         seen[1] += 1
         if time.monotonic() - seen[0] > LOG_REFUSALS_EVERY_S:
             again = f" ({seen[1]} times since the last line)" if seen[1] > 1 else ""
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {conn.name()}: {problem}; "
-                  f"connection closed{again}", flush=True)
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} refused a request from {printable(conn.name())}: "
+                  f"{printable(problem, 300)}; connection closed{again}", flush=True)
             seen[0], seen[1] = time.monotonic(), 0
         conn.close()
 

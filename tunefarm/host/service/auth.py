@@ -3,15 +3,19 @@ time), the dashboard's session cookie (signed with a key derived from the token)
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import math
 import os
 import secrets
+import time
 import urllib.parse
 from pathlib import Path
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.host.service.config import FarmConfig
+from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.log import log
 
 SESSION_COOKIE = "tunefarm_session"
@@ -41,11 +45,64 @@ def load_token(config: FarmConfig, default_path: Path) -> str:
     return token
 
 
-def token_ok(token: str, supplied: str | None) -> bool:
-    """Whether ``supplied`` is the token, compared in constant time."""
+LOG_THROTTLE_EVERY_S = 60.0
+
+
+class WrongTokens:
+    """Per peer address, wrong tokens are slowed (issue 32, item 11: ~830 guesses/s were answered): a bucket
+    of :attr:`FREE` failures that refills at one per :attr:`REFILL_S`; while it is empty, a request from that
+    address that carries a token is answered 429 without the token being compared, right or wrong. Requests
+    without a token (a dashboard's cookie) are not counted. At most :attr:`MAX_PEERS` addresses are kept."""
+
+    FREE = 10
+    REFILL_S = 1.0
+    MAX_PEERS = 4096
+
+    def __init__(self):
+        # peer -> [bucket level, when, when last logged]
+        self.peers: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+
+    def _level(self, peer: str, now: float) -> float:
+        entry = self.peers.get(peer)
+        if entry is None:
+            return float(self.FREE)
+        return min(float(self.FREE), entry[0] + (now - entry[1]) / self.REFILL_S)
+
+    def wait_s(self, peer: str) -> float:
+        """Seconds before ``peer`` may try a token again (0: now)."""
+        level = self._level(peer, time.monotonic())
+        return 0.0 if level >= 1.0 else (1.0 - level) * self.REFILL_S
+
+    def failed(self, peer: str) -> None:
+        now = time.monotonic()
+        level = self._level(peer, now) - 1.0
+        logged = self.peers[peer][2] if peer in self.peers else -math.inf
+        if level < 1.0 and now - logged > LOG_THROTTLE_EVERY_S:
+            log(f"too many wrong tokens from {peer}: its requests with a token are answered 429 beyond one per "
+                f"{self.REFILL_S:g} s (said at most once a minute)")
+            logged = now
+        self.peers[peer] = [level, now, logged]
+        self.peers.move_to_end(peer)
+        while len(self.peers) > self.MAX_PEERS:
+            self.peers.popitem(last=False)
+
+
+WRONG_TOKENS = WrongTokens()
+
+
+def token_ok(token: str, supplied: str | None, peer: str | None = None) -> bool:
+    """Whether ``supplied`` is the token, compared in constant time. With ``peer`` (the client's address),
+    wrong tokens are counted and a peer that sent too many gets an ApiError(429) instead (:class:`WrongTokens`)."""
     if not supplied:
         return False
-    return hmac.compare_digest(supplied.encode(), token.encode())
+    if peer is not None:
+        wait = WRONG_TOKENS.wait_s(peer)
+        if wait > 0:
+            raise ApiError(429, f"too many wrong tokens from {peer}: try again in {max(1, math.ceil(wait))} s")
+    ok = hmac.compare_digest(supplied.encode(), token.encode())
+    if not ok and peer is not None:
+        WRONG_TOKENS.failed(peer)
+    return ok
 
 
 def cookie_secret(token: str) -> str:

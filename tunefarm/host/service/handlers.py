@@ -85,7 +85,7 @@ class ApiHandler(BaseHandler):
         self.received = 0
         limit = self.body_limit()
         self.request.connection.set_max_body_size(limit)
-        ok = token_ok(self.service.token, self.bearer())
+        ok = token_ok(self.service.token, self.bearer(), peer=self.request.remote_ip)
         if not ok and self.request.method == "GET" and not self.request.headers.get("Authorization"):
             ok = self.has_session()
         if not ok:
@@ -458,7 +458,7 @@ class LoginHandler(BaseHandler):
 
     def post(self):
         next_page = safe_next(self.get_argument("next", "/"))
-        if not token_ok(self.service.token, self.get_argument("token", "").strip()):
+        if not token_ok(self.service.token, self.get_argument("token", "").strip(), peer=self.request.remote_ip):
             self.set_status(401)
             self.finish(LOGIN_PAGE.format(message='<p class="error">Wrong token.</p>',
                                            next=tornado.escape.xhtml_escape(next_page)))

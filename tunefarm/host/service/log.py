@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import time
 
+from tunefarm.core.safe_text import printable
+
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} farm: {message}", flush=True)
-
+    """One line; job names, keys and agent ids in it came from the network: control characters are escaped."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} farm: {printable(message)}", flush=True)

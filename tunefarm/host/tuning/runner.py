@@ -152,6 +152,11 @@ class NotMeasured(RuntimeError):
     candidate's."""
 
 
+class EveryAgentUnreachable(TunefarmError):
+    """Every agent on the key was handed out and none could be reached from this host, and none ever measured
+    here (issue 32, item 7): the job stops, its candidates are not spent as failures."""
+
+
 class CandidateNotRun(Exception):
     """The agent did not measure this candidate of a chunk (an earlier one failed): measure it again."""
 
@@ -484,8 +489,9 @@ class _Batch:
             for _ in range(restart if self.queue else 0):
                 self._start_worker()
             reason = self.runner.last_session_error or f"no agent on key '{self.runner.key}' took it"
+            stop = self.runner.every_agent_unreachable
             for cand in orphaned:
-                cand.settle(error=NotMeasured(f"not measured: {reason}"))
+                cand.settle(error=EveryAgentUnreachable(stop) if stop else NotMeasured(f"not measured: {reason}"))
             time.sleep(_WATCH_INTERVAL_S)
 
 
@@ -505,6 +511,10 @@ class FarmRunnerFuture(PyRunnerFuture):
     def result(self) -> RunnerResult:
         try:
             costs, agent_id = self.future.result()
+        except EveryAgentUnreachable as err:
+            # Raised through MetaSchedule's loop (the job stops; _root_cause finds the TunefarmError line), so
+            # that candidates that never reached a device are not recorded as failed trials.
+            raise TunefarmError(str(err)) from None
         except TimeoutError:
             self.on_done(None, "timeout")
             return RunnerResult(None, f"FarmRunner: no result within {self.timeout_sec:g} s of the agent "
@@ -553,6 +563,7 @@ class FarmRunner(PyRunner):
         self._lost_check: threading.Timer | None = None
         self._opening = 0  # workers asking the tracker for a session now
         self.unreachable: dict[str, str] = {}  # "host:port" the tracker handed out -> why this host cannot reach it
+        self.every_agent_unreachable = ""  # set by note_unreachable: why the job stops
         self.on_unreachable: Callable[[str], None] | None = None  # told each such address once
         self.measured_by: dict[str, str] = {}  # artifact path -> agent id (for the timing verifier)
         self._inputs: dict[str, tuple[str, tuple]] = {}  # artifact path -> (device type, args info)
@@ -599,8 +610,18 @@ class FarmRunner(PyRunner):
         with self._lock:
             new = addr not in self.unreachable
             self.unreachable[addr] = str(err)
+            unreachable, measured = len(self.unreachable), bool(self.per_agent)
         if new and self.on_unreachable is not None:
             self.on_unreachable(str(err))
+        if not measured and not self.every_agent_unreachable:
+            try:
+                listed = self.tracker.servers_for_key(self.key)
+            except TrackerUnreachable:
+                return
+            if listed and unreachable >= listed:  # as many distinct addresses failed as agents are listed; none measured
+                self.every_agent_unreachable = (
+                    f"no agent on key '{self.key}' can be reached from this host ({unreachable} tried, see the "
+                    "line above): fix the agent's --custom-addr (or the network) and run the job again")
 
     def check_agents(self) -> None:
         """Note every agent that measured here and is no longer listed on the key (killed, crashed, unplugged)."""
