@@ -281,3 +281,36 @@ def test_an_agent_loads_the_plugin_reports_it_and_runs_a_module_with_onednn_part
     assert answer["latency"]["median_ms"] > 0, answer
     assert answer["threads"] == info.threads, answer
     assert answer["onednn"] == {"plugin": str(lib), "omp_threads": str(info.threads)}, answer
+
+
+def test_without_the_plugin_an_agent_says_so_and_its_runner_refuses_a_onednn_model(plugin, tmp_path):
+    """No plugin (none built, or TUNEFARM_ONEDNN_PLUGIN=off): the agent's probe reports oneDNN unavailable with the
+    reason, and the TVM runner answers 'not available' with what to do for a library with oneDNN parts, instead
+    of a loader error from deep inside TVM."""
+    import subprocess
+    import sys
+
+    import tvm
+
+    _, mod, x, _ = _offload_mixed()
+    model = tmp_path / "mixed.so"
+    tvm.compile(mod, tvm.target.Target({"kind": "llvm"})).export_library(str(model))
+    np.savez(tmp_path / "inputs.npz", data=x)
+    script = ("import json, sys\n"
+              "from tunefarm.core import onednn\n"
+              "from tunefarm.device_agents import runners\n"
+              "print(json.dumps([onednn.probe(), runners.run('tvm', sys.argv[1], sys.argv[2], sys.argv[3], 1, 1, {})]))\n")
+    answers = {}
+    for name, env in (("none built", {"XDG_CACHE_HOME": str(tmp_path / "empty-cache")}),
+                      ("off", {"TUNEFARM_ONEDNN_PLUGIN": "off"})):
+        proc = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "inputs.npz"),
+                               str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, **env}, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    probe, run = answers["none built"]
+    assert probe == {"available": False, "reason": "no plugin built for this TVM (tunefarm runtime onednn)"}, probe
+    assert run["available"] is False and "no oneDNN plugin" in run["reason"], run
+    probe, run = answers["off"]
+    assert probe["available"] is False and "TUNEFARM_ONEDNN_PLUGIN=off" in probe["reason"], probe
+    assert run["available"] is False and "tunefarm runtime onednn" in run["reason"], run

@@ -63,7 +63,15 @@ class TVMRunner(BaseRunner):
         # A library with oneDNN parts needs the plugin's module loader before load_module: the agent names its
         # plugin in $TUNEFARM_ONEDNN_PLUGIN (its RPC server's sessions inherit it).
         self.onednn_plugin = onednn.load_if_named()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(self.model_path), self.dev)
+        try:
+            library = tvm.runtime.load_module(self.model_path)
+        except Exception as err:  # pylint: disable=broad-except  # TVM raises several types here
+            if "dnnl" in str(err) and self.onednn_plugin is None:
+                raise RunnerUnavailable("the model has oneDNN parts but this agent has no oneDNN plugin (run "
+                                        "`tunefarm runtime onednn` on it, with libdnnl-dev installed, and restart "
+                                        "the agent)") from None
+            raise
+        self.vm = relax.VirtualMachine(library, self.dev)
 
     def _device_inputs(self, feed: dict[str, np.ndarray]) -> list:
         return [self.tvm.runtime.tensor(x, self.dev) for x in feed.values()]
