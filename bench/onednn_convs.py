@@ -204,7 +204,8 @@ def main():
                             "compile_s": round(results[backend][0][name]["compile_s"], 2)}
             assert row[backend]["error_vs_ort"] <= 1e-4, (name, backend, row[backend])
         rows[name] = row
-    lines = [f"# ResNet-18 convs: oneDNN (farm BYOC) vs ONNX Runtime vs untuned TVM, {args.threads} threads", "",
+    lines = [f"# ResNet-18 convs: oneDNN (farm BYOC) vs ONNX Runtime{'' if args.no_untuned else ' vs untuned TVM'}, "
+             f"{args.threads} threads", "",
              common.describe(meta), "",
              f"oneDNN {dnnl_info.get('version')} ({dnnl_info.get('cpu_runtime')}, ISA {dnnl_info.get('isa')}), ONNX "
              f"Runtime {onnxruntime.__version__}; TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
