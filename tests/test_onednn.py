@@ -164,6 +164,41 @@ def _offload_mixed():
     return groups, offloaded, x, ref
 
 
+def test_a_weight_computed_from_constants_is_folded_into_one_constant_for_onednn(plugin):
+    """A conv whose weight is w * scale (how a folded BatchNorm arrives) gets one constant weight, which oneDNN
+    reorders once at load; without folding it would be an input reordered on every call."""
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from tunefarm.host.byoc import dnnl
+
+    @I.ir_module
+    class Net:  # pylint: disable=too-few-public-methods
+        @R.function
+        def main(data: R.Tensor((1, 4, 8, 8), "float32"), w: R.Tensor((8, 4, 3, 3), "float32"),
+                 s: R.Tensor((8, 1, 1, 1), "float32")):
+            with R.dataflow():
+                o = R.nn.conv2d(data, R.multiply(w, s), padding=(1, 1))
+                R.output(o)
+            return o
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    w = rng.standard_normal((8, 4, 3, 3), dtype=np.float32)
+    scale = rng.standard_normal((8, 1, 1, 1), dtype=np.float32)
+    mod = relax.transform.BindParams("main", {"w": tvm.runtime.tensor(w), "s": tvm.runtime.tensor(scale)})(Net)
+    (unfolded,) = dnnl.candidate_groups(mod, fold_constants=False)
+    (folded,) = dnnl.candidate_groups(mod)
+    assert not unfolded.const_weight and folded.const_weight
+    offloaded = dnnl.offload(mod)
+    assert len(offloaded.attrs["const_name_to_constant"]) == 1
+    out = relax.VirtualMachine(tvm.compile(offloaded, tvm.target.Target({"kind": "llvm"})), tvm.cpu())["main"](
+        tvm.runtime.tensor(x)).numpy()
+    assert _rel_err(out, _torch_ref(lambda F, t: F.conv2d(t(x), t(w * scale), padding=1))) <= RTOL
+
+
 def test_a_mixed_module_matches_pytorch_and_runs_again_after_export_and_reload(plugin, tmp_path):
     import tvm
     from tvm import relax
@@ -193,7 +228,8 @@ def test_a_mixed_module_matches_pytorch_and_runs_again_after_export_and_reload(p
 
 def test_fused_residual_dense_and_matmul_groups_match_pytorch(plugin):
     """conv+bias+residual+relu (a ResNet block's tail), Linear+bias+relu as PyTorch exports it
-    (matmul(x, permute_dims(w))) and a plain 2-D matmul (its bias add stays with TVM): numerics against PyTorch."""
+    (matmul(x, permute_dims(w)), kept with fold_constants=False) and a plain 2-D matmul (its bias add stays with
+    TVM): numerics against PyTorch."""
     import tvm
     from tvm import relax
     from tvm.script import ir as I
@@ -222,9 +258,9 @@ def test_fused_residual_dense_and_matmul_groups_match_pytorch(plugin):
          "fw": rng.standard_normal((16, 288), dtype=np.float32) * 0.1, "fb": rng.standard_normal(16, dtype=np.float32),
          "mw": rng.standard_normal((16, 10), dtype=np.float32) * 0.3, "mb": rng.standard_normal(10, dtype=np.float32)}
     mod = relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in p.items()})(Net)
-    assert sorted(g.composite for g in dnnl.candidate_groups(mod)) == [
-        "dnnl.conv2d_bias_sum_relu", "dnnl.dense_bias_relu", "dnnl.matmul"]
-    offloaded = dnnl.offload(mod)
+    groups = dnnl.candidate_groups(mod, fold_constants=False)
+    assert sorted(g.composite for g in groups) == ["dnnl.conv2d_bias_sum_relu", "dnnl.dense_bias_relu", "dnnl.matmul"]
+    offloaded = dnnl.offload(mod, fold_constants=False)
     assert dnnl.offloaded_functions(offloaded) >= 2  # the reshape (TVM) splits conv from the dense+matmul pair
     ex = tvm.compile(offloaded, tvm.target.Target({"kind": "llvm"}))
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()

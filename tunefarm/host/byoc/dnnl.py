@@ -14,8 +14,12 @@ is offloaded, fp32 only:
   add after it stays with TVM (that kernel drops a bias: its op name must be exactly ``nn.batch_matmul``, and
   ``ParseAttrs`` then resets the bias it was given by index).
 
-Weights bound as constants (:func:`partition`'s default ``bind_constants=True``) go to oneDNN once, at the module's
-initialisation, and it reorders them into its blocked layout then (the prepacking ONNX Runtime also does).
+Weights bound as constants (:func:`partition`'s defaults: constants folded first, ``bind_constants=True``) go to
+oneDNN once, at the module's initialisation, and it reorders them into its blocked layout then (the prepacking ONNX
+Runtime also does; checked with ``DNNL_VERBOSE=1``: no weight reorder per call). Activations are another matter:
+the runtime keeps tensors between kernels in plain NCHW and oneDNN's convs want NHWC (``acdb``) here, so every
+offloaded conv reorders its input and output on every call (48 reorders per ResNet-18 run; in a verbose,
+loaded run they took about twice the convs' own time). An NHWC graph would avoid them; not done yet.
 
 For the placement step, every candidate group is described (:func:`candidate_groups`: its composite, shapes,
 FLOPs) and :func:`partition` takes a ``select`` predicate over those descriptions, so a caller can offload exactly
@@ -48,6 +52,10 @@ class Group:
     shapes: dict[str, tuple] = field(default_factory=dict)  # data, weight, out, ...
     attrs: dict[str, Any] = field(default_factory=dict)  # strides, padding, dilation, groups (conv2d)
     flops: int = 0
+    # The weight is a constant: oneDNN reorders it into its blocked layout once, at load. A weight computed at run
+    # time (e.g. BatchNorm folded in but not constant-folded) is reordered on every call (seen: 20 weight reorders
+    # per ResNet-18 run until partition() folded constants first).
+    const_weight: bool = False
 
     def key(self) -> str:
         """A stable text key: the same group in another module (or another run) has the same key."""
@@ -170,7 +178,8 @@ def describe(op: str, composite: str, ann: dict) -> Group | None:
         if _shape(res) != shapes["out"] or not _fp32(res):
             return None
         shapes["residual"] = _shape(res)
-    return Group(composite, op, {k: tuple(v) for k, v in shapes.items()}, attrs, int(flops))
+    return Group(composite, op, {k: tuple(v) for k, v in shapes.items()}, attrs, int(flops),
+                 isinstance(weight, tvm.ir.Constant))
 
 
 def _annotated(context) -> dict:
@@ -246,35 +255,44 @@ def register() -> None:
 # ---------------------------------------------------------------- partitioning
 
 
-def candidate_groups(mod: tvm.IRModule) -> list[Group]:
-    """Every group of ``mod`` that oneDNN could run (nothing offloaded: the module is not changed)."""
+def candidate_groups(mod: tvm.IRModule, fold_constants: bool = True) -> list[Group]:
+    """Every group of ``mod`` that oneDNN could run, as :func:`partition` would see them (nothing offloaded)."""
     found: list[Group] = []
 
     def collect(group: Group) -> bool:
         found.append(group)
         return True
 
+    if fold_constants:
+        mod = relax.transform.FoldConstant()(mod)
     relax.transform.FuseOpsByPattern(patterns(collect), bind_constants=True, annotate_codegen=False)(mod)
     return found
 
 
 def partition(mod: tvm.IRModule, select: Callable[[Group], bool] | None = None,
-              bind_constants: bool = True) -> tvm.IRModule:
+              bind_constants: bool = True, fold_constants: bool = True) -> tvm.IRModule:
     """Mark the groups oneDNN runs (all it can, or those ``select`` accepts) as ``Codegen=dnnl`` functions, merged
-    where they are neighbours. Run it on a module with its weights bound (``BindParams``), before
-    ``FoldConstant``/legalisation (``permute_dims`` of a Linear's weight must still be there)."""
+    where they are neighbours. Run it on a module with its weights bound (``BindParams``), before legalisation.
+
+    ``fold_constants`` (default) runs ``FoldConstant`` first: a weight computed from constants (a BatchNorm folded
+    into its conv, ``FoldBatchnormToConv2D``) becomes one constant, which oneDNN reorders once at load instead of
+    on every call. A Linear's ``permute_dims(w)`` is folded too, so it is offloaded as a plain matmul of the
+    transposed weight (``dnnl.matmul``, its bias add with TVM); ``fold_constants=False`` keeps it a ``dnnl.dense``."""
+    passes = [relax.transform.FoldConstant()] if fold_constants else []
     seq = tvm.transform.Sequential([
+        *passes,
         relax.transform.FuseOpsByPattern(patterns(select), bind_constants=bind_constants, annotate_codegen=False),
         relax.transform.MergeCompositeFunctions(),
     ])
     return seq(mod)
 
 
-def offload(mod: tvm.IRModule, select: Callable[[Group], bool] | None = None) -> tvm.IRModule:
+def offload(mod: tvm.IRModule, select: Callable[[Group], bool] | None = None,
+            fold_constants: bool = True) -> tvm.IRModule:
     """:func:`partition`, then run the codegen: the result compiles with ``tvm.compile`` like any module (the rest
     is legalised and built by TVM), and its exported library needs the plugin loaded where it is loaded."""
     register()
-    return relax.transform.RunCodegen()(partition(mod, select))
+    return relax.transform.RunCodegen()(partition(mod, select, fold_constants=fold_constants))
 
 
 def offloaded_functions(mod: tvm.IRModule) -> int:
