@@ -29,7 +29,10 @@ setup(
     version="0.1.0",
     description="Distributed tuning farm for deep-learning models built on Apache TVM (MetaSchedule + RPC)",
     packages=find_packages(include=["tunefarm", "tunefarm.*"]),
-    package_data={"tunefarm.host.service": ["static/*.*", "static/vendor/*/*"]},  # the dashboard
+    package_data={"tunefarm.host.service": ["static/*.*", "static/vendor/*/*"],  # the dashboard
+                  # TVM's support headers the oneDNN plugin build needs (tunefarm runtime onednn)
+                  "tunefarm.device_agents": ["onednn_support/*", "onednn_support/*/*", "onednn_support/*/*/*",
+                                             "onednn_support/*/*/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

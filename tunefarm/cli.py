@@ -200,6 +200,29 @@ def runtime_opencl(tvm_source, rebuild):
     click.echo(f"use it: LD_LIBRARY_PATH={rt.lib_dir} python ...  (or: tunefarm agent --opencl ...)")
 
 
+@runtime.command("onednn")
+@click.option("--rebuild", is_flag=True, help="Build again even if a cached plugin exists.")
+@_one_line_errors
+def runtime_onednn(rebuild):
+    """Build TVM's DNNL (oneDNN) runtime plugin for the installed wheel, cache it, and check it.
+
+    \b
+    The PyPI wheel is built with USE_DNNL=OFF but ships the DNNL JSON runtime's sources. This compiles them
+    (with three TVM support headers this package carries) against the system's oneDNN 2.x into
+    libtvm_dnnl_plugin.so (~15-30 s), caches it under ~/.cache/tunefarm/onednn/ per TVM version, and checks
+    that it loads and runs a convolution matching numpy. Needs: a C++ compiler and libdnnl-dev
+    (apt install libdnnl-dev). Agents load a cached plugin when they start and report it; the host needs
+    it to compile models with oneDNN parts. TUNEFARM_ONEDNN_PLUGIN=off turns it off in a process.
+    """
+    from tunefarm.device_agents.onednn_runtime import ensure_plugin
+
+    plugin = ensure_plugin(rebuild=rebuild, log=click.echo)
+    info = plugin.info
+    click.echo(f"oneDNN {info.get('version', '?')} ({info.get('cpu_runtime', '?')} threads, ISA {info.get('isa', '?')}); "
+               f"a test convolution matched numpy to {info.get('conv_max_rel_err', float('nan')):.1e} relative")
+    click.echo(f"plugin: {plugin.path}")
+
+
 @main.command()
 @click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT", help="Ask this tracker.")
 @click.option("--farm", default=None, metavar="URL",

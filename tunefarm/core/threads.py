@@ -13,6 +13,16 @@ from pathlib import Path
 
 THREADS_ENV = "TVM_NUM_THREADS"
 BIND_ENV = "TVM_BIND_THREADS"
+OMP_ENV = "OMP_NUM_THREADS"  # OpenMP's pool: oneDNN (Debian's libdnnl is built with OpenMP) and PyTorch
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The variables that size every CPU thread pool of a process that runs TVM and vendor kernels: TVM's own
+    pool (``TVM_NUM_THREADS``) and OpenMP's (``OMP_NUM_THREADS``: oneDNN's, PyTorch's). Both get ``threads``:
+    a module mixing oneDNN and TVM kernels runs them one after the other in one process, each pool with the
+    agent's count, never both pools' sum at once. Set before either pool starts (a child's environment)."""
+    count = str(int(threads))
+    return {THREADS_ENV: count, OMP_ENV: count}
 
 
 def usable_cpus() -> int:

@@ -139,6 +139,9 @@ class DeviceInfo:
     runners: list[str] = dataclasses.field(default_factory=list)  # backends this agent can run
     tvm_version: str = ""
     peak_gflops: float = 0.0  # fp32 peak (CPU: a measured sgemm; GPU: tensor-core peak from its attributes); 0: unknown
+    # vendor libraries TVM can offload to here, by name ("onednn": {"available": bool, "version", "isa", "plugin",
+    # or "reason"}); core.onednn.probe() fills oneDNN's
+    vendor: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

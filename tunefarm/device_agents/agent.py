@@ -21,7 +21,7 @@ import time
 import click
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
-from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, resolve_threads
+from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, resolve_threads, thread_env
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
 CHECK_INTERVAL_S = 3.0  # how often the tracker is asked whether it lists us
@@ -70,6 +70,10 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
             f"; {ocl['name']}: {ocl.get('max_threads_per_block')} work-items per work-group, "
             f"{ocl.get('max_shared_memory_per_block')} bytes local memory, warp size {ocl.get('warp_size')}"
             if (ocl := info.opencl.get("device") or {}).get("name") else "") + ")",
+        f"  onednn   " + (f"yes (oneDNN {dnnl.get('version')}, {dnnl.get('isa')}, {dnnl.get('cpu_runtime')} threads: "
+                            f"OMP_NUM_THREADS={info.threads}; {dnnl.get('plugin')})"
+                            if (dnnl := info.vendor.get("onednn") or {}).get("available") else
+                            f"no ({dnnl.get('reason', 'not probed')})"),
         f"  runners  {', '.join(info.runners)}",
         f"  tvm      {info.tvm_version}",
     ]
@@ -129,7 +133,8 @@ class _RPCServerSupervisor:
     def start_child(self) -> None:
         # TVM sizes its CPU thread pool once, from TVM_NUM_THREADS, when the pool first starts (in the
         # sessions forked from the child); without it TVM takes hardware_concurrency()/2 on x86-64.
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(self.info.threads)}, **self.child_env)
+        # oneDNN's OpenMP pool (and PyTorch's) gets the same count: both pools run in one session process.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **thread_env(self.info.threads), **self.child_env)
         keep_tvm_threads_inside(env)  # a pinned agent (taskset): TVM would bind its threads outside the mask
         # Its own session (and process group): stopping the child takes its forked RPC sessions
         # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.

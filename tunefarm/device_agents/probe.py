@@ -264,6 +264,16 @@ def available_runners() -> list[str]:
     return runner_backends()
 
 
+# ---------------------------------------------------------------- vendor libraries
+
+def probe_vendor() -> dict[str, Any]:
+    """Vendor libraries this agent's TVM can run offloaded parts with: oneDNN when its plugin is built (it is
+    loaded here, and the RPC server's sessions load it from $TUNEFARM_ONEDNN_PLUGIN, which this sets)."""
+    from tunefarm.core import onednn  # pylint: disable=import-outside-toplevel
+
+    return {"onednn": onednn.probe()}
+
+
 # ---------------------------------------------------------------- the whole machine
 
 def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
@@ -284,6 +294,7 @@ def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
         opencl=probe_opencl(),
         runners=available_runners(),
         tvm_version=str(tvm.__version__),
+        vendor=probe_vendor(),
     )
 
 

@@ -388,6 +388,15 @@ def devices_to_json(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _describe_vendor(vendor: dict[str, Any]) -> str:
+    """The vendor libraries an agent reports (DeviceInfo.vendor), e.g. ``onednn 2.6.3 avx512_core``."""
+    parts = []
+    for name, entry in sorted((vendor or {}).items()):
+        if isinstance(entry, dict) and entry.get("available") is True:
+            parts.append(" ".join(str(x) for x in (name, entry.get("version"), entry.get("isa")) if x))
+    return ", ".join(parts) or "-"
+
+
 def _describe_opencl(opencl: dict[str, Any]) -> str:
     if not opencl:
         return "-"
@@ -434,11 +443,12 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
                       f"(start one with: tunefarm agent --tracker {host}:{port} --key KEY)")
         return
     table = Table(title=f"tracker {host}:{port}")
-    for name in ("key", "agents", "free", "busy", "pending", "target", "cpu", "cc", "cuda", "opencl"):
+    for name in ("key", "agents", "free", "busy", "pending", "target", "cpu", "cc", "cuda", "opencl", "vendor"):
         table.add_column(name, justify="right" if name in ("free", "busy", "pending") else "left",
                          no_wrap=name in ("key", "agents", "free", "busy", "pending"))
     for item in devices:
-        lines: dict[str, list[str]] = {name: [] for name in ("agents", "target", "cpu", "cc", "cuda", "opencl")}
+        lines: dict[str, list[str]] = {name: [] for name in ("agents", "target", "cpu", "cc", "cuda", "opencl",
+                                                             "vendor")}
         for agent, addr in zip(item["agents"], item["addrs"]):
             # Everything an agent says about itself is its own text: escaped, never read as markup.
             if isinstance(agent, DeviceInfo):
@@ -449,15 +459,16 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
                 lines["cc"].append("yes" if agent.has_cc else "[red]no[/]")
                 lines["cuda"].append(escape(", ".join(str(d.get("name", "?")) for d in agent.cuda) or "-"))
                 lines["opencl"].append(escape(_describe_opencl(agent.opencl)))
+                lines["vendor"].append(escape(_describe_vendor(agent.vendor)))
             else:
                 lines["agents"].append(escape(f"{addr} (stock server, open key)"))
-                for name in ("target", "cpu", "cc", "cuda", "opencl"):
+                for name in ("target", "cpu", "cc", "cuda", "opencl", "vendor"):
                     lines[name].append("?")
         for refused in item.get("refused", []):
             lines["agents"].append("[red]" + escape(f"{refused.get('addr')} REFUSED: {refused.get('reason')}") + "[/]")
-            for name in ("target", "cpu", "cc", "cuda", "opencl"):
+            for name in ("target", "cpu", "cc", "cuda", "opencl", "vendor"):
                 lines[name].append("-")
         table.add_row(escape(item["key"]), "\n".join(lines["agents"]) or "-", str(item["free"]), str(item["busy"]),
                       str(item["pending"]), *("\n".join(lines[n]) or "-"
-                                              for n in ("target", "cpu", "cc", "cuda", "opencl")))
+                                              for n in ("target", "cpu", "cc", "cuda", "opencl", "vendor")))
     console.print(table)

@@ -58,7 +58,20 @@ class TVMRunner(BaseRunner):
                     tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in ("ON", "1"):
                 hint = " (this TVM runtime has no OpenCL backend: start the agent with --opencl)"
             raise RunnerUnavailable(f"TVM's runtime on this device sees no {self.dev}{hint}")
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(self.model_path), self.dev)
+        from tunefarm.core import onednn  # pylint: disable=import-outside-toplevel
+
+        # A library with oneDNN parts needs the plugin's module loader before load_module: the agent names its
+        # plugin in $TUNEFARM_ONEDNN_PLUGIN (its RPC server's sessions inherit it).
+        self.onednn_plugin = onednn.load_if_named()
+        try:
+            library = tvm.runtime.load_module(self.model_path)
+        except Exception as err:  # pylint: disable=broad-except  # TVM raises several types here
+            if "dnnl" in str(err) and self.onednn_plugin is None:
+                raise RunnerUnavailable("the model has oneDNN parts but this agent has no oneDNN plugin (run "
+                                        "`tunefarm runtime onednn` on it, with libdnnl-dev installed, and restart "
+                                        "the agent)") from None
+            raise
+        self.vm = relax.VirtualMachine(library, self.dev)
 
     def _device_inputs(self, feed: dict[str, np.ndarray]) -> list:
         return [self.tvm.runtime.tensor(x, self.dev) for x in feed.values()]
@@ -90,4 +103,9 @@ class TVMRunner(BaseRunner):
                                 "precision": str(self.options.get("precision", "fp32"))}
         if self.device_type == "cpu":
             info["threads"] = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+        if getattr(self, "onednn_plugin", None) is not None:
+            import os  # pylint: disable=import-outside-toplevel
+
+            # oneDNN's OpenMP pool: the agent sets OMP_NUM_THREADS to its thread count (core.threads.thread_env)
+            info["onednn"] = {"plugin": str(self.onednn_plugin), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
         return info

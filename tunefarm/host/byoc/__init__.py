@@ -1,0 +1,1 @@
+"""Vendor libraries (BYOC) as farm backends: the host-side codegens and partitions."""
