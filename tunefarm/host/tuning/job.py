@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
-from tunefarm.core.threads import usable_cores
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
@@ -168,13 +167,10 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
              should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune what ``plan`` leaves to do (its job directory committed, ``database`` open)."""
     # pylint: disable=import-outside-toplevel
-    from tvm.s_tir import meta_schedule as ms
-
     from tunefarm.host.tuning.budget import TrialCounter
-    from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
+    from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR
     from tunefarm.host.tuning.measured_cache import MeasuredCache
-    from tunefarm.host.tuning.runner import FarmRunner
-    from tunefarm.host.tuning.search import BudgetedSearch, committing_as_measured, measure_callbacks, quiet_pool_rule
+    from tunefarm.host.tuning.search import quiet_pool_rule
 
     job, budget, job_dir = plan.job, plan.budget, plan.job_dir
     result = TuneResult(plan=plan, database=database, tracker=tracker, on_wait=on_wait)
@@ -220,58 +216,40 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     # The design spaces and search of a run searched here (the search workers make their own). The run's clock
     # starts here, as a spread run's does before its workers set up: both include the set-up of the search.
     t0 = time.time()
-    from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
-
-    load_for(plan.target)
-    search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
-    space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
-        num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
-        **({"space": space} if space is not None else {}))
-    host, port = tracker
-    builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache,
-                          keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR)
-    builder.warm()  # its workers start while the first task's search runs
-    runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
-                        device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
-                        on_agent_lost=_agent_lost_message(console, job.device.key),
-                        evaluator_config=ms.runner.EvaluatorConfig(
-                            number=job.runner.number, repeat=job.runner.repeat,
-                            min_repeat_ms=job.runner.min_repeat_ms,
-                            enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
     from rich.markup import escape as _escape  # pylint: disable=import-outside-toplevel
 
-    # An address the agent registered (its own word): escaped before printing.
-    runner.on_unreachable = lambda message: console.print(f"[bold red]unreachable agent[/]: {_escape(message)}")
     from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
-    from tunefarm.host.tuning.verify import TimingVerifier  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.loop import TuningLoop  # pylint: disable=import-outside-toplevel
 
-    verifier = TimingVerifier(runner, job_dir.file(VERIFIED), console)
-    cost_model, result.cost_model = _cost_model(plan, console)
-    job_dir.mark_run_started()
-    committed: list = []
-    limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
-    profiler = ms.Profiler()
+    loop = TuningLoop([plan.extracted[i] for i in order], plan.target, work_dir=job_dir.path, counter=counter,
+                      cache=cache, tracker=tracker, device_key=job.device.key, builder=job.builder,
+                      runner=job.runner, population_size=tn.population_size, seed=tn.seed,
+                      space=plan.pipeline.space(plan.target), keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR,
+                      verified_log=job_dir.file(VERIFIED), console=console, on_wait=on_wait,
+                      on_agent_lost=_agent_lost_message(console, job.device.key),
+                      # An address the agent registered (its own word): escaped before printing.
+                      on_unreachable=lambda message: console.print(
+                          f"[bold red]unreachable agent[/]: {_escape(message)}"))
     try:
-        with progress.progress, profiler, committing_as_measured(search) as scheduler:
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir.path),
-                          max_trials_global=limit_global, max_trials_per_task=limit_task,
-                          num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
-                          database=database, cost_model=cost_model,
-                          measure_callbacks=measure_callbacks(
-                              make_progress_callback(progress, should_stop, stop, committed), verifier, committed),
-                          task_scheduler=scheduler)
-        runner.check_agents()
+        cost_model, result.cost_model = _cost_model(plan, console)
+    except BaseException:
+        loop.close()
+        raise
+    job_dir.mark_run_started()
+    limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
+    try:
+        profile = loop.run(database, cost_model=cost_model, max_trials_global=limit_global,
+                           max_trials_per_task=limit_task, num_trials_per_iter=tn.num_trials_per_iter,
+                           on_measured=make_progress_callback(progress, should_stop, stop, loop.committed),
+                           around=progress.progress, check_agents=True)
     except Exception as err:  # pylint: disable=broad-except
         raise _tuning_stopped(err, database, job_dir) from None
     finally:
         if timer is not None:
             timer.cancel()
-        builder.shutdown()
-        runner.shutdown()
+    runner, builder = loop.runner, loop.builder
     result.wall_s = time.time() - t0
-    result.time_split = time_split({str(k): float(v) for k, v in profiler.get().items()}, result.wall_s)
+    result.time_split = time_split(profile, result.wall_s)
     result.per_agent = dict(runner.per_agent)
     result.failures = dict(runner.failures)
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
@@ -280,7 +258,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.agents_lost = dict(runner.lost)
     result.requeued = runner.requeued
     result.unreachable = dict(runner.unreachable)
-    result.verification = verifier.summary()
+    result.verification = loop.verifier.summary()
     return _finish_run(plan, result, progress, console)
 
 

@@ -270,23 +270,20 @@ class _Share:
         from rich.console import Console
         from tvm.s_tir import meta_schedule as ms
 
-        from tunefarm.core.jobspec import BuilderSpec
+        from tunefarm.core.jobspec import BuilderSpec, RunnerSpec
         from tunefarm.core.threads import usable_cores
         from tunefarm.core.wire import parse_hostport
         from tunefarm.host.tuning.budget import TrialCounter
-        from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
+        from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR
+        from tunefarm.host.tuning.intrinsics import load_for
+        from tunefarm.host.tuning.loop import TuningLoop
         from tunefarm.host.tuning.measured_cache import MeasuredCache
         from tunefarm.host.tuning.pipeline import Pipeline
-        from tunefarm.host.tuning.runner import FarmRunner
-        from tunefarm.host.tuning.search import (BudgetedSearch, committing_as_measured, measure_callbacks,
-                                                 quiet_pool_rule)
-        from tunefarm.host.tuning.verify import TimingVerifier
-
-        from tunefarm.host.tuning.intrinsics import load_for
+        from tunefarm.host.tuning.search import quiet_pool_rule
 
         spec = self.spec
         target = tvm.target.Target(spec["target"])
-        load_for(target)
+        load_for(target)  # before the task modules are read (TuningLoop asks again: loaded once)
         quiet_pool_rule(target)
         work = tempfile.mkdtemp(prefix="tunefarm-search-")
         database = ms.database.JSONDatabase(work_dir=work)
@@ -300,55 +297,36 @@ class _Share:
             keys.append(str(tvm_ffi.structural_hash(mod)))
         cache = MeasuredCache()
         cached = cache.load_database(database)
-        tuning, runner_spec = spec["tuning"], spec["runner"]
+        tuning = spec["tuning"]
         with self.lock:
             self.counter = TrialCounter.of(spec["trials"], {k: int(t["left"]) for k, t in zip(keys, spec["tasks"])})
             self.keys = keys
             if self.stopped:
                 self.counter.stop()
-        search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=int(tuning["population_size"])),
-                                self.counter, cache)
         extracted = [ms.ExtractedTask(task_name=str(t["name"])[:200], mod=mod, target=target, dispatched=[mod],
                                       weight=max(1, int(t["weight"]))) for t, mod in zip(spec["tasks"], mods)]
-        space = Pipeline.from_json(spec.get("pipeline")).space(target)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted, work_dir=work, strategy=search, seed=spec.get("seed"), num_threads=usable_cores(),
-            **({"space": space} if space is not None else {}))
-        host, port = parse_hostport(spec["tracker"])
         # The worker's own cores build (or the job's build agents): never more processes than it has cores.
         build = BuilderSpec(**spec["builder"])
         build.workers = min(build.workers or usable_cores(), usable_cores())
-        builder = job_builder(build, (host, port), float(runner_spec["device_wait_sec"]), cache=cache,
-                              keep_dir=Path(work) / BUILD_TIMEOUTS_DIR)
-        builder.warm()  # its workers start while the first task's search runs
-        runner = FarmRunner(host, port, spec["device_key"], timeout_sec=float(runner_spec["timeout_sec"]),
-                            device_wait_sec=float(runner_spec["device_wait_sec"]), cache=cache,
-                            evaluator_config=ms.runner.EvaluatorConfig(
-                                number=int(runner_spec["number"]), repeat=int(runner_spec["repeat"]),
-                                min_repeat_ms=int(runner_spec["min_repeat_ms"]),
-                                enable_cpu_cache_flush=bool(runner_spec["enable_cpu_cache_flush"])))
-        verifier = TimingVerifier(runner, Path(work) / "verified.jsonl", Console(stderr=True, highlight=False))
+        loop = TuningLoop(extracted, target, work_dir=work, counter=self.counter, cache=cache,
+                          tracker=parse_hostport(spec["tracker"]), device_key=spec["device_key"], builder=build,
+                          runner=RunnerSpec(**spec["runner"]), population_size=int(tuning["population_size"]),
+                          seed=spec.get("seed"), space=Pipeline.from_json(spec.get("pipeline")).space(target),
+                          keep_dir=Path(work) / BUILD_TIMEOUTS_DIR, verified_log=Path(work) / "verified.jsonl",
+                          console=Console(stderr=True, highlight=False))
         with self.lock:
-            self.runner, self.builder, self.verifier = runner, builder, verifier
-        committed: list = []
-        per_task_cap = max(int(t["left"]) for t in spec["tasks"])
-        profiler = ms.Profiler()  # where the share's time goes (the host's report; thread-local in TVM)
-        with self.lock:
+            self.runner, self.builder, self.verifier = loop.runner, loop.builder, loop.verifier
             self.setup_s = time.monotonic() - self.began
+        per_task_cap = max(int(t["left"]) for t in spec["tasks"])
         try:
-            with profiler, committing_as_measured(search) as scheduler:
-                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work,
-                              max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
-                              num_trials_per_iter=int(tuning["num_trials_per_iter"]), builder=builder, runner=runner,
-                              database=database, cost_model=str(spec.get("cost_model") or "xgb"),
-                              measure_callbacks=measure_callbacks(_collector(self, committed), verifier, committed),
-                              task_scheduler=scheduler)
+            loop.run(database, cost_model=str(spec.get("cost_model") or "xgb"),
+                     max_trials_global=int(spec["trials"]) + cached, max_trials_per_task=per_task_cap + cached,
+                     num_trials_per_iter=int(tuning["num_trials_per_iter"]),
+                     on_measured=_collector(self, loop.committed))
         finally:
             with self.lock:
-                self.profile = {str(k): float(v) for k, v in profiler.get().items()}
-            builder.shutdown()
-            runner.shutdown()
-            for path in builder.kept:  # the worker's log: where to find a candidate that held its batch
+                self.profile = dict(loop.profile)
+            for path in loop.builder.kept:  # the worker's log: where to find a candidate that held its batch
                 print(f"tunefarm search worker: a candidate's build timed out; kept at {path}", file=sys.stderr,
                       flush=True)
 
