@@ -124,6 +124,10 @@ def test_time_split_counts_nested_profiler_scopes_once():
     assert split["search_s"] == 10.0  # Misc (4, its child inside) + SampleInitPopulation (6)
     assert (split["build_s"], split["measure_s"], split["model_update_s"]) == (50.0, 6.0, 2.0)
     assert split["other_s"] == 12.0
+    # The farm's database callback times itself inside the scope MetaSchedule puts around Python callbacks.
+    nested = time_split({**profile, "MeasureCallback/PyMeasureCallback": 7.0, "MeasureCallback/AddToDatabase": 6.0},
+                        80.0)
+    assert nested["model_update_s"] == 9.0 and nested["other_s"] == 5.0
 
 
 def test_a_dead_session_is_told_from_a_failing_candidate():
