@@ -122,6 +122,57 @@ def test_no_role_imports_another_roles_internals():
     assert role_violations(graph()) == []
 
 
+# Boundaries inside the host (issue 30). The search workers are a role of their own folder: its protocol and
+# dealing stand alone, the worker's side and the host's side never import each other, and the tuning engine
+# reaches the folder only through the host's driver.
+INSIDE = {
+    "tunefarm.host.search_workers.protocol": {"tunefarm.core"},
+    "tunefarm.host.search_workers.dealing": set(),
+    "tunefarm.host.search_workers.worker": {"tunefarm.core", "tunefarm.host.search_workers.protocol",
+                                            "tunefarm.host.tuning"},
+    "tunefarm.host.search_workers.driver": {"tunefarm.core", "tunefarm.tracker.client",
+                                            "tunefarm.host.search_workers.protocol",
+                                            "tunefarm.host.search_workers.dealing", "tunefarm.host.tuning"},
+}
+SEARCH_WORKERS_FROM_TUNING = {"tunefarm.host.search_workers.driver"}
+
+
+def inside_violations(deps: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, allowed in INSIDE.items():
+        for target in sorted(deps.get(mod, ())):
+            if not any(target == a or target.startswith(a + ".") for a in allowed):
+                bad.append(f"{mod} imports {target}")
+    for mod, targets in sorted(deps.items()):
+        if mod.startswith("tunefarm.host.tuning."):
+            bad += [f"{mod} imports {t}" for t in sorted(targets)
+                    if t.startswith("tunefarm.host.search_workers") and t not in SEARCH_WORKERS_FROM_TUNING]
+    return bad
+
+
+def tune_tasks_callers() -> list[str]:
+    """Modules that call MetaSchedule's ``tune_tasks`` (``ms.tune_tasks(...)``, ``tune_tasks(...)``)."""
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if name == "tune_tasks":
+                    out.append(module_name(path))
+                    break
+    return sorted(out)
+
+
+def test_search_workers_keep_their_boundaries():
+    assert inside_violations(graph()) == []
+
+
+def test_one_module_runs_the_tuning_loop():
+    """The host's job and a search worker's share both tune through tuning/loop.py: the loop exists once."""
+    assert tune_tasks_callers() == ["tunefarm.host.tuning.loop"]
+
+
 def test_the_checker_sees_cycles_and_violations():
     deps = {"tunefarm.core.a": {"tunefarm.host.x"}, "tunefarm.host.x": {"tunefarm.host.y"},
             "tunefarm.host.y": {"tunefarm.host.x"}, "tunefarm.client.c": {"tunefarm.host.x"}}
@@ -130,11 +181,16 @@ def test_the_checker_sees_cycles_and_violations():
                                      "tunefarm.core.a imports tunefarm.host.x"]
     real = graph()
     assert "tunefarm.core.errors" in real["tunefarm.core.jobspec"]  # a relative import, resolved
+    assert inside_violations({"tunefarm.host.search_workers.worker": {"tunefarm.host.search_workers.driver"},
+                              "tunefarm.host.tuning.job": {"tunefarm.host.search_workers.worker"}}) == [
+        "tunefarm.host.search_workers.worker imports tunefarm.host.search_workers.driver",
+        "tunefarm.host.tuning.job imports tunefarm.host.search_workers.worker"]
 
 
 if __name__ == "__main__":
     found = graph()
     for comp in cycles(found):
         print("cycle:", " <-> ".join(comp))
-    for line in role_violations(found):
+    for line in role_violations(found) + inside_violations(found):
         print("role:", line)
+    print("tune_tasks called in:", ", ".join(tune_tasks_callers()))

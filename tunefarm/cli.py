@@ -150,13 +150,13 @@ def search_worker(tracker_addr, key, host, port, custom_addr, farm_key_file):
     search workers, each running MetaSchedule's search and builds for its share on this machine's cores
     (pin it with taskset to give it fewer) and measuring on the job's device key; the host merges the records.
 
-    A search worker is a farm agent on KEY whose RPC server also serves the search (tunefarm.host.tuning.spread);
+    A search worker is a farm agent on KEY whose RPC server also serves the search (tunefarm.host.search_workers.worker);
     it needs this package's host dependencies (TVM, xgboost) and must reach the tracker and the device agents.
     """
     from tunefarm.device_agents.agent import run_agent
 
     run_agent(tracker_addr, key, target="auto", host=host, port=port, custom_addr=custom_addr,
-              farm_key_file=farm_key_file, serve=("tunefarm.host.tuning.spread",))
+              farm_key_file=farm_key_file, serve=("tunefarm.host.search_workers.worker",))
 
 
 @main.group()
