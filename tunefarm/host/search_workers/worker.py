@@ -122,14 +122,13 @@ class _Share:
             since = max(0, min(since, len(self.records)))
             part = self.records[since:since + MAX_POLL_RECORDS]
             done = self.done and since + len(part) == len(self.records)
-            runner, builder = self.runner, self.builder
+            builder = self.builder
+            counts = self.runner.stats.snapshot() if self.runner is not None else {}
             return {"records": part, "next": since + len(part), "done": done, "error": self.error,
                     "unstarted": unstarted,
-                    "per_agent": dict(runner.per_agent) if runner is not None else {},
-                    "failures": dict(runner.failures) if runner is not None else {},
+                    "per_agent": counts.get("per_agent", {}), "failures": counts.get("failures", {}),
                     "build_failures": dict(builder.build_failures) if builder is not None else {},
-                    "requeued": runner.requeued if runner is not None else 0,
-                    "unreachable": dict(runner.unreachable) if runner is not None else {},
+                    "requeued": counts.get("requeued", 0), "unreachable": counts.get("unreachable", {}),
                     "verification": self.verifier.summary() if self.verifier is not None else {},
                     "setup_s": self.setup_s, "profile": dict(self.profile) if self.done else {}}
 

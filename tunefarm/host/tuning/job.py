@@ -182,17 +182,17 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     finally:
         if timer is not None:
             timer.cancel()
-    runner, builder = loop.runner, loop.builder
+    counts, builder = loop.runner.stats.snapshot(), loop.builder
     result.wall_s = time.time() - t0
     result.time_split = time_split(profile, result.wall_s)
-    result.per_agent = dict(runner.per_agent)
-    result.failures = dict(runner.failures)
+    result.per_agent = counts["per_agent"]
+    result.failures = counts["failures"]
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
     result.build_failures = dict(builder.build_failures)
     result.kept_builds = list(builder.kept)
-    result.agents_lost = dict(runner.lost)
-    result.requeued = runner.requeued
-    result.unreachable = dict(runner.unreachable)
+    result.agents_lost = counts["lost"]
+    result.requeued = counts["requeued"]
+    result.unreachable = counts["unreachable"]
     result.verification = loop.verifier.summary()
     return _finish_run(plan, result, progress, console)
 

@@ -1,6 +1,6 @@
 """The farm's tuning loop: MetaSchedule's ``tune_tasks`` with the farm's parts. The one module that calls it.
 
-A host's job (tuning/job.py ``run_plan``) and a search worker's share (search_workers/worker.py) both tune
+A host's job (tuning/job.py ``run_plan``) and a search worker's share (host/search_workers/worker.py) both tune
 through :class:`TuningLoop`; what differs between them is passed in, as ``tune_tasks`` takes its builder,
 runner, database and callbacks: the tasks, the budget's :class:`~tunefarm.host.tuning.budget.TrialCounter`,
 where the loop's files go, the job's settings, the cost model, the limits and the callback that takes each
@@ -57,11 +57,10 @@ class TuningLoop:
         self.builder.warm()  # its workers start while the first task's search runs
         self.runner = FarmRunner(host, port, device_key, timeout_sec=runner.timeout_sec,
                                  device_wait_sec=runner.device_wait_sec, on_wait=on_wait, cache=cache,
-                                 on_agent_lost=on_agent_lost,
+                                 on_agent_lost=on_agent_lost, on_unreachable=on_unreachable,
                                  evaluator_config=ms.runner.EvaluatorConfig(
                                      number=runner.number, repeat=runner.repeat, min_repeat_ms=runner.min_repeat_ms,
                                      enable_cpu_cache_flush=runner.enable_cpu_cache_flush))
-        self.runner.on_unreachable = on_unreachable
         self.verifier = TimingVerifier(self.runner, verified_log, console)
         self.committed: list = []
         self.profile: dict[str, float] = {}  # MetaSchedule's profiler scopes (s), once run has ended
