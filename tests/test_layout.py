@@ -133,6 +133,11 @@ INSIDE = {
     "tunefarm.host.search_workers.driver": {"tunefarm.core", "tunefarm.tracker.client",
                                             "tunefarm.host.search_workers.protocol",
                                             "tunefarm.host.search_workers.dealing", "tunefarm.host.tuning"},
+    # The runner's parts, each below the next: transport steps, the session pool, a batch, the runner.
+    "tunefarm.host.tuning.transport": {"tunefarm.core"},
+    "tunefarm.host.tuning.sessions": {"tunefarm.core", "tunefarm.host.tuning.transport"},
+    "tunefarm.host.tuning.batch": {"tunefarm.core", "tunefarm.host.tuning.transport",
+                                   "tunefarm.host.tuning.sessions"},
 }
 SEARCH_WORKERS_FROM_TUNING = {"tunefarm.host.search_workers.driver"}
 
@@ -173,6 +178,42 @@ def test_one_module_runs_the_tuning_loop():
     assert tune_tasks_callers() == ["tunefarm.host.tuning.loop"]
 
 
+MAX_MODULE_LINES = 600
+
+
+def long_modules() -> list[str]:
+    return sorted(f"{module_name(p)}: {n} lines" for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES)
+
+
+def test_no_module_is_over_600_lines():
+    assert long_modules() == []
+
+
+def backend_tables() -> list[str]:
+    """Modules other than core/backends.py that spell out a table of backends (a literal dict, list, tuple or
+    set naming three or more of them): a backend is described in one place, the rest derived from it."""
+    sys.path.insert(0, str(PACKAGE.parent))
+    from tunefarm.core.backends import BACKENDS  # pylint: disable=import-outside-toplevel
+
+    names = set(BACKENDS) | {b.runner for b in BACKENDS.values()}
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) == "tunefarm.core.backends":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            if isinstance(node, (ast.Dict, ast.List, ast.Tuple, ast.Set)) and items:
+                found = {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+                if len(found) >= 3:
+                    out.append(f"{module_name(path)}:{node.lineno}")
+    return sorted(out)
+
+
+def test_a_backend_is_described_in_one_place():
+    assert backend_tables() == []
+
+
 def test_the_checker_sees_cycles_and_violations():
     deps = {"tunefarm.core.a": {"tunefarm.host.x"}, "tunefarm.host.x": {"tunefarm.host.y"},
             "tunefarm.host.y": {"tunefarm.host.x"}, "tunefarm.client.c": {"tunefarm.host.x"}}
@@ -194,3 +235,5 @@ if __name__ == "__main__":
     for line in role_violations(found) + inside_violations(found):
         print("role:", line)
     print("tune_tasks called in:", ", ".join(tune_tasks_callers()))
+    for line in long_modules() + [f"backend table: {where}" for where in backend_tables()]:
+        print(line)
