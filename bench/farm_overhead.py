@@ -72,12 +72,12 @@ def main():
             for name, runner in runners.items():  # warm-up: pools started, agent session path exercised
                 [f.result() for f in runner.run(runner_inputs[:2])]
                 if isinstance(runner, FarmRunner):
-                    runner.chunks.clear()
+                    runner.stats.chunks.clear()
             measure_rounds(args.rounds, runners, runner_inputs, evaluator, rows)
         finally:
             for proxy in proxies:
                 proxy.kill()
-        chunks = {name: dict(r.chunks) for name, r in runners.items() if isinstance(r, FarmRunner)}
+        chunks = {name: dict(r.stats.chunks) for name, r in runners.items() if isinstance(r, FarmRunner)}
         for runner in runners.values():
             if isinstance(runner, FarmRunner):
                 runner.shutdown()

@@ -12,7 +12,7 @@ import sys
 
 
 def main() -> int:
-    from tunefarm.host.tuning import spread  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.search_workers import worker as spread  # pylint: disable=import-outside-toplevel
 
     got = {}
 
@@ -42,7 +42,7 @@ def main() -> int:
     spread._start, spread._poll = start, poll  # pylint: disable=protected-access  # registered by --serve
     from tunefarm.device_agents.rpc_server import main as serve  # pylint: disable=import-outside-toplevel
 
-    return serve(sys.argv[1:] + ["--serve", "tunefarm.host.tuning.spread"])
+    return serve(sys.argv[1:] + ["--serve", "tunefarm.host.search_workers.worker"])
 
 
 if __name__ == "__main__":

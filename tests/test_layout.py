@@ -122,6 +122,98 @@ def test_no_role_imports_another_roles_internals():
     assert role_violations(graph()) == []
 
 
+# Boundaries inside the host (issue 30). The search workers are a role of their own folder: its protocol and
+# dealing stand alone, the worker's side and the host's side never import each other, and the tuning engine
+# reaches the folder only through the host's driver.
+INSIDE = {
+    "tunefarm.host.search_workers.protocol": {"tunefarm.core"},
+    "tunefarm.host.search_workers.dealing": set(),
+    "tunefarm.host.search_workers.worker": {"tunefarm.core", "tunefarm.host.search_workers.protocol",
+                                            "tunefarm.host.tuning"},
+    "tunefarm.host.search_workers.driver": {"tunefarm.core", "tunefarm.tracker.client",
+                                            "tunefarm.host.search_workers.protocol",
+                                            "tunefarm.host.search_workers.dealing", "tunefarm.host.tuning"},
+    # The runner's parts, each below the next: transport steps, the session pool, a batch, the runner.
+    "tunefarm.host.tuning.transport": {"tunefarm.core"},
+    "tunefarm.host.tuning.sessions": {"tunefarm.core", "tunefarm.host.tuning.transport"},
+    "tunefarm.host.tuning.batch": {"tunefarm.core", "tunefarm.host.tuning.transport",
+                                   "tunefarm.host.tuning.sessions"},
+}
+SEARCH_WORKERS_FROM_TUNING = {"tunefarm.host.search_workers.driver"}
+
+
+def inside_violations(deps: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, allowed in INSIDE.items():
+        for target in sorted(deps.get(mod, ())):
+            if not any(target == a or target.startswith(a + ".") for a in allowed):
+                bad.append(f"{mod} imports {target}")
+    for mod, targets in sorted(deps.items()):
+        if mod.startswith("tunefarm.host.tuning."):
+            bad += [f"{mod} imports {t}" for t in sorted(targets)
+                    if t.startswith("tunefarm.host.search_workers") and t not in SEARCH_WORKERS_FROM_TUNING]
+    return bad
+
+
+def tune_tasks_callers() -> list[str]:
+    """Modules that call MetaSchedule's ``tune_tasks`` (``ms.tune_tasks(...)``, ``tune_tasks(...)``)."""
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if name == "tune_tasks":
+                    out.append(module_name(path))
+                    break
+    return sorted(out)
+
+
+def test_search_workers_keep_their_boundaries():
+    assert inside_violations(graph()) == []
+
+
+def test_one_module_runs_the_tuning_loop():
+    """The host's job and a search worker's share both tune through tuning/loop.py: the loop exists once."""
+    assert tune_tasks_callers() == ["tunefarm.host.tuning.loop"]
+
+
+MAX_MODULE_LINES = 600
+
+
+def long_modules() -> list[str]:
+    return sorted(f"{module_name(p)}: {n} lines" for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES)
+
+
+def test_no_module_is_over_600_lines():
+    assert long_modules() == []
+
+
+def backend_tables() -> list[str]:
+    """Modules other than core/backends.py that spell out a table of backends (a literal dict, list, tuple or
+    set naming three or more of them): a backend is described in one place, the rest derived from it."""
+    sys.path.insert(0, str(PACKAGE.parent))
+    from tunefarm.core.backends import BACKENDS  # pylint: disable=import-outside-toplevel
+
+    names = set(BACKENDS) | {b.runner for b in BACKENDS.values()}
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) == "tunefarm.core.backends":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            if isinstance(node, (ast.Dict, ast.List, ast.Tuple, ast.Set)) and items:
+                found = {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+                if len(found) >= 3:
+                    out.append(f"{module_name(path)}:{node.lineno}")
+    return sorted(out)
+
+
+def test_a_backend_is_described_in_one_place():
+    assert backend_tables() == []
+
+
 def test_the_checker_sees_cycles_and_violations():
     deps = {"tunefarm.core.a": {"tunefarm.host.x"}, "tunefarm.host.x": {"tunefarm.host.y"},
             "tunefarm.host.y": {"tunefarm.host.x"}, "tunefarm.client.c": {"tunefarm.host.x"}}
@@ -130,11 +222,18 @@ def test_the_checker_sees_cycles_and_violations():
                                      "tunefarm.core.a imports tunefarm.host.x"]
     real = graph()
     assert "tunefarm.core.errors" in real["tunefarm.core.jobspec"]  # a relative import, resolved
+    assert inside_violations({"tunefarm.host.search_workers.worker": {"tunefarm.host.search_workers.driver"},
+                              "tunefarm.host.tuning.job": {"tunefarm.host.search_workers.worker"}}) == [
+        "tunefarm.host.search_workers.worker imports tunefarm.host.search_workers.driver",
+        "tunefarm.host.tuning.job imports tunefarm.host.search_workers.worker"]
 
 
 if __name__ == "__main__":
     found = graph()
     for comp in cycles(found):
         print("cycle:", " <-> ".join(comp))
-    for line in role_violations(found):
+    for line in role_violations(found) + inside_violations(found):
         print("role:", line)
+    print("tune_tasks called in:", ", ".join(tune_tasks_callers()))
+    for line in long_modules() + [f"backend table: {where}" for where in backend_tables()]:
+        print(line)

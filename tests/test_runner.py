@@ -79,7 +79,7 @@ def test_one_session_per_batch_and_each_candidate_runs_its_own_library(tracker, 
     add1, mm1, add2, mm2 = [min(float(x) for x in r.run_secs) for r in results]
     assert mm1 > 20 * max(add1, add2) and mm2 > 20 * max(add1, add2), (add1, mm1, add2, mm2)
     assert _sessions_started(log) - before == 1  # the whole batch in one session on the one agent
-    assert dict(runner.per_agent) == {agent_id_of(agent): 4}
+    assert dict(runner.stats.per_agent) == {agent_id_of(agent): 4}
 
 
 def test_a_candidate_past_its_deadline_twice_fails_and_the_rest_are_measured(tracker, start_agent, tmp_path):
@@ -108,10 +108,10 @@ def test_a_candidate_past_its_deadline_twice_fails_and_the_rest_are_measured(tra
     # Past its first deadline it went back to the queue once (its agent might be frozen or cut off) and was
     # started again on the next session; past the second it failed — when that deadline passed, not when the
     # kernel finally ended (the agent is busy in each abandoned session until then).
-    assert runner.requeued == 1
+    assert runner.stats.requeued == 1
     assert t_slow < 60
     assert fast.error_msg is None and float(fast.run_secs[0]) < 0.01
-    assert runner.failures["timeout"] == 1 and sum(runner.per_agent.values()) == 1
+    assert runner.stats.failures["timeout"] == 1 and sum(runner.stats.per_agent.values()) == 1
 
 
 def test_time_split_counts_nested_profiler_scopes_once():
@@ -124,6 +124,10 @@ def test_time_split_counts_nested_profiler_scopes_once():
     assert split["search_s"] == 10.0  # Misc (4, its child inside) + SampleInitPopulation (6)
     assert (split["build_s"], split["measure_s"], split["model_update_s"]) == (50.0, 6.0, 2.0)
     assert split["other_s"] == 12.0
+    # The farm's database callback times itself inside the scope MetaSchedule puts around Python callbacks.
+    nested = time_split({**profile, "MeasureCallback/PyMeasureCallback": 7.0, "MeasureCallback/AddToDatabase": 6.0},
+                        80.0)
+    assert nested["model_update_s"] == 9.0 and nested["other_s"] == 5.0
 
 
 def test_a_dead_session_is_told_from_a_failing_candidate():
@@ -173,8 +177,9 @@ def test_over_a_slow_link_a_worker_sends_several_candidates_per_call(tracker, st
         proxy.wait(10)
     assert [r.error_msg for r in results] == [None] * 12
     assert all(len(r.run_secs) == 2 and all(float(x) > 0 for x in r.run_secs) for r in results)
-    assert sum(size * calls for size, calls in runner.chunks.items()) == 12  # each measured once
-    assert runner.chunks[1] == 1 and max(runner.chunks) > 1, dict(runner.chunks)  # first alone, then chunks
+    assert sum(size * calls for size, calls in runner.stats.chunks.items()) == 12  # each measured once
+    # first alone, then chunks
+    assert runner.stats.chunks[1] == 1 and max(runner.stats.chunks) > 1, dict(runner.stats.chunks)
     assert _sessions_started(log) - before == 1
 
 
@@ -241,7 +246,7 @@ def test_a_session_serves_the_next_batch_and_batches_side_by_side_do_not_wait_fo
         before = _sessions_started(log)
         results = [f.result() for f in runner.run(inputs[:2])] + [f.result() for f in runner.run(inputs[2:])]
         assert [r.error_msg for r in results] == [None] * 4
-        assert _sessions_started(log) - before == 1 and runner.sessions_reused == 1
+        assert _sessions_started(log) - before == 1 and runner.stats.sessions_reused == 1
         side_by_side = runner.run(inputs[:2]) + runner.run(inputs[2:])
         results = [f.result() for f in side_by_side]
         assert [r.error_msg for r in results] == [None] * 4, [r.error_msg for r in results]
@@ -258,16 +263,16 @@ def test_a_kept_session_goes_to_another_runner_waiting_at_the_tracker(tracker, s
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.device_agents.probe import llvm_target
-    from tunefarm.host.tuning import runner as runner_mod
+    from tunefarm.host.tuning import sessions as sessions_mod
     from tunefarm.host.tuning.runner import FarmRunner
 
     def kept(runner):  # the batch's thread gives its session to the idle list just after the last result
         deadline = time.monotonic() + 10
-        while not runner._idle and time.monotonic() < deadline:
+        while not runner.sessions.kept() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(runner._idle) == 1
+        assert len(runner.sessions.kept()) == 1
 
-    monkeypatch.setattr(runner_mod, "SESSION_IDLE_S", 600.0)
+    monkeypatch.setattr(sessions_mod, "SESSION_IDLE_S", 600.0)
     host, port = tracker
     start_agent(host, port, "cpu", tmp_path / "agent.log")
     target = tvm.target.Target(llvm_target())
@@ -279,10 +284,11 @@ def test_a_kept_session_goes_to_another_runner_waiting_at_the_tracker(tracker, s
         assert [f.result().error_msg for f in first.run(inputs[:1])] == [None]
         kept(first)  # for its next batch
         assert [f.result().error_msg for f in second.run(inputs[1:2])] == [None]
-        assert first._idle == []
+        assert first.sessions.kept() == []
         kept(second)
         assert [f.result().error_msg for f in first.run(inputs[2:])] == [None]  # and back again
-        assert second._idle == [] and first.per_agent.total() == 2 and second.per_agent.total() == 1
+        assert second.sessions.kept() == []
+        assert first.stats.per_agent.total() == 2 and second.stats.per_agent.total() == 1
     finally:
         first.shutdown()
         second.shutdown()

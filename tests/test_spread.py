@@ -193,7 +193,7 @@ def test_a_rogue_search_worker_is_refused_and_shunned_and_its_share_goes_on(tmp_
 
 
 def test_shares_deal_costly_tasks_apart_and_split_the_budget_exactly():
-    from tunefarm.host.tuning.spread import deal, split_trials
+    from tunefarm.host.search_workers.dealing import deal, split_trials
 
     shares = deal({0: 100.0, 1: 90.0, 2: 10.0, 3: 5.0, 4: 1.0}, 2)
     assert shares == [[0, 3], [1, 2, 4]]  # 105 against 101
@@ -210,7 +210,7 @@ def test_shares_deal_costly_tasks_apart_and_split_the_budget_exactly():
 
 
 def test_the_budget_evens_out_the_shares_rounds_after_each_tasks_first():
-    from tunefarm.host.tuning.spread import split_trials
+    from tunefarm.host.search_workers.dealing import split_trials
 
     # ResNet-18 on 4 workers (the lent machine's run): 18 conv-like tasks and reshape (one candidate), 16 a
     # round, 64 a task: even shares, so the 4-task shares run as many rounds as the 5-task ones.
@@ -230,7 +230,7 @@ def test_a_task_without_choices_has_as_many_candidates_as_design_spaces():
     from tvm import te
 
     from tunefarm.host.tuning.intrinsics import load_for
-    from tunefarm.host.tuning.spread import task_capacity
+    from tunefarm.host.search_workers.dealing import task_capacity
 
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     load_for(target)
@@ -246,7 +246,7 @@ def test_a_task_without_choices_has_as_many_candidates_as_design_spaces():
 def test_a_poll_answer_that_does_not_add_up_is_refused():
     import pytest
 
-    from tunefarm.host.tuning.spread import WorkerLied, check_reply
+    from tunefarm.host.search_workers.protocol import WorkerLied, check_reply
 
     good = {"records": [{"task": 0}], "next": 5, "done": False, "per_agent": {"a": 1},
             "failures": {"timeout": 2, "error": 1}, "build_failures": {"timeout": 1}}
@@ -283,7 +283,7 @@ def test_a_poll_answer_that_does_not_add_up_is_refused():
 def test_a_release_answer_gives_back_only_tasks_and_trials_the_share_still_had():
     import pytest
 
-    from tunefarm.host.tuning.spread import WorkerLied, check_release
+    from tunefarm.host.search_workers.protocol import WorkerLied, check_release
 
     # 5 tasks sent, position 1 released earlier, asked for 2, 40 trials left in the share
     assert check_release(json.dumps({"released": [3, 4], "trials": 32}), 5, {1}, 2, 40) == ([3, 4], 32)
@@ -342,11 +342,12 @@ def test_a_malformed_share_is_refused_by_the_worker_which_goes_on_serving(tmp_pa
     import pytest
     import tvm
 
-    from tunefarm.host.tuning.spread import POLL_FUNC, START_FUNC, check_share
+    from tunefarm.core.share import SearchShare
+    from tunefarm.host.search_workers.protocol import POLL_FUNC, START_FUNC
     from tunefarm.tracker.client import request_session
 
-    assert check_share(_share()) == _share()  # the host's shape passes
-    assert check_share(_share(runner={}))["runner"]["number"] == 3  # what is left out: the job file's defaults
+    assert SearchShare.from_json(_share()).to_json() == _share()  # the host's shape passes, and is the wire form
+    assert SearchShare.from_json(_share(runner={})).runner.number == 3  # what is left out: the job file's defaults
     port = free_port(HOST)
     tracker = start_tracker(port, tmp_path / "tracker.log")
     worker = None
@@ -357,7 +358,7 @@ def test_a_malformed_share_is_refused_by_the_worker_which_goes_on_serving(tmp_pa
         start = session.get_function(START_FUNC)
         for what, share in MALFORMED_SHARES.items():
             with pytest.raises(ValueError, match="share"):
-                check_share(share)
+                SearchShare.from_json(share)
             with pytest.raises(tvm.error.RPCError, match="share") as err:
                 start(json.dumps(share))
             assert "Traceback" not in str(err.value).splitlines()[-1], what

@@ -150,13 +150,14 @@ def search_worker(tracker_addr, key, host, port, custom_addr, farm_key_file):
     search workers, each running MetaSchedule's search and builds for its share on this machine's cores
     (pin it with taskset to give it fewer) and measuring on the job's device key; the host merges the records.
 
-    A search worker is a farm agent on KEY whose RPC server also serves the search (tunefarm.host.tuning.spread);
-    it needs this package's host dependencies (TVM, xgboost) and must reach the tracker and the device agents.
+    A search worker is a farm agent on KEY whose RPC server also serves the search
+    (tunefarm.host.search_workers.worker); it needs this package's host dependencies (TVM, xgboost) and must reach
+    the tracker and the device agents.
     """
     from tunefarm.device_agents.agent import run_agent
 
     run_agent(tracker_addr, key, target="auto", host=host, port=port, custom_addr=custom_addr,
-              farm_key_file=farm_key_file, serve=("tunefarm.host.tuning.spread",))
+              farm_key_file=farm_key_file, serve=("tunefarm.host.search_workers.worker",))
 
 
 @main.group()
@@ -261,8 +262,10 @@ def devices(tracker_addr, farm, as_json):
               help="Print the tasks, their weights, what the job dir already holds and the minimum budget; tune "
                    "nothing, write nothing; exit 2 after the plan if the budget is below that minimum. Needs the "
                    "tracker (and an agent on the key) only when target is from-agent.")
+@click.option("--result-file", default=None, type=click.Path(dir_okay=False), hidden=True,
+              help="Write how the run ended (exit code, one-line error) there as JSON (the farm service reads it).")
 @_one_line_errors
-def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only):
+def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only, result_file):
     """Tune the model described by JOB_FILE (YAML, see configs/jobs/) on the farm.
 
     Re-running the same job resumes: records already measured are kept and not measured again.
@@ -279,7 +282,20 @@ def tune(job_file, tracker_addr, logs_dir, skip_eval, plan_only):
     if plan_only:
         plan_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir)
         return
-    run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
+    if result_file is None:
+        run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
+        return
+    from tunefarm.core.runresult import write_run_result
+
+    try:
+        run_job_file(job_file, tracker_override=tracker_addr, logs_dir=logs_dir, evaluate=not skip_eval)
+    except TunefarmError as err:
+        write_run_result(result_file, err.exit_code, str(err))
+        raise
+    except KeyboardInterrupt:
+        write_run_result(result_file, 130, "interrupted")
+        raise
+    write_run_result(result_file, 0, None)
 
 
 @main.command()

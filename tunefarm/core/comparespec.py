@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 
+from .backends import BACKENDS as ALL_BACKENDS
 from .errors import TunefarmError
 from .jobspec import JOB_NAME_RE, ModelSpec, read_yaml, section
 
-BACKENDS = ("tvm-tuned", "tvm-untuned", "torch", "torch-compile", "onnxruntime", "tensorrt")
-TVM_BACKENDS = ("tvm-tuned", "tvm-untuned")
+BACKENDS = tuple(ALL_BACKENDS)  # core/backends.py describes each
+TVM_BACKENDS = tuple(name for name, b in ALL_BACKENDS.items() if b.tvm_build)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import json
 import socket
 from typing import Any
 
+from .backends import BACKENDS
 from .errors import TunefarmError
 
 # Field of a server's tracker info dict that holds tunefarm's DeviceInfo.
@@ -23,18 +24,13 @@ VERIFIED_FIELD = "tunefarm_verified"
 REFUSED_FIELD = "tunefarm_refused"
 DEFAULT_TRACKER_PORT = 9190
 
-# The model file each agent runner takes: a Relax executable the host compiled and exported as a shared
-# library (``tvm.compile(...).export_library``), a PyTorch model (a torchvision architecture + weights, or a
-# torch.export program; see runners/torch.py) or an ONNX file.
-MODEL_FORMAT = {"tvm": "tvm-library", "torch": "torch", "torch-compile": "torch", "onnxruntime": "onnx",
-                "tensorrt": "onnx"}
-# Backends that name a build rather than a runner: both run on the agent's TVM runner.
-_RUNNER_OF_BACKEND = {"tvm-tuned": "tvm", "tvm-untuned": "tvm"}
+# The model file each agent runner takes (core/backends.py describes each backend).
+MODEL_FORMAT = {b.runner: b.model_format for b in BACKENDS.values()}
 
 
 def runner_name(backend: str) -> str:
     """The agent runner that serves ``backend`` (``tvm-tuned`` and ``tvm-untuned``: ``tvm``)."""
-    return _RUNNER_OF_BACKEND.get(backend, backend)
+    return BACKENDS[backend].runner if backend in BACKENDS else backend
 
 # Global functions an agent's RPC server registers (sessions are forked from it and inherit them); the
 # host calls them by these names in a session. Each returns a string (JSON where it is structured).

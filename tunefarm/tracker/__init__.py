@@ -1,6 +1,10 @@
-"""The tracker role: stock TVM RPC tracker, run and watched (``service``), and queried (``client``).
+"""The tracker role: TVM's RPC tracker with the farm's checks, run and watched (``server``), and queried (``client``).
 
-The tracker itself is ``tvm.rpc.tracker.Tracker`` unchanged, so stock TVM tools and runners work
-against a tunefarm tracker. tunefarm adds only what the stock one lacks: a log of agents joining and
-leaving, bounded connects, and a per-key view that includes each agent's ``DeviceInfo``.
+The tracker is ``tvm.rpc.tracker`` from TVM 0.27 (its protocol, queues and ``SUMMARY`` unchanged, so stock TVM
+servers and clients that hold the farm key, or use an open key, work against it), started in its own process
+with four methods of that module's classes patched there (server.py ``_start_stock_tracker`` says which and
+why): every request is checked before the stock handler sees it, registering and requesting on a key need the
+farm key, connections go without Nagle's delay, and ``SUMMARY`` lists the servers refused lately. tunefarm adds
+around it a log of agents joining and leaving, bounded connects, and a per-key view with each agent's
+``DeviceInfo``.
 """

@@ -1,8 +1,24 @@
-"""``tunefarm tracker``: the stock TVM RPC tracker, plus a log of agents joining and leaving.
+"""``tunefarm tracker``: TVM's RPC tracker with the farm's checks, plus a log of agents joining and leaving.
 
-The tracker is ``tvm.rpc.tracker.Tracker`` unchanged (it runs in its own process). This process only
-watches it: every second it reads SUMMARY and prints a timestamped line for each server that
-appeared or went away, with the agent's DeviceInfo when the server is a tunefarm agent.
+The tracker is ``tvm.rpc.tracker`` of TVM 0.27, run in its own process (a worker like the stock ``Tracker``'s,
+started without PyTorch) by :func:`start_stock_tracker`. It is not unchanged: in that process
+:func:`_start_stock_tracker` patches the stock module's classes before it starts the stock server with the
+module's private ``_popen_start_tracker_server`` (the function stock ``Tracker`` sends to its worker):
+
+* ``TCPEventHandler.call_handler``: every message is checked (:func:`tracker_message_problem`; the stock
+  handler trusts every field: one UPDATE_INFO whose key is not a string made every later SUMMARY fail), the
+  farm key's challenge and proof are answered (``core/credential.py``; the stock protocol has no
+  authentication), PUT, REQUEST and a server's UPDATE_INFO are refused on a key that is not open without that
+  proof, and a server's info is marked with whether it proved the key (``VERIFIED_FIELD``: only such a
+  server's DeviceInfo is believed);
+* ``TrackerServerHandler.__init__``: ``TCP_NODELAY`` on the listening socket, inherited by every connection
+  (the stock tracker's two-send messages otherwise wait ~40 ms for a delayed ACK at every round trip);
+* ``TrackerServerHandler.summary``: ``SUMMARY`` also lists the servers refused lately (``REFUSED_FIELD``).
+
+These are private parts of ``tvm.rpc.tracker`` as of 0.27 (checked against 0.27.0.post1): a TVM upgrade must
+check them again. The protocol on the wire, the queues and the matching of requests to servers are stock.
+This process watches the tracker: every second it reads SUMMARY and prints a timestamped line for each server
+that appeared or went away, with the agent's DeviceInfo when the server is a tunefarm agent.
 """
 from __future__ import annotations
 
@@ -431,7 +447,7 @@ def _start_stock_tracker(host: str, port: int, port_end: int, silent: bool, farm
 
 def start_stock_tracker(host: str, port: int, port_end: int, silent: bool = True, farm_key: bytes | None = None,
                         open_keys: list[str] | None = None):
-    """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)``, with ``TCP_NODELAY`` on its connections.
+    """``tvm.rpc.tracker.Tracker(host, port, port_end, silent)`` with the farm's patches (the module docstring).
 
     Same process layout as the stock class (a PopenWorker runs the tracker) and the same object back,
     so ``terminate()`` works as usual; only the function sent to the worker differs, the worker starts without

@@ -25,14 +25,11 @@ from typing import Any
 
 import numpy as np
 
-# backend name -> (module, class). Modules are imported on first use.
-RUNNERS: dict[str, tuple[str, str]] = {
-    "tvm": ("tunefarm.device_agents.runners.tvm", "TVMRunner"),
-    "torch": ("tunefarm.device_agents.runners.torch", "TorchRunner"),
-    "torch-compile": ("tunefarm.device_agents.runners.torch", "TorchCompileRunner"),
-    "onnxruntime": ("tunefarm.device_agents.runners.onnxruntime", "OnnxRuntimeRunner"),
-    "tensorrt": ("tunefarm.device_agents.runners.tensorrt", "TensorRTRunner"),
-}
+from tunefarm.core.backends import runners
+
+# runner name -> (module, class), from the backends' one description (core/backends.py). Modules are imported
+# on first use.
+RUNNERS: dict[str, tuple[str, str]] = runners()
 
 
 def runner_class(backend: str):

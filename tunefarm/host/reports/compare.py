@@ -15,12 +15,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from tunefarm.core.backends import BACKENDS
 from tunefarm.core.stats import method_text
 from tunefarm.host.comparator import STATUS_TEXT, agents_text
 from tunefarm.host.reports.markdown import cell, number
 
-BACKEND_COLORS = {"tvm-tuned": "#1b9e77", "tvm-untuned": "#a6d854", "torch": "#d95f02",
-                  "torch-compile": "#e6ab02", "onnxruntime": "#7570b3", "tensorrt": "#e7298a"}
+BACKEND_COLORS = {name: b.color for name, b in BACKENDS.items()}  # core/backends.py describes each
 
 
 def write_compare_report(cfg, models: list[dict[str, Any]], out_dir: Path, wall_s: float,

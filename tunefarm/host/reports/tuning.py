@@ -8,7 +8,7 @@ from typing import Any
 
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.reports.markdown import number
-from tunefarm.host.tuning.job import failed_text, failure_breakdown
+from tunefarm.host.tuning.result import failed_text, failure_breakdown
 from tunefarm.host.tuning.jobdir import JobDir
 from tunefarm.host.tuning.logs import task_rows
 

@@ -40,5 +40,9 @@ class FarmDir:
     def run_log(self, job_id: str) -> Path:
         return self.path / "runs" / f"{job_id}.log"
 
+    def run_result(self, job_id: str) -> Path:
+        """How the job's last run ended (core/runresult.py), beside its log."""
+        return self.path / "runs" / f"{job_id}.result.json"
+
     def uploads(self, job_id: str) -> Path:
         return self.path / "uploads" / job_id

@@ -28,6 +28,7 @@ import psutil
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict, parse_yaml
 from tunefarm.core.procs import start_tunefarm
+from tunefarm.core.runresult import read_run_result
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
 from tunefarm.host.service.farmdir import FarmDir
@@ -256,7 +257,9 @@ class JobQueue:
         run_log = self.farm.run_log(job["id"])
         with open(run_log, "a", encoding="utf-8") as fh:
             fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} ===\n")
-        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker.addr]
+        result = self.farm.run_result(job["id"])
+        result.unlink(missing_ok=True)  # an earlier attempt's: not this one's word
+        args = ["tune", spec_path, "--logs-dir", self.logs_dir, "--tracker", self.tracker.addr, "--result-file", result]
         if job["skip_eval"]:
             args.append("--skip-eval")
         proc = start_tunefarm(args, log_path=run_log, env={"COLUMNS": "160"})
@@ -271,16 +274,9 @@ class JobQueue:
         log(f"job {job['id']}: started on key '{job['key']}' (attempt {attempt}, pid {proc.pid})")
 
     def _last_error(self, job_id: str) -> str | None:
-        try:
-            lines = self.farm.run_log(job_id).read_text(errors="replace").splitlines()
-        except OSError:
-            return None
-        for line in reversed(lines):
-            if line.startswith("=== "):
-                break
-            if line.startswith("tunefarm: error: "):
-                return line[len("tunefarm: error: "):]
-        return None
+        """The one-line error the job's last run ended with (its result file), or None."""
+        result = read_run_result(self.farm.run_result(job_id))
+        return result["error"] if result is not None else None
 
     def _reap(self) -> None:
         for job_id, proc in list(self.procs.items()):

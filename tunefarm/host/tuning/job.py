@@ -11,9 +11,7 @@ may end the run early: ``should_stop(progress)`` is asked after every measured b
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,13 +19,14 @@ from typing import Any, Callable
 
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
-from tunefarm.core.threads import usable_cores
 from tunefarm.core.wire import parse_hostport
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
 from tunefarm.host.tuning.plan import (TuningPlan, commit_plan, describe_plan, fuse_for_tuning,  # noqa: F401
                                        plan_job, resolve_job_target)
 from tunefarm.host.tuning.progress import JobProgress, make_progress_callback, time_split
+# TuneResult and run_summary are also imported from here (bench, tests)
+from tunefarm.host.tuning.result import TuneResult, failure_breakdown, run_summary  # noqa: F401
 
 StopHook = Callable[[JobProgress], bool]
 
@@ -36,71 +35,6 @@ def _console():
     from rich.console import Console  # pylint: disable=import-outside-toplevel
 
     return Console(highlight=False)
-
-
-@dataclasses.dataclass
-class TuneResult:
-    """What a tuning run leaves for the evaluation and the report (and for the benchmarks)."""
-
-    plan: TuningPlan
-    database: Any  # the job's JSONDatabase
-    tracker: tuple[str, int]
-    on_wait: Callable[[float, float], Any] | None = None  # prints "waiting for an agent ..."
-    wall_s: float = 0.0  # MetaSchedule's loop in this run
-    measured: int = 0  # trials measured in this run, failed ones included
-    failed: int = 0  # of those, the candidates that failed to build or run, or that the timing check rejected
-    failed_kinds: dict[str, int] = dataclasses.field(default_factory=dict)  # failed, by where (failure_breakdown)
-    cache_hits: int = 0  # candidates the database answered: not built, measured, recorded or counted
-    stopped: bool = False  # ended early by should_stop
-    per_agent: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> candidates measured
-    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
-    built_on_agents: dict[str, int] = dataclasses.field(default_factory=dict)
-    build_failures: dict[str, int] = dataclasses.field(default_factory=dict)  # "timeout" / "error" -> count
-    kept_builds: list[str] = dataclasses.field(default_factory=list)  # timed-out candidates kept (FarmBuilder)
-    agents_lost: dict[str, int] = dataclasses.field(default_factory=dict)  # agent id -> measured before it went
-    requeued: int = 0  # candidates measured again because their session died under them (agent lost, unplugged)
-    unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # agent address -> why it cannot be reached
-    verification: dict[str, Any] = dataclasses.field(default_factory=dict)  # TimingVerifier.summary()
-    cost_model: dict[str, Any] = dataclasses.field(default_factory=dict)  # which model this run used, load time
-    farm_model_update: dict[str, Any] = dataclasses.field(default_factory=dict)  # the farm model rebuilt after it
-    time_split: dict[str, Any] = dataclasses.field(default_factory=dict)
-    search_workers: dict[str, int] = dataclasses.field(default_factory=dict)  # search worker id -> records merged
-    search_shares: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the spread search's shares
-    search_shunned: list[str] = dataclasses.field(default_factory=list)  # search workers whose records were refused
-
-    @property
-    def job(self) -> TuningJob:
-        return self.plan.job
-
-    @property
-    def job_dir(self) -> Path:
-        return self.plan.job_dir.path
-
-    @property
-    def model(self):
-        return self.plan.model
-
-    @property
-    def target(self):
-        return self.plan.target
-
-    @property
-    def mod(self):
-        return self.plan.mod
-
-    @property
-    def resumed(self) -> bool:
-        return self.plan.resumed
-
-    @property
-    def measured_before(self) -> int:
-        """Trials of this job measured in earlier runs."""
-        return self.plan.budget.measured_before
-
-    @property
-    def seeded(self) -> int:
-        """Records the warm start copied in (this run's, or the first run's): not trials of this job."""
-        return self.plan.seeded
 
 
 def _waiting_message(console, key: str, host: str, port: int):
@@ -168,13 +102,10 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
              should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune what ``plan`` leaves to do (its job directory committed, ``database`` open)."""
     # pylint: disable=import-outside-toplevel
-    from tvm.s_tir import meta_schedule as ms
-
     from tunefarm.host.tuning.budget import TrialCounter
-    from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR, job_builder
+    from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR
     from tunefarm.host.tuning.measured_cache import MeasuredCache
-    from tunefarm.host.tuning.runner import FarmRunner
-    from tunefarm.host.tuning.search import BudgetedSearch, committing_as_measured, measure_callbacks, quiet_pool_rule
+    from tunefarm.host.tuning.search import quiet_pool_rule
 
     job, budget, job_dir = plan.job, plan.budget, plan.job_dir
     result = TuneResult(plan=plan, database=database, tracker=tracker, on_wait=on_wait)
@@ -220,67 +151,49 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     # The design spaces and search of a run searched here (the search workers make their own). The run's clock
     # starts here, as a spread run's does before its workers set up: both include the set-up of the search.
     t0 = time.time()
-    from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
-
-    load_for(plan.target)
-    search = BudgetedSearch(ms.search_strategy.EvolutionarySearch(population_size=tn.population_size), counter, cache)
-    space = plan.pipeline.space(plan.target)  # fp16 on CUDA: the tensor-core rules
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [plan.extracted[i] for i in order], work_dir=str(job_dir.path), strategy=search, seed=tn.seed,
-        num_threads=usable_cores(),  # MetaSchedule's "physical" counts the machine's cores, pinned or not
-        **({"space": space} if space is not None else {}))
-    host, port = tracker
-    builder = job_builder(job.builder, tracker, job.runner.device_wait_sec, cache=cache,
-                          keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR)
-    builder.warm()  # its workers start while the first task's search runs
-    runner = FarmRunner(host, port, job.device.key, timeout_sec=job.runner.timeout_sec,
-                        device_wait_sec=job.runner.device_wait_sec, on_wait=on_wait, cache=cache,
-                        on_agent_lost=_agent_lost_message(console, job.device.key),
-                        evaluator_config=ms.runner.EvaluatorConfig(
-                            number=job.runner.number, repeat=job.runner.repeat,
-                            min_repeat_ms=job.runner.min_repeat_ms,
-                            enable_cpu_cache_flush=job.runner.enable_cpu_cache_flush))
     from rich.markup import escape as _escape  # pylint: disable=import-outside-toplevel
 
-    # An address the agent registered (its own word): escaped before printing.
-    runner.on_unreachable = lambda message: console.print(f"[bold red]unreachable agent[/]: {_escape(message)}")
     from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
-    from tunefarm.host.tuning.verify import TimingVerifier  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.loop import TuningLoop  # pylint: disable=import-outside-toplevel
 
-    verifier = TimingVerifier(runner, job_dir.file(VERIFIED), console)
-    cost_model, result.cost_model = _cost_model(plan, console)
-    job_dir.mark_run_started()
-    committed: list = []
-    limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
-    profiler = ms.Profiler()
+    loop = TuningLoop([plan.extracted[i] for i in order], plan.target, work_dir=job_dir.path, counter=counter,
+                      cache=cache, tracker=tracker, device_key=job.device.key, builder=job.builder,
+                      runner=job.runner, population_size=tn.population_size, seed=tn.seed,
+                      space=plan.pipeline.space(plan.target), keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR,
+                      verified_log=job_dir.file(VERIFIED), console=console, on_wait=on_wait,
+                      on_agent_lost=_agent_lost_message(console, job.device.key),
+                      # An address the agent registered (its own word): escaped before printing.
+                      on_unreachable=lambda message: console.print(
+                          f"[bold red]unreachable agent[/]: {_escape(message)}"))
     try:
-        with progress.progress, profiler, committing_as_measured(search) as scheduler:
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(job_dir.path),
-                          max_trials_global=limit_global, max_trials_per_task=limit_task,
-                          num_trials_per_iter=tn.num_trials_per_iter, builder=builder, runner=runner,
-                          database=database, cost_model=cost_model,
-                          measure_callbacks=measure_callbacks(
-                              make_progress_callback(progress, should_stop, stop, committed), verifier, committed),
-                          task_scheduler=scheduler)
-        runner.check_agents()
+        cost_model, result.cost_model = _cost_model(plan, console)
+    except BaseException:
+        loop.close()
+        raise
+    job_dir.mark_run_started()
+    limit_global, limit_task = budget.scheduler_limits(cached, max(t.measured + t.seeded for t in plan.tasks))
+    try:
+        profile = loop.run(database, cost_model=cost_model, max_trials_global=limit_global,
+                           max_trials_per_task=limit_task, num_trials_per_iter=tn.num_trials_per_iter,
+                           on_measured=make_progress_callback(progress, should_stop, stop, loop.committed),
+                           around=progress.progress, check_agents=True)
     except Exception as err:  # pylint: disable=broad-except
         raise _tuning_stopped(err, database, job_dir) from None
     finally:
         if timer is not None:
             timer.cancel()
-        builder.shutdown()
-        runner.shutdown()
+    counts, builder = loop.runner.stats.snapshot(), loop.builder
     result.wall_s = time.time() - t0
-    result.time_split = time_split({str(k): float(v) for k, v in profiler.get().items()}, result.wall_s)
-    result.per_agent = dict(runner.per_agent)
-    result.failures = dict(runner.failures)
+    result.time_split = time_split(profile, result.wall_s)
+    result.per_agent = counts["per_agent"]
+    result.failures = counts["failures"]
     result.built_on_agents = dict(getattr(builder.builder, "remote_builds", {}))
     result.build_failures = dict(builder.build_failures)
     result.kept_builds = list(builder.kept)
-    result.agents_lost = dict(runner.lost)
-    result.requeued = runner.requeued
-    result.unreachable = dict(runner.unreachable)
-    result.verification = verifier.summary()
+    result.agents_lost = counts["lost"]
+    result.requeued = counts["requeued"]
+    result.unreachable = counts["unreachable"]
+    result.verification = loop.verifier.summary()
     return _finish_run(plan, result, progress, console)
 
 
@@ -319,9 +232,9 @@ def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, con
 
 def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult, progress: JobProgress, counter,
                 should_stop, stop, timer) -> TuneResult:
-    """The run with its search spread over search workers (tuning/spread.py): the same budget, progress,
-    database and summary as a run searched here."""
-    from tunefarm.host.tuning.spread import run_spread  # pylint: disable=import-outside-toplevel
+    """The run with its search spread over search workers (host/search_workers/driver.py): the same budget,
+    progress, database and summary as a run searched here."""
+    from tunefarm.host.search_workers.driver import run_spread  # pylint: disable=import-outside-toplevel
 
     job_dir = plan.job_dir
     job_dir.mark_run_started()
@@ -387,80 +300,6 @@ def _update_farm_model(plan: TuningPlan, console) -> dict[str, Any]:
                   f"{meta['extract_s']:.1f} s, training {meta['train_s']:.1f} s")
     return {"key": meta["key"], "records": meta["records"], "jobs": meta["jobs"], "extract_s": meta["extract_s"],
             "train_s": meta["train_s"], "wall_s": round(time.monotonic() - t0, 2)}
-
-
-def failure_breakdown(result: TuneResult) -> dict[str, int]:
-    """``result.failed`` by where each candidate failed: ``build`` (the builder's failures), ``measure`` (the
-    runner's: timeouts, errors, and the farm's own — not measured, session lost), ``rejected`` (measured, but the
-    timing check committed it as failed: below the floor, from a flagged agent, a new best not measured a second
-    time); ``other`` only if those do not add up to ``result.failed`` (then said, not hidden)."""
-    ver = result.verification or {}
-    out = {"build": sum(result.build_failures.values()), "measure": sum(result.failures.values()),
-           "rejected": sum(int(ver.get(k, 0)) for k in ("below_floor", "from_flagged", "unverifiable"))}
-    other = result.failed - sum(out.values())
-    if other:
-        out["other"] = other
-    return out
-
-
-def failed_text(result: TuneResult) -> str:
-    """``12 failed: 3 to build, 8 to measure (5 error, 3 not measured), 1 rejected by the timing check``."""
-    kinds = result.failed_kinds or failure_breakdown(result)
-    parts = []
-    if kinds.get("build"):
-        parts.append(f"{kinds['build']} to build")
-    if kinds.get("measure"):
-        parts.append(f"{kinds['measure']} to measure ("
-                     + ", ".join(f"{n} {k}" for k, n in sorted(result.failures.items()) if n) + ")")
-    if kinds.get("rejected"):
-        ver = result.verification or {}
-        parts.append(f"{kinds['rejected']} rejected by the timing check ("
-                     + ", ".join(f"{ver.get(k, 0)} {k.replace('_', ' ')}" for k in
-                                 ("below_floor", "from_flagged", "unverifiable") if ver.get(k)) + ")")
-    if kinds.get("other"):
-        parts.append(f"{kinds['other']} not accounted for above")
-    return f"{result.failed} failed" + (": " + ", ".join(parts) if parts else "")
-
-
-def run_summary(result: TuneResult) -> list[str]:
-    """What a run measured, seeded and answered from the database, and where: the console's last lines."""
-    lines = [f"this run: {result.measured} trial(s) measured ({failed_text(result)}) in {result.wall_s:.0f} s; "
-             f"{result.measured_before + result.measured} measured by this job in all; "
-             f"{result.cache_hits} cache hit(s) (answered from the database: not built, measured, recorded or "
-             f"counted); {result.seeded} record(s) seeded by the warm start (not counted)"]
-    ver = result.verification
-    if ver:
-        lines.append(f"timings checked: {ver['verified']} new best(s) measured again and verified"
-                     f" ({ver['disputed']} not reproduced: the slower time kept), {ver['below_floor']} below the "
-                     f"physical floor, {ver['from_flagged']} from flagged agents, {ver.get('unverifiable', 0)} new "
-                     "best(s) that could not be measured again (all committed as failed)")
-        for agent, why in ver["flagged"].items():
-            lines.append(f"FLAGGED agent {agent}: {why}")
-    for addr in sorted(result.unreachable):
-        lines.append(f"UNREACHABLE agent at {addr}: the tracker handed it out but this host cannot connect to it "
-                     "(NAT, firewall or a wrong advertised address: start it with --custom-addr)")
-    if result.requeued:
-        lines.append(f"{result.requeued} candidate(s) measured again: their session died under them (an agent "
-                     "killed, frozen or cut off)")
-    if result.kept_builds:
-        lines.append(f"{len(result.kept_builds)} candidate(s) whose build ran into the builder's timeout (each held "
-                     f"its batch) kept in {os.path.dirname(result.kept_builds[0])}")
-    for share in result.search_shares:
-        lines.append(f"search share: {len(share['tasks'])} task(s), {share['received']}/{share['trials']} trials merged"
-                     + (f" from {', '.join(share['workers'])}" if share["workers"] else " (no search worker took it)")
-                     + (f"; {share['rejected']} record(s) refused" if share["rejected"] else "")
-                     + (f"; tasks not begun taken over from share {share['stolen_from'] + 1}"
-                        if share.get("stolen_from") is not None else "")
-                     + (f"; {share['error']}" if share["error"] else ""))
-    for worker in result.search_shunned:
-        lines.append(f"SHUNNED search worker {worker}: it sent records this host refused (see above)")
-    if result.per_agent:
-        lines.append("measured on: " + ", ".join(f"{a} {n}" + (" (gone)" if a in result.agents_lost else "")
-                                                 for a, n in sorted(result.per_agent.items()))
-                     + "".join(f"; failed to {what}: {n}" for what, n in
-                               (("measure", sum(result.failures.values())),
-                                ("build", sum(result.build_failures.values()))) if n))
-    return lines
 
 
 def _root_cause(err: BaseException) -> str:
