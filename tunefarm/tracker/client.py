@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from tunefarm.core.errors import AgentsBusy, AgentUnreachable, NoDeviceError, TrackerUnreachable, TunefarmError, last_line
+from tunefarm.core.rpc import close_session
 from tunefarm.core.targets import describe_target
 from tunefarm.core.wire import INFO_FIELD, REFUSED_FIELD, VERIFIED_FIELD, DeviceInfo, no_delay, parse_hostport
 
@@ -188,7 +189,7 @@ def request_session(tracker_addr, key: str, wait_s: float, session_timeout: int,
             if not box.get("abandoned"):
                 box["sess"] = sess
                 return
-        del sess  # the caller gave up meanwhile: the last reference, so the connection closes now
+        close_session(sess)  # the caller gave up meanwhile
 
     thread = threading.Thread(target=ask, name="tracker-request", daemon=True)
     thread.start()

@@ -54,7 +54,7 @@ class WrongTokens:
     address that carries a token is answered 429 without the token being compared, right or wrong. Requests
     without a token (a dashboard's cookie) are not counted. At most :attr:`MAX_PEERS` addresses are kept."""
 
-    FREE = 10
+    FREE = 30  # a burst a person or a script with a stale token never reaches; then one guess a second
     REFILL_S = 1.0
     MAX_PEERS = 4096
 

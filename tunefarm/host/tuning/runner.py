@@ -39,6 +39,7 @@ from tunefarm.core.errors import AgentsBusy, AgentUnreachable, TrackerUnreachabl
 from tunefarm.host.tuning.batch import Batch, EveryAgentUnreachable, NotMeasured, session_lost  # noqa: F401
 from tunefarm.host.tuning.sessions import SessionPool
 from tunefarm.host.tuning.transport import Candidate, agent_measure_func, measure_on, suffix
+from tunefarm.core.rpc import close_session
 
 REMEASURE_WAIT_S = 15.0  # how long a second measurement waits for an agent other than the one it has
 REMEASURE_PRIORITY = 2  # the tracker serves a second measurement before the batches' requests (priority 1)
@@ -324,11 +325,11 @@ class FarmRunner(PyRunner):
         # the tracker can hand those agents out now (the one that measured it: a fresh session)
         self.sessions.drop_idle()
         held: list[tuple[object, str]] = []
+        chosen = None
         try:
             servers = self.tracker.servers_for_key(self.key)
             if servers == 0:
                 return None  # no agent now: the next batch waits for one, visibly; this one is not verified
-            chosen = None
             for attempt in range(servers):
                 # The first request takes the first agent free, ahead of the batches' requests: it waits for
                 # the batch an agent is measuring as long as this runner's sessions progress. The next ones, for
@@ -366,6 +367,10 @@ class FarmRunner(PyRunner):
         except Exception:  # pylint: disable=broad-except
             return None
         finally:
+            for sess, _ in held:
+                close_session(sess)  # now: a dropped session holds its agent until Python collects it
+            if chosen is not None:
+                close_session(chosen[0])
             held.clear()
             self.sessions.opened()
 

@@ -17,6 +17,13 @@ import time
 from typing import Callable
 
 from tunefarm.host.tuning.transport import agent_measure_batch, agent_measure_func
+from tunefarm.core.rpc import close_session
+
+
+def _close(held: list) -> None:
+    """Close dropped sessions now (their agents are free at once, not when Python collects them)."""
+    for h in held:
+        close_session(h.session)
 
 # A session stays open between batches for this long (the search and builds of the next batch run meanwhile).
 SESSION_IDLE_S = 30.0
@@ -72,16 +79,19 @@ class SessionPool:
         None, and the caller is counted as opening a session (it calls :meth:`opened` when done)."""
         now = time.monotonic()
         with self._lock:
-            keep, found = [], None
+            keep, found, dropped = [], None, []
             for held in self._idle:
                 expected = 2 * (held.per_candidate or self.timeout_sec) * batch_size + 60
                 if found is None and now - held.idle_since < SESSION_IDLE_S and held.fits(expected):
                     found = held
                 elif now - held.idle_since < SESSION_IDLE_S:
                     keep.append(held)
-            self._idle = keep  # the rest are closed (dropped)
+                else:
+                    dropped.append(held)
+            self._idle = keep  # the rest are closed
             if found is None:
                 self._opening += 1
+        _close(dropped)
         if found is not None and self.on_reuse is not None:
             self.on_reuse()
         return found
@@ -111,9 +121,13 @@ class SessionPool:
         closed, so that the tracker hands its agent to that worker."""
         held.idle_since = time.monotonic()
         with self._lock:
-            if self._opening != 0 or self._closed:
-                return
-            self._idle.append(held)
+            keep = self._opening == 0 and not self._closed
+            if keep:
+                self._idle.append(held)
+        if not keep:
+            _close([held])
+            return
+        with self._lock:
             watch = self._watch is None
             if watch:
                 self._watch = threading.Thread(target=self._watch_idle, name="farm-runner-idle", daemon=True)
@@ -129,15 +143,22 @@ class SessionPool:
         while True:
             with self._lock:
                 now = time.monotonic()
+                expired = [h for h in self._idle if now - h.idle_since >= SESSION_IDLE_S]
                 self._idle = [h for h in self._idle if now - h.idle_since < SESSION_IDLE_S]
-                if not self._idle or self._closed:
+                done = not self._idle or self._closed
+                if done:
+                    expired += self._idle
                     self._idle, self._watch = [], None
-                    return
+            _close(expired)
+            if done:
+                return
             waiting = self._waiting()
             if waiting:
                 with self._lock:
                     self._idle.sort(key=lambda h: h.idle_since)
+                    handed_on = self._idle[:waiting]
                     del self._idle[:waiting]  # the oldest first: closed, the tracker hands their agents on
+                _close(handed_on)
             time.sleep(IDLE_CHECK_S)
 
     def _waiting(self) -> int:
@@ -153,7 +174,9 @@ class SessionPool:
     def drop_idle(self, agent_id: str | None = None) -> None:
         """Close the sessions kept between batches (those on ``agent_id`` only, if given): their agents are free."""
         with self._lock:
+            dropped = [h for h in self._idle if agent_id is None or h.agent_id == agent_id]
             self._idle = [h for h in self._idle if agent_id is not None and h.agent_id != agent_id]
+        _close(dropped)
 
     def close(self) -> None:
         """Close every kept session and keep none from now on (the idle watcher asks the tracker no more)."""
