@@ -135,7 +135,9 @@ def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack:
 
 
 def default_layout(target, precision: str) -> str:  # pylint: disable=unused-argument
-    """The layout a job gets when tuning.layout is not set: NCHW everywhere until a measurement says otherwise."""
+    """The layout a job gets when tuning.layout is not set: NCHW everywhere until a measurement says otherwise.
+    fp16 on CUDA is the candidate for NHWC (single convs: 1.3-1.5x, ../shared/tvm-vendor-kit/README.md), but the
+    whole-model comparison (PAIR=layouts bash bench/device/gpu_studies_h200.sh start resnet18) has not run yet."""
     return "NCHW"
 
 
