@@ -30,7 +30,7 @@ def combine(studies: list[dict[str, Any]]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     tvm_names: dict[str, list[str]] = {}
     for study in studies:
-        prec = study["meta"].get("args", {}).get("precision") or precision_of(study)
+        prec = variant_of(study)
         for name, row in study["rows"].items():
             if name in TVM:
                 new = name.replace("tvm-untuned", f"tvm-untuned-{prec}").replace("tvm-tuned", f"tvm-tuned-{prec}", 1)
@@ -47,6 +47,13 @@ def combine(studies: list[dict[str, Any]]) -> dict[str, Any]:
 def precision_of(study: dict[str, Any]) -> str:
     argv = study["meta"].get("argv") or []
     return argv[argv.index("--precision") + 1] if "--precision" in argv else "fp32"
+
+
+def variant_of(study: dict[str, Any]) -> str:
+    """The name a study's TVM rows take: its precision, and its layout where the study named one (fp16-nhwc)."""
+    argv = study["meta"].get("argv") or []
+    layout = argv[argv.index("--layout") + 1].lower() if "--layout" in argv else ""
+    return precision_of(study) + (f"-{layout}" if layout else "")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -67,7 +74,7 @@ def render(data: dict[str, Any]) -> str:
              "time (`--barrier`), on the otherwise idle GPU.", ""]
     for study in studies:
         m, tn = study["meta"], study.get("tuning", {})
-        lines.append(f"- {precision_of(study)} study: pipeline {m.get('pipeline')}; started {m.get('started')}, "
+        lines.append(f"- {variant_of(study)} study: pipeline {m.get('pipeline')}; started {m.get('started')}, "
                      f"{'finished ' + m['finished'] if m.get('finished') else 'NOT FINISHED'}; "
                      f"tuning {tn.get('outcome', 'not run')}, {tn.get('wall_s_total') or 0:.0f} s, "
                      f"{tn.get('trials_measured')} trials measured ({tn.get('trial_errors')} failed candidates), "
@@ -78,6 +85,15 @@ def render(data: dict[str, Any]) -> str:
     lines += ["", "## Latency and numerics", ""] + table_lines(rows, order) + [""]
     for prec, names in sorted(data["tvm_names"].items()):
         lines += summary_lines(rows, tuple(names), heading=f"## Summary, TVM {prec}")
+    for study in studies:
+        per_task = [t for t in (study.get("tuning") or {}).get("per_task") or [] if t.get("records")]
+        if per_task:
+            lines.append(f"- {variant_of(study)}: valid candidates {sum(t['valid_records'] for t in per_task)}/"
+                         f"{sum(t['records'] for t in per_task)} records; conv tasks: " + ", ".join(
+                             f"{t['task']} {t['valid_records']}/{t['records']}"
+                             + (f" best {t['best_us']:.1f} us" if t.get("best_us") else "")
+                             for t in per_task if "conv2d" in t["task"]) + ".")
+    lines.append("")
     args = meta.get("args", {})
     lines += ["Method: " + method_text(args.get("warmup", 0), args.get("samples", 0), args.get("budget_s", 0.0)), ""]
     problems = [p for s in studies for p in s.get("problems", [])]

@@ -250,6 +250,7 @@ def agent_target_for(device: str) -> tuple[str, str]:
 
 
 def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -> dict[str, Any]:
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from tunefarm.host.tuning.jobdir import records_per_workload
@@ -257,12 +258,16 @@ def tuning_summary(job_dir: Path, task_keys: list[str], task_names: list[str]) -
     job_dir.mkdir(parents=True, exist_ok=True)  # --skip-tuning before any tuning: an empty database
     db = ms.database.JSONDatabase(work_dir=str(job_dir))
     per = records_per_workload(db)
+    total: dict[str, int] = {}  # every record of a workload, failed candidates included
+    for rec in db.get_all_tuning_records():
+        key = str(tvm_ffi.structural_hash(rec.workload.mod))
+        total[key] = total.get(key, 0) + 1
     events = []
     progress = job_dir / "progress.jsonl"
     if progress.exists():
         events = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
     # records_per_workload lists the valid measurements of each workload (failed candidates: none)
-    tasks = [{"task": n, "valid_records": len(per.get(k, [])),
+    tasks = [{"task": n, "valid_records": len(per.get(k, [])), "records": total.get(k, 0),
               "best_us": min(per[k]) * 1e6 if per.get(k) else None} for n, k in zip(task_names, task_keys)]
     return {"records_in_database": len(db), "tasks_with_records": sum(1 for k in task_keys if k in per),
             "tasks_with_valid_records": sum(1 for t in tasks if t["valid_records"]),
@@ -418,7 +423,14 @@ def render_markdown(data: dict[str, Any]) -> str:
                   f"rounds ({tn.get('trial_errors')} failed candidates); tasks with records "
                   f"{tn.get('tasks_with_records')}/{tn.get('tasks')}, with a valid measurement "
                   f"{tn.get('tasks_with_valid_records')}/{tn.get('tasks')}; MetaSchedule's last estimate "
-                  f"{number(tn.get('last_estimated_ms'))} ms.", ""]
+                  f"{number(tn.get('last_estimated_ms'))} ms."]
+        per_task = [t for t in tn.get("per_task") or [] if t.get("records")]
+        if per_task:
+            valid, total = sum(t["valid_records"] for t in per_task), sum(t["records"] for t in per_task)
+            lines.append(f"- Valid candidates per task (valid / records; a failed build or run is a record without "
+                         f"a time): {valid}/{total} in all; " + ", ".join(
+                             f"{t['task']} {t['valid_records']}/{t['records']}" for t in per_task) + ".")
+        lines.append("")
     sched = data.get("scheduled")
     if sched:
         lines += [f"- Tuned build: **{sched['count']} of {sched['total']} TIR functions carry a tuned schedule** "
@@ -496,6 +508,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the job's tuning.precision (fp16: ToMixedPrecision, the tensor-core space on CUDA)")
     parser.add_argument("--fold-batchnorm", choices=("on", "off"), default="on",
                         help="the job's tuning.fold_batchnorm (the fp16 tensor-core probe measured it off)")
+    parser.add_argument("--layout", choices=("NCHW", "NHWC"), default=None,
+                        help="the job's tuning.layout (NHWC: convs converted to NHWC/OHWI before legalization); "
+                             "default: the pipeline's default for the target")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="do not also time the tuned build compiled with Relax's CUDA-graph rewriting")
     parser.add_argument("--no-untuned", action="store_true", help="do not compile and time the untuned build")
@@ -528,7 +543,8 @@ def main(argv=None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
     name_slug = slug(meta["gpu_name"]) if device == "cuda" else "cpu-" + slug(meta["cpu"])
-    stem = Path(args.out) / (f"{'gpu-' if device == 'cuda' else ''}{name_slug}-{slug(args.model)}-{args.precision}")
+    stem = Path(args.out) / (f"{'gpu-' if device == 'cuda' else ''}{name_slug}-{slug(args.model)}-{args.precision}"
+                             + (f"-{args.layout.lower()}" if args.layout == "NHWC" else ""))
     shape = [int(d) for d in args.input_shape.split(",")]
     source, _, mname = args.model.rpartition(":")
     spec = ModelSpec(source or "torchvision", mname, None, shape)
@@ -558,12 +574,13 @@ def main(argv=None) -> int:
 
         model = load_model(spec)
         job = job_from_dict({
-            "name": f"{slug(mname)}-{device}" + ("" if args.precision == "fp32" else f"-{args.precision}"), "model": {"source": spec.source, "name": mname, "input_shape": shape},
+            "name": f"{slug(mname)}-{device}" + ("" if args.precision == "fp32" else f"-{args.precision}")
+                    + (f"-{args.layout.lower()}" if args.layout else ""), "model": {"source": spec.source, "name": mname, "input_shape": shape},
             "device": {"key": KEY, "tracker": farm.addr}, "target": "from-agent",
             "tuning": {"max_trials_global": 1, "max_trials_per_task": args.trials_per_task,
                        "num_trials_per_iter": args.per_iter, "cost_model": "xgb",
                        "population_size": args.population, "seed": 0, "precision": args.precision,
-                       "fold_batchnorm": args.fold_batchnorm == "on"},
+                       "fold_batchnorm": args.fold_batchnorm == "on", "layout": args.layout},
             "builder": {"workers": 0, "timeout_sec": args.builder_timeout_s},
             "runner": {"timeout_sec": 60.0, "number": 3, "repeat": 1, "min_repeat_ms": 50, "device_wait_sec": 120.0},
             "evaluate": {"warmup": args.warmup, "repeat": args.samples, "baselines": []}})
@@ -573,7 +590,8 @@ def main(argv=None) -> int:
         from tunefarm.host.tuning.pipeline import resolve_pipeline
 
         # what the job's plan resolves too
-        pipeline = resolve_pipeline(target, fold_batchnorm=args.fold_batchnorm == "on", precision=args.precision)
+        pipeline = resolve_pipeline(target, fold_batchnorm=args.fold_batchnorm == "on", precision=args.precision,
+                                    layout=args.layout)
         meta["pipeline"] = pipeline.describe()
         mod = fuse_for_tuning(to_relax(model), target, pipeline)
         import tvm_ffi

@@ -64,3 +64,52 @@ def test_precision_option_parses(value, message):
     assert job_from_dict({**base, "tuning": {"precision": "fp16"}}).tuning.precision == "fp16"
     with pytest.raises(TunefarmError, match=message):
         job_from_dict({**base, "tuning": {"precision": value}})
+
+
+def test_nhwc_layout_moves_convs_and_keeps_the_model_numerics():
+    """layout NHWC on the convnet (conv-relu, conv-relu, mean, linear): both convs read NHWC data and OHWI
+    weights, the one layout change is the model's input (the mean over H, W ends the run of convs, so nothing
+    goes back), and the untuned build still computes the model."""
+    from tvm import relax
+
+    from tunefarm.core.stats import compare_outputs
+    from tunefarm.host.tuning.pipeline import Pipeline
+
+    model, fused, tasks, out = _build("convnet", Pipeline(fold_batchnorm=True, layout="NHWC"))
+    calls = {}
+    for binding in fused["main"].body.blocks[0].bindings:
+        call = binding.value
+        if isinstance(call, relax.Call) and call.op.name == "relax.call_tir":
+            calls[call.args[0].name_hint] = ([tuple(int(d) for d in a.ty.shape) for a in call.args[1].fields],
+                                             tuple(int(d) for d in call.ty.shape))
+    convs = {name: c for name, c in calls.items() if "conv2d" in name}
+    assert len(convs) == 2, calls
+    (first_in, first_w, _), first_out = convs["fused_conv2d_add_relu"]
+    (second_in, second_w, _), second_out = convs["fused_conv2d1_add_relu"]
+    assert first_in == (1, 32, 32, 3) and first_w == (16, 3, 3, 3) and first_out == (1, 32, 32, 16), convs
+    assert second_in == (1, 32, 32, 16) and second_w == (16, 3, 3, 16), convs  # OHWI, not OIHW
+    assert [name for name in calls if "transpose" in name] == ["transpose"] and calls["transpose"][0] == [(1, 3, 32, 32)]
+    assert compare_outputs([out], model.reference_outputs(), 1e-4, 1e-4)["ok"]
+    _, nchw, _, _ = _build("convnet", Pipeline(fold_batchnorm=True))
+    assert "transpose" not in nchw["main"].script()
+
+
+def test_layout_option_parses_and_is_recorded():
+    import tvm
+
+    from tunefarm.host.tuning.pipeline import LEGACY, Pipeline, resolve_pipeline
+
+    base = {"name": "p", "model": {"source": "builtin", "name": "convnet"}, "device": {"key": "cpu"}}
+    assert job_from_dict(base).tuning.layout is None
+    assert job_from_dict({**base, "tuning": {"layout": "NHWC"}}).tuning.layout == "NHWC"
+    for bad in ("nhwc", "NCHW16c", 1):
+        with pytest.raises(TunefarmError, match="tuning.layout must be NCHW or NHWC"):
+            job_from_dict({**base, "tuning": {"layout": bad}})
+    cpu = tvm.target.Target(TARGET)
+    assert resolve_pipeline(cpu).layout == "NCHW" and resolve_pipeline(cpu, layout="NHWC").layout == "NHWC"
+    nhwc = Pipeline(fold_batchnorm=True, layout="NHWC")
+    assert nhwc.to_json()["layout"] == "NHWC" and Pipeline.from_json(nhwc.to_json()) == nhwc
+    assert "NHWC" in nhwc.describe()
+    # job directories from before the option were tuned in the models' own layout
+    assert Pipeline.from_json({"fold_batchnorm": True, "precision": "fp16"}).layout == "NCHW"
+    assert LEGACY.layout == "NCHW"

@@ -149,7 +149,8 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
     assert code == 0, out
     report = json.loads((logs / "block" / "report.json").read_text())
     assert report["ok"], report["problems"]
-    assert report["tuning"]["pipeline"] == {"fold_batchnorm": True, "weight_prepack": True, "precision": "fp32"}
+    assert report["tuning"]["pipeline"] == {"fold_batchnorm": True, "weight_prepack": True, "precision": "fp32",
+                                            "layout": "NCHW"}
     names = [t["task"] for t in report["tasks"]]
     assert len(names) == 2 and all("conv2d" in n and "divide" not in n and "subtract" not in n for n in names), names
     assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] == 2
@@ -172,6 +173,32 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
                       tuning={"fold_batchnorm": False, "weight_prepack": True})
     code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
     assert code != 0 and "was tuned with tuning.fold_batchnorm: true" in out, out
+
+
+def test_nhwc_layout_tunes_through_the_farm_and_checks(farm, tmp_path):
+    """tuning.layout NHWC on the CPU: the convnet's convs tuned in NHWC (one transpose of the input in front of
+    them), every TIR function tuned, the tuned build checked against PyTorch; the layout is recorded in
+    job_state.json and a resume that asks for NCHW is refused."""
+    logs = tmp_path / "logs"
+    model = {"source": "builtin", "name": "convnet"}
+    job = write_job(tmp_path / "job.yaml", "nhwc", farm["port"], "cpu", model, trials=20, per_iter=4,
+                    evaluate={"baselines": []}, tuning={"layout": "NHWC"})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    report = json.loads((logs / "nhwc" / "report.json").read_text())
+    assert report["ok"], report["problems"]
+    assert report["tuning"]["pipeline"]["layout"] == "NHWC"
+    assert json.loads((logs / "nhwc" / "job_state.json").read_text())["pipeline"]["layout"] == "NHWC"
+    names = sorted(t["task"] for t in report["tasks"])
+    assert names == ["fused_conv2d1_add_relu", "fused_conv2d_add_relu", "fused_matmul_add1", "mean", "transpose"]
+    assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] == 5
+    tuned = report["results"]["tvm-tuned"]
+    assert tuned["numerics"]["ok"] and tuned["numerics"]["max_abs_err"] < 1e-3, tuned
+
+    other = write_job(tmp_path / "job2.yaml", "nhwc", farm["port"], "cpu", model, trials=24, per_iter=4,
+                      tuning={"layout": "NCHW"})
+    code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
+    assert code != 0 and "was tuned with tuning.layout: NHWC" in out, out
 
 
 def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):

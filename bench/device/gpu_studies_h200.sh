@@ -7,7 +7,11 @@
 #   bash bench/device/gpu_studies_h200.sh follow S     # wait up to S seconds (or until both end), copy out
 #
 # The fp16 study also times the peers (PyTorch, torch.compile, TensorRT); the fp32 one only its TVM builds.
-# Env: TUNE_S (tuning wall time, one deadline for both; default 660), TPT (trials per task; default 32).
+#   PAIR=layouts bash bench/device/gpu_studies_h200.sh start MODEL  # fp16 in NCHW and in NHWC instead
+#
+# Env: TUNE_S (tuning wall time, one deadline for both; default 660), TPT (trials per task; default 32),
+# PAIR (precisions: fp16 and fp32, the default; layouts: fp16 NCHW and fp16 NHWC, same seed and budget,
+# the PyTorch fp16 peers timed by the NHWC study).
 set -u
 cd "$(dirname "$0")/../.."
 RES=/root/gs-results
@@ -21,18 +25,22 @@ start)
   deadline=$(( $(date +%s) + 90 + ${TUNE_S:-660} ))
   model=${2:-resnet18}
   half=$(( $(nproc) / 2 ))
-  # precision cores extra-args
-  while read -r prec cores extra; do
-    name="$model-$prec"
+  # name precision cores extra-args
+  if [ "${PAIR:-precisions}" = layouts ]; then
+    studies="fp16-nchw fp16 0-$(( half - 1 )) --fold-batchnorm off --layout NCHW --peers none
+fp16-nhwc fp16 $half-$(( 2 * half - 1 )) --fold-batchnorm off --layout NHWC --peers pytorch-eager,pytorch-eager-fp16,torch-compile-ro-fp16"
+  else
+    studies="fp16 fp16 0-$(( half - 1 )) --fold-batchnorm off
+fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"
+  fi
+  while read -r variant prec cores extra; do
+    name="$model-$variant"
     # shellcheck disable=SC2086  # $extra is a list of flags
     TVM_NUM_THREADS=$(( $(echo "$cores" | tr ',' '\n' | awk -F- '{n += ($2 == "" ? 1 : $2 - $1 + 1)} END {print n}') )) \
     setsid taskset -c "$cores" python -m bench.gpu_study --model "$model" --precision "$prec" \
         --trials-per-task "${TPT:-32}" --tune-until "$deadline" --barrier /root/gs-barrier --group 2 \
         --no-untuned --work-dir "/root/gs-work-$name" --out "$RES" $extra > "$RES/$name.log" 2>&1 < /dev/null &
-  done <<EOF
-fp16 0-$(( half - 1 )) --fold-batchnorm off
-fp32 $half-$(( 2 * half - 1 )) --peers none
-EOF
+  done <<< "$studies"
   sleep 5
   echo "started; tuning until $(date -d @"$deadline" +%T)"
   ls "$RES"

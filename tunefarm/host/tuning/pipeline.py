@@ -21,6 +21,14 @@ accumulation the fused cast epilogue made 28-32 of 32 tensor-core candidates fai
 an fp16 job tunes in the ``cuda-tensorcore`` space (:meth:`Pipeline.space`). Its rows are checked as a
 reduced precision (relative L2 error and top-1 agreement against the fp32 reference: core/stats.py).
 
+A fourth, ``layout`` (``NCHW`` | ``NHWC``): ``NHWC`` runs ``relax.transform.ConvertLayout({"relax.nn.conv2d":
+["NHWC", "OHWI"]})`` after DecomposeOpsForInference and ToMixedPrecision, before legalization: convolutions take
+NHWC data and OHWI weights (the layout in which MetaSchedule's tensor-core space beat NCHW 1.3-1.5x on single
+convs: ../shared/tvm-vendor-kit/README.md), the elementwise ops between them follow, and ``layout_transform``
+ops stay only at the boundaries of runs of convs (the model's input and output; on the constant weights they
+fold away). The model's inputs and outputs keep their NCHW layout. A job directory from before the option
+reads as NCHW.
+
 The defaults are the measured winner on CPU (bench/results/layouts-*.md): BatchNorm folded, weights not
 prepacked. A job directory from before
 these options has no ``pipeline`` in its state: it was tuned with both off (:data:`LEGACY`).
@@ -36,8 +44,9 @@ class Pipeline:
     fold_batchnorm: bool = False
     weight_prepack: bool = False
     precision: str = "fp32"  # fp32 | fp16
+    layout: str = "NCHW"  # NCHW | NHWC (convs converted before legalization)
 
-    def to_json(self) -> dict[str, bool]:
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
@@ -46,12 +55,14 @@ class Pipeline:
         if not isinstance(data, dict):
             return LEGACY
         return cls(fold_batchnorm=data.get("fold_batchnorm") is True, weight_prepack=data.get("weight_prepack") is True,
-                   precision="fp16" if data.get("precision") == "fp16" else "fp32")
+                   precision="fp16" if data.get("precision") == "fp16" else "fp32",
+                   layout="NHWC" if data.get("layout") == "NHWC" else "NCHW")
 
     def describe(self) -> str:
         parts = [("BatchNorm folded into conv weights" if self.fold_batchnorm else "BatchNorm kept"),
                  ("weights prepacked (layout rewrite)" if self.weight_prepack else "weights in the model's layout"),
-                 ("fp16 (ToMixedPrecision, fp16 accumulation)" if self.precision == "fp16" else "fp32")]
+                 ("fp16 (ToMixedPrecision, fp16 accumulation)" if self.precision == "fp16" else "fp32"),
+                 ("convs in NHWC/OHWI (ConvertLayout)" if self.layout == "NHWC" else "convs in NCHW")]
         return ", ".join(parts)
 
     def space(self, target):
@@ -79,12 +90,19 @@ class Pipeline:
             mod = relax.transform.DecomposeOpsForInference()(mod)
             if self.precision == "fp16":
                 mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+            if self.layout == "NHWC":
+                mod = relax.transform.ConvertLayout(CONV_LAYOUTS[self.layout])(mod)
+                mod = relax.transform.FoldConstant()(mod)  # the weights' transforms, on constants
             if self.weight_prepack:
                 mod = relax.transform.CanonicalizeBindings()(mod)
             mod = relax.pipeline.zero_pipeline()(mod)
             if self.weight_prepack:
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         return mod
+
+LAYOUTS = ("NCHW", "NHWC")
+# ConvertLayout's desired layouts per layout option (data, weights); NCHW is the models' own: no conversion.
+CONV_LAYOUTS = {"NHWC": {"relax.nn.conv2d": ["NHWC", "OHWI"]}}
 
 LEGACY = Pipeline(fold_batchnorm=False, weight_prepack=False)
 # Measured (bench/results/layouts-resnet18-vm-2c.md, ResNet-18, 480 trials each, one 2-core run): legacy 30.41 ms,
@@ -100,7 +118,7 @@ def is_cpu_target(target) -> bool:
 
 
 def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack: bool | None = None,
-                     precision: str | None = None) -> Pipeline:
+                     precision: str | None = None, layout: str | None = None) -> Pipeline:
     """The pipeline of a new tuning run: the job's options where set, else the default for the target's kind.
     Weight prepacking is a CPU layout rewrite; asked for on another target it is refused with a one-line error."""
     from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
@@ -109,9 +127,18 @@ def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack:
     if weight_prepack and not is_cpu_target(target):
         raise TunefarmError(f"tuning.weight_prepack is a CPU option (layout rewrite of llvm kernels); the target "
                             f"is '{target.kind.name}'")
+    if layout is not None and layout not in LAYOUTS:
+        raise TunefarmError(f"tuning.layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
     return Pipeline(fold_batchnorm=default.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
                     weight_prepack=default.weight_prepack if weight_prepack is None else weight_prepack,
-                    precision=precision or "fp32")
+                    precision=precision or "fp32", layout=layout or default_layout(target, precision or "fp32"))
+
+
+def default_layout(target, precision: str) -> str:  # pylint: disable=unused-argument
+    """The layout a job gets when tuning.layout is not set: NCHW everywhere until a measurement says otherwise.
+    fp16 on CUDA is the candidate for NHWC (single convs: 1.3-1.5x, ../shared/tvm-vendor-kit/README.md), but the
+    whole-model comparison (PAIR=layouts bash bench/device/gpu_studies_h200.sh start resnet18) has not run yet."""
+    return "NCHW"
 
 
 def apply_records(mod, target, database):

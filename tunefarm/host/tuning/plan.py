@@ -74,11 +74,14 @@ def _job_pipeline(job: TuningJob, target, old_state: dict[str, Any] | None, job_
     directory was tuned with; an option set in the job file that says otherwise is refused."""
     tn = job.tuning
     if old_state is None:
-        return resolve_pipeline(target, tn.fold_batchnorm, tn.weight_prepack, tn.precision)
+        return resolve_pipeline(target, tn.fold_batchnorm, tn.weight_prepack, tn.precision, tn.layout)
     kept = job_dir_pipeline(old_state)
     if tn.precision != kept.precision:
         raise TunefarmError(f"{job_dir.path} was tuned with tuning.precision: {kept.precision}; a run that resumes it "
                             "keeps that (give the job a new name for another precision)")
+    if tn.layout is not None and tn.layout != kept.layout:
+        raise TunefarmError(f"{job_dir.path} was tuned with tuning.layout: {kept.layout}; a run that resumes it "
+                            "keeps that (leave the option out, or give the job a new name)")
     for name in ("fold_batchnorm", "weight_prepack"):
         asked = getattr(tn, name)
         if asked is not None and asked != getattr(kept, name):
