@@ -8,6 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
+from tunefarm.host.console import ConsoleEvents
 from tunefarm.host.tuning.jobdir import JobDir
 from tunefarm.host.tuning.progress import JobProgress
 
@@ -15,7 +16,7 @@ from tunefarm.host.tuning.progress import JobProgress
 def test_a_resumed_run_estimates_the_whole_model_and_counts_measured_trials_only(tmp_path):
     console = Console(file=io.StringIO(), width=200)
     # Three tasks; an earlier run found tasks 0 and 2, this run tunes task 1 only (MetaSchedule's task 0).
-    progress = JobProgress(tmp_path, ["t0", "t1", "t2"], [1.0, 2.0, 3.0], total_trials=40, console=console,
+    progress = JobProgress(tmp_path, ["t0", "t1", "t2"], [1.0, 2.0, 3.0], total_trials=40, events=ConsoleEvents(console),
                            start_best={0: 1e-3, 2: 2e-3}, trials_before=24, run_tasks=[1])
     assert progress.estimated_ms() is None  # task 1 has nothing yet
     progress.on_batch(0, [4e-3, None, 5e-3], errors=1, cache_hits=2)

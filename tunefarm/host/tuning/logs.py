@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefarm.core.errors import TunefarmError
+from tunefarm.host.tuning.events import Events
 from tunefarm.host.tuning.jobdir import DB_RECORDS, JobDir, workload_counts
 
 
@@ -39,29 +40,24 @@ def load_tasks(job_dir: str | Path) -> list[dict[str, Any]]:
     return JobDir(job_dir).read_tasks()
 
 
-def show(job_dir: str | Path) -> list[dict[str, Any]]:
-    from rich.console import Console  # pylint: disable=import-outside-toplevel
-    from rich.text import Text  # pylint: disable=import-outside-toplevel
-
-    from tunefarm.host.tuning.tasktable import print_task_table  # pylint: disable=import-outside-toplevel
-
+def show(job_dir: str | Path, events: Events) -> list[dict[str, Any]]:
+    """``tunefarm logs show``: the job's tasks as a table, then the end-to-end estimate (or what is untuned)."""
     rows = task_rows(open_database(job_dir), load_tasks(job_dir))
     cells = []
     for i, row in enumerate(rows):
         best = row["best_us"]
-        cells.append([str(i), Text(row["task"]), f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
+        cells.append([str(i), row["task"], f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
                       str(row["seeded"]),
                       f"{best:.2f}" if best is not None else "-",
                       f"{best * row['weight']:.2f}" if best is not None else "-",
                       "yes" if row["tuned"] else "[red]NO[/]"])
-    console = Console()
-    print_task_table(console, f"tasks of {job_dir}", ("#", "task", "weight", "trials", "failed", "seeded", "best (us)",
-                                                      "weighted (us)", "tuned"), cells)
+    events.task_table(f"tasks of {job_dir}", ("#", "task", "weight", "trials", "failed", "seeded", "best (us)",
+                                              "weighted (us)", "tuned"), cells)
     total = [r["best_us"] * r["weight"] for r in rows if r["best_us"] is not None]
     if len(total) == len(rows):
-        console.print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
+        events.print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
     else:
-        console.print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
+        events.print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
     return rows
 
 
