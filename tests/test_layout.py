@@ -286,10 +286,11 @@ def console_output(source: str, filename: str = "<source>") -> list[str]:
 
 
 # host/tuning writes no console output: the engine emits events (tuning/events.py) that the CLI renders
-# (host/console.py). What is left of output of its own (issue 30, item 4), to be taken out:
+# (host/console.py). One print stays, for its reason:
 ENGINE_OUTPUT_LEFT = {
-    "tunefarm.host.tuning.logs": 1,  # export_best's closing line (print), read by `tunefarm logs export`
-    "tunefarm.host.tuning.jobdir": 1,  # a damaged job directory's warning on stderr (print)
+    # A damaged database file's warning on stderr, from JobDir's readers, which every role calls (the CLI, the
+    # service, whose host.log keeps it): said once per process, at the place that finds the damage.
+    "tunefarm.host.tuning.jobdir": 1,
 }
 
 

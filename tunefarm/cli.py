@@ -352,7 +352,7 @@ def logs_best(job_dir, output):
     """Write the best record per workload as a JSONDatabase that plain TVM can apply."""
     from tunefarm.host.tuning.logs import export_best
 
-    export_best(job_dir, output)
+    export_best(job_dir, output, say=print)
 
 
 @logs.command("show")

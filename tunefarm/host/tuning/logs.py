@@ -11,7 +11,7 @@ The export goes through ``JSONDatabase`` (never text tools), so plain TVM can ap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.host.tuning.events import Events
@@ -61,10 +61,11 @@ def show(job_dir: str | Path, events: Events) -> list[dict[str, Any]]:
     return rows
 
 
-def export_best(job_dir: str | Path, output: str | Path) -> int:
+def export_best(job_dir: str | Path, output: str | Path, say: Callable[[str], None] | None = None) -> int:
     """Write the best *verified* record of every workload (measured a second time before it counted:
     tuning/verify.py) into a fresh JSONDatabase at ``output``; returns the count. A directory tuned before
-    timings were verified (no verified.jsonl) exports its best records as they are, and says so."""
+    timings were verified (no verified.jsonl) exports its best records as they are, and says so: ``say`` gets
+    that closing line, plain text (``tunefarm logs best`` prints it; the service's bundle has no use for it)."""
     import tvm_ffi  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
@@ -98,5 +99,6 @@ def export_best(job_dir: str | Path, output: str | Path) -> int:
         count += 1
     note = ("; tuned before timings were verified: records exported as measured" if verified is None
             else f"; {skipped} workload(s) without a verified record left out" if skipped else "")
-    print(f"wrote the best verified record of {count} workload(s) to {output}{note}")
+    if say is not None:
+        say(f"wrote the best verified record of {count} workload(s) to {output}{note}")
     return count
