@@ -129,7 +129,7 @@ INSIDE = {
     "tunefarm.host.search_workers.protocol": {"tunefarm.core"},
     "tunefarm.host.search_workers.dealing": set(),
     "tunefarm.host.search_workers.worker": {"tunefarm.core", "tunefarm.host.search_workers.protocol",
-                                            "tunefarm.host.tuning"},
+                                            "tunefarm.host.tuning", "tunefarm.host.console"},
     "tunefarm.host.search_workers.driver": {"tunefarm.core", "tunefarm.tracker.client",
                                             "tunefarm.host.search_workers.protocol",
                                             "tunefarm.host.search_workers.dealing", "tunefarm.host.tuning"},
@@ -214,6 +214,104 @@ def test_a_backend_is_described_in_one_place():
     assert backend_tables() == []
 
 
+# Where a process may be started or signalled besides core/procs.py, each for its reason (as core/procs.py says).
+PROCESS_EXCEPTIONS = {
+    "tunefarm.core.torchless": "TVM's PopenWorker protocol: inherited pipe fds, TVM stops it",
+    "tunefarm.device_agents.build_service": "forked build children (multiprocessing fork) inheriting loaded TVM",
+    "tunefarm.device_agents.opencl_runtime": "parallel compiler runs waited for within one call",
+    "tunefarm.device_agents.onednn_runtime": "parallel compiler runs waited for within one call",
+    "tunefarm.host.tuning.builder": "kills one TVM PopenWorker's process, which TVM started",
+    "tunefarm.device_agents.rpc_server": "re-raises a signal to itself",
+    "tunefarm.testing.netns": "kills what is left in a namespace by pid (ip netns pids)",
+}
+PROCESS_CALLS = {("subprocess", "Popen"), ("os", "killpg"), ("os", "kill")}
+
+
+def process_handling(source: str, filename: str = "<source>") -> list[int]:
+    """Lines of ``source`` that start or signal a process by hand: subprocess.Popen, os.kill/killpg, a
+    start_new_session argument, multiprocessing (one-shot ``subprocess.run`` calls are not counted)."""
+    lines = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                    and (func.value.id, func.attr) in PROCESS_CALLS):
+                lines.append(node.lineno)
+            elif any(k.arg == "start_new_session" for k in node.keywords):
+                lines.append(node.lineno)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n.split(".")[0] == "multiprocessing" for n in names):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def process_handlers() -> list[str]:
+    """Modules, other than core/procs.py and the listed exceptions, that start or signal processes by hand."""
+    return sorted(f"{module_name(p)}:{line}" for p in PACKAGE.rglob("*.py")
+                  if module_name(p) not in {"tunefarm.core.procs", *PROCESS_EXCEPTIONS}
+                  for line in process_handling(p.read_text(), str(p)))
+
+
+def test_processes_are_started_and_stopped_in_core_procs():
+    assert process_handlers() == []
+    for module in PROCESS_EXCEPTIONS:  # every exception is still needed (else it goes from the list)
+        path = PACKAGE.parent.joinpath(*module.split(".")).with_suffix(".py")
+        assert process_handling(path.read_text(), str(path)), module
+    sample = ("import os, subprocess\nimport multiprocessing.connection\nsubprocess.Popen(['x'])\n"
+              "os.killpg(1, 9)\nf(['x'], start_new_session=True)\nsubprocess.run(['x'])\n")
+    assert process_handling(sample) == [2, 3, 4, 5]
+
+
+# Rich modules that draw on a console. The engine may use rich.markup (escaping text for a line it emits).
+DRAWING = ("rich.console", "rich.progress", "rich.table", "rich.markdown", "rich.text", "rich.live", "rich.status")
+
+
+def console_output(source: str, filename: str = "<source>") -> list[str]:
+    """What in ``source`` writes to a console: a drawing Rich module imported, a ``Console(...)`` made, a
+    ``console.print``/``console.status``, a bare ``print(...)``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{node.lineno}: imports {n}" for n in names if n.startswith(DRAWING)]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in ("Console", "print"):
+                found.append(f"{node.lineno}: {func.id}(...)")
+            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                  and func.value.id == "console"):
+                found.append(f"{node.lineno}: console.{func.attr}(...)")
+    return found
+
+
+# host/tuning writes no console output: the engine emits events (tuning/events.py) that the CLI renders
+# (host/console.py). One print stays, for its reason:
+ENGINE_OUTPUT_LEFT = {
+    # A damaged database file's warning on stderr, from JobDir's readers, which every role calls (the CLI, the
+    # service, whose host.log keeps it): said once per process, at the place that finds the damage.
+    "tunefarm.host.tuning.jobdir": 1,
+}
+
+
+def engine_console_output() -> dict[str, list[str]]:
+    out = {}
+    for path in (PACKAGE / "host" / "tuning").rglob("*.py"):
+        found = console_output(path.read_text(), str(path))
+        if found:
+            out[module_name(path)] = found
+    return out
+
+
+def test_the_tuning_engine_writes_no_console_output():
+    found = engine_console_output()
+    assert {m: len(f) for m, f in found.items()} == ENGINE_OUTPUT_LEFT, found
+    sample = ("from rich.console import Console\nfrom rich.markup import escape\nconsole.print('x')\n"
+              "Console()\nprint('y')\nevents.print('z')\n")
+    assert console_output(sample) == ["1: imports rich.console", "3: console.print(...)", "4: Console(...)",
+                                      "5: print(...)"]
+
+
 def test_the_checker_sees_cycles_and_violations():
     deps = {"tunefarm.core.a": {"tunefarm.host.x"}, "tunefarm.host.x": {"tunefarm.host.y"},
             "tunefarm.host.y": {"tunefarm.host.x"}, "tunefarm.client.c": {"tunefarm.host.x"}}
@@ -235,5 +333,6 @@ if __name__ == "__main__":
     for line in role_violations(found) + inside_violations(found):
         print("role:", line)
     print("tune_tasks called in:", ", ".join(tune_tasks_callers()))
-    for line in long_modules() + [f"backend table: {where}" for where in backend_tables()]:
+    for line in (long_modules() + [f"backend table: {where}" for where in backend_tables()]
+                 + [f"process handled outside core/procs.py: {where}" for where in process_handlers()]):
         print(line)

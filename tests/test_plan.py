@@ -181,7 +181,7 @@ def _render(width: int, names: list[str]) -> str:
     from rich.console import Console
     from rich.text import Text
 
-    from tunefarm.host.tuning.tasktable import print_task_table
+    from tunefarm.host.console import print_task_table
 
     console = Console(file=io.StringIO(), width=width, highlight=False)
     rows = [[str(i), Text(name), "2", "0", "1", "123.45" if i else "-", "[red]NO[/]"] for i, name in enumerate(names)]

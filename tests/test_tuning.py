@@ -426,8 +426,10 @@ def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(farm, tmp_path)
 
     from rich.console import Console
 
+    from tunefarm.host.console import ConsoleEvents
+
     with (tmp_path / "console.txt").open("w") as out:
-        result = tune_job(job, tmp_path / "logs", console=Console(file=out), should_stop=should_stop)
+        result = tune_job(job, tmp_path / "logs", events=ConsoleEvents(Console(file=out)), should_stop=should_stop)
     assert result.stopped and result.measured == 4 and len(seen) == 1
     trials, best, t0 = seen[0]
     assert trials == 4 and list(best) == [0] and t0 <= time.time()
@@ -442,12 +444,13 @@ def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(farm, tmp_path):
     from rich.console import Console
 
     from tunefarm.core.jobspec import load_job
+    from tunefarm.host.console import ConsoleEvents
     from tunefarm.host.tuning.job import tune_job
 
     job = load_job(write_job(tmp_path / "job.yaml", "deadline", farm["port"], "cpu",
                              {"source": "builtin", "name": "convnet"}, trials=64, per_iter=4))
     with (tmp_path / "console.txt").open("w") as out:
-        result = tune_job(job, tmp_path / "logs", console=Console(file=out), stop_at=time.time())
+        result = tune_job(job, tmp_path / "logs", events=ConsoleEvents(Console(file=out)), stop_at=time.time())
     text = (tmp_path / "console.txt").read_text()
     assert result.stopped and "stopping: the deadline ended tuning" in text, text
     assert result.measured < 64 and len(records(tmp_path / "logs" / "deadline")) == result.measured

@@ -352,7 +352,7 @@ def logs_best(job_dir, output):
     """Write the best record per workload as a JSONDatabase that plain TVM can apply."""
     from tunefarm.host.tuning.logs import export_best
 
-    export_best(job_dir, output)
+    export_best(job_dir, output, say=print)
 
 
 @logs.command("show")
@@ -360,9 +360,12 @@ def logs_best(job_dir, output):
 @_one_line_errors
 def logs_show(job_dir):
     """Per-task table: trials, best latency, whether the task has a tuned schedule."""
+    from rich.console import Console
+
+    from tunefarm.host.console import ConsoleEvents
     from tunefarm.host.tuning.logs import show
 
-    show(job_dir)
+    show(job_dir, ConsoleEvents(Console()))
 
 
 @main.command()

@@ -21,6 +21,7 @@ import time
 import click
 
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
+from tunefarm.core.procs import popen_waiter, start_process, stop_group
 from tunefarm.core.threads import THREADS_ENV, keep_tvm_threads_inside, resolve_threads, thread_env
 from tunefarm.core.wire import INFO_FIELD, DeviceInfo, parse_hostport
 
@@ -138,8 +139,7 @@ class _RPCServerSupervisor:
         keep_tvm_threads_inside(env)  # a pinned agent (taskset): TVM would bind its threads outside the mask
         # Its own session (and process group): stopping the child takes its forked RPC sessions
         # with it, and a Ctrl-C on the agent's terminal reaches only the agent, which stops it.
-        self.child = subprocess.Popen(self._command(), env=env, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+        self.child = start_process(self._command(), env=env, inherit_output=True)
         self.child_started = time.monotonic()
         self.child_listening = None
         self.listed = False
@@ -151,22 +151,12 @@ class _RPCServerSupervisor:
         if child is None:
             return None
         if child.poll() is None:
-            signals = ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S))
+            signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGKILL)
             if _stopped(child.pid):
                 # Frozen (SIGSTOP): woken for a graceful stop it would first re-register with the tracker and be
                 # handed out while dying; it has nothing to clean up that its process group's kill does not.
                 signals = signals[1:]
-            for sig, wait in signals:
-                try:
-                    os.killpg(child.pid, sig)
-                    os.killpg(child.pid, signal.SIGCONT)  # a stopped (SIGSTOP) child handles SIGTERM only after this
-                except ProcessLookupError:
-                    break
-                try:
-                    child.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_group(child.pid, popen_waiter(child), STOP_GRACE_S, signals, wake=True)
         return child.poll()
 
     def _tracker_lists_us(self) -> bool | None:

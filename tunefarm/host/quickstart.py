@@ -15,15 +15,16 @@ DEFAULT_JOB = Path(__file__).resolve().parents[2] / "configs" / "jobs" / "quicks
 
 
 def run_quickstart(job_file: str | None = None, logs_dir: str = "logs") -> dict:
-    from tunefarm.host.tuning.job import _console, run_job  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.console import ConsoleEvents  # pylint: disable=import-outside-toplevel
+    from tunefarm.host.tuning.job import run_job  # pylint: disable=import-outside-toplevel
 
-    console = _console()
+    events = ConsoleEvents()
     job = load_job(job_file or DEFAULT_JOB)
     out_dir = Path(logs_dir) / job.name
     out_dir.mkdir(parents=True, exist_ok=True)
     with LocalFarm(out_dir) as farm:
-        console.print(f"tracker on {farm.addr} (log: {out_dir / 'tracker.log'})")
+        events.print(f"tracker on {farm.addr} (log: {out_dir / 'tracker.log'})")
         farm.add_agent(job.device.key, name="agent")
-        console.print(f"agent on key '{job.device.key}' (log: {out_dir / 'agent.log'})")
+        events.print(f"agent on key '{job.device.key}' (log: {out_dir / 'agent.log'})")
         job.device.tracker = farm.addr
-        return run_job(job, logs_dir, evaluate=True, console=console)
+        return run_job(job, logs_dir, evaluate=True, events=events)

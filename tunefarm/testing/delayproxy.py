@@ -72,10 +72,11 @@ def start(listen: str, target: str, delay_ms: float, wait_s: float = 30.0):
     connections; the caller kills it."""
     # pylint: disable=import-outside-toplevel
     import socket
-    import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-m", "tunefarm.testing.delayproxy", listen, target, str(delay_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    from tunefarm.core.procs import start_process
+
+    proc = start_process([sys.executable, "-m", "tunefarm.testing.delayproxy", listen, target, str(delay_ms)],
+                         new_session=False)
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from tunefarm.core.procs import popen_waiter, start_process, stop_group
+
 SUBNET = "10.77.0"
 PREFIX_LEN = 24
 
@@ -116,16 +118,7 @@ class Lab:
     def _kill_group(proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(5)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc.pid, popen_waiter(proc), 5)
 
     # ------------------------------------------------------------ using it
 
@@ -143,11 +136,8 @@ class Lab:
     def popen(self, node: str, cmd: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None
               ) -> subprocess.Popen:
         """Start ``cmd`` inside ``node`` (its own process group), output appended to ``log_path``."""
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(self.exec_cmd(node, cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                    start_new_session=True)
+        proc = start_process(self.exec_cmd(node, cmd), log_path=log_path,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.procs.append(proc)
         return proc
 

@@ -85,11 +85,11 @@ def record_from_worker(item: Any, mods: list, workloads: list, target) -> tuple[
         None if failed else [float(s) for s in secs])
 
 
-def run_spread(plan, database, tracker: tuple[str, int], console, progress, counter, result, after_batch=None) -> None:
+def run_spread(plan, database, tracker: tuple[str, int], events, progress, counter, result, after_batch=None) -> None:
     """Tune ``plan``'s tasks on ``plan.job.search.workers`` search workers (blocks until every share ends).
     ``counter`` (the run's TrialCounter) stopped ends them early (``after_batch()`` is called after each merge, the
     job's stop hook); ``result`` gets the per-agent counts, the workers' shares and what was refused."""
-    SpreadSearch(plan, database, tracker, console, progress, counter, result, after_batch).run()
+    SpreadSearch(plan, database, tracker, events, progress, counter, result, after_batch).run()
 
 
 class SpreadSearch:
@@ -97,14 +97,14 @@ class SpreadSearch:
     worker sessions (:meth:`drive`), work stealing between them, and what every thread shares, under ``lock``:
     the shares, the records merged per task, the workers shunned and the sessions held aside on them."""
 
-    def __init__(self, plan, database, tracker: tuple[str, int], console, progress, counter, result,
+    def __init__(self, plan, database, tracker: tuple[str, int], events, progress, counter, result,
                  after_batch=None):
         # pylint: disable=import-outside-toplevel
         import tvm
 
         from tunefarm.host.tuning.intrinsics import load_for
 
-        self.plan, self.database, self.tracker, self.console = plan, database, tracker, console
+        self.plan, self.database, self.tracker, self.events = plan, database, tracker, events
         self.progress, self.counter, self.result, self.after_batch = progress, counter, result, after_batch
         self.job, self.budget = job, budget = plan.job, plan.budget
         order = list(budget.order)
@@ -126,8 +126,8 @@ class SpreadSearch:
         self.lock = threading.Lock()
         self.workloads = {i: database.commit_workload(plan.extracted[i].dispatched[0]) for i in order}
         self.mod_json = {i: tvm.ir.save_json(plan.extracted[i].dispatched[0]) for i in order}
-        console.print(f"search spread over {len(self.shares)} search worker(s) on key '{job.search.key}': "
-                      + "; ".join(f"{len(s.tasks)} task(s), {s.trials} trials" for s in self.shares))
+        events.print(f"search spread over {len(self.shares)} search worker(s) on key '{job.search.key}': "
+                     + "; ".join(f"{len(s.tasks)} task(s), {s.trials} trials" for s in self.shares))
         self.measured_per_task: dict[int, int] = {}  # job task -> records merged in this run
         self.shunned: set[str] = set()  # workers whose records were refused
         self.aside: list = []  # sessions on shunned workers, held until the run ends
@@ -165,7 +165,7 @@ class SpreadSearch:
             except ValueError as err:
                 share.rejected += 1
                 if share.rejected == 1:
-                    self.console.print(f"[yellow]search worker record refused[/]: {_escape(str(err))}")
+                    self.events.print(f"[yellow]search worker record refused[/]: {_escape(str(err))}")
                 continue
             index = sent[pos]
             with self.lock:
@@ -302,13 +302,13 @@ class SpreadSearch:
                 share.by_worker[worker] = share.by_worker.get(worker, 0) + share.received - received_before
                 if reply["error"]:
                     share.error = reply["error"]
-                    self.console.print(f"[yellow]search worker {_escape(worker)} stopped[/]: "
-                                       f"{_escape(reply['error'])}")
+                    self.events.print(f"[yellow]search worker {_escape(worker)} stopped[/]: "
+                                      f"{_escape(reply['error'])}")
                 if share.rejected > rejected_before:
                     with self.lock:
                         # sent records the host refused: none of its sessions again this run
                         self.shunned.add(worker)
-                    self.console.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
+                    self.events.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
                                   f"{share.rejected - rejected_before} of its records refused")
                 else:
                     for field, counts in session_counts.items():  # a shunned worker's word on them is not kept
@@ -323,10 +323,10 @@ class SpreadSearch:
                 if isinstance(err, WorkerLied):
                     with self.lock:
                         self.shunned.add(worker)
-                    self.console.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
-                                       f"{_escape(share.error)}")
+                    self.events.print(f"[bold red]search worker {_escape(worker)} shunned[/]: "
+                                      f"{_escape(share.error)}")
                     continue
-                self.console.print(f"[yellow]search worker lost[/] ({_escape(share.error)}); "
+                self.events.print(f"[yellow]search worker lost[/] ({_escape(share.error)}); "
                               f"{share.trials - share.received} trial(s) of its share go to the next one")
             finally:
                 share.live = False

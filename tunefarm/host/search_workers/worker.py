@@ -158,6 +158,7 @@ class _Share:
 
         from tunefarm.core.threads import usable_cores
         from tunefarm.core.wire import parse_hostport
+        from tunefarm.host.console import ConsoleEvents
         from tunefarm.host.tuning.budget import TrialCounter
         from tunefarm.host.tuning.builder import BUILD_TIMEOUTS_DIR
         from tunefarm.host.tuning.intrinsics import load_for
@@ -196,7 +197,7 @@ class _Share:
                           runner=spec.runner, population_size=spec.population_size, seed=spec.seed,
                           space=Pipeline.from_json(spec.pipeline).space(target),
                           keep_dir=Path(work) / BUILD_TIMEOUTS_DIR, verified_log=Path(work) / "verified.jsonl",
-                          console=Console(stderr=True, highlight=False))
+                          events=ConsoleEvents(Console(stderr=True, highlight=False)))  # a flagged agent, in its log
         with self.lock:
             self.runner, self.builder, self.verifier = loop.runner, loop.builder, loop.verifier
             self.setup_s = time.monotonic() - self.began

@@ -27,7 +27,7 @@ import psutil
 
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import JOB_NAME_RE, TuningJob, job_from_dict, parse_yaml
-from tunefarm.core.procs import start_tunefarm
+from tunefarm.core.procs import signal_group, start_tunefarm
 from tunefarm.core.runresult import read_run_result
 from tunefarm.host.service.config import FarmConfig
 from tunefarm.host.service.errors import ApiError
@@ -283,10 +283,7 @@ class JobQueue:
             code = proc.poll()
             if code is None:
                 if job_id in self.kill_at and time.monotonic() > self.kill_at[job_id]:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    signal_group(proc.pid, signal.SIGKILL)
                 continue
             del self.procs[job_id]
             self.kill_at.pop(job_id, None)
@@ -336,10 +333,7 @@ class JobQueue:
         job = self.store.update_job(job_id, note="cancel requested", cancel_requested=True)
         proc = self.procs.get(job_id)
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            signal_group(proc.pid, signal.SIGTERM)
             self.kill_at[job_id] = time.monotonic() + STOP_GRACE_S
         return job
 

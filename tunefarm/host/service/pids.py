@@ -3,9 +3,10 @@ pid and start time so that a recycled pid is never signalled."""
 from __future__ import annotations
 
 import os
-import signal
 
 import psutil
+
+from tunefarm.core import procs
 
 STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL
 
@@ -30,19 +31,17 @@ def stop_group(pid: int, started: float | None, timeout: float = STOP_GRACE_S) -
     proc = process_alive(pid, started)
     if proc is None:
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-            return
-        except psutil.TimeoutExpired:
-            continue
-        except psutil.Error:
-            return
 
+    def wait(grace: float) -> bool:
+        try:
+            proc.wait(grace)
+        except psutil.TimeoutExpired:
+            return False
+        except psutil.Error:
+            return True  # gone, or no longer ours to wait for: stop signalling
+        return True
+
+    procs.stop_group(pid, wait, timeout)
 
 
 LEFTOVER_WINDOW_S = 60.0

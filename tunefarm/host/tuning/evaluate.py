@@ -17,6 +17,7 @@ from tunefarm.core.errors import TuningFailed, TunefarmError
 from tunefarm.core.stats import method_text
 from tunefarm.host.comparator import (STATUS_TEXT, Comparator, FarmAgents, MeasureSettings, ModelArtifacts, Row,
                                       RowResult, agents_of_rows, agents_text)
+from tunefarm.host.tuning.events import Events
 
 EVAL_BUDGET_S = 120.0  # per row: a slow build (untuned TVM on a CPU) gets fewer samples, never under 5
 TVM_ROWS = ("tvm-tuned", "tvm-untuned")
@@ -72,8 +73,10 @@ def _plain(text, limit: int = 120) -> str:
     return "".join(c if c.isalnum() or c in " .,:;=@_-+/()" else "?" for c in str(text))[:limit]
 
 
-def evaluate_job(tuned, console) -> dict[str, Any]:
-    """Compile, run, verify and time; write report.json/report.md; raise TuningFailed on a bad result."""
+def evaluate_job(tuned, events: Events) -> dict[str, Any]:
+    """Compile, run, verify and time; write report.json/report.md; raise TuningFailed on a bad result.
+    ``events`` also goes to host/comparator.py's artifacts, agents and comparator (their ``print`` and
+    ``status``)."""
     from tunefarm.host.reports.tuning import write_report  # pylint: disable=import-outside-toplevel
 
     job, target, mod, database = tuned.job, tuned.target, tuned.mod, tuned.database
@@ -82,7 +85,7 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
     job_dir: Path = tuned.job_dir
     build_dir = Path(tempfile.mkdtemp(prefix="tunefarm-eval-"))
 
-    with console.status("compiling the tuned and the untuned builds"):
+    with events.status("compiling the tuned and the untuned builds"):
         applied, scheduled, unscheduled = apply_database(mod, target, database)
         libs = {}
         from tunefarm.host.tuning.pipeline import compile_module  # pylint: disable=import-outside-toplevel
@@ -91,13 +94,13 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
             ex = compile_module(module, target, cuda_graph=ev.cuda_graph)
             libs[name] = str(build_dir / f"{name}.so")
             ex.export_library(libs[name])
-    artifacts = ModelArtifacts(model, job.model, build_dir, console)
+    artifacts = ModelArtifacts(model, job.model, build_dir, events)
     reference = artifacts.reference
     on_wait = tuned.on_wait
-    agents = FarmAgents(tuned.tracker, job.runner.device_wait_sec, console,
+    agents = FarmAgents(tuned.tracker, job.runner.device_wait_sec, events,
                         on_wait=lambda _key, waited, limit: on_wait(waited, limit))
     try:
-        comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, EVAL_BUDGET_S), console)
+        comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, EVAL_BUDGET_S), events)
         results = comparator.run_and_compare(artifacts, evaluation_rows(job, libs, device_type_of(target),
                                                                         tuned.plan.pipeline.precision))
     finally:
@@ -137,10 +140,8 @@ def evaluate_job(tuned, console) -> dict[str, Any]:
         problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
     report = write_report(tuned, rows, scheduled, unscheduled, reference, problems,
                           method=" ".join(filter(None, [method_text(ev.warmup, ev.repeat, EVAL_BUDGET_S), where])))
-    from rich.markdown import Markdown  # pylint: disable=import-outside-toplevel
-
-    console.print(Markdown(report["markdown"]))
-    console.print(f"report: {job_dir / 'report.md'}")
+    events.markdown(report["markdown"])
+    events.print(f"report: {job_dir / 'report.md'}")
     if problems:
         raise TuningFailed("; ".join(problems))
     return report

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from tunefarm.core.errors import NoDeviceError, TuningFailed, TunefarmError
 from tunefarm.core.jobspec import TuningJob, load_job
 from tunefarm.core.wire import parse_hostport
+from tunefarm.host.tuning.events import Events, esc
 from tunefarm.host.tuning.jobdir import JobDir, remove_unmeasured
 # fuse_for_tuning and resolve_job_target are also imported from here (compare, bench/gpu_study.py)
 from tunefarm.host.tuning.plan import (TuningPlan, commit_plan, describe_plan, fuse_for_tuning,  # noqa: F401
@@ -31,48 +32,46 @@ from tunefarm.host.tuning.result import TuneResult, failure_breakdown, run_summa
 StopHook = Callable[[JobProgress], bool]
 
 
-def _console():
-    from rich.console import Console  # pylint: disable=import-outside-toplevel
+def _default_events() -> Events:
+    """The events of a caller that passes none (the benchmarks, scripts): rendered as the CLI renders them."""
+    from tunefarm.host.console import ConsoleEvents  # pylint: disable=import-outside-toplevel
 
-    return Console(highlight=False)
+    return ConsoleEvents()
 
 
-def _waiting_message(console, key: str, host: str, port: int):
-    from rich.markup import escape  # pylint: disable=import-outside-toplevel
-
-    key = escape(key)  # the job's text: printed, never read as markup
+def _waiting_message(events: Events, key: str, host: str, port: int):
+    key = esc(key)  # the job's text: printed, never read as markup
 
     def on_wait(waited, limit):
-        console.print(f"[yellow]waiting for an agent on key '{key}' at {host}:{port}: "
-                      f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
-                      f"--key {key})")
+        events.print(f"[yellow]waiting for an agent on key '{key}' at {host}:{port}: "
+                     f"{waited:.0f}/{limit:.0f} s[/] (start one: tunefarm agent --tracker {host}:{port} "
+                     f"--key {key})")
     return on_wait
 
 
-def _agent_lost_message(console, key: str):
-    from rich.markup import escape  # pylint: disable=import-outside-toplevel
-
-    key = escape(key)  # the job's text, and the agent's id its own word: printed, never read as markup
+def _agent_lost_message(events: Events, key: str):
+    key = esc(key)  # the job's text, and the agent's id its own word: printed, never read as markup
 
     def on_agent_lost(agent_id: str, measured: int, left: int):
-        console.print(f"[yellow]agent {escape(agent_id)} on key '{key}' is gone[/] (it measured {measured} candidate(s) "
-                      f"this run; {left} agent(s) left on the key); its candidates in flight are measured again on "
-                      "the others")
+        events.print(f"[yellow]agent {esc(agent_id)} on key '{key}' is gone[/] (it measured {measured} candidate(s) "
+                     f"this run; {left} agent(s) left on the key); its candidates in flight are measured again on "
+                     "the others")
     return on_agent_lost
 
 
-def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
+def tune_job(job: TuningJob, logs_dir: str | Path = "logs", events: Events | None = None,
              should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune (or resume tuning) ``job``. ``should_stop(progress)`` (a :class:`JobProgress`: ``trials``,
     ``best``, ``t0``) is asked after each measured batch; True ends tuning cleanly, records kept.
     ``stop_at`` (a Unix time) ends it then, whether or not a batch has been joined: MetaSchedule joins none
     before its first round over every task is out, which on a large model can run long past a deadline
-    checked only after batches. No new candidates are made from then on; those in flight finish."""
+    checked only after batches. No new candidates are made from then on; those in flight finish.
+    ``events``: what the run shows (default: on the terminal, as ``tunefarm tune`` shows it)."""
     from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
-    console = console or _console()
+    events = events or _default_events()
     host, port = parse_hostport(job.device.tracker)
-    on_wait = _waiting_message(console, job.device.key, host, port)
+    on_wait = _waiting_message(events, job.device.key, host, port)
     job_dir = Path(logs_dir) / job.name
     from tunefarm.host.models import check_model_spec  # pylint: disable=import-outside-toplevel
 
@@ -81,24 +80,24 @@ def tune_job(job: TuningJob, logs_dir: str | Path = "logs", console=None,
     try:
         with TrackerClient(host, port) as tracker:  # a one-line TrackerUnreachable at once if it is not there
             tracker.wait_for_key(job.device.key, job.runner.device_wait_sec, on_wait=on_wait)
-            plan = plan_job(job, logs_dir, console, tracker)
+            plan = plan_job(job, logs_dir, events, tracker)
         database = commit_plan(plan)
         for line in describe_plan(plan):
-            console.print(line)
+            events.print(line)
         if plan.budget.too_small:
             b = plan.budget
-            console.print(f"[bold red]warning:[/] budget too small: {b.remaining} trials left for "
-                          f"{len(b.untouched)} untuned task(s) x {b.round_size} trials per round = {b.need}; some "
-                          f"tasks will get no tuned schedule and run as naive loops (raise max_trials_global to "
-                          f"at least {b.minimum_global})")
-        return run_plan(plan, database, (host, port), console, on_wait, should_stop, stop_at)
+            events.print(f"[bold red]warning:[/] budget too small: {b.remaining} trials left for "
+                         f"{len(b.untouched)} untuned task(s) x {b.round_size} trials per round = {b.need}; some "
+                         f"tasks will get no tuned schedule and run as naive loops (raise max_trials_global to "
+                         f"at least {b.minimum_global})")
+        return run_plan(plan, database, (host, port), events, on_wait, should_stop, stop_at)
     except BaseException:
         if created:
             remove_unmeasured(JobDir(job_dir))
         raise
 
 
-def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_wait=None,
+def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], events: Events, on_wait=None,
              should_stop: StopHook | None = None, stop_at: float | None = None) -> TuneResult:
     """Tune what ``plan`` leaves to do (its job directory committed, ``database`` open)."""
     # pylint: disable=import-outside-toplevel
@@ -111,7 +110,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result = TuneResult(plan=plan, database=database, tracker=tracker, on_wait=on_wait)
     order = list(budget.order)
     if budget.remaining <= 0 or not order:
-        console.print("budget already spent: nothing left to tune")
+        events.print("budget already spent: nothing left to tune")
         result.time_split = job_dir.read_profile()
         return result
 
@@ -128,7 +127,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     cached = cache.load_database(database)
     counter = TrialCounter(budget, [t.key for t in plan.tasks])
     progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
-                           budget.measured_before + budget.remaining, console,
+                           budget.measured_before + budget.remaining, events,
                            {t.index: t.best_s for t in plan.tasks if t.best_s is not None},
                            budget.measured_before, run_tasks=order)
 
@@ -137,8 +136,8 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
             return
         counter.stop()
         result.stopped = True
-        console.print(f"stopping: {why} ended tuning after {progress.trials} trials "
-                      "(records kept; the batches in flight finish first)")
+        events.print(f"stopping: {why} ended tuning after {progress.trials} trials "
+                     "(records kept; the batches in flight finish first)")
 
     timer = None
     if stop_at is not None:
@@ -147,12 +146,10 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
         timer.start()
 
     if job.search.workers:
-        return _run_spread(plan, database, tracker, console, result, progress, counter, should_stop, stop, timer)
+        return _run_spread(plan, database, tracker, events, result, progress, counter, should_stop, stop, timer)
     # The design spaces and search of a run searched here (the search workers make their own). The run's clock
     # starts here, as a spread run's does before its workers set up: both include the set-up of the search.
     t0 = time.time()
-    from rich.markup import escape as _escape  # pylint: disable=import-outside-toplevel
-
     from tunefarm.host.tuning.jobdir import VERIFIED  # pylint: disable=import-outside-toplevel
     from tunefarm.host.tuning.loop import TuningLoop  # pylint: disable=import-outside-toplevel
 
@@ -160,13 +157,13 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
                       cache=cache, tracker=tracker, device_key=job.device.key, builder=job.builder,
                       runner=job.runner, population_size=tn.population_size, seed=tn.seed,
                       space=plan.pipeline.space(plan.target), keep_dir=job_dir.path / "logs" / BUILD_TIMEOUTS_DIR,
-                      verified_log=job_dir.file(VERIFIED), console=console, on_wait=on_wait,
-                      on_agent_lost=_agent_lost_message(console, job.device.key),
+                      verified_log=job_dir.file(VERIFIED), events=events, on_wait=on_wait,
+                      on_agent_lost=_agent_lost_message(events, job.device.key),
                       # An address the agent registered (its own word): escaped before printing.
-                      on_unreachable=lambda message: console.print(
-                          f"[bold red]unreachable agent[/]: {_escape(message)}"))
+                      on_unreachable=lambda message: events.print(
+                          f"[bold red]unreachable agent[/]: {esc(message)}"))
     try:
-        cost_model, result.cost_model = _cost_model(plan, console)
+        cost_model, result.cost_model = _cost_model(plan, events)
     except BaseException:
         loop.close()
         raise
@@ -194,7 +191,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], console, on_w
     result.requeued = counts["requeued"]
     result.unreachable = counts["unreachable"]
     result.verification = loop.verifier.summary()
-    return _finish_run(plan, result, progress, console)
+    return _finish_run(plan, result, progress, events)
 
 
 def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
@@ -207,7 +204,7 @@ def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
     return TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4)
 
 
-def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, console) -> TuneResult:
+def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, events: Events) -> TuneResult:
     """What every run does once its tuning loop is over: the profile, the counts, the farm model, the summary."""
     job_dir, budget = plan.job_dir, plan.budget
     job_dir.write_profile(result.time_split)
@@ -217,11 +214,9 @@ def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, con
     result.cache_hits = progress.cache_hits
     job_dir.mark_run_ended("stopped" if result.stopped else "finished")
     if result.measured:
-        result.farm_model_update = _update_farm_model(plan, console)
-    from rich.markup import escape  # pylint: disable=import-outside-toplevel
-
+        result.farm_model_update = _update_farm_model(plan, events)
     for line in run_summary(result):
-        console.print(escape(line))  # agent ids are the agents' own text
+        events.print(esc(line))  # agent ids are the agents' own text
     if result.measured and progress.run_ok == 0:
         # Every candidate failed: records of failures only. Say so now, not as "0 tuned" later.
         first = (progress.first_error or "").splitlines()
@@ -230,7 +225,7 @@ def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, con
     return result
 
 
-def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult, progress: JobProgress, counter,
+def _run_spread(plan: TuningPlan, database, tracker, events: Events, result: TuneResult, progress: JobProgress, counter,
                 should_stop, stop, timer) -> TuneResult:
     """The run with its search spread over search workers (host/search_workers/driver.py): the same budget,
     progress, database and summary as a run searched here."""
@@ -248,7 +243,7 @@ def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult
     t0 = time.time()
     try:
         with progress.progress:
-            run_spread(plan, database, tracker, console, progress, counter, result, after_batch)
+            run_spread(plan, database, tracker, events, progress, counter, result, after_batch)
     except TunefarmError:
         raise
     except Exception as err:  # pylint: disable=broad-except
@@ -258,10 +253,10 @@ def _run_spread(plan: TuningPlan, database, tracker, console, result: TuneResult
             timer.cancel()
     result.wall_s = time.time() - t0
     result.time_split = time_split({}, result.wall_s)
-    return _finish_run(plan, result, progress, console)
+    return _finish_run(plan, result, progress, events)
 
 
-def _cost_model(plan: TuningPlan, console):
+def _cost_model(plan: TuningPlan, events: Events):
     """The cost model object (or MetaSchedule's name of one) for ``tune_tasks``, and what the report says of it."""
     if plan.cost_model != "xgb-farm":
         return plan.cost_model, {"kind": plan.cost_model}
@@ -273,31 +268,31 @@ def _cost_model(plan: TuningPlan, console):
         why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         if plan.job.tuning.cost_model == "xgb-farm":
             raise TunefarmError(f"the farm's cost model cannot be loaded ({why})") from None
-        console.print(f"[yellow]warning[/]: the farm's cost model cannot be loaded ({why}); starting cold (xgb)")
+        events.print(f"[yellow]warning[/]: the farm's cost model cannot be loaded ({why}); starting cold (xgb)")
         return "xgb", {"kind": "xgb", "farm_model_error": why}
-    console.print(f"cost model: the farm's, {meta['records']} records of {len(meta['jobs'])} job(s) "
-                  f"(loaded in {load_s:.2f} s)")
+    events.print(f"cost model: the farm's, {meta['records']} records of {len(meta['jobs'])} job(s) "
+                 f"(loaded in {load_s:.2f} s)")
     return model, {"kind": "xgb-farm", "key": meta["key"], "records": meta["records"],
                    "workloads": meta.get("workloads"), "jobs": meta["jobs"], "trained_at": meta.get("trained_at"),
                    "train_s": meta.get("train_s"), "load_s": round(load_s, 3)}
 
 
-def _update_farm_model(plan: TuningPlan, console) -> dict[str, Any]:
+def _update_farm_model(plan: TuningPlan, events: Events) -> dict[str, Any]:
     """Rebuild the farm's cost model of the job's target now that a run ended; never fails the job."""
     from tunefarm.host.tuning import farm_model  # pylint: disable=import-outside-toplevel
 
     t0 = time.monotonic()
     try:
-        with console.status("updating the farm's cost model for this target"):
+        with events.status("updating the farm's cost model for this target"):
             meta = farm_model.rebuild(plan.logs_dir, plan.target_json)
     except Exception as err:  # pylint: disable=broad-except
         why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        console.print(f"[yellow]warning[/]: the farm's cost model was not updated: {why}")
+        events.print(f"[yellow]warning[/]: the farm's cost model was not updated: {why}")
         return {"error": why}
     if meta is None:
         return {"records": 0, "wall_s": round(time.monotonic() - t0, 2)}
-    console.print(f"farm cost model updated: {meta['records']} records of {len(meta['jobs'])} job(s), features "
-                  f"{meta['extract_s']:.1f} s, training {meta['train_s']:.1f} s")
+    events.print(f"farm cost model updated: {meta['records']} records of {len(meta['jobs'])} job(s), features "
+                 f"{meta['extract_s']:.1f} s, training {meta['train_s']:.1f} s")
     return {"key": meta["key"], "records": meta["records"], "jobs": meta["jobs"], "extract_s": meta["extract_s"],
             "train_s": meta["train_s"], "wall_s": round(time.monotonic() - t0, 2)}
 
@@ -313,16 +308,16 @@ def _root_cause(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, console=None,
+def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, events: Events | None = None,
             should_stop: StopHook | None = None):
     """Tune ``job`` and (``evaluate``) compile, check and time it: the report's dict, else the TuneResult."""
     from tunefarm.host.tuning.evaluate import evaluate_job  # pylint: disable=import-outside-toplevel
 
-    console = console or _console()
-    tuned = tune_job(job, logs_dir, console, should_stop)
+    events = events or _default_events()
+    tuned = tune_job(job, logs_dir, events, should_stop)
     if not evaluate:
         return tuned
-    return evaluate_job(tuned, console)
+    return evaluate_job(tuned, events)
 
 
 def _load(path: str, tracker_override: str | None) -> TuningJob:
@@ -344,15 +339,15 @@ def plan_job_file(path: str, tracker_override: str | None = None, logs_dir: str 
     from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
     job = _load(path, tracker_override)
-    console = _console()
+    events = _default_events()
     if job.target == "from-agent":
         host, port = parse_hostport(job.device.tracker)
         with TrackerClient(host, port) as tracker:
             tracker.wait_for_key(job.device.key, job.runner.device_wait_sec,
-                                 on_wait=_waiting_message(console, job.device.key, host, port))
-            plan = plan_job(job, logs_dir, console, tracker)
+                                 on_wait=_waiting_message(events, job.device.key, host, port))
+            plan = plan_job(job, logs_dir, events, tracker)
     else:
-        plan = plan_job(job, logs_dir, console)
-    print_plan(plan, console)
+        plan = plan_job(job, logs_dir, events)
+    print_plan(plan, events)
     check_budget(plan)
     return plan

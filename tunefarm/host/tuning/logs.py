@@ -11,9 +11,10 @@ The export goes through ``JSONDatabase`` (never text tools), so plain TVM can ap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunefarm.core.errors import TunefarmError
+from tunefarm.host.tuning.events import Events
 from tunefarm.host.tuning.jobdir import DB_RECORDS, JobDir, workload_counts
 
 
@@ -39,36 +40,32 @@ def load_tasks(job_dir: str | Path) -> list[dict[str, Any]]:
     return JobDir(job_dir).read_tasks()
 
 
-def show(job_dir: str | Path) -> list[dict[str, Any]]:
-    from rich.console import Console  # pylint: disable=import-outside-toplevel
-    from rich.text import Text  # pylint: disable=import-outside-toplevel
-
-    from tunefarm.host.tuning.tasktable import print_task_table  # pylint: disable=import-outside-toplevel
-
+def show(job_dir: str | Path, events: Events) -> list[dict[str, Any]]:
+    """``tunefarm logs show``: the job's tasks as a table, then the end-to-end estimate (or what is untuned)."""
     rows = task_rows(open_database(job_dir), load_tasks(job_dir))
     cells = []
     for i, row in enumerate(rows):
         best = row["best_us"]
-        cells.append([str(i), Text(row["task"]), f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
+        cells.append([str(i), row["task"], f"{row['weight']:g}", str(row["trials"]), str(row["failed"]),
                       str(row["seeded"]),
                       f"{best:.2f}" if best is not None else "-",
                       f"{best * row['weight']:.2f}" if best is not None else "-",
                       "yes" if row["tuned"] else "[red]NO[/]"])
-    console = Console()
-    print_task_table(console, f"tasks of {job_dir}", ("#", "task", "weight", "trials", "failed", "seeded", "best (us)",
-                                                      "weighted (us)", "tuned"), cells)
+    events.task_table(f"tasks of {job_dir}", ("#", "task", "weight", "trials", "failed", "seeded", "best (us)",
+                                              "weighted (us)", "tuned"), cells)
     total = [r["best_us"] * r["weight"] for r in rows if r["best_us"] is not None]
     if len(total) == len(rows):
-        console.print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
+        events.print(f"estimated end-to-end: {sum(total) / 1e3:.3f} ms (sum of weighted task bests)")
     else:
-        console.print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
+        events.print(f"[red]{len(rows) - len(total)} task(s) have no tuned schedule[/]")
     return rows
 
 
-def export_best(job_dir: str | Path, output: str | Path) -> int:
+def export_best(job_dir: str | Path, output: str | Path, say: Callable[[str], None] | None = None) -> int:
     """Write the best *verified* record of every workload (measured a second time before it counted:
     tuning/verify.py) into a fresh JSONDatabase at ``output``; returns the count. A directory tuned before
-    timings were verified (no verified.jsonl) exports its best records as they are, and says so."""
+    timings were verified (no verified.jsonl) exports its best records as they are, and says so: ``say`` gets
+    that closing line, plain text (``tunefarm logs best`` prints it; the service's bundle has no use for it)."""
     import tvm_ffi  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
@@ -102,5 +99,6 @@ def export_best(job_dir: str | Path, output: str | Path) -> int:
         count += 1
     note = ("; tuned before timings were verified: records exported as measured" if verified is None
             else f"; {skipped} workload(s) without a verified record left out" if skipped else "")
-    print(f"wrote the best verified record of {count} workload(s) to {output}{note}")
+    if say is not None:
+        say(f"wrote the best verified record of {count} workload(s) to {output}{note}")
     return count

@@ -32,7 +32,7 @@ class TuningLoop:
 
     def __init__(self, extracted: list, target, *, work_dir: str | Path, counter, cache, tracker: tuple[str, int],
                  device_key: str, builder: BuilderSpec, runner: RunnerSpec, population_size: int, seed: int | None,
-                 space=None, keep_dir: str | Path, verified_log: str | Path, console=None,
+                 space=None, keep_dir: str | Path, verified_log: str | Path, events=None,
                  on_wait: Callable | None = None, on_agent_lost: Callable[[str, int, int], None] | None = None,
                  on_unreachable: Callable[[str], None] | None = None):
         # pylint: disable=import-outside-toplevel
@@ -61,7 +61,7 @@ class TuningLoop:
                                  evaluator_config=ms.runner.EvaluatorConfig(
                                      number=runner.number, repeat=runner.repeat, min_repeat_ms=runner.min_repeat_ms,
                                      enable_cpu_cache_flush=runner.enable_cpu_cache_flush))
-        self.verifier = TimingVerifier(self.runner, verified_log, console)
+        self.verifier = TimingVerifier(self.runner, verified_log, events)
         self.committed: list = []
         self.profile: dict[str, float] = {}  # MetaSchedule's profiler scopes (s), once run has ended
 

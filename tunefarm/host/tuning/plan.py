@@ -17,6 +17,7 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.core.jobspec import TuningJob
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.tuning.budget import Budget, plan_budget
+from tunefarm.host.tuning.events import Events
 from tunefarm.host.tuning.jobdir import JobDir, workload_counts
 from tunefarm.host.tuning.pipeline import Pipeline, job_dir_pipeline, resolve_pipeline
 from tunefarm.host.tuning.warm_start import WarmStart, find_warm_start, seed_database
@@ -141,8 +142,9 @@ class TuningPlan:
         return sum(t.seeded for t in self.tasks)
 
 
-def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracker=None) -> TuningPlan:
-    """Plan a run of ``job``; ``tracker`` (a TrackerClient) is needed only when the target is ``from-agent``."""
+def plan_job(job: TuningJob, logs_dir: str | Path = "logs", events: Events | None = None, tracker=None) -> TuningPlan:
+    """Plan a run of ``job``; ``tracker`` (a TrackerClient) is needed only when the target is ``from-agent``.
+    ``events``: where the job's line and the import's status go (none: nothing is shown)."""
     # pylint: disable=import-outside-toplevel
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -154,17 +156,17 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", console=None, tracke
     target = resolve_job_target(job, tracker)
     if tracker is not None:
         _refuse_unrunnable_target(target, tracker.agent_infos(job.device.key), job.device.key)
-    if console is not None:
+    if events is not None:
         agents = f" ({tracker.servers_for_key(job.device.key)} agent(s))" if tracker is not None else ""
-        console.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
-                      f"on key '{job.device.key}'{agents} target {json.dumps(target_to_json(target))}")
+        events.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
+                     f"on key '{job.device.key}'{agents} target {json.dumps(target_to_json(target))}")
     model = load_model(job.model)
     job_dir = JobDir(Path(logs_dir) / job.name)
     state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
     resumed = _continues(job_dir, state)
     pipeline = _job_pipeline(job, target, job_dir.read_state() if resumed else None, job_dir)
     state["pipeline"] = pipeline.to_json()
-    with console.status("importing the model into Relax and fusing") if console is not None else nullcontext():
+    with events.status("importing the model into Relax and fusing") if events is not None else nullcontext():
         mod = fuse_for_tuning(to_relax(model), target, pipeline)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     if not extracted:
@@ -265,19 +267,15 @@ def describe_plan(plan: TuningPlan) -> list[str]:
 PLAN_COLUMNS = ("#", "task", "weight", "measured", "seeded", "best (us)", "may measure")
 
 
-def print_plan(plan: TuningPlan, console) -> None:
+def print_plan(plan: TuningPlan, events: Events) -> None:
     """``tunefarm tune --plan``'s output: the task table (whole names in any console width), then
     :func:`describe_plan`."""
-    from rich.text import Text  # pylint: disable=import-outside-toplevel
-
-    from tunefarm.host.tuning.tasktable import print_task_table  # pylint: disable=import-outside-toplevel
-
     left = plan.budget.task_left
-    rows = [[str(t.index), Text(t.name), f"{t.weight:g}", str(t.measured), str(t.seeded),
+    rows = [[str(t.index), t.name, f"{t.weight:g}", str(t.measured), str(t.seeded),
              f"{t.best_s * 1e6:.2f}" if t.best_s is not None else "-", str(left[t.index])] for t in plan.tasks]
-    print_task_table(console, f"tasks of {plan.job.name}", PLAN_COLUMNS, rows)
+    events.task_table(f"tasks of {plan.job.name}", PLAN_COLUMNS, rows)
     for line in describe_plan(plan):
-        console.print(line)
+        events.print(line)
 
 
 def check_budget(plan: TuningPlan) -> None:

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from tunefarm.host.tuning.events import Events
 from tunefarm.host.tuning.jobdir import JobDir
 
 
 class JobProgress:
-    """Live progress (rich) and a JSON-lines log of every measured batch (``progress.jsonl``).
+    """Live progress (a bar of the run's events) and a JSON-lines log of every measured batch (``progress.jsonl``).
 
     It follows every task of the job, those this run does not tune too (``start_best`` holds what earlier
     runs and the warm start found), so that "best est." is the whole model's estimate. ``trials`` counts
@@ -19,11 +20,8 @@ class JobProgress:
     """
 
     def __init__(self, job_dir: Path, task_names: list[str], task_weights: list[float], total_trials: int,
-                 console, start_best: dict[int, float] | None = None, trials_before: int = 0,
+                 events: Events | None = None, start_best: dict[int, float] | None = None, trials_before: int = 0,
                  run_tasks: list[int] | None = None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
         self.job_dir = JobDir(job_dir)
         self.task_names = task_names
         self.task_weights = task_weights
@@ -37,12 +35,8 @@ class JobProgress:
         self.first_error: str | None = None
         self.total = total_trials
         self.t0 = time.time()
-        self.console = console
-        self.progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=False)
-        self.bar = self.progress.add_task("tune", total=max(total_trials, 1), completed=trials_before,
-                                          status=self._status())
+        # The bar (live inside ``with progress.progress:``, the run), shown by whoever renders the events.
+        self.progress = (events or Events()).progress(max(total_trials, 1), trials_before, self._status())
 
     def estimated_ms(self) -> float | None:
         if len(self.best) < len(self.task_names):
@@ -75,7 +69,7 @@ class JobProgress:
                  "trials": self.trials, "task_best_us": self.best.get(task, math.nan) * 1e6,
                  "estimated_ms": self.estimated_ms()}
         self.job_dir.append_event(event)
-        self.progress.update(self.bar, completed=min(self.trials, self.total), status=self._status())
+        self.progress.update(min(self.trials, self.total), self._status())
 
 
 def make_progress_callback(progress: JobProgress, should_stop: Callable[[JobProgress], bool] | None = None,

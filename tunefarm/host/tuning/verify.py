@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any
 
+from tunefarm.host.tuning.events import Events, esc
+
 # A measured sgemm reaches ~70-90% of a CPU's peak when the machine is quiet, less when the agent started
 # under load: four times it is beyond any real kernel and still catches a fake (a "1 us" for a 0.2-GFLOP
 # conv is a thousand times too fast).
@@ -83,10 +85,10 @@ class TimingVerifier:
     ``runner`` is the job's FarmRunner (who measured each artifact, and a way to measure one again);
     ``log_path`` the job directory's verified.jsonl."""
 
-    def __init__(self, runner, log_path, console=None):
+    def __init__(self, runner, log_path, events: Events | None = None):
         self.runner = runner
         self.log_path = log_path
-        self.console = console
+        self.events = events or Events()
         self._lock = threading.Lock()
         self._flops: dict[str, float] = {}
         self.strikes: dict[str, int] = {}
@@ -185,11 +187,9 @@ class TimingVerifier:
             newly = self.strikes[agent] >= STRIKES_TO_FLAG and agent not in self.flagged
             if newly:
                 self.flagged[agent] = why
-        if newly and self.console is not None:
-            from rich.markup import escape  # pylint: disable=import-outside-toplevel
-
-            self.console.print(f"[bold red]agent {escape(agent)} flagged[/]: {escape(why)}; its results are "
-                               "discarded from now on")
+        if newly:  # the agent's id and its reason are the agent's own text
+            self.events.print(f"[bold red]agent {esc(agent)} flagged[/]: {esc(why)}; its results are "
+                              "discarded from now on")
 
     def _log(self, entry: dict[str, Any]) -> None:
         with self._lock, open(self.log_path, "a") as fh:
