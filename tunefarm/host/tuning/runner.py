@@ -236,9 +236,10 @@ class FarmRunner(PyRunner):
             except TrackerUnreachable:
                 return
             if listed and unreachable >= listed:  # as many distinct addresses failed as agents are listed; none measured
+                addrs = ", ".join(sorted(counts["unreachable"]))  # address characters only (note_unreachable)
                 self.every_agent_unreachable = (
-                    f"no agent on key '{self.key}' can be reached from this host ({unreachable} tried, see the "
-                    "line above): fix the agent's --custom-addr (or the network) and run the job again")
+                    f"no agent on key '{self.key}' can be reached from this host ({unreachable} tried: {addrs}): "
+                    "fix the agent's --custom-addr (or the network) and run the job again")
 
     def check_agents(self) -> None:
         """Note every agent that measured here and is no longer listed on the key (killed, crashed, unplugged)."""
