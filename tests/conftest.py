@@ -14,14 +14,21 @@ and always stopped at teardown. Failures here are AssertionErrors that carry the
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import pytest
 
-from tunefarm.core.errors import TunefarmError
+# Hermetic caches: the farm's builds of vendor runtimes (oneDNN plugin, OpenCL runtime) live under
+# $XDG_CACHE_HOME/tunefarm/. A plugin a developer built into ~/.cache would turn placement on in every tuning test
+# here and not in CI; tests that need a build make their own (``onednn_cache``).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tunefarm-test-cache-")
+
+from tunefarm.core.errors import TunefarmError  # noqa: E402  (after the cache is set for every process below)
 from tunefarm.core.procs import start_tunefarm, stop_process
 from tunefarm.testing import localfarm
 from tunefarm.testing.localfarm import HOST, LocalFarm, listed_agents, tracker_answers  # noqa: F401 (for tests)
@@ -198,3 +205,38 @@ def tear_line(path: Path, index: int) -> bytes:
     data = b"\n".join(lines)
     path.write_bytes(data)
     return data
+
+
+# ---------------------------------------------------------------- oneDNN (tests/test_onednn.py, test_placement.py)
+
+
+def _onednn_why_not() -> str | None:
+    from tunefarm.device_agents.onednn_runtime import check_onednn_headers, find_cxx
+
+    try:
+        check_onednn_headers(find_cxx())
+    except TunefarmError as err:
+        return f"cannot build the oneDNN plugin here ({err}); .ci/run installs libdnnl-dev"
+    return None
+
+
+ONEDNN_WHY_NOT = _onednn_why_not()  # why the oneDNN tests skip (None: they run)
+
+
+@pytest.fixture(scope="session")
+def onednn_cache(tmp_path_factory):
+    """``(XDG_CACHE_HOME, plugin path, the command's output)``: the plugin built once by ``tunefarm runtime onednn``."""
+    cache = tmp_path_factory.mktemp("onednn-cache")
+    code, out, _ = run_cli(["runtime", "onednn"], cache / "runtime.log", 600, env={"XDG_CACHE_HOME": str(cache)})
+    assert code == 0, out
+    (lib,) = list((cache / "tunefarm" / "onednn").glob("tvm-*/libtvm_dnnl_plugin.so"))
+    return cache, lib, out
+
+
+@pytest.fixture
+def plugin(onednn_cache):
+    """The plugin loaded into this (pytest) process, where the host-side codegen tests compile."""
+    from tunefarm.core import onednn
+
+    onednn.load_plugin(onednn_cache[1], export_env=False)
+    return onednn_cache[1]

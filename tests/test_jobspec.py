@@ -63,6 +63,12 @@ def test_onnx_path_is_relative_to_the_job_file(tmp_path):
     # bool is an int in Python: a boolean where a number belongs is refused, not taken as 1 (issue 32, item 10)
     (GOOD.replace("num_trials_per_iter: 8", "num_trials_per_iter: 8, max_trials_per_task: true"),
      "tuning.max_trials_per_task: expected a number, got True"),
+    # placement (issue 31): auto, off or a list of known vendor libraries
+    (GOOD + "placement: {backends: [onednn, tensorrt]}\n", "placement.backends names unknown backend(s) 'tensorrt'"),
+    (GOOD + "placement: {backends: yes-please}\n", "placement.backends must be auto, off or a list of onednn"),
+    (GOOD + "placement: {backends: [1]}\n", "placement.backends must be auto, off or a list"),
+    (GOOD + "placement: {vendors: [onednn]}\n", "placement: unknown field(s) vendors; known: backends"),
+    (GOOD + "placement: [onednn]\n", "placement: expected a mapping"),
 ])
 def test_bad_job_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "job.yaml"
@@ -130,7 +136,7 @@ def test_every_example_job_parses_and_the_readme_names_every_field():
     readme = (root / "README.md").read_text()
     for section, cls in (("model", jobspec.ModelSpec), ("device", jobspec.DeviceSpec), ("tuning", jobspec.TuningSpec),
                          ("builder", jobspec.BuilderSpec), ("runner", jobspec.RunnerSpec),
-                         ("evaluate", jobspec.EvaluateSpec)):
+                         ("evaluate", jobspec.EvaluateSpec), ("placement", jobspec.PlacementSpec)):
         for field in dataclasses.fields(cls):
             assert f"`{section}.{field.name}`" in readme, f"README does not name {section}.{field.name}"
     assert "`name`" in readme and "`target`" in readme

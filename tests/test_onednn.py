@@ -16,42 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import listed_agents, run_cli
+from conftest import ONEDNN_WHY_NOT, listed_agents, run_cli
 from tunefarm.core.errors import TunefarmError
 
 
-def _why_not() -> str | None:
-    from tunefarm.device_agents.onednn_runtime import check_onednn_headers, find_cxx
-
-    try:
-        check_onednn_headers(find_cxx())
-    except TunefarmError as err:
-        return f"cannot build the oneDNN plugin here ({err}); .ci/run installs libdnnl-dev"
-    return None
-
-
-WHY_NOT = _why_not()
+WHY_NOT = ONEDNN_WHY_NOT
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 RTOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def onednn_cache(tmp_path_factory):
-    """``(XDG_CACHE_HOME, plugin path, the command's output)``: the plugin built once by ``tunefarm runtime onednn``."""
-    cache = tmp_path_factory.mktemp("onednn-cache")
-    code, out, _ = run_cli(["runtime", "onednn"], cache / "runtime.log", 600, env={"XDG_CACHE_HOME": str(cache)})
-    assert code == 0, out
-    (lib,) = list((cache / "tunefarm" / "onednn").glob("tvm-*/libtvm_dnnl_plugin.so"))
-    return cache, lib, out
-
-
-@pytest.fixture
-def plugin(onednn_cache):
-    """The plugin loaded into this (pytest) process, where the host-side codegen tests compile."""
-    from tunefarm.core import onednn
-
-    onednn.load_plugin(onednn_cache[1], export_env=False)
-    return onednn_cache[1]
 
 
 def test_the_plugin_builds_from_the_wheel_sources_checks_a_conv_and_is_cached(onednn_cache, tmp_path):

@@ -20,6 +20,7 @@ class Backend:
     model_format: str  # the model file the runner takes (core/wire.py MODEL_FORMAT)
     color: str  # its bars in the compare report's plots
     tvm_build: bool = False  # a build of the job's TVM model (tuned or not): the host compiles it for the row
+    job_only: bool = False  # made by a tuning job's evaluation only; a compare file cannot name it
 
 
 _TVM = "tunefarm.device_agents.runners.tvm:TVMRunner"
@@ -31,12 +32,25 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     # torch.export program; see runners/torch.py) or an ONNX file.
     Backend("tvm-tuned", "tvm", _TVM, "tvm-library", "#1b9e77", tvm_build=True),
     Backend("tvm-untuned", "tvm", _TVM, "tvm-library", "#a6d854", tvm_build=True),
+    # Builds of the job's model with operator groups on vendor libraries (host/placement): every group a vendor
+    # can run, and the groups that measured faster there. Only a job's evaluation makes them (job_only).
+    Backend("tvm-vendor", "tvm", _TVM, "tvm-library", "#66a61e", tvm_build=True, job_only=True),
+    Backend("tvm-placed", "tvm", _TVM, "tvm-library", "#1f78b4", tvm_build=True, job_only=True),
     Backend("torch", "torch", f"{_TORCH}:TorchRunner", "torch", "#d95f02"),
     Backend("torch-compile", "torch-compile", f"{_TORCH}:TorchCompileRunner", "torch", "#e6ab02"),
     Backend("onnxruntime", "onnxruntime", "tunefarm.device_agents.runners.onnxruntime:OnnxRuntimeRunner", "onnx",
             "#7570b3"),
     Backend("tensorrt", "tensorrt", "tunefarm.device_agents.runners.tensorrt:TensorRTRunner", "onnx", "#e7298a"),
 )}
+
+
+# A tuning job's TVM builds in the order its evaluation runs them, and those its model is chosen from (placement).
+JOB_BUILDS = tuple(name for name, b in BACKENDS.items() if b.tvm_build and name != "tvm-untuned") + ("tvm-untuned",)
+MODEL_CANDIDATES = JOB_BUILDS[:-1]
+
+# Vendor libraries that operator groups can be placed on (host/placement/vendors.py describes each); a job's
+# placement.backends names them.
+VENDOR_BACKENDS = ("onednn",)
 
 
 def runners() -> dict[str, tuple[str, str]]:

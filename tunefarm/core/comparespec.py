@@ -38,8 +38,8 @@ from .backends import BACKENDS as ALL_BACKENDS
 from .errors import TunefarmError
 from .jobspec import JOB_NAME_RE, ModelSpec, read_yaml, section
 
-BACKENDS = tuple(ALL_BACKENDS)  # core/backends.py describes each
-TVM_BACKENDS = tuple(name for name, b in ALL_BACKENDS.items() if b.tvm_build)
+BACKENDS = tuple(name for name, b in ALL_BACKENDS.items() if not b.job_only)  # core/backends.py describes each
+TVM_BACKENDS = tuple(name for name in BACKENDS if ALL_BACKENDS[name].tvm_build)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ A job file (see configs/jobs/) looks like::
     search: {workers: 0}          # N: the tasks searched by N `tunefarm search-worker`s on key 'search'
     runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
     evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
+    placement: {backends: auto}   # or off, or [onednn]: operator groups placed on vendor libraries by measurement
 """
 from __future__ import annotations
 
@@ -124,6 +125,13 @@ class EvaluateSpec:
 
 
 @dataclasses.dataclass
+class PlacementSpec:
+    # Vendor libraries that operator groups may be placed on, by measurement (host/placement): "auto" (every one
+    # the target's agents and this host can run), "off", or a list of names (core/backends.py VENDOR_BACKENDS).
+    backends: Any = "auto"
+
+
+@dataclasses.dataclass
 class TuningJob:
     name: str
     model: ModelSpec
@@ -134,6 +142,7 @@ class TuningJob:
     builder: BuilderSpec = dataclasses.field(default_factory=BuilderSpec)
     runner: RunnerSpec = dataclasses.field(default_factory=RunnerSpec)
     evaluate: EvaluateSpec = dataclasses.field(default_factory=EvaluateSpec)
+    placement: PlacementSpec = dataclasses.field(default_factory=PlacementSpec)
     source_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,14 +255,40 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
         raise TunefarmError(f"{where}: target must be 'from-agent', a preset name or a JSON mapping")
     if isinstance(target, str) and len(target) > MAX_TEXT:
         raise TunefarmError(f"{where}: target is longer than {MAX_TEXT} characters")
+    placement = _placement(data.get("placement"), where)
     return TuningJob(
         name=name, model=model, device=device, target=target, tuning=tuning,
-        search=search,
+        search=search, placement=placement,
         builder=section(BuilderSpec, data.get("builder"), f"{where}: builder"),
         runner=section(RunnerSpec, data.get("runner"), f"{where}: runner"),
         evaluate=section(EvaluateSpec, data.get("evaluate"), f"{where}: evaluate"),
         source_path=source_path,
     )
+
+
+def _placement(data: Any, where: str) -> PlacementSpec:
+    from .backends import VENDOR_BACKENDS  # pylint: disable=import-outside-toplevel
+
+    if data is None:
+        return PlacementSpec()
+    if not isinstance(data, dict):
+        raise TunefarmError(f"{where}: placement: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - {"backends"})
+    if unknown:
+        raise TunefarmError(f"{where}: placement: unknown field(s) {', '.join(map(str, unknown))}; known: backends")
+    value = data.get("backends", "auto")
+    if value is False:
+        value = "off"
+    if value in ("auto", "off"):
+        return PlacementSpec(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 16:
+        raise TunefarmError(f"{where}: placement.backends must be auto, off or a list of "
+                            f"{', '.join(VENDOR_BACKENDS)} (got {str(value)[:80]!r})")
+    unknown = [v for v in value if v not in VENDOR_BACKENDS]
+    if unknown:
+        raise TunefarmError(f"{where}: placement.backends names unknown backend(s) "
+                            f"{', '.join(repr(v[:40]) for v in unknown)}; known: {', '.join(VENDOR_BACKENDS)}")
+    return PlacementSpec(list(dict.fromkeys(value)) or "off")
 
 
 def _expanded_nodes(node, memo: dict[int, int]) -> int:

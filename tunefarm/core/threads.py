@@ -14,15 +14,21 @@ from pathlib import Path
 THREADS_ENV = "TVM_NUM_THREADS"
 BIND_ENV = "TVM_BIND_THREADS"
 OMP_ENV = "OMP_NUM_THREADS"  # OpenMP's pool: oneDNN (Debian's libdnnl is built with OpenMP) and PyTorch
+OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 
 
 def thread_env(threads: int) -> dict[str, str]:
     """The variables that size every CPU thread pool of a process that runs TVM and vendor kernels: TVM's own
     pool (``TVM_NUM_THREADS``) and OpenMP's (``OMP_NUM_THREADS``: oneDNN's, PyTorch's). Both get ``threads``:
     a module mixing oneDNN and TVM kernels runs them one after the other in one process, each pool with the
-    agent's count, never both pools' sum at once. Set before either pool starts (a child's environment)."""
+    agent's count, never both pools' sum at once. Set before either pool starts (a child's environment).
+
+    OpenMP's threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it): by default
+    they spin after each oneDNN kernel while TVM's pool runs the next kernel on the same cores. Measured on this
+    2-core VM (ResNet-18, convs on oneDNN, the rest TVM kernels): 320 ms spinning, 47 ms passive; a module
+    with one oneDNN conv among TVM ones, 27.7 ms instead of 0.06 ms."""
     count = str(int(threads))
-    return {THREADS_ENV: count, OMP_ENV: count}
+    return {THREADS_ENV: count, OMP_ENV: count, OMP_WAIT_ENV: os.environ.get(OMP_WAIT_ENV, "PASSIVE")}
 
 
 def usable_cpus() -> int:

@@ -8,14 +8,17 @@ from typing import Any
 
 from tunefarm.core.targets import target_to_json
 from tunefarm.host.reports.markdown import number
+from tunefarm.host.reports.placement import markdown as placement_markdown
 from tunefarm.host.tuning.result import failed_text, failure_breakdown
 from tunefarm.host.tuning.jobdir import JobDir
 from tunefarm.host.tuning.logs import task_rows
 
 
 def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
-                 unscheduled: list[str], reference, problems: list[str], method: str = "") -> dict[str, Any]:
-    """``tuned`` is the tuning run's TuneResult (tunefarm.host.tuning.job)."""
+                 unscheduled: list[str], reference, problems: list[str], method: str = "",
+                 placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``tuned`` is the tuning run's TuneResult (tunefarm.host.tuning.job); ``placement``: what
+    host/placement/evaluation.py chose (or why nothing was placed)."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     job = tuned.job
@@ -60,6 +63,8 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
         "tasks": per_task,
         "reference": reference_name,
         "results": rows,
+        "model_handed_out": (placement or {}).get("chosen", "tvm-tuned"),
+        "placement": placement,
         "problems": problems,
         "ok": not problems,
     }
@@ -100,6 +105,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                   f"{row['speedup_vs_untuned']:.2f}x | {verdict} ({number(num.get('rel_l2_err'), 2)}; "
                   f"{number(num.get('max_abs_err'), 2)}, {number(num.get('ref_max_abs'), 2)}) |")
     md += ["", f"Method: {method or rows['tvm-tuned']['latency']['method']}"]
+    md += placement_markdown(placement, rows, (placement or {}).get("peak_gflops") or 0.0)
     md += _agents_section(tn)
     md += ["", "## Tasks", "", "Trials: candidates this job measured (failed ones included); seeded: records of "
            "earlier jobs copied in by the warm start.", "",

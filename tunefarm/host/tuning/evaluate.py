@@ -13,14 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunefarm.core.backends import JOB_BUILDS
 from tunefarm.core.errors import TuningFailed, TunefarmError
 from tunefarm.core.stats import method_text
+from tunefarm.host.reports.markdown import number
 from tunefarm.host.comparator import (STATUS_TEXT, Comparator, FarmAgents, MeasureSettings, ModelArtifacts, Row,
                                       RowResult, agents_of_rows, agents_text)
 from tunefarm.host.tuning.events import Events
 
 EVAL_BUDGET_S = 120.0  # per row: a slow build (untuned TVM on a CPU) gets fewer samples, never under 5
-TVM_ROWS = ("tvm-tuned", "tvm-untuned")
+TVM_ROWS = ("tvm-tuned", "tvm-untuned")  # always built; with placement also tvm-placed and tvm-vendor
+BUILD_ORDER = JOB_BUILDS  # tvm-tuned, tvm-vendor, tvm-placed, tvm-untuned
 
 
 def apply_database(mod, target, database):
@@ -38,12 +41,12 @@ def device_type_of(target) -> str:
 
 
 def evaluation_rows(job, libs: dict[str, str], device_type: str, precision: str = "fp32") -> list[Row]:
-    """The rows of a job's evaluation: both TVM builds (``libs``: backend -> exported library; ``precision``:
-    the class the job's pipeline compiles them in), then the job's baselines, all on the job's key with its
-    tolerances."""
+    """The rows of a job's evaluation: the TVM builds (``libs``: backend -> exported library, in the order of
+    :data:`BUILD_ORDER`; ``precision``: the class the job's pipeline compiles them in), then the job's baselines,
+    all on the job's key with its tolerances."""
     ev = job.evaluate
     rows = [Row(name, job.device.key, label=name, options={"device": device_type, "precision": precision},
-                rtol=ev.rtol, atol=ev.atol, model_file=libs[name]) for name in TVM_ROWS]
+                rtol=ev.rtol, atol=ev.atol, model_file=libs[name]) for name in BUILD_ORDER if name in libs]
     return rows + [Row(base, job.device.key, label=base, rtol=ev.rtol, atol=ev.atol) for base in ev.baselines]
 
 
@@ -101,6 +104,10 @@ def evaluate_job(tuned, events: Events) -> dict[str, Any]:
                         on_wait=lambda _key, waited, limit: on_wait(waited, limit))
     try:
         comparator = Comparator(agents, MeasureSettings(ev.warmup, ev.repeat, EVAL_BUDGET_S), events)
+        from tunefarm.host.placement import evaluation as placement  # pylint: disable=import-outside-toplevel
+
+        # first: its group rows pin the comparison's agent, and it adds the tvm-vendor / tvm-placed builds
+        placing = placement.prepare(tuned, comparator, libs, build_dir, device_type_of(target), events)
         results = comparator.run_and_compare(artifacts, evaluation_rows(job, libs, device_type_of(target),
                                                                         tuned.plan.pipeline.precision))
     finally:
@@ -110,6 +117,7 @@ def evaluate_job(tuned, events: Events) -> dict[str, Any]:
             raise TunefarmError(f"running {res.backend} on key '{job.device.key}': {res.status}: {res.reason}")
     rows = {res.backend: report_row(res) for res in results}
     where = agents_sentence(results)
+    placed = placement.choose(placing, rows, job_dir)
 
     tuned_ms = rows["tvm-tuned"]["latency"]["median_ms"]
     untuned_ms = rows["tvm-untuned"]["latency"]["median_ms"]
@@ -121,6 +129,11 @@ def evaluate_job(tuned, events: Events) -> dict[str, Any]:
                 num.get("detail") or f"relative L2 err {num['rel_l2_err']:.3g}, max abs err {num['max_abs_err']:.3g} "
                                      f"against a reference of largest magnitude {num['ref_max_abs']:.3g}; check: "
                                      f"{num['check']}") + ")")
+    for name in ("tvm-placed", "tvm-vendor"):
+        num = (rows.get(name) or {}).get("numerics")
+        if num is not None and not num["ok"]:
+            problems.append(f"{name} (operator groups on {', '.join(placing['backends'])}) output differs from the "
+                            f"reference (relative L2 err {number(num.get('rel_l2_err'), 3)}): it was not chosen")
     for agent, why in (tuned.verification or {}).get("flagged", {}).items():
         problems.append(f"agent {_plain(agent)} was flagged during tuning ({_plain(why, 300)}); its results were "
                         "discarded")
@@ -139,7 +152,8 @@ def evaluate_job(tuned, events: Events) -> dict[str, Any]:
     if ev.require_speedup and tuned_ms >= untuned_ms:
         problems.append(f"tuned build is not faster than untuned ({tuned_ms:.3f} ms vs {untuned_ms:.3f} ms)")
     report = write_report(tuned, rows, scheduled, unscheduled, reference, problems,
-                          method=" ".join(filter(None, [method_text(ev.warmup, ev.repeat, EVAL_BUDGET_S), where])))
+                          method=" ".join(filter(None, [method_text(ev.warmup, ev.repeat, EVAL_BUDGET_S), where])),
+                          placement=placed)
     events.markdown(report["markdown"])
     events.print(f"report: {job_dir / 'report.md'}")
     if problems:

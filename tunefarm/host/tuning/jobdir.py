@@ -41,7 +41,8 @@ REPORT_MD = "report.md"
 VERIFIED = "verified.jsonl"  # the timing verifier's log: which records were measured twice (tuning/verify.py)
 DATABASE_FILES = (DB_WORKLOAD, DB_RECORDS)
 # What a laptop may download from a job (besides plots): the reports, the progress log, the database.
-SHARED_FILES = (REPORT_MD, REPORT_JSON, PROGRESS, DB_WORKLOAD, DB_RECORDS, TASKS, STATE, SPEC, VERIFIED)
+PLACEMENT = "placement.json"  # host/placement/result.py writes it
+SHARED_FILES = (REPORT_MD, REPORT_JSON, PROGRESS, DB_WORKLOAD, DB_RECORDS, TASKS, STATE, SPEC, VERIFIED, PLACEMENT)
 
 # MetaSchedule stores a candidate that failed to build or run with run seconds of 1e10.
 _FAILED_RUN_S = 1e9

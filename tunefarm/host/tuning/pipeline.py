@@ -79,8 +79,9 @@ class Pipeline:
         kind = "cuda-tensorcore"
         return ms.space_generator.PostOrderApply(sch_rules=kind, postprocs=kind, mutator_probs=kind)
 
-    def fuse(self, mod, target):
-        """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
+    def graph(self, mod, target):
+        """The graph-level steps (Relax operators, before legalisation): BatchNorm folded, ops decomposed for
+        inference, mixed precision, conv layouts. Vendor placement partitions this module (host/placement)."""
         from tvm import relax  # pylint: disable=import-outside-toplevel
 
         with target:
@@ -93,12 +94,23 @@ class Pipeline:
             if self.layout == "NHWC":
                 mod = relax.transform.ConvertLayout(CONV_LAYOUTS[self.layout])(mod)
                 mod = relax.transform.FoldConstant()(mod)  # the weights' transforms, on constants
+        return mod
+
+    def lower(self, mod, target):
+        """Legalize and fuse a :meth:`graph` module: its TIR functions are the tuning tasks."""
+        from tvm import relax  # pylint: disable=import-outside-toplevel
+
+        with target:
             if self.weight_prepack:
                 mod = relax.transform.CanonicalizeBindings()(mod)
             mod = relax.pipeline.zero_pipeline()(mod)
             if self.weight_prepack:
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         return mod
+
+    def fuse(self, mod, target):
+        """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
+        return self.lower(self.graph(mod, target), target)
 
 LAYOUTS = ("NCHW", "NHWC")
 # ConvertLayout's desired layouts per layout option (data, weights); NCHW is the models' own: no conversion.

@@ -1,0 +1,169 @@
+"""Placement by measurement (issue 31, item 3), for real: a job tuned through a tracker and an agent that runs
+oneDNN, every operator group oneDNN can run timed on that agent as oneDNN and as TVM's tuned kernel, placed on the
+faster, the whole model built all-TVM / all-oneDNN / placed and the fastest correct one handed out; the
+per-operator table in the report; placement.json read back by the one call that builds a pulled model.
+
+Skipped with the reason where the oneDNN plugin cannot be built (.ci/run installs libdnnl-dev).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import HOST, ONEDNN_WHY_NOT, listed_agents, run_cli
+from tunefarm.core.errors import TunefarmError
+
+pytestmark = pytest.mark.skipif(ONEDNN_WHY_NOT is not None, reason=ONEDNN_WHY_NOT or "")
+TUNE_TIMEOUT_S = 600
+WHOLE = ("tvm-tuned", "tvm-placed", "tvm-vendor")
+
+
+def _job(path: Path, port: int, key: str, **extra) -> Path:
+    job = {"name": "resblock", "model": {"source": "builtin", "name": "resblock"},
+           "device": {"key": key, "tracker": f"{HOST}:{port}"},
+           "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64},
+           "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5},
+           "evaluate": {"warmup": 3, "repeat": 15, "baselines": []}, **extra}
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _resblock_relax():
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.models import load_model, to_relax
+
+    model = load_model(ModelSpec(source="builtin", name="resblock"))
+    return model, to_relax(model)
+
+
+def _run(ex, inputs) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs]).numpy()
+
+
+def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_out(onednn_cache, tracker,
+                                                                                      start_agent, tmp_path):
+    cache, _lib, _ = onednn_cache
+    env = {"XDG_CACHE_HOME": str(cache)}
+    host, port = tracker
+    start_agent(host, port, "place", tmp_path / "agent.log", env=env)
+    (info,) = listed_agents(host, port, "place")
+    logs = tmp_path / "logs"
+    job = _job(tmp_path / "job.yaml", port, "place")
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune.log", TUNE_TIMEOUT_S, env=env)
+    assert code == 0, out
+    job_dir = logs / "resblock"
+    report = json.loads((job_dir / "report.json").read_text())
+    placement = report["placement"]
+    assert placement["backends"] == ["onednn"] and placement["not_used"] == [], placement
+    groups = placement["groups"]
+    # The resblock: conv+bias+relu, then conv+bias+residual+relu; each matched to the job's tuned task.
+    assert sorted(g["composite"] for g in groups) == ["dnnl.conv2d_bias_relu", "dnnl.conv2d_bias_sum_relu"], groups
+    for g in groups:
+        assert g["tvm_record"] and g["count"] == 1, g
+        assert g["tvm_numerics"]["ok"] and g["vendor_numerics"]["ok"], g
+        assert g["tvm_ms"] > 0 and g["vendor_ms"] > 0, g
+        assert g["placed"] == ("onednn" if g["vendor_ms"] < g["tvm_ms"] else "tvm"), g  # the faster, measured
+        assert g["agent"] == info.agent_id and g["threads"] == info.threads, g
+        assert g["flops"] == 2 * 16 * 16 * 16 * 16 * 9, g
+    res = report["results"]
+    built = [name for name in WHOLE if name in res]
+    assert "tvm-tuned" in built and "tvm-vendor" in built, res.keys()
+    same = placement["builds"]["tvm-placed"].get("same_as")
+    placed_keys = {g["key"] for g in groups if g["placed"] == "onednn"}
+    if same is None:  # a build of its own: exactly the groups that measured faster on oneDNN
+        assert set(placement["builds"]["tvm-placed"]["offload"]["onednn"]) == placed_keys
+    else:
+        assert same == ("tvm-tuned" if not placed_keys else "tvm-vendor"), placement["builds"]
+    for name in built:  # every build checked against PyTorch and timed on the same agent, same threads
+        assert res[name]["numerics"]["ok"], res[name]
+        assert res[name]["where"] == f"agent {info.agent_id}" and res[name]["threads"] == info.threads, res[name]
+    timed = {name: res[name]["latency"]["median_ms"] for name in built}
+    assert placement["chosen"] == min(timed, key=timed.get) == report["model_handed_out"], (placement, timed)
+    assert placement["whole_ms"] == timed
+    on_disk = json.loads((job_dir / "placement.json").read_text())
+    assert on_disk["chosen"] == placement["chosen"] and on_disk["offload"] == placement["offload"]
+    md = (job_dir / "report.md").read_text()
+    assert "## Placement" in md and f"The job's model is **{placement['chosen']}**" in md, md
+    table = [l for l in md.splitlines() if l.startswith("| ") and "dnnl.conv2d" in l]
+    assert len(table) == 2 and all(("oneDNN" in l) != ("| TVM |" in l) for l in table), table
+    assert "everything else" in md
+
+    # The one call that builds a pulled job's model: job_state.json, best/ and placement.json, as pull writes them.
+    from tunefarm.core import onednn
+    from tunefarm.host.placement.apply import compile_pulled
+    from tunefarm.host.placement.build import build_model  # noqa: F401  (the evaluation's own builder)
+
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    code, out, _ = run_cli(["logs", "best", job_dir, "-o", pulled / "best"], tmp_path / "best.log", 120)
+    assert code == 0, out
+    for name in ("job_state.json", "placement.json"):
+        shutil.copy(job_dir / name, pulled / name)
+    onednn.load_plugin(_lib, export_env=False)
+    model, mod = _resblock_relax()
+    reference = model.reference_outputs()[0]
+    out = _run(compile_pulled(mod, pulled), model.inputs)
+    assert float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) < 1e-4
+    # A placement with only the first group offloaded builds a mixed module (oneDNN + TVM's tuned kernel).
+    first = {**on_disk, "chosen": "tvm-placed", "offload": {"onednn": [groups[0]["key"]]}}
+    (pulled / "placement.json").write_text(json.dumps(first))
+    out = _run(compile_pulled(mod, pulled), model.inputs)
+    assert float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) < 1e-4
+
+    # Placement off: the same job evaluated again (its budget is spent) places nothing and says so.
+    _job(tmp_path / "job.yaml", port, "place", placement={"backends": "off"})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune2.log", TUNE_TIMEOUT_S, env=env)
+    assert code == 0, out
+    report = json.loads((job_dir / "report.json").read_text())
+    assert report["placement"]["backends"] == [] and report["model_handed_out"] == "tvm-tuned"
+    assert not set(report["results"]) & {"tvm-placed", "tvm-vendor"}, report["results"].keys()
+    assert json.loads((job_dir / "placement.json").read_text())["offload"] == {}
+    assert "No operator group was placed on a vendor library: placement.backends is off" in (
+        job_dir / "report.md").read_text()
+
+
+def test_an_agent_without_onednn_gets_no_placement_and_the_report_says_why(tracker, start_agent, tmp_path):
+    """Agents without the plugin (an empty cache here): placement 'auto' is not used; the job is as before."""
+    host, port = tracker
+    env = {"XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    start_agent(host, port, "plain", tmp_path / "agent.log", env=env)
+    job = _job(tmp_path / "job.yaml", port, "plain", placement={"backends": ["onednn"]})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", TUNE_TIMEOUT_S,
+                           env=env)
+    assert code == 0, out
+    report = json.loads((tmp_path / "logs" / "resblock" / "report.json").read_text())
+    assert report["placement"]["backends"] == [] and report["model_handed_out"] == "tvm-tuned"
+    (why,) = report["placement"]["not_used"]
+    assert why.startswith("onednn: ") and "plugin" in why, why
+    assert "No operator group was placed on a vendor library: onednn: " in (
+        tmp_path / "logs" / "resblock" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "cannot read placement file"),
+    ('{"format": 2, "chosen": "tvm-tuned", "offload": {}}', "not a placement file of format 1"),
+    ('{"format": 1, "chosen": "rm -rf /", "offload": {}}', "'chosen' must be one of"),
+    ('{"format": 1, "chosen": "tvm-placed", "offload": {"evil": ["k"]}}', "'offload' must map backends"),
+    ('{"format": 1, "chosen": "tvm-placed", "offload": {"onednn": "k"}}', "'offload' must map backends"),
+    ('{"format": 1, "chosen": "tvm-placed", "offload": {"onednn": [1]}}', "'offload' must map backends"),
+    ('[]', "not a placement file"),
+])
+def test_a_damaged_or_hostile_placement_file_is_a_one_line_error(tmp_path, content, message):
+    from tunefarm.host.placement import result
+
+    path = tmp_path / "placement.json"
+    path.write_text(content)
+    with pytest.raises(TunefarmError) as info:
+        result.read(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    path.write_bytes(b"x" * (result.MAX_BYTES + 1))
+    with pytest.raises(TunefarmError, match="larger than"):
+        result.read(path)

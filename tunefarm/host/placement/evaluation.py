@@ -1,0 +1,107 @@
+"""Placement in a job's evaluation: measure the groups, build the whole-model candidates, choose the model.
+
+:func:`prepare` runs before the evaluation's rows (its group rows pin the comparison's agent, so every row of the
+evaluation runs on the agent the groups were measured on) and adds the ``tvm-vendor`` and ``tvm-placed`` builds to
+the evaluation's libraries; :func:`choose` takes the rows' results, names the fastest correct build of the three
+and writes ``placement.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunefarm.core.backends import MODEL_CANDIDATES
+from tunefarm.core.errors import NoDeviceError
+from tunefarm.host.placement import result as placement_file
+from tunefarm.host.placement.vendors import usable
+
+CANDIDATES = MODEL_CANDIDATES  # the builds the job's model is chosen from
+
+
+def _offload_of(groups: list[dict[str, Any]], vendors: list[str], placed_only: bool) -> dict[str, list[str]]:
+    return {v: [g["key"] for g in groups if g["backend"] == v and (not placed_only or g["placed"] == v)]
+            for v in vendors}
+
+
+def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: str, events) -> dict[str, Any]:
+    """Measure and place the groups of ``tuned``'s model, compile ``tvm-vendor`` and (where it differs from both
+    others) ``tvm-placed`` into ``libs``. Returns the placement's description (``backends`` used, ``not_used``
+    with reasons, ``groups``, ``builds``); empty ``backends`` where nothing could be placed."""
+    # pylint: disable=import-outside-toplevel
+    from tunefarm.host.comparator import clean_agent_id
+    from tunefarm.host.models import to_relax
+    from tunefarm.host.placement.build import build_model
+    from tunefarm.host.placement.measure import measure_groups
+
+    job, target = tuned.job, tuned.target
+    try:
+        agents = comparator.agents.agents(job.device.key)
+    except NoDeviceError as err:
+        return {"backends": [], "not_used": [str(err)]}
+    vendors, why = usable(job.placement.backends, target, agents)
+    info: dict[str, Any] = {"asked": job.placement.backends, "backends": [v.name for v in vendors], "not_used": why}
+    if not vendors:
+        return info
+    pipeline = tuned.plan.pipeline
+    if pipeline.precision != "fp32" or pipeline.layout != "NCHW":
+        info["backends"] = []
+        info["not_used"] = why + [f"{v.name}: its codegen takes fp32 NCHW graphs; this job's pipeline is "
+                                  f"{pipeline.precision} {pipeline.layout}" for v in vendors]
+        return info
+    with events.status("placement: importing the model's graph"):
+        graph = pipeline.graph(to_relax(tuned.model), target)
+    ev = job.evaluate
+    groups = measure_groups(comparator, job.device.key, graph, target, pipeline, tuned.database, vendors,
+                            device=device, rtol=ev.rtol, atol=ev.atol, events=events)
+    info["groups"] = groups
+    pinned = comparator.pins.get(job.device.key)
+    info["peak_gflops"] = next((float(a.peak_gflops) for a in agents if clean_agent_id(a.agent_id) == pinned), 0.0)
+    names = info["backends"]
+    every, placed = _offload_of(groups, names, False), _offload_of(groups, names, True)
+    builds: dict[str, Any] = {}
+    todo = [("tvm-vendor", every)]
+    n_placed = sum(map(len, placed.values()))
+    if n_placed == 0:
+        builds["tvm-placed"] = {"same_as": "tvm-tuned"}
+    elif placed == every:
+        builds["tvm-placed"] = {"same_as": "tvm-vendor"}
+    else:
+        todo.append(("tvm-placed", placed))
+    for name, offload in todo:
+        with events.status(f"placement: compiling {name}"):
+            ex, _scheduled, unscheduled, external = build_model(graph, target, pipeline, tuned.database, offload)
+            libs[name] = str(build_dir / f"{name}.so")
+            ex.export_library(libs[name])
+        builds[name] = {"offload": offload, "vendor_modules": external, "untuned_functions": unscheduled}
+    builds.setdefault("tvm-tuned", {"offload": {}})
+    info["builds"] = builds
+    return info
+
+
+def _offload_of_build(info: dict[str, Any], name: str) -> dict[str, list[str]]:
+    build = info["builds"][name]
+    return _offload_of_build(info, build["same_as"]) if "same_as" in build else build["offload"]
+
+
+def choose(info: dict[str, Any], rows: dict[str, dict[str, Any]], job_dir: Path) -> dict[str, Any]:
+    """The fastest build among :data:`CANDIDATES` whose row ran with correct numerics; writes placement.json (also
+    when nothing was placed: it then says tvm-tuned and why, and replaces an earlier evaluation's) and returns what
+    the report says of it."""
+    if not info.get("backends"):
+        out = {"chosen": "tvm-tuned", "offload": {}, "whole_ms": {}, "asked": info.get("asked"), "backends": [],
+               "not_used": info.get("not_used") or [], "groups": [], "builds": {}}
+        placement_file.write(job_dir, out)
+        return out
+    timed = {}
+    for name in CANDIDATES:
+        row = rows.get(name) or {}
+        build = info["builds"].get(name, {})
+        if "same_as" in build:
+            continue
+        if row.get("latency") and (row.get("numerics") or {}).get("ok"):
+            timed[name] = float(row["latency"]["median_ms"])
+    chosen = min(timed, key=timed.get) if timed else "tvm-tuned"
+    out = {"chosen": chosen, "offload": _offload_of_build(info, chosen), "whole_ms": timed,
+           **{k: info[k] for k in ("asked", "backends", "not_used", "groups", "builds", "peak_gflops")}}
+    placement_file.write(job_dir, out)
+    return out

@@ -1,0 +1,166 @@
+"""Per-group measurement: every distinct group a vendor can run, built on the vendor and as TVM's tuned kernel,
+both run on the comparison's agent, checked against a host reference, and placed on the faster (see the
+package's text)."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunefarm.host.comparator import MeasureSettings, Row, RowResult
+
+GROUP_SETTINGS = MeasureSettings(warmup=5, repeat=30, budget_s=15.0)  # per build of one group
+ON_TVM, NO_RECORD = "tvm", "no record"
+
+
+@dataclasses.dataclass
+class GroupModule:
+    """One distinct group: its codegen's description, how often the model has it, and a module of just it."""
+
+    vendor: str
+    key: str
+    group: Any  # the codegen's Group (composite, op, shapes, attrs, flops)
+    count: int
+    mod: Any  # tvm.IRModule whose main runs the group's operators (weights as constants)
+
+
+def group_modules(graph_mod, vendor) -> list[GroupModule]:
+    """The distinct groups of ``graph_mod`` that ``vendor`` can run, in the model's order."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    from tvm import relax
+
+    codegen = vendor.codegen()
+    folded = relax.transform.FoldConstant()(graph_mod)
+    part = relax.transform.FuseOpsByPattern(codegen.patterns(), bind_constants=True, annotate_codegen=False)(folded)
+    calls: dict[str, int] = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.GlobalVar):
+            calls[expr.op.name_hint] = calls.get(expr.op.name_hint, 0) + 1
+
+    relax.analysis.post_order_visit(part["main"].body, count)
+    order = {name: i for i, name in enumerate(calls)}  # first call of each function, in the model's order
+    found: dict[str, GroupModule] = {}
+    first: dict[str, int] = {}
+    for gvar, func in part.functions.items():
+        if not isinstance(func, relax.Function) or func.attrs is None or "Composite" not in func.attrs:
+            continue
+        fn = func.without_attr("Composite").without_attr("Primitive").with_attr("global_symbol", "main")
+        mod = tvm.IRModule({"main": fn})
+        groups = codegen.candidate_groups(mod, fold_constants=False)
+        if len(groups) != 1:
+            continue
+        key = groups[0].key()
+        n = calls.get(gvar.name_hint, 0)
+        if key in found:
+            found[key].count += n
+        else:
+            found[key] = GroupModule(vendor.name, key, groups[0], n, mod)
+            first[key] = order.get(gvar.name_hint, len(order))
+    return sorted(found.values(), key=lambda g: first[g.key])
+
+
+def _inputs(mod, seed: int) -> list[np.ndarray]:
+    from tunefarm.host.byoc.json_codegen import static_shape  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(static_shape(p.ty)).astype("float32") for p in mod["main"].params]
+
+
+def _reference(mod, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The group's outputs on this host: TVM's plain legalised build (no records, no vendor) for the host's
+    own CPU, an implementation apart from both that are measured."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    from tvm import relax
+
+    ex = tvm.compile(mod, tvm.target.Target("llvm"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+class GroupArtifacts:
+    """What the Comparator needs of a "model" for a group's rows: a name, an inputs file, a reference."""
+
+    def __init__(self, name: str, inputs: list[np.ndarray], reference: list[np.ndarray], work_dir: Path):
+        self.name = name
+        self.reference = reference
+        self._inputs = work_dir / f"{name}-inputs.npz"
+        np.savez(self._inputs, **{f"input{i}": x for i, x in enumerate(inputs)})
+
+    def inputs_file(self) -> str:
+        return str(self._inputs)
+
+    def model_file(self, fmt: str) -> str:  # pragma: no cover - group rows always bring their build
+        raise ValueError(f"a group row brings its own build (asked for {fmt})")
+
+
+def _median(res: RowResult) -> float | None:
+    ok = res.ok and res.numerics is not None and res.numerics.get("ok")
+    return float(res.latency["median_ms"]) if ok else None
+
+
+def _why_not(res: RowResult) -> str:
+    if not res.ok:
+        return f"{res.status}: {res.reason}"
+    return "output differs from the reference"
+
+
+def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, vendors, *, device: str,
+                   rtol: float, atol: float, events) -> list[dict[str, Any]]:
+    """Measure and place every distinct group of ``vendors`` in ``graph_mod`` on the comparator's agent of
+    ``key``: one entry per group, as placement.json and the report keep them (``placed``: a vendor name or "tvm",
+    ``reason`` where the choice was not by time)."""
+    # pylint: disable=import-outside-toplevel
+    from tunefarm.host.comparator import Comparator
+    from tunefarm.host.placement.build import build_model, offload
+    from tunefarm.host.tuning.pipeline import compile_module
+
+    work = Path(tempfile.mkdtemp(prefix="tunefarm-place-"))
+    group_comparator = Comparator(comparator.agents, GROUP_SETTINGS, comparator.console)
+    group_comparator.pins = comparator.pins  # the same agent as the comparison's rows
+    entries = []
+    modules = [g for v in vendors for g in group_modules(graph_mod, v)]
+    for i, gm in enumerate(modules):
+        name = f"group{i}"
+        with events.status(f"placement: building group {i + 1}/{len(modules)} ({gm.group.composite})"):
+            inputs = _inputs(gm.mod, seed=i)
+            reference = _reference(gm.mod, inputs)
+            ex_tvm, scheduled, unscheduled, _ = build_model(gm.mod, target, pipeline, database, {})
+            ex_vendor = compile_module(offload(gm.mod, {gm.vendor: None}), target)
+            libs = {}
+            for side, ex in (("tvm", ex_tvm), ("vendor", ex_vendor)):
+                libs[side] = str(work / f"{name}-{side}.so")
+                ex.export_library(libs[side])
+        art = GroupArtifacts(name, inputs, reference, work)
+        options = {"device": device, "precision": "fp32"}
+        rows = [Row("tvm-tuned", key, label=f"{name} tvm", options=options, rtol=rtol, atol=atol,
+                    model_file=libs["tvm"]),
+                Row("tvm-vendor", key, label=f"{name} {gm.vendor}", options=options, rtol=rtol, atol=atol,
+                    model_file=libs["vendor"])]
+        res_tvm, res_vendor = group_comparator.run_and_compare(art, rows)
+        tvm_ms, vendor_ms = _median(res_tvm), _median(res_vendor)
+        record = bool(scheduled) and not unscheduled
+        if not record:
+            placed, reason = ON_TVM, (f"{NO_RECORD}: TVM fuses this group with other operators in the model "
+                                      "(its tuned kernel is not this group's), so it stays with TVM")
+        elif vendor_ms is None:
+            placed, reason = ON_TVM, f"{gm.vendor} build: {_why_not(res_vendor)}"
+        elif tvm_ms is None:
+            placed, reason = gm.vendor, f"TVM build: {_why_not(res_tvm)}"
+        else:
+            placed, reason = (gm.vendor if vendor_ms < tvm_ms else ON_TVM), ""
+        g = gm.group
+        entries.append({"key": gm.key, "backend": gm.vendor, "composite": g.composite, "op": g.op,
+                        "shapes": {k: list(v) for k, v in g.shapes.items()}, "attrs": {k: list(v) if isinstance(
+                            v, tuple) else v for k, v in g.attrs.items()}, "count": gm.count, "flops": g.flops,
+                        "tvm_ms": tvm_ms, "vendor_ms": vendor_ms, "tvm_record": record, "placed": placed,
+                        "reason": reason, "agent": res_vendor.agent or res_tvm.agent,
+                        "threads": res_vendor.threads or res_tvm.threads,
+                        "tvm_numerics": res_tvm.numerics, "vendor_numerics": res_vendor.numerics})
+    return entries
