@@ -5,9 +5,9 @@ is offloaded, fp32 only:
 
 * ``conv2d`` (NCHW data, OIHW weight, any strides/padding/dilation/groups) with, in this order, a bias add
   (a ``(1, O, 1, 1)`` or ``(O, 1, 1)`` operand), a residual add (an operand of the output's shape) and a ReLU:
-  composites ``dnnl.conv2d[_bias][_sum][_relu]``. The runtime reads its post-ops from the name and applies
+  composites ``dnnl.conv2d[_bias][_sum][_relu|_clip]``. The runtime reads its post-ops from the name and applies
   the sum before the ReLU, so only ``relu(conv + bias + residual)`` is fused; ``relu(conv) + residual`` becomes
-  ``dnnl.conv2d_relu`` and a TVM add.
+  ``dnnl.conv2d_relu`` and a TVM add. ``_clip`` is ReLU6 (``clip(x, 0, 6)``, MobileNets), constant bounds only.
 * dense as PyTorch exports ``nn.Linear``: ``matmul(x, permute_dims(w))`` with ``x`` (M, K), ``w`` (N, K),
   optional bias (N,) and ReLU: ``dnnl.dense[_bias][_relu]`` (oneDNN's inner product).
 * a plain 2-D ``matmul(x, w)``: the runtime's ``nn.batch_matmul`` kernel (oneDNN's matmul), ``dnnl.matmul``; a bias
@@ -67,7 +67,7 @@ class Group:
 # ---------------------------------------------------------------- patterns
 
 
-def _conv_pattern(bias: bool, residual: bool, relu: bool):
+def _conv_pattern(bias: bool, residual: bool, relu: bool | str):
     data, weight = wildcard(), wildcard()
     out = is_op("relax.nn.conv2d")(data, weight)
     ann = {"root": out, "data": data, "weight": weight}
@@ -79,7 +79,11 @@ def _conv_pattern(bias: bool, residual: bool, relu: bool):
         r = wildcard()
         out = is_op("relax.add")(out, r) | is_op("relax.add")(r, out)
         ann["residual"] = r
-    if relu:
+    if relu == "clip":  # ReLU6 as PyTorch exports it (MobileNets): clip(x, 0, 6), bounds as PrimValues
+        lo, hi = wildcard(), wildcard()
+        out = is_op("relax.clip")(out, lo, hi)
+        ann["clip"] = out
+    elif relu:
         out = is_op("relax.nn.relu")(out)
     return out, ann
 
@@ -100,8 +104,9 @@ def _dense_pattern(bias: bool, relu: bool, transposed: bool):
     return out, ann
 
 
-def _composite_name(op: str, bias: bool, residual: bool, relu: bool) -> str:
-    return f"{CODEGEN}.{op}" + ("_bias" if bias else "") + ("_sum" if residual else "") + ("_relu" if relu else "")
+def _composite_name(op: str, bias: bool, residual: bool, relu: bool | str) -> str:
+    act = "_clip" if relu == "clip" else "_relu" if relu else ""
+    return f"{CODEGEN}.{op}" + ("_bias" if bias else "") + ("_sum" if residual else "") + act
 
 
 def _variants():
@@ -109,7 +114,7 @@ def _variants():
     out = []
     for bias in (True, False):
         for residual in (True, False):
-            for relu in (True, False):
+            for relu in (True, "clip", False):
                 out.append((_composite_name("conv2d", bias, residual, relu), *_conv_pattern(bias, residual, relu),
                             "conv2d"))
     for bias in (True, False):
@@ -135,6 +140,18 @@ def _fp32(expr) -> bool:
     return str(getattr(dtype, "dtype", dtype)) == "float32"
 
 
+def _clip_bounds(call) -> tuple[float, float] | None:
+    """``clip(x, lo, hi)``'s bounds where both are constant numbers (FloatImm / IntImm, or a PrimValue of one)."""
+    out = []
+    for arg in call.args[1:3]:
+        value = getattr(arg, "value", None)
+        value = getattr(value, "value", value)  # a PrimValue wraps the immediate
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        out.append(float(value))
+    return (out[0], out[1]) if len(out) == 2 else None
+
+
 def describe(op: str, composite: str, ann: dict) -> Group | None:
     """The Group for a match (annotated expressions by role), or None where oneDNN's runtime cannot run it."""
     root = ann["root"]
@@ -150,6 +167,11 @@ def describe(op: str, composite: str, ann: dict) -> Group | None:
             return None
         attrs = {"strides": tuple(a["strides"]), "padding": tuple(a["padding"]), "dilation": tuple(a["dilation"]),
                  "groups": int(a["groups"])}
+        if "clip" in ann:
+            bounds = _clip_bounds(ann["clip"])
+            if bounds is None:
+                return None
+            attrs["clip"] = bounds
         n, o, h, w = shapes["out"]
         _, cin_g, kh, kw = shapes["weight"]
         flops = 2 * n * o * h * w * cin_g * kh * kw
@@ -234,7 +256,11 @@ def lower(composite: str, fn: relax.Function) -> Kernel:
         root, _, extras = _role_operands(fn, "relax.nn.conv2d")
         attrs = call_attrs(root)
         keep = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout", "out_layout", "out_dtype")
-        return Kernel(composite, [root.args[0], root.args[1], *extras], {k: attrs[k] for k in keep if k in attrs})
+        kernel_attrs = {k: attrs[k] for k in keep if k in attrs}
+        if composite.endswith("_clip"):  # the runtime's eltwise_clip post-op reads a_min / a_max
+            (clip,) = calls_of(fn, "relax.clip")
+            kernel_attrs["a_min"], kernel_attrs["a_max"] = _clip_bounds(clip)
+        return Kernel(composite, [root.args[0], root.args[1], *extras], kernel_attrs)
     if op == "dense":
         root, values, extras = _role_operands(fn, "relax.matmul")
         perm = values.get(root.args[1], root.args[1])
