@@ -103,10 +103,14 @@ def test_layout_option_parses_and_is_recorded():
     assert job_from_dict(base).tuning.layout is None
     assert job_from_dict({**base, "tuning": {"layout": "NHWC"}}).tuning.layout == "NHWC"
     for bad in ("nhwc", "NCHW16c", 1):
-        with pytest.raises(TunefarmError, match="tuning.layout must be NCHW or NHWC"):
+        with pytest.raises(TunefarmError, match="tuning.layout must be NCHW, NHWC or NCHWc"):
             job_from_dict({**base, "tuning": {"layout": bad}})
     cpu = tvm.target.Target(TARGET)
     assert resolve_pipeline(cpu).layout == "NCHW" and resolve_pipeline(cpu, layout="NHWC").layout == "NHWC"
+    nchwc = Pipeline(fold_batchnorm=True, layout="NCHWc")
+    assert Pipeline.from_json(nchwc.to_json()) == nchwc and resolve_pipeline(cpu, layout="NCHWc").layout == "NCHWc"
+    with pytest.raises(TunefarmError, match="tuning.layout NCHWc is a CPU layout"):
+        resolve_pipeline(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}), layout="NCHWc")
     nhwc = Pipeline(fold_batchnorm=True, layout="NHWC")
     assert nhwc.to_json()["layout"] == "NHWC" and Pipeline.from_json(nhwc.to_json()) == nhwc
     assert "NHWC" in nhwc.describe()

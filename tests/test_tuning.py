@@ -201,6 +201,32 @@ def test_nhwc_layout_tunes_through_the_farm_and_checks(farm, tmp_path):
     assert code != 0 and "was tuned with tuning.layout: NHWC" in out, out
 
 
+def test_nchwc_layout_tunes_channel_blocked_convs_through_the_farm_and_checks(farm, tmp_path):
+    """tuning.layout NCHWc on the CPU: convs whose input channels fill a vector block run in NCHW{b}c through TOPI's
+    conv2d_NCHWc (the first conv, 3 input channels, stays NCHW), layout transforms only around the run of blocked
+    convs; every TIR function tuned and the build checked against PyTorch; the block is one vector of the target."""
+    from tunefarm.host.tuning.pipeline import channel_block
+
+    logs = tmp_path / "logs"
+    job = write_job(tmp_path / "job.yaml", "nchwc", farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
+                    trials=24, per_iter=4, evaluate={"baselines": []}, tuning={"layout": "NCHWc"})
+    code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune.log", TUNE_TIMEOUT_S)
+    assert code == 0, out
+    report = json.loads((logs / "nchwc" / "report.json").read_text())
+    assert report["ok"], report["problems"]
+    assert report["tuning"]["pipeline"]["layout"] == "NCHWc"
+    names = sorted(t["task"] for t in report["tasks"])
+    assert names == ["fused_conv2d_NCHWc_add1_relu1", "fused_conv2d_add_relu", "fused_matmul_add2", "mean",
+                     "te_layout_transform", "te_layout_transform1"], names
+    assert report["schedules"]["tuned"] == report["schedules"]["tir_functions"] == 6
+    tuned = report["results"]["tvm-tuned"]
+    assert tuned["numerics"]["ok"] and tuned["numerics"]["rel_l2_err"] < 1e-5, tuned
+    import tvm
+
+    assert channel_block(tvm.target.Target(report["target"])) in (8, 16)
+    assert "channel-blocked NCHW{b}c" in (logs / "nchwc" / "report.md").read_text()
+
+
 def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
     import torch
 

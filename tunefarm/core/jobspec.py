@@ -241,8 +241,8 @@ def job_from_dict(data: Any, source_path: str | None = None) -> TuningJob:
             raise TunefarmError(f"{where}: tuning.{option} must be true or false (got {getattr(tuning, option)!r})")
     if tuning.precision not in ("fp32", "fp16"):
         raise TunefarmError(f"{where}: tuning.precision must be fp32 or fp16 (got {tuning.precision!r})")
-    if tuning.layout is not None and tuning.layout not in ("NCHW", "NHWC"):
-        raise TunefarmError(f"{where}: tuning.layout must be NCHW or NHWC (got {tuning.layout!r})")
+    if tuning.layout is not None and tuning.layout not in ("NCHW", "NHWC", "NCHWc"):
+        raise TunefarmError(f"{where}: tuning.layout must be NCHW, NHWC or NCHWc (got {tuning.layout!r})")
     if tuning.cost_model not in ("", "auto", "xgb", "xgb-farm", "random"):
         raise TunefarmError(f"{where}: tuning.cost_model must be xgb, xgb-farm or random (got {tuning.cost_model!r})")
     if tuning.cost_model == "auto":

@@ -28,6 +28,7 @@ the groups that measured faster on oneDNN.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -152,6 +153,40 @@ def _clip_bounds(call) -> tuple[float, float] | None:
     return (out[0], out[1]) if len(out) == 2 else None
 
 
+_BLOCKED = re.compile(r"NCHW(\d+)c\Z")
+_BLOCKED_WEIGHT = re.compile(r"OIHW(\d+)i(\d+)o\Z")
+
+
+def conv_layout(attrs: dict, shapes: dict) -> tuple[int, ...] | None:
+    """``(n, out channels, out h, out w, in channels per group, kh, kw)`` of a conv2d whose layouts the runtime
+    takes: NCHW data with OIHW weights, or channel-blocked NCHW{b}c data with OIHW{b}i{b}o weights (the layout
+    oneDNN's own kernels use on AVX2/AVX-512: no reorder between such convs); None otherwise."""
+    data_layout, kernel_layout = attrs.get("data_layout"), attrs.get("kernel_layout")
+    if attrs.get("out_layout") not in (data_layout, ""):
+        return None
+    if data_layout == "NCHW" and kernel_layout == "OIHW":
+        n, o, h, w = shapes["out"]
+        _, cin_g, kh, kw = shapes["weight"]
+        return n, o, h, w, cin_g, kh, kw
+    blocked, weight = _BLOCKED.match(data_layout or ""), _BLOCKED_WEIGHT.match(kernel_layout or "")
+    if not blocked or not weight or int(attrs.get("groups", 1)) != 1:
+        return None
+    if len(shapes["out"]) != 5 or len(shapes["weight"]) != 6:
+        return None
+    n, oc, h, w, ob = shapes["out"]
+    o_outer, i_outer, kh, kw, ib, wob = shapes["weight"]
+    if ob != int(blocked.group(1)) or (ib, wob) != (int(weight.group(1)), int(weight.group(2))) or wob != ob:
+        return None
+    return n, oc * ob, h, w, i_outer * ib, kh, kw
+
+
+def conv_bias_shapes(out: tuple, channels: int) -> tuple[tuple, ...]:
+    """The bias shapes the runtime takes for a conv with output shape ``out`` (it squeezes the bias to 1-D)."""
+    if len(out) == 5:
+        return ((1, out[1], 1, 1, out[4]),)
+    return ((1, channels, 1, 1), (channels, 1, 1))
+
+
 def describe(op: str, composite: str, ann: dict) -> Group | None:
     """The Group for a match (annotated expressions by role), or None where oneDNN's runtime cannot run it."""
     root = ann["root"]
@@ -162,8 +197,8 @@ def describe(op: str, composite: str, ann: dict) -> Group | None:
     attrs: dict[str, Any] = {}
     if op == "conv2d":
         a = call_attrs(root)
-        if (a.get("data_layout") != "NCHW" or a.get("kernel_layout") != "OIHW"
-                or a.get("out_layout") not in ("NCHW", "") or a.get("out_dtype") not in ("", "float32", "void")):
+        layout = conv_layout(a, shapes)
+        if layout is None or a.get("out_dtype") not in ("", "float32", "void"):
             return None
         attrs = {"strides": tuple(a["strides"]), "padding": tuple(a["padding"]), "dilation": tuple(a["dilation"]),
                  "groups": int(a["groups"])}
@@ -172,8 +207,7 @@ def describe(op: str, composite: str, ann: dict) -> Group | None:
             if bounds is None:
                 return None
             attrs["clip"] = bounds
-        n, o, h, w = shapes["out"]
-        _, cin_g, kh, kw = shapes["weight"]
+        n, o, h, w, cin_g, kh, kw = layout
         flops = 2 * n * o * h * w * cin_g * kh * kw
         channels = o
     else:
@@ -190,7 +224,7 @@ def describe(op: str, composite: str, ann: dict) -> Group | None:
     if "bias" in ann:
         bias = ann["bias"]
         bshape = _shape(bias)
-        ok = {"conv2d": ((1, channels, 1, 1), (channels, 1, 1)), "dense": ((channels,), (1, channels)),
+        ok = {"conv2d": conv_bias_shapes(shapes["out"], channels), "dense": ((channels,), (1, channels)),
               "matmul": ((channels,), (1, channels))}[op]
         if bshape not in ok or not _fp32(bias):
             return None

@@ -43,10 +43,10 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     if not vendors:
         return info
     pipeline = tuned.plan.pipeline
-    if pipeline.precision != "fp32" or pipeline.layout != "NCHW":
+    if pipeline.precision != "fp32":
         info["backends"] = []
-        info["not_used"] = why + [f"{v.name}: its codegen takes fp32 NCHW graphs; this job's pipeline is "
-                                  f"{pipeline.precision} {pipeline.layout}" for v in vendors]
+        info["not_used"] = why + [f"{v.name}: its codegen takes fp32 graphs; this job's pipeline is "
+                                  f"{pipeline.precision}" for v in vendors]
         return info
     with events.status("placement: importing the model's graph"):
         graph = pipeline.graph(to_relax(tuned.model), target)

@@ -71,14 +71,17 @@ def _inputs(mod, seed: int) -> list[np.ndarray]:
     return [rng.standard_normal(static_shape(p.ty)).astype("float32") for p in mod["main"].params]
 
 
-def _reference(mod, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def _reference(mod, pipeline, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """The group's outputs on this host: TVM's plain legalised build (no records, no vendor) for the host's
     own CPU, an implementation apart from both that are measured."""
     # pylint: disable=import-outside-toplevel
     import tvm
     from tvm import relax
 
-    ex = tvm.compile(mod, tvm.target.Target("llvm"))
+    from tunefarm.host.tuning.pipeline import compile_module
+
+    host = tvm.target.Target("llvm")
+    ex = compile_module(pipeline.lower(mod, host), host)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
     return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
@@ -130,7 +133,7 @@ def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, 
         name = f"group{i}"
         with events.status(f"placement: building group {i + 1}/{len(modules)} ({gm.group.composite})"):
             inputs = _inputs(gm.mod, seed=i)
-            reference = _reference(gm.mod, inputs)
+            reference = _reference(gm.mod, pipeline, inputs)
             ex_tvm, scheduled, unscheduled, _ = build_model(gm.mod, target, pipeline, database, {})
             ex_vendor = compile_module(offload(gm.mod, {gm.vendor: None}), target)
             libs = {}

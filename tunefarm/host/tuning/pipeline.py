@@ -44,7 +44,7 @@ class Pipeline:
     fold_batchnorm: bool = False
     weight_prepack: bool = False
     precision: str = "fp32"  # fp32 | fp16
-    layout: str = "NCHW"  # NCHW | NHWC (convs converted before legalization)
+    layout: str = "NCHW"  # NCHW | NHWC | NCHWc (convs converted before legalization)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -56,13 +56,15 @@ class Pipeline:
             return LEGACY
         return cls(fold_batchnorm=data.get("fold_batchnorm") is True, weight_prepack=data.get("weight_prepack") is True,
                    precision="fp16" if data.get("precision") == "fp16" else "fp32",
-                   layout="NHWC" if data.get("layout") == "NHWC" else "NCHW")
+                   layout=data.get("layout") if data.get("layout") in LAYOUTS else "NCHW")
 
     def describe(self) -> str:
         parts = [("BatchNorm folded into conv weights" if self.fold_batchnorm else "BatchNorm kept"),
                  ("weights prepacked (layout rewrite)" if self.weight_prepack else "weights in the model's layout"),
                  ("fp16 (ToMixedPrecision, fp16 accumulation)" if self.precision == "fp16" else "fp32"),
-                 ("convs in NHWC/OHWI (ConvertLayout)" if self.layout == "NHWC" else "convs in NCHW")]
+                 {"NHWC": "convs in NHWC/OHWI (ConvertLayout)",
+                  "NCHWc": "convs in channel-blocked NCHW{b}c/OIHW{b}i{b}o (ConvertLayout)"}.get(self.layout,
+                                                                                            "convs in NCHW")]
         return ", ".join(parts)
 
     def space(self, target):
@@ -91,8 +93,8 @@ class Pipeline:
             mod = relax.transform.DecomposeOpsForInference()(mod)
             if self.precision == "fp16":
                 mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-            if self.layout == "NHWC":
-                mod = relax.transform.ConvertLayout(CONV_LAYOUTS[self.layout])(mod)
+            if self.layout != "NCHW":
+                mod = relax.transform.ConvertLayout(conv_layouts(self.layout, target))(mod)
                 mod = relax.transform.FoldConstant()(mod)  # the weights' transforms, on constants
         return mod
 
@@ -103,6 +105,8 @@ class Pipeline:
         with target:
             if self.weight_prepack:
                 mod = relax.transform.CanonicalizeBindings()(mod)
+            if self.layout == "NCHWc":  # Relax's own legalization has no channel-blocked conv2d: TOPI's NCHWc one
+                mod = relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": legalize_conv2d})(mod)
             mod = relax.pipeline.zero_pipeline()(mod)
             if self.weight_prepack:
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
@@ -112,9 +116,43 @@ class Pipeline:
         """Legalize and fuse once: the module whose TIR functions become the tuning tasks."""
         return self.lower(self.graph(mod, target), target)
 
-LAYOUTS = ("NCHW", "NHWC")
-# ConvertLayout's desired layouts per layout option (data, weights); NCHW is the models' own: no conversion.
-CONV_LAYOUTS = {"NHWC": {"relax.nn.conv2d": ["NHWC", "OHWI"]}}
+LAYOUTS = ("NCHW", "NHWC", "NCHWc")
+
+
+def channel_block(target) -> int:
+    """NCHWc's channel block for a CPU target: one vector of fp32 (16 with AVX-512, else 8), the block oneDNN's
+    own x86 kernels use."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    try:
+        return 16 if codegen.target_has_features("avx512f", target) else 8
+    except Exception:  # pylint: disable=broad-except  # a target LLVM does not know: the narrower block
+        return 8
+
+
+def conv_layouts(layout: str, target) -> dict[str, list[str]]:
+    """ConvertLayout's desired layouts (data, weights) for a layout option; NCHW is the models' own."""
+    if layout == "NHWC":
+        return {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+    b = channel_block(target)
+    return {"relax.nn.conv2d": [f"NCHW{b}c", f"OIHW{b}i{b}o"]}
+
+
+def legalize_conv2d(bb, call):
+    """conv2d for LegalizeOps: channel-blocked layouts through ``topi.nn.conv2d_NCHWc`` (ungrouped) or
+    ``topi.nn.depthwise_conv2d_NCHWc``, the rest as Relax's own legalization does it."""
+    # pylint: disable=import-outside-toplevel
+    from tvm import topi
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    a = call.attrs
+    if len(a.data_layout) == 4 and len(a.kernel_layout) == 4:
+        return _nn_conv2d(bb, call)
+    out_dtype = a.out_dtype if a.out_dtype not in ("", None) else "float32"
+    if int(a.groups) == 1:
+        return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], a.strides, a.padding, a.dilation,
+                          a.data_layout, a.out_layout or a.data_layout, out_dtype, primfunc_name_hint="conv2d_NCHWc")
+    return call  # left for Relax's legalization, which says it cannot (one error at compile time)
 
 LEGACY = Pipeline(fold_batchnorm=False, weight_prepack=False)
 # Measured (bench/results/layouts-resnet18-vm-2c.md, ResNet-18, 480 trials each, one 2-core run): legacy 30.41 ms,
@@ -141,6 +179,9 @@ def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack:
                             f"is '{target.kind.name}'")
     if layout is not None and layout not in LAYOUTS:
         raise TunefarmError(f"tuning.layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+    if layout == "NCHWc" and not is_cpu_target(target):
+        raise TunefarmError(f"tuning.layout NCHWc is a CPU layout (channel blocks of one vector); the target is "
+                            f"'{target.kind.name}'")
     return Pipeline(fold_batchnorm=default.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
                     weight_prepack=default.weight_prepack if weight_prepack is None else weight_prepack,
                     precision=precision or "fp32", layout=layout or default_layout(target, precision or "fp32"))
