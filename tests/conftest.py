@@ -8,13 +8,17 @@ and always stopped at teardown. Failures here are AssertionErrors that carry the
   ``tmp_path / "tracker.log"``.
 * ``start_agent(host, port, key, log_path, target="auto", extra_args=(), env=None)``: starts
   ``tunefarm agent`` and returns its ``Popen`` once the tracker lists it; stopped at teardown.
+* ``agent_pair``: a tracker on a free loopback port and two agents on key 'pair', both listed; yields
+  ``(port, [agent0, agent1])``; logs ``tmp_path / "tracker.log"``, ``"agent0.log"``, ``"agent1.log"``.
 * plain helpers for tests that manage processes themselves: :func:`start_tracker`,
-  :func:`spawn_agent`, :func:`wait_listed`, :func:`listed_agents`, :func:`agent_id_of`,
-  :func:`run_cli`, :func:`tracker_answers`.
+  :func:`spawn_agent`, :func:`wait_listed`, :func:`start_agents`, :func:`listed_agents`, :func:`agent_id_of`,
+  :func:`run_cli`, :func:`tracker_answers`, :func:`start_host` (``tunefarm host serve``).
+* :func:`closed_by_peer`: whether the other end closes a socket (a hostile peer's, in the tests of the limits).
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+import requests
 
 # Hermetic caches: the farm's builds of vendor runtimes (oneDNN plugin, OpenCL runtime) live under
 # $XDG_CACHE_HOME/tunefarm/. A plugin a developer built into ~/.cache would turn placement on in every tuning test
@@ -29,7 +34,7 @@ import pytest
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tunefarm-test-cache-")
 
 from tunefarm.core.errors import TunefarmError  # noqa: E402  (after the cache is set for every process below)
-from tunefarm.core.procs import start_tunefarm, stop_process
+from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until  # noqa: E402
 from tunefarm.testing import localfarm
 from tunefarm.testing.localfarm import HOST, LocalFarm, listed_agents, tracker_answers  # noqa: F401 (for tests)
 
@@ -70,6 +75,54 @@ def wait_listed(proc: subprocess.Popen, host: str, port: int, key: str, log_path
         localfarm.wait_agent_listed(proc, host, port, key, log_path, timeout)
     except TunefarmError as err:
         raise AssertionError(f"{err}; agent log:\n{_tail(log_path)}") from None
+
+
+def start_agents(host: str, port: int, key: str, log_paths: Sequence[str | Path]) -> list[subprocess.Popen]:
+    """Start one ``tunefarm agent`` on ``key`` per log path, all at once; return them once the tracker lists
+    every one (all stopped if one is not listed)."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for log_path in log_paths:
+            procs.append(spawn_agent(host, port, key, log_path))
+        for proc, log_path in zip(procs, log_paths):
+            wait_listed(proc, host, port, key, log_path)
+    except BaseException:
+        for proc in procs:
+            stop_process(proc)
+        raise
+    return procs
+
+
+def start_host(base: Path, http_port: int, tracker_port: int, *extra_args) -> subprocess.Popen:
+    """``tunefarm host serve`` on loopback (logs ``base / "logs"``, its log ``base / "host.log"``), returned once
+    its API answers (401 without a token)."""
+    proc = start_tunefarm(["host", "serve", "--logs-dir", base / "logs", "--port", http_port,
+                           "--tracker-port", tracker_port, *extra_args], log_path=base / "host.log")
+
+    def up():
+        if proc.poll() is not None:
+            return True
+        try:
+            return requests.get(f"http://{HOST}:{http_port}/api/info", timeout=2).status_code == 401
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, 90, what="the host service")
+    assert proc.poll() is None, _tail(base / "host.log")
+    return proc
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """True if the other end closes ``sock`` (EOF or reset) within ``within_s`` seconds."""
+    sock.settimeout(within_s)
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
 
 
 def run_cli(args: Sequence, log_path: str | Path, timeout: float = 60.0,
@@ -114,6 +167,22 @@ def start_agent():
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+@pytest.fixture
+def agent_pair(tmp_path):
+    """A tracker on a free loopback port and two agents on key 'pair', started together: ``(port, [agent0,
+    agent1])`` once both are listed; stopped at teardown (agents first, then the tracker)."""
+    port = free_port(HOST)
+    tracker = start_tracker(port, tmp_path / "tracker.log")
+    agents: list[subprocess.Popen] = []
+    try:
+        agents = start_agents(HOST, port, "pair", [tmp_path / f"agent{i}.log" for i in range(2)])
+        yield port, agents
+    finally:
+        for agent in agents:
+            stop_process(agent)
+        stop_process(tracker)
 
 
 def apply_best_with_plain_tvm(best_dir: Path, state: dict) -> None:

@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 
-from conftest import agent_id_of
+from conftest import agent_id_of, closed_by_peer
 from tunefarm.core.procs import wait_until
 from tunefarm.device_agents.rpc_accept import MAX_KEY_BYTES, handshake_problem, parse_options
 from tunefarm.testing.localfarm import HOST
@@ -45,19 +45,6 @@ def _rpc_port(log_path) -> int:
 
     wait_until(serving, 30, what="the agent's rpc server line")
     return int(found[-1])
-
-
-def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    """True if the agent closes ``sock`` (EOF or reset) within ``within_s`` seconds."""
-    sock.settimeout(within_s)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
 
 
 def _session_within(host, port, key, seconds) -> str | None:
@@ -108,7 +95,7 @@ def test_a_stranger_can_neither_block_nor_crash_an_agents_port(tracker, start_ag
         for why, payload in hostile.items():
             conn = socket.create_connection((HOST, rpc_port))
             conn.sendall(payload)
-            assert _closed_by_peer(conn, 5), why
+            assert closed_by_peer(conn, 5), why
             conn.close()
         # A client with a key but not the session the tracker handed out: the stock mismatch answer.
         conn = socket.create_connection((HOST, rpc_port))
@@ -121,11 +108,11 @@ def test_a_stranger_can_neither_block_nor_crash_an_agents_port(tracker, start_ag
         assert _session_within(host, port, "k", 20) == agent_id_of(agent)
         # Connections left waiting when a session starts are closed; one that stays idle is closed after
         # the handshake deadline, each with one line.
-        assert all(_closed_by_peer(sock, 1) for sock in idle + [promised])
+        assert all(closed_by_peer(sock, 1) for sock in idle + [promised])
         late = socket.create_connection((HOST, rpc_port))
         late.sendall(magic)
         idle.append(late)
-        assert not _closed_by_peer(late, 2) and _closed_by_peer(late, 10)
+        assert not closed_by_peer(late, 2) and closed_by_peer(late, 10)
         text = log.read_text(errors="replace")
         for why in hostile:
             assert re.search(rf"refused a connection from 127\.0\.0\.1:\d+: [^\n]*{re.escape(why)}", text), (why, text)

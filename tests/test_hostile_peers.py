@@ -10,8 +10,8 @@ import socket
 import struct
 import time
 
-from conftest import HOST, _tail, run_cli
-from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
+from conftest import HOST, closed_by_peer, run_cli, start_host
+from tunefarm.core.procs import free_port, stop_process, wait_until
 from tunefarm.tracker import server as tracker_server
 from tunefarm.tracker.client import TrackerClient
 
@@ -19,18 +19,6 @@ MAX_CONNECTIONS_PER_PEER = getattr(tracker_server, "MAX_CONNECTIONS_PER_PEER", 6
 
 TRACKER_MAGIC = 0x2F271
 STRANGER = "127.0.0.2"
-
-
-def _closed(sock: socket.socket, within_s: float) -> bool:
-    sock.settimeout(within_s)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
 
 
 def _stranger_conn(host: str, port: int) -> socket.socket | None:
@@ -55,7 +43,7 @@ def test_the_tracker_caps_connections_and_frames_per_peer(tracker, start_agent, 
         big = _stranger_conn(host, port)
         assert big is not None
         big.sendall(struct.pack("<i", 1 << 20) + b"x" * 4096)
-        assert _closed(big, 5)
+        assert closed_by_peer(big, 5)
         big.close()
         # 100 connections from one address, each with a half-sent 100 kB frame: the cap's worth stay open.
         refused = 0
@@ -78,7 +66,7 @@ def test_the_tracker_caps_connections_and_frames_per_peer(tracker, start_agent, 
         assert code == 0 and "k" in table, table
         assert agent.poll() is None
         # The held connections are still open (the cap refuses new ones, it does not drop old ones).
-        assert not _closed(held[0], 0.5)
+        assert not closed_by_peer(held[0], 0.5)
         log = (tmp_path / "tracker.log").read_text(errors="replace")
         assert f"refused a connection from {STRANGER}: more than {MAX_CONNECTIONS_PER_PEER} connections from one " \
                "address; closed" in log, log
@@ -101,25 +89,6 @@ def _reconnects(host, port) -> bool:
     return True
 
 
-def _start_host(base, http_port, tracker_port):
-    import requests
-
-    proc = start_tunefarm(["host", "serve", "--logs-dir", base / "logs", "--port", http_port,
-                           "--tracker-port", tracker_port], log_path=base / "host.log")
-
-    def up():
-        if proc.poll() is not None:
-            return True
-        try:
-            return requests.get(f"http://{HOST}:{http_port}/api/info", timeout=2).status_code == 401
-        except requests.ConnectionError:
-            return False
-
-    wait_until(up, 90, what="the host service")
-    assert proc.poll() is None, _tail(base / "host.log")
-    return proc
-
-
 def _get(conn: http.client.HTTPConnection, token: str) -> int:
     conn.request("GET", "/api/info", headers={"Authorization": f"Bearer {token}"})
     answer = conn.getresponse()
@@ -129,7 +98,7 @@ def _get(conn: http.client.HTTPConnection, token: str) -> int:
 
 def test_wrong_tokens_are_slowed_per_peer_and_the_farm_keeps_serving(tmp_path):
     http_port, tracker_port = free_port(HOST), free_port(HOST)
-    host = _start_host(tmp_path, http_port, tracker_port)
+    host = start_host(tmp_path, http_port, tracker_port)
     try:
         token = (tmp_path / "logs" / "farm" / "token").read_text().strip()
         env = {"TUNEFARM_FARM": f"http://{HOST}:{http_port}", "TUNEFARM_TOKEN": token,

@@ -14,8 +14,8 @@ import time
 import requests
 import yaml
 
-from conftest import HOST, _tail, run_cli
-from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
+from conftest import HOST, run_cli, start_host
+from tunefarm.core.procs import free_port, stop_process, wait_until
 from tunefarm.core.safe_text import printable
 from tunefarm.tracker.client import TrackerClient
 
@@ -64,26 +64,9 @@ def test_a_refused_key_with_escapes_is_printed_escaped_by_devices_and_the_tracke
     assert _raw_free(log), repr(log)
 
 
-def _start_host(base, http_port, tracker_port):
-    proc = start_tunefarm(["host", "serve", "--logs-dir", base / "logs", "--port", http_port,
-                           "--tracker-port", tracker_port], log_path=base / "host.log")
-
-    def up():
-        if proc.poll() is not None:
-            return True
-        try:
-            return requests.get(f"http://{HOST}:{http_port}/api/info", timeout=2).status_code == 401
-        except requests.ConnectionError:
-            return False
-
-    wait_until(up, 90, what="the host service")
-    assert proc.poll() is None, _tail(base / "host.log")
-    return proc
-
-
 def test_escapes_from_the_network_are_printed_escaped_by_devices_farm_and_jobs(tmp_path):
     http_port, tracker_port = free_port(HOST), free_port(HOST)
-    host = _start_host(tmp_path, http_port, tracker_port)
+    host = start_host(tmp_path, http_port, tracker_port)
     try:
         url = f"http://{HOST}:{http_port}"
         token = (tmp_path / "logs" / "farm" / "token").read_text().strip()

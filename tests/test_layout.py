@@ -218,8 +218,7 @@ def test_a_backend_is_described_in_one_place():
 PROCESS_EXCEPTIONS = {
     "tunefarm.core.torchless": "TVM's PopenWorker protocol: inherited pipe fds, TVM stops it",
     "tunefarm.device_agents.build_service": "forked build children (multiprocessing fork) inheriting loaded TVM",
-    "tunefarm.device_agents.opencl_runtime": "parallel compiler runs waited for within one call",
-    "tunefarm.device_agents.onednn_runtime": "parallel compiler runs waited for within one call",
+    "tunefarm.device_agents.cxx_build": "parallel compiler runs waited for within one call",
     "tunefarm.host.tuning.builder": "kills one TVM PopenWorker's process, which TVM started",
     "tunefarm.device_agents.rpc_server": "re-raises a signal to itself",
     "tunefarm.testing.netns": "kills what is left in a namespace by pid (ip netns pids)",

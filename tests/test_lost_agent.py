@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST, agent_id_of, spawn_agent, start_tracker, wait_listed
+from conftest import agent_id_of
 from test_tuning import records, write_job
-from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
+from tunefarm.core.procs import kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_TIMEOUT_S = 420  # the job takes ~2-3 min here; on 7ae4c93 it stalled for 15 min
 LAYERS = 12
@@ -46,14 +46,10 @@ def _picks(job_dir: Path) -> int:
     return n
 
 
-def test_an_agent_killed_mid_round_costs_at_most_its_candidates_in_flight(tmp_path):
-    port = free_port(HOST)
-    tracker = start_tracker(port, tmp_path / "tracker.log")
-    agents = [spawn_agent(HOST, port, "pair", tmp_path / f"agent{i}.log") for i in range(2)]
+def test_an_agent_killed_mid_round_costs_at_most_its_candidates_in_flight(agent_pair, tmp_path):
+    port, agents = agent_pair
     job_proc = None
     try:
-        for i, agent in enumerate(agents):
-            wait_listed(agent, HOST, port, "pair", tmp_path / f"agent{i}.log")
         _mlp_onnx(tmp_path / "mlp.onnx")
         write_job(tmp_path / "job.yaml", "lost", port, "pair", {"source": "onnx", "path": "mlp.onnx"},
                   trials=LAYERS * BATCH + 2 * BATCH, per_iter=BATCH,
@@ -110,9 +106,6 @@ def test_an_agent_killed_mid_round_costs_at_most_its_candidates_in_flight(tmp_pa
     finally:
         if job_proc is not None:
             stop_process(job_proc)
-        for agent in agents:
-            stop_process(agent)
-        stop_process(tracker)
 
 
 def _sessions_started(log: Path) -> int:

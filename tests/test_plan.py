@@ -1,7 +1,7 @@
 """Planning a tuning job (tunefarm.host.tuning.plan) against real job directories: what is left per task on
 a resume, what a warm start seeds, ``tunefarm tune --plan`` (its exit code on a budget too small) and the task
-table of it and of ``tunefarm logs show`` in an 80-column terminal. The builtin matmul and convnet models and a
-target given in the job: no tracker, no agent, no tuning."""
+table of it, of ``tunefarm logs show`` and of the report that ends a run, in an 80-column terminal. The builtin
+matmul and convnet models and a target given in the job: no tracker, no agent, no tuning."""
 from __future__ import annotations
 
 import json
@@ -205,3 +205,50 @@ def test_the_task_table_puts_long_names_on_lines_of_their_own_when_it_does_not_f
     _fits(out, 130)
     assert "│ 1 │ fused_conv2d39_add47_add48_tir_clip30_tir_clip31_divide15_multiply15 │      2 │" in out, out
     assert "fused_conv2d37_add45_add46_tir_clip28_tir_clip29_multiply14_divide14 │" in out, out
+
+
+def test_the_report_on_the_console_keeps_task_and_backend_names_whole_in_80_columns(tmp_path, monkeypatch, capsys):
+    """The report that ends `tunefarm tune` (report.md, rendered by the CLI's ConsoleEvents): in 80 columns Rich's
+    Markdown tables cut the task name to ``fused_conv2d9_add7_add8_re…`` and the backends to ``tvm-…``."""
+    from test_tuning_report import _plan, _record, _row
+    from tunefarm.host.console import ConsoleEvents
+    from tunefarm.host.reports.tuning import write_report
+    from tunefarm.host.tuning.job import TuneResult
+    from tunefarm.host.tuning.plan import commit_plan
+
+    long_name = "fused_conv2d9_add7_add8_relu3_with_a_long_tail"
+    plan = _plan(tmp_path, "long")
+    database = commit_plan(plan)
+    for i, secs in enumerate([0.005, 0.001]):
+        _record(plan, database, secs, 2 ** (i + 1))
+    tasks = plan.job_dir.read_tasks()  # the matmul's one task, named as a longer model's are
+    tasks[0]["name"] = long_name
+    tasks.append({"name": "reshape", "weight": 2.0, "workload_hash": "1", "seeded": 0})
+    plan.job_dir.write_tasks(tasks)
+    tuned = TuneResult(plan=plan, database=database, tracker=(HOST, 1), wall_s=12.0, measured=2, failed=0,
+                       per_agent={"vm:1": 2}, built_on_agents={})
+    report = write_report(tuned, {"tvm-tuned": _row(1.0), "tvm-untuned": _row(10.0)}, ["f"], [], None, [])
+    assert f"| 0 | {long_name} | 1 | 2 | 0 | 0 | 1000.00 | yes |" in report["markdown"]
+
+    def console(columns: int) -> str:
+        monkeypatch.setenv("COLUMNS", str(columns))
+        ConsoleEvents().markdown(report["markdown"])  # as the evaluation's `markdown` event is shown
+        return capsys.readouterr().out
+
+    out = console(80)
+    _fits(out, 80)
+    assert "…" not in out, out
+    lines = [line.rstrip() for line in out.splitlines()]
+    # The tasks: each index and whole name on a line, its figures under the headers on the next (as tune --plan).
+    assert lines[lines.index(f"0  {long_name}") + 1].split() == ["1", "2", "0", "0", "1000.00", "yes"], out
+    assert lines[lines.index("1  reshape") + 1].split() == ["2", "0", "0", "0", "-", "no"], out
+    # The backends' table (11 columns): row by row, each cell after its column's header.
+    at = lines.index("tvm-untuned")
+    text = " ".join(" ".join(lines[at:]).split())
+    assert text.startswith("tvm-untuned where: agent vm:1 threads: 1 precision: - median ms: 10.000"), out
+    assert "speed-up vs untuned: 1.00x numerics (relative L2 err; max abs err, reference max): ok" in text, out
+    assert "tvm-tuned" in lines, out
+    # Where the tasks' table fits, it is Rich's table, one row a task.
+    out = console(120)
+    _fits(out, 120)
+    assert any(long_name in line and "1000.00" in line for line in out.splitlines()), out

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -25,31 +24,14 @@ import pytest
 import requests
 import yaml
 
-from conftest import HOST, _tail, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, tracker_answers
+from conftest import (HOST, _tail, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, start_host,
+                      tracker_answers)
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 JOB_DONE_S = 420  # two worker starts (TVM imports, task extraction) on a busy 2-core machine, plus evaluation
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHART_RGB = (0x1f, 0x77, 0xb4)  # the chart's line colour in static/farm.js
-
-
-def start_host(base: Path, http_port: int, tracker_port: int) -> subprocess.Popen:
-    """``tunefarm host serve`` on loopback, returned once its API answers (401 without a token)."""
-    proc = start_tunefarm(["host", "serve", "--config", base / "farm.yaml", "--logs-dir", base / "logs",
-                           "--port", http_port, "--tracker-port", tracker_port], log_path=base / "host.log")
-
-    def up():
-        if proc.poll() is not None:
-            return True
-        try:
-            return requests.get(f"http://{HOST}:{http_port}/api/info", timeout=2).status_code == 401
-        except requests.ConnectionError:
-            return False
-
-    wait_until(up, 90, what="the host service")
-    assert proc.poll() is None, _tail(base / "host.log")
-    return proc
 
 
 def cli(farm: dict, args: list, name: str, timeout: float = 120, env: dict | None = None) -> tuple[int, str]:
@@ -109,7 +91,7 @@ def farm(tmp_path_factory):
     (base / "farm.yaml").write_text(yaml.safe_dump({"max_upload_mb": 1, "device_offline_after_s": 6}))
     http_port, tracker_port = free_port(HOST), free_port(HOST)
     state = {"base": base, "url": f"http://{HOST}:{http_port}", "ports": (http_port, tracker_port)}
-    state["host"] = start_host(base, http_port, tracker_port)
+    state["host"] = start_host(base, http_port, tracker_port, "--config", base / "farm.yaml")
     agent = None
     try:
         state["token"] = (base / "logs" / "farm" / "token").read_text().strip()
@@ -840,7 +822,7 @@ def test_overnight_job_survives_kill_9_of_the_host_and_is_pulled(farm, night_job
         kill_hard(farm["host"])  # the host only: its workers and tracker live in their own process groups
         with pytest.raises(requests.ConnectionError):
             api(farm, "GET", "/api/info")
-        farm["host"] = start_host(farm["base"], *farm["ports"])
+        farm["host"] = start_host(farm["base"], *farm["ports"], "--config", farm["base"] / "farm.yaml")
 
         done = wait_state(farm, "night", ("done", "failed"), JOB_DONE_S)
         assert done["state"] == "done", done

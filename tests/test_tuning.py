@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import (HOST, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, spawn_agent, start_tracker,
-                      wait_listed)
+from conftest import (HOST, agent_id_of, apply_best_with_plain_tvm, listed_agents, run_cli, spawn_agent, start_agents,
+                      start_tracker, wait_listed)
 from tunefarm.core.procs import free_port, kill_hard, start_tunefarm, stop_process, wait_until
 
 TUNE_TIMEOUT_S = 600
@@ -303,14 +303,10 @@ def _wait_progress(job_dir: Path, lines: int, proc, timeout=300):
 # slow (make test-all): ~120 s; the default suite keeps batches spread over several agents and an agent lost
 # mid-batch in tests/test_multihost.py (eight agents on one key; a pulled cable), where root and ip netns exist.
 @pytest.mark.slow
-def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(tmp_path):
-    port = free_port(HOST)
-    tracker = start_tracker(port, tmp_path / "tracker.log")
-    agents = [spawn_agent(HOST, port, "pair", tmp_path / f"agent{i}.log") for i in range(2)]
+def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(agent_pair, tmp_path):
+    port, agents = agent_pair
     job_proc = None
     try:
-        for i, agent in enumerate(agents):
-            wait_listed(agent, HOST, port, "pair", tmp_path / f"agent{i}.log")
         # Phase 1: both agents measure the job's batches.
         job = write_job(tmp_path / "job.yaml", "pair", port, "pair", {"source": "builtin", "name": "convnet"},
                         trials=16, per_iter=4, evaluate={"baselines": []})
@@ -347,9 +343,6 @@ def test_two_agents_on_one_key_are_both_used_and_a_killed_one_is_survived(tmp_pa
     finally:
         if job_proc is not None:
             stop_process(job_proc)
-        for agent in agents:
-            stop_process(agent)
-        stop_process(tracker)
 
 
 # slow (make test-all): ~75 s; the default suite keeps a job that loses its agents and goes on when they are back in
@@ -387,10 +380,8 @@ def test_job_waits_for_a_lost_agent_to_return(tmp_path):
 
 def test_candidates_built_on_agents_of_a_build_key(farm, tmp_path):
     """builder.key: the agents of that key compile the candidates; the measuring key runs them."""
-    builders = [spawn_agent(HOST, farm["port"], "build", tmp_path / f"build{i}.log") for i in range(2)]
+    builders = start_agents(HOST, farm["port"], "build", [tmp_path / f"build{i}.log" for i in range(2)])
     try:
-        for i, proc in enumerate(builders):
-            wait_listed(proc, HOST, farm["port"], "build", tmp_path / f"build{i}.log")
         job = write_job(tmp_path / "job.yaml", "remote-build", farm["port"], "cpu",
                         {"source": "builtin", "name": "convnet"}, trials=16, per_iter=4,
                         builder={"key": "build"}, evaluate={"baselines": []})

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from tunefarm.core import onednn
 from tunefarm.core.errors import TunefarmError
-from tunefarm.device_agents.opencl_runtime import _first_error, find_cxx
+from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 LIB_NAME = onednn.LIB_NAME
 SUPPORT_DIR = Path(__file__).resolve().parent / "onednn_support"
@@ -125,29 +125,11 @@ def build(out_dir: Path | None = None, log: Callable[[str], None] | None = None)
 
     log(f"building {LIB_NAME} for TVM {tvm.__version__} from the wheel's sources against oneDNN {version} with {cxx}")
     build_log = work / "build.log"
-    procs = []
-    with open(build_log, "w") as out:
-        for unit in COMPILE_UNITS:
-            cmd = [cxx, *flags, "-c", str(tree / CONTRIB / "dnnl" / unit), "-o", str(work / (unit + ".o"))]
-            out.write("$ " + " ".join(cmd) + "\n")
-            out.flush()
-            procs.append((unit, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
-        failed = []
-        for unit, proc in procs:
-            try:
-                if proc.wait(timeout=COMPILE_TIMEOUT_S) != 0:
-                    failed.append(unit)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                failed.append(unit)
-    if failed:
-        raise TunefarmError(f"compiling {', '.join(failed)} failed ({_first_error(build_log.read_text())}); "
-                            f"full log: {build_log}")
+    objects = compile_units(cxx, flags, tree / CONTRIB / "dnnl", COMPILE_UNITS, work, build_log, COMPILE_TIMEOUT_S)
     lib = work / LIB_NAME
     lib_dirs = f"{parts['runtime_lib'].parent}:{parts['ffi_lib'].parent}"
     cmd = [cxx, "-shared", "-o", str(lib), f"-Wl,-soname,{LIB_NAME}", "-Wl,--no-undefined",
-           *[str(work / (u + ".o")) for u in COMPILE_UNITS], str(parts["runtime_lib"]), str(parts["ffi_lib"]),
-           "-ldnnl", f"-Wl,-rpath,{lib_dirs}"]
+           *map(str, objects), str(parts["runtime_lib"]), str(parts["ffi_lib"]), "-ldnnl", f"-Wl,-rpath,{lib_dirs}"]
     with open(build_log, "a") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
@@ -157,7 +139,7 @@ def build(out_dir: Path | None = None, log: Callable[[str], None] | None = None)
         text = build_log.read_text()
         if "-ldnnl" in text and "cannot find" in text:
             raise TunefarmError(f"no oneDNN library to link (libdnnl.so): {APT_HINT}; full log: {build_log}")
-        raise TunefarmError(f"linking {LIB_NAME} failed ({_first_error(text)}); full log: {build_log}")
+        raise TunefarmError(f"linking {LIB_NAME} failed ({first_error(text)}); full log: {build_log}")
     seconds = time.monotonic() - t0
     meta = {"tvm": str(tvm.__version__), "onednn_headers": version, "cxx": cxx, "build_s": round(seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": str(parts["tvm_dir"] / CONTRIB / "dnnl")}
@@ -216,7 +198,7 @@ def check(lib: Path) -> dict[str, Any]:
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise TunefarmError(f"the oneDNN plugin {lib} does not work with this TVM (exit code {proc.returncode}: "
-                            f"{_first_error(proc.stderr or proc.stdout)}); rebuild it: tunefarm runtime onednn --rebuild")
+                            f"{first_error(proc.stderr or proc.stdout)}); rebuild it: tunefarm runtime onednn --rebuild")
     result = json.loads(lines[-1])
     if not result.get("runtime_registered"):
         raise TunefarmError(f"the oneDNN plugin {lib} registered no loader for exported DNNL modules")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunefarm.core.errors import TunefarmError
+from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 LIB_NAME = "libtvm_runtime_opencl.so"
 SOURCE_ENV = "TUNEFARM_TVM_SOURCE"
@@ -111,21 +112,6 @@ def wheel_parts() -> dict[str, Path]:
                             f"backend builds against ({', '.join(missing)}): it is not the PyPI wheel; build "
                             "TVM from source with USE_OPENCL=ON instead")
     return parts
-
-
-def find_cxx() -> str:
-    """The C++ compiler: ``$CXX``, else c++ / g++ / clang++ on PATH."""
-    wanted = os.environ.get("CXX", "").strip()
-    if wanted:
-        found = shutil.which(wanted.split()[0])
-        if not found:
-            raise TunefarmError(f"no C++ compiler: CXX={wanted!r} is not on PATH")
-        return found
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise TunefarmError("no C++ compiler (c++, g++ or clang++) on PATH: install one (apt install g++) or set CXX")
 
 
 def check_headers(cxx: str) -> None:
@@ -226,14 +212,6 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------- building
 
-def _first_error(text: str) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower():
-            return line.strip()[:300]
-    lines = [l for l in text.splitlines() if l.strip()]
-    return lines[-1].strip()[:300] if lines else "no output"
-
-
 def build(tree: str | Path, out_dir: Path | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, float]:
     """Compile and link the backend from the source ``tree`` into ``out_dir`` (default: the cache).
 
@@ -264,35 +242,17 @@ def build(tree: str | Path, out_dir: Path | None = None, log: Callable[[str], No
              "-fvisibility=hidden", "-std=gnu++20"]
     log(f"building {LIB_NAME} for TVM {tvm_release()} from {path}"
         + (f" (TVM {stated})" if stated else " (the tree states no version)") + f" with {cxx}")
-    procs, build_log = [], work / "build.log"
-    with open(build_log, "w") as out:
-        for unit in COMPILE_UNITS:
-            obj = work / (unit + ".o")
-            cmd = [cxx, *flags, "-c", str(tree_dir / RUNTIME_DIR / unit), "-o", str(obj)]
-            out.write("$ " + " ".join(cmd) + "\n")
-            out.flush()
-            procs.append((unit, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
-        failed = []
-        for unit, proc in procs:
-            try:
-                if proc.wait(timeout=COMPILE_TIMEOUT_S) != 0:
-                    failed.append(unit)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                failed.append(unit)
-    if failed:
-        raise TunefarmError(f"compiling {', '.join(failed)} failed ({_first_error(build_log.read_text())}); "
-                            f"full log: {build_log}")
+    build_log = work / "build.log"
+    objects = compile_units(cxx, flags, tree_dir / RUNTIME_DIR, COMPILE_UNITS, work, build_log, COMPILE_TIMEOUT_S)
     lib = work / LIB_NAME
     cmd = [cxx, "-shared", "-o", str(lib), f"-Wl,-soname,{LIB_NAME}", "-Wl,--no-undefined",
-           *[str(work / (u + ".o")) for u in COMPILE_UNITS], str(parts["runtime_lib"]), str(parts["ffi_lib"]),
-           str(loader)]
+           *map(str, objects), str(parts["runtime_lib"]), str(parts["ffi_lib"]), str(loader)]
     with open(build_log, "a") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=COMPILE_TIMEOUT_S, check=False).returncode
     if code != 0:
-        raise TunefarmError(f"linking {LIB_NAME} failed ({_first_error(build_log.read_text())}); full log: {build_log}")
+        raise TunefarmError(f"linking {LIB_NAME} failed ({first_error(build_log.read_text())}); full log: {build_log}")
     seconds = time.monotonic() - t0
     meta = {"tvm": tvm_release(), "source": str(path), "source_version": stated,
             "source_digest": _source_digest(path), "cxx": cxx, "icd_loader": str(loader),
@@ -368,7 +328,7 @@ def check(lib_dir: Path) -> dict[str, Any]:
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise TunefarmError(f"the OpenCL backend {lib_dir / LIB_NAME} does not work with this TVM "
-                            f"(exit code {proc.returncode}: {_first_error(proc.stderr or proc.stdout)})")
+                            f"(exit code {proc.returncode}: {first_error(proc.stderr or proc.stdout)})")
     result = json.loads(lines[-1])
     if not result.get("loaded"):
         raise TunefarmError(f"TVM did not load {lib_dir / LIB_NAME} (is it the library of this TVM version?)")
