@@ -107,6 +107,12 @@ def test_layout_option_parses_and_is_recorded():
             job_from_dict({**base, "tuning": {"layout": bad}})
     cpu = tvm.target.Target(TARGET)
     assert resolve_pipeline(cpu).layout == "NCHW" and resolve_pipeline(cpu, layout="NHWC").layout == "NHWC"
+    # A job that places groups on a vendor library gets channel blocks by default on a CPU, in fp32 only; a layout
+    # the job file names wins; other targets keep NCHW.
+    assert resolve_pipeline(cpu, vendor_placed=True).layout == "NCHWc"
+    assert resolve_pipeline(cpu, layout="NCHW", vendor_placed=True).layout == "NCHW"
+    assert resolve_pipeline(cpu, precision="fp16", vendor_placed=True).layout == "NCHW"
+    assert resolve_pipeline(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}), vendor_placed=True).layout == "NCHW"
     nchwc = Pipeline(fold_batchnorm=True, layout="NCHWc")
     assert Pipeline.from_json(nchwc.to_json()) == nchwc and resolve_pipeline(cpu, layout="NCHWc").layout == "NCHWc"
     with pytest.raises(TunefarmError, match="tuning.layout NCHWc is a CPU layout"):

@@ -88,6 +88,13 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
     first = records(job_dir)
     assert len(first) == 16
     assert (job_dir / "report.md").read_text().startswith("# tunefarm report: convnet")
+    # Placement 'auto' (the default) with an agent that has no oneDNN plugin (the tests' caches are empty): nothing
+    # placed, the reason said, and the job's model is the all-TVM build (tests/test_placement.py: with the plugin).
+    (why,) = report["placement"]["not_used"]
+    assert report["placement"]["backends"] == [] and why.startswith("onednn: ") and "plugin" in why, why
+    assert report["model_handed_out"] == "tvm-tuned" and not {"tvm-vendor", "tvm-placed"} & set(res)
+    assert json.loads((job_dir / "placement.json").read_text())["offload"] == {}
+    assert json.loads((job_dir / "job_state.json").read_text())["pipeline"]["layout"] == "NCHW"  # no vendor: NCHW
     assert "16 trials measured by this job" in (job_dir / "report.md").read_text()
     assert len((job_dir / "progress.jsonl").read_text().splitlines()) == 4
 
@@ -224,7 +231,7 @@ def test_nchwc_layout_tunes_channel_blocked_convs_through_the_farm_and_checks(fa
     import tvm
 
     assert channel_block(tvm.target.Target(report["target"])) in (8, 16)
-    assert "channel-blocked NCHW{b}c" in (logs / "nchwc" / "report.md").read_text()
+    assert "convs in channel blocks of one fp32 vector" in (logs / "nchwc" / "report.md").read_text()
 
 
 def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):

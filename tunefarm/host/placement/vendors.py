@@ -76,3 +76,15 @@ def usable(asked: Any, target, agents: list) -> tuple[list[Vendor], list[str]]:
         else:
             out.append(vendor)
     return out, why
+
+
+def will_place(asked: Any, target, agents: list | None) -> bool:
+    """Whether a job will place groups on some vendor (it picks the default layout before tuning): as
+    :func:`usable`, or, with ``agents`` None (``tune --plan`` without asking the tracker), on what this host can
+    compile alone."""
+    if agents is not None:
+        return bool(usable(asked, target, agents)[0])
+    if asked == "off" or asked == []:
+        return False
+    names = list(VENDORS) if asked == AUTO else list(asked)
+    return any(target.kind.name in VENDORS[n].target_kinds and VENDORS[n].host_problem() is None for n in names)

@@ -63,7 +63,7 @@ class Pipeline:
                  ("weights prepacked (layout rewrite)" if self.weight_prepack else "weights in the model's layout"),
                  ("fp16 (ToMixedPrecision, fp16 accumulation)" if self.precision == "fp16" else "fp32"),
                  {"NHWC": "convs in NHWC/OHWI (ConvertLayout)",
-                  "NCHWc": "convs in channel-blocked NCHW{b}c/OIHW{b}i{b}o (ConvertLayout)"}.get(self.layout,
+                  "NCHWc": "convs in channel blocks of one fp32 vector, NCHW8c or NCHW16c (ConvertLayout)"}.get(self.layout,
                                                                                             "convs in NCHW")]
         return ", ".join(parts)
 
@@ -168,9 +168,11 @@ def is_cpu_target(target) -> bool:
 
 
 def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack: bool | None = None,
-                     precision: str | None = None, layout: str | None = None) -> Pipeline:
+                     precision: str | None = None, layout: str | None = None,
+                     vendor_placed: bool = False) -> Pipeline:
     """The pipeline of a new tuning run: the job's options where set, else the default for the target's kind.
-    Weight prepacking is a CPU layout rewrite; asked for on another target it is refused with a one-line error."""
+    Weight prepacking is a CPU layout rewrite; asked for on another target it is refused with a one-line error.
+    ``vendor_placed``: the job will place operator groups on a vendor library (its default layout may differ)."""
     from tunefarm.core.errors import TunefarmError  # pylint: disable=import-outside-toplevel
 
     default = DEFAULT_CPU if is_cpu_target(target) else DEFAULT_OTHER
@@ -182,15 +184,22 @@ def resolve_pipeline(target, fold_batchnorm: bool | None = None, weight_prepack:
     if layout == "NCHWc" and not is_cpu_target(target):
         raise TunefarmError(f"tuning.layout NCHWc is a CPU layout (channel blocks of one vector); the target is "
                             f"'{target.kind.name}'")
+    precision = precision or "fp32"
     return Pipeline(fold_batchnorm=default.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
                     weight_prepack=default.weight_prepack if weight_prepack is None else weight_prepack,
-                    precision=precision or "fp32", layout=layout or default_layout(target, precision or "fp32"))
+                    precision=precision, layout=layout or default_layout(target, precision, vendor_placed))
 
 
-def default_layout(target, precision: str) -> str:  # pylint: disable=unused-argument
-    """The layout a job gets when tuning.layout is not set: NCHW everywhere until a measurement says otherwise.
-    fp16 on CUDA is the candidate for NHWC (single convs: 1.3-1.5x, ../shared/tvm-vendor-kit/README.md), but the
-    whole-model comparison (PAIR=layouts bash bench/device/gpu_studies_h200.sh start resnet18) has not run yet."""
+def default_layout(target, precision: str, vendor_placed: bool = False) -> str:
+    """The layout a job gets when tuning.layout is not set. On a CPU whose job places operator groups on a
+    vendor library (oneDNN), channel blocks: measured on ResNet-18 (bench/results/placement-resnet18-*.md, one
+    2-core run, 192 trials each), the placed model ran 1.5x faster in NCHWc than in NCHW (oneDNN's blocked
+    kernels with no reorder around each conv) and the all-vendor build 1.05x. Without placement NCHW stays: at that
+    budget TVM's own NCHWc kernels were 1.5x slower than its NCHW ones (more tasks, a larger space). fp16 on CUDA
+    is the candidate for NHWC (single convs: 1.3-1.5x, ../shared/tvm-vendor-kit/README.md), but the whole-model
+    comparison (PAIR=layouts bash bench/device/gpu_studies_h200.sh start resnet18) has not run yet."""
+    if vendor_placed and precision == "fp32" and is_cpu_target(target):
+        return "NCHWc"
     return "NCHW"
 
 

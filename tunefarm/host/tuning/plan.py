@@ -70,12 +70,18 @@ def _continues(job_dir: JobDir, state: dict[str, Any]) -> bool:
     return True
 
 
-def _job_pipeline(job: TuningJob, target, old_state: dict[str, Any] | None, job_dir: JobDir) -> Pipeline:
-    """A new run: the job's options, else the target's defaults. A resumed run keeps the pipeline its
-    directory was tuned with; an option set in the job file that says otherwise is refused."""
+def _job_pipeline(job: TuningJob, target, old_state: dict[str, Any] | None, job_dir: JobDir,
+                  agents: list | None = None) -> Pipeline:
+    """A new run: the job's options, else the target's defaults (the layout's depends on whether the job will
+    place groups on a vendor library: ``agents``, the key's DeviceInfo, None when the tracker is not asked). A
+    resumed run keeps the pipeline its directory was tuned with; an option set in the job file that says otherwise
+    is refused."""
+    from tunefarm.host.placement.vendors import will_place  # pylint: disable=import-outside-toplevel
+
     tn = job.tuning
     if old_state is None:
-        return resolve_pipeline(target, tn.fold_batchnorm, tn.weight_prepack, tn.precision, tn.layout)
+        placed = tn.layout is None and will_place(job.placement.backends, target, agents)
+        return resolve_pipeline(target, tn.fold_batchnorm, tn.weight_prepack, tn.precision, tn.layout, placed)
     kept = job_dir_pipeline(old_state)
     if tn.precision != kept.precision:
         raise TunefarmError(f"{job_dir.path} was tuned with tuning.precision: {kept.precision}; a run that resumes it "
@@ -154,8 +160,9 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", events: Events | Non
     if tracker is None and job.target == "from-agent":
         raise TunefarmError("target is 'from-agent': planning needs the tracker to ask the agents for their target")
     target = resolve_job_target(job, tracker)
-    if tracker is not None:
-        _refuse_unrunnable_target(target, tracker.agent_infos(job.device.key), job.device.key)
+    infos = tracker.agent_infos(job.device.key) if tracker is not None else None
+    if infos is not None:
+        _refuse_unrunnable_target(target, infos, job.device.key)
     if events is not None:
         agents = f" ({tracker.servers_for_key(job.device.key)} agent(s))" if tracker is not None else ""
         events.print(f"[bold]job[/] {job.name}: {job.model.source}:{job.model.name or job.model.path} "
@@ -164,7 +171,7 @@ def plan_job(job: TuningJob, logs_dir: str | Path = "logs", events: Events | Non
     job_dir = JobDir(Path(logs_dir) / job.name)
     state = {"model_fingerprint": model.fingerprint, "target": target_to_json(target)}
     resumed = _continues(job_dir, state)
-    pipeline = _job_pipeline(job, target, job_dir.read_state() if resumed else None, job_dir)
+    pipeline = _job_pipeline(job, target, job_dir.read_state() if resumed else None, job_dir, infos)
     state["pipeline"] = pipeline.to_json()
     with events.status("importing the model into Relax and fusing") if events is not None else nullcontext():
         mod = fuse_for_tuning(to_relax(model), target, pipeline)
@@ -236,7 +243,9 @@ def commit_plan(plan: TuningPlan):
 def describe_plan(plan: TuningPlan) -> list[str]:
     """The plan in a few console lines: tasks, budget, what earlier runs and the warm start bring."""
     b, tn = plan.budget, plan.job.tuning
-    lines = [f"pipeline: {plan.pipeline.describe()}",
+    why = (" (the CPU default where the job places groups on a vendor library; placement off: NCHW)"
+           if tn.layout is None and plan.pipeline.layout == "NCHWc" and not plan.resumed else "")
+    lines = [f"pipeline: {plan.pipeline.describe()}{why}",
              f"{len(plan.tasks)} tasks; budget {tn.max_trials_global} trials, at most {b.per_task_cap} per task, "
              f"{tn.num_trials_per_iter} per round"]
     if plan.resumed:
