@@ -80,3 +80,35 @@ def test_a_share_releases_its_last_tasks_not_begun_with_their_even_part_of_the_t
     stopped = TrialCounter.of(10, {"x": 5})
     stopped.stop()
     assert stopped.release(["x"], 1) == [] and stopped.unstarted(["x"]) == []
+
+
+def test_a_ceded_task_sends_nothing_more_and_its_trials_stay_for_the_others():
+    budget = plan_budget(48, 24, 8, [0, 0, 0], [False, False, False])
+    counter = TrialCounter(budget, ["a", "b", "c"])
+    assert counter.admit("a", [False] * 8) == list(range(8))
+    assert counter.cede("a") == 16 and counter.allowed("a") == 0 and not counter.begin("a")
+    assert counter.allowed("b") == 24 and counter.left_global == 40  # a's 16 are not spent: b and c may use them
+
+
+def test_the_ceder_cedes_a_task_only_after_its_rounds_and_only_when_tvm_is_far_from_the_vendor():
+    import types
+
+    from tunefarm.host.placement.cede import Ceder
+    from tunefarm.host.tuning.events import Events
+    from tunefarm.host.tuning.plan import PlannedTask
+
+    tasks = [PlannedTask(index=i, name=f"t{i}", weight=1.0, key=k, measured=0, seeded=0, best_s=None)
+             for i, k in enumerate("abc")]
+    budget = plan_budget(96, 32, 8, [0, 0, 0], [False, False, False])
+    counter = TrialCounter(budget, ["a", "b", "c"])
+    ceder = Ceder(types.SimpleNamespace(tasks=tasks), counter, {0: 1e-3, 1: 1e-3}, 8, Events())
+    progress = types.SimpleNamespace(task_trials={0: 8, 1: 16, 2: 16}, best={0: 5e-3, 1: 1.5e-3, 2: 9e-3})
+    ceder.check(progress)  # t0: 5x but one round only; t1: two rounds but 1.5x; t2: no vendor time
+    assert ceder.ceded == [] and counter.allowed("a") == 32
+    progress.task_trials[0] = 16
+    ceder.check(progress)
+    (c,) = ceder.ceded
+    assert c["task"] == "t0" and c["trials"] == 16 and c["trials_freed"] == 32 and counter.allowed("a") == 0
+    assert abs(c["tvm_best_ms"] - 5.0) < 1e-9 and abs(c["vendor_ms"] - 1.0) < 1e-9
+    ceder.check(progress)  # ceded once
+    assert len(ceder.ceded) == 1 and counter.allowed("b") == 32

@@ -65,6 +65,16 @@ def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_
     assert "(the CPU default where the job places groups on a vendor library" in " ".join(out.split()), out
     assert any("conv2d_NCHWc" in t["name"] for t in json.loads((job_dir / "tasks.json").read_text()))
     report = json.loads((job_dir / "report.json").read_text())
+    # Before tuning, each group that is exactly one task was timed on oneDNN on the agent (trials go where TVM can
+    # still win); a ceded task measured no round after it was ceded but the batch it may have had in flight.
+    first = report["tuning"]["vendor_first"]
+    tasks = {t["task"]: t for t in report["tasks"]}
+    assert sorted(g["composite"] for g in first["groups"]) == ["dnnl.conv2d_bias_relu", "dnnl.conv2d_bias_sum_relu"]
+    assert all(g["task"] in tasks and g["vendor_ms"] > 0 for g in first["groups"]), first
+    for c in first["ceded"]:
+        assert c["tvm_best_ms"] >= first["far"] * c["vendor_ms"] and c["trials"] >= first["min_trials"], c
+        assert tasks[c["task"]]["trials"] <= c["trials"] + 4, (c, tasks[c["task"]])
+    assert "trials where TVM can still win: 2 task(s) timed on the vendor library" in (job_dir / "report.md").read_text()
     placement = report["placement"]
     assert placement["backends"] == ["onednn"] and placement["not_used"] == [], placement
     groups = placement["groups"]

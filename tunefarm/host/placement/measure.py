@@ -114,39 +114,74 @@ def _why_not(res: RowResult) -> str:
     return "output differs from the reference"
 
 
+def _group_rows(comparator, key: str, name: str, gm: GroupModule, index: int, builds: dict[str, Any], work: Path,
+                pipeline, *, device: str, rtol: float, atol: float) -> list[RowResult]:
+    """Run ``builds`` (side -> executable: "tvm", "vendor") of one group as rows of one comparison on the
+    comparator's pinned agent of ``key``, checked against the host's reference: their results, in that order."""
+    inputs = _inputs(gm.mod, seed=index)
+    reference = _reference(gm.mod, pipeline, inputs)
+    rows = []
+    for side, ex in builds.items():
+        lib = str(work / f"{name}-{side}.so")
+        ex.export_library(lib)
+        label = f"{name} tvm" if side == "tvm" else f"{name} {gm.vendor}"
+        rows.append(Row("tvm-tuned" if side == "tvm" else "tvm-vendor", key, label=label,
+                        options={"device": device, "precision": "fp32"}, rtol=rtol, atol=atol, model_file=lib))
+    return comparator.run_and_compare(GroupArtifacts(name, inputs, reference, work), rows)
+
+
+def group_comparator(comparator):
+    """A comparator for group rows: :data:`GROUP_SETTINGS`, the same agents and pinned agent as ``comparator``."""
+    from tunefarm.host.comparator import Comparator  # pylint: disable=import-outside-toplevel
+
+    out = Comparator(comparator.agents, GROUP_SETTINGS, comparator.console)
+    out.pins = comparator.pins  # the same agent as the comparison's rows
+    return out
+
+
+def vendor_build(gm: GroupModule, target):
+    """The group offloaded whole to its vendor, compiled for ``target``."""
+    # pylint: disable=import-outside-toplevel
+    from tunefarm.host.placement.build import offload
+    from tunefarm.host.tuning.pipeline import compile_module
+
+    return compile_module(offload(gm.mod, {gm.vendor: None}), target)
+
+
+def measure_vendor(comparator, key: str, modules: list[GroupModule], target, pipeline, *, device: str,
+                   rtol: float, atol: float, events) -> dict[str, float | None]:
+    """The vendor's median milliseconds for each of ``modules`` alone on the comparator's agent of ``key``
+    (numerics checked; None where it did not run or differs from the reference), by group key."""
+    work = Path(tempfile.mkdtemp(prefix="tunefarm-vendor-"))
+    timing = group_comparator(comparator)
+    out = {}
+    for i, gm in enumerate(modules):
+        with events.status(f"timing {gm.vendor} on group {i + 1}/{len(modules)} ({gm.group.composite})"):
+            ex = vendor_build(gm, target)
+        (res,) = _group_rows(timing, key, f"vgroup{i}", gm, i, {"vendor": ex}, work, pipeline, device=device,
+                             rtol=rtol, atol=atol)
+        out[gm.key] = _median(res)
+    return out
+
+
 def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, vendors, *, device: str,
                    rtol: float, atol: float, events) -> list[dict[str, Any]]:
     """Measure and place every distinct group of ``vendors`` in ``graph_mod`` on the comparator's agent of
     ``key``: one entry per group, as placement.json and the report keep them (``placed``: a vendor name or "tvm",
     ``reason`` where the choice was not by time)."""
-    # pylint: disable=import-outside-toplevel
-    from tunefarm.host.comparator import Comparator
-    from tunefarm.host.placement.build import build_model, offload
-    from tunefarm.host.tuning.pipeline import compile_module
+    from tunefarm.host.placement.build import build_model  # pylint: disable=import-outside-toplevel
 
     work = Path(tempfile.mkdtemp(prefix="tunefarm-place-"))
-    group_comparator = Comparator(comparator.agents, GROUP_SETTINGS, comparator.console)
-    group_comparator.pins = comparator.pins  # the same agent as the comparison's rows
+    timing = group_comparator(comparator)
     entries = []
     modules = [g for v in vendors for g in group_modules(graph_mod, v)]
     for i, gm in enumerate(modules):
         name = f"group{i}"
         with events.status(f"placement: building group {i + 1}/{len(modules)} ({gm.group.composite})"):
-            inputs = _inputs(gm.mod, seed=i)
-            reference = _reference(gm.mod, pipeline, inputs)
             ex_tvm, scheduled, unscheduled, _ = build_model(gm.mod, target, pipeline, database, {})
-            ex_vendor = compile_module(offload(gm.mod, {gm.vendor: None}), target)
-            libs = {}
-            for side, ex in (("tvm", ex_tvm), ("vendor", ex_vendor)):
-                libs[side] = str(work / f"{name}-{side}.so")
-                ex.export_library(libs[side])
-        art = GroupArtifacts(name, inputs, reference, work)
-        options = {"device": device, "precision": "fp32"}
-        rows = [Row("tvm-tuned", key, label=f"{name} tvm", options=options, rtol=rtol, atol=atol,
-                    model_file=libs["tvm"]),
-                Row("tvm-vendor", key, label=f"{name} {gm.vendor}", options=options, rtol=rtol, atol=atol,
-                    model_file=libs["vendor"])]
-        res_tvm, res_vendor = group_comparator.run_and_compare(art, rows)
+            ex_vendor = vendor_build(gm, target)
+        res_tvm, res_vendor = _group_rows(timing, key, name, gm, i, {"tvm": ex_tvm, "vendor": ex_vendor}, work,
+                                          pipeline, device=device, rtol=rtol, atol=atol)
         tvm_ms, vendor_ms = _median(res_tvm), _median(res_vendor)
         record = bool(scheduled) and not unscheduled
         if not record:

@@ -54,7 +54,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
                    "wall_s_this_run": round(tuned.wall_s, 1), "per_agent": tuned.per_agent,
                    "agents_lost": tuned.agents_lost, "requeued": tuned.requeued, "unreachable": tuned.unreachable, "failures": tuned.failures,
                    "built_on_agents": tuned.built_on_agents, "build_failures": tuned.build_failures,
-                   "verification": tuned.verification,
+                   "verification": tuned.verification, "vendor_first": tuned.vendor_first,
                    "search": {"workers": job.search.workers, "key": job.search.key,
                               "per_worker": tuned.search_workers, "shares": tuned.search_shares}},
         "schedules": {"tir_functions": len(scheduled) + len(unscheduled), "tuned": len(scheduled),
@@ -79,6 +79,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
           f"{tn['trials_this_run']} in {tn['wall_s_this_run']} s, {failed_text(tuned)}"
           + (" (stopped early)" if tuned.stopped else ""),
           f"- pipeline: {tuned.plan.pipeline.describe()}",
+          *_vendor_first_lines(tuned.vendor_first),
           "- farm cost model after this run: " + _farm_update_text(tuned.farm_model_update),
           "- timings checked: " + (_verification_text(tuned.verification) if tuned.verification else
                                    "nothing measured in this run"),
@@ -119,6 +120,21 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
     report["markdown"] = "\n".join(md) + "\n"
     job_dir.write_report({k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
     return report
+
+
+def _vendor_first_lines(info: dict) -> list[str]:
+    """report.md's line on the tasks timed on a vendor library before tuning and those ceded to it
+    (host/placement/cede.py); none where nothing was timed."""
+    if not info or not info.get("groups"):
+        return []
+    ceded = info.get("ceded") or []
+    text = (f"- trials where TVM can still win: {len(info['groups'])} task(s) timed on the vendor library before "
+            f"tuning; a task still {info['far']:g}x its time after {info['min_trials']} trials gives its trials to "
+            f"the others: ")
+    if not ceded:
+        return [text + "none was"]
+    return [text + "; ".join(f"{c['task']} ({c['tvm_best_ms']:.3f} ms vs {c['vendor_ms']:.3f} ms after "
+                             f"{c['trials']} trials, {c['trials_freed']} freed)" for c in ceded)]
 
 
 def _cost_model_text(info: dict) -> str:

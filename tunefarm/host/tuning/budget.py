@@ -171,5 +171,13 @@ class TrialCounter:
             self.sent += fresh
             return keep
 
+    def cede(self, key: str) -> int:
+        """The task ``key`` sends no more candidates (a vendor library runs it far faster: host/placement/cede.py);
+        the trials it had left stay in the run's budget for the other tasks. Returns how many it had left."""
+        with self.lock:
+            freed = max(0, min(self.left_global, self.left.get(key, 0)))
+            self.left[key] = 0
+            return freed
+
     def stop(self) -> None:
         self.stopped = True

@@ -126,6 +126,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], events: Event
     cache = MeasuredCache()
     cached = cache.load_database(database)
     counter = TrialCounter(budget, [t.key for t in plan.tasks])
+    should_stop = _ceding(plan, tracker, counter, events, result, should_stop)
     progress = JobProgress(job_dir.path, [t.name for t in plan.tasks], [t.weight for t in plan.tasks],
                            budget.measured_before + budget.remaining, events,
                            {t.index: t.best_s for t in plan.tasks if t.best_s is not None},
@@ -192,6 +193,33 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], events: Event
     result.unreachable = counts["unreachable"]
     result.verification = loop.verifier.summary()
     return _finish_run(plan, result, progress, events)
+
+
+def _ceding(plan: TuningPlan, tracker, counter, events: Events, result: TuneResult,
+            should_stop: StopHook | None) -> StopHook | None:
+    """Where the job places groups on a vendor library: the vendor's time of every task it can run, measured now
+    on the key's agent, and the run's after-batch hook that cedes the tasks TVM is far from (host/placement/cede.py;
+    ``result.vendor_first`` says what was timed and ceded). Otherwise ``should_stop`` as it is."""
+    from tunefarm.host.placement.cede import Ceder, vendor_times  # pylint: disable=import-outside-toplevel
+
+    from tunefarm.host.placement.cede import MIN_ROUNDS  # pylint: disable=import-outside-toplevel
+
+    if plan.job.placement.backends in ("off", []) or plan.budget.per_task_cap <= MIN_ROUNDS * plan.budget.round_size:
+        return should_stop  # placement off, or no task may measure more than the rounds before a cede
+    timed = vendor_times(plan, tracker, events)
+    if not timed["vendor_s"]:
+        return should_stop
+    ceder = Ceder(plan, counter, timed["vendor_s"], plan.budget.round_size, events)
+    result.vendor_first = {"groups": timed["groups"], "ceded": ceder.ceded, "far": ceder.far,
+                           "min_trials": ceder.min_trials}
+    events.print(f"placement: {len(timed['vendor_s'])} task(s) timed on the vendor library first; a task still "
+                 f"{ceder.far:g}x slower than it after {ceder.min_trials} trials gives its trials to the others")
+
+    def hook(progress) -> bool:
+        ceder.check(progress)
+        return should_stop is not None and should_stop(progress)
+
+    return hook
 
 
 def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:

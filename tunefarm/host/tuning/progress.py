@@ -28,6 +28,7 @@ class JobProgress:
         # MetaSchedule's task id (the run's tasks, in the order given to it) -> index among the job's tasks
         self.run_tasks = list(run_tasks) if run_tasks is not None else list(range(len(task_names)))
         self.best: dict[int, float] = dict(start_best or {})
+        self.task_trials: dict[int, int] = {}  # per task: candidates measured in this run (cache hits left out)
         self.trials = trials_before
         self.run_ok = 0  # candidates measured successfully in this run
         self.run_failed = 0  # candidates that failed to build or run in this run
@@ -64,6 +65,7 @@ class JobProgress:
             if task not in self.best or best < self.best[task]:
                 self.best[task] = best
         self.trials += len(costs)
+        self.task_trials[task] = self.task_trials.get(task, 0) + len(costs)
         event = {"time": time.time(), "elapsed_s": round(time.time() - self.t0, 3), "task_id": task,
                  "task": self.task_names[task], "batch": len(costs), "errors": errors, "cache_hits": cache_hits,
                  "trials": self.trials, "task_best_us": self.best.get(task, math.nan) * 1e6,

@@ -42,6 +42,7 @@ class TuneResult:
     search_workers: dict[str, int] = dataclasses.field(default_factory=dict)  # search worker id -> records merged
     search_shares: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the spread search's shares
     search_shunned: list[str] = dataclasses.field(default_factory=list)  # search workers whose records were refused
+    vendor_first: dict[str, Any] = dataclasses.field(default_factory=dict)  # placement/cede.py: timed, ceded tasks
 
     @property
     def job(self) -> TuningJob:
