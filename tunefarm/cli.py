@@ -33,23 +33,47 @@ def _one_line_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# `tunefarm --help` lists the commands by where they run; each role's commands in this order.
+ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Host (the machine that tunes)", ("quickstart", "tracker", "host", "tune", "search-worker")),
+    ("Device (each machine that measures)", ("agent", "runtime")),
+    ("Laptop (submit to the host service, follow, pull)",
+     ("submit", "jobs", "follow", "pull", "cancel", "resume", "delete", "devices")),
+    ("Analysis (tuned jobs, backends, cost models)", ("logs", "compare", "models")),
+)
+
+
+class RoleGroup(click.Group):
+    """A click group whose help lists its commands under the role that runs them (ROLES); a command no role
+    names is listed under "Other commands" (tests/test_cli_help.py keeps that section empty)."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        commands = {name: cmd for name in self.list_commands(ctx)
+                    if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden}
+        if not commands:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in commands)
+        sections = [(title, [n for n in names if n in commands]) for title, names in ROLES]
+        listed = {n for _, names in sections for n in names}
+        sections.append(("Other commands", [n for n in commands if n not in listed]))
+        for title, names in sections:
+            if names:
+                with formatter.section(title):
+                    formatter.write_dl([(n, commands[n].get_short_help_str(limit)) for n in names])
+
+
+@click.group(cls=RoleGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tunefarm")
 def main():
     """tunefarm: tune deep-learning models with TVM MetaSchedule on a farm of devices.
 
     \b
-    Roles:
-      tunefarm tracker      run the TVM RPC tracker (on the host)
-      tunefarm agent        join a device to the farm under a key (on each device)
-      tunefarm tune JOB     tune a model for a key, then verify and time it (host)
-      tunefarm host serve   the host as a service: queue, workers, API, dashboard
-      tunefarm submit JOB   from a laptop: queue a job on the farm (then jobs, follow, pull)
-      tunefarm compare CFG  compare TVM tuned/untuned, PyTorch, ONNX Runtime, TensorRT rows (host)
-      tunefarm models       the farm's cost models (one per target, trained on every trusted job)
-    \b
     Start here:
       tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
+    \b
+    Then: a tracker on the host (tunefarm tracker, or tunefarm host serve with its job queue), an agent on
+    each device (tunefarm agent --key KEY), and jobs tuned on the host (tunefarm tune JOB) or submitted from
+    a laptop (tunefarm submit JOB; follow, pull).
     """
     from tunefarm.core.threads import keep_tvm_threads_inside  # pylint: disable=import-outside-toplevel
 
