@@ -186,7 +186,7 @@ def agent_pair(tmp_path):
 
 
 def apply_best_with_plain_tvm(best_dir: Path, state: dict) -> None:
-    """The README's recipe, in plain TVM: no tunefarm code. Applies the records in ``best_dir`` to the
+    """docs/tuning.md's recipe, in plain TVM: no tunefarm code. Applies the records in ``best_dir`` to the
     builtin 'matmul' model (same seed) fused the way ``state`` (the job's job_state.json: target and
     pipeline) says it was tuned, checks every TIR function is scheduled and numerics vs PyTorch."""
     import numpy as np

@@ -70,7 +70,7 @@ def main():
     \b
     Start here:
       tunefarm quickstart   tracker + local agent + a short tuning run + report, on localhost
-    \b
+
     Then: a tracker on the host (tunefarm tracker, or tunefarm host serve with its job queue), an agent on
     each device (tunefarm agent --key KEY), and jobs tuned on the host (tunefarm tune JOB) or submitted from
     a laptop (tunefarm submit JOB; follow, pull).

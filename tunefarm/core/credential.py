@@ -12,7 +12,7 @@ first such request::
 
 The key never crosses the network and a recorded proof is worth nothing on another connection. (There is
 no encryption: an attacker who can read and change the traffic in flight can still hijack a connection;
-see the README's threat model.) Keys that the tracker is told to leave open (``--open-key``) take stock
+see docs/security.md.) Keys that the tracker is told to leave open (``--open-key``) take stock
 TVM servers and clients without a proof.
 
 The key is read, in this order, from ``$TUNEFARM_FARM_KEY`` (the value), ``$TUNEFARM_FARM_KEY_FILE``,

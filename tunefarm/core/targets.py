@@ -111,8 +111,7 @@ def describe_target(target: dict[str, Any]) -> str:
 
 
 OPENCL_RUNTIME_HINT = ("serving an OpenCL target needs TVM's OpenCL backend on the device (the PyPI wheel is built "
-                       "without it): start the agent there with `tunefarm agent --opencl`; see the README, "
-                       "'OpenCL devices'")
+                       "without it): start the agent there with `tunefarm agent --opencl`; see docs/opencl.md")
 
 
 def runtime_problem(target: dict[str, Any], info) -> str | None:
