@@ -1,19 +1,22 @@
 # Two commands from a fresh clone:
 #   make quickstart   install into .venv (first time), then run `tunefarm quickstart`
 #   make test         install into .venv (first time), then run the default test suite
+# `make install` installs every role and the test tools (EXTRAS=test); one role only, e.g. a laptop:
+#   make install EXTRAS=client   (or pip install '.[client]'; roles: client, agent, host, test; see pyproject.toml)
 PYTHON ?= python3
+EXTRAS ?= test
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.tunefarm-installed
+STAMP := $(VENV)/.tunefarm-installed-$(EXTRAS)
 
 .PHONY: install quickstart test test-all
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
