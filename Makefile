@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunefarm-installed-$(EXTRAS)
 
-.PHONY: install quickstart test test-all
+.PHONY: install quickstart test test-fast test-all
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ quickstart: $(STAMP)
 # The default suite: real trackers, agents and tiny models on loopback (27-42 min on 2 cores in recent sessions).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+# The inner loop: unit tests only (marked `fast` in tests/conftest.py), no tuning; about a minute on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m fast --timeout 120 --durations=5 tests
 
 # Also the slow tests (marked `slow`), e.g. a real ResNet tuning run.
 test-all: $(STAMP)

@@ -41,6 +41,30 @@ from tunefarm.testing.localfarm import HOST, LocalFarm, listed_agents, tracker_a
 TRACKER_START_S = 60.0
 AGENT_LISTED_S = 90.0  # probe + two TVM imports on a busy 2-core machine
 
+# `make test-fast` (pytest -m fast): unit tests for the inner loop, no tuning, no farm of processes; the whole
+# selection runs in about a minute on 2 cores (each test under 15 s; the Makefile gives each 120 s). Whole files,
+# then single tests of files that otherwise start trackers and agents or tune. tests/test_fast_selection.py keeps
+# every name here pointing at a test that exists.
+FAST_FILES = (
+    "test_budget.py", "test_cli_help.py", "test_comparator.py", "test_cxx_build.py", "test_devices.py",
+    "test_docs.py", "test_fast_selection.py", "test_intrinsics.py", "test_jobdir.py", "test_jobspec.py", "test_latency_stats.py",
+    "test_layout.py", "test_packaging.py", "test_pipeline.py", "test_plan.py", "test_progress.py",
+    "test_service_units.py", "test_stats.py", "test_tuning_report.py", "test_warm_start.py",
+)
+FAST_TESTS = (
+    "test_hostile_tracker.py::test_device_info_from_the_network_is_checked",
+    "test_opencl.py::test_opencl_kernels_are_cross_compiled_and_exported",
+    "test_tensorrt.py::test_runner_modules_import_without_their_frameworks",
+    "test_threads.py::test_a_pinned_tvm_process_keeps_its_threads_on_its_cpus",
+)
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+    for item in items:
+        name = item.path.name
+        if name in FAST_FILES or f"{name}::{item.originalname}" in FAST_TESTS:
+            item.add_marker(pytest.mark.fast)
+
 
 def _tail(path: str | Path, lines: int = 40) -> str:
     try:
