@@ -90,3 +90,28 @@ def test_no_commit_hashes_or_dates_in_the_prose():
         text = page.read_text()
         assert not date.search(text), (page.name, date.search(text))
         assert not commit.search(text), (page.name, commit.search(text))
+
+
+def test_the_index_of_bench_results_is_current_and_job_data_stays_small():
+    from bench import index, ttq_data
+
+    assert index.INDEX.read_text() == index.render(), "bench/results/INDEX.md is out of date: run python -m bench.index"
+    listed = {name for name, _, _ in index.results()}
+    assert "search_scaling-h100vm-16c-profile" in listed and "compare-ttq-resnet-cpu" in listed
+    archives = ttq_data.archives()
+    assert archives and sum(a.stat().st_size for a in archives) < ttq_data.LIMIT_BYTES
+
+
+def test_ttq_archives_hold_only_the_job_data_the_results_read(tmp_path):
+    import shutil
+
+    from bench import ttq_data
+
+    for archive in ttq_data.archives():
+        copy = tmp_path / archive.name
+        shutil.copy(archive, copy)
+        run = ttq_data.unpack(copy)
+        files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+        allowed = set(ttq_data.RUN_FILES) | {f"{ttq_data.JOB_DIR}/{n}" for n in ttq_data.JOB_FILES}
+        assert set(files) <= allowed and "ttq/database_tuning_record.json" in files, (archive.name, files)
+        assert ttq_data.unpack(copy) is None  # an unpacked directory is kept as it is
