@@ -56,8 +56,9 @@ JOB_FIELD_DOCS: dict[str, str] = {
                      "channels do not fill a block stay NCHW; oneDNN runs such convs without reordering): "
                      "convolutions converted (`relax.transform.ConvertLayout`) before legalization, layout "
                      "transforms only at the boundaries of runs of convs; the model's inputs and outputs keep "
-                     "their layout; a resumed job keeps the layout it was tuned with. Unset: the target's default "
-                     "(`default_layout` in `tunefarm/host/tuning/pipeline.py`, NCHW on every target so far).",
+                     "their layout; a resumed job keeps the layout it was tuned with. Unset: `NCHWc` on a CPU at fp32 "
+                     "where the job places groups on a vendor library (see [placement](placement.md)), else `NCHW` "
+                     "(`default_layout` in `tunefarm/host/tuning/pipeline.py`).",
     "search.workers": "0: MetaSchedule's search runs on the host; N: the tasks are dealt to N search workers "
                       "(see [search workers](search-workers.md)).",
     "search.key": "The key the search workers registered under (`tunefarm search-worker --key`).",
