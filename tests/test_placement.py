@@ -119,8 +119,9 @@ def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_
     pulled.mkdir()
     code, out, _ = run_cli(["logs", "best", job_dir, "-o", pulled / "best"], tmp_path / "best.log", 120)
     assert code == 0, out
-    for name in ("job_state.json", "placement.json"):
-        shutil.copy(job_dir / name, pulled / name)
+    (pulled / "database").mkdir()  # where tunefarm pull's bundle has it (host/service/views.py build_bundle)
+    shutil.copy(job_dir / "job_state.json", pulled / "database" / "job_state.json")
+    shutil.copy(job_dir / "placement.json", pulled / "placement.json")
     onednn.load_plugin(_lib, export_env=False)
     model, mod = _resblock_relax()
     reference = model.reference_outputs()[0]

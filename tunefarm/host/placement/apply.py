@@ -6,8 +6,8 @@
     ex = compile_pulled(mod, "resnet18/")        # mod: the model in Relax, weights bound as constants
     ex.export_library("resnet18.so")             # loading it needs the oneDNN plugin where groups were offloaded
 
-``resnet18/`` is what ``tunefarm pull JOB -o resnet18/`` wrote: ``job_state.json`` (the pipeline and target the
-job tuned with), ``best/`` (the best verified records) and, for a job that placed groups on a vendor library,
+``resnet18/`` is what ``tunefarm pull JOB -o resnet18/`` wrote: ``database/job_state.json`` (the pipeline and
+target the job tuned with; a ``job_state.json`` beside ``best/`` is taken first, as a job directory's own), ``best/`` (the best verified records) and, for a job that placed groups on a vendor library,
 ``placement.json`` (the chosen build and its offloaded groups). The model is built exactly as the job's evaluation
 built the build it chose (:func:`tunefarm.host.placement.build.build_model`). A process that loads the exported
 library must load the vendor's runtime first (``tunefarm.core.onednn.load_plugin()``; agents do it themselves).
@@ -32,9 +32,11 @@ def compile_pulled(mod, pulled_dir: str | Path, target=None):
     from tunefarm.host.tuning.pipeline import job_dir_pipeline
 
     pulled = Path(pulled_dir)
-    state_path, best = pulled / "job_state.json", pulled / "best"
-    if not state_path.is_file() or not best.is_dir():
-        raise TunefarmError(f"{pulled} is not a pulled job directory (job_state.json and best/ expected)")
+    best = pulled / "best"
+    state_path = next((p for p in (pulled / "job_state.json", pulled / "database" / "job_state.json")
+                       if p.is_file()), None)
+    if state_path is None or not best.is_dir():
+        raise TunefarmError(f"{pulled} is not a pulled job directory (best/ and database/job_state.json expected)")
     try:
         state = json.loads(state_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
