@@ -128,18 +128,31 @@ def tracker(host, port, open_keys, farm_key_file):
 @click.option("--tvm-source", default=None, metavar="PATH",
               help="With --opencl: the TVM source tree to build the backend from (default: $TUNEFARM_TVM_SOURCE; "
                    "needed only the first time).")
+@click.option("--gpus", default=None, metavar="CARDS",
+              help="'all' (every card nvidia-smi -L lists) or card indices such as 0,1: one agent per GPU, "
+                   "supervised as one command; each sees only its card, has its own ports (PORT + 100*n), the id "
+                   "HOSTNAME:gpuI and a share of the cores; a crashed one is restarted. See docs/multi-gpu.md.")
+@click.option("--gpu-child", type=int, default=None, hidden=True)  # set by --gpus for each card's agent
+@click.option("--supervisor-pid", type=int, default=None, hidden=True)
 @_one_line_errors
 def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threads, farm_key_file, opencl,
-          tvm_source):
+          tvm_source, gpus, gpu_child, supervisor_pid):
     """Join this machine to the farm: a supervised tvm.rpc server registered under KEY.
 
     The agent probes the machine (CPU model and flags -> llvm target with mcpu and num-cores; CUDA; OpenCL),
     sets the thread count of its TVM runtime (TVM's own default is half the hardware threads on x86-64),
     prints the target and threads it serves, re-registers when the tracker comes back, and restarts its RPC server
-    if the server's loop dies.
+    if the server's loop dies. With --gpus: one such agent per GPU card, with its card's target and a share of
+    the cores (docs/multi-gpu.md).
     """
     from tunefarm.device_agents.agent import run_agent
 
+    if gpus is not None:
+        from tunefarm.device_agents.gpus import parse_gpus
+
+        parse_gpus(gpus)  # garbage is one line before anything else
+        if opencl:
+            raise TunefarmError("--gpus starts one agent per CUDA card; --opencl serves one OpenCL device")
     farm_url = None
     if farm or os.environ.get(FARM_ENV):
         from tunefarm.core.farm import farm_settings
@@ -153,9 +166,15 @@ def agent(tracker_addr, key, target, host, port, custom_addr, farm, token, threa
         raise TunefarmError("give the tracker (--tracker HOST:PORT) or the farm (--farm URL)")
     if tvm_source and not opencl:
         raise TunefarmError("--tvm-source is for --opencl (the source of TVM's OpenCL backend)")
+    if gpus is not None:
+        from tunefarm.device_agents.gpus import run_gpu_agents
+
+        run_gpu_agents(gpus, tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
+                       farm_url=farm_url, token=token, threads=threads, farm_key_file=farm_key_file)
+        return
     run_agent(tracker_addr, key, target=target, host=host, port=port, custom_addr=custom_addr,
               farm_url=farm_url, token=token, threads=threads, farm_key_file=farm_key_file,
-              opencl=opencl, tvm_source=tvm_source)
+              opencl=opencl, tvm_source=tvm_source, gpu_child=gpu_child, supervisor_pid=supervisor_pid)
 
 
 @main.command("search-worker")

@@ -41,8 +41,12 @@ STOP_GRACE_S = 5.0
 PORT_RANGE = 100
 
 
+# 'gpu<i>' in a child of `tunefarm agent --gpus` (device_agents.gpus.TAG_ENV): its lines say which card
+_NAME = " ".join(("agent", os.environ.get("TUNEFARM_AGENT_TAG", ""))).strip()
+
+
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} agent: {message}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {_NAME}: {message}", flush=True)
 
 
 def _warn(message: str) -> None:
@@ -50,8 +54,8 @@ def _warn(message: str) -> None:
 
 
 def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: str) -> None:
-    cuda = ", ".join(f"{d.get('name')} (sm_{str(d.get('compute_capability', '')).replace('.', '')})"
-                     for d in info.cuda) or "none"
+    cuda = ", ".join(("gpu" + str(d["gpu"]) + " " if "gpu" in d else "") + f"{d.get('name')} "
+                     f"(sm_{str(d.get('compute_capability', '')).replace('.', '')})" for d in info.cuda) or "none"
     opencl_devices = [d["name"] for p in info.opencl.get("platforms", []) for d in p.get("devices", [])]
     lines = [
         f"tunefarm agent {info.agent_id}",
@@ -82,6 +86,18 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
         lines.append(f"  hint     this agent serves the CPU; to serve {info.cuda[0].get('name')} instead, start it "
                      f"with --target '{json.dumps(info.cuda[0]['target'], sort_keys=True)}'")
     print("\n".join(lines), flush=True)
+
+
+def _gpu_child_target(index: int, target: str, info: DeviceInfo) -> str:
+    """A --gpus child's target: 'auto' is its one visible card's CUDA target; each card entry says its index."""
+    for dev in info.cuda:
+        dev["gpu"] = index  # nvidia-smi's index of the card (CUDA_VISIBLE_DEVICES); its own index here is 0
+    if (target or "auto").strip() != "auto":
+        return target
+    if info.cuda:
+        return json.dumps(info.cuda[0]["target"])
+    _warn(f"gpu{index}: no CUDA device visible (CUDA_VISIBLE_DEVICES={index}): this agent serves this machine's CPU")
+    return target
 
 
 def _stopped(pid: int) -> bool:
@@ -266,20 +282,33 @@ class _RPCServerSupervisor:
 def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.0.0.0", port: int = 9090,
               custom_addr: str | None = None, farm_url: str | None = None, token: str | None = None,
               threads: int | None = None, farm_key_file: str | None = None, opencl: bool = False,
-              tvm_source: str | None = None, serve: tuple[str, ...] = ()) -> None:
+              tvm_source: str | None = None, serve: tuple[str, ...] = (), gpu_child: int | None = None,
+              supervisor_pid: int | None = None) -> None:
     """Probe, resolve ``target``, check the tracker, then supervise the RPC server until SIGINT/SIGTERM.
     ``serve``: modules whose ``register()`` adds RPC functions to the server (the caller's choice: the CLI's
     search worker serves the host's search this way).
 
     ``opencl``: first make sure TVM's OpenCL backend is built for this wheel and works here
     (:func:`tunefarm.device_agents.opencl_runtime.ensure_runtime`, from ``tvm_source`` if it must be
-    built), load it, and serve the OpenCL device (``target`` 'auto': the device's own limits)."""
+    built), load it, and serve the OpenCL device (``target`` 'auto': the device's own limits).
+
+    ``gpu_child``: this agent is card ``gpu_child``'s of a ``tunefarm agent --gpus`` supervisor (pid
+    ``supervisor_pid``; device_agents.gpus), which made only that card visible: agent id ``<host>:gpu<i>``, and
+    ``target`` 'auto' is the card's CUDA target (this machine's CPU when no CUDA device is visible)."""
     from tunefarm.device_agents.probe import (check_c_compiler, find_c_compiler, probe,  # pylint: disable=import-outside-toplevel
                                               resolve_target, target_warnings)
     from tunefarm.tracker.client import check_tracker  # pylint: disable=import-outside-toplevel
 
     tracker_host, tracker_port = parse_hostport(tracker_addr)
     agent_id = f"{socket.gethostname()}:{os.getpid()}"
+    if supervisor_pid is not None:
+        from tunefarm.device_agents.gpus import die_with_supervisor  # pylint: disable=import-outside-toplevel
+
+        die_with_supervisor(supervisor_pid)
+    if gpu_child is not None:
+        from tunefarm.device_agents.gpus import gpu_agent_id  # pylint: disable=import-outside-toplevel
+
+        agent_id = gpu_agent_id(gpu_child)
     runtime = None
     if opencl:
         from tunefarm.device_agents import opencl_runtime  # pylint: disable=import-outside-toplevel
@@ -288,12 +317,16 @@ def run_agent(tracker_addr: str, key: str, target: str = "auto", host: str = "0.
         # This process and the RPC server it starts (LD_LIBRARY_PATH, read at `import tvm`) load it.
         opencl_runtime.load_in_process(runtime.lib_dir)
     info = probe(key=key, agent_id=agent_id)
+    if gpu_child is not None:
+        target = _gpu_child_target(gpu_child, target, info)
     try:
         explicit = resolve_threads(threads)[0] if threads is not None or os.environ.get(THREADS_ENV) else None
         if runtime is not None and (target or "auto").strip() == "auto":
             target = json.dumps(opencl_runtime.opencl_target(runtime.device, info.target))
         info.target = resolve_target(target, info, threads=explicit)
         info.threads, threads_from = resolve_threads(threads, info.target)
+        if gpu_child is not None and threads_from == "--threads":
+            threads_from = "this card's share of the cores, from --gpus"
     except ValueError as err:
         raise TunefarmError(str(err)) from None
     from tunefarm.device_agents.probe import peak_gflops  # pylint: disable=import-outside-toplevel

@@ -34,10 +34,20 @@ def _build(mod_file: str, target_json: str, out_name: str) -> str:
     return out_name
 
 
+BUILD_WORKERS_ENV = "TUNEFARM_AGENT_BUILD_WORKERS"  # an agent's share of the CPUs (set by tunefarm agent --gpus)
+
+
 def _parallelism() -> int:
+    """The CPUs this agent may use, or its share of them where several agents share the machine (``--gpus``)."""
+    import os  # pylint: disable=import-outside-toplevel
+
     from tunefarm.core.threads import usable_cpus  # pylint: disable=import-outside-toplevel
 
-    return usable_cpus()
+    try:
+        share = int(os.environ.get(BUILD_WORKERS_ENV, "0"))
+    except ValueError:
+        share = 0
+    return min(usable_cpus(), share) if share > 0 else usable_cpus()
 
 
 def _build_in_child(args):

@@ -46,8 +46,11 @@ _stopping = threading.Event()
 _listen_sock: list = []  # the listen loop's socket, closed first when this process stops
 
 
+_NAME = " ".join(("rpc server", os.environ.get("TUNEFARM_AGENT_TAG", ""))).strip()  # 'gpu<i>' under --gpus
+
+
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rpc server: {message}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {_NAME}: {message}", flush=True)
 
 
 def _publish_info(info: dict, farm_key: bytes) -> None:

@@ -7,6 +7,7 @@ retries refused connections for 60 s and blocks forever on a peer that accepts b
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -450,7 +451,10 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
     for item in devices:
         lines: dict[str, list[str]] = {name: [] for name in ("agents", "target", "cpu", "cc", "cuda", "opencl",
                                                              "vendor")}
-        for agent, addr in zip(item["agents"], item["addrs"]):
+        # One line per agent, by id (the cards of a --gpus box in order: host:gpu0, host:gpu1, ..., host:gpu10).
+        for agent, addr in sorted(zip(item["agents"], item["addrs"]), key=lambda pair: [
+                int(part) if part.isdigit() else part
+                for part in re.split(r"(\d+)", pair[0].agent_id if isinstance(pair[0], DeviceInfo) else pair[1])]):
             # Everything an agent says about itself is its own text: escaped, never read as markup.
             if isinstance(agent, DeviceInfo):
                 lines["agents"].append(escape(f"{agent.agent_id} @ {addr}"))
@@ -458,7 +462,8 @@ def print_devices(tracker_addr: str, as_json: bool = False) -> None:
                 lines["cpu"].append(escape(f"{agent.cpu_model or '?'} ({agent.num_cores} cores, "
                                            f"{agent.threads or '?'} threads)"))
                 lines["cc"].append("yes" if agent.has_cc else "[red]no[/]")
-                lines["cuda"].append(escape(", ".join(str(d.get("name", "?")) for d in agent.cuda) or "-"))
+                lines["cuda"].append(escape(", ".join((f"gpu{d['gpu']} " if "gpu" in d else "") + str(d.get("name", "?"))
+                                                      for d in agent.cuda) or "-"))
                 lines["opencl"].append(escape(_describe_opencl(agent.opencl)))
                 lines["vendor"].append(escape(_describe_vendor(agent.vendor)))
             else:
