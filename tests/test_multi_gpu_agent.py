@@ -23,7 +23,7 @@ from conftest import HOST, run_cli, start_tracker
 from test_tuning import write_job
 from tunefarm.core.errors import TrackerUnreachable, TunefarmError
 from tunefarm.core.procs import free_port, start_tunefarm, stop_process, wait_until
-from tunefarm.device_agents.gpus import choose_cards, cpu_split, parse_gpus
+from tunefarm.device_agents.gpus import choose_cards, cpu_split, parse_gpus, parse_nvidia_smi_list
 
 KEY = "cards"
 LISTED_S = 120.0  # two agents probing and importing TVM at once on 2 busy cores (~25 s here)
@@ -80,6 +80,11 @@ def test_gpus_is_parsed_and_checked_against_the_cards_found():
     for bad in ("", "garbage", "0,0", "-1", "0,,1", "1.5", "all,0", "0;1", "64"):
         with pytest.raises(TunefarmError, match="--gpus"):
             parse_gpus(bad)
+    listing = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5d1e0c2a-0000-0000-0000-000000000000)\n"
+               "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-aaaa)\n"
+               "  MIG 1g.5gb     Device  0: (UUID: MIG-bbbb)\n")
+    assert parse_nvidia_smi_list(listing) == [(0, "NVIDIA H100 80GB HBM3"), (1, "NVIDIA A100-SXM4-40GB")]
+    assert parse_nvidia_smi_list("No devices were found\n") == []
     found = [(0, "NVIDIA H100"), (1, "NVIDIA H100"), (2, "NVIDIA H100")]
     assert choose_cards("all", found, "nvidia-smi -L") == ([0, 1, 2], True)
     assert choose_cards([2, 0], found, "nvidia-smi -L") == ([2, 0], True)
@@ -199,3 +204,17 @@ def test_one_command_serves_each_card_restarts_a_killed_one_and_stops_them_all(t
     finally:
         stop_process(sup)
         stop_process(tracker)
+
+
+def test_a_card_agent_that_fails_its_first_start_stops_the_command(tracker, tmp_path):
+    """A card's agent that cannot start (here: a target no agent can serve) is not restarted forever: the command
+    stops every card's agent and exits with one line naming the card, the agent's own error above it."""
+    host, port = tracker
+    code, out, took = run_cli(["agent", "--gpus", "0,1", "--tracker", f"{host}:{port}", "--key", KEY, "--host", HOST,
+                               "--port", free_port(HOST), "--target", "no-such-target"], tmp_path / "agents.log", 120)
+    assert code != 0, out
+    assert "unknown target 'no-such-target'" in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("tunefarm: error: the agent of gpu") and "failed at start" in last, out
+    assert "restarting" not in out, out
+    print(f"exited {took:.1f} s after start")

@@ -96,8 +96,14 @@ def _nvidia_smi_cards() -> list[tuple[int, str]] | None:
         return None
     if proc.returncode != 0:
         return None  # no driver loaded: ask CUDA
+    return parse_nvidia_smi_list(proc.stdout)
+
+
+def parse_nvidia_smi_list(text: str) -> list[tuple[int, str]]:
+    """``nvidia-smi -L``'s ``GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-...)`` lines as ``[(0, 'NVIDIA H100 80GB
+    HBM3')]`` (a card's MIG lines, indented, are not cards)."""
     return [(int(m.group(1)), m.group(2).strip()) for m in
-            (re.match(r"GPU (\d+):\s*(.*?)\s*(\(UUID:.*)?$", line) for line in proc.stdout.splitlines()) if m]
+            (re.match(r"GPU (\d+):\s*(.*?)\s*(\(UUID:.*)?$", line) for line in text.splitlines()) if m]
 
 
 def find_gpus() -> tuple[list[tuple[int, str]], str]:
