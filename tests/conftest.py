@@ -53,6 +53,7 @@ FAST_FILES = (
 )
 FAST_TESTS = (
     "test_hostile_tracker.py::test_device_info_from_the_network_is_checked",
+    "test_multi_gpu_agent.py::test_gpus_is_parsed_and_checked_against_the_cards_found",
     "test_opencl.py::test_opencl_kernels_are_cross_compiled_and_exported",
     "test_tensorrt.py::test_runner_modules_import_without_their_frameworks",
     "test_threads.py::test_a_pinned_tvm_process_keeps_its_threads_on_its_cpus",
