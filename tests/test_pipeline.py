@@ -123,3 +123,46 @@ def test_layout_option_parses_and_is_recorded():
     # job directories from before the option were tuned in the models' own layout
     assert Pipeline.from_json({"fold_batchnorm": True, "precision": "fp16"}).layout == "NCHW"
     assert LEGACY.layout == "NCHW"
+
+
+def test_nchwc_blocks_depthwise_convs_and_relu6_too_and_keeps_the_numerics():
+    """A MobileNet block (1x1 conv + ReLU6, depthwise 3x3 + ReLU6, 1x1 conv) in NCHWc: every conv in channel
+    blocks, the depthwise one as depthwise_conv2d_NCHWc, each clip fused into its conv, one layout change at the
+    input and one at the output (before: clips had no layout rule, so each was wrapped in two layout changes and
+    the depthwise conv stayed NCHW); the output matches the plain NCHW build."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import ir as I, relax as R
+
+    from tunefarm.host.tuning.pipeline import Pipeline, apply_records
+
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.standard_normal(s).astype("float32") * 0.3 for s in ((32, 16, 1, 1), (32, 1, 3, 3), (16, 32, 1, 1)))
+    b1 = rng.standard_normal((1, 32, 1, 1)).astype("float32")
+
+    @I.ir_module
+    class Block:  # pylint: disable=too-few-public-methods
+        @R.function
+        def main(x: R.Tensor((1, 16, 14, 14), "float32")):
+            with R.dataflow():
+                y = R.clip(R.add(R.nn.conv2d(x, R.const(w1)), R.const(b1)), 0.0, 6.0)
+                y = R.clip(R.nn.conv2d(y, R.const(w2), padding=[1, 1, 1, 1], groups=32), 0.0, 6.0)
+                y = R.nn.conv2d(y, R.const(w3))
+                R.output(y)
+            return y
+
+    target = tvm.target.Target(TARGET)
+    x = rng.standard_normal((1, 16, 14, 14)).astype("float32")
+    outs = {}
+    for layout in ("NCHW", "NCHWc"):
+        fused = Pipeline(fold_batchnorm=True, layout=layout).fuse(Block, target)
+        tasks = sorted(t.task_name for t in ms.relax_integration.extract_tasks(fused, target))
+        applied, _, _ = apply_records(fused, target, ms.database.MemoryDatabase())
+        outs[layout] = relax.VirtualMachine(tvm.compile(applied, target), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)).numpy()
+    assert sum("layout_transform" in t for t in tasks) == 2, tasks
+    assert any(t.startswith("fused_depthwise_conv2d_NCHWc") and "clip" in t for t in tasks), tasks
+    assert not [t for t in tasks if t.startswith("tir_clip")], tasks  # every clip fused into a conv
+    assert np.linalg.norm(outs["NCHWc"] - outs["NCHW"]) / np.linalg.norm(outs["NCHW"]) < 1e-5

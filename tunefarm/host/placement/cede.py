@@ -110,5 +110,5 @@ class Ceder:
             self.ceded.append({"task": t.name, "trials": trials, "tvm_best_ms": best * 1e3,
                                "vendor_ms": vendor_s * 1e3, "trials_freed": freed})
             self.events.print(f"task {t.name}: TVM's best {best * 1e3:.3f} ms is {best / vendor_s:.1f}x the vendor "
-                              f"library's {vendor_s * 1e3:.3f} ms after {trials} trials; its {freed} trial(s) left "
-                              "go to the other tasks")
+                              f"library's {vendor_s * 1e3:.3f} ms after {trials} trials: it sends no more candidates "
+                              f"(up to {freed} more it could have had go to the other tasks)")

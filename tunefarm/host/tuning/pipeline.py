@@ -93,9 +93,15 @@ class Pipeline:
             mod = relax.transform.DecomposeOpsForInference()(mod)
             if self.precision == "fp16":
                 mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-            if self.layout != "NCHW":
+            if self.layout == "NHWC":
                 mod = relax.transform.ConvertLayout(conv_layouts(self.layout, target))(mod)
                 mod = relax.transform.FoldConstant()(mod)  # the weights' transforms, on constants
+            elif self.layout == "NCHWc":
+                # ReLU6's clip has no layout rule in Relax: as max/min with scalar constants it follows the blocked
+                # convs instead of putting a layout change on either side of itself (two per MobileNetV2 block).
+                mod = relax.transform.ConvertLayout({}, layout_cb=blocked_layouts(channel_block(target)))(
+                    clip_to_minmax(mod))
+                mod = minmax_to_clip(relax.transform.FoldConstant()(mod))
         return mod
 
     def lower(self, mod, target):
@@ -130,12 +136,109 @@ def channel_block(target) -> int:
         return 8
 
 
-def conv_layouts(layout: str, target) -> dict[str, list[str]]:
-    """ConvertLayout's desired layouts (data, weights) for a layout option; NCHW is the models' own."""
-    if layout == "NHWC":
-        return {"relax.nn.conv2d": ["NHWC", "OHWI"]}
-    b = channel_block(target)
-    return {"relax.nn.conv2d": [f"NCHW{b}c", f"OIHW{b}i{b}o"]}
+def conv_layouts(layout: str, target) -> dict[str, list[str]]:  # pylint: disable=unused-argument
+    """ConvertLayout's desired layouts (data, weights) for NHWC (NCHWc: :func:`blocked_layouts`)."""
+    assert layout == "NHWC", layout
+    return {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+
+
+def blocked_layouts(block: int):
+    """ConvertLayout's callback for NCHWc: convs in channel blocks of ``block`` (NCHW{b}c data, OIHW{b}i{b}o
+    weights), depthwise ones too (OIHW1i{b}o: one input channel per group); other grouped convs stay as they are.
+    ConvertLayout itself leaves a conv whose channels do not divide into blocks (the model's first, on RGB)."""
+    def desired(call):
+        if getattr(call.op, "name", None) != "relax.nn.conv2d":
+            return {}
+        groups = int(call.attrs.groups)
+        if groups == 1:
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
+        if _depthwise(call):
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o"]}
+        return {}
+    return desired
+
+
+def _depthwise(call) -> bool:
+    """A grouped conv2d with one input and one output channel per group, in NCHW/OIHW."""
+    a = call.attrs
+    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+        return False
+    from tunefarm.host.byoc.json_codegen import static_shape  # pylint: disable=import-outside-toplevel
+
+    try:
+        data, weight = (static_shape(arg.ty) for arg in call.args[:2])
+    except ValueError:  # a dynamic shape: left as it is
+        return False
+    return int(a.groups) == data[1] == weight[0] and weight[1] == 1
+
+
+def clip_to_minmax(mod):
+    """Every ``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)`` with fp32 scalar constants."""
+    # pylint: disable=import-outside-toplevel
+    from tvm import relax
+    from tvm.relax.dpl import is_op, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.clip")(x, wildcard(), wildcard())
+
+    def rewrite(expr, matched):
+        call = matched[pattern]
+        lo, hi = (float(getattr(v.value, "value", v.value)) for v in call.args[1:3])
+        return relax.op.minimum(relax.op.maximum(matched[x], relax.const(lo, "float32")), relax.const(hi, "float32"))
+
+    return _rewrite_functions(mod, pattern, rewrite)
+
+
+def minmax_to_clip(mod):
+    """``minimum(maximum(x, lo), hi)`` with scalar constants back as ``clip(x, lo, hi)`` (what the vendors'
+    patterns and TVM's fusion take)."""
+    # pylint: disable=import-outside-toplevel
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, lo, hi = wildcard(), is_const(), is_const()
+    pattern = is_op("relax.minimum")(is_op("relax.maximum")(x, lo), hi)
+
+    def rewrite(expr, matched):
+        a, b = matched[lo].value.numpy(), matched[hi].value.numpy()
+        if a.shape != () or b.shape != ():
+            return expr
+        return relax.op.clip(matched[x], float(a), float(b))
+
+    return _rewrite_functions(mod, pattern, rewrite)
+
+
+def _rewrite_functions(mod, pattern, rewrite):
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+    from tvm.relax.dpl import rewrite_call  # pylint: disable=import-outside-toplevel
+
+    out = mod
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gvar] = rewrite_call(pattern, rewrite, func)
+    return out
+
+
+def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
+    """Depthwise conv2d in channel blocks (TOPI's ``depthwise_conv2d_NCHWc`` has no compute in this TVM): data
+    ``(n, C/b, h, w, b)``, weights ``(C/b, 1, kh, kw, 1, b)``, one output channel per input channel."""
+    # pylint: disable=import-outside-toplevel
+    from tvm import te, topi
+    from tvm.topi.utils import get_const_tuple
+
+    n, _cc, h, w, _cb = get_const_tuple(data.shape)
+    oc, _, kh, kw, _, ob = get_const_tuple(kernel.shape)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, pb, pr, 0), name="data_pad") if (pt or pl or pb or pr) \
+        else data
+    ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
+    return te.compute((n, oc, oh, ow, ob), lambda b, c, y, x, k: te.sum(
+        padded[b, c, y * sh + ry * dh, x * sw + rx * dw, k].astype(out_dtype)
+        * kernel[c, 0, ry, rx, 0, k].astype(out_dtype), axis=[ry, rx]), name="depthwise_conv2d_NCHWc")
 
 
 def legalize_conv2d(bb, call):
@@ -152,6 +255,10 @@ def legalize_conv2d(bb, call):
     if int(a.groups) == 1:
         return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], a.strides, a.padding, a.dilation,
                           a.data_layout, a.out_layout or a.data_layout, out_dtype, primfunc_name_hint="conv2d_NCHWc")
+    weight_shape = [int(v) for v in call.args[1].ty.shape.values]
+    if len(weight_shape) == 6 and weight_shape[1] == 1 and weight_shape[4] == 1:  # depthwise (OIHW1i{b}o)
+        return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], a.strides, a.padding, a.dilation,
+                          out_dtype, primfunc_name_hint="depthwise_conv2d_NCHWc")
     return call  # left for Relax's legalization, which says it cannot (one error at compile time)
 
 LEGACY = Pipeline(fold_batchnorm=False, weight_prepack=False)
