@@ -134,7 +134,7 @@ def _vendor_first_lines(info: dict) -> list[str]:
     if not ceded:
         return [text + "none was"]
     return [text + "; ".join(f"{c['task']} ({c['tvm_best_ms']:.3f} ms vs {c['vendor_ms']:.3f} ms after "
-                             f"{c['trials']} trials, {c['trials_freed']} freed)" for c in ceded)]
+                             f"{c['trials']} trials; up to {c['trials_freed']} more went to the others)" for c in ceded)]
 
 
 def _cost_model_text(info: dict) -> str:
