@@ -1,7 +1,8 @@
 """``tunefarm compare`` for real: a tracker and a local agent on loopback, every row through an RPC session.
 
 The default test tunes the builtin convnet for a few trials (as tests/test_tuning.py does), then runs
-configs/compare/smoke.yaml against it. The ResNet-18 + ResNet-50 run is marked ``slow``.
+configs/compare/smoke.yaml against it. The ResNet-18 + ResNet-50 run (each tuned for a few trials first, then
+configs/compare/seed-resnet.yaml) is marked ``slow``.
 """
 from __future__ import annotations
 
@@ -264,15 +265,25 @@ def test_seed_config_names_every_backend_of_the_study():
 
 @pytest.mark.slow
 def test_seed_resnet_compare_on_this_cpu(farm, tmp_path):
-    """ResNet-18 and ResNet-50 on the local CPU agent: untuned TVM, PyTorch, ONNX Runtime (and tuned TVM
-    where logs/resnet*-cpu exist), numerics checked; the GPU rows are marked, never numbered."""
+    """ResNet-18 and ResNet-50 on the local CPU agent: each tuned here first (a job of 8 trials: a few of its
+    tasks get schedules, the rest keep TVM's defaults), then the seed compare: tuned TVM from those jobs, untuned TVM,
+    PyTorch and ONNX Runtime, numerics checked; the GPU rows are marked, never numbered."""
     cfg = yaml.safe_load((REPO / "configs" / "compare" / "seed-resnet.yaml").read_text())
     cfg["tracker"] = f"{HOST}:{farm['port']}"
     cfg["device_wait_sec"] = 10
     cfg["evaluate"].update({"warmup": 3, "repeat": 20, "budget_s": 30})
-    for row in cfg["rows"]:
-        if row.get("logs"):
-            row["logs"] = str(REPO / row["logs"])
+    (tuned_row,) = [row for row in cfg["rows"] if row.get("logs")]
+    tuned_row["logs"] = str(tmp_path / tuned_row["logs"])  # logs/{model}-cpu: the jobs below
+    for model in cfg["models"]:
+        job = {"name": f"{model['name']}-cpu", "model": model,
+               "device": {"key": "cpu", "tracker": f"{HOST}:{farm['port']}"}, "target": "from-agent",
+               "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64},
+               "builder": {"workers": 2, "timeout_sec": 60},
+               "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5}}
+        (tmp_path / f"{model['name']}.yaml").write_text(yaml.safe_dump(job))
+        code, out, _ = run_cli(["tune", tmp_path / f"{model['name']}.yaml", "--logs-dir", tmp_path / "logs",
+                                "--skip-eval"], tmp_path / f"tune-{model['name']}.log", TUNE_TIMEOUT_S)
+        assert code == 0, out
     (tmp_path / "seed.yaml").write_text(yaml.safe_dump(cfg))
     code, out, _ = run_cli(["compare", tmp_path / "seed.yaml", "-o", tmp_path / "out"], tmp_path / "compare.log",
                            1800)
@@ -283,8 +294,14 @@ def test_seed_resnet_compare_on_this_cpu(farm, tmp_path):
         rows = {r["label"]: r for r in model["rows"]}
         for label in ("tvm-untuned@cpu", "torch@cpu", "onnxruntime@cpu"):
             assert rows[label]["status"] == "ok" and rows[label]["numerics"]["ok"], rows[label]
+        # The tuned row ran on the agent the build of this model's own job (its records applied, its 8 trials
+        # reported) and matched PyTorch within the config's tolerances.
         tuned = rows["tvm-tuned@cpu"]
-        assert (tuned["status"] == "ok" and tuned["numerics"]["ok"]) or tuned["status"] == "not run", tuned
+        assert tuned["status"] == "ok" and tuned["numerics"]["ok"], tuned
+        assert tuned["where"] == f"agent {agent_id_of(farm['agent'])}" and tuned["latency"]["min_ms"] > 0, tuned
+        assert tuned["latency"]["timer"] == "time_evaluator", tuned
+        assert tuned["details"]["logs"] == str(tmp_path / "logs" / f"{model['name']}-cpu"), tuned
+        assert tuned["details"]["tuned_functions"] >= 1 and tuned["details"]["trials"] == 8, tuned
         for label in ("tensorrt-fp16@gpu", "tensorrt-fp32@gpu", "torch-cuda@gpu"):
             assert rows[label]["status"] in ("no agent", "not available") and "latency" not in rows[label]
     _assert_real_png(tmp_path / "out" / "latency.png")
