@@ -10,6 +10,8 @@ and always stopped at teardown. Failures here are AssertionErrors that carry the
   ``tunefarm agent`` and returns its ``Popen`` once the tracker lists it; stopped at teardown.
 * ``agent_pair``: a tracker on a free loopback port and two agents on key 'pair', both listed; yields
   ``(port, [agent0, agent1])``; logs ``tmp_path / "tracker.log"``, ``"agent0.log"``, ``"agent1.log"``.
+* ``cpu_farm`` (one per module): a LocalFarm with one agent on key 'cpu', shared by the module's tests; yields
+  ``{"port", "base", "agent"}``; a module's ``FARM_OPEN_KEYS`` are open to stock TVM servers.
 * plain helpers for tests that manage processes themselves: :func:`start_tracker`,
   :func:`spawn_agent`, :func:`wait_listed`, :func:`start_agents`, :func:`listed_agents`, :func:`agent_id_of`,
   :func:`run_cli`, :func:`tracker_answers`, :func:`start_host` (``tunefarm host serve``).
@@ -208,6 +210,28 @@ def agent_pair(tmp_path):
         for agent in agents:
             stop_process(agent)
         stop_process(tracker)
+
+
+@pytest.fixture(scope="module")
+def cpu_farm(request, tmp_path_factory):
+    """One LocalFarm for the test module that asks for it, shared by its tests: a tracker and one agent on key
+    'cpu', listed before the first test; the keys in the module's ``FARM_OPEN_KEYS`` (if it has one) are open to
+    stock TVM servers. Yields ``{"port", "base" (the farm's directory, with tracker.log and agent.log), "agent"
+    (the agent's Popen)}``; stopped after the module's last test (the agent first, then the tracker)."""
+    base = tmp_path_factory.mktemp("farm")
+    farm = LocalFarm(base, tracker_wait_s=TRACKER_START_S, agent_wait_s=AGENT_LISTED_S,
+                     open_keys=tuple(getattr(request.module, "FARM_OPEN_KEYS", ())))
+    try:
+        farm.__enter__()
+        agent = farm.add_agent("cpu", name="agent")
+    except TunefarmError as err:
+        log = base / ("agent.log" if farm.agents else "tracker.log")
+        farm.close()
+        raise AssertionError(f"{err}:\n{_tail(log)}") from None
+    try:
+        yield {"port": farm.port, "base": base, "agent": agent}
+    finally:
+        farm.close()
 
 
 def apply_best_with_plain_tvm(best_dir: Path, state: dict) -> None:

@@ -1,7 +1,8 @@
 """``tunefarm compare`` for real: a tracker and a local agent on loopback, every row through an RPC session.
 
 The default test tunes the builtin convnet for a few trials (as tests/test_tuning.py does), then runs
-configs/compare/smoke.yaml against it. The ResNet-18 + ResNet-50 run is marked ``slow``.
+configs/compare/smoke.yaml against it. The ResNet-18 + ResNet-50 run (each tuned for a few trials first, then
+configs/compare/seed-resnet.yaml) is marked ``slow``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import HOST, agent_id_of, listed_agents, run_cli, spawn_agent, start_tracker, wait_listed
+from conftest import HOST, agent_id_of, listed_agents, run_cli
 from tunefarm.core.comparespec import compare_from_dict
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.procs import free_port, stop_process, wait_until
@@ -24,19 +25,7 @@ TUNE_TIMEOUT_S = 600
 COMPARE_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    """One tracker and one agent on key 'cpu' for this module; key 'stock' is open to stock TVM servers."""
-    base = tmp_path_factory.mktemp("cmpfarm")
-    port = free_port(HOST)
-    tracker = start_tracker(port, base / "tracker.log", open_keys=("stock",))
-    agent = spawn_agent(HOST, port, "cpu", base / "agent.log")
-    try:
-        wait_listed(agent, HOST, port, "cpu", base / "agent.log")
-        yield {"port": port, "base": base, "agent": agent}
-    finally:
-        stop_process(agent)
-        stop_process(tracker)
+FARM_OPEN_KEYS = ("stock",)  # cpu_farm (tests/conftest.py): its tracker admits stock TVM servers on key 'stock'
 
 
 def _smoke_config(path: Path, port: int, logs: Path, **changes) -> Path:
@@ -61,10 +50,10 @@ def _assert_real_png(path: Path) -> None:
     assert len(colours) > 20, f"{path} has only {len(colours)} colours"
 
 
-def test_compare_smoke_after_tuning(farm, tmp_path):
+def test_compare_smoke_after_tuning(cpu_farm, tmp_path):
     logs = tmp_path / "logs"
     job = {"name": "convnet", "model": {"source": "builtin", "name": "convnet"},
-           "device": {"key": "cpu", "tracker": f"{HOST}:{farm['port']}"}, "target": "from-agent",
+           "device": {"key": "cpu", "tracker": f"{HOST}:{cpu_farm['port']}"}, "target": "from-agent",
            "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64},
            "builder": {"workers": 2, "timeout_sec": 60},
            "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5}}
@@ -73,7 +62,7 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
                            tmp_path / "tune.log", TUNE_TIMEOUT_S)
     assert code == 0, out
 
-    config = _smoke_config(tmp_path / "smoke.yaml", farm["port"], logs)
+    config = _smoke_config(tmp_path / "smoke.yaml", cpu_farm["port"], logs)
     cfg = yaml.safe_load(config.read_text())  # plus a tuned row whose job was never run
     cfg["rows"].append({"backend": "tvm-tuned", "key": "cpu", "logs": str(tmp_path / "nowhere"),
                         "label": "tvm-tuned-nologs@cpu"})
@@ -84,10 +73,10 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
     report = json.loads((out_dir / "report.json").read_text())
     (model,) = report["models"]
     rows = {r["label"]: r for r in model["rows"]}
-    agent = f"agent {agent_id_of(farm['agent'])}"
+    agent = f"agent {agent_id_of(cpu_farm['agent'])}"
 
     ran = ["tvm-tuned@cpu", "tvm-untuned@cpu", "torch@cpu", "torch-compile@cpu", "onnxruntime@cpu"]
-    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    (info,) = listed_agents(HOST, cpu_farm["port"], "cpu")
     for label in ran:
         row = rows[label]
         assert row["status"] == "ok", row
@@ -123,7 +112,7 @@ def test_compare_smoke_after_tuning(farm, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def matmul_build(farm):
+def matmul_build(cpu_farm):
     """The builtin matmul compiled for the agent's own target and exported, as the host hands a TVM build
     to the agent's TVM runner; its inputs as .npz and PyTorch's outputs as the reference."""
     import tvm
@@ -132,22 +121,22 @@ def matmul_build(farm):
     from tunefarm.host.models import load_model, to_relax
     from tunefarm.host.tuning.job import fuse_for_tuning
 
-    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    (info,) = listed_agents(HOST, cpu_farm["port"], "cpu")
     target = tvm.target.Target(info.target)
     model = load_model(ModelSpec(source="builtin", name="matmul"))
-    lib = farm["base"] / "matmul-untuned.so"
+    lib = cpu_farm["base"] / "matmul-untuned.so"
     tvm.compile(fuse_for_tuning(to_relax(model), target), target).export_library(str(lib))
-    inputs = farm["base"] / "matmul-inputs.npz"
+    inputs = cpu_farm["base"] / "matmul-inputs.npz"
     np.savez(inputs, input0=model.inputs[0])
     return {"info": info, "model": model, "lib": lib, "inputs": inputs, "reference": model.reference_outputs()}
 
 
-def test_tvm_runner_on_the_agent(farm, matmul_build, tmp_path):
+def test_tvm_runner_on_the_agent(cpu_farm, matmul_build, tmp_path):
     """tunefarm.runner.run("tvm-untuned", lib.so, ...) in one session: outputs as PyTorch's, timed by
     time_evaluator with the agent's own threads, a slow row held to its budget, a missing device named."""
     from tunefarm.tracker.client import request_session
 
-    sess = request_session((HOST, farm["port"]), "cpu", 60, 300)
+    sess = request_session((HOST, cpu_farm["port"]), "cpu", 60, 300)
     try:
         threads = int(sess.get_function("runtime.NumThreads")())
         sess.upload(str(matmul_build["lib"]), "model.so")
@@ -174,7 +163,7 @@ def test_tvm_runner_on_the_agent(farm, matmul_build, tmp_path):
     assert no_gpu["available"] is False and "sees no opencl" in no_gpu["reason"], no_gpu
 
 
-def test_comparator_runs_a_tvm_build_on_the_agent_and_marks_a_stock_server(farm, matmul_build, tmp_path):
+def test_comparator_runs_a_tvm_build_on_the_agent_and_marks_a_stock_server(cpu_farm, matmul_build, tmp_path):
     """The Comparator in this process, all rows run first, then compared: the TVM build through the agent's TVM
     runner, checked against PyTorch; a stock tvm.rpc server on another key is "not available" with the reason."""
     import io
@@ -190,12 +179,13 @@ def test_comparator_runs_a_tvm_build_on_the_agent_and_marks_a_stock_server(farm,
     console = Console(file=io.StringIO())
     port = free_port(HOST)
     with open(tmp_path / "stock.log", "wb") as log:
-        stock = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"{HOST}:{farm['port']}",
-                                  "--key", "stock", "--host", HOST, "--port", str(port), "--port-end", str(port + 50)],
+        stock = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server",
+                                  "--tracker", f"{HOST}:{cpu_farm['port']}", "--key", "stock", "--host", HOST,
+                                  "--port", str(port), "--port-end", str(port + 50)],
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     agents = None
     try:
-        agents = FarmAgents((HOST, farm["port"]), 60, console)
+        agents = FarmAgents((HOST, cpu_farm["port"]), 60, console)
         wait_until(lambda: stock.poll() is not None or agents.client.servers_for_key("stock") > 0, 60,
                    what="the stock server on key 'stock'")
         assert stock.poll() is None, (tmp_path / "stock.log").read_text()
@@ -212,7 +202,7 @@ def test_comparator_runs_a_tvm_build_on_the_agent_and_marks_a_stock_server(farm,
         stop_process(stock)
         if agents is not None:
             agents.close()
-    assert tvm_row.status == OK and tvm_row.where == f"agent {agent_id_of(farm['agent'])}", tvm_row
+    assert tvm_row.status == OK and tvm_row.where == f"agent {agent_id_of(cpu_farm['agent'])}", tvm_row
     assert tvm_row.numerics["ok"] and tvm_row.numerics["max_abs_err"] < 1e-4
     assert tvm_row.threads == matmul_build["info"].threads and tvm_row.precision == "fp32"
     assert tvm_row.latency["timer"] == "time_evaluator" and tvm_row.latency["samples"] == 8
@@ -263,16 +253,26 @@ def test_seed_config_names_every_backend_of_the_study():
 
 
 @pytest.mark.slow
-def test_seed_resnet_compare_on_this_cpu(farm, tmp_path):
-    """ResNet-18 and ResNet-50 on the local CPU agent: untuned TVM, PyTorch, ONNX Runtime (and tuned TVM
-    where logs/resnet*-cpu exist), numerics checked; the GPU rows are marked, never numbered."""
+def test_seed_resnet_compare_on_this_cpu(cpu_farm, tmp_path):
+    """ResNet-18 and ResNet-50 on the local CPU agent: each tuned here first (a job of 8 trials: a few of its
+    tasks get schedules, the rest keep TVM's defaults), then the seed compare: tuned TVM from those jobs, untuned TVM,
+    PyTorch and ONNX Runtime, numerics checked; the GPU rows are marked, never numbered."""
     cfg = yaml.safe_load((REPO / "configs" / "compare" / "seed-resnet.yaml").read_text())
-    cfg["tracker"] = f"{HOST}:{farm['port']}"
+    cfg["tracker"] = f"{HOST}:{cpu_farm['port']}"
     cfg["device_wait_sec"] = 10
     cfg["evaluate"].update({"warmup": 3, "repeat": 20, "budget_s": 30})
-    for row in cfg["rows"]:
-        if row.get("logs"):
-            row["logs"] = str(REPO / row["logs"])
+    (tuned_row,) = [row for row in cfg["rows"] if row.get("logs")]
+    tuned_row["logs"] = str(tmp_path / tuned_row["logs"])  # logs/{model}-cpu: the jobs below
+    for model in cfg["models"]:
+        job = {"name": f"{model['name']}-cpu", "model": model,
+               "device": {"key": "cpu", "tracker": f"{HOST}:{cpu_farm['port']}"}, "target": "from-agent",
+               "tuning": {"max_trials_global": 8, "num_trials_per_iter": 4, "population_size": 64},
+               "builder": {"workers": 2, "timeout_sec": 60},
+               "runner": {"timeout_sec": 30, "device_wait_sec": 30, "number": 2, "min_repeat_ms": 5}}
+        (tmp_path / f"{model['name']}.yaml").write_text(yaml.safe_dump(job))
+        code, out, _ = run_cli(["tune", tmp_path / f"{model['name']}.yaml", "--logs-dir", tmp_path / "logs",
+                                "--skip-eval"], tmp_path / f"tune-{model['name']}.log", TUNE_TIMEOUT_S)
+        assert code == 0, out
     (tmp_path / "seed.yaml").write_text(yaml.safe_dump(cfg))
     code, out, _ = run_cli(["compare", tmp_path / "seed.yaml", "-o", tmp_path / "out"], tmp_path / "compare.log",
                            1800)
@@ -283,8 +283,14 @@ def test_seed_resnet_compare_on_this_cpu(farm, tmp_path):
         rows = {r["label"]: r for r in model["rows"]}
         for label in ("tvm-untuned@cpu", "torch@cpu", "onnxruntime@cpu"):
             assert rows[label]["status"] == "ok" and rows[label]["numerics"]["ok"], rows[label]
+        # The tuned row ran on the agent the build of this model's own job (its records applied, its 8 trials
+        # reported) and matched PyTorch within the config's tolerances.
         tuned = rows["tvm-tuned@cpu"]
-        assert (tuned["status"] == "ok" and tuned["numerics"]["ok"]) or tuned["status"] == "not run", tuned
+        assert tuned["status"] == "ok" and tuned["numerics"]["ok"], tuned
+        assert tuned["where"] == f"agent {agent_id_of(cpu_farm['agent'])}" and tuned["latency"]["min_ms"] > 0, tuned
+        assert tuned["latency"]["timer"] == "time_evaluator", tuned
+        assert tuned["details"]["logs"] == str(tmp_path / "logs" / f"{model['name']}-cpu"), tuned
+        assert tuned["details"]["tuned_functions"] >= 1 and tuned["details"]["trials"] == 8, tuned
         for label in ("tensorrt-fp16@gpu", "tensorrt-fp32@gpu", "torch-cuda@gpu"):
             assert rows[label]["status"] in ("no agent", "not available") and "latency" not in rows[label]
     _assert_real_png(tmp_path / "out" / "latency.png")

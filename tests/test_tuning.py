@@ -42,24 +42,9 @@ def records(job_dir: Path) -> list[list]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    """One tracker and one agent on key 'cpu' shared by the tests of this module."""
-    base = tmp_path_factory.mktemp("farm")
-    port = free_port(HOST)
-    tracker = start_tracker(port, base / "tracker.log")
-    agent = spawn_agent(HOST, port, "cpu", base / "agent.log")
-    try:
-        wait_listed(agent, HOST, port, "cpu", base / "agent.log")
-        yield {"port": port, "base": base, "agent": agent}
-    finally:
-        stop_process(agent)
-        stop_process(tracker)
-
-
-def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
+def test_tune_convnet_end_to_end_then_resume(cpu_farm, tmp_path):
     logs = tmp_path / "logs"
-    job = write_job(tmp_path / "job.yaml", "convnet", farm["port"], "cpu",
+    job = write_job(tmp_path / "job.yaml", "convnet", cpu_farm["port"], "cpu",
                     {"source": "builtin", "name": "convnet"}, trials=16, per_iter=4)
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -72,18 +57,18 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
     assert report["schedules"]["tasks_without_record"] == []
     assert res["tvm-tuned"]["latency"]["median_ms"] < res["tvm-untuned"]["latency"]["median_ms"]
     assert res["tvm-tuned"]["numerics"]["ok"] and res["tvm-tuned"]["numerics"]["max_abs_err"] < 1e-3
-    assert res["tvm-tuned"]["where"] == f"agent {agent_id_of(farm['agent'])}"
+    assert res["tvm-tuned"]["where"] == f"agent {agent_id_of(cpu_farm['agent'])}"
     for base in ("torch", "onnxruntime"):  # a local agent: baselines run and are checked
         assert res[base]["numerics"]["ok"], res[base]
         assert res[base]["latency"]["samples"] >= 5
-    (info,) = listed_agents(HOST, farm["port"], "cpu")
+    (info,) = listed_agents(HOST, cpu_farm["port"], "cpu")
     for name in ("tvm-tuned", "tvm-untuned", "torch", "onnxruntime"):  # every row on the agent, its threads and precision
-        assert res[name]["where"] == f"agent {agent_id_of(farm['agent'])}", res[name]
+        assert res[name]["where"] == f"agent {agent_id_of(cpu_farm['agent'])}", res[name]
         assert res[name]["threads"] == info.threads and res[name]["precision"] == "fp32", res[name]
     assert res["tvm-tuned"]["latency"]["timer"] == "time_evaluator" and res["torch"]["latency"]["timer"] == "wall_clock"
     lat = res["tvm-tuned"]["latency"]
     assert lat["p99_ms"] >= lat["p90_ms"] >= lat["median_ms"] >= lat["min_ms"] > 0
-    assert report["tuning"]["per_agent"] == {agent_id_of(farm["agent"]): 16}
+    assert report["tuning"]["per_agent"] == {agent_id_of(cpu_farm["agent"]): 16}
     assert (report["tuning"]["trials_this_run"], report["tuning"]["seeded_records"]) == (16, 0)
     first = records(job_dir)
     assert len(first) == 16
@@ -106,7 +91,7 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
 
     # A larger budget resumes: earlier records are kept, and a candidate met again is not re-measured
     # (its record repeats the earlier run_secs exactly instead of a fresh, different timing).
-    write_job(tmp_path / "job.yaml", "convnet", farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
+    write_job(tmp_path / "job.yaml", "convnet", cpu_farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
               trials=24, per_iter=4)
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune3.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -124,10 +109,10 @@ def test_tune_convnet_end_to_end_then_resume(farm, tmp_path):
     assert resumed and all(e["estimated_ms"] is not None for e in resumed) and resumed[-1]["trials"] == 24
 
 
-def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
+def test_best_logs_apply_with_plain_tvm(cpu_farm, tmp_path):
     """`tunefarm logs best` writes a JSONDatabase that stock TVM applies to its own fused module."""
     logs = tmp_path / "logs"
-    job = write_job(tmp_path / "job.yaml", "mm", farm["port"], "cpu", {"source": "builtin", "name": "matmul"},
+    job = write_job(tmp_path / "job.yaml", "mm", cpu_farm["port"], "cpu", {"source": "builtin", "name": "matmul"},
                     trials=8, per_iter=4)
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -140,7 +125,7 @@ def test_best_logs_apply_with_plain_tvm(farm, tmp_path):
     apply_best_with_plain_tvm(tmp_path / "best", json.loads((logs / "mm" / "job_state.json").read_text()))
 
 
-def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
+def test_folded_batchnorm_and_prepacked_weights_tune_and_check(cpu_farm, tmp_path):
     """Both layout options on a ResNet block: BatchNorm folded into the conv (no BatchNorm arithmetic left in any
     task), each kernel's weights prepacked at compile time, numerics checked; a resumed run keeps the pipeline
     its directory was tuned with and refuses a job file that asks for another."""
@@ -150,7 +135,7 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
     from tunefarm.host.tuning.pipeline import apply_records
 
     logs = tmp_path / "logs"
-    job = write_job(tmp_path / "job.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
+    job = write_job(tmp_path / "job.yaml", "block", cpu_farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
                     trials=8, per_iter=4, evaluate={"baselines": []}, tuning={"weight_prepack": True})
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune1.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -175,20 +160,21 @@ def test_folded_batchnorm_and_prepacked_weights_tune_and_check(farm, tmp_path):
     assert "_weight_prepack" not in main_text and main_text.count("_prepacked") == 2, main_text
 
     # Resume: the directory's pipeline wins; a job file that asks for another one is refused in one line.
-    other = write_job(tmp_path / "job2.yaml", "block", farm["port"], "cpu", {"source": "builtin", "name": "resblock"},
+    other = write_job(tmp_path / "job2.yaml", "block", cpu_farm["port"], "cpu",
+                      {"source": "builtin", "name": "resblock"},
                       trials=12, per_iter=4, evaluate={"baselines": []},
                       tuning={"fold_batchnorm": False, "weight_prepack": True})
     code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
     assert code != 0 and "was tuned with tuning.fold_batchnorm: true" in out, out
 
 
-def test_nhwc_layout_tunes_through_the_farm_and_checks(farm, tmp_path):
+def test_nhwc_layout_tunes_through_the_farm_and_checks(cpu_farm, tmp_path):
     """tuning.layout NHWC on the CPU: the convnet's convs tuned in NHWC (one transpose of the input in front of
     them), every TIR function tuned, the tuned build checked against PyTorch; the layout is recorded in
     job_state.json and a resume that asks for NCHW is refused."""
     logs = tmp_path / "logs"
     model = {"source": "builtin", "name": "convnet"}
-    job = write_job(tmp_path / "job.yaml", "nhwc", farm["port"], "cpu", model, trials=20, per_iter=4,
+    job = write_job(tmp_path / "job.yaml", "nhwc", cpu_farm["port"], "cpu", model, trials=20, per_iter=4,
                     evaluate={"baselines": []}, tuning={"layout": "NHWC"})
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -202,20 +188,20 @@ def test_nhwc_layout_tunes_through_the_farm_and_checks(farm, tmp_path):
     tuned = report["results"]["tvm-tuned"]
     assert tuned["numerics"]["ok"] and tuned["numerics"]["max_abs_err"] < 1e-3, tuned
 
-    other = write_job(tmp_path / "job2.yaml", "nhwc", farm["port"], "cpu", model, trials=24, per_iter=4,
+    other = write_job(tmp_path / "job2.yaml", "nhwc", cpu_farm["port"], "cpu", model, trials=24, per_iter=4,
                       tuning={"layout": "NCHW"})
     code, out, _ = run_cli(["tune", other, "--logs-dir", logs, "--skip-eval"], tmp_path / "tune2.log", TUNE_TIMEOUT_S)
     assert code != 0 and "was tuned with tuning.layout: NHWC" in out, out
 
 
-def test_nchwc_layout_tunes_channel_blocked_convs_through_the_farm_and_checks(farm, tmp_path):
+def test_nchwc_layout_tunes_channel_blocked_convs_through_the_farm_and_checks(cpu_farm, tmp_path):
     """tuning.layout NCHWc on the CPU: convs whose input channels fill a vector block run in NCHW{b}c through TOPI's
     conv2d_NCHWc (the first conv, 3 input channels, stays NCHW), layout transforms only around the run of blocked
     convs; every TIR function tuned and the build checked against PyTorch; the block is one vector of the target."""
     from tunefarm.host.tuning.pipeline import channel_block
 
     logs = tmp_path / "logs"
-    job = write_job(tmp_path / "job.yaml", "nchwc", farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
+    job = write_job(tmp_path / "job.yaml", "nchwc", cpu_farm["port"], "cpu", {"source": "builtin", "name": "convnet"},
                     trials=24, per_iter=4, evaluate={"baselines": []}, tuning={"layout": "NCHWc"})
     code, out, _ = run_cli(["tune", job, "--logs-dir", logs], tmp_path / "tune.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -234,7 +220,7 @@ def test_nchwc_layout_tunes_channel_blocked_convs_through_the_farm_and_checks(fa
     assert "convs in channel blocks of one fp32 vector" in (logs / "nchwc" / "report.md").read_text()
 
 
-def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
+def test_onnx_model_checked_against_onnxruntime(cpu_farm, tmp_path):
     import torch
 
     from tunefarm.host.models import BUILTIN_MODELS
@@ -243,7 +229,7 @@ def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
     factory, shape = BUILTIN_MODELS["convnet"]
     onnx_path = tmp_path / "convnet.onnx"
     torch.onnx.export(factory().eval(), (torch.randn(*shape),), str(onnx_path), input_names=["x"], dynamo=False)
-    job = write_job(tmp_path / "job.yaml", "convnet-onnx", farm["port"], "cpu",
+    job = write_job(tmp_path / "job.yaml", "convnet-onnx", cpu_farm["port"], "cpu",
                     {"source": "onnx", "path": "convnet.onnx"}, trials=16, per_iter=4,
                     evaluate={"baselines": ["onnxruntime"]})
     code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
@@ -259,8 +245,8 @@ def test_onnx_model_checked_against_onnxruntime(farm, tmp_path):
     ({"source": "builtin", "name": "nope"}, "unknown builtin model 'nope'"),
     ({"source": "onnx", "path": "missing.onnx"}, "ONNX model file not found"),
 ])
-def test_bad_model_is_one_line_error(farm, tmp_path, model, message):
-    job = write_job(tmp_path / "job.yaml", "bad", farm["port"], "cpu", model)
+def test_bad_model_is_one_line_error(cpu_farm, tmp_path, model, message):
+    job = write_job(tmp_path / "job.yaml", "bad", cpu_farm["port"], "cpu", model)
     code, out, took = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 120)
     assert code == 2
     errors = [l for l in out.splitlines() if l.startswith("tunefarm: error:")]
@@ -269,17 +255,17 @@ def test_bad_model_is_one_line_error(farm, tmp_path, model, message):
     assert not (tmp_path / "logs" / "bad").exists()  # a failed job leaves no empty job directory
 
 
-def test_missing_model_file_is_said_before_waiting_for_an_agent(farm, tmp_path):
+def test_missing_model_file_is_said_before_waiting_for_an_agent(cpu_farm, tmp_path):
     """Issue 12: a missing ONNX file on a key no agent serves fails at once, not after the device wait."""
-    job = write_job(tmp_path / "job.yaml", "nofile", farm["port"], "nobody-here",
+    job = write_job(tmp_path / "job.yaml", "nofile", cpu_farm["port"], "nobody-here",
                     {"source": "onnx", "path": "missing.onnx"}, runner={"device_wait_sec": 600})
     code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 300)
     assert code == 2 and "ONNX model file not found" in out, out
     assert "waiting for an agent" not in out, out
 
 
-def test_no_agent_for_key_waits_visibly_then_fails(farm, tmp_path):
-    job = write_job(tmp_path / "job.yaml", "nokey", farm["port"], "gpu-nobody",
+def test_no_agent_for_key_waits_visibly_then_fails(cpu_farm, tmp_path):
+    job = write_job(tmp_path / "job.yaml", "nokey", cpu_farm["port"], "gpu-nobody",
                     {"source": "builtin", "name": "matmul"}, runner={"device_wait_sec": 4})
     code, out, took = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "out.log", 120)
     assert code == 2, out
@@ -385,11 +371,11 @@ def test_job_waits_for_a_lost_agent_to_return(tmp_path):
         stop_process(tracker)
 
 
-def test_candidates_built_on_agents_of_a_build_key(farm, tmp_path):
+def test_candidates_built_on_agents_of_a_build_key(cpu_farm, tmp_path):
     """builder.key: the agents of that key compile the candidates; the measuring key runs them."""
-    builders = start_agents(HOST, farm["port"], "build", [tmp_path / f"build{i}.log" for i in range(2)])
+    builders = start_agents(HOST, cpu_farm["port"], "build", [tmp_path / f"build{i}.log" for i in range(2)])
     try:
-        job = write_job(tmp_path / "job.yaml", "remote-build", farm["port"], "cpu",
+        job = write_job(tmp_path / "job.yaml", "remote-build", cpu_farm["port"], "cpu",
                         {"source": "builtin", "name": "convnet"}, trials=16, per_iter=4,
                         builder={"key": "build"}, evaluate={"baselines": []})
         code, out, _ = run_cli(["tune", job, "--logs-dir", tmp_path / "logs"], tmp_path / "tune.log", TUNE_TIMEOUT_S)
@@ -406,13 +392,13 @@ def test_candidates_built_on_agents_of_a_build_key(farm, tmp_path):
             stop_process(proc)
 
 
-def test_warm_start_seeds_a_new_job_from_an_earlier_one(farm, tmp_path):
+def test_warm_start_seeds_a_new_job_from_an_earlier_one(cpu_farm, tmp_path):
     logs = tmp_path / "logs"
     model = {"source": "builtin", "name": "convnet"}
-    job_a = write_job(tmp_path / "a.yaml", "cold", farm["port"], "cpu", model, trials=16, per_iter=4)
+    job_a = write_job(tmp_path / "a.yaml", "cold", cpu_farm["port"], "cpu", model, trials=16, per_iter=4)
     code, out, _ = run_cli(["tune", job_a, "--logs-dir", logs, "--skip-eval"], tmp_path / "a.log", TUNE_TIMEOUT_S)
     assert code == 0, out
-    job_b = write_job(tmp_path / "b.yaml", "warm", farm["port"], "cpu", model, trials=8, per_iter=4,
+    job_b = write_job(tmp_path / "b.yaml", "warm", cpu_farm["port"], "cpu", model, trials=8, per_iter=4,
                       tuning={"warm_start_top_k": 2})
     code, out, _ = run_cli(["tune", job_b, "--logs-dir", logs, "--skip-eval"], tmp_path / "b.log", TUNE_TIMEOUT_S)
     assert code == 0, out
@@ -435,12 +421,12 @@ def test_warm_start_seeds_a_new_job_from_an_earlier_one(farm, tmp_path):
     assert sum(r["seeded"] for r in rows) == imported["records"] and sum(r["trials"] for r in rows) == 8
 
 
-def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(farm, tmp_path):
+def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(cpu_farm, tmp_path):
     """tune_job(..., should_stop=...) is asked after each measured batch; True ends the run, no error."""
     from tunefarm.core.jobspec import load_job
     from tunefarm.host.tuning.job import tune_job
 
-    job = load_job(write_job(tmp_path / "job.yaml", "stop", farm["port"], "cpu",
+    job = load_job(write_job(tmp_path / "job.yaml", "stop", cpu_farm["port"], "cpu",
                              {"source": "builtin", "name": "matmul"}, trials=40, per_iter=4))
     seen = []
 
@@ -461,7 +447,7 @@ def test_the_stop_hook_ends_tuning_cleanly_and_keeps_the_records(farm, tmp_path)
     assert "stopping: the caller's stop hook ended tuning after 4 trials" in (tmp_path / "console.txt").read_text()
 
 
-def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(farm, tmp_path):
+def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(cpu_farm, tmp_path):
     """tune_job(..., stop_at=T): from T no new candidates are made, whether or not MetaSchedule has joined a
     batch (it joins none before its first round over every task is out). A deadline already past ends the run
     after what was in flight; nothing measured is lost and the run is not an error."""
@@ -471,7 +457,7 @@ def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(farm, tmp_path):
     from tunefarm.host.console import ConsoleEvents
     from tunefarm.host.tuning.job import tune_job
 
-    job = load_job(write_job(tmp_path / "job.yaml", "deadline", farm["port"], "cpu",
+    job = load_job(write_job(tmp_path / "job.yaml", "deadline", cpu_farm["port"], "cpu",
                              {"source": "builtin", "name": "convnet"}, trials=64, per_iter=4))
     with (tmp_path / "console.txt").open("w") as out:
         result = tune_job(job, tmp_path / "logs", events=ConsoleEvents(Console(file=out)), stop_at=time.time())
@@ -480,11 +466,11 @@ def test_a_deadline_ends_tuning_even_before_any_batch_is_joined(farm, tmp_path):
     assert result.measured < 64 and len(records(tmp_path / "logs" / "deadline")) == result.measured
 
 
-def test_tune_started_with_sigint_ignored_still_stops_on_ctrl_c(farm, tmp_path):
+def test_tune_started_with_sigint_ignored_still_stops_on_ctrl_c(cpu_farm, tmp_path):
     """A background job of a non-interactive shell starts with SIGINT ignored; tune takes it back."""
     import signal
 
-    job = write_job(tmp_path / "job.yaml", "waits", farm["port"], "nobody-serves-this",
+    job = write_job(tmp_path / "job.yaml", "waits", cpu_farm["port"], "nobody-serves-this",
                     {"source": "builtin", "name": "matmul"}, runner={"device_wait_sec": 120})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child, as from such a shell
     try:

@@ -92,10 +92,12 @@ def wait_agent_listed(proc: subprocess.Popen, host: str, port: int, key: str, lo
 class LocalFarm:
     """Tracker (started on ``__enter__``) plus any number of agents; everything stops on ``__exit__``."""
 
-    def __init__(self, logs_dir: str | Path, tracker_wait_s: float = 60.0, agent_wait_s: float = 180.0):
+    def __init__(self, logs_dir: str | Path, tracker_wait_s: float = 60.0, agent_wait_s: float = 180.0,
+                 open_keys: tuple[str, ...] = ()):
         self.logs_dir = Path(logs_dir)
         self.tracker_wait_s = tracker_wait_s
         self.agent_wait_s = agent_wait_s
+        self.open_keys = tuple(open_keys)  # keys the tracker admits stock TVM servers on (tunefarm tracker --open-key)
         self.port = 0
         self.tracker: subprocess.Popen | None = None
         self.agents: list[tuple[str, subprocess.Popen]] = []  # (key, process)
@@ -113,7 +115,8 @@ class LocalFarm:
         from tunefarm.tracker.client import TrackerClient  # pylint: disable=import-outside-toplevel
 
         self.port = free_port(HOST)
-        self.tracker = start_tracker(self.port, self.logs_dir / "tracker.log", wait_s=self.tracker_wait_s)
+        self.tracker = start_tracker(self.port, self.logs_dir / "tracker.log", wait_s=self.tracker_wait_s,
+                                     open_keys=self.open_keys)
         self.client = TrackerClient(HOST, self.port)
         return self
 
