@@ -52,8 +52,10 @@ JOB_FIELD_DOCS: dict[str, str] = {
                         "space); fp16 rows are checked by relative L2 error and top-1 agreement against the fp32 "
                         "reference.",
     "tuning.layout": "`NCHW`, `NHWC` (NHWC data, OHWI weights) or `NCHWc` (CPU: channel blocks of one vector, "
-                     "`NCHW8c`/`OIHW8i8o`, 16 with AVX-512, legalized with TOPI's `conv2d_NCHWc`; convs whose "
-                     "channels do not fill a block stay NCHW; oneDNN runs such convs without reordering): "
+                     "`NCHW8c`/`OIHW8i8o`, 16 with AVX-512, legalized with TOPI's `conv2d_NCHWc`; depthwise convs "
+                     "too (`OIHW1i8o`, the farm's own blocked depthwise compute) and ReLU6 fused into them; convs "
+                     "whose channels do not fill a block stay NCHW; oneDNN runs the ungrouped ones without "
+                     "reordering): "
                      "convolutions converted (`relax.transform.ConvertLayout`) before legalization, layout "
                      "transforms only at the boundaries of runs of convs; the model's inputs and outputs keep "
                      "their layout; a resumed job keeps the layout it was tuned with. Unset: `NCHWc` on a CPU at fp32 "
