@@ -79,12 +79,10 @@ def usable(asked: Any, target, agents: list) -> tuple[list[Vendor], list[str]]:
 
 
 def will_place(asked: Any, target, agents: list | None) -> bool:
-    """Whether a job will place groups on some vendor (it picks the default layout before tuning): as
-    :func:`usable`, or, with ``agents`` None (``tune --plan`` without asking the tracker), on what this host can
-    compile alone."""
-    if agents is not None:
-        return bool(usable(asked, target, agents)[0])
-    if asked == "off" or asked == []:
+    """Whether a job will place groups on some vendor (it picks the default layout before tuning), as
+    :func:`usable` says for the key's agents. ``agents`` None (``tune --plan`` without asking the tracker): False,
+    the layout without placement; the run itself decides on the agents it finds (a host that can compile for a
+    vendor is not enough: every agent of the key must run it)."""
+    if agents is None:
         return False
-    names = list(VENDORS) if asked == AUTO else list(asked)
-    return any(target.kind.name in VENDORS[n].target_kinds and VENDORS[n].host_problem() is None for n in names)
+    return bool(usable(asked, target, agents)[0])
