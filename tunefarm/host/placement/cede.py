@@ -40,7 +40,7 @@ def vendor_times(plan, tracker: tuple[str, int], events) -> dict[str, Any]:
     [...], "not_used": [...]}``; empty ``vendor_s`` where no vendor is usable or no group is exactly a task."""
     # pylint: disable=import-outside-toplevel
     from tunefarm.core.errors import NoDeviceError
-    from tunefarm.host.comparator import Comparator, FarmAgents, MeasureSettings
+    from tunefarm.host.comparator import Comparator, FarmAgents
     from tunefarm.host.models import to_relax
     from tunefarm.host.placement.measure import GROUP_SETTINGS, group_modules, measure_vendor
     from tunefarm.host.placement.vendors import usable
@@ -69,8 +69,7 @@ def vendor_times(plan, tracker: tuple[str, int], events) -> dict[str, Any]:
                     found.append((gm, index[key]))
         if not found:
             return out
-        comparator = Comparator(agents, MeasureSettings(GROUP_SETTINGS.warmup, GROUP_SETTINGS.repeat,
-                                                        GROUP_SETTINGS.budget_s), events)
+        comparator = Comparator(agents, GROUP_SETTINGS, events)
         ev = job.evaluate
         times = measure_vendor(comparator, job.device.key, [gm for gm, _ in found], target, pipeline,
                                device=device_type_of(target), rtol=ev.rtol, atol=ev.atol, events=events)
