@@ -30,9 +30,9 @@ setup(
     description="Distributed tuning farm for deep-learning models built on Apache TVM (MetaSchedule + RPC)",
     packages=find_packages(include=["tunefarm", "tunefarm.*"]),
     package_data={"tunefarm.host.service": ["static/*.*", "static/vendor/*/*"],  # the dashboard
-                  # TVM's support headers the oneDNN plugin build needs (tunefarm runtime onednn)
-                  "tunefarm.device_agents": ["onednn_support/*", "onednn_support/*/*", "onednn_support/*/*/*",
-                                             "onednn_support/*/*/*/*"]},
+                  # TVM support headers the vendor plugin builds need (tunefarm runtime onednn | cuda-libs)
+                  "tunefarm.device_agents": ["contrib_support/*", "contrib_support/*/*", "contrib_support/*/*/*",
+                                             "contrib_support/*/*/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -68,7 +68,7 @@ def _inputs(mod, seed: int) -> list[np.ndarray]:
     from tunefarm.host.byoc.json_codegen import static_shape  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(static_shape(p.ty)).astype("float32") for p in mod["main"].params]
+    return [rng.standard_normal(static_shape(p.ty)).astype(str(p.ty.dtype)) for p in mod["main"].params]
 
 
 def _reference(mod, pipeline, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -141,7 +141,7 @@ def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, 
                 libs[side] = str(work / f"{name}-{side}.so")
                 ex.export_library(libs[side])
         art = GroupArtifacts(name, inputs, reference, work)
-        options = {"device": device, "precision": "fp32"}
+        options = {"device": device, "precision": pipeline.precision}
         rows = [Row("tvm-tuned", key, label=f"{name} tvm", options=options, rtol=rtol, atol=atol,
                     model_file=libs["tvm"]),
                 Row("tvm-vendor", key, label=f"{name} {gm.vendor}", options=options, rtol=rtol, atol=atol,

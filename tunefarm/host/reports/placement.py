@@ -8,7 +8,7 @@ from typing import Any
 
 from tunefarm.host.reports.markdown import cell, number
 
-_NAMES = {"tvm": "TVM", "onednn": "oneDNN"}
+_NAMES = {"tvm": "TVM", "onednn": "oneDNN", "cublas": "cuBLAS", "cudnn": "cuDNN"}
 
 
 def _shape(group: dict[str, Any]) -> str:
