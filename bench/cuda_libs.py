@@ -15,6 +15,12 @@
    algorithm in turn (the JSON runtime picks one with ``cudnnFindConvolutionForwardAlgorithm`` at load), against
    PyTorch's choice.
 
+4. The whole model, vendor only (``--model``, default resnet18; ``none`` skips it): fp16, BatchNorm folded, convs
+   in NHWC (the farm's fp16 pipeline with ``tuning.layout: NHWC``), every conv cuDNN can run on cuDNN and the
+   Linear on cuBLAS, the rest as TVM compiles it without records (default GPU schedules), with and without
+   Relax's CUDA graphs; beside it the same graph all-TVM untuned, and PyTorch eager fp16. No tuning: the vendor
+   libraries' own row of the issue's table.
+
 Writes <out>/gpu-cuda-libs-<gpu>.{json,md}.
 """
 from __future__ import annotations
@@ -248,6 +254,67 @@ def per_algo(dev, dtype="float16") -> list[dict[str, Any]]:
     return rows
 
 
+def whole_model(name: str, target, dev) -> list[dict[str, Any]]:
+    """``name`` (torchvision) at fp16 NHWC: vendor-only builds and all-TVM untuned, timed on ``dev``; PyTorch."""
+    import numpy as np
+    import torch
+    from tvm import relax
+
+    from tunefarm.core.jobspec import ModelSpec
+    from tunefarm.host.byoc import cublas, cudnn
+    from tunefarm.host.models import load_model, to_relax
+    from tunefarm.host.tuning.pipeline import compile_module, resolve_pipeline
+    import tvm
+
+    model = load_model(ModelSpec(source="torchvision", name=name, input_shape=[1, 3, 224, 224]))
+    pipeline = resolve_pipeline(target, fold_batchnorm=True, precision="fp16", layout="NHWC")
+    graph = pipeline.graph(to_relax(model), target)
+    x = model.inputs[0]
+    with torch.no_grad():
+        ref = model.torch_module.eval()(torch.from_numpy(x)).numpy().astype("float64")
+    rows = []
+    sync = torch.cuda.synchronize
+    cudnn.register()
+    cublas.register()
+    offloaded = relax.transform.RunCodegen()(cublas.partition(cudnn.partition(graph)))
+    for label, mod, graphs in (("vendor only (cuDNN convs, cuBLAS Linear, rest untuned TVM)", offloaded, False),
+                               ("vendor only, CUDA graphs", offloaded, True),
+                               ("TVM untuned (default GPU schedules)", graph, False)):
+        row: dict[str, Any] = {"case": f"{name} fp16 NHWC", "build": label}
+        try:
+            if mod is offloaded:
+                row["vendor_functions"] = cudnn.offloaded_functions(mod)
+            t0 = time.perf_counter()
+            ex = compile_module(pipeline.lower(mod, target), target, cuda_graph=graphs)
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            vm = relax.VirtualMachine(ex, dev)
+            arg = tvm.runtime.tensor(x, dev)
+            out = vm["main"](arg)
+            out = (out.numpy() if hasattr(out, "numpy") else out[0].numpy()).astype("float64")
+            row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+            row["top1_same"] = bool(out.argmax() == ref.argmax())
+            fn = lambda: vm["main"](arg)  # noqa: E731
+            row["host_ms"] = host_ms(fn, sync)
+            row["kernel_us"] = kernel_us(fn, sync, calls=5)
+        except Exception as err:  # pylint: disable=broad-except
+            traceback.print_exc()
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+        log(f"{name} | {label}: {row}")
+        rows.append(row)
+    torch.backends.cudnn.benchmark = True
+    net = model.torch_module.eval().cuda().half().to(memory_format=torch.channels_last)
+    tx = torch.from_numpy(x).cuda().half().to(memory_format=torch.channels_last)
+    row = {"case": f"{name} fp16", "build": "PyTorch eager (fp16, channels_last, cudnn.benchmark)"}
+    with torch.no_grad():
+        out = net(tx).float().cpu().numpy().astype("float64")
+        row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+        row["host_ms"] = host_ms(lambda: net(tx), sync)
+        row["kernel_us"] = kernel_us(lambda: net(tx), sync, calls=5)
+    rows.append(row)
+    log(f"{name} | PyTorch: {row}")
+    return rows
+
+
 def render(data: dict[str, Any]) -> str:
     from tunefarm.host.reports.markdown import number
 
@@ -282,6 +349,15 @@ def render(data: dict[str, Any]) -> str:
                 lines.append(f"| {r['case']} | {r['build']} | {number(r.get('rel_err'))} | {r['host_ms']:.4f} | "
                              f"{number(r.get('kernel_us'))} | {r.get('compile_s', '-')} |")
         lines.append("")
+    if data.get("model"):
+        lines += ["## The whole model, vendor only (fp16, BatchNorm folded, NHWC; no tuning)", "",
+                  "| model | build | rel. error vs PyTorch CPU fp32 | host ms/run | kernel us/run | compile s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in data["model"]:
+            lines.append(f"| {r['case']} | {r['build']} | " + (f"failed: {r['error'][:160]} | | | |" if r.get("error")
+                         else f"{number(r.get('rel_err'))} | {r['host_ms']:.3f} | {number(r.get('kernel_us'))} | "
+                              f"{r.get('compile_s', '-')} |"))
+        lines.append("")
     if data.get("algos"):
         lines += ["## cuDNN per forward algorithm (NHWC 1x56x56x64, 3x3, 64 out, fp16; TVM's packed conv2d.forward)",
                   "", "| algo | rel. error | host ms/call | kernel us/call |", "| --- | --- | --- | --- |"]
@@ -300,6 +376,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--build-only", action="store_true", help="build and check the plugins, nothing else")
     parser.add_argument("--no-build", action="store_true", help="the cached plugins only (fail if there are none)")
+    parser.add_argument("--model", default="resnet18", help="whole-model vendor-only row (torchvision name; none)")
     args = parser.parse_args(argv)
     import numpy as np
     import torch
@@ -354,6 +431,13 @@ def main(argv=None) -> int:
         except Exception as err:  # pylint: disable=broad-except
             traceback.print_exc()
             data["problems"].append(f"{type(err).__name__}: {str(err)[:300]}")
+        save()
+    if args.model != "none":
+        try:
+            data["model"] = whole_model(args.model, target, dev)
+        except Exception as err:  # pylint: disable=broad-except
+            traceback.print_exc()
+            data["problems"].append(f"whole model: {type(err).__name__}: {str(err)[:300]}")
         save()
     try:
         data["algos"] = per_algo(dev)

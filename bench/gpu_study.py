@@ -544,7 +544,7 @@ def main(argv=None) -> int:
     meta = environment(device)
     name_slug = slug(meta["gpu_name"]) if device == "cuda" else "cpu-" + slug(meta["cpu"])
     stem = Path(args.out) / (f"{'gpu-' if device == 'cuda' else ''}{name_slug}-{slug(args.model)}-{args.precision}"
-                             + (f"-{args.layout.lower()}" if args.layout == "NHWC" else ""))
+                             + (f"-{args.layout.lower()}" if args.layout else ""))  # named: its own report
     shape = [int(d) for d in args.input_shape.split(",")]
     source, _, mname = args.model.rpartition(":")
     spec = ModelSpec(source or "torchvision", mname, None, shape)
