@@ -254,7 +254,7 @@ def per_algo(dev, dtype="float16") -> list[dict[str, Any]]:
     return rows
 
 
-def whole_model(name: str, target, dev) -> list[dict[str, Any]]:
+def whole_model(name: str, target, dev, untuned: bool = True) -> list[dict[str, Any]]:
     """``name`` (torchvision) at fp16 NHWC: vendor-only builds and all-TVM untuned, timed on ``dev``; PyTorch."""
     import numpy as np
     import torch
@@ -279,7 +279,7 @@ def whole_model(name: str, target, dev) -> list[dict[str, Any]]:
     offloaded = relax.transform.RunCodegen()(cublas.partition(cudnn.partition(graph)))
     for label, mod, graphs in (("vendor only (cuDNN convs, cuBLAS Linear, rest untuned TVM)", offloaded, False),
                                ("vendor only, CUDA graphs", offloaded, True),
-                               ("TVM untuned (default GPU schedules)", graph, False)):
+                               *((("TVM untuned (default GPU schedules)", graph, False),) if untuned else ())):
         row: dict[str, Any] = {"case": f"{name} fp16 NHWC", "build": label}
         try:
             if mod is offloaded:
@@ -377,6 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--build-only", action="store_true", help="build and check the plugins, nothing else")
     parser.add_argument("--no-build", action="store_true", help="the cached plugins only (fail if there are none)")
     parser.add_argument("--model", default="resnet18", help="whole-model vendor-only row (torchvision name; none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer cases (three convs, no fp32 NCHW / bias-free conv, no untuned whole model)")
     args = parser.parse_args(argv)
     import numpy as np
     import torch
@@ -422,9 +424,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     steps = [lambda: matmul_case(1024, 1024, 1024, "float16", False, True, target, dev, rng),
              lambda: matmul_case(1, 512, 1000, "float16", True, False, target, dev, rng)]
-    steps += [lambda s=s: conv_case(s, "float16", "NHWC", True, target, dev, rng) for s in CONVS]
-    steps += [lambda: conv_case(CONVS[1], "float16", "NHWC", False, target, dev, rng),
-              lambda: conv_case(CONVS[1], "float32", "NCHW", True, target, dev, rng)]
+    convs = (CONVS[1], CONVS[2], CONVS[5]) if args.quick else CONVS
+    steps += [lambda s=s: conv_case(s, "float16", "NHWC", True, target, dev, rng) for s in convs]
+    if not args.quick:
+        steps += [lambda: conv_case(CONVS[1], "float16", "NHWC", False, target, dev, rng),
+                  lambda: conv_case(CONVS[1], "float32", "NCHW", True, target, dev, rng)]
     for step in steps:
         try:
             data["cases"] += step()
@@ -434,7 +438,7 @@ def main(argv=None) -> int:
         save()
     if args.model != "none":
         try:
-            data["model"] = whole_model(args.model, target, dev)
+            data["model"] = whole_model(args.model, target, dev, untuned=not args.quick)
         except Exception as err:  # pylint: disable=broad-except
             traceback.print_exc()
             data["problems"].append(f"whole model: {type(err).__name__}: {str(err)[:300]}")

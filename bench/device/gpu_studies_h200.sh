@@ -13,7 +13,7 @@
 # PAIR (precisions: fp16 and fp32, the default; layouts: fp16 NCHW and fp16 NHWC, same seed and budget,
 # the PyTorch fp16 peers timed by the NHWC study), CUDA_LIBS (1, the default: `start` also builds the cuBLAS/cuDNN
 # plugins, niced, while the studies tune, and `follow` runs bench.cuda_libs on the idle GPU once both studies
-# have ended and at least 120 s of its wait are left; 0: neither).
+# have ended and at least 120 s of its wait are left, with CUDA_LIBS_ARGS (e.g. --quick); 0: neither).
 # What comes back: $OUT/results.tgz (every report, log and the plugins' build log) and the reports' .md files
 # under $OUT/results/ (a call brings back at most 8 files).
 set -u
@@ -60,7 +60,7 @@ follow)
       && [ "$left" -ge 120 ]; then
     while pgrep -f "bench.cuda_libs --build-only" > /dev/null && [ "$(date +%s)" -lt $(( end - 90 )) ]; do sleep 5; done
     cd /root/proj && PYTHONPATH="/tmp/site:/root/proj" timeout $(( end - $(date +%s) )) \
-        python -m bench.cuda_libs --out "$RES" > "$RES/cuda-libs.log" 2>&1 < /dev/null
+        python -m bench.cuda_libs --out "$RES" ${CUDA_LIBS_ARGS:-} > "$RES/cuda-libs.log" 2>&1 < /dev/null
     echo "bench.cuda_libs exit $?" && touch "$RES/cuda-libs.done"
   fi
   mkdir -p "$OUT/results"
