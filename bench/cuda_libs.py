@@ -436,6 +436,12 @@ def main(argv=None) -> int:
             traceback.print_exc()
             data["problems"].append(f"{type(err).__name__}: {str(err)[:300]}")
         save()
+    try:
+        data["algos"] = per_algo(dev)
+    except Exception as err:  # pylint: disable=broad-except
+        traceback.print_exc()
+        data["problems"].append(f"per-algorithm timing: {type(err).__name__}: {str(err)[:300]}")
+    save()
     if args.model != "none":
         try:
             data["model"] = whole_model(args.model, target, dev, untuned=not args.quick)
@@ -443,11 +449,6 @@ def main(argv=None) -> int:
             traceback.print_exc()
             data["problems"].append(f"whole model: {type(err).__name__}: {str(err)[:300]}")
         save()
-    try:
-        data["algos"] = per_algo(dev)
-    except Exception as err:  # pylint: disable=broad-except
-        traceback.print_exc()
-        data["problems"].append(f"per-algorithm timing: {type(err).__name__}: {str(err)[:300]}")
     common.finish(meta)
     save()
     print(render(data))
