@@ -267,6 +267,38 @@ def runtime_onednn(rebuild):
     click.echo(f"plugin: {plugin.path}")
 
 
+@runtime.command("cuda-libs")
+@click.option("--rebuild", is_flag=True, help="Build again even if cached plugins exist.")
+@_one_line_errors
+def runtime_cuda_libs(rebuild):
+    """Build TVM's cuBLAS and cuDNN runtime plugins for the installed wheel, cache them, and check them.
+
+    \b
+    The PyPI wheel is built with USE_CUBLAS/USE_CUDNN=OFF but ships the JSON runtimes' sources. This compiles
+    them (host C++, no nvcc) against the NVIDIA libraries of this environment: the nvidia-* pip packages a CUDA
+    build of PyTorch brings (nvidia-cublas, nvidia-cudnn-cu13, nvidia-cuda-runtime), or a CUDA toolkit under
+    $CUDA_HOME or /usr/local/cuda, into libtvm_cublas_plugin.so and libtvm_cudnn_plugin.so (about a minute),
+    caches them under ~/.cache/tunefarm/cuda-libs/ per TVM version, and checks that they load and, on a CUDA
+    device, that a matmul (cuBLAS) and a convolution (cuDNN) match numpy. Agents load cached plugins when they
+    start and report them; the host needs them to compile models with cuBLAS/cuDNN parts.
+    TUNEFARM_CUDA_LIBS=off turns them off in a process.
+    """
+    from tunefarm.device_agents.cuda_libs_runtime import ensure_plugins
+
+    plugins = ensure_plugins(rebuild=rebuild, log=click.echo)
+    info = plugins.info
+    versions = info.get("versions") or {}
+    click.echo(f"cuBLAS {versions.get('cublas', '?')}, cuDNN {versions.get('cudnn', '?')}: both plugins load and "
+               "register their runtimes")
+    errs = info.get("max_rel_err")
+    if errs:
+        click.echo("on the CUDA device, against numpy (max relative error): "
+                   + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    else:
+        click.echo("no CUDA device here: the numerics check did not run (the host can still compile for them)")
+    click.echo(f"plugins: {plugins.directory}")
+
+
 @main.command()
 @click.option("--tracker", "tracker_addr", default=None, metavar="HOST:PORT", help="Ask this tracker.")
 @click.option("--farm", default=None, metavar="URL",
