@@ -44,7 +44,7 @@ KEY = "gpu"
 RTOL = ATOL = 1e-3
 PEERS = ("pytorch-eager", "pytorch-eager-strict-fp32", "pytorch-eager-fp16", "torch-compile",
          "torch-compile-ro-fp32", "torch-compile-ro-tf32", "torch-compile-ro-fp16", "tensorrt", "tensorrt-fp16")
-ORDER = (*PEERS, "tvm-untuned", "tvm-tuned", "tvm-tuned-cudagraph")
+ORDER = (*PEERS, "tvm-untuned", "tvm-tuned", "tvm-tuned-cudagraph", "tvm-vendor", "tvm-placed")
 
 
 def slug(text: str) -> str:
@@ -179,6 +179,34 @@ def scheduled_kept_by_pipeline(applied, target, scheduled: list[str]) -> dict[st
             "kept": len(kept), "merged_by_refusion": merged, "new_functions": new,
             "new_functions_changed_by_default_schedules": changed_new if target.kind.name == "cuda" else None,
             "changed_or_gone": sorted(set(scheduled) - set(kept))}
+
+
+def place(study: Study, job, target, pipeline, model, database, comparator, art, refs, build_dir: Path, device: str,
+          console, job_dir: Path) -> None:
+    """The farm's placement after tuning, as a job's evaluation runs it (host/placement/evaluation.py): every group
+    a vendor of ``job.placement.backends`` can run timed alone on the agent as the vendor's and as the tuned TVM
+    kernel, placed on the faster; ``tvm-vendor`` and ``tvm-placed`` built and timed beside ``tvm-tuned``; the
+    fastest correct of the three chosen (placement.json in the job directory). On the GPU alone (called inside
+    :func:`timing_alone`)."""
+    from types import SimpleNamespace
+
+    from tunefarm.host.comparator import Row
+    from tunefarm.host.placement import evaluation as placement
+
+    tuned = SimpleNamespace(job=job, target=target, plan=SimpleNamespace(pipeline=pipeline), model=model,
+                            database=database)
+    libs: dict[str, str] = {}
+    t0 = time.perf_counter()
+    info = placement.prepare(tuned, comparator, libs, build_dir, device, console)
+    study.data["placement_prepare_s"] = round(time.perf_counter() - t0, 1)
+    rows = [Row(name, KEY, label=name, options={"device": device, "precision": pipeline.precision}, rtol=RTOL,
+                atol=ATOL, model_file=lib) for name, lib in libs.items()]
+    if rows:
+        study.rows(comparator.run_and_compare(art, rows), refs)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    study.data["placement"] = placement.choose(info, study.data["rows"], job_dir)
+    study.save()
+    log(f"placement: {study.data['placement'].get('chosen')}; not used: {info.get('not_used')}")
 
 
 def mark_tuned(barrier: str, name: str, note: str = "") -> None:
@@ -325,7 +353,7 @@ def pipeline_line(pc: dict[str, Any]) -> str:
 PRECISION_RANK = {"fp32": 3, "tf32": 2, "fp16": 1, "bf16": 1}
 
 
-def summary_lines(rows: dict[str, Any], tvm_names=("tvm-tuned", "tvm-tuned-cudagraph"),
+def summary_lines(rows: dict[str, Any], tvm_names=("tvm-tuned", "tvm-tuned-cudagraph", "tvm-vendor", "tvm-placed"),
                   heading: str = "## Summary") -> list[str]:
     ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
     med = {n: r["latency"]["median_ms"] for n, r in ok.items()}
@@ -335,7 +363,7 @@ def summary_lines(rows: dict[str, Any], tvm_names=("tvm-tuned", "tvm-tuned-cudag
     best = min(tvm_rows, key=lambda n: med[n])
     prec = ok[best].get("precision") or "fp32"
     out = [heading, "", f"Fastest tuned TVM row: {best} ({prec}), {med[best]:.3f} ms.", ""]
-    for name in [n for n in ORDER if n in med and not n.startswith("tvm-tuned")]:
+    for name in [n for n in ORDER if n in med and n not in tvm_names and not n.startswith("tvm-tuned")]:
         ratio = (f"{med[name] / med[best]:.2f}x faster" if med[best] < med[name]
                  else f"{med[best] / med[name]:.2f}x slower")
         out.append(f"- {best} vs {name} ({ok[name].get('precision')}): {med[best]:.3f} ms vs {med[name]:.3f} ms "
@@ -431,6 +459,10 @@ def render_markdown(data: dict[str, Any]) -> str:
                          f"a time): {valid}/{total} in all; " + ", ".join(
                              f"{t['task']} {t['valid_records']}/{t['records']}" for t in per_task) + ".")
         lines.append("")
+    if data.get("placement"):
+        from tunefarm.host.reports.placement import markdown as placement_markdown
+
+        lines += placement_markdown(data["placement"], rows, data["placement"].get("peak_gflops") or 0.0) + [""]
     sched = data.get("scheduled")
     if sched:
         lines += [f"- Tuned build: **{sched['count']} of {sched['total']} TIR functions carry a tuned schedule** "
@@ -511,6 +543,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=("NCHW", "NHWC"), default=None,
                         help="the job's tuning.layout (NHWC: convs converted to NHWC/OHWI before legalization); "
                              "default: the pipeline's default for the target")
+    parser.add_argument("--placement", default="off",
+                        help="vendor libraries to place operator groups on after tuning, by measurement on the "
+                             "agent (the farm's placement: host/placement), e.g. cudnn,cublas or auto; the rows "
+                             "tvm-vendor (every group they can run) and tvm-placed, and the per-group table. The "
+                             "plugins are built first if they are not cached (tunefarm runtime cuda-libs)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="do not also time the tuned build compiled with Relax's CUDA-graph rewriting")
     parser.add_argument("--no-untuned", action="store_true", help="do not compile and time the untuned build")
@@ -544,7 +581,7 @@ def main(argv=None) -> int:
     meta = environment(device)
     name_slug = slug(meta["gpu_name"]) if device == "cuda" else "cpu-" + slug(meta["cpu"])
     stem = Path(args.out) / (f"{'gpu-' if device == 'cuda' else ''}{name_slug}-{slug(args.model)}-{args.precision}"
-                             + (f"-{args.layout.lower()}" if args.layout == "NHWC" else ""))
+                             + (f"-{args.layout.lower()}" if args.layout else ""))  # named: its own report
     shape = [int(d) for d in args.input_shape.split(",")]
     source, _, mname = args.model.rpartition(":")
     spec = ModelSpec(source or "torchvision", mname, None, shape)
@@ -568,6 +605,12 @@ def main(argv=None) -> int:
     console = Console(highlight=False)
     farm = agents = None
     try:
+        if args.placement != "off" and device == "cuda":  # before the agent starts: it loads what is cached
+            from tunefarm.device_agents.cuda_libs_runtime import ensure_plugins
+
+            plugins = ensure_plugins(log=log)
+            study.step("cuBLAS/cuDNN plugins", built=plugins.built, build_s=round(plugins.build_s, 1),
+                       check=json.dumps(plugins.info.get("max_rel_err")))
         farm = start_farm(work_dir, agent_arg)
         study.step("farm up", tracker_port=farm.port)
         log(f"tracker {farm.addr}, agent on key '{KEY}' ({agent_why})")
@@ -583,7 +626,9 @@ def main(argv=None) -> int:
                        "fold_batchnorm": args.fold_batchnorm == "on", "layout": args.layout},
             "builder": {"workers": 0, "timeout_sec": args.builder_timeout_s},
             "runner": {"timeout_sec": 60.0, "number": 3, "repeat": 1, "min_repeat_ms": 50, "device_wait_sec": 120.0},
-            "evaluate": {"warmup": args.warmup, "repeat": args.samples, "baselines": []}})
+            "evaluate": {"warmup": args.warmup, "repeat": args.samples, "baselines": []},
+            "placement": {"backends": "off" if args.placement == "off" else "auto" if args.placement == "auto"
+                          else [v.strip() for v in args.placement.split(",") if v.strip()]}})
         target = resolve_job_target(job, farm.client)
         meta["target"] = json.dumps(target_to_json(target))
         t0 = time.perf_counter()
@@ -664,6 +709,9 @@ def main(argv=None) -> int:
             refs["gpu_eager"] = eager.outputs if device == "cuda" and eager is not None and eager.ok else None
             study.rows(first, refs)
             study.rows(comparator.run_and_compare(art, [*untuned, *tuned_rows]), refs)
+            if args.placement != "off":
+                place(study, job, target, pipeline, model, database, comparator, art, refs, build_dir, device,
+                      console, work_dir / "logs" / job.name)
         study.step("rows timed")
 
         rows = study.data["rows"]

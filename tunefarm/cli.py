@@ -5,32 +5,15 @@ Every user-facing failure is a :class:`TunefarmError`, printed as one line with 
 """
 from __future__ import annotations
 
-import functools
 import os
-import sys
 
 import click
 
+from tunefarm.cli_common import one_line_errors as _one_line_errors
+from tunefarm.cli_runtime import runtime
 from tunefarm.core.errors import TunefarmError
 from tunefarm.core.farm import DEFAULT_FARM_PORT, FARM_ENV
 from tunefarm.core.wire import DEFAULT_TRACKER_PORT
-
-
-def _one_line_errors(func):
-    """Turn TunefarmError (and Ctrl-C) into a one-line message and an exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except TunefarmError as err:
-            click.echo(f"tunefarm: error: {err}", err=True)
-            sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("tunefarm: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 # `tunefarm --help` lists the commands by where they run; each role's commands in this order.
@@ -201,70 +184,6 @@ def search_worker(tracker_addr, key, host, port, custom_addr, farm_key_file):
 
     run_agent(tracker_addr, key, target="auto", host=host, port=port, custom_addr=custom_addr,
               farm_key_file=farm_key_file, serve=("tunefarm.host.search_workers.worker",))
-
-
-@main.group()
-def runtime():
-    """Device runtimes the PyPI TVM wheel lacks, built for it on this machine."""
-
-
-@runtime.command("opencl")
-@click.option("--tvm-source", default=None, metavar="PATH",
-              help="A TVM source tree (a checkout of the installed TVM's release tag; default: "
-                   "$TUNEFARM_TVM_SOURCE). Needed unless the backend is already cached.")
-@click.option("--rebuild", is_flag=True, help="Build again even if a cached backend exists.")
-@_one_line_errors
-def runtime_opencl(tvm_source, rebuild):
-    """Build TVM's OpenCL backend for the installed wheel, cache it, and check it on this machine's device.
-
-    \b
-    The PyPI wheel is built with USE_OPENCL=OFF but loads libtvm_runtime_opencl.so from LD_LIBRARY_PATH.
-    This compiles that library from TVM's source (two files, against the wheel's own runtime headers and
-    the system's OpenCL headers; ~15 s), caches it under ~/.cache/tunefarm/opencl/ per TVM version, and
-    checks that it loads, sees an OpenCL device and runs a kernel. Needs: a C++ compiler, opencl-headers,
-    the ICD loader (ocl-icd-libopencl1) and a driver (intel-opencl-icd on an Intel iGPU, pocl-opencl-icd
-    on any CPU). `tunefarm agent --opencl` does this itself.
-    \b
-    Get the source on a machine with internet (then copy it):
-      git clone --depth 1 --branch v<installed TVM release> https://github.com/apache/tvm tvm-src
-    """
-    import json
-
-    from tunefarm.device_agents.opencl_runtime import ensure_runtime, opencl_target
-    from tunefarm.device_agents.probe import llvm_target, physical_cores
-
-    rt = ensure_runtime(tvm_source, rebuild=rebuild, log=click.echo)
-    dev = rt.device
-    click.echo(f"OpenCL device: {dev.get('name')} (OpenCL {dev.get('compute_version')}, "
-               f"{dev.get('multi_processor_count')} compute units, {dev.get('max_threads_per_block')} work-items "
-               f"per work-group, {dev.get('max_shared_memory_per_block')} bytes local memory, warp size "
-               f"{dev.get('warp_size')}); a test kernel ran with exact results")
-    click.echo(f"library: {rt.lib_path}")
-    click.echo("target: " + json.dumps(opencl_target(dev, llvm_target(physical_cores())), sort_keys=True))
-    click.echo(f"use it: LD_LIBRARY_PATH={rt.lib_dir} python ...  (or: tunefarm agent --opencl ...)")
-
-
-@runtime.command("onednn")
-@click.option("--rebuild", is_flag=True, help="Build again even if a cached plugin exists.")
-@_one_line_errors
-def runtime_onednn(rebuild):
-    """Build TVM's DNNL (oneDNN) runtime plugin for the installed wheel, cache it, and check it.
-
-    \b
-    The PyPI wheel is built with USE_DNNL=OFF but ships the DNNL JSON runtime's sources. This compiles them
-    (with three TVM support headers this package carries) against the system's oneDNN 2.x into
-    libtvm_dnnl_plugin.so (~15-30 s), caches it under ~/.cache/tunefarm/onednn/ per TVM version, and checks
-    that it loads and runs a convolution matching numpy. Needs: a C++ compiler and libdnnl-dev
-    (apt install libdnnl-dev). Agents load a cached plugin when they start and report it; the host needs
-    it to compile models with oneDNN parts. TUNEFARM_ONEDNN_PLUGIN=off turns it off in a process.
-    """
-    from tunefarm.device_agents.onednn_runtime import ensure_plugin
-
-    plugin = ensure_plugin(rebuild=rebuild, log=click.echo)
-    info = plugin.info
-    click.echo(f"oneDNN {info.get('version', '?')} ({info.get('cpu_runtime', '?')} threads, ISA {info.get('isa', '?')}); "
-               f"a test convolution matched numpy to {info.get('conv_max_rel_err', float('nan')):.1e} relative")
-    click.echo(f"plugin: {plugin.path}")
 
 
 @main.command()
@@ -571,6 +490,8 @@ def pull(job_id, farm, output):
 
     commands.pull(job_id, farm, output)
 
+
+main.add_command(runtime)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,13 @@
 #
 # Env: TUNE_S (tuning wall time, one deadline for both; default 660), TPT (trials per task; default 32),
 # PAIR (precisions: fp16 and fp32, the default; layouts: fp16 NCHW and fp16 NHWC, same seed and budget,
-# the PyTorch fp16 peers timed by the NHWC study).
+# the PyTorch fp16 peers timed by the NHWC study), CUDA_LIBS (1, the default: `start` also builds the cuBLAS/cuDNN
+# plugins, niced, while the studies tune, and `follow` runs bench.cuda_libs on the idle GPU once both studies
+# have ended and at least 120 s of its wait are left, with CUDA_LIBS_ARGS (e.g. --quick); 0: neither),
+# PLACE (e.g. cudnn,cublas: the second study, fp32 or fp16 NHWC, runs the farm's placement after tuning with
+# these vendors, --placement; it builds the plugins itself before its agent starts, so `start` does not).
+# What comes back: $OUT/results.tgz (every report, log and the plugins' build log) and the reports' .md files
+# under $OUT/results/ (a call brings back at most 8 files).
 set -u
 cd "$(dirname "$0")/../.."
 RES=/root/gs-results
@@ -33,6 +39,9 @@ fp16-nhwc fp16 $half-$(( 2 * half - 1 )) --fold-batchnorm off --layout NHWC --pe
     studies="fp16 fp16 0-$(( half - 1 )) --fold-batchnorm off
 fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"
   fi
+  if [ -n "${PLACE:-}" ]; then
+    studies="$(echo "$studies" | sed "2s/\$/ --placement $PLACE/")"
+  fi
   while read -r variant prec cores extra; do
     name="$model-$variant"
     # shellcheck disable=SC2086  # $extra is a list of flags
@@ -41,6 +50,9 @@ fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"
         --trials-per-task "${TPT:-32}" --tune-until "$deadline" --barrier /root/gs-barrier --group 2 \
         --no-untuned --work-dir "/root/gs-work-$name" --out "$RES" $extra > "$RES/$name.log" 2>&1 < /dev/null &
   done <<< "$studies"
+  if [ "${CUDA_LIBS:-1}" = 1 ] && [ -z "${PLACE:-}" ]; then
+    setsid nice -n 19 python -m bench.cuda_libs --build-only --out "$RES" > "$RES/cuda-libs-build.log" 2>&1 < /dev/null &
+  fi
   sleep 5
   echo "started; tuning until $(date -d @"$deadline" +%T)"
   ls "$RES"
@@ -48,9 +60,18 @@ fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"
 follow)
   end=$(( $(date +%s) + ${2:-500} ))
   while [ "$(date +%s)" -lt "$end" ] && pgrep -f bench.gpu_study > /dev/null; do sleep 10; done
+  left=$(( end - $(date +%s) ))
+  if [ "${CUDA_LIBS:-1}" = 1 ] && ! pgrep -f bench.gpu_study > /dev/null && [ ! -e "$RES/cuda-libs.done" ] \
+      && [ "$left" -ge 120 ]; then
+    while pgrep -f "bench.cuda_libs --build-only" > /dev/null && [ "$(date +%s)" -lt $(( end - 90 )) ]; do sleep 5; done
+    cd /root/proj && PYTHONPATH="/tmp/site:/root/proj" timeout $(( end - $(date +%s) )) \
+        python -m bench.cuda_libs --out "$RES" ${CUDA_LIBS_ARGS:-} > "$RES/cuda-libs.log" 2>&1 < /dev/null
+    echo "bench.cuda_libs exit $?" && touch "$RES/cuda-libs.done"
+  fi
   mkdir -p "$OUT/results"
-  cp "$RES"/* "$OUT/results/" 2>/dev/null
-  for f in "$RES"/*.log; do echo "== $f"; tail -3 "$f"; done
+  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+  cp "$RES"/*.md "$OUT/results/" 2>/dev/null
+  for f in "$RES"/*.log; do echo "== $f"; tail -4 "$f"; done
   pgrep -f bench.gpu_study > /dev/null && echo "still running" || echo "all ended"
   ;;
 *)

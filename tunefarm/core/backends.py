@@ -50,7 +50,7 @@ MODEL_CANDIDATES = JOB_BUILDS[:-1]
 
 # Vendor libraries that operator groups can be placed on (host/placement/vendors.py describes each); a job's
 # placement.backends names them.
-VENDOR_BACKENDS = ("onednn",)
+VENDOR_BACKENDS = ("onednn", "cublas", "cudnn")
 
 
 def runners() -> dict[str, tuple[str, str]]:

@@ -11,7 +11,7 @@ A job file (see configs/jobs/) looks like::
     search: {workers: 0}          # N: the tasks searched by N `tunefarm search-worker`s on key 'search'
     runner: {timeout_sec: 60, number: 3, repeat: 1, min_repeat_ms: 50, device_wait_sec: 120}
     evaluate: {warmup: 10, repeat: 50, rtol: 1.0e-3, atol: 1.0e-3, baselines: [torch, onnxruntime]}
-    placement: {backends: auto}   # or off, or [onednn]: operator groups placed on vendor libraries by measurement
+    placement: {backends: auto}   # or off, or [onednn], [cudnn, cublas]: operator groups placed on vendor libraries by measurement
 """
 from __future__ import annotations
 

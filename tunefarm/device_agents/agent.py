@@ -79,6 +79,10 @@ def _print_summary(info: DeviceInfo, tracker: str, compiler: str, threads_from: 
                             f"OMP_NUM_THREADS={info.threads}; {dnnl.get('plugin')})"
                             if (dnnl := info.vendor.get("onednn") or {}).get("available") else
                             f"no ({dnnl.get('reason', 'not probed')})"),
+        f"  cuda-libs " + "; ".join(
+            f"{name} " + (f"yes ({e.get('version', '?')}; {e.get('plugin')})" if e.get("available") else
+                          f"no ({e.get('reason', 'not probed')})")
+            for name in ("cublas", "cudnn") for e in [info.vendor.get(name) or {}]),
         f"  runners  {', '.join(info.runners)}",
         f"  tvm      {info.tvm_version}",
     ]

@@ -2,7 +2,7 @@
 
 The wheel is built with ``USE_DNNL=OFF`` but ships the runtime's C++ sources
 (``tvm/src/runtime/extra/contrib/dnnl/*.cc`` and ``.../json/*.h``). Three support headers they include are not
-in the wheel; they are in this package (``onednn_support/``, from Apache TVM, with its LICENSE and NOTICE).
+in the wheel; they are in this package (``contrib_support/``, from Apache TVM, with its LICENSE and NOTICE).
 The sources use oneDNN's v2 API (``convolution_forward::desc``), so they compile against oneDNN 2.x only:
 Debian/Ubuntu's ``libdnnl-dev`` (2.6.3 on bookworm, OpenMP threading). PyPI's ``onednn`` (3.x) ships no
 headers and does not compile against them.
@@ -30,7 +30,7 @@ from tunefarm.core.errors import TunefarmError
 from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 LIB_NAME = onednn.LIB_NAME
-SUPPORT_DIR = Path(__file__).resolve().parent / "onednn_support"
+SUPPORT_DIR = Path(__file__).resolve().parent / "contrib_support"
 SUPPORT_FILES = ("include/tvm/support/io.h", "include/tvm/support/serializer.h", "src/support/bytes_io.h")
 CONTRIB = "src/runtime/extra/contrib"
 COMPILE_UNITS = ("dnnl_json_runtime.cc", "dnnl.cc", "dnnl_utils.cc")

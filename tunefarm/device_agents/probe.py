@@ -266,12 +266,19 @@ def available_runners() -> list[str]:
 
 # ---------------------------------------------------------------- vendor libraries
 
-def probe_vendor() -> dict[str, Any]:
+def probe_vendor(cuda: bool = False) -> dict[str, Any]:
     """Vendor libraries this agent's TVM can run offloaded parts with: oneDNN when its plugin is built (it is
-    loaded here, and the RPC server's sessions load it from $TUNEFARM_ONEDNN_PLUGIN, which this sets)."""
-    from tunefarm.core import onednn  # pylint: disable=import-outside-toplevel
+    loaded here, and the RPC server's sessions load it from $TUNEFARM_ONEDNN_PLUGIN, which this sets); on a
+    machine with a CUDA device (``cuda``), cuBLAS and cuDNN when their plugins are built (likewise, through
+    $TUNEFARM_CUDA_LIBS). Without one they are reported unavailable and not loaded."""
+    from tunefarm.core import cudalibs, onednn  # pylint: disable=import-outside-toplevel
 
-    return {"onednn": onednn.probe()}
+    out = {"onednn": onednn.probe()}
+    if cuda:
+        out.update(cudalibs.probe())
+    else:
+        out.update({name: {"available": False, "reason": "no CUDA device on this machine"} for name in cudalibs.LIBS})
+    return out
 
 
 # ---------------------------------------------------------------- the whole machine
@@ -282,6 +289,7 @@ def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
 
     cores = physical_cores()
     has_cc, _ = check_c_compiler()
+    gpus = probe_cuda()
     return DeviceInfo(
         key=key,
         hostname=socket.gethostname(),
@@ -290,11 +298,11 @@ def probe(key: str = "", agent_id: str = "") -> DeviceInfo:
         num_cores=cores,
         target=llvm_target(cores),
         has_cc=has_cc,
-        cuda=probe_cuda(),
+        cuda=gpus,
         opencl=probe_opencl(),
         runners=available_runners(),
         tvm_version=str(tvm.__version__),
-        vendor=probe_vendor(),
+        vendor=probe_vendor(cuda=bool(gpus)),
     )
 
 

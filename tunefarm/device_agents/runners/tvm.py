@@ -63,6 +63,10 @@ class TVMRunner(BaseRunner):
         # A library with oneDNN parts needs the plugin's module loader before load_module: the agent names its
         # plugin in $TUNEFARM_ONEDNN_PLUGIN (its RPC server's sessions inherit it).
         self.onednn_plugin = onednn.load_if_named()
+        from tunefarm.core import cudalibs  # pylint: disable=import-outside-toplevel
+
+        # Likewise cuBLAS/cuDNN parts: the agent names its plugins' directory in $TUNEFARM_CUDA_LIBS.
+        self.cuda_plugins = cudalibs.load_if_named() if self.device_type == "cuda" else []
         try:
             library = tvm.runtime.load_module(self.model_path)
         except Exception as err:  # pylint: disable=broad-except  # TVM raises several types here
@@ -70,6 +74,10 @@ class TVMRunner(BaseRunner):
                 raise RunnerUnavailable("the model has oneDNN parts but this agent has no oneDNN plugin (run "
                                         "`tunefarm runtime onednn` on it, with libdnnl-dev installed, and restart "
                                         "the agent)") from None
+            for lib in ("cublas", "cudnn"):
+                if f"{lib}_json" in str(err) and cudalibs.loaded(lib) is None:
+                    raise RunnerUnavailable(f"the model has {lib} parts but this agent has no {lib} plugin (run "
+                                            "`tunefarm runtime cuda-libs` on it and restart the agent)") from None
             raise
         self.vm = relax.VirtualMachine(library, self.dev)
 
@@ -108,4 +116,6 @@ class TVMRunner(BaseRunner):
 
             # oneDNN's OpenMP pool: the agent sets OMP_NUM_THREADS to its thread count (core.threads.thread_env)
             info["onednn"] = {"plugin": str(self.onednn_plugin), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+        if getattr(self, "cuda_plugins", None):
+            info["cuda_libs"] = [str(p) for p in self.cuda_plugins]
         return info

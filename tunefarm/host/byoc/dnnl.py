@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import tvm
@@ -39,30 +38,10 @@ from tvm.relax.dpl import is_op, wildcard
 from tvm.relax.transform import FusionPattern
 
 from tunefarm.core import onednn
-from tunefarm.host.byoc.json_codegen import Kernel, call_attrs, calls_of, register as register_json_codegen, static_shape
+from tunefarm.host.byoc.json_codegen import (Group, Kernel, call_attrs, calls_of, register as register_json_codegen,
+                                             role_operands as _role_operands, static_shape)
 
 CODEGEN = "dnnl"
-
-
-@dataclass(frozen=True)
-class Group:
-    """A group of operators oneDNN can run: what the placement step compares against TVM's kernels."""
-
-    composite: str  # e.g. dnnl.conv2d_bias_relu
-    op: str  # conv2d | dense | matmul
-    shapes: dict[str, tuple] = field(default_factory=dict)  # data, weight, out, ...
-    attrs: dict[str, Any] = field(default_factory=dict)  # strides, padding, dilation, groups (conv2d)
-    flops: int = 0
-    # The weight is a constant: oneDNN reorders it into its blocked layout once, at load. A weight computed at run
-    # time (e.g. BatchNorm folded in but not constant-folded) is reordered on every call (seen: 20 weight reorders
-    # per ResNet-18 run until partition() folded constants first).
-    const_weight: bool = False
-
-    def key(self) -> str:
-        """A stable text key: the same group in another module (or another run) has the same key."""
-        parts = [self.composite] + [f"{k}={'x'.join(map(str, v))}" for k, v in sorted(self.shapes.items())]
-        parts += [f"{k}={v}" for k, v in sorted(self.attrs.items())]
-        return ";".join(parts)
 
 
 # ---------------------------------------------------------------- patterns
@@ -259,28 +238,6 @@ def patterns(select: Callable[[Group], bool] | None = None) -> list[FusionPatter
 
 
 # ---------------------------------------------------------------- the codegen
-
-
-def _role_operands(fn: relax.Function, root_op: str) -> tuple[Any, dict, list]:
-    """The root call of a composite, its bindings (var -> value) and the chain's extra operands (bias, residual)
-    in order."""
-    (root,) = calls_of(fn, root_op)
-    values, extras, chain = {}, [], None
-    for b in (b for blk in fn.body.blocks for b in blk.bindings):
-        values[b.var] = b.value
-        if not isinstance(b.value, tvm.ir.Call):
-            continue
-        if b.value.same_as(root):
-            chain = b.var
-            continue
-        args = list(b.value.args)
-        hits = [i for i, a in enumerate(args) if chain is not None and a.same_as(chain)]
-        if not hits:
-            continue
-        if b.value.op.name == "relax.add":
-            extras.append(args[1 - hits[0]])
-        chain = b.var
-    return root, values, extras
 
 
 def lower(composite: str, fn: relax.Function) -> Kernel:

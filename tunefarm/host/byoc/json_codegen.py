@@ -38,6 +38,28 @@ class Kernel:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Group:
+    """A group of operators a vendor library can run (oneDNN, cuBLAS, cuDNN): what the placement step compares
+    against TVM's kernels."""
+
+    composite: str  # e.g. dnnl.conv2d_bias_relu, cudnn.conv2d.nhwc_ohwi_bias_relu
+    op: str  # conv2d | dense | matmul
+    shapes: dict[str, tuple] = field(default_factory=dict)  # data, weight, out, ...
+    attrs: dict[str, Any] = field(default_factory=dict)  # strides, padding, dilation, groups (conv2d); dtype
+    flops: int = 0
+    # The weight is a constant: oneDNN reorders it into its blocked layout once, at load. A weight computed at run
+    # time (e.g. BatchNorm folded in but not constant-folded) is reordered on every call (seen: 20 weight reorders
+    # per ResNet-18 run until partition() folded constants first).
+    const_weight: bool = False
+
+    def key(self) -> str:
+        """A stable text key: the same group in another module (or another run) has the same key."""
+        parts = [self.composite] + [f"{k}={'x'.join(map(str, v))}" for k, v in sorted(self.shapes.items())]
+        parts += [f"{k}={v}" for k, v in sorted(self.attrs.items())]
+        return ";".join(parts)
+
+
 # (composite name, composite function) -> Kernel
 Lowering = Callable[[str, relax.Function], Kernel]
 
@@ -94,6 +116,28 @@ def calls_of(fn: relax.Function, op_name: str) -> list:
     """The calls to ``op_name`` in a composite function, in binding order."""
     return [b.value for b in bindings_of(fn)
             if isinstance(b.value, tvm.ir.Call) and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name == op_name]
+
+
+def role_operands(fn: relax.Function, root_op: str) -> tuple[Any, dict, list]:
+    """The root call of a composite, its bindings (var -> value) and the chain's extra operands (bias, residual)
+    in order."""
+    (root,) = calls_of(fn, root_op)
+    values, extras, chain = {}, [], None
+    for b in (b for blk in fn.body.blocks for b in blk.bindings):
+        values[b.var] = b.value
+        if not isinstance(b.value, tvm.ir.Call):
+            continue
+        if b.value.same_as(root):
+            chain = b.var
+            continue
+        args = list(b.value.args)
+        hits = [i for i, a in enumerate(args) if chain is not None and a.same_as(chain)]
+        if not hits:
+            continue
+        if b.value.op.name == "relax.add":
+            extras.append(args[1 - hits[0]])
+        chain = b.var
+    return root, values, extras
 
 
 class JSONSerializer:
@@ -188,8 +232,9 @@ class JSONSerializer:
         return json.dumps({"nodes": out_nodes, "arg_nodes": arg_nodes, "heads": self.heads, "node_row_ptr": row})
 
 
-def make_codegen(runtime_create: str, lowering: Lowering):
-    """A ``relax.ext.<lib>`` implementation: serialise each function, create its module with ``runtime_create``."""
+def make_codegen(runtime_create: str, lowering: Lowering, check: Callable[[dict], None] | None = None):
+    """A ``relax.ext.<lib>`` implementation: serialise each function (``check``: raises on a graph the runtime would
+    misread), create its module with ``runtime_create``."""
 
     def codegen(functions, options, constant_names):  # pylint: disable=unused-argument
         create = tvm_ffi.get_global_func(runtime_create)
@@ -197,12 +242,15 @@ def make_codegen(runtime_create: str, lowering: Lowering):
         for func in functions:
             ser = JSONSerializer(constant_names, lowering)
             ser.serialize(func)
-            modules.append(create(str(func.attrs["global_symbol"]), ser.to_json(), list(ser.constants_used)))
+            graph = ser.to_json()
+            if check is not None:
+                check(json.loads(graph))
+            modules.append(create(str(func.attrs["global_symbol"]), graph, list(ser.constants_used)))
         return modules
 
     return codegen
 
 
-def register(lib: str, runtime_create: str, lowering: Lowering) -> None:
+def register(lib: str, runtime_create: str, lowering: Lowering, check: Callable[[dict], None] | None = None) -> None:
     """Register the codegen as ``relax.ext.<lib>`` (replacing one registered before)."""
-    tvm_ffi.register_global_func(f"relax.ext.{lib}", make_codegen(runtime_create, lowering), override=True)
+    tvm_ffi.register_global_func(f"relax.ext.{lib}", make_codegen(runtime_create, lowering, check), override=True)

@@ -43,10 +43,13 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     if not vendors:
         return info
     pipeline = tuned.plan.pipeline
-    if pipeline.precision != "fp32":
-        info["backends"] = []
-        info["not_used"] = why + [f"{v.name}: its codegen takes fp32 graphs; this job's pipeline is "
-                                  f"{pipeline.precision}" for v in vendors]
+    refused = [v for v in vendors if pipeline.precision not in v.precisions]
+    if refused:
+        vendors = [v for v in vendors if v not in refused]
+        info["backends"] = [v.name for v in vendors]
+        info["not_used"] = why = why + [f"{v.name}: its codegen takes {'/'.join(v.precisions)} graphs; this job's "
+                                        f"pipeline is {pipeline.precision}" for v in refused]
+    if not vendors:
         return info
     with events.status("placement: importing the model's graph"):
         graph = pipeline.graph(to_relax(tuned.model), target)

@@ -68,7 +68,7 @@ def _inputs(mod, seed: int) -> list[np.ndarray]:
     from tunefarm.host.byoc.json_codegen import static_shape  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(static_shape(p.ty)).astype("float32") for p in mod["main"].params]
+    return [rng.standard_normal(static_shape(p.ty)).astype(str(p.ty.dtype)) for p in mod["main"].params]
 
 
 def _reference(mod, pipeline, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -126,7 +126,7 @@ def _group_rows(comparator, key: str, name: str, gm: GroupModule, index: int, bu
         ex.export_library(lib)
         label = f"{name} tvm" if side == "tvm" else f"{name} {gm.vendor}"
         rows.append(Row("tvm-tuned" if side == "tvm" else "tvm-vendor", key, label=label,
-                        options={"device": device, "precision": "fp32"}, rtol=rtol, atol=atol, model_file=lib))
+                        options={"device": device, "precision": pipeline.precision}, rtol=rtol, atol=atol, model_file=lib))
     return comparator.run_and_compare(GroupArtifacts(name, inputs, reference, work), rows)
 
 

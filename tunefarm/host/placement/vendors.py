@@ -4,8 +4,9 @@ A vendor is a codegen module under ``host/byoc/`` that provides ``candidate_grou
 run: :class:`tunefarm.host.byoc.dnnl.Group`, with ``key()``), ``partition(mod, select)`` and ``offload(mod,
 select)`` (partition, then run the codegen), ``register()`` (the host's side: load what the codegen needs, a
 one-line TunefarmError when it cannot), plus the target kinds it runs on and the name under which agents report
-it in ``DeviceInfo.vendor`` (``{"available": bool, "reason": ...}``). cuDNN and cuBLAS (the GPU issue) are two
-more entries here.
+it in ``DeviceInfo.vendor`` (``{"available": bool, "reason": ...}``) and the precisions its codegen takes. oneDNN
+(CPU agents, fp32) and cuBLAS/cuDNN (CUDA agents, fp16 and fp32: :mod:`tunefarm.host.byoc.cuda_libs`) are the
+entries now.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Vendor:
     module: str  # the codegen module (host/byoc/...)
     target_kinds: tuple[str, ...]  # the TVM target kinds whose agents can run it
     label: str  # for people: "oneDNN 2.x (DNNL JSON runtime)"
+    precisions: tuple[str, ...] = ("fp32",)  # the pipeline precisions (tuning.precision) its codegen takes
 
     def codegen(self):
         return importlib.import_module(self.module)
@@ -49,6 +51,8 @@ class Vendor:
 
 VENDORS: dict[str, Vendor] = {v.name: v for v in (
     Vendor("onednn", "tunefarm.host.byoc.dnnl", ("llvm",), "oneDNN (DNNL JSON runtime)"),
+    Vendor("cublas", "tunefarm.host.byoc.cublas", ("cuda",), "cuBLAS (cuBLASLt JSON runtime)", ("fp32", "fp16")),
+    Vendor("cudnn", "tunefarm.host.byoc.cudnn", ("cuda",), "cuDNN (cuDNN JSON runtime)", ("fp32", "fp16")),
 )}
 assert tuple(VENDORS) == VENDOR_BACKENDS, "core/backends.py VENDOR_BACKENDS lists the vendors a job file may name"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tunefarm.host.reports.markdown import cell, number
 
-_NAMES = {"tvm": "TVM", "onednn": "oneDNN"}
+_NAMES = {"tvm": "TVM", "onednn": "oneDNN", "cublas": "cuBLAS", "cudnn": "cuDNN"}
 
 
 def _shape(group: dict[str, Any]) -> str:
@@ -71,7 +71,7 @@ def markdown(placement: dict[str, Any] | None, rows: dict[str, dict[str, Any]], 
     md += ["", f"Per operator group ({len(groups)} distinct, each timed alone on the agent as the TVM kernel with "
            "the job's records and on the vendor library; placed on the faster; times are medians). Share: of the "
            f"chosen build's median; peak: {number(peak_gflops, 1) if peak_gflops else 'unknown'} GFLOP/s "
-           "(the agent's measured fp32 sgemm).", "",
+           "(the agent's: a measured fp32 sgemm on a CPU, the fp16 tensor-core peak from a GPU's attributes).", "",
            "| # | group | data · weight · out | count | TVM ms | vendor ms | runs on | share | GFLOP/s | % of peak | note |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(profile_rows(placement)):
