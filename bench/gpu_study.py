@@ -710,8 +710,13 @@ def main(argv=None) -> int:
             study.rows(first, refs)
             study.rows(comparator.run_and_compare(art, [*untuned, *tuned_rows]), refs)
             if args.placement != "off":
-                place(study, job, target, pipeline, model, database, comparator, art, refs, build_dir, device,
-                      console, work_dir / "logs" / job.name)
+                try:  # the rows above are kept whatever the placement does
+                    place(study, job, target, pipeline, model, database, comparator, art, refs, build_dir, device,
+                          console, work_dir / "logs" / job.name)
+                except Exception as err:  # pylint: disable=broad-except
+                    traceback.print_exc()
+                    study.data["problems"].append(f"placement failed: {type(err).__name__}: {err}")
+                    study.save()
         study.step("rows timed")
 
         rows = study.data["rows"]
