@@ -21,7 +21,7 @@
    Relax's CUDA graphs; beside it the same graph all-TVM untuned, and PyTorch eager fp16. No tuning: the vendor
    libraries' own row of the issue's table.
 
-Writes <out>/gpu-cuda-libs-<gpu>.{json,md}.
+Writes <out>/gpu-cuda-libs-<gpu>-<model>[-quick].{json,md}.
 """
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def per_algo(dev, dtype="float16") -> list[dict[str, Any]]:
     rows = []
     for algo, name in enumerate(ALGOS):
         y = tvm.runtime.tensor(np.zeros((1, 56, 56, 64), dtype), dev)
-        fn = lambda a=algo, out=y: conv(0, 1, a, 1, 1, 1, 1, 1, 1, xt, wt, out, dtype, 1)  # noqa: E731
+        fn = lambda a=algo, out=y: conv(1, 1, a, 1, 1, 1, 1, 1, 1, xt, wt, out, dtype, 1)  # noqa: E731
         row: dict[str, Any] = {"algo": algo, "name": name}
         try:
             fn()
@@ -312,6 +312,25 @@ def whole_model(name: str, target, dev, untuned: bool = True) -> list[dict[str, 
         row["kernel_us"] = kernel_us(lambda: net(tx), sync, calls=5)
     rows.append(row)
     log(f"{name} | PyTorch: {row}")
+    # the issue's peer: torch.compile reduce-overhead (CUDA graphs) at fp16, timed here the same way as the rows above
+    row = {"case": f"{name} fp16", "build": "torch.compile reduce-overhead (fp16, channels_last, CUDA graphs)"}
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(net, mode="reduce-overhead")
+        with torch.no_grad():
+            for _ in range(3):
+                out = compiled(tx)
+            sync()
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            out = out.float().cpu().numpy().astype("float64")
+            row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+            row["host_ms"] = host_ms(lambda: compiled(tx), sync)
+            row["kernel_us"] = kernel_us(lambda: compiled(tx), sync, calls=5)
+    except Exception as err:  # pylint: disable=broad-except
+        traceback.print_exc()
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+    rows.append(row)
+    log(f"{name} | torch.compile: {row}")
     return rows
 
 
@@ -394,7 +413,8 @@ def main(argv=None) -> int:
     meta = common.machine(gpu_name=torch.cuda.get_device_name(0), torch=torch.__version__,
                           gpu_detail=f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
                                      f"CUDA {torch.version.cuda}")
-    stem = Path(args.out) / f"gpu-cuda-libs-{re.sub(r'[^a-z0-9]+', '-', meta['gpu_name'].lower()).strip('-')}"
+    stem = Path(args.out) / (f"gpu-cuda-libs-{re.sub(r'[^a-z0-9]+', '-', meta['gpu_name'].lower()).strip('-')}"
+                             f"-{args.model}{'-quick' if args.quick else ''}")
     data: dict[str, Any] = {"meta": meta, "build": {}, "cases": [], "algos": [], "problems": []}
 
     def save():

@@ -182,14 +182,16 @@ if dev.exist:
             shape = (1, 10, 10, 16) if fmt == 1 else (1, 16, 10, 10)
             y = tvm.runtime.tensor(np.zeros(shape, dt), dev)
             tvm_ffi.get_global_func("tvm.contrib.cudnn.conv2d.forward")(
-                0, fmt, 1, 1, 1, 1, 1, 1, 1, tvm.runtime.tensor(np.ascontiguousarray(xx).astype(dt), dev),
+                1, fmt, 1, 1, 1, 1, 1, 1, 1, tvm.runtime.tensor(np.ascontiguousarray(xx).astype(dt), dev),
                 tvm.runtime.tensor(np.ascontiguousarray(ww).astype(dt), dev), y, dt, 1)
             got = y.numpy() if fmt == 1 else y.numpy().transpose(0, 2, 3, 1)
             errs[f"cudnn_conv2d_{name}_{dt}"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     out["max_rel_err"] = errs
 print(json.dumps(out))
 """
-CHECK_RTOL = {"float16": 5e-3, "float32": 1e-4}
+# fp32 convolutions through cuDNN may run in TF32 on tensor cores (cuDNN's default math on Ampere and later; seen
+# on an H100: 3.1e-4 for NHWC, 2e-7 for NCHW), as PyTorch's TF32 rows do; a wrong convolution is off by O(1).
+CHECK_RTOL = {"float16": 5e-3, "float32": 1e-4, "cudnn_float32": 2e-3}
 
 
 def check(directory: Path) -> dict[str, Any]:
@@ -212,7 +214,8 @@ def check(directory: Path) -> dict[str, Any]:
                             f"{cudalibs.BUILD_HINT} --rebuild")
     result = json.loads(lines[-1])
     for name, err in (result.get("max_rel_err") or {}).items():
-        if not err <= CHECK_RTOL[name.rsplit("_", 1)[1]]:
+        dtype = name.rsplit("_", 1)[1]
+        if not err <= CHECK_RTOL.get(f"{name.split('_', 1)[0]}_{dtype}", CHECK_RTOL[dtype]):
             raise TunefarmError(f"a test {name.replace('_', ' ')} through the plugins in {directory} is off by "
                                 f"{err:.2e} relative to numpy")
     return result
