@@ -145,7 +145,7 @@ def vendor_build(gm: GroupModule, target):
     from tunefarm.host.placement.build import offload
     from tunefarm.host.tuning.pipeline import compile_module
 
-    return compile_module(offload(gm.mod, {gm.vendor: None}), target)
+    return compile_module(offload(gm.mod, {gm.vendor: None}), target, cuda_graph=True)  # as build_model: CUDA only
 
 
 def measure_vendor(comparator, key: str, modules: list[GroupModule], target, pipeline, *, device: str,
