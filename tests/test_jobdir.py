@@ -102,3 +102,31 @@ def test_a_torn_database_line_is_repaired_once_with_the_damaged_file_kept(tmp_pa
     assert len(err) == 1 and "database_workload.json: 1 damaged line(s) left out (line 1)" in err[0] and \
         err[0].endswith("; 3 record(s) of a damaged workload left out"), err
     assert other.file("database_workload.json.damaged").is_file()
+
+
+def test_a_stopped_tuning_loop_keeps_tvms_whole_error_and_names_its_error_line(tmp_path):
+    """TVM's errors are many lines and end with an explanation (the H100 run of 2026-12-07 printed only a ScheduleError's
+    last bullet): the one-line message names the error's own line and the job directory keeps the whole text."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from tunefarm.host.tuning.job import ERROR_FILE, _tuning_stopped
+
+    a = te.placeholder((16,), name="A")
+    b = te.compute((16,), lambda i: a[i] * 2, name="B")
+    c = te.compute((16,), lambda i: b[i] + 1, name="C")
+    sch = Schedule(tvm.IRModule({"main": te.create_prim_func([a, c])}))
+    try:
+        sch.compute_at(sch.get_sblock("C"), sch.get_loops(sch.get_sblock("B"))[0])  # an output block: refused
+        raise AssertionError("TVM accepted an illegal compute_at")
+    except Exception as caught:  # pylint: disable=broad-except
+        err = caught
+    assert len(str(err).splitlines()) > 5
+    out = _tuning_stopped(err, [], JobDir(tmp_path / "job"))
+    message = str(out)
+    assert message.startswith("tuning stopped: Error message: The block") and "is an output block" in message
+    assert "nothing was measured" in message and str(tmp_path / "job" / ERROR_FILE) in message
+    kept = (tmp_path / "job" / ERROR_FILE).read_text()
+    assert str(err) in kept and "ScheduleError" in kept
+    assert out.exit_code == 4 and "\n" not in message

@@ -12,6 +12,7 @@ may end the run early: ``should_stop(progress)`` is asked after every measured b
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -229,7 +230,27 @@ def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
         return KeyboardInterrupt()
     kept = len(database)
     where = f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept else "nothing was measured"
-    return TunefarmError(f"tuning stopped: {_root_cause(err)} ({where})", exit_code=4)
+    whole = _keep_error(err, job_dir)
+    return TunefarmError(f"tuning stopped: {_root_cause(err)} ({where}{f'; the whole error: {whole}' if whole else ''})",
+                         exit_code=4)
+
+
+ERROR_FILE = "tuning-error.txt"
+
+
+def _keep_error(err: BaseException, job_dir) -> str:
+    """The whole text of the error that stopped a tuning loop (TVM's are many lines; the one-line message keeps
+    one) and its traceback, written to the job directory: the path, or "" where it could not be written."""
+    import traceback  # pylint: disable=import-outside-toplevel
+
+    path = Path(job_dir.path) / ERROR_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {type(err).__name__}\n{err}\n\n"
+                        + "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    except OSError:
+        return ""
+    return str(path)
 
 
 def _finish_run(plan: TuningPlan, result: TuneResult, progress: JobProgress, events: Events) -> TuneResult:
@@ -333,7 +354,10 @@ def _root_cause(err: BaseException) -> str:
             line = [l for l in text.splitlines() if cls.__name__ in l][-1]
             return line.split(":", 1)[-1].strip()
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return lines[-1] if lines else type(err).__name__
+    # TVM's errors end with an explanation (a ScheduleError's last line is a bullet of its rules); the line naming
+    # the error says what happened
+    named = [l for l in lines if re.match(r"^([\w.]+\.)?\w*Error\b", l)]
+    return (named or lines or [type(err).__name__])[-1]
 
 
 def run_job(job: TuningJob, logs_dir: str | Path = "logs", evaluate: bool = True, events: Events | None = None,
