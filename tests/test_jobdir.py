@@ -123,10 +123,18 @@ def test_a_stopped_tuning_loop_keeps_tvms_whole_error_and_names_its_error_line(t
     except Exception as caught:  # pylint: disable=broad-except
         err = caught
     assert len(str(err).splitlines()) > 5
-    out = _tuning_stopped(err, [], JobDir(tmp_path / "job"))
+    # nothing measured: the run removes the directory it created, so the error is kept beside it
+    job = JobDir(tmp_path / "job")
+    job.path.mkdir()
+    out = _tuning_stopped(err, [], job)
     message = str(out)
     assert message.startswith("tuning stopped: Error message: The block") and "is an output block" in message
-    assert "nothing was measured" in message and str(tmp_path / "job" / ERROR_FILE) in message
-    kept = (tmp_path / "job" / ERROR_FILE).read_text()
+    beside = tmp_path / f"job.{ERROR_FILE}"
+    assert "nothing was measured" in message and str(beside) in message
+    assert remove_unmeasured(job) and beside.is_file()
+    kept = beside.read_text()
     assert str(err) in kept and "ScheduleError" in kept
     assert out.exit_code == 4 and "\n" not in message
+    # records kept: inside the job directory, which stays
+    assert str(job.path / ERROR_FILE) in str(_tuning_stopped(err, [object()], job))
+    assert str(err) in (job.path / ERROR_FILE).read_text()

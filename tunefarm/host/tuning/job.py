@@ -230,7 +230,7 @@ def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
         return KeyboardInterrupt()
     kept = len(database)
     where = f"{kept} records kept in {job_dir.path}; run the job again to resume" if kept else "nothing was measured"
-    whole = _keep_error(err, job_dir)
+    whole = _keep_error(err, job_dir, inside=bool(kept))
     return TunefarmError(f"tuning stopped: {_root_cause(err)} ({where}{f'; the whole error: {whole}' if whole else ''})",
                          exit_code=4)
 
@@ -238,12 +238,15 @@ def _tuning_stopped(err: BaseException, database, job_dir) -> BaseException:
 ERROR_FILE = "tuning-error.txt"
 
 
-def _keep_error(err: BaseException, job_dir) -> str:
+def _keep_error(err: BaseException, job_dir, inside: bool = True) -> str:
     """The whole text of the error that stopped a tuning loop (TVM's are many lines; the one-line message keeps
-    one) and its traceback, written to the job directory: the path, or "" where it could not be written."""
+    one) and its traceback, written to the job directory (``inside``), else beside it as ``<job>.tuning-error.txt``
+    (a run that measured nothing removes the directory it created): the path, or "" where it could not be
+    written."""
     import traceback  # pylint: disable=import-outside-toplevel
 
-    path = Path(job_dir.path) / ERROR_FILE
+    base = Path(job_dir.path)
+    path = base / ERROR_FILE if inside else base.parent / f"{base.name}.{ERROR_FILE}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {type(err).__name__}\n{err}\n\n"
