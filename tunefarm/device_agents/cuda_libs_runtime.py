@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from tunefarm.core import cudalibs
 from tunefarm.core.errors import TunefarmError
+from tunefarm.device_agents import cxx_build
 from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 SUPPORT_DIR = Path(__file__).resolve().parent / "contrib_support"
@@ -58,21 +59,9 @@ class CudaPlugins:
 
 def wheel_parts() -> dict[str, Path]:
     """The wheel's cuBLAS/cuDNN sources, runtime headers and libraries; one line if this TVM does not ship them."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    tvm_dir, ffi_dir = Path(tvm.__file__).parent, Path(tvm_ffi.__file__).parent
-    parts = {"tvm_dir": tvm_dir, "include": tvm_dir / "include", "ffi_include": ffi_dir / "include",
-             "runtime_lib": tvm_dir / "lib" / "libtvm_runtime.so", "ffi_lib": ffi_dir / "lib" / "libtvm_ffi.so"}
-    missing = [str(p) for p in parts.values() if not p.exists()]
-    missing += [str(tvm_dir / CONTRIB / u) for units in UNITS.values() for u in units
-                if not (tvm_dir / CONTRIB / u).is_file()]
-    if missing:
-        raise TunefarmError(f"this TVM install ({tvm_dir}, TVM {tvm.__version__}) does not ship the cuBLAS/cuDNN "
-                            f"runtimes' sources or the runtime they link against ({missing[0]}"
-                            f"{' and %d more' % (len(missing) - 1) if len(missing) > 1 else ''}): use the PyPI wheel "
-                            "apache-tvm==0.27.0.post1, or a TVM built from source with USE_CUBLAS/USE_CUDNN=ON")
-    return parts
+    return cxx_build.wheel_parts([f"{CONTRIB}/{u}" for units in UNITS.values() for u in units],
+                                 "the cuBLAS/cuDNN runtimes' sources or the runtime they link against",
+                                 "USE_CUBLAS/USE_CUDNN=ON")
 
 
 def check_headers(cxx: str, include_dirs: list[Path]) -> None:
@@ -142,12 +131,7 @@ def build(out_dir: Path | None = None, log: Callable[[str], None] | None = None,
     meta = {"tvm": str(tvm.__version__), "cxx": cxx, "build_s": round(seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": str(parts["tvm_dir"] / CONTRIB),
             "nvidia": {k: str(v) for k, v in found.items()}}
-    shutil.move(str(build_log), final / "build.log")
-    (final / "build.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(final, out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    cxx_build.publish(work, final, out_dir, meta, build_log)
     log(f"built {out_dir}/{{{','.join(lib.file for lib in cudalibs.LIBS.values())}}} in {seconds:.1f} s")
     return out_dir, seconds
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from tunefarm.core import onednn
 from tunefarm.core.errors import TunefarmError
+from tunefarm.device_agents import cxx_build
 from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 LIB_NAME = onednn.LIB_NAME
@@ -57,20 +58,8 @@ class OneDNNPlugin:
 
 def wheel_parts() -> dict[str, Path]:
     """The wheel's DNNL sources, runtime headers and libraries; one line if this TVM does not ship them."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    tvm_dir, ffi_dir = Path(tvm.__file__).parent, Path(tvm_ffi.__file__).parent
-    parts = {"tvm_dir": tvm_dir, "include": tvm_dir / "include", "ffi_include": ffi_dir / "include",
-             "runtime_lib": tvm_dir / "lib" / "libtvm_runtime.so", "ffi_lib": ffi_dir / "lib" / "libtvm_ffi.so"}
-    missing = [str(p) for p in parts.values() if not p.exists()]
-    missing += [str(tvm_dir / name) for name in WHEEL_SOURCES if not (tvm_dir / name).is_file()]
-    if missing:
-        raise TunefarmError(f"this TVM install ({tvm_dir}, TVM {tvm.__version__}) does not ship the DNNL runtime's "
-                            f"sources or the runtime it links against ({missing[0]}"
-                            f"{' and %d more' % (len(missing) - 1) if len(missing) > 1 else ''}): use the PyPI wheel "
-                            "apache-tvm==0.27.0.post1, or a TVM built from source with USE_DNNL=ON")
-    return parts
+    return cxx_build.wheel_parts(WHEEL_SOURCES, "the DNNL runtime's sources or the runtime it links against",
+                                 "USE_DNNL=ON")
 
 
 def check_onednn_headers(cxx: str) -> str:
@@ -146,12 +135,7 @@ def build(out_dir: Path | None = None, log: Callable[[str], None] | None = None)
     final = work / "final"
     final.mkdir()
     shutil.move(str(lib), final / LIB_NAME)
-    shutil.move(str(build_log), final / "build.log")
-    (final / "build.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(final, out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    cxx_build.publish(work, final, out_dir, meta, build_log)
     log(f"built {out_dir / LIB_NAME} in {seconds:.1f} s")
     return out_dir / LIB_NAME, seconds
 

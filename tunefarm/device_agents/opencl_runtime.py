@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunefarm.core.errors import TunefarmError
+from tunefarm.device_agents import cxx_build
 from tunefarm.device_agents.cxx_build import compile_units, find_cxx, first_error
 
 LIB_NAME = "libtvm_runtime_opencl.so"
@@ -260,12 +261,7 @@ def build(tree: str | Path, out_dir: Path | None = None, log: Callable[[str], No
     final = work / "final"
     final.mkdir()
     shutil.move(str(lib), final / LIB_NAME)
-    shutil.move(str(build_log), final / "build.log")
-    (final / "build.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(final, out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    cxx_build.publish(work, final, out_dir, meta, build_log)
     log(f"built {out_dir / LIB_NAME} in {seconds:.1f} s")
     return out_dir, seconds
 
