@@ -165,3 +165,21 @@ def test_a_damaged_or_hostile_placement_file_is_a_one_line_error(tmp_path, conte
     path.write_bytes(b"x" * (result.MAX_BYTES + 1))
     with pytest.raises(TunefarmError, match="larger than"):
         result.read(path)
+
+
+def test_a_group_tvm_runs_fused_is_counted_in_the_rest_not_by_its_time_alone():
+    """ResNet-50's Linear took 11.6 ms timed alone without a record of its own and 0.34 ms as the model's tuned
+    fused kernel: the profile gives it no share or GFLOP/s of its own and leaves its time in the rest."""
+    from tunefarm.host.reports.placement import profile_rows
+
+    groups = [{"key": "conv", "backend": "dnnl", "count": 2, "flops": 2e8, "tvm_ms": 3.0, "vendor_ms": 1.0,
+               "tvm_record": True},
+              {"key": "fc", "backend": "dnnl", "count": 1, "flops": 4e6, "tvm_ms": 11.6, "vendor_ms": 0.2,
+               "tvm_record": False}]
+    rows = profile_rows({"chosen": "tvm-placed", "offload": {"dnnl": ["conv"]}, "whole_ms": {"tvm-placed": 5.0},
+                         "groups": groups})
+    conv, fc, rest = rows
+    assert conv["backend"] == "dnnl" and conv["spent_ms"] == 2.0 and conv["share"] == 0.4 and conv["gflops"] == 200.0
+    assert fc["backend"] == "tvm" and fc["ms"] == 11.6 and fc["spent_ms"] is None and fc["share"] is None
+    assert fc["gflops"] is None
+    assert rest["rest"] and rest["spent_ms"] == 3.0 and rest["share"] == 0.6
