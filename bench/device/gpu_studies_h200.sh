@@ -59,9 +59,18 @@ fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"
   ;;
 follow)
   end=$(( $(date +%s) + ${2:-500} ))
-  while [ "$(date +%s)" -lt "$end" ] && pgrep -f bench.gpu_study > /dev/null; do sleep 10; done
+  # A study is over when its log's last step says so: its process can linger minutes after (seen on the H100:
+  # 4.5 min, which left the cuDNN/cuBLAS bench no time).
+  studies_over() {
+    ! pgrep -f "python -m bench.gpu_study" > /dev/null && return 0
+    for f in "$RES"/*.log; do
+      case "$f" in */cuda-libs*) continue ;; esac
+      grep -qE "^- [0-9-]+ [0-9:]+ (finished|stopped by an error)" "$f" || return 1
+    done
+  }
+  while [ "$(date +%s)" -lt "$end" ] && ! studies_over; do sleep 10; done
   left=$(( end - $(date +%s) ))
-  if [ "${CUDA_LIBS:-1}" = 1 ] && ! pgrep -f bench.gpu_study > /dev/null && [ ! -e "$RES/cuda-libs.done" ] \
+  if [ "${CUDA_LIBS:-1}" = 1 ] && studies_over && [ ! -e "$RES/cuda-libs.done" ] \
       && [ "$left" -ge 120 ]; then
     while pgrep -f "bench.cuda_libs --build-only" > /dev/null && [ "$(date +%s)" -lt $(( end - 90 )) ]; do sleep 5; done
     cd /root/proj && PYTHONPATH="/tmp/site:/root/proj" timeout $(( end - $(date +%s) )) \
@@ -72,7 +81,7 @@ follow)
   tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
   cp "$RES"/*.md "$OUT/results/" 2>/dev/null
   for f in "$RES"/*.log; do echo "== $f"; tail -4 "$f"; done
-  pgrep -f bench.gpu_study > /dev/null && echo "still running" || echo "all ended"
+  studies_over && echo "all ended" || echo "still running"
   ;;
 *)
   echo "usage: $0 start MODEL | follow SECONDS" >&2
