@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
 import os
 import site
 import sys
@@ -147,20 +146,9 @@ def cache_root() -> Path:
 def cache_dir() -> Path:
     """The cache directory of the installed TVM version and wheel runtime (as :func:`tunefarm.core.onednn.cache_dir`:
     a plugin built against another runtime may miss its symbols)."""
-    import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
+    from .onednn import wheel_cache_dir  # pylint: disable=import-outside-toplevel
 
-    sha = hashlib.sha256()
-    for path in (Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so",
-                 Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"):
-        sha.update(path.name.encode())
-        try:
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    sha.update(chunk)
-        except OSError:
-            sha.update(b"missing")
-    return cache_root() / f"tvm-{tvm.__version__}-{sha.hexdigest()[:12]}"
+    return wheel_cache_dir(cache_root())
 
 
 def disabled() -> bool:

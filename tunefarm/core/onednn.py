@@ -53,6 +53,12 @@ def _wheel_libs() -> tuple[Path, Path]:
 def cache_dir() -> Path:
     """The cache directory of the installed TVM version and wheel runtime (a plugin built for another
     runtime would be linked against symbols that may not be there)."""
+    return wheel_cache_dir(cache_root())
+
+
+def wheel_cache_dir(root: Path) -> Path:
+    """``root``'s directory for the installed TVM version and wheel runtime: ``tvm-<version>-<hash of its
+    libtvm_runtime.so and libtvm_ffi.so>`` (shared by every plugin built against the wheel)."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     sha = hashlib.sha256()
@@ -64,7 +70,7 @@ def cache_dir() -> Path:
                     sha.update(chunk)
         except OSError:
             sha.update(b"missing")
-    return cache_root() / f"tvm-{tvm.__version__}-{sha.hexdigest()[:12]}"
+    return root / f"tvm-{tvm.__version__}-{sha.hexdigest()[:12]}"
 
 
 def disabled() -> bool:
