@@ -40,6 +40,27 @@ def test_an_answer_that_ran_is_ok_with_its_measurement_and_details():
     assert "outputs" not in data and "rtol" not in data
 
 
+def test_an_agents_pool_spin_is_kept_only_as_known_variables_with_short_decimal_values():
+    """The TVM runner says how idle TVM and OpenMP threads spun in a row mixing oneDNN and TVM kernels; the report
+    prints it in the row's threads cell. From a hostile agent, anything but the two known variables with short
+    decimal values is dropped before it reaches the report."""
+    from tunefarm.host.reports.markdown import threads_text
+
+    row = Row("tvm-vendor", "cpu")
+    good = result_from_answer(row, _answer(pool_spin={"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "3000"}),
+                              "box:42", [np.zeros(3)])
+    assert good.details["pool_spin"] == {"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "3000"}
+    assert threads_text(good.to_dict()) == "2 (idle spin: TVM 0, OpenMP 3000)"
+    hostile = {"TVM_THREAD_POOL_SPIN_COUNT": "0|<img src=x>", "GOMP_SPINCOUNT": "9" * 13, "LD_PRELOAD": "1",
+               "OMP_WAIT_POLICY": "0"}
+    for spin in (hostile, ["0"], "0", {"GOMP_SPINCOUNT": 3000}, {"GOMP_SPINCOUNT": "\u0663"}):
+        res = result_from_answer(row, _answer(pool_spin=spin), "box:42", [np.zeros(3)])
+        assert "pool_spin" not in res.details and threads_text(res.to_dict()) == "2", spin
+    part = result_from_answer(row, _answer(pool_spin={**hostile, "GOMP_SPINCOUNT": "30"}), "box:42", [np.zeros(3)])
+    assert part.details["pool_spin"] == {"GOMP_SPINCOUNT": "30"}
+    assert threads_text(part.to_dict()) == "2 (idle spin: TVM default, OpenMP 30)"
+
+
 def test_rows_that_did_not_run_carry_a_reason_and_no_number():
     row = Row("tensorrt", "cpu", options={"precision": "fp16"})
     res = result_from_answer(row, {"backend": "tensorrt", "available": False, "reason": "TensorRT is not installed"},

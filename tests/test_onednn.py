@@ -335,6 +335,9 @@ def test_an_agent_loads_the_plugin_reports_it_and_runs_a_module_with_onednn_part
     assert answer["latency"]["median_ms"] > 0, answer
     assert answer["threads"] == info.threads, answer
     assert answer["onednn"] == {"plugin": str(lib), "omp_threads": str(info.threads)}, answer
+    # A model mixing oneDNN and TVM kernels: neither pool's idle threads spin on the other's cores (set in the
+    # session before the plugin loaded libgomp; core.threads.MIXED_POOLS).
+    assert answer["pool_spin"] == {"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "3000"}, answer
 
 
 def test_without_the_plugin_an_agent_says_so_and_its_runner_refuses_a_onednn_model(plugin, tmp_path):

@@ -136,3 +136,22 @@ def test_a_pinned_tvm_process_keeps_its_threads_on_its_cpus():
     masks = out.split()
     assert len(masks) >= 2, out  # the main thread and TVM's pool thread at least
     assert set(masks) == {str(pinned)}, masks
+
+
+def test_a_model_mixing_onednn_and_tvm_gets_short_spins_and_the_runner_finds_its_onednn_parts(tmp_path):
+    """thread_env sizes both pools and leaves their waiting alone; a model with oneDNN parts (found by the DNNL
+    runtime's module kind in the library, across a read-chunk boundary too) gets MIXED_POOLS, where the environment
+    does not set them itself."""
+    from tunefarm.device_agents.runners.tvm import ONEDNN_MODULE_KIND, file_mentions
+
+    assert threads.thread_env(3) == {"TVM_NUM_THREADS": "3", "OMP_NUM_THREADS": "3"}
+    assert threads.mixed_pool_env({}) == {"TVM_THREAD_POOL_SPIN_COUNT": "0", "GOMP_SPINCOUNT": "3000"}
+    assert threads.mixed_pool_env({"GOMP_SPINCOUNT": "0"}) == {"TVM_THREAD_POOL_SPIN_COUNT": "0",
+                                                               "GOMP_SPINCOUNT": "0"}
+    lib = tmp_path / "lib.so"
+    for at in (0, 5, 9, 10, 11, 30):  # chunk of 10 bytes: the kind starts before, at and after a boundary
+        lib.write_bytes(b"x" * at + ONEDNN_MODULE_KIND + b"y" * 7)
+        assert file_mentions(str(lib), ONEDNN_MODULE_KIND, chunk=10), at
+    lib.write_bytes(b"dnnl_jso" + b"N" * 3 + b"dnnl_" * 20)
+    assert not file_mentions(str(lib), ONEDNN_MODULE_KIND, chunk=10)
+    assert not file_mentions(str(tmp_path / "missing.so"), ONEDNN_MODULE_KIND)

@@ -14,7 +14,6 @@ from pathlib import Path
 THREADS_ENV = "TVM_NUM_THREADS"
 BIND_ENV = "TVM_BIND_THREADS"
 OMP_ENV = "OMP_NUM_THREADS"  # OpenMP's pool: oneDNN (Debian's libdnnl is built with OpenMP) and PyTorch
-OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -22,13 +21,31 @@ def thread_env(threads: int) -> dict[str, str]:
     pool (``TVM_NUM_THREADS``) and OpenMP's (``OMP_NUM_THREADS``: oneDNN's, PyTorch's). Both get ``threads``:
     a module mixing oneDNN and TVM kernels runs them one after the other in one process, each pool with the
     agent's count, never both pools' sum at once. Set before either pool starts (a child's environment).
-
-    OpenMP's threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it): by default
-    they spin after each oneDNN kernel while TVM's pool runs the next kernel on the same cores. Measured on this
-    2-core VM (ResNet-18, convs on oneDNN, the rest TVM kernels): 320 ms spinning, 47 ms passive; a module
-    with one oneDNN conv among TVM ones, 27.7 ms instead of 0.06 ms."""
+    How long each pool's idle threads spin is left to each library's default here; a model that mixes the two
+    pools gets :func:`mixed_pool_env` in its own session (the TVM runner)."""
     count = str(int(threads))
-    return {THREADS_ENV: count, OMP_ENV: count, OMP_WAIT_ENV: os.environ.get(OMP_WAIT_ENV, "PASSIVE")}
+    return {THREADS_ENV: count, OMP_ENV: count}
+
+
+# How long idle pool threads spin before sleeping, in a process whose model runs oneDNN (OpenMP) kernels and TVM
+# kernels by turns on the same cores. By default both pools spin after their work (TVM 300000 rounds, libgomp
+# ~3 ms), each on the cores the other pool needs next; with OpenMP passive and TVM spinning (what the farm set
+# before), each oneDNN kernel waited for TVM's spinning workers. Measured on the 2-core AMD EPYC VM, same builds
+# (ResNet-50 NCHWc, every conv on oneDNN; median of 20): TVM default + OpenMP passive 128.3 ms, both default
+# 79.6, TVM 0 + OpenMP 3000 67.8; ResNet-18: 61.5 -> 34.4 ms. An all-TVM build is left at TVM's default (its
+# parallel loops follow one another and spinning spares each a wake-up). GOMP_SPINCOUNT overrides
+# OMP_WAIT_POLICY in libgomp (Debian's oneDNN is built with GCC's OpenMP); ~100000 rounds a millisecond.
+TVM_SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
+GOMP_SPIN_ENV = "GOMP_SPINCOUNT"
+MIXED_POOLS = {TVM_SPIN_ENV: "0", GOMP_SPIN_ENV: "3000"}
+
+
+def mixed_pool_env(environ=None) -> dict[str, str]:
+    """The spin settings (:data:`MIXED_POOLS`) for a process about to run a model with oneDNN and TVM kernels,
+    each kept where ``environ`` (default: this process's) already sets it. They must be in the environment
+    before libgomp loads (it reads them once) and before TVM's pool first runs."""
+    environ = os.environ if environ is None else environ
+    return {name: environ.get(name, value) for name, value in MIXED_POOLS.items()}
 
 
 def usable_cpus() -> int:

@@ -160,11 +160,26 @@ def result_from_answer(row: Row, answer: dict[str, Any], agent_id: str,
         return result(row, FAILED, f"the agent's answer has no {'outputs' if outputs is None else 'latency'}",
                       **on)
     details = {k: v for k, v in answer.items() if k not in _ANSWER_FIELDS}
+    if "pool_spin" in details:
+        spin = clean_pool_spin(details.pop("pool_spin"))
+        if spin:
+            details["pool_spin"] = spin
     return result(row, OK, **on, latency=answer["latency"], threads=answer.get("threads"),
                   precision=answer.get("precision") or str(row.options.get("precision", "fp32")),
                   version=f"{row.backend} {answer.get('version', '')}".strip(),
                   throughput_per_s=answer.get("throughput_per_s"), details={**row.details, **details},
                   outputs=outputs)
+
+
+def clean_pool_spin(value: Any) -> dict[str, str]:
+    """An agent's ``pool_spin`` (how idle TVM and OpenMP threads waited in a row: core.threads.MIXED_POOLS) as the
+    report may keep it: the known variables with short decimal values only, anything else dropped."""
+    from tunefarm.core.threads import MIXED_POOLS  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(value, dict):
+        return {}
+    return {name: text for name in MIXED_POOLS if isinstance(text := value.get(name), str)
+            and 0 < len(text) <= 12 and text.isascii() and text.isdigit()}
 
 
 def agents_of_rows(results: list[RowResult]) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ Options: ``device`` (``cpu`` | ``cuda`` | ``opencl``), ``device_index``, ``budge
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,22 @@ from tunefarm.core.stats import evaluator_plan, latency_stats
 from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, batch_size
 
 DEVICES = ("cpu", "cuda", "opencl")
+ONEDNN_MODULE_KIND = b"dnnl_json"  # the DNNL JSON runtime's module kind, written into a library that imports one
+
+
+def file_mentions(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
+    """Whether the file at ``path`` contains ``needle`` (read in chunks: a model library with its weights can be
+    hundreds of MB). False for a file that cannot be read (loading it will say why)."""
+    tail = b""
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                if needle in tail + block:
+                    return True
+                tail = block[-(len(needle) - 1):]
+    except OSError:
+        return False
+    return False
 
 
 class TVMRunner(BaseRunner):
@@ -59,7 +76,15 @@ class TVMRunner(BaseRunner):
                 hint = " (this TVM runtime has no OpenCL backend: start the agent with --opencl)"
             raise RunnerUnavailable(f"TVM's runtime on this device sees no {self.dev}{hint}")
         from tunefarm.core import onednn  # pylint: disable=import-outside-toplevel
+        from tunefarm.core.threads import mixed_pool_env  # pylint: disable=import-outside-toplevel
 
+        # A CPU model with oneDNN parts runs oneDNN's OpenMP pool and TVM's pool by turns: neither pool's idle
+        # threads may spin on the cores the other needs next (core.threads.MIXED_POOLS, measured). Set before the
+        # plugin loads libgomp and before TVM's pool first runs; this session process runs this one model.
+        self.pools: dict[str, str] = {}
+        if self.device_type == "cpu" and file_mentions(self.model_path, ONEDNN_MODULE_KIND):
+            self.pools = mixed_pool_env()
+            os.environ.update(self.pools)
         # A library with oneDNN parts needs the plugin's module loader before load_module: the agent names its
         # plugin in $TUNEFARM_ONEDNN_PLUGIN (its RPC server's sessions inherit it).
         self.onednn_plugin = onednn.load_if_named()
@@ -112,10 +137,10 @@ class TVMRunner(BaseRunner):
         if self.device_type == "cpu":
             info["threads"] = int(tvm_ffi.get_global_func("runtime.NumThreads")())
         if getattr(self, "onednn_plugin", None) is not None:
-            import os  # pylint: disable=import-outside-toplevel
-
             # oneDNN's OpenMP pool: the agent sets OMP_NUM_THREADS to its thread count (core.threads.thread_env)
             info["onednn"] = {"plugin": str(self.onednn_plugin), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+        if getattr(self, "pools", None):
+            info["pool_spin"] = dict(self.pools)  # how idle TVM and OpenMP threads waited in this row
         if getattr(self, "cuda_plugins", None):
             info["cuda_libs"] = [str(p) for p in self.cuda_plugins]
         return info

@@ -18,7 +18,7 @@ from typing import Any
 from tunefarm.core.backends import BACKENDS
 from tunefarm.core.stats import method_text
 from tunefarm.host.comparator import STATUS_TEXT, agents_text
-from tunefarm.host.reports.markdown import cell, number
+from tunefarm.host.reports.markdown import cell, number, threads_text
 
 BACKEND_COLORS = {name: b.color for name, b in BACKENDS.items()}  # core/backends.py describes each
 
@@ -84,7 +84,7 @@ def _markdown(report: dict[str, Any], cfg) -> str:
             lat, num = row["latency"], row["numerics"]
             speed = "-" if row.get("speedup_vs_baseline") is None else f"{row['speedup_vs_baseline']:.2f}x"
             verdict = "ok" if num["ok"] else "**FAILED**"
-            md.append(f"| {cell(row['label'])} | {cell(row['where'])}{moved} | {row.get('threads') or '-'} | "
+            md.append(f"| {cell(row['label'])} | {cell(row['where'])}{moved} | {threads_text(row)} | "
                       f"{cell(row.get('precision') or '-')} | "
                       f"{number(lat['median_ms'])} | "
                       f"{number(lat['p90_ms'])} | "

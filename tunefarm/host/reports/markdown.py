@@ -27,3 +27,14 @@ def cell(value, limit: int = 500) -> str:
     if len(text) > limit:
         text = text[:limit] + "..."
     return text.translate(_CELL_ESCAPES)
+
+
+def threads_text(row: dict) -> str:
+    """A row's threads cell: the count, and where the agent set them (a model mixing oneDNN and TVM kernels),
+    how long idle TVM and OpenMP threads spun (core.threads.MIXED_POOLS; values checked by the comparator)."""
+    text = str(row.get("threads") or "-")
+    spin = (row.get("details") or {}).get("pool_spin") or {}
+    if spin:
+        text += (f" (idle spin: TVM {cell(spin.get('TVM_THREAD_POOL_SPIN_COUNT', 'default'), 12)}, "
+                 f"OpenMP {cell(spin.get('GOMP_SPINCOUNT', 'default'), 12)})")
+    return text

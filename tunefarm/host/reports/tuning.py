@@ -7,7 +7,7 @@ import platform
 from typing import Any
 
 from tunefarm.core.targets import target_to_json
-from tunefarm.host.reports.markdown import number
+from tunefarm.host.reports.markdown import number, threads_text
 from tunefarm.host.reports.placement import markdown as placement_markdown
 from tunefarm.host.tuning.result import failed_text, failure_breakdown
 from tunefarm.host.tuning.jobdir import JobDir
@@ -99,7 +99,7 @@ def write_report(tuned, rows: dict[str, dict[str, Any]], scheduled: list[str],
             continue
         num = row["numerics"]
         verdict = "ok" if num["ok"] else "**FAILED**"
-        md.append(f"| {name} | {row['where']} | {row.get('threads') or '-'} | {row.get('precision') or '-'} | "
+        md.append(f"| {name} | {row['where']} | {threads_text(row)} | {row.get('precision') or '-'} | "
                   f"{number(lat['median_ms'])} | "
                   f"{number(lat['p90_ms'])} | "
                   f"{number(lat['p99_ms'])} | {number(lat['std_ms'])} | {lat['samples']} | "

@@ -59,7 +59,8 @@ def report_row(res: RowResult) -> dict[str, Any]:
         return {"backend": res.backend, "not_run": f"{STATUS_TEXT.get(res.status, res.status)}: {res.reason}{where}",
                 **moved}
     return {"backend": res.backend, "where": res.where, "latency": res.latency, "threads": res.threads,
-            "precision": res.precision, "numerics": res.numerics, "version": res.version, **moved}
+            "precision": res.precision, "numerics": res.numerics, "version": res.version, **moved,
+            **({"details": {"pool_spin": res.details["pool_spin"]}} if res.details.get("pool_spin") else {})}
 
 
 def agents_sentence(results: list[RowResult]) -> str:
