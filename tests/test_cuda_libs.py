@@ -205,6 +205,39 @@ def test_vendor_usability_reasons(monkeypatch):
     assert vendors.VENDORS["cudnn"].precisions == ("fp32", "fp16") and vendors.VENDORS["onednn"].precisions == ("fp32",)
 
 
+def test_a_hostile_agents_vendor_entries_place_nothing_and_print_safely(monkeypatch):
+    """DeviceInfo.vendor comes from the agent: what is not a JSON object of bounded size is refused when it arrives
+    (tracker client), an entry that does not say ``available: true`` exactly makes the vendor unusable, and the
+    agent's reason reaches the job's problems as one printable, bounded line."""
+    import json
+
+    import tvm
+
+    from tunefarm.core.wire import DeviceInfo
+    from tunefarm.host.placement import vendors
+    from tunefarm.tracker.client import _describe_vendor
+
+    base = {"key": "gpu", "agent_id": "box:1"}
+    for vendor in (["cudnn"], "cudnn", {"cudnn": {"reason": "x" * 100_000}}, {"cudnn": [[[[[[[[[[[[["deep"]]]]]]]]]]]]]}):
+        with pytest.raises(ValueError):
+            DeviceInfo.from_json({**base, "vendor": vendor})
+    monkeypatch.setattr(vendors.Vendor, "host_problem", lambda self: None)
+    gpu = tvm.target.Target("nvidia/nvidia-h100")
+    hostile = {"cudnn": {"available": "true", "reason": "\x1b[2J[red]cleared\nsecond line\u202e" + "r" * 900},
+               "cublas": {"available": 1, "version": "\x1b]0;title\x07"}}
+    info = DeviceInfo.from_json(json.loads(json.dumps({**base, "agent_id": "box\x1b[1m:1", "vendor": hostile})))
+    used, why = vendors.usable(["cudnn", "cublas"], gpu, [info])
+    assert used == [] and len(why) == 2, why
+    for line in why:
+        assert line.isprintable() and "\x1b" not in line and len(line) < 500, line
+    assert why[0].startswith("cudnn: agent box\\x1b[1m:1: cudnn \\x1b[2J[red]cleared\\x0asecond line\\u202e") \
+        and why[0].endswith("..."), why[0]
+    assert why[1] == "cublas: agent box\\x1b[1m:1: cublas not available", why[1]
+    # `tunefarm devices` lists a vendor only where it is available, exactly True
+    assert _describe_vendor(info.vendor) == "-"
+    assert _describe_vendor({"cudnn": {"available": True, "version": "9.19"}, "cublas": "yes"}) == "cudnn 9.19"
+
+
 def test_the_host_refuses_a_vendor_whose_plugin_is_off(monkeypatch):
     import tvm
 

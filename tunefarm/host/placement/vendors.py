@@ -41,11 +41,18 @@ class Vendor:
 
     def agent_problem(self, info) -> str | None:
         """Why the agent described by ``info`` (DeviceInfo) cannot run the vendor's parts, or None."""
-        entry = (getattr(info, "vendor", None) or {}).get(self.name)
+        from tunefarm.core.safe_text import printable  # pylint: disable=import-outside-toplevel
+
+        # The agent's own words (DeviceInfo came over the network): printable, one bounded line.
+        agent = printable(getattr(info, "agent_id", "?"), 100)
+        vendor = getattr(info, "vendor", None)
+        entry = vendor.get(self.name) if isinstance(vendor, dict) else None
         if not isinstance(entry, dict):
-            return f"agent {info.agent_id} does not report {self.name}"
+            return f"agent {agent} does not report {self.name}"
         if entry.get("available") is not True:
-            return f"agent {info.agent_id}: {self.name} {entry.get('reason') or 'not available'}"
+            reason = entry.get("reason")
+            return f"agent {agent}: {self.name} " + (printable(reason, 300) if isinstance(reason, str) and reason
+                                                     else "not available")
         return None
 
 
