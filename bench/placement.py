@@ -59,6 +59,17 @@ def _ms(row: dict | None) -> str:
     return f"{lat['median_ms']:.2f}" if lat else "-"
 
 
+def spins_sentence(rows: dict) -> str:
+    """How idle TVM and OpenMP threads waited in the rows with oneDNN parts (the runner's ``pool_spin``), or ''."""
+    seen = {tuple(sorted(spin.items())) for row in rows.values() for res in row["results"].values()
+            if (spin := (res.get("details") or {}).get("pool_spin"))}
+    if not seen:
+        return ""
+    text = "; ".join(", ".join(f"{k}={v}" for k, v in spin) for spin in sorted(seen))
+    return (f" Rows with oneDNN parts ran with {text} (core.threads.MIXED_POOLS: neither pool's idle threads spin "
+            "on the cores the other needs next); the others with each library's default.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.placement", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +97,8 @@ def main() -> None:
              "then its evaluation on the same agent: every row with the agent's threads (TVM's pool and oneDNN's "
              "OpenMP pool; PyTorch and ONNX Runtime the same count), warm-up then timed samples, medians; numerics "
              "of every row against PyTorch. `tvm-vendor`: every group oneDNN can run on oneDNN; `tvm-placed`: each "
-             "group on whichever measured faster alone; the job hands out the fastest correct build.", "",
+             "group on whichever measured faster alone; the job hands out the fastest correct build."
+             + spins_sentence(rows), "",
              "| layout | tvm-tuned ms | tvm-vendor ms | tvm-placed ms | untuned ms | ONNX Runtime ms | PyTorch ms | "
              "handed out | vs ONNX Runtime | tuning s | job s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
