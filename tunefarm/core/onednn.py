@@ -28,7 +28,8 @@ PLUGIN_ENV = "TUNEFARM_ONEDNN_PLUGIN"
 OFF = "off"
 LOADED_KEY = "tvm_dnnl_plugin"  # its entry in tvm.base._LOADED_LIBS
 CREATE_FUNC = "runtime.DNNLJSONRuntimeCreate"
-LOADER_FUNC = "ffi.Module.load_from_bytes.dnnl_json"
+MODULE_KIND = "dnnl_json"  # the DNNL JSON runtime's module kind: written into a library that imports one
+LOADER_FUNC = f"ffi.Module.load_from_bytes.{MODULE_KIND}"
 
 # dnnl_cpu_isa_t values of oneDNN 2.x (dnnl_types.h) -> names, for what the agent reports.
 _ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0x407: "avx2_vnni", 0xf: "avx512_mic", 0x1f: "avx512_mic_4ops",

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from tunefarm.core import onednn
 from tunefarm.core.stats import evaluator_plan, latency_stats
 from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, batch_size
 
 DEVICES = ("cpu", "cuda", "opencl")
-ONEDNN_MODULE_KIND = b"dnnl_json"  # the DNNL JSON runtime's module kind, written into a library that imports one
+ONEDNN_MODULE_KIND = onednn.MODULE_KIND.encode()  # found in a model library with oneDNN parts
 
 
 def file_mentions(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
@@ -75,7 +76,6 @@ class TVMRunner(BaseRunner):
                     tvm.support.libinfo().get("USE_OPENCL", "OFF")).upper() not in ("ON", "1"):
                 hint = " (this TVM runtime has no OpenCL backend: start the agent with --opencl)"
             raise RunnerUnavailable(f"TVM's runtime on this device sees no {self.dev}{hint}")
-        from tunefarm.core import onednn  # pylint: disable=import-outside-toplevel
         from tunefarm.core.threads import mixed_pool_env  # pylint: disable=import-outside-toplevel
 
         # A CPU model with oneDNN parts runs oneDNN's OpenMP pool and TVM's pool by turns: neither pool's idle

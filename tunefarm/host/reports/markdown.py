@@ -32,9 +32,11 @@ def cell(value, limit: int = 500) -> str:
 def threads_text(row: dict) -> str:
     """A row's threads cell: the count, and where the agent set them (a model mixing oneDNN and TVM kernels),
     how long idle TVM and OpenMP threads spun (core.threads.MIXED_POOLS; values checked by the comparator)."""
+    from tunefarm.core.threads import GOMP_SPIN_ENV, TVM_SPIN_ENV  # pylint: disable=import-outside-toplevel
+
     text = str(row.get("threads") or "-")
     spin = (row.get("details") or {}).get("pool_spin") or {}
     if spin:
-        text += (f" (idle spin: TVM {cell(spin.get('TVM_THREAD_POOL_SPIN_COUNT', 'default'), 12)}, "
-                 f"OpenMP {cell(spin.get('GOMP_SPINCOUNT', 'default'), 12)})")
+        text += (f" (idle spin: TVM {cell(spin.get(TVM_SPIN_ENV, 'default'), 12)}, "
+                 f"OpenMP {cell(spin.get(GOMP_SPIN_ENV, 'default'), 12)})")
     return text
