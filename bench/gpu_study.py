@@ -315,8 +315,10 @@ def tune(study: Study, job, work_dir: Path, args, task_keys, task_names) -> Any:
     stop_at = args.tune_until or time.time() + args.tune_wall_s
     t0 = time.time()
     outcome = "finished"
+    space_notes: list[str] = []
     try:
         tuned = tune_job(job, work_dir / "logs", stop_at=stop_at)
+        space_notes = list(tuned.space_notes)
         if tuned.stopped:
             outcome = f"stopped at the wall budget ({time.time() - t0:.0f} s wall); records kept"
     except TunefarmError as err:
@@ -324,7 +326,8 @@ def tune(study: Study, job, work_dir: Path, args, task_keys, task_names) -> Any:
     log(f"tuning {outcome}")
     wall = time.time() - t0
     summary, db = tuning_summary(work_dir / "logs" / job.name, task_keys, task_names)
-    study.data["tuning"].update({"outcome": outcome, "wall_s_this_run": wall, **summary})
+    study.data["tuning"].update({"outcome": outcome, "wall_s_this_run": wall, "design_space_notes": space_notes,
+                                 **summary})
     study.data["tuning"]["wall_s_total"] = study.data["tuning"].get("wall_s_earlier_runs", 0.0) + wall
     study.step("tuned", wall_s=wall, outcome=outcome)
     log(f"tuning: {outcome}; {summary['records_in_database']} records, {wall:.0f} s")
@@ -452,6 +455,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                   f"{tn.get('tasks_with_records')}/{tn.get('tasks')}, with a valid measurement "
                   f"{tn.get('tasks_with_valid_records')}/{tn.get('tasks')}; MetaSchedule's last estimate "
                   f"{number(tn.get('last_estimated_ms'))} ms."]
+        lines += [f"- Design space: {note}" for note in tn.get("design_space_notes") or []]
         per_task = [t for t in tn.get("per_task") or [] if t.get("records")]
         if per_task:
             valid, total = sum(t["valid_records"] for t in per_task), sum(t["records"] for t in per_task)

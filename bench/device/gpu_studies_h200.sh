@@ -14,6 +14,8 @@
 # the PyTorch fp16 peers timed by the NHWC study), CUDA_LIBS (1, the default: `start` also builds the cuBLAS/cuDNN
 # plugins, niced, while the studies tune, and `follow` runs bench.cuda_libs on the idle GPU once both studies
 # have ended and at least 120 s of its wait are left, with CUDA_LIBS_ARGS (e.g. --quick); 0: neither),
+# FOLD (PAIR=layouts: on folds BatchNorm into the convs in both studies, as ONNX Runtime and the cuDNN/cuBLAS
+# codegens' conv+bias+ReLU patterns want; default off),
 # PLACE (e.g. cudnn,cublas: the second study, fp32 or fp16 NHWC, runs the farm's placement after tuning with
 # these vendors, --placement; it builds the plugins itself before its agent starts, so `start` does not).
 # What comes back: $OUT/results.tgz (every report, log and the plugins' build log) and the reports' .md files
@@ -33,8 +35,9 @@ start)
   half=$(( $(nproc) / 2 ))
   # name precision cores extra-args
   if [ "${PAIR:-precisions}" = layouts ]; then
-    studies="fp16-nchw fp16 0-$(( half - 1 )) --fold-batchnorm off --layout NCHW --peers none
-fp16-nhwc fp16 $half-$(( 2 * half - 1 )) --fold-batchnorm off --layout NHWC --peers pytorch-eager,pytorch-eager-fp16,torch-compile-ro-fp16"
+    fold=${FOLD:-off}
+    studies="fp16-nchw fp16 0-$(( half - 1 )) --fold-batchnorm $fold --layout NCHW --peers none
+fp16-nhwc fp16 $half-$(( 2 * half - 1 )) --fold-batchnorm $fold --layout NHWC --peers pytorch-eager,pytorch-eager-fp16,torch-compile-ro-fp16"
   else
     studies="fp16 fp16 0-$(( half - 1 )) --fold-batchnorm off
 fp32 fp32 $half-$(( 2 * half - 1 )) --peers none"

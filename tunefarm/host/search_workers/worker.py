@@ -209,6 +209,8 @@ class _Share:
         finally:
             with self.lock:
                 self.profile = dict(loop.profile)
+            for note in loop.space_lines():  # the worker's log: a task whose tensor-core space needed redraws
+                print(f"tunefarm search worker: design space: {note}", file=sys.stderr, flush=True)
             for path in loop.builder.kept:  # the worker's log: where to find a candidate that held its batch
                 print(f"tunefarm search worker: a candidate's build timed out; kept at {path}", file=sys.stderr,
                       flush=True)

@@ -181,6 +181,7 @@ def run_plan(plan: TuningPlan, database, tracker: tuple[str, int], events: Event
     finally:
         if timer is not None:
             timer.cancel()
+        result.space_notes = loop.space_lines()
     counts, builder = loop.runner.stats.snapshot(), loop.builder
     result.wall_s = time.time() - t0
     result.time_split = time_split(profile, result.wall_s)

@@ -63,6 +63,8 @@ class TuningLoop:
                                      enable_cpu_cache_flush=runner.enable_cpu_cache_flush))
         self.verifier = TimingVerifier(self.runner, verified_log, events)
         self.committed: list = []
+        # The tensor-core space's redraws and fallbacks (tuning/space.py), shared by every task's clone.
+        self.space_notes = getattr(space, "notes", None)
         self.profile: dict[str, float] = {}  # MetaSchedule's profiler scopes (s), once run has ended
 
     def run(self, database, *, cost_model: Any, max_trials_global: int, max_trials_per_task: int,
@@ -92,6 +94,10 @@ class TuningLoop:
             self.profile = {str(k): float(v) for k, v in profiler.get().items()}
             self.close()
         return self.profile
+
+    def space_lines(self) -> list[str]:
+        """One line per task whose design space needed another draw or the plain space (none: nothing to say)."""
+        return self.space_notes.lines() if self.space_notes is not None else []
 
     def close(self) -> None:
         """Shut the builder's workers and the runner's sessions down (also when the loop never ran)."""

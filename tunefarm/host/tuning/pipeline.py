@@ -69,17 +69,17 @@ class Pipeline:
 
     def space(self, target):
         """The MetaSchedule design space for ``target``: the tensor-core rules for an fp16 job on CUDA (their
-        intrinsics registered here), else the target's default (None)."""
+        intrinsics registered here), else the target's default (None). The tensor-core space is a
+        :class:`~tunefarm.host.tuning.space.SteadySpace`: a draw its rule cannot schedule is drawn again, and a
+        task whose every draw raised is tuned in the plain CUDA space instead of ending the run (its ``notes``
+        say which)."""
         if self.precision != "fp16" or target.kind.name != "cuda":
             return None
-        from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
-
         from tunefarm.host.tuning.intrinsics import load_for  # pylint: disable=import-outside-toplevel
+        from tunefarm.host.tuning.space import SteadySpace  # pylint: disable=import-outside-toplevel
 
         load_for(target)  # the wmma/mma intrinsics the tensor-core rules name
-
-        kind = "cuda-tensorcore"
-        return ms.space_generator.PostOrderApply(sch_rules=kind, postprocs=kind, mutator_probs=kind)
+        return SteadySpace("cuda-tensorcore", "cuda")
 
     def graph(self, mod, target):
         """The graph-level steps (Relax operators, before legalisation): BatchNorm folded, ops decomposed for

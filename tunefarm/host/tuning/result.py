@@ -43,6 +43,7 @@ class TuneResult:
     search_shares: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the spread search's shares
     search_shunned: list[str] = dataclasses.field(default_factory=list)  # search workers whose records were refused
     vendor_first: dict[str, Any] = dataclasses.field(default_factory=dict)  # placement/cede.py: timed, ceded tasks
+    space_notes: list[str] = dataclasses.field(default_factory=list)  # tasks whose design space needed redraws
 
     @property
     def job(self) -> TuningJob:
@@ -132,6 +133,8 @@ def run_summary(result: TuneResult) -> list[str]:
     if result.requeued:
         lines.append(f"{result.requeued} candidate(s) measured again: their session died under them (an agent "
                      "killed, frozen or cut off)")
+    for note in result.space_notes:
+        lines.append(f"design space: {note}")
     if result.kept_builds:
         lines.append(f"{len(result.kept_builds)} candidate(s) whose build ran into the builder's timeout (each held "
                      f"its batch) kept in {os.path.dirname(result.kept_builds[0])}")
