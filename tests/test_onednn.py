@@ -244,51 +244,61 @@ def test_fused_residual_dense_and_matmul_groups_match_pytorch(plugin):
     assert _rel_err(out, _torch_ref(ref)) <= RTOL
 
 
-def test_relu6_as_a_clip_post_op_and_a_depthwise_conv_match_pytorch(plugin):
+@pytest.mark.parametrize("layout", ["NCHW", "NCHWc"])
+def test_relu6_as_a_clip_post_op_and_a_depthwise_conv_match_pytorch(plugin, layout):
     """MobileNet's blocks: a depthwise conv (groups = channels) + bias + ReLU6 (``clip(x, 0, 6)``: the runtime's
     eltwise_clip post-op, bounds from the composite) and a pointwise conv + bias + residual. Inputs scaled so that
-    about half the ReLU6 outputs are clipped at 6 (a clip that was not applied would fail the check)."""
+    about half the ReLU6 outputs are clipped at 6 (a clip that was not applied would fail the check). In NCHWc (the
+    CPU pipeline's layout: channel blocks of 8 here, OIHW1i8o depthwise weights) both convs go to oneDNN too."""
     import tvm
     from tvm import relax
     from tvm.script import ir as I
     from tvm.script import relax as R
 
     from tunefarm.host.byoc import dnnl
+    from tunefarm.host.tuning.pipeline import Pipeline
 
     @I.ir_module
     class Net:  # pylint: disable=too-few-public-methods
         @R.function
-        def main(x: R.Tensor((1, 8, 10, 10), "float32"), dw: R.Tensor((8, 1, 3, 3), "float32"),
-                 db: R.Tensor((1, 8, 1, 1), "float32"), pw: R.Tensor((8, 8, 1, 1), "float32"),
-                 pb: R.Tensor((1, 8, 1, 1), "float32")):
+        def main(x: R.Tensor((1, 16, 10, 10), "float32"), dw: R.Tensor((16, 1, 3, 3), "float32"),
+                 db: R.Tensor((1, 16, 1, 1), "float32"), pw: R.Tensor((16, 16, 1, 1), "float32"),
+                 pb: R.Tensor((1, 16, 1, 1), "float32")):
             with R.dataflow():
-                d = R.clip(R.add(R.nn.conv2d(x, dw, padding=(1, 1), groups=8), db), R.prim_value(0.0),
+                d = R.clip(R.add(R.nn.conv2d(x, dw, padding=(1, 1), groups=16), db), R.prim_value(0.0),
                            R.prim_value(6.0))
                 o = R.add(R.add(R.nn.conv2d(d, pw), pb), x)
                 R.output(o)
             return o
 
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((1, 8, 10, 10), dtype=np.float32) * 8
-    p = {"dw": rng.standard_normal((8, 1, 3, 3), dtype=np.float32), "db": rng.standard_normal((1, 8, 1, 1), dtype=np.float32),
-         "pw": rng.standard_normal((8, 8, 1, 1), dtype=np.float32) * 0.3,
-         "pb": rng.standard_normal((1, 8, 1, 1), dtype=np.float32)}
+    x = rng.standard_normal((1, 16, 10, 10), dtype=np.float32) * 8
+    p = {"dw": rng.standard_normal((16, 1, 3, 3), dtype=np.float32),
+         "db": rng.standard_normal((1, 16, 1, 1), dtype=np.float32),
+         "pw": rng.standard_normal((16, 16, 1, 1), dtype=np.float32) * 0.3,
+         "pb": rng.standard_normal((1, 16, 1, 1), dtype=np.float32)}
     mod = relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in p.items()})(Net)
+    target = tvm.target.Target({"kind": "llvm"})
+    if layout == "NCHWc":
+        mod = Pipeline(layout="NCHWc").graph(mod, target)
+        convs = [c for c in dnnl.calls_of(mod["main"], "relax.nn.conv2d")]
+        assert sorted(str(c.attrs.kernel_layout) for c in convs) == ["OIHW1i8o", "OIHW8i8o"], mod.script()
     groups = dnnl.candidate_groups(mod)
     assert sorted(g.composite for g in groups) == ["dnnl.conv2d_bias_clip", "dnnl.conv2d_bias_sum"], groups
     clip = next(g for g in groups if g.composite.endswith("_clip"))
-    assert clip.attrs["groups"] == 8 and clip.attrs["clip"] == (0.0, 6.0), clip
+    assert clip.attrs["groups"] == 16 and clip.attrs["clip"] == (0.0, 6.0), clip
+    assert clip.flops == 2 * 16 * 10 * 10 * 9, clip  # one input channel per output channel
     offloaded = dnnl.offload(mod)
     assert dnnl.offloaded_functions(offloaded) == 1 and "R.clip" not in offloaded.script()
-    out = relax.VirtualMachine(tvm.compile(offloaded, tvm.target.Target({"kind": "llvm"})), tvm.cpu())["main"](
-        tvm.runtime.tensor(x)).numpy()
+    assert "R.nn.conv2d" not in offloaded.script()  # both convs on oneDNN
+    out = relax.VirtualMachine(tvm.compile(offloaded, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
     def depthwise(F, t):
-        return F.relu6(F.conv2d(t(x), t(p["dw"]), t(p["db"].reshape(8)), padding=1, groups=8))
+        return F.relu6(F.conv2d(t(x), t(p["dw"]), t(p["db"].reshape(16)), padding=1, groups=16))
 
     assert 0.2 < float((_torch_ref(depthwise) == 6).mean()) < 0.8  # the clip matters
-    ref = _torch_ref(lambda F, t: F.conv2d(depthwise(F, t), t(p["pw"]), t(p["pb"].reshape(8))) + t(x))
-    assert _rel_err(out, ref) <= RTOL
+    ref = _torch_ref(lambda F, t: F.conv2d(depthwise(F, t), t(p["pw"]), t(p["pb"].reshape(16))) + t(x))
+    assert out.shape == ref.shape and _rel_err(out, ref) <= RTOL
 
 
 @pytest.mark.timeout(600)

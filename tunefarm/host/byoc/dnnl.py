@@ -3,7 +3,8 @@
 What the DNNL JSON runtime of TVM 0.27 runs (src/runtime/extra/contrib/dnnl/dnnl_json_runtime.cc), and so what
 is offloaded, fp32 only:
 
-* ``conv2d`` (NCHW data, OIHW weight, any strides/padding/dilation/groups) with, in this order, a bias add
+* ``conv2d`` (NCHW data, OIHW weight, any strides/padding/dilation/groups; or channel-blocked NCHW{b}c data
+  with OIHW{b}i{b}o weights, and depthwise ones with OIHW1i{b}o weights) with, in this order, a bias add
   (a ``(1, O, 1, 1)`` or ``(O, 1, 1)`` operand), a residual add (an operand of the output's shape) and a ReLU:
   composites ``dnnl.conv2d[_bias][_sum][_relu|_clip]``. The runtime reads its post-ops from the name and applies
   the sum before the ReLU, so only ``relu(conv + bias + residual)`` is fused; ``relu(conv) + residual`` becomes
@@ -148,14 +149,21 @@ def conv_layout(attrs: dict, shapes: dict) -> tuple[int, ...] | None:
         _, cin_g, kh, kw = shapes["weight"]
         return n, o, h, w, cin_g, kh, kw
     blocked, weight = _BLOCKED.match(data_layout or ""), _BLOCKED_WEIGHT.match(kernel_layout or "")
-    if not blocked or not weight or int(attrs.get("groups", 1)) != 1:
+    if not blocked or not weight:
         return None
-    if len(shapes["out"]) != 5 or len(shapes["weight"]) != 6:
+    if len(shapes["out"]) != 5 or len(shapes["weight"]) != 6 or len(shapes.get("data") or ()) != 5:
         return None
     n, oc, h, w, ob = shapes["out"]
     o_outer, i_outer, kh, kw, ib, wob = shapes["weight"]
     if ob != int(blocked.group(1)) or (ib, wob) != (int(weight.group(1)), int(weight.group(2))) or wob != ob:
         return None
+    groups = int(attrs.get("groups", 1))
+    if groups != 1:
+        # Depthwise only (MobileNets): one input channel per group, OIHW1i{b}o weights (pipeline.blocked_layouts);
+        # the runtime splits O into groups itself (G, O/G, 1, kh, kw), on oneDNN's blocked depthwise kernels.
+        channels = shapes["data"][1] * shapes["data"][4]
+        if (i_outer, ib) != (1, 1) or groups != channels or groups != oc * ob:
+            return None
     return n, oc * ob, h, w, i_outer * ib, kh, kw
 
 
