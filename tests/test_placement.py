@@ -104,11 +104,27 @@ def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_
     assert placement["whole_ms"] == timed
     on_disk = json.loads((job_dir / "placement.json").read_text())
     assert on_disk["chosen"] == placement["chosen"] and on_disk["offload"] == placement["offload"]
+    # Each build with oneDNN parts was timed with both idle-spin settings before its row, and its row ran the
+    # faster; the chosen build's setting is the environment handed out (mixed: core.threads.MIXED_POOLS).
+    from tunefarm.core.threads import MIXED_POOLS
+
+    probed = {n: b["pool_spin"] for n, b in placement["builds"].items() if b.get("vendor_modules")}
+    assert "tvm-vendor" in probed, placement["builds"]
+    for name, probe in probed.items():
+        assert sorted(probe["probe_ms"]) == ["mixed", "stock"] and all(v > 0 for v in probe["probe_ms"].values())
+        assert probe["chosen"] == min(probe["probe_ms"], key=probe["probe_ms"].get), probe
+        ran = res[name].get("details", {}).get("pool_spin")
+        assert ran == (MIXED_POOLS if probe["chosen"] == "mixed" else None), (name, probe, res[name])
+    chosen_build = placement["builds"].get(placement["chosen"], {})
+    chosen_build = placement["builds"].get(chosen_build.get("same_as"), chosen_build)
+    expected_env = MIXED_POOLS if chosen_build.get("pool_spin", {}).get("chosen") == "mixed" else {}
+    assert on_disk["environment"] == placement["environment"] == expected_env, (placement, chosen_build)
     md = (job_dir / "report.md").read_text()
     assert "## Placement" in md and f"The job's model is **{placement['chosen']}**" in md, md
     table = [l for l in md.splitlines() if l.startswith("| ") and "dnnl.conv2d" in l]
     assert len(table) == 2 and all(("oneDNN" in l) != ("| TVM |" in l) for l in table), table
     assert "everything else" in md
+    assert "tvm-vendor: idle spins probed on the agent before its row, mixed " in md, md
 
     # The one call that builds a pulled job's model: job_state.json, best/ and placement.json, as pull writes them.
     from tunefarm.core import onednn
@@ -122,6 +138,9 @@ def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_
     (pulled / "database").mkdir()  # where tunefarm pull's bundle has it (host/service/views.py build_bundle)
     shutil.copy(job_dir / "job_state.json", pulled / "database" / "job_state.json")
     shutil.copy(job_dir / "placement.json", pulled / "placement.json")
+    from tunefarm.host.placement.apply import environment
+
+    assert environment(pulled) == on_disk["environment"] and environment(tmp_path) == {}
     onednn.load_plugin(_lib, export_env=False)
     model, mod = _resblock_relax()
     reference = model.reference_outputs()[0]
@@ -153,6 +172,12 @@ def test_groups_are_placed_by_measurement_and_the_fastest_whole_build_is_handed_
     ('{"format": 1, "chosen": "tvm-placed", "offload": {"onednn": "k"}}', "'offload' must map backends"),
     ('{"format": 1, "chosen": "tvm-placed", "offload": {"onednn": [1]}}', "'offload' must map backends"),
     ('[]', "not a placement file"),
+    ('{"format": 1, "chosen": "tvm-vendor", "offload": {}, "environment": {"LD_PRELOAD": "/tmp/x.so"}}',
+     "'environment' may only set"),
+    ('{"format": 1, "chosen": "tvm-vendor", "offload": {}, "environment": {"GOMP_SPINCOUNT": "1; rm -rf /"}}',
+     "'environment' may only set"),
+    ('{"format": 1, "chosen": "tvm-vendor", "offload": {}, "environment": ["GOMP_SPINCOUNT"]}',
+     "'environment' may only set"),
 ])
 def test_a_damaged_or_hostile_placement_file_is_a_one_line_error(tmp_path, content, message):
     from tunefarm.host.placement import result

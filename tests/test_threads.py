@@ -155,3 +155,16 @@ def test_a_model_mixing_onednn_and_tvm_gets_short_spins_and_the_runner_finds_its
     lib.write_bytes(b"dnnl_jso" + b"N" * 3 + b"dnnl_" * 20)
     assert not file_mentions(str(lib), ONEDNN_MODULE_KIND, chunk=10)
     assert not file_mentions(str(tmp_path / "missing.so"), ONEDNN_MODULE_KIND)
+
+
+def test_a_row_may_ask_for_the_libraries_own_spins_and_nothing_else():
+    """``pool_spin`` (the placement's spin probe): ``mixed`` (the default for a oneDNN model) or ``stock``; any other
+    value is refused before a session starts, in one line."""
+    from tunefarm.device_agents.runners.tvm import POOL_SPIN, TVMRunner
+
+    assert POOL_SPIN == ("mixed", "stock")
+    for spin in POOL_SPIN:
+        assert TVMRunner.unavailable_reason({"pool_spin": spin}) is None
+    for bad in ("spin", "", None, ["mixed"], "mixed; rm -rf /"):
+        why = TVMRunner.unavailable_reason({"pool_spin": bad})
+        assert why == "unknown pool_spin for a TVM build (mixed or stock)", (bad, why)

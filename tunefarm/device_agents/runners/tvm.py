@@ -27,6 +27,7 @@ from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, b
 
 DEVICES = ("cpu", "cuda", "opencl")
 ONEDNN_MODULE_KIND = onednn.MODULE_KIND.encode()  # found in a model library with oneDNN parts
+POOL_SPIN = ("mixed", "stock")  # a oneDNN model's idle spins: core.threads.MIXED_POOLS, or the libraries' own
 
 
 def file_mentions(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
@@ -58,6 +59,8 @@ class TVMRunner(BaseRunner):
         if options.get("threads"):
             return ("the TVM runner runs with the agent's own thread count (start the agent with --threads N); "
                     "a row cannot change it")
+        if options.get("pool_spin", "mixed") not in POOL_SPIN:
+            return f"unknown pool_spin for a TVM build ({' or '.join(POOL_SPIN)})"
         return None
 
     def activate_impl(self) -> None:
@@ -81,10 +84,15 @@ class TVMRunner(BaseRunner):
         # A CPU model with oneDNN parts runs oneDNN's OpenMP pool and TVM's pool by turns: neither pool's idle
         # threads may spin on the cores the other needs next (core.threads.MIXED_POOLS, measured). Set before the
         # plugin loads libgomp and before TVM's pool first runs; this session process runs this one model.
+        # ``pool_spin: stock`` (a row's option) leaves both libraries' own spins: the placement's probe times a
+        # build both ways (host/placement/evaluation.probe_spins), as neither setting wins for every model.
         self.pools: dict[str, str] = {}
+        self.spin = "mixed"
         if self.device_type == "cpu" and file_mentions(self.model_path, ONEDNN_MODULE_KIND):
-            self.pools = mixed_pool_env()
-            os.environ.update(self.pools)
+            self.spin = str(self.options.get("pool_spin", "mixed"))
+            if self.spin == "mixed":
+                self.pools = mixed_pool_env()
+                os.environ.update(self.pools)
         # A library with oneDNN parts needs the plugin's module loader before load_module: the agent names its
         # plugin in $TUNEFARM_ONEDNN_PLUGIN (its RPC server's sessions inherit it).
         self.onednn_plugin = onednn.load_if_named()
@@ -141,6 +149,8 @@ class TVMRunner(BaseRunner):
             info["onednn"] = {"plugin": str(self.onednn_plugin), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
         if getattr(self, "pools", None):
             info["pool_spin"] = dict(self.pools)  # how idle TVM and OpenMP threads waited in this row
+        elif getattr(self, "spin", "mixed") == "stock":
+            info["pool_spin"] = {}  # asked for the libraries' own spins: nothing set
         if getattr(self, "cuda_plugins", None):
             info["cuda_libs"] = [str(p) for p in self.cuda_plugins]
         return info

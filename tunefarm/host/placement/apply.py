@@ -20,6 +20,16 @@ from pathlib import Path
 from tunefarm.core.errors import TunefarmError
 
 
+def environment(pulled_dir: str | Path) -> dict[str, str]:
+    """The environment the pulled job's chosen build runs best with (placement.json's ``environment``: the idle
+    spins its placement measured faster for a model with oneDNN parts); set it in the process that runs the model
+    before the oneDNN plugin loads. Empty without a placement file or where nothing needs setting."""
+    from tunefarm.host.placement import result as placement_file  # pylint: disable=import-outside-toplevel
+
+    placement = Path(pulled_dir) / placement_file.FILE
+    return placement_file.read(placement)["environment"] if placement.is_file() else {}
+
+
 def compile_pulled(mod, pulled_dir: str | Path, target=None):
     """``mod`` (the Relax module of the job's model, weights bound, not yet fused) built with the pulled job's
     pipeline, records and placement for its target (or ``target``): a Relax executable."""

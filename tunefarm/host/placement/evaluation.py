@@ -81,6 +81,48 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     return info
 
 
+SPINS = ("mixed", "stock")  # a oneDNN build's idle spins (runners/tvm.py POOL_SPIN), probed in this order
+
+
+def probe_spins(comparator, artifacts, libs: dict[str, str], info: dict[str, Any], job, device: str,
+                precision: str) -> dict[str, str]:
+    """Time each CPU build with oneDNN parts once with each idle-spin setting (``mixed``: TVM's pool spin 0 and
+    GOMP_SPINCOUNT=3000, core.threads.MIXED_POOLS; ``stock``: both libraries' own) on the evaluation's agent, and
+    keep the faster for that build's evaluation row, an independent run after this probe. Neither wins for every
+    model: mixed ran ResNet-50 (every conv on oneDNN) at 67.8 ms against 79.6, but a build whose oneDNN part sits
+    among many small TVM kernels pays a wake-up per kernel with TVM's spin at 0 (ResNet-18 NHWC: 110 ms against
+    76 for all-TVM; docs/placement.md). Returns build -> setting; each build's ``pool_spin`` in ``info`` says the
+    probe's medians."""
+    # pylint: disable=import-outside-toplevel
+    from tunefarm.host.comparator import Row
+
+    if device != "cpu" or "onednn" not in (info.get("backends") or []):
+        return {}
+    ev, chosen = job.evaluate, {}
+    for name, build in (info.get("builds") or {}).items():
+        if name not in libs or not build.get("vendor_modules"):
+            continue
+        rows = [Row(name, job.device.key, label=f"{name} (idle spins: {spin})",
+                    options={"device": device, "precision": precision, "pool_spin": spin}, rtol=ev.rtol,
+                    atol=ev.atol, model_file=libs[name]) for spin in SPINS]
+        medians = {spin: float(res.latency["median_ms"]) for spin, res in zip(SPINS, comparator.run(artifacts, rows))
+                   if res.ok and res.latency}
+        if not medians:
+            continue
+        chosen[name] = min(medians, key=medians.get)
+        build["pool_spin"] = {"chosen": chosen[name], "probe_ms": medians}
+    return chosen
+
+
+def _spin_env(build: dict[str, Any]) -> dict[str, str]:
+    """The environment a build's chosen idle spins need where it is deployed (empty: none)."""
+    from tunefarm.core.threads import MIXED_POOLS  # pylint: disable=import-outside-toplevel
+
+    if not build.get("vendor_modules") or not (build.get("offload") or {}).get("onednn"):
+        return {}
+    return dict(MIXED_POOLS) if (build.get("pool_spin") or {}).get("chosen", "mixed") == "mixed" else {}
+
+
 def _offload_of_build(info: dict[str, Any], name: str) -> dict[str, list[str]]:
     build = info["builds"][name]
     return _offload_of_build(info, build["same_as"]) if "same_as" in build else build["offload"]
@@ -91,7 +133,8 @@ def choose(info: dict[str, Any], rows: dict[str, dict[str, Any]], job_dir: Path)
     when nothing was placed: it then says tvm-tuned and why, and replaces an earlier evaluation's) and returns what
     the report says of it."""
     if not info.get("backends"):
-        out = {"chosen": "tvm-tuned", "offload": {}, "whole_ms": {}, "asked": info.get("asked"), "backends": [],
+        out = {"chosen": "tvm-tuned", "offload": {}, "whole_ms": {}, "environment": {}, "asked": info.get("asked"),
+               "backends": [],
                "not_used": info.get("not_used") or [], "groups": [], "builds": {}}
         placement_file.write(job_dir, out)
         return out
@@ -104,7 +147,10 @@ def choose(info: dict[str, Any], rows: dict[str, dict[str, Any]], job_dir: Path)
         if row.get("latency") and (row.get("numerics") or {}).get("ok"):
             timed[name] = float(row["latency"]["median_ms"])
     chosen = min(timed, key=timed.get) if timed else "tvm-tuned"
+    build = info["builds"].get(chosen, {})
+    build = info["builds"].get(build["same_as"], {}) if "same_as" in build else build
     out = {"chosen": chosen, "offload": _offload_of_build(info, chosen), "whole_ms": timed,
+           "environment": _spin_env(build),  # set where the chosen model runs (the agent set it for its row)
            **{k: info[k] for k in ("asked", "backends", "not_used", "groups", "builds", "peak_gflops")}}
     placement_file.write(job_dir, out)
     return out

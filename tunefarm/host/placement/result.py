@@ -12,6 +12,7 @@ from typing import Any
 
 from tunefarm.core.backends import MODEL_CANDIDATES
 from tunefarm.core.errors import TunefarmError
+from tunefarm.core.threads import MIXED_POOLS
 from tunefarm.host.placement.vendors import VENDORS
 from tunefarm.host.tuning.jobdir import PLACEMENT
 
@@ -36,8 +37,9 @@ def write(job_dir: Path, data: dict[str, Any]) -> Path:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """A placement file, checked: ``format``, ``chosen`` (one of :data:`BUILDS`) and ``offload`` (known vendor ->
-    list of key strings). One-line TunefarmError otherwise."""
+    """A placement file, checked: ``format``, ``chosen`` (one of :data:`BUILDS`), ``offload`` (known vendor ->
+    list of key strings) and ``environment`` (the chosen build's idle-spin variables, core.threads.MIXED_POOLS
+    names with decimal values; ``{}`` where the file has none). One-line TunefarmError otherwise."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_BYTES:
@@ -54,4 +56,9 @@ def read(path: str | Path) -> dict[str, Any]:
             name in VENDORS and isinstance(keys, list) and len(keys) <= MAX_KEYS
             and all(isinstance(k, str) and len(k) < 2000 for k in keys) for name, keys in offload.items()):
         raise TunefarmError(f"{path}: 'offload' must map backends ({', '.join(VENDORS)}) to lists of group keys")
+    env = data.get("environment", {})  # absent in files written before the spin probe: nothing to set
+    if not isinstance(env, dict) or any(name not in MIXED_POOLS or not isinstance(value, str) or not value.isascii()
+                                        or not value.isdigit() or len(value) > 12 for name, value in env.items()):
+        raise TunefarmError(f"{path}: 'environment' may only set {', '.join(MIXED_POOLS)} to decimal numbers")
+    data["environment"] = dict(env)
     return data

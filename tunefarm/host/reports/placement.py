@@ -68,6 +68,17 @@ def markdown(placement: dict[str, Any] | None, rows: dict[str, dict[str, Any]], 
     for name, build in (placement.get("builds") or {}).items():
         if "same_as" in build:
             md.append(f"- {name} is the same build as {build['same_as']} (no row of its own)")
+        probe = build.get("pool_spin") or {}
+        if probe.get("probe_ms"):
+            md.append(f"- {name}: idle spins probed on the agent before its row, "
+                      + ", ".join(f"{cell(k, 20)} {number(v)} ms" for k, v in probe["probe_ms"].items())
+                      + f": its row ran {cell(probe.get('chosen'), 20)} (mixed: TVM's pool spin 0 and "
+                      "GOMP_SPINCOUNT=3000; stock: both libraries' own)")
+    env = placement.get("environment") or {}
+    if env:
+        md.append("- the chosen build runs with " + " ".join(f"`{cell(k, 40)}={cell(v, 12)}`" for k, v in env.items())
+                  + " (placement.json's `environment`, `tunefarm.host.placement.apply.environment`): set it where "
+                  "the model runs, before the oneDNN plugin loads")
     for line in placement.get("not_used") or []:
         md.append(f"- not used: {cell(line, 500)}")
     groups = placement.get("groups") or []

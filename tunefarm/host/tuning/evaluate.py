@@ -40,12 +40,16 @@ def device_type_of(target) -> str:
     return "cpu" if kind in ("llvm", "c") else kind
 
 
-def evaluation_rows(job, libs: dict[str, str], device_type: str, precision: str = "fp32") -> list[Row]:
+def evaluation_rows(job, libs: dict[str, str], device_type: str, precision: str = "fp32",
+                    spins: dict[str, str] | None = None) -> list[Row]:
     """The rows of a job's evaluation: the TVM builds (``libs``: backend -> exported library, in the order of
-    :data:`BUILD_ORDER`; ``precision``: the class the job's pipeline compiles them in), then the job's baselines,
-    all on the job's key with its tolerances."""
-    ev = job.evaluate
-    rows = [Row(name, job.device.key, label=name, options={"device": device_type, "precision": precision},
+    :data:`BUILD_ORDER`; ``precision``: the class the job's pipeline compiles them in; ``spins``: a oneDNN build's
+    idle spins, as the placement's probe chose them), then the job's baselines, all on the job's key with its
+    tolerances."""
+    ev, spins = job.evaluate, spins or {}
+    rows = [Row(name, job.device.key, label=name,
+                options={"device": device_type, "precision": precision,
+                         **({"pool_spin": spins[name]} if name in spins else {})},
                 rtol=ev.rtol, atol=ev.atol, model_file=libs[name]) for name in BUILD_ORDER if name in libs]
     return rows + [Row(base, job.device.key, label=base, rtol=ev.rtol, atol=ev.atol) for base in ev.baselines]
 
@@ -109,8 +113,10 @@ def evaluate_job(tuned, events: Events) -> dict[str, Any]:
 
         # first: its group rows pin the comparison's agent, and it adds the tvm-vendor / tvm-placed builds
         placing = placement.prepare(tuned, comparator, libs, build_dir, device_type_of(target), events)
+        precision = tuned.plan.pipeline.precision
+        spins = placement.probe_spins(comparator, artifacts, libs, placing, job, device_type_of(target), precision)
         results = comparator.run_and_compare(artifacts, evaluation_rows(job, libs, device_type_of(target),
-                                                                        tuned.plan.pipeline.precision))
+                                                                        precision, spins))
     finally:
         agents.close()
     for res in results:
