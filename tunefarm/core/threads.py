@@ -38,6 +38,9 @@ def thread_env(threads: int) -> dict[str, str]:
 TVM_SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
 GOMP_SPIN_ENV = "GOMP_SPINCOUNT"
 MIXED_POOLS = {TVM_SPIN_ENV: "0", GOMP_SPIN_ENV: "3000"}
+# A oneDNN model's idle spins, as a TVM row may ask for them (option ``pool_spin``): MIXED_POOLS, or the libraries'
+# own; placement probes a build both ways, in this order (host/placement/evaluation.probe_spins).
+POOL_SPINS = ("mixed", "stock")
 
 
 def mixed_pool_env(environ=None) -> dict[str, str]:

@@ -23,11 +23,12 @@ import numpy as np
 
 from tunefarm.core import onednn
 from tunefarm.core.stats import evaluator_plan, latency_stats
+from tunefarm.core.threads import POOL_SPINS
 from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, batch_size
 
 DEVICES = ("cpu", "cuda", "opencl")
 ONEDNN_MODULE_KIND = onednn.MODULE_KIND.encode()  # found in a model library with oneDNN parts
-POOL_SPIN = ("mixed", "stock")  # a oneDNN model's idle spins: core.threads.MIXED_POOLS, or the libraries' own
+POOL_SPIN = POOL_SPINS  # a oneDNN model's idle spins: core.threads.MIXED_POOLS, or the libraries' own
 
 
 def file_mentions(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:

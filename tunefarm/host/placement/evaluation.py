@@ -12,6 +12,7 @@ from typing import Any
 
 from tunefarm.core.backends import MODEL_CANDIDATES
 from tunefarm.core.errors import NoDeviceError
+from tunefarm.core.threads import POOL_SPINS
 from tunefarm.host.placement import result as placement_file
 from tunefarm.host.placement.vendors import usable
 
@@ -81,7 +82,7 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     return info
 
 
-SPINS = ("mixed", "stock")  # a oneDNN build's idle spins (runners/tvm.py POOL_SPIN), probed in this order
+SPINS = POOL_SPINS  # a oneDNN build's idle spins (core.threads), probed in this order
 
 
 def probe_spins(comparator, artifacts, libs: dict[str, str], info: dict[str, Any], job, device: str,
