@@ -182,7 +182,7 @@ def scheduled_kept_by_pipeline(applied, target, scheduled: list[str]) -> dict[st
 
 
 def place(study: Study, job, target, pipeline, model, database, comparator, art, refs, build_dir: Path, device: str,
-          console, job_dir: Path) -> None:
+          console, job_dir: Path, task_keys: list[str] | None = None) -> None:
     """The farm's placement after tuning, as a job's evaluation runs it (host/placement/evaluation.py): every group
     a vendor of ``job.placement.backends`` can run timed alone on the agent as the vendor's and as the tuned TVM
     kernel, placed on the faster; ``tvm-vendor`` and ``tvm-placed`` built and timed beside ``tvm-tuned``; the
@@ -193,7 +193,9 @@ def place(study: Study, job, target, pipeline, model, database, comparator, art,
     from tunefarm.host.comparator import Row
     from tunefarm.host.placement import evaluation as placement
 
-    tuned = SimpleNamespace(job=job, target=target, plan=SimpleNamespace(pipeline=pipeline), model=model,
+    # The job's tasks (their keys) tell a group whose task was not tuned in time from one TVM fuses otherwise.
+    tasks = [SimpleNamespace(key=k) for k in task_keys or []]
+    tuned = SimpleNamespace(job=job, target=target, plan=SimpleNamespace(pipeline=pipeline, tasks=tasks), model=model,
                             database=database)
     libs: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -716,7 +718,7 @@ def main(argv=None) -> int:
             if args.placement != "off":
                 try:  # the rows above are kept whatever the placement does
                     place(study, job, target, pipeline, model, database, comparator, art, refs, build_dir, device,
-                          console, work_dir / "logs" / job.name)
+                          console, work_dir / "logs" / job.name, task_keys)
                 except Exception as err:  # pylint: disable=broad-except
                     traceback.print_exc()
                     study.data["problems"].append(f"placement failed: {type(err).__name__}: {err}")

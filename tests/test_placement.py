@@ -208,3 +208,28 @@ def test_a_group_tvm_runs_fused_is_counted_in_the_rest_not_by_its_time_alone():
     assert fc["backend"] == "tvm" and fc["ms"] == 11.6 and fc["spent_ms"] is None and fc["share"] is None
     assert fc["gflops"] is None
     assert rest["rest"] and rest["spent_ms"] == 3.0 and rest["share"] == 0.6
+
+
+def test_a_group_whose_task_is_not_tuned_yet_is_told_from_one_tvm_fuses_otherwise():
+    """A group whose TVM kernel is one of the job's tasks (tasks.json's structural-hash keys) runs untuned in the
+    model when that task has no record yet, so it is placed by time; a group whose kernel is no task of the job
+    (TVM fuses it otherwise in the model) is not."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from tunefarm.host.placement.measure import _untuned_task, group_modules
+    from tunefarm.host.placement.vendors import VENDORS
+    from tunefarm.host.tuning.pipeline import Pipeline
+
+    _model, mod = _resblock_relax()
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    pipeline = Pipeline(fold_batchnorm=True)
+    graph = pipeline.graph(mod, target)
+    keys = {str(tvm_ffi.structural_hash(t.dispatched[0]))
+            for t in ms.relax_integration.extract_tasks(pipeline.lower(graph, target), target)}
+    groups = group_modules(graph, VENDORS["onednn"])
+    assert len(groups) == 2 and keys, (groups, keys)
+    assert all(_untuned_task(gm, target, pipeline, keys) for gm in groups)
+    assert not any(_untuned_task(gm, target, pipeline, set()) for gm in groups)
+    assert not any(_untuned_task(gm, target, pipeline, {"0"}) for gm in groups)

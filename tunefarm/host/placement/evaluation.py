@@ -55,8 +55,9 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     with events.status("placement: importing the model's graph"):
         graph = pipeline.graph(to_relax(tuned.model), target)
     ev = job.evaluate
+    task_keys = {t.key for t in getattr(tuned.plan, "tasks", None) or []}
     groups = measure_groups(comparator, job.device.key, graph, target, pipeline, tuned.database, vendors,
-                            device=device, rtol=ev.rtol, atol=ev.atol, events=events)
+                            device=device, rtol=ev.rtol, atol=ev.atol, events=events, task_keys=task_keys)
     info["groups"] = groups
     pinned = comparator.pins.get(job.device.key)
     info["peak_gflops"] = next((float(a.peak_gflops) for a in agents if clean_agent_id(a.agent_id) == pinned), 0.0)

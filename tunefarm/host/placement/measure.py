@@ -13,7 +13,7 @@ import numpy as np
 from tunefarm.host.comparator import MeasureSettings, Row, RowResult
 
 GROUP_SETTINGS = MeasureSettings(warmup=5, repeat=30, budget_s=15.0)  # per build of one group
-ON_TVM, NO_RECORD = "tvm", "no record"
+ON_TVM, NO_RECORD, UNTUNED = "tvm", "no record", "untuned"
 
 
 @dataclasses.dataclass
@@ -216,11 +216,30 @@ def measure_vendor(comparator, key: str, modules: list[GroupModule], target, pip
     return out
 
 
+def _untuned_task(gm: GroupModule, target, pipeline, task_keys) -> bool:
+    """Whether the group's TVM kernel is one of the job's tuning tasks (``task_keys``: their workloads' structural
+    hashes, as tasks.json keeps them): then a build without its record runs that kernel untuned in the model too."""
+    # pylint: disable=import-outside-toplevel
+    import tvm
+    import tvm_ffi
+
+    if not task_keys:
+        return False
+    for gvar, func in pipeline.lower(gm.mod, target).functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and not gvar.name_hint.startswith(CAPTURE_PREFIX):
+            workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            if str(tvm_ffi.structural_hash(workload)) in task_keys:
+                return True
+    return False
+
+
 def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, vendors, *, device: str,
-                   rtol: float, atol: float, events) -> list[dict[str, Any]]:
+                   rtol: float, atol: float, events, task_keys=None) -> list[dict[str, Any]]:
     """Measure and place every distinct group of ``vendors`` in ``graph_mod`` on the comparator's agent of
     ``key``: one entry per group, as placement.json and the report keep them (``placed``: a vendor name or "tvm",
-    ``reason`` where the choice was not by time)."""
+    ``reason`` where the choice was not by time or needs saying). ``task_keys``: the job's tasks (tasks.json's
+    keys), to tell a group whose task has no record yet (placed by time: the model would run it untuned too) from
+    one TVM fuses otherwise in the model."""
     from tunefarm.host.placement.build import build_model  # pylint: disable=import-outside-toplevel
 
     work = Path(tempfile.mkdtemp(prefix="tunefarm-place-"))
@@ -238,7 +257,11 @@ def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, 
                                           pipeline, device=device, rtol=rtol, atol=atol)
         tvm_ms, vendor_ms = _median(res_tvm), _median(res_vendor)
         record = bool(scheduled) and not unscheduled
-        if not record:
+        untuned = not record and _untuned_task(gm, target, pipeline, task_keys)
+        if untuned and tvm_ms is not None and vendor_ms is not None:
+            placed = gm.vendor if vendor_ms < tvm_ms else ON_TVM
+            reason = f"{UNTUNED}: its task has no record in this job yet (timed as the model would run it, untuned)"
+        elif not record:
             placed, reason = ON_TVM, (f"{NO_RECORD}: TVM fuses this group with other operators in the model "
                                       "(its tuned kernel is not this group's), so it stays with TVM")
         elif vendor_ms is None:
@@ -251,7 +274,7 @@ def measure_groups(comparator, key: str, graph_mod, target, pipeline, database, 
         entries.append({"key": gm.key, "backend": gm.vendor, "composite": g.composite, "op": g.op,
                         "shapes": {k: list(v) for k, v in g.shapes.items()}, "attrs": {k: list(v) if isinstance(
                             v, tuple) else v for k, v in g.attrs.items()}, "count": gm.count, "flops": g.flops,
-                        "tvm_ms": tvm_ms, "vendor_ms": vendor_ms, "tvm_record": record, "placed": placed,
+                        "tvm_ms": tvm_ms, "vendor_ms": vendor_ms, "tvm_record": record or untuned, "placed": placed,
                         "reason": reason, "agent": res_vendor.agent or res_tvm.agent,
                         "threads": res_vendor.threads or res_tvm.threads,
                         "tvm_numerics": res_tvm.numerics, "vendor_numerics": res_vendor.numerics})
