@@ -160,10 +160,11 @@ def test_a_model_mixing_onednn_and_tvm_gets_short_spins_and_the_runner_finds_its
 def test_a_row_may_ask_for_the_libraries_own_spins_and_nothing_else():
     """``pool_spin`` (the placement's spin probe): ``mixed`` (the default for a oneDNN model) or ``stock``; any other
     value is refused before a session starts, in one line."""
-    from tunefarm.device_agents.runners.tvm import POOL_SPIN, TVMRunner
+    from tunefarm.core.threads import POOL_SPINS
+    from tunefarm.device_agents.runners.tvm import TVMRunner
 
-    assert POOL_SPIN == ("mixed", "stock")
-    for spin in POOL_SPIN:
+    assert POOL_SPINS == ("mixed", "stock")
+    for spin in POOL_SPINS:
         assert TVMRunner.unavailable_reason({"pool_spin": spin}) is None
     for bad in ("spin", "", None, ["mixed"], "mixed; rm -rf /"):
         why = TVMRunner.unavailable_reason({"pool_spin": bad})

@@ -28,7 +28,6 @@ from tunefarm.device_agents.runners.base import BaseRunner, RunnerUnavailable, b
 
 DEVICES = ("cpu", "cuda", "opencl")
 ONEDNN_MODULE_KIND = onednn.MODULE_KIND.encode()  # found in a model library with oneDNN parts
-POOL_SPIN = POOL_SPINS  # a oneDNN model's idle spins: core.threads.MIXED_POOLS, or the libraries' own
 
 
 def file_mentions(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
@@ -60,8 +59,8 @@ class TVMRunner(BaseRunner):
         if options.get("threads"):
             return ("the TVM runner runs with the agent's own thread count (start the agent with --threads N); "
                     "a row cannot change it")
-        if options.get("pool_spin", "mixed") not in POOL_SPIN:
-            return f"unknown pool_spin for a TVM build ({' or '.join(POOL_SPIN)})"
+        if options.get("pool_spin", "mixed") not in POOL_SPINS:
+            return f"unknown pool_spin for a TVM build ({' or '.join(POOL_SPINS)})"
         return None
 
     def activate_impl(self) -> None:

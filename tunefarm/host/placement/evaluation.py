@@ -12,7 +12,7 @@ from typing import Any
 
 from tunefarm.core.backends import MODEL_CANDIDATES
 from tunefarm.core.errors import NoDeviceError
-from tunefarm.core.threads import POOL_SPINS
+from tunefarm.core.threads import MIXED_POOLS, POOL_SPINS
 from tunefarm.host.placement import result as placement_file
 from tunefarm.host.placement.vendors import usable
 
@@ -83,9 +83,6 @@ def prepare(tuned, comparator, libs: dict[str, str], build_dir: Path, device: st
     return info
 
 
-SPINS = POOL_SPINS  # a oneDNN build's idle spins (core.threads), probed in this order
-
-
 def probe_spins(comparator, artifacts, libs: dict[str, str], info: dict[str, Any], job, device: str,
                 precision: str) -> dict[str, str]:
     """Time each CPU build with oneDNN parts once with each idle-spin setting (``mixed``: TVM's pool spin 0 and
@@ -106,9 +103,9 @@ def probe_spins(comparator, artifacts, libs: dict[str, str], info: dict[str, Any
             continue
         rows = [Row(name, job.device.key, label=f"{name} (idle spins: {spin})",
                     options={"device": device, "precision": precision, "pool_spin": spin}, rtol=ev.rtol,
-                    atol=ev.atol, model_file=libs[name]) for spin in SPINS]
-        medians = {spin: float(res.latency["median_ms"]) for spin, res in zip(SPINS, comparator.run(artifacts, rows))
-                   if res.ok and res.latency}
+                    atol=ev.atol, model_file=libs[name]) for spin in POOL_SPINS]
+        medians = {spin: float(res.latency["median_ms"])
+                   for spin, res in zip(POOL_SPINS, comparator.run(artifacts, rows)) if res.ok and res.latency}
         if not medians:
             continue
         chosen[name] = min(medians, key=medians.get)
@@ -118,16 +115,15 @@ def probe_spins(comparator, artifacts, libs: dict[str, str], info: dict[str, Any
 
 def _spin_env(build: dict[str, Any]) -> dict[str, str]:
     """The environment a build's chosen idle spins need where it is deployed (empty: none)."""
-    from tunefarm.core.threads import MIXED_POOLS  # pylint: disable=import-outside-toplevel
-
     if not build.get("vendor_modules") or not (build.get("offload") or {}).get("onednn"):
         return {}
     return dict(MIXED_POOLS) if (build.get("pool_spin") or {}).get("chosen", "mixed") == "mixed" else {}
 
 
-def _offload_of_build(info: dict[str, Any], name: str) -> dict[str, list[str]]:
+def _build(info: dict[str, Any], name: str) -> dict[str, Any]:
+    """A whole build's entry, the one it is the same as where it has no build of its own."""
     build = info["builds"][name]
-    return _offload_of_build(info, build["same_as"]) if "same_as" in build else build["offload"]
+    return _build(info, build["same_as"]) if "same_as" in build else build
 
 
 def choose(info: dict[str, Any], rows: dict[str, dict[str, Any]], job_dir: Path) -> dict[str, Any]:
@@ -149,9 +145,8 @@ def choose(info: dict[str, Any], rows: dict[str, dict[str, Any]], job_dir: Path)
         if row.get("latency") and (row.get("numerics") or {}).get("ok"):
             timed[name] = float(row["latency"]["median_ms"])
     chosen = min(timed, key=timed.get) if timed else "tvm-tuned"
-    build = info["builds"].get(chosen, {})
-    build = info["builds"].get(build["same_as"], {}) if "same_as" in build else build
-    out = {"chosen": chosen, "offload": _offload_of_build(info, chosen), "whole_ms": timed,
+    build = _build(info, chosen)
+    out = {"chosen": chosen, "offload": build["offload"], "whole_ms": timed,
            "environment": _spin_env(build),  # set where the chosen model runs (the agent set it for its row)
            **{k: info[k] for k in ("asked", "backends", "not_used", "groups", "builds", "peak_gflops")}}
     placement_file.write(job_dir, out)
